@@ -1,0 +1,25 @@
+"""The project's own error types: every bad input ends in one of these, with a one-line message."""
+
+
+class BCError(Exception):
+    """Base class: the CLI prints ``str(error)`` on one line and exits non-zero."""
+
+
+class DataError(BCError):
+    """A data folder or IDX file is missing, truncated, corrupt or inconsistent."""
+
+
+class FormatError(BCError):
+    """A ``.bcz`` compressed-model file is truncated, corrupt or of an unknown version."""
+
+
+class CheckpointError(BCError):
+    """A checkpoint is missing, corrupt, or belongs to another model or prior."""
+
+
+class ConfigError(BCError):
+    """An option, model name, model file or threshold list is not usable."""
+
+
+class TrainingDiverged(BCError):
+    """The ELBO or a parameter became NaN or infinite during training."""
