@@ -1,0 +1,164 @@
+"""Priors and closed-form KL divergences for Bayesian compression (Louizos, Ullrich & Welling, 2017).
+
+Importing this module registers, with :func:`torch.distributions.register_kl`:
+
+* ``KL(Normal || LogUniform)``: the Molchanov et al. (2017) approximation (sparse variational dropout, eq. 14);
+* ``KL(LogNormal || Gamma)`` and ``KL(LogNormal || InverseGamma)``: exact closed forms.
+
+The rules are registered on the :mod:`torch.distributions` base classes, so they also cover the
+:mod:`pyro.distributions` wrappers and, through Pyro's ``Independent`` rule, ``.to_event()`` versions.
+"""
+
+import math
+from typing import ClassVar
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.distributions.util import broadcast_shape
+from torch.distributions import Gamma as _TorchGamma
+from torch.distributions import InverseGamma as _TorchInverseGamma
+from torch.distributions import LogNormal as _TorchLogNormal
+from torch.distributions import Normal as _TorchNormal
+from torch.distributions import constraints, register_kl
+
+__all__ = [
+    "K1",
+    "K2",
+    "K3",
+    "LogUniform",
+    "half_cauchy_gamma",
+    "half_cauchy_inverse_gamma",
+    "kl_lognormal_gamma",
+    "kl_lognormal_inverse_gamma",
+    "kl_normal_log_uniform",
+    "log_alpha_normal",
+]
+
+#: Constants of the Molchanov et al. (2017) fit of ``-KL(N(mu, alpha mu^2) || LogUniform)``.
+K1 = 0.63576
+K2 = 1.87320
+K3 = 1.48695
+
+_LOG_2PI_E = math.log(2.0 * math.pi) + 1.0
+
+
+class LogUniform(dist.TorchDistribution):
+    """Improper log-uniform (normal-Jeffreys) prior with density proportional to ``1 / |z|``.
+
+    :meth:`log_prob` is ``-log|z|`` summed over the event dimensions. The prior is improper, so it cannot be
+    sampled: :meth:`sample` and :meth:`rsample` return ones, a finite placeholder that only lets
+    :class:`pyro.infer.Predictive` and initialisation strategies run the model.
+
+    :param torch.Size batch_shape: The batch shape.
+    :param torch.Size event_shape: The event shape.
+    :param validate_args: Passed to :class:`torch.distributions.Distribution`.
+    """
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(
+        self,
+        batch_shape: torch.Size | tuple[int, ...] = (),
+        event_shape: torch.Size | tuple[int, ...] = (),
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=validate_args)
+
+    def expand(self, batch_shape: torch.Size | tuple[int, ...], _instance: "LogUniform | None" = None) -> "LogUniform":
+        """Return a :class:`LogUniform` with the new batch shape (so the registered KLs stay in use)."""
+        new = self._get_checked_instance(LogUniform, _instance)
+        super(LogUniform, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log density ``-log|value|``, summed over the event dimensions."""
+        if self._validate_args:
+            self._validate_sample(value)
+        lp = -value.abs().log()
+        if self.event_shape:
+            lp = lp.sum(tuple(range(-len(self.event_shape), 0)))
+        return lp.expand(broadcast_shape(lp.shape, self.batch_shape))
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        """Placeholder ones of shape ``sample_shape + batch_shape + event_shape`` (the prior is improper)."""
+        return torch.ones(self._extended_shape(torch.Size(sample_shape)))
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        """Same placeholder as :meth:`sample`."""
+        return self.sample(sample_shape)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Undefined for an improper prior: NaN."""
+        return torch.full(self._extended_shape(), math.nan)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Undefined for an improper prior: NaN."""
+        return torch.full(self._extended_shape(), math.nan)
+
+
+def log_alpha_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dropout-rate parameter ``log alpha = log(scale^2) - log(loc^2 + 1e-8)`` of ``N(loc, scale^2)``."""
+    return 2.0 * torch.log(scale) - torch.log(loc.pow(2) + 1e-8)
+
+
+@register_kl(_TorchNormal, LogUniform)
+def kl_normal_log_uniform(p: _TorchNormal, q: LogUniform) -> torch.Tensor:
+    """Approximate ``KL(N(mu, sigma^2) || LogUniform)`` elementwise (Molchanov et al., 2017, eq. 14).
+
+    ``KL ~= K1 - K1 * sigmoid(K2 + K3 * log_alpha) + 0.5 * softplus(-log_alpha)``, with the constant chosen
+    so that ``KL -> 0`` as ``alpha -> infinity`` (the true KL to an improper prior is defined up to a constant).
+    """
+    if q.event_shape:
+        raise ValueError("KL(Normal || LogUniform) needs a LogUniform with an empty event shape; use .to_event()")
+    log_alpha = log_alpha_normal(p.loc, p.scale)
+    kl = K1 - K1 * torch.sigmoid(K2 + K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)
+    return kl.expand(broadcast_shape(kl.shape, q.batch_shape))
+
+
+@register_kl(_TorchLogNormal, _TorchGamma)
+def kl_lognormal_gamma(p: _TorchLogNormal, q: _TorchGamma) -> torch.Tensor:
+    """Exact ``KL(LogNormal(mu, s^2) || Gamma(a, rate=b))``, elementwise.
+
+    ``-0.5 log(2 pi e s^2) - a log b + lgamma(a) - a mu + b exp(mu + s^2 / 2)``.
+    """
+    mu, s, a, b = p.loc, p.scale, q.concentration, q.rate
+    return -0.5 * _LOG_2PI_E - s.log() - a * b.log() + torch.lgamma(a) - a * mu + b * torch.exp(mu + 0.5 * s**2)
+
+
+@register_kl(_TorchLogNormal, _TorchInverseGamma)
+def kl_lognormal_inverse_gamma(p: _TorchLogNormal, q: _TorchInverseGamma) -> torch.Tensor:
+    """Exact ``KL(LogNormal(mu, s^2) || InverseGamma(a, b))``, elementwise.
+
+    ``q`` has density ``b^a / Gamma(a) x^(-a-1) exp(-b / x)`` (``b`` is torch's ``rate``). The KL is
+    ``-0.5 log(2 pi e s^2) - a log b + lgamma(a) + a mu + b exp(s^2 / 2 - mu)``.
+    """
+    mu, s, a, b = p.loc, p.scale, q.concentration, q.rate
+    return -0.5 * _LOG_2PI_E - s.log() - a * b.log() + torch.lgamma(a) + a * mu + b * torch.exp(0.5 * s**2 - mu)
+
+
+def half_cauchy_gamma(tau0: float | torch.Tensor, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.Gamma:
+    """Gamma factor ``s_a ~ Gamma(1/2, rate=1/tau0^2)`` of a half-Cauchy scale ``s ~ C+(0, tau0)``.
+
+    With ``s_b ~ InverseGamma(1/2, 1)`` (:func:`half_cauchy_inverse_gamma`), ``s = sqrt(s_a * s_b)`` is
+    ``C+(0, tau0)``. The rate is ``tau0^-2`` (scale ``tau0^2``); transcriptions that use ``tau0`` or
+    ``tau0^-1`` as the rate give a different global scale and are wrong for this model.
+
+    :param tau0: Half-Cauchy scale ``tau0 > 0``.
+    :param batch_shape: Batch shape the distribution is expanded to.
+    """
+    tau0 = torch.as_tensor(tau0, dtype=torch.get_default_dtype())
+    return dist.Gamma(torch.full_like(tau0, 0.5), tau0.pow(-2)).expand(torch.Size(batch_shape))
+
+
+def half_cauchy_inverse_gamma(batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.InverseGamma:
+    """Inverse-gamma factor ``s_b ~ InverseGamma(1/2, 1)`` of a half-Cauchy scale (see :func:`half_cauchy_gamma`).
+
+    :param batch_shape: Batch shape the distribution is expanded to.
+    """
+    return dist.InverseGamma(torch.tensor(0.5), torch.tensor(1.0)).expand(torch.Size(batch_shape))

@@ -1,0 +1,222 @@
+"""Tests for :mod:`pyro_bc.distributions`: priors, KL rules and their dispatch, checked against independent numerics."""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Predictive, TraceMeanField_ELBO
+from torch.distributions import kl_divergence
+from torch.distributions.kl import _dispatch_kl
+
+from pyro_bc.distributions import (
+    LogUniform,
+    half_cauchy_gamma,
+    half_cauchy_inverse_gamma,
+    kl_lognormal_gamma,
+    kl_lognormal_inverse_gamma,
+    kl_normal_log_uniform,
+    log_alpha_normal,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    pyro.set_rng_seed(0)
+    np.random.seed(0)
+
+
+def _expected_log_abs_normal(sigma: float, n: int = 400_001) -> float:
+    """``E[log|z|]`` for ``z ~ N(1, sigma^2)`` by quadrature, with the log singularity removed analytically.
+
+    With ``z = 1 + sigma u``, ``log|z| = log sigma + log|u - u0|`` where ``u0 = -1 / sigma``. On each side of
+    ``u0`` substitute ``u = u0 +- t^2``: the integrand ``4 t log(t) phi(u)`` is then continuous at ``t = 0``.
+    """
+    u0 = -1.0 / sigma
+    lo, hi = -12.0, 12.0
+    total = 0.0
+    for sign, length in ((1.0, hi - u0), (-1.0, u0 - lo)):
+        if length <= 0:
+            continue
+        t = np.linspace(0.0, math.sqrt(length), n)
+        u = u0 + sign * t**2
+        f = 4.0 * t * np.log(np.where(t > 0, t, 1.0)) * np.exp(-0.5 * u**2) / math.sqrt(2 * math.pi)
+        total += np.trapezoid(f, t)
+    return math.log(sigma) + total
+
+
+def test_quadrature_against_closed_form() -> None:
+    # For sigma -> infinity, E[log|z|] - log sigma -> E[log|u|] = -(euler_gamma + log 2) / 2 for u ~ N(0, 1).
+    assert _expected_log_abs_normal(1e8) - math.log(1e8) == pytest.approx(-(np.euler_gamma + math.log(2)) / 2, abs=1e-6)
+    # For sigma -> 0, E[log|z|] = E[log(1 + sigma u)] -> -sigma^2 / 2.
+    assert _expected_log_abs_normal(1e-2) == pytest.approx(-0.5e-4, rel=1e-3)
+
+
+def test_normal_log_uniform_matches_numerical_kl() -> None:
+    log_alphas = np.linspace(-8.0, 8.0, 17)
+    # Exact KL(N(1, alpha) || 1/|z|) up to a constant: -H(q) + E[log|z|] = -0.5 log alpha + E[log|z|] + const.
+    exact = np.array([-0.5 * la + _expected_log_abs_normal(math.exp(0.5 * la)) for la in log_alphas])
+    scale = torch.tensor(np.exp(0.5 * log_alphas))
+    approx = kl_divergence(dist.Normal(torch.ones_like(scale), scale), LogUniform().expand([len(log_alphas)]))
+    approx = approx.numpy()
+    np.testing.assert_allclose(approx - approx[-1], exact - exact[-1], atol=0.02)
+    np.testing.assert_allclose(approx[0] - approx[8], exact[0] - exact[8], atol=0.02)
+    assert abs(approx[-1]) < 0.01  # the constant makes KL -> 0 as alpha -> infinity
+
+
+def test_log_alpha_and_broadcasting() -> None:
+    loc, scale = torch.tensor([2.0, -0.5]), torch.tensor([1.0, 0.25])
+    torch.testing.assert_close(log_alpha_normal(loc, scale), torch.log(scale**2 / (loc**2 + 1e-8)))
+    kl = kl_divergence(dist.Normal(loc, scale), LogUniform().expand([3, 2]))
+    assert kl.shape == (3, 2)
+    torch.testing.assert_close(kl[1], kl_normal_log_uniform(dist.Normal(loc, scale), LogUniform()))
+    assert kl_divergence(dist.Normal(loc[:1], scale[:1]), LogUniform().expand([4])).shape == (4,)
+
+
+def _mc_kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution, n: int) -> tuple[float, float]:
+    x = p.sample((n,))
+    d = p.log_prob(x) - q.log_prob(x)
+    return d.mean().item(), (d.std() / math.sqrt(n)).item()
+
+
+@pytest.mark.parametrize(
+    ("mu", "s", "a", "b"),
+    [
+        (0.1, 0.5, 2.0, 3.0),
+        (-0.7, 1.0, 0.5, 1.0),
+        (math.log(0.5 * 0.3**2), 0.6, 0.5, 1.0 / 0.3**2),  # horseshoe: Gamma(1/2, rate 1/tau0^2), tau0 = 0.3
+    ],
+)
+def test_lognormal_gamma_vs_monte_carlo(mu: float, s: float, a: float, b: float) -> None:
+    p = dist.LogNormal(torch.tensor(mu, dtype=torch.float64), torch.tensor(s, dtype=torch.float64))
+    q = dist.Gamma(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    assert _dispatch_kl(type(p), type(q)) is kl_lognormal_gamma
+    mc, se = _mc_kl(p, q, 1_000_000)
+    assert abs(kl_divergence(p, q).item() - mc) < 3 * se
+
+
+@pytest.mark.parametrize(
+    ("mu", "s", "a", "b"),
+    [
+        (0.3, 0.4, 0.5, 1.0),  # horseshoe: InverseGamma(1/2, 1)
+        (-1.0, 0.8, 0.5, 1.0),
+        (0.5, 0.3, 3.0, 2.0),
+    ],
+)
+def test_lognormal_inverse_gamma_vs_monte_carlo(mu: float, s: float, a: float, b: float) -> None:
+    p = dist.LogNormal(torch.tensor(mu, dtype=torch.float64), torch.tensor(s, dtype=torch.float64))
+    q = dist.InverseGamma(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    assert _dispatch_kl(type(p), type(q)) is kl_lognormal_inverse_gamma
+    mc, se = _mc_kl(p, q, 1_000_000)
+    assert abs(kl_divergence(p, q).item() - mc) < 3 * se
+
+
+def test_kl_dispatch_through_to_event() -> None:
+    p = dist.LogNormal(torch.tensor([0.1, -0.3, 0.2]), torch.tensor([0.3, 0.5, 0.7]))
+    ig = half_cauchy_inverse_gamma([3])
+    ga = half_cauchy_gamma(0.3, [3])
+    assert isinstance(ig, dist.InverseGamma) and ig.batch_shape == (3,)
+    assert isinstance(ga, dist.Gamma) and ga.batch_shape == (3,)
+    torch.testing.assert_close(kl_divergence(p.to_event(1), ig.to_event(1)), kl_lognormal_inverse_gamma(p, ig).sum())
+    torch.testing.assert_close(kl_divergence(p.to_event(1), ga.to_event(1)), kl_lognormal_gamma(p, ga).sum())
+
+
+@pytest.mark.parametrize("tau", [0.3, 1e-5])
+def test_gamma_inverse_gamma_gives_half_cauchy(tau: float) -> None:
+    n = 2_000_000
+    tau_t = torch.tensor(tau, dtype=torch.float64)
+    s_a = dist.Gamma(torch.tensor(0.5, dtype=torch.float64), tau_t**-2).sample((n,))
+    s_b = dist.InverseGamma(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)).sample((n,))
+    s = torch.sqrt(s_a * s_b).numpy()
+    qs = np.array([0.1, 0.25, 0.5, 0.75, 0.9])
+    np.testing.assert_allclose(np.quantile(s, qs), tau * np.tan(np.pi * qs / 2), rtol=0.01)
+    # The helpers use exactly this parametrisation.
+    ga, ig = half_cauchy_gamma(tau), half_cauchy_inverse_gamma()
+    torch.testing.assert_close(ga.concentration, torch.tensor(0.5))
+    torch.testing.assert_close(ga.rate, torch.tensor(tau**-2, dtype=torch.float32))
+    torch.testing.assert_close((ig.concentration, ig.rate), (torch.tensor(0.5), torch.tensor(1.0)))
+
+
+def test_log_uniform_basics() -> None:
+    z = torch.tensor([0.5, -2.0, 3.0])
+    lu = LogUniform()
+    torch.testing.assert_close(lu.log_prob(z), torch.tensor([math.log(2.0), -math.log(2.0), -math.log(3.0)]))
+    expanded = lu.expand([3])
+    assert type(expanded) is LogUniform and expanded.batch_shape == (3,)
+    ind = expanded.to_event(1)
+    torch.testing.assert_close(ind.log_prob(z), -z.abs().log().sum())
+    ev = LogUniform(event_shape=(3,))
+    torch.testing.assert_close(ev.log_prob(z), -z.abs().log().sum())
+    x = LogUniform().expand([2, 3]).sample((4,))
+    assert x.shape == (4, 2, 3) and torch.isfinite(x).all()
+    assert ind.sample().shape == (3,)
+    assert torch.isnan(lu.mean) and torch.isnan(lu.variance)
+    loc, scale = torch.tensor([1.0, -0.2, 0.05]), torch.tensor([0.1, 0.3, 1.0])
+    kl = kl_divergence(dist.Normal(loc, scale).to_event(1), ind)
+    elementwise = torch.stack([kl_divergence(dist.Normal(m, s), LogUniform()) for m, s in zip(loc, scale)])
+    torch.testing.assert_close(kl, elementwise.sum())
+
+
+def _model() -> None:
+    pyro.sample("z", LogUniform().expand([4]).to_event(1))
+
+
+def _guide() -> None:
+    pyro.sample("z", dist.Normal(torch.full((4,), 0.5), 0.1).to_event(1))
+
+
+def test_predictive_with_guide_and_prior() -> None:
+    post = Predictive(_model, guide=_guide, num_samples=5)()
+    assert post["z"].shape == (5, 4)
+    assert torch.isfinite(post["z"]).all()
+    prior = Predictive(_model, num_samples=3)()
+    assert prior["z"].shape[0] == 3 and torch.isfinite(prior["z"]).all()
+
+
+def test_mean_field_elbo_uses_registered_kls() -> None:
+    y = torch.tensor([0.3, -1.2, 2.0])
+    w_loc, w_scale = torch.tensor([0.4, -0.1, 1.5]), torch.tensor([0.2, 0.5, 0.05])
+    a_loc, a_scale = torch.tensor(-2.0), torch.tensor(0.4)
+    b_loc, b_scale = torch.tensor(0.2), torch.tensor(0.7)
+    tau0 = 0.3
+
+    def model() -> None:
+        w = pyro.sample("w", LogUniform().expand([3]).to_event(1))
+        s_a = pyro.sample("s_a", half_cauchy_gamma(tau0))
+        s_b = pyro.sample("s_b", half_cauchy_inverse_gamma())
+        pyro.sample("y", dist.Normal(w * torch.sqrt(s_a * s_b), 1.0).to_event(1), obs=y)
+
+    def guide() -> None:
+        pyro.sample("w", dist.Normal(w_loc, w_scale).to_event(1))
+        pyro.sample("s_a", dist.LogNormal(a_loc, a_scale))
+        pyro.sample("s_b", dist.LogNormal(b_loc, b_scale))
+
+    pyro.set_rng_seed(123)
+    loss = TraceMeanField_ELBO().loss(model, guide)
+    pyro.set_rng_seed(123)
+    tr = poutine.trace(guide).get_trace()
+    w, s_a, s_b = (tr.nodes[k]["value"] for k in ("w", "s_a", "s_b"))
+    mean = (w * torch.sqrt(s_a * s_b)).double()
+    log_lik = (-0.5 * (y.double() - mean) ** 2 - 0.5 * math.log(2 * math.pi)).sum().item()
+
+    # Independent reference values for the KLs, written out from the closed forms.
+    la = np.log(w_scale.double().numpy() ** 2 / (w_loc.double().numpy() ** 2 + 1e-8))
+    kl_w = np.sum(0.63576 - 0.63576 / (1 + np.exp(-(1.87320 + 1.48695 * la))) + 0.5 * np.log1p(np.exp(-la)))
+
+    def kl_ln(mu: float, s: float, a: float, b: float, sign: int) -> float:
+        return (
+            -0.5 * math.log(2 * math.pi * math.e * s**2)
+            - a * math.log(b)
+            + math.lgamma(a)
+            - sign * a * mu
+            + b * math.exp(sign * mu + s**2 / 2)
+        )
+
+    kl_a = kl_ln(a_loc.item(), a_scale.item(), 0.5, tau0**-2, 1)
+    kl_b = kl_ln(b_loc.item(), b_scale.item(), 0.5, 1.0, -1)
+    assert loss == pytest.approx(kl_w + kl_a + kl_b - log_lik, abs=1e-5, rel=1e-6)
