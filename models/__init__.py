@@ -1,0 +1,1 @@
+"""The paper's networks as pyro-bc model/guide definitions (one file each, ``build(prior, **options)``)."""

@@ -1,0 +1,21 @@
+"""LeNet-300-100 (784-300-100-10, ReLU): 266,200 weights, one scale per input neuron of each layer.
+
+As in the official code, fc1's weight and bias variances are clipped at 0.04 (METHOD.md 4.1).
+"""
+
+from torch import nn
+
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesLinear
+
+
+def build(prior: str = "gnj", tau0: float = 1e-5) -> BayesianNet:
+    body = nn.Sequential(
+        nn.Flatten(),
+        BayesLinear(784, 300, prior, tau0, clip_var=0.04),
+        nn.ReLU(),
+        BayesLinear(300, 100, prior, tau0),
+        nn.ReLU(),
+        BayesLinear(100, 10, prior, tau0),
+    )
+    return BayesianNet(body, input_shape=(1, 28, 28))

@@ -1,0 +1,26 @@
+"""LeNet-5-Caffe: conv 1->20 (5x5), max-pool 2, conv 20->50 (5x5), max-pool 2, FC 800-500-10, ReLU.
+
+430,500 weights. Convolutions have one scale per output channel, FC layers one per input neuron;
+at the flatten each of conv2's 50 channels owns 4*4 = 16 consecutive fc1 inputs.
+"""
+
+from torch import nn
+
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesConv2d, BayesLinear
+
+
+def build(prior: str = "gnj", tau0: float = 1e-5) -> BayesianNet:
+    body = nn.Sequential(
+        BayesConv2d(1, 20, 5, prior=prior, tau0=tau0),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        BayesConv2d(20, 50, 5, prior=prior, tau0=tau0),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        BayesLinear(800, 500, prior, tau0),
+        nn.ReLU(),
+        BayesLinear(500, 10, prior, tau0),
+    )
+    return BayesianNet(body, input_shape=(1, 28, 28))

@@ -1,0 +1,109 @@
+"""``pyro-bc``: train, compress, evaluate, report, demo. Thin over the library."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from pyro_bc.errors import BCError
+from pyro_bc.nn import PRIORS
+from pyro_bc.train import BUILTIN_MODELS, TrainConfig, train
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _model_name(text: str) -> str:
+    if text in BUILTIN_MODELS or text.endswith(".py"):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}: choose {', '.join(BUILTIN_MODELS)} or a .py file")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=_model_name, default="lenet300", help="lenet300, lenet5 or a network file")
+    p.add_argument("--prior", choices=PRIORS, default="gnj")
+    p.add_argument("--epochs", type=_nonnegative_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--data", default=None, help="folder with the four MNIST-layout IDX files (default: embedded)")
+    p.add_argument("--subset", type=_positive_int, default=None, help="train on the first N training examples")
+    p.add_argument("--val-size", type=_positive_int, default=5000)
+    p.add_argument("--warmup-epochs", type=_nonnegative_int, default=0, help="linear KL warm-up length")
+    p.add_argument("--tau0", type=_positive_float, default=1e-5, help="horseshoe global scale (ghs)")
+    p.add_argument("--init-from", default=None, help="deterministic network state_dict to start the means from")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=_positive_int, default=1)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(model=args.model, prior=args.prior, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, seed=args.seed, data=args.data, subset=args.subset, val_size=args.val_size,
+                       warmup_epochs=args.warmup_epochs, tau0=args.tau0, init_from=args.init_from,
+                       device=args.device, threads=args.threads)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    last = train(_train_config(args), args.out, resume=args.resume)
+    print(f"trained {args.model}/{args.prior}: {last.get('epoch', 0)} epochs, val error "
+          f"{last.get('val_error', float('nan')):.2f}%, run directory {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyro-bc", description="Bayesian compression of neural networks in Pyro")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fit a model/guide pair by SVI")
+    _add_train_args(p)
+    p.add_argument("--out", required=True, help="run directory (checkpoint, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BCError as e:
+        print(f"pyro-bc {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pyro-bc {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,77 @@
+"""A Bayesian network: a sequential body of pyro-bc layers and plain modules, plus a likelihood.
+
+``model(x, y)`` runs the body (each Bayesian layer samples its prior sites) and observes ``y`` inside
+``pyro.plate("data", n_data)``, so a minibatch's log-likelihood is scaled to the whole data set.
+``guide()`` samples every layer's guide sites in the same order.
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro.distributions import Categorical, Normal
+from torch import nn
+
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn import BayesLayer
+
+LIKELIHOODS = ("categorical", "normal")
+
+
+class BayesianNet(nn.Module):
+    """:param body: an ``nn.Sequential`` of :class:`~pyro_bc.nn.BayesLayer` and parameter-free modules.
+    :param input_shape: shape of one input example, e.g. ``(1, 28, 28)``.
+    :param likelihood: ``"categorical"`` (logits) or ``"normal"`` (regression, fixed ``noise_scale``).
+    """
+
+    def __init__(self, body: nn.Sequential, input_shape: tuple[int, ...], likelihood: str = "categorical",
+                 noise_scale: float = 1.0):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ConfigError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
+        self.body, self.input_shape = body, tuple(input_shape)
+        self.likelihood, self.noise_scale = likelihood, noise_scale
+        for name, module in body.named_modules(prefix="body"):
+            if isinstance(module, BayesLayer):
+                module.site = name
+        self.layers: list[BayesLayer] = [m for m in body.modules() if isinstance(m, BayesLayer)]
+        if not self.layers:
+            raise ConfigError("the network's body holds no pyro_bc Bayesian layer")
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.site for layer in self.layers]
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, n_data: int | None = None) -> torch.Tensor:
+        out = self.body(x)
+        with pyro.plate("data", n_data or len(x), subsample=torch.arange(len(x), device=x.device)):
+            if self.likelihood == "categorical":
+                pyro.sample("y", Categorical(logits=out), obs=y)
+            else:
+                pyro.sample("y", Normal(out.squeeze(-1), self.noise_scale), obs=y)
+        return out
+
+    def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, n_data: int | None = None) -> None:
+        for layer in self.layers:
+            layer.guide()
+
+    def clip_variances(self) -> None:
+        for layer in self.layers:
+            layer.clip_variances()
+
+    def posterior_mean_network(self) -> nn.Sequential:
+        """A deterministic copy of the body holding posterior-mean weights (``E[z] * mu_W``)."""
+        return nn.Sequential(*[m.posterior_mean_module() if isinstance(m, BayesLayer) else m
+                               for m in self.body]).eval()
+
+    def init_from(self, state: dict[str, torch.Tensor]) -> None:
+        """Set weight means from a deterministic network's ``state_dict``, layer by layer in order.
+
+        The state's ``*.weight`` tensors are matched to the Bayesian layers in order; a ``*.bias``
+        with the same prefix, if present, sets the bias mean.
+        """
+        weights = [k for k in state if k.endswith("weight") and state[k].dim() in (2, 4)]
+        if len(weights) != len(self.layers):
+            raise ConfigError(f"init state has {len(weights)} weight tensors, the network {len(self.layers)} layers")
+        for key, layer in zip(weights, self.layers):
+            layer.init_from(state[key], state.get(key[: -len("weight")] + "bias"))

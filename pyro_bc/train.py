@@ -1,0 +1,259 @@
+"""SVI training: minibatch-scaled ELBO, local reparameterisation, warm-up, clipping, checkpoints.
+
+The loss of a step is ``-ELBO / N`` for one minibatch: the mean negative log-likelihood of the batch
+plus ``beta * KL / N`` (``beta`` ramps linearly from 0 to 1 over the warm-up epochs, else 1), which is
+the official code's loss. Each epoch appends to ``RUN_DIR/metrics.jsonl`` and writes
+``RUN_DIR/checkpoint.pt`` atomically; ``resume=True`` continues from it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from pyro import poutine
+from tqdm.auto import tqdm
+
+from pyro_bc.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from pyro_bc.data import iterate_minibatches, load_mnist
+from pyro_bc.elbo import MeanFieldELBO
+from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import PRIORS
+from pyro_bc.reparam import LocalReparameterization
+
+BUILTIN_MODELS = ("lenet300", "lenet5")
+CHECKPOINT, METRICS, LOCK = "checkpoint.pt", "metrics.jsonl", ".lock"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "lenet300"
+    prior: str = "gnj"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    data: str | None = None
+    subset: int | None = None
+    val_size: int = 5000
+    warmup_epochs: int = 0
+    tau0: float = 1e-5
+    init_from: str | None = None
+    device: str = "cpu"
+    threads: int = 1
+
+
+def build_network(model: str, prior: str, tau0: float = 1e-5) -> BayesianNet:
+    """Build a built-in network by name or a user's file defining ``build(prior, tau0) -> BayesianNet``."""
+    if prior not in PRIORS:
+        raise ConfigError(f"unknown prior {prior!r}: choose one of {', '.join(PRIORS)}")
+    if model in BUILTIN_MODELS:
+        module = importlib.import_module(f"models.{model}")
+    elif model.endswith(".py"):
+        path = Path(model)
+        if not path.is_file():
+            raise ConfigError(f"model file {model} does not exist")
+        spec = importlib.util.spec_from_file_location(f"pyro_bc_user_model_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise ConfigError(f"model file {model} failed to import: {type(e).__name__}: {e}")
+    else:
+        raise ConfigError(f"unknown model {model!r}: choose {', '.join(BUILTIN_MODELS)} or a path to a .py file")
+    build = getattr(module, "build", None)
+    if not callable(build):
+        raise ConfigError(f"model {model} defines no build(prior, tau0) function returning a BayesianNet")
+    net = build(prior=prior, tau0=tau0)
+    if not isinstance(net, BayesianNet):
+        raise ConfigError(f"model {model}: build() returned {type(net).__name__}, not a pyro_bc BayesianNet")
+    return net
+
+
+@torch.no_grad()
+def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Classification error of ``module`` on ``(x, y)``, in percent."""
+    wrong = sum(int((module(x[i:i + batch_size]).argmax(-1) != y[i:i + batch_size]).sum())
+                for i in range(0, len(x), batch_size))
+    return 100.0 * wrong / max(len(x), 1)
+
+
+def groups_below(net: BayesianNet, threshold: float = -3.0) -> dict[str, int]:
+    """Number of groups (weights, for ``lu``) per layer with log alpha below ``threshold``."""
+    with torch.no_grad():
+        return {layer.site: int((layer.log_alpha() < threshold).sum()) for layer in net.layers}
+
+
+def _check_shape(net: BayesianNet, x: torch.Tensor) -> None:
+    if tuple(x.shape[1:]) != net.input_shape:
+        raise ConfigError(f"data examples have shape {tuple(x.shape[1:])}, the network expects {net.input_shape}")
+    try:
+        with torch.no_grad():
+            net.posterior_mean_network()(x[:2])
+    except RuntimeError as e:
+        raise ConfigError(f"data does not fit the network: {str(e).splitlines()[0]}")
+
+
+def _first_nonfinite(net: BayesianNet) -> str:
+    for name, p in net.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"parameter {name}"
+    return "the loss"
+
+
+class RunLock:
+    """A lock file so that two trainings never write into the same run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = self.path.read_text().strip()
+            if pid.isdigit() and _alive(int(pid)):
+                raise ConfigError(f"{self.path.parent}: a training (pid {pid}) is already running in this directory")
+            self.path.unlink(missing_ok=True)  # stale lock from a killed run
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_run_dir(out: str | Path) -> Path:
+    run_dir = Path(out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output directory {run_dir} cannot be written: {e.strerror}")
+    return run_dir
+
+
+def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``config`` into run directory ``out``; returns the last epoch's metrics."""
+    if config.epochs < 0 or config.batch_size < 1 or not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ConfigError("epochs must be >= 0, batch size >= 1 and the learning rate a positive number")
+    torch.set_num_threads(config.threads)
+    run_dir = prepare_run_dir(out)
+    with RunLock(run_dir):
+        return _train(config, run_dir, resume, progress)
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> dict:
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    state = load_checkpoint(run_dir / CHECKPOINT) if resume else None
+    if state is not None:
+        saved = state["config"]
+        if (saved["model"], saved["prior"]) != (config.model, config.prior):
+            raise CheckpointError(f"{run_dir / CHECKPOINT} is a {saved['model']}/{saved['prior']} run, "
+                                  f"not {config.model}/{config.prior}")
+        config = dataclasses.replace(TrainConfig(**saved), epochs=config.epochs, threads=config.threads,
+                                     device=config.device)
+    pyro.set_rng_seed(config.seed)
+    net = build_network(config.model, config.prior, config.tau0)
+    data = load_mnist(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)
+    _check_shape(net, data.train.x[:2])
+    if config.init_from and state is None:
+        try:
+            init_state = torch.load(config.init_from, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
+        net.init_from(init_state)
+    net.to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    metrics: list[dict] = []
+    if state is not None:
+        try:
+            net.load_state_dict(state["network"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{run_dir / CHECKPOINT} does not fit the network: {str(e).splitlines()[0]}")
+        torch.set_rng_state(state["rng"]["torch"])
+        metrics = state["metrics"]
+    start_epoch = state["epoch"] if state is not None else 0
+    atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+
+    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    val_x, val_y = data.val.x.to(device), data.val.y.to(device)
+    n_data = len(train_x)
+    steps_per_epoch = math.ceil(n_data / config.batch_size)
+    elbo, lrt = MeanFieldELBO(), LocalReparameterization()
+    pyro.enable_validation(False)  # distribution argument checks cost ~20% of a step; inputs are ours
+    for epoch in range(start_epoch, config.epochs):
+        started, total, net_steps = time.perf_counter(), 0.0, 0
+        order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        batches = iterate_minibatches(data.train, config.batch_size, order)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not progress, mininterval=0.5)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device), y.to(device)
+            done = epoch * steps_per_epoch + step + 1
+            beta = min(1.0, done / (config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs else 1.0
+            model = poutine.scale(net.model, scale=1.0 / n_data)
+            guide = poutine.scale(net.guide, scale=beta / n_data)
+            with lrt:
+                loss = elbo.differentiable_loss(model, guide, x, y, n_data)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            net.clip_variances()
+            value = loss.item()
+            if not math.isfinite(value) or not math.isfinite(total + value):
+                raise TrainingDiverged(f"non-finite ELBO at epoch {epoch + 1}, step {step + 1} "
+                                       f"(first bad value: {_first_nonfinite(net)}); last good checkpoint "
+                                       f"{run_dir / CHECKPOINT} is intact")
+            total, net_steps = total + value, net_steps + 1
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{value:.3f}")
+        bar.close()
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise TrainingDiverged(f"non-finite parameter after epoch {epoch + 1}: {_first_nonfinite(net)}")
+        mean_net = net.posterior_mean_network()
+        record = {
+            "epoch": epoch + 1,
+            "elbo": -total / max(net_steps, 1),
+            "beta": beta if net_steps else 1.0,
+            "train_error": error_percent(mean_net, train_x, train_y),
+            "val_error": error_percent(mean_net, val_x, val_y),
+            "groups_kept": groups_below(net, -3.0),
+            "seconds": time.perf_counter() - started,
+        }
+        metrics.append(record)
+        save_checkpoint(run_dir / CHECKPOINT, {
+            "config": dataclasses.asdict(config), "epoch": epoch + 1, "network": net.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}, "metrics": metrics,
+        })
+        atomic_write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+        if progress:
+            kept = "-".join(str(v) for v in record["groups_kept"].values())
+            tqdm.write(f"epoch {epoch + 1}: elbo/N {record['elbo']:.4f}  train err {record['train_error']:.2f}%  "
+                       f"val err {record['val_error']:.2f}%  log alpha<-3: {kept}  ({record['seconds']:.1f}s)")
+    return metrics[-1] if metrics else {}
