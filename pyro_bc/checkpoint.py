@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: no checkpoint (run 'pyro-bc train' first, or check the run directory)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt archives
+    except Exception as e:  # noqa: BLE001  (torch raises many types for corrupt archives)
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a pyro-bc checkpoint (missing keys)")

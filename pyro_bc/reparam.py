@@ -65,7 +65,7 @@ class HorseshoeScalePosterior:
         self.m_i = 0.5 * (z_a.loc + z_b.loc)
         self.sd_i = 0.5 * torch.sqrt(z_a.scale**2 + z_b.scale**2)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         shape = torch.Size(sample_shape)
         xi_s = torch.randn(shape + (1,) * self.m_i.dim(), dtype=self.m_i.dtype, device=self.m_i.device)
         xi_i = torch.randn(shape + self.m_i.shape, dtype=self.m_i.dtype, device=self.m_i.device)

@@ -66,7 +66,7 @@ def build_network(model: str, prior: str, tau0: float = 1e-5) -> BayesianNet:
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (any failure of user or file code is reported the same way)
             raise ConfigError(f"model file {model} failed to import: {type(e).__name__}: {e}")
     else:
         raise ConfigError(f"unknown model {model!r}: choose {', '.join(BUILTIN_MODELS)} or a path to a .py file")
@@ -184,7 +184,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
     if config.init_from and state is None:
         try:
             init_state = torch.load(config.init_from, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (any failure of user or file code is reported the same way)
             raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
         net.init_from(init_state)
     net.to(device)
