@@ -3,6 +3,8 @@
 As in the official code, fc1's weight and bias variances are clipped at 0.04 (METHOD.md 4.1).
 """
 
+from collections import OrderedDict
+
 from torch import nn
 
 from pyro_bc.network import BayesianNet
@@ -10,12 +12,12 @@ from pyro_bc.nn import BayesLinear
 
 
 def build(prior: str = "gnj", tau0: float = 1e-5) -> BayesianNet:
-    body = nn.Sequential(
-        nn.Flatten(),
-        BayesLinear(784, 300, prior, tau0, clip_var=0.04),
-        nn.ReLU(),
-        BayesLinear(300, 100, prior, tau0),
-        nn.ReLU(),
-        BayesLinear(100, 10, prior, tau0),
-    )
+    body = nn.Sequential(OrderedDict(
+        flatten=nn.Flatten(),
+        fc1=BayesLinear(784, 300, prior, tau0, clip_var=0.04),
+        relu1=nn.ReLU(),
+        fc2=BayesLinear(300, 100, prior, tau0),
+        relu2=nn.ReLU(),
+        fc3=BayesLinear(100, 10, prior, tau0),
+    ))
     return BayesianNet(body, input_shape=(1, 28, 28))

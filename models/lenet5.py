@@ -4,6 +4,8 @@
 at the flatten each of conv2's 50 channels owns 4*4 = 16 consecutive fc1 inputs.
 """
 
+from collections import OrderedDict
+
 from torch import nn
 
 from pyro_bc.network import BayesianNet
@@ -11,16 +13,16 @@ from pyro_bc.nn import BayesConv2d, BayesLinear
 
 
 def build(prior: str = "gnj", tau0: float = 1e-5) -> BayesianNet:
-    body = nn.Sequential(
-        BayesConv2d(1, 20, 5, prior=prior, tau0=tau0),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        BayesConv2d(20, 50, 5, prior=prior, tau0=tau0),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        BayesLinear(800, 500, prior, tau0),
-        nn.ReLU(),
-        BayesLinear(500, 10, prior, tau0),
-    )
+    body = nn.Sequential(OrderedDict(
+        conv1=BayesConv2d(1, 20, 5, prior=prior, tau0=tau0),
+        relu1=nn.ReLU(),
+        pool1=nn.MaxPool2d(2),
+        conv2=BayesConv2d(20, 50, 5, prior=prior, tau0=tau0),
+        relu2=nn.ReLU(),
+        pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(),
+        fc1=BayesLinear(800, 500, prior, tau0),
+        relu3=nn.ReLU(),
+        fc2=BayesLinear(500, 10, prior, tau0),
+    ))
     return BayesianNet(body, input_shape=(1, 28, 28))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from pathlib import Path
 
 from pyro_bc.errors import BCError
 from pyro_bc.nn import PRIORS
@@ -39,6 +41,13 @@ def _positive_float(text: str) -> float:
     value = _finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
 
 
@@ -79,6 +88,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from pyro_bc.compress import compress_run, format_table
+
+    summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
+                           max_error_increase=args.max_error_increase, data=args.data)
+    print(format_table(summary))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pyro_bc.compress import evaluate_file
+
+    print(json.dumps(evaluate_file(args.model, data=args.data)))
+    return 0
+
+
+def _add_compress_parser(sub) -> None:
+    p = sub.add_parser("compress", help="prune, choose bit precision and write a .bcz file and MODEL.json")
+    p.add_argument("run_dir", help="a run directory written by 'pyro-bc train'")
+    p.add_argument("--out", required=True, help="the .bcz file to write (MODEL.json is written beside it)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--thresholds", type=_finite_float, nargs="+", metavar="T", help="log alpha threshold per layer")
+    how.add_argument("--auto", choices=("gap",), help="threshold at the gap of each layer's log alpha histogram")
+    how.add_argument("--max-error-increase", type=_nonnegative_float, metavar="P",
+                     help="most compressing thresholds within P points of validation error")
+    p.add_argument("--data", default=None, help="data folder (default: the run's)")
+    p.set_defaults(func=cmd_compress)
+    p = sub.add_parser("evaluate", help="test error and speed of a .bcz file")
+    p.add_argument("model", help="a .bcz file")
+    p.add_argument("--data", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-bc", description="Bayesian compression of neural networks in Pyro")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.set_defaults(func=cmd_train)
+    _add_compress_parser(sub)
     return parser
 
 

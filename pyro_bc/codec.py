@@ -27,7 +27,7 @@ MAGIC = b"BCZ1"
 VERSION = 1
 CODECS = ("none", "zlib", "lzma")
 LAYER_KINDS = ("linear", "conv2d")
-OP_KINDS = ("relu", "tanh", "sigmoid", "flatten", "maxpool2d", "avgpool2d")
+OP_KINDS = ("relu", "tanh", "sigmoid", "flatten", "maxpool2d", "avgpool2d", "select")
 FRAC_BITS_RANGE = (-64, 64)
 MAX_PAYLOAD = 1 << 32  # decoded payload cap (4 GiB); anything larger is treated as corrupt
 MAX_PARAM = 1 << 16  # cap on strides, kernel sizes, groups, ... and on each input_shape entry
@@ -105,6 +105,8 @@ class Op:
             kernel = _pair(params["kernel_size"])
             stride = params.get("stride")
             params = {"kernel_size": kernel, "stride": kernel if stride is None else _pair(stride)}
+        elif self.kind == "select":
+            params = {"index": [int(i) for i in params["index"]]}
         self.params = params
 
 
@@ -343,6 +345,13 @@ def _parse_op(entry: dict[str, Any], index: int) -> Op:
         kernel = _ints(params["kernel_size"], 2, 1, MAX_PARAM, f"{where}kernel_size")
         stride = _ints(params["stride"], 2, 1, MAX_PARAM, f"{where}stride")
         return Op(kind, {"kernel_size": kernel, "stride": stride})
+    if kind == "select":
+        if set(params) != {"index"}:
+            raise _Bad(f"header: {where}select needs exactly 'index'")
+        index = _ints(params["index"], None, 0, MAX_PARAM, f"{where}index")
+        if not index or list(index) != sorted(set(index)):
+            raise _Bad(f"header: {where}select index must be non-empty and strictly increasing")
+        return Op(kind, {"index": list(index)})
     if params:
         raise _Bad(f"header: {where}{kind} takes no params")
     return Op(kind, {})
@@ -525,6 +534,17 @@ def _layer_module(layer: QuantizedLayer) -> nn.Module:
     return module
 
 
+class Select(nn.Module):
+    """Keep the given features (or channels) along dim 1: the inputs a pruned layer still reads."""
+
+    def __init__(self, index: list[int]):
+        super().__init__()
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.index)
+
+
 def _op_module(op: Op) -> nn.Module:
     """The torch module of a parameter-free op."""
     simple = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -532,6 +552,8 @@ def _op_module(op: Op) -> nn.Module:
         return simple[op.kind]()
     if op.kind == "flatten":
         return nn.Flatten(start_dim=op.params["start_dim"])
+    if op.kind == "select":
+        return Select(op.params["index"])
     pool = nn.MaxPool2d if op.kind == "maxpool2d" else nn.AvgPool2d
     return pool(kernel_size=op.params["kernel_size"], stride=op.params["stride"])
 

@@ -31,7 +31,7 @@ class BayesianNet(nn.Module):
             raise ConfigError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
         self.body, self.input_shape = body, tuple(input_shape)
         self.likelihood, self.noise_scale = likelihood, noise_scale
-        for name, module in body.named_modules(prefix="body"):
+        for name, module in body.named_modules():
             if isinstance(module, BayesLayer):
                 module.site = name
         self.layers: list[BayesLayer] = [m for m in body.modules() if isinstance(m, BayesLayer)]

@@ -1,0 +1,179 @@
+"""From a run directory to a ``.bcz`` file and ``MODEL.json``: thresholds, pruning, bits, rates, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_bc import codec
+from pyro_bc.checkpoint import atomic_write_text, load_checkpoint
+from pyro_bc.data import load_mnist
+from pyro_bc.errors import ConfigError
+from pyro_bc.network import BayesianNet
+from pyro_bc.posterior import LayerPosterior, analyse, choose_precision, compressed_model, compression_rates, prune
+from pyro_bc.train import CHECKPOINT, TrainConfig, build_network, error_percent
+
+DEFAULT_THRESHOLD = -3.0
+SEARCH_GRID = np.round(np.arange(-8.0, 6.01, 0.25), 2)
+
+
+def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
+    """The trained network of a run directory (from its checkpoint), its config and the checkpoint."""
+    state = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    config = TrainConfig(**state["config"])
+    net = build_network(config.model, config.prior, config.tau0)
+    net.load_state_dict(state["network"])
+    return net.eval(), config, state
+
+
+def gap_thresholds(posts: list[LayerPosterior], lo: float = -6.0, hi: float = 2.0, min_gap: float = 0.5) -> list[float]:
+    """Per layer, the middle of the widest gap between sorted log alpha values that lies in [lo, hi].
+
+    Falls back to -3 where no gap of at least ``min_gap`` nats is found (METHOD.md 11).
+    """
+    out = []
+    for post in posts:
+        values = np.sort(post.log_alpha.flatten().double().numpy())
+        mids, widths = (values[1:] + values[:-1]) / 2, np.diff(values)
+        ok = (mids >= lo) & (mids <= hi) & (widths >= min_gap)
+        out.append(float(mids[ok][np.argmax(widths[ok])]) if ok.any() else DEFAULT_THRESHOLD)
+    return out
+
+
+def _compressed_error(net, posts, thresholds, x, y) -> tuple[float, int]:
+    layers = prune(posts, thresholds)
+    module = codec.to_module(compressed_model(net, layers, choose_precision(layers)))
+    return error_percent(module, x, y), sum(int(layer.mask.sum()) for layer in layers)
+
+
+def search_thresholds(net: BayesianNet, posts: list[LayerPosterior], budget: float, x_val, y_val) -> list[float]:
+    """The most compressing per-layer thresholds whose pruned, rounded network's **validation** error
+    stays within ``budget`` percentage points of the unpruned posterior-mean network's.
+
+    Layers are visited largest first; for each, a binary search over a grid of thresholds finds the
+    lowest one that keeps the error within budget with the others fixed. Every accepted setting was
+    evaluated, so the budget holds for the result.
+    """
+    limit = error_percent(net.posterior_mean_network(), x_val, y_val) + budget
+    thresholds = [float(SEARCH_GRID[-1])] * len(posts)
+    if _compressed_error(net, posts, thresholds, x_val, y_val)[0] > limit:
+        raise ConfigError(f"even the least pruned network exceeds the error budget of {budget} points: "
+                          "raise --max-error-increase")
+    for i in sorted(range(len(posts)), key=lambda k: -posts[k].mean.numel()):
+        lo, hi = 0, len(SEARCH_GRID) - 1  # SEARCH_GRID[hi] is known to be within budget
+        while lo < hi:
+            mid = (lo + hi) // 2
+            trial = thresholds[:i] + [float(SEARCH_GRID[mid])] + thresholds[i + 1:]
+            if _compressed_error(net, posts, trial, x_val, y_val)[0] <= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        thresholds[i] = float(SEARCH_GRID[hi])
+    return thresholds
+
+
+def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
+                 max_error_increase: float | None = None, data: str | None = None) -> dict:
+    """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"output folder {out.parent} does not exist")
+    net, config, _ = load_run(run_dir)
+    mnist = load_mnist(data or config.data, val_size=config.val_size, seed=config.seed)
+    posts = analyse(net)
+    if thresholds is not None:
+        method = "given"
+    elif auto == "gap":
+        thresholds, method = gap_thresholds(posts), "auto gap"
+    elif max_error_increase is not None:
+        thresholds = search_thresholds(net, posts, max_error_increase, mnist.val.x, mnist.val.y)
+        method = f"max validation error increase {max_error_increase} points"
+    else:
+        thresholds, method = [DEFAULT_THRESHOLD] * len(posts), "default -3"
+    layers = prune(posts, thresholds)
+    precision = choose_precision(layers)
+    rates = compression_rates(layers, precision)
+    metadata = {"model": config.model, "prior": config.prior, "thresholds": thresholds, "threshold_method": method,
+                "run_dir": str(run_dir), "tau0": config.tau0, "data": data or config.data,
+                "val_size": config.val_size, "seed": config.seed}
+    file_bytes = codec.write_bcz(out, compressed_model(net, layers, precision, metadata))
+    loaded = codec.load(out)
+    original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu))
+    pruned_only = codec.to_module(compressed_model(net, layers, None))
+    test_x, test_y = mnist.test.x, mnist.test.y
+    summary = {
+        "layers": [{
+            "name": layer.post.name, "groups_total": layer.post.n_groups, "groups_kept": layer.groups_kept,
+            "weights_total": layer.mask.numel(), "weights_kept": int(layer.mask.sum()), "bits": precision.bits(i),
+            "exponent_bits": precision.exponent_bits, "mantissa_bits": precision.mantissa_bits[i],
+            "threshold": layer.threshold,
+        } for i, layer in enumerate(layers)],
+        "architecture": "-".join(str(layer.groups_kept) for layer in layers),
+        "weights_kept_fraction": rates["weights_kept_fraction"],
+        "cr_prune": rates["cr_prune"],
+        "cr_fast": rates["cr_fast"],
+        "cr_file": original_bytes / file_bytes,
+        "file_bytes": file_bytes,
+        "original_bytes": original_bytes,
+        "error_posterior_mean": error_percent(net.posterior_mean_network(), test_x, test_y),
+        "error_pruned": error_percent(pruned_only, test_x, test_y),
+        "error_compressed": error_percent(loaded, test_x, test_y),
+        "val_error_compressed": error_percent(loaded, mnist.val.x, mnist.val.y),
+        "exponent_bits_official": precision.exponent_bits_official if math.isfinite(
+            precision.exponent_bits_official) else None,
+        "cr_fast_official_exponent": rates["cr_fast_official_exponent"],
+        "threshold_method": method,
+        "model": config.model,
+        "prior": config.prior,
+    }
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The per-layer table and the rates, as printed by ``pyro-bc compress``."""
+    rows = [f"{'layer':<10} {'groups kept':>12} {'weights kept':>16} {'bits':>5} {'(e+m)':>6} {'threshold':>9}"]
+    for layer in summary["layers"]:
+        rows.append(f"{layer['name']:<10} {layer['groups_kept']:>5}/{layer['groups_total']:<6} "
+                    f"{layer['weights_kept']:>7}/{layer['weights_total']:<8} {layer['bits']:>5} "
+                    f"{layer['exponent_bits']:>2}+{layer['mantissa_bits']:<3} {layer['threshold']:>9.2f}")
+    rows.append(f"architecture {summary['architecture']}, {100 * summary['weights_kept_fraction']:.2f}% of weights "
+                f"kept; cr_prune {summary['cr_prune']:.1f}, cr_fast {summary['cr_fast']:.1f}, "
+                f"cr_file {summary['cr_file']:.1f} ({summary['file_bytes']} of {summary['original_bytes']} bytes)")
+    rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "
+                f"{summary['error_pruned']:.2f}%, compressed {summary['error_compressed']:.2f}% "
+                f"(validation {summary['val_error_compressed']:.2f}%)")
+    return "\n".join(rows)
+
+
+def _ms_per_batch(module: torch.nn.Module, batch: torch.Tensor, repeats: int = 7) -> float:
+    times = []
+    with torch.no_grad():
+        module(batch)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            module(batch)
+            times.append(time.perf_counter() - started)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1000) -> dict:
+    """Test error of a ``.bcz`` file, and its median time per batch against the dense original network
+    (the unpruned architecture at float32; its weights do not change its speed)."""
+    model = codec.read_bcz(path)
+    meta = model.metadata
+    compressed = codec.to_module(model)
+    mnist = load_mnist(data or meta.get("data"), val_size=meta.get("val_size", 5000), seed=meta.get("seed", 0))
+    x, y = mnist.test.x, mnist.test.y
+    try:
+        original = build_network(meta["model"], meta["prior"], meta.get("tau0", 1e-5)).posterior_mean_network()
+    except (KeyError, ConfigError):
+        original = None
+    return {"error": error_percent(compressed, x, y), "n": len(x),
+            "ms_per_batch_compressed": _ms_per_batch(compressed, x[:batch_size]),
+            "ms_per_batch_original": _ms_per_batch(original, x[:batch_size]) if original is not None else None}

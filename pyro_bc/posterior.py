@@ -1,0 +1,227 @@
+"""Posterior analysis of a fitted guide: log alpha, marginal weight moments, pruning masks with
+propagation through the network, bit precision per layer and compression rates (METHOD.md 6-7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from pyro_bc.codec import CompressedModel, Op, QuantizedLayer
+from pyro_bc.errors import ConfigError
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesConv2d, BayesLayer
+
+MAX_MANTISSA_BITS = 23
+
+
+@dataclasses.dataclass
+class LayerPosterior:
+    """What the guide says about one layer, detached from autograd."""
+
+    name: str
+    kind: str  # "linear" or "conv2d"
+    log_alpha: torch.Tensor  # per group (gnj, ghs) or per weight (lu)
+    mean: torch.Tensor  # E[w], weight-shaped
+    var: torch.Tensor  # Var[w], weight-shaped
+    bias: torch.Tensor  # posterior-mean bias as the network applies it
+    group_axis: int
+    conv_args: tuple = ()
+
+    @property
+    def per_weight(self) -> bool:
+        return self.log_alpha.shape == self.mean.shape
+
+    @property
+    def n_groups(self) -> int:
+        return self.mean.shape[self.group_axis]
+
+
+@torch.no_grad()
+def analyse(net: BayesianNet) -> list[LayerPosterior]:
+    """Read every Bayesian layer's guide: log alpha, ``E[w]``, ``Var[w]`` and the bias."""
+    out = []
+    for layer in net.layers:
+        mean, var = layer.weight_moments()
+        conv = isinstance(layer, BayesConv2d)
+        out.append(LayerPosterior(layer.site, "conv2d" if conv else "linear", layer.log_alpha().detach().cpu(),
+                                  mean.detach().cpu(), var.detach().cpu(), layer.bias_mean().detach().cpu(),
+                                  layer.group_axis, layer.conv_args if conv else ()))
+    return out
+
+
+@dataclasses.dataclass
+class PrunedLayer:
+    post: LayerPosterior
+    threshold: float
+    keep_in: torch.Tensor  # bool over input features / channels
+    keep_out: torch.Tensor  # bool over output units / channels
+    mask: torch.Tensor  # bool, weight-shaped
+
+    @property
+    def groups_kept(self) -> int:
+        return int((self.keep_in if self.post.group_axis == 1 else self.keep_out).sum())
+
+
+def _own_mask(post: LayerPosterior, threshold: float) -> torch.Tensor:
+    keep = post.log_alpha < threshold
+    if post.per_weight:
+        return keep
+    shape = [1] * post.mean.dim()
+    shape[post.group_axis] = -1
+    return keep.reshape(shape).expand_as(post.mean)
+
+
+def _any_except(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    return mask.transpose(0, dim).reshape(mask.shape[dim], -1).any(1)
+
+
+def _outer(post: LayerPosterior, keep_out: torch.Tensor, keep_in: torch.Tensor) -> torch.Tensor:
+    m = keep_out[:, None] & keep_in[None, :]
+    return m.reshape(m.shape + (1,) * (post.mean.dim() - 2))
+
+
+def prune(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLayer]:
+    """Masks from per-layer thresholds on log alpha, propagated through the network.
+
+    A group survives if its log alpha is below its layer's threshold. A removed output unit of layer
+    l removes the matching inputs of layer l+1 and vice versa; after a flatten, each channel owns
+    ``in_features / channels`` consecutive inputs. The last layer keeps all its outputs.
+    """
+    if len(thresholds) != len(posts):
+        raise ConfigError(f"{len(thresholds)} thresholds given for {len(posts)} layers ({', '.join(p.name for p in posts)})")
+    if not all(math.isfinite(t) for t in thresholds):
+        raise ConfigError(f"thresholds must be finite numbers, got {thresholds}")
+    own = [_own_mask(p, t) for p, t in zip(posts, thresholds)]
+    keep_in = [_any_except(m, 1) for m in own]
+    keep_out = [_any_except(m, 0) for m in own]
+    keep_out[-1] = torch.ones_like(keep_out[-1])
+    for _ in range(len(posts) + 1):  # propagate until nothing changes
+        changed = False
+        for i in range(len(posts) - 1):
+            n_out, n_in = len(keep_out[i]), len(keep_in[i + 1])
+            if n_in % n_out:
+                raise ConfigError(f"{posts[i + 1].name} has {n_in} inputs, not a multiple of {posts[i].name}'s "
+                                  f"{n_out} outputs: the body is not a plain sequence")
+            link = keep_out[i].repeat_interleave(n_in // n_out) & keep_in[i + 1]
+            out = link.reshape(n_out, -1).any(1)
+            changed |= not (torch.equal(link, keep_in[i + 1]) and torch.equal(out, keep_out[i]))
+            keep_in[i + 1], keep_out[i] = link, out
+        masks = [m & _outer(p, o, i) for p, m, o, i in zip(posts, own, keep_out, keep_in)]
+        for i, m in enumerate(masks):  # a unit with no kept weight left is gone too
+            new_in, new_out = keep_in[i] & _any_except(m, 1), keep_out[i] & _any_except(m, 0)
+            if i == len(posts) - 1:
+                new_out = keep_out[i]
+            changed |= not (torch.equal(new_in, keep_in[i]) and torch.equal(new_out, keep_out[i]))
+            keep_in[i], keep_out[i] = new_in, new_out
+        if not changed:
+            break
+    masks = [m & _outer(p, o, i) for p, m, o, i in zip(posts, own, keep_out, keep_in)]
+    return [PrunedLayer(p, float(t), i, o, m) for p, t, i, o, m in zip(posts, thresholds, keep_in, keep_out, masks)]
+
+
+# -- bit precision --------------------------------------------------------------------------------
+
+def mantissa_bits_per_weight(var: torch.Tensor) -> torch.Tensor:
+    """Official rule: ``#{t in 1..23 : 2 Var < 2^-t}`` (METHOD.md 7.2)."""
+    two_var = 2 * var.double()
+    t = torch.ceil(-torch.log2(two_var)) - 1
+    return t.clamp(0, MAX_MANTISSA_BITS).nan_to_num(nan=0.0).long()
+
+
+def exponent_bits_official(max_abs_mean: float) -> float:
+    """``ceil(log2(log2(max|E[w]|) + 1) + 1)``: NaN or below 1 for small weights (pitfall 8)."""
+    with np.errstate(all="ignore"):
+        value = np.ceil(np.log2(np.log2(np.float64(max_abs_mean)) + 1) + 1)
+    return float(value)
+
+
+@dataclasses.dataclass
+class Precision:
+    mantissa_bits: list[int]
+    exponent_bits: int  # clamped to >= 1
+    exponent_bits_official: float  # may be NaN or < 1
+
+    def bits(self, i: int) -> int:
+        return 1 + self.exponent_bits + self.mantissa_bits[i]
+
+
+def choose_precision(layers: list[PrunedLayer]) -> Precision:
+    mantissa = []
+    for layer in layers:
+        t = mantissa_bits_per_weight(layer.post.var[layer.mask])
+        mantissa.append(math.ceil(t.double().mean().item()) if t.numel() else 0)
+    kept_means = [layer.post.mean[layer.mask].abs() for layer in layers]
+    max_abs = max((float(m.max()) for m in kept_means if m.numel()), default=0.0)
+    official = exponent_bits_official(max_abs)
+    clamped = int(official) if math.isfinite(official) and official >= 1 else 1
+    return Precision(mantissa, clamped, official)
+
+
+def quantize(mean: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
+    """Integer codes of ``E[w]`` on the fixed-point grid of step ``2^-m``: ``floor(E[w] 2^m + 1/2)``."""
+    return torch.floor(mean.double() * 2.0**mantissa_bits + 0.5).long()
+
+
+# -- rates ------------------------------------------------------------------------------------------
+
+def compression_rates(layers: list[PrunedLayer], precision: Precision) -> dict:
+    total = sum(layer.mask.numel() for layer in layers)
+    kept = [int(layer.mask.sum()) for layer in layers]
+    fast_bits = sum(k * precision.bits(i) for i, k in enumerate(kept))
+    rates = {"weights_total": total, "weights_kept": sum(kept), "weights_kept_fraction": sum(kept) / total,
+             "cr_prune": total / max(sum(kept), 1), "cr_fast": 32 * total / max(fast_bits, 1)}
+    e = precision.exponent_bits_official
+    official_bits = sum(k * (1 + e + precision.mantissa_bits[i]) for i, k in enumerate(kept))
+    rates["cr_fast_official_exponent"] = 32 * total / official_bits if math.isfinite(e) and official_bits > 0 else None
+    return rates
+
+
+# -- the compressed network ---------------------------------------------------------------------
+
+def _op(module: nn.Module) -> Op:
+    if isinstance(module, nn.ReLU):
+        return Op("relu")
+    if isinstance(module, nn.Tanh):
+        return Op("tanh")
+    if isinstance(module, nn.Sigmoid):
+        return Op("sigmoid")
+    if isinstance(module, nn.Flatten):
+        return Op("flatten", {"start_dim": module.start_dim})
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and not module.padding:
+        kind = "maxpool2d" if isinstance(module, nn.MaxPool2d) else "avgpool2d"
+        return Op(kind, {"kernel_size": module.kernel_size, "stride": module.stride})
+    raise ConfigError(f"cannot compress a network holding {type(module).__name__}: only Bayesian layers, ReLU, "
+                      "Tanh, Sigmoid, Flatten and unpadded Max/AvgPool2d are supported")
+
+
+def compressed_model(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
+                     metadata: dict | None = None) -> CompressedModel:
+    """The physically pruned network; weights rounded to each layer's grid (``precision``), or, with
+    ``precision=None``, kept at float32 precision (codes on a 2^-40 grid) for the pruned-only error."""
+    items: list = []
+    by_layer = iter(enumerate(layers))
+    reaching = None  # bool over the previous layer's outputs that reach the next layer
+    for module in net.body:
+        if not isinstance(module, BayesLayer):
+            items.append(_op(module))
+            continue
+        i, layer = next(by_layer)
+        available = torch.ones_like(layer.keep_in) if reaching is None else \
+            reaching.repeat_interleave(len(layer.keep_in) // len(reaching))
+        if not torch.equal(layer.keep_in, available):
+            position = torch.cumsum(available.long(), 0) - 1
+            items.append(Op("select", {"index": position[layer.keep_in].tolist()}))
+        frac = precision.mantissa_bits[i] if precision else 40
+        codes = torch.where(layer.mask, quantize(layer.post.mean, frac), 0)
+        codes = codes[layer.keep_out][:, layer.keep_in]
+        bias = layer.post.bias[layer.keep_out].float().numpy()
+        stride, padding, dilation, groups = layer.post.conv_args or (1, 0, 1, 1)
+        items.append(QuantizedLayer(layer.post.kind, layer.post.name, codes.numpy(), frac, bias, stride, padding,
+                                    dilation, groups))
+        reaching = layer.keep_out
+    return CompressedModel(items, net.input_shape, metadata or {})
