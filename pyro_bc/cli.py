@@ -122,6 +122,27 @@ def _add_compress_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+DEMO_THRESHOLDS = [-2.8, -3.0, -5.0]  # the official LeNet-300-100 thresholds (METHOD.md 6)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pyro_bc.compress import compress_run, format_table
+    from pyro_bc.report import write_report
+    from pyro_bc.train import CHECKPOINT
+
+    run_dir = Path(args.out)
+    config = TrainConfig(model="lenet300", prior="gnj", epochs=args.epochs, data=args.data, threads=args.threads)
+    print(f"demo: LeNet-300-100, group normal-Jeffreys prior, {args.epochs} epochs on MNIST -> {run_dir}")
+    train(config, run_dir, resume=(run_dir / CHECKPOINT).is_file())
+    model_path = run_dir / "MODEL.bcz"
+    summary = compress_run(run_dir, model_path, thresholds=DEMO_THRESHOLDS, data=args.data)
+    print(format_table(summary))
+    report = write_report(run_dir, model_path)
+    print(f"wrote {run_dir / CHECKPOINT}, {run_dir / 'metrics.jsonl'}, {model_path}, "
+          f"{model_path.with_suffix('.json')}, {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-bc", description="Bayesian compression of neural networks in Pyro")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.set_defaults(func=cmd_train)
     _add_compress_parser(sub)
+    p = sub.add_parser("demo", help="train LeNet-300-100 (gnj) on MNIST, compress it and write the report")
+    p.add_argument("--epochs", type=_positive_int, default=30)
+    p.add_argument("--out", default="runs/demo", help="run directory (resumed if it holds a checkpoint)")
+    p.add_argument("--data", default=None)
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

