@@ -13,20 +13,20 @@ ok_python() {  # ok_python CMD: true when CMD runs and is Python >= 3.12
 
 find_python() {
     local c v root
-    for c in python3.13 python3.12 python3; do
+    for c in python3.12 python3.13 python3; do
         if command -v "$c" >/dev/null 2>&1 && ok_python "$c"; then
             command -v "$c"; return 0
         fi
     done
     if command -v pyenv >/dev/null 2>&1; then
         root="$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"
-        for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])(\.|$)' | sort -rV); do
+        for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9]|[2-9][0-9])(\.|$)' | sort -V); do
             for c in "$root/versions/$v/bin/python3" "$root/versions/$v/bin/python"; do
                 if [ -x "$c" ] && ok_python "$c"; then echo "$c"; return 0; fi
             done
         done
     fi
-    for c in "$HOME"/.pyenv/versions/3.13*/bin/python3.13 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    for c in "$HOME"/.pyenv/versions/3.12*/bin/python3.12 "$HOME"/.pyenv/versions/3.13*/bin/python3.13; do
         if [ -x "$c" ] && ok_python "$c"; then echo "$c"; return 0; fi
     done
     return 1
