@@ -1,0 +1,101 @@
+"""MeanFieldELBO equals Pyro's TraceMeanField_ELBO; the minibatch ELBO is unbiased for the full batch."""
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceMeanField_ELBO
+from torch import nn
+
+from pyro_bc.elbo import MeanFieldELBO
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesLinear
+from pyro_bc.reparam import LocalReparameterization
+
+
+def _net(prior, likelihood="categorical"):
+    pyro.set_rng_seed(11)
+    n_out = 3 if likelihood == "categorical" else 1
+    body = nn.Sequential(BayesLinear(4, 5, prior, tau0=1e-2), nn.ReLU(), BayesLinear(5, n_out, prior, tau0=1e-2))
+    net = BayesianNet(body, input_shape=(4,), likelihood=likelihood, noise_scale=0.5)
+    with torch.no_grad():  # non-trivial guide: visible variances, so draws differ from the means
+        for name, p in net.named_parameters():
+            if name.endswith("logvar"):
+                p.add_(7.0)
+    return net
+
+
+def _data(n, likelihood="categorical"):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g) if likelihood == "categorical" else torch.randn(n, generator=g)
+    return x, y
+
+
+@pytest.fixture
+def validation():
+    yield
+    pyro.enable_validation(True)
+
+
+@pytest.mark.parametrize("lrt", [False, True])
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])
+def test_matches_trace_mean_field_elbo(prior, validate, lrt, validation):
+    net = _net(prior)
+    x, y = _data(8)
+    pyro.enable_validation(validate)
+    losses = []
+    for elbo in (MeanFieldELBO(), TraceMeanField_ELBO()):
+        pyro.set_rng_seed(123)
+        if lrt:
+            with LocalReparameterization():
+                losses.append(elbo.differentiable_loss(net.model, net.guide, x, y, 100))
+        else:
+            losses.append(elbo.differentiable_loss(net.model, net.guide, x, y, 100))
+    assert torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-4)
+    # and the gradients agree too
+    grads = []
+    for elbo in (MeanFieldELBO(), TraceMeanField_ELBO()):
+        pyro.set_rng_seed(123)
+        net.zero_grad()
+        elbo.differentiable_loss(net.model, net.guide, x, y, 100).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])
+def test_minibatch_elbo_unbiased(prior):
+    n, batch = 64, 16
+    net = _net(prior, "normal")
+    x, y = _data(n, "normal")
+    elbo = MeanFieldELBO()
+    with torch.no_grad():
+        pyro.set_rng_seed(0)
+        guide = poutine.replay(net.guide, trace=poutine.trace(net.guide).get_trace())
+
+        def loss(idx):
+            return elbo.differentiable_loss(net.model, guide, x[idx], y[idx], n).double()
+
+        full = loss(torch.arange(n))
+        # independent reference for the full-batch loss: KL terms + hand-computed Gaussian NLL
+        trace = poutine.trace(poutine.replay(net.model, trace=poutine.trace(guide).get_trace())).get_trace(x, y, n)
+        out = trace.nodes["_RETURN"]["value"].squeeze(-1).double()
+        nll = (0.5 * ((y.double() - out) / 0.5) ** 2 + torch.log(torch.tensor(0.5 * (2 * torch.pi) ** 0.5))).sum()
+        partition = torch.randperm(n).reshape(-1, batch)
+        parts = torch.stack([loss(idx) for idx in partition])
+        torch.testing.assert_close(parts.mean(), full, rtol=1e-4, atol=0)
+        # the full loss minus the NLL is the same (data-free) KL whatever the batch
+        kl_full = full - nll
+        kl_batch = parts[0] - n / batch * (
+            0.5 * ((y[partition[0]].double() - out[partition[0]]) / 0.5) ** 2
+            + torch.log(torch.tensor(0.5 * (2 * torch.pi) ** 0.5))).sum()
+        torch.testing.assert_close(kl_full, kl_batch, rtol=1e-4, atol=1e-3)
+        assert kl_full > 0
+        # uniform random minibatches: the mean approaches the full loss within 3 standard errors
+        draws = torch.stack([loss(torch.randperm(n)[:batch]) for _ in range(250)])
+        se = draws.std() / len(draws) ** 0.5
+        assert (draws.mean() - full).abs() < 3 * se, (draws.mean(), full, se)
+        assert draws.std() > 0
