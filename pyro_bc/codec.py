@@ -12,7 +12,6 @@ import lzma
 import math
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.errors import FormatError
 
 MAGIC = b"BCZ1"
@@ -259,45 +259,12 @@ def encode(model: CompressedModel) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    """Best-effort fsync of a directory so the rename is durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_bcz(path: str | os.PathLike[str], model: CompressedModel) -> int:
     """Atomically write ``model`` to ``path``; returns the number of bytes written."""
     path = os.fspath(path)
     try:
         data = encode(model)
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
     except _Bad as exc:
         raise FormatError(f"{path}: cannot write: {exc}") from None
     except OSError as exc:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from pyro_bc import codec
-from pyro_bc.checkpoint import atomic_write_text, load_checkpoint
+from pyro_bc.atomic import atomic_write_text
+from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet

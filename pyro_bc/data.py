@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.errors import ConfigError, DataError
 
 __all__ = [
@@ -186,25 +186,10 @@ def write_idx(path: str | os.PathLike, array) -> None:
         raise DataError(f"{path}: cannot write shape {arr.shape} as IDX (each size must be < 2**32)")
     header = bytes([0, 0, code, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
     payload = np.ascontiguousarray(arr, dtype=_IDX_TYPES[code]).tobytes()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.name.endswith(".gz"):
-                with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as g:
-                    g.write(header)
-                    g.write(payload)
-            else:
-                f.write(header)
-                f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    data = header + payload
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    atomic_write_bytes(path, data)
 
 
 # ----------------------------------------------------------------------------------------------------------- MNIST

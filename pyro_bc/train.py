@@ -22,7 +22,8 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from pyro_bc.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from pyro_bc.atomic import atomic_write_text
+from pyro_bc.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.data import iterate_minibatches, load_mnist
 from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
