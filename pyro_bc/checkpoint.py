@@ -28,7 +28,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many types for corrupt archives)
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        first_line = (str(e).splitlines() or [""])[0]  # some (EOFError on an empty file) have no message
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})")
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a pyro-bc checkpoint (missing keys)")
     return state
