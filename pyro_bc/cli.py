@@ -143,6 +143,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pyro_bc.report import write_report
+
+    print(write_report(args.run_dir, args.compressed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-bc", description="Bayesian compression of neural networks in Pyro")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None)
     p.add_argument("--threads", type=_positive_int, default=1)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("report", help="write RUN_DIR/report.md with figures, the compression table and posterior.nc")
+    p.add_argument("run_dir", help="a run directory written by 'pyro-bc train'")
+    p.add_argument("--compressed", default=None, help="a .bcz file; its .json gives the table (default RUN_DIR/MODEL.json)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
