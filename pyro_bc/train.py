@@ -101,7 +101,7 @@ def _check_shape(net: BayesianNet, x: torch.Tensor) -> None:
         with torch.no_grad():
             net.posterior_mean_network()(x[:2])
     except RuntimeError as e:
-        raise ConfigError(f"data does not fit the network: {str(e).splitlines()[0]}")
+        raise ConfigError(f"data does not fit the network: {(str(e).splitlines() or [""])[0]}")
 
 
 def _first_nonfinite(net: BayesianNet) -> str:
@@ -196,7 +196,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
             net.load_state_dict(state["network"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{run_dir / CHECKPOINT} does not fit the network: {str(e).splitlines()[0]}")
+            raise CheckpointError(f"{run_dir / CHECKPOINT} does not fit the network: {(str(e).splitlines() or [""])[0]}")
         torch.set_rng_state(state["rng"]["torch"])
         metrics = state["metrics"]
     start_epoch = state["epoch"] if state is not None else 0

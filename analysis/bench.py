@@ -1,0 +1,253 @@
+"""Benchmarks: SVI step cost against a deterministic step and a plain-PyTorch implementation of the
+same maths, peak memory, and inference of dense against compressed networks.
+
+Run from the repository root (one thread, nothing else running)::
+
+    .venv/bin/python analysis/bench.py            # writes analysis/BENCHMARKS.md and analysis/benchmarks.json
+
+Step timings are interleaved (a, b, c, a, b, c, ...) in one process after a warm-up, and the medians
+are compared, so a slower or busier machine moves all three alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from torch import nn
+
+from pyro_bc import codec
+from pyro_bc.distributions import K1, K2, K3
+from pyro_bc.elbo import MeanFieldELBO
+from pyro_bc.nn import BayesConv2d, BayesLayer
+from pyro_bc.posterior import analyse, choose_precision, compressed_model, prune
+from pyro_bc.reparam import LocalReparameterization
+from pyro_bc.train import build_network
+
+HERE = Path(__file__).parent
+N_DATA, BATCH = 55_000, 128
+PAPER_GNJ_LENET5 = [8, 13, 88, 13]  # kept groups per layer of the paper's BC-GNJ LeNet-5 (METHOD.md 9.2)
+
+
+# -- (b) the same maths in plain PyTorch: the floor without Pyro ------------------------------------
+
+def _kl_lognormal_gamma(mu, logvar, a, rate):
+    return -0.5 * (logvar + 1.8378770664093453 + 1) - a * torch.log(rate) + torch.lgamma(a) - a * mu + rate * torch.exp(
+        mu + logvar.exp() / 2)
+
+
+def _kl_lognormal_invgamma(mu, logvar, a, b):
+    return -0.5 * (logvar + 1.8378770664093453 + 1) - a * torch.log(b) + torch.lgamma(a) + a * mu + b * torch.exp(
+        logvar.exp() / 2 - mu)
+
+
+def _kl_normal_std(mu, logvar):
+    return 0.5 * (logvar.exp() + mu * mu - 1 - logvar)
+
+
+def _kl_molchanov(log_alpha):
+    return K1 - K1 * torch.sigmoid(K2 + K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)
+
+
+def plain_layer(layer: BayesLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LRT forward and KL of one layer, written directly (no Pyro), from the layer's own parameters."""
+    w_var, b_var = layer.weight_logvar.exp(), layer.bias_logvar.exp()
+    batch = x.shape[0]
+    if layer.prior == "gnj":
+        z = layer.z_mu + (0.5 * layer.z_logvar).exp() * torch.randn(batch, layer.n_groups)
+        kl = _kl_molchanov(layer.z_logvar - torch.log(layer.z_mu**2 + 1e-8)).sum()
+    elif layer.prior == "ghs":
+        half, one = torch.tensor(0.5), torch.tensor(1.0)
+        m_s, m_i = 0.5 * (layer.sa_mu + layer.sb_mu), 0.5 * (layer.za_mu + layer.zb_mu)
+        sd_s = 0.5 * (layer.sa_logvar.exp() + layer.sb_logvar.exp()).sqrt()
+        sd_i = 0.5 * (layer.za_logvar.exp() + layer.zb_logvar.exp()).sqrt()
+        z = torch.exp(m_s + sd_s * torch.randn(batch, 1) + m_i + sd_i * torch.randn(batch, layer.n_groups))
+        kl = (_kl_lognormal_gamma(layer.sa_mu, layer.sa_logvar, half, one / layer.tau0**2)
+              + _kl_lognormal_invgamma(layer.sb_mu, layer.sb_logvar, half, one)
+              + _kl_lognormal_gamma(layer.za_mu, layer.za_logvar, half, one).sum()
+              + _kl_lognormal_invgamma(layer.zb_mu, layer.zb_logvar, half, one).sum())
+    else:
+        z, kl = None, _kl_molchanov(layer.weight_logvar - torch.log(layer.weight_mu**2 + 1e-8)).sum()
+    if layer.prior != "lu":
+        kl = kl + _kl_normal_std(layer.weight_mu, layer.weight_logvar).sum()
+    kl = kl + _kl_normal_std(layer.bias_mu, layer.bias_logvar).sum()
+    if isinstance(layer, BayesConv2d):
+        mean = F.conv2d(x, layer.weight_mu, layer.bias_mu, *layer.conv_args)
+        var = F.conv2d(x * x, w_var, b_var, *layer.conv_args)
+        y = mean + var.sqrt() * torch.randn_like(mean)
+        return (y if z is None else y * z[:, :, None, None]), kl
+    if z is not None:
+        x = x * z
+    mean, var = F.linear(x, layer.weight_mu, layer.bias_mu), F.linear(x * x, w_var, b_var)
+    return mean + var.sqrt() * torch.randn_like(mean), kl
+
+
+def plain_loss(net, x, y) -> torch.Tensor:
+    kl = 0.0
+    for module in net.body:
+        if isinstance(module, BayesLayer):
+            x, layer_kl = plain_layer(module, x)
+            kl = kl + layer_kl
+        else:
+            x = module(x)
+    return F.cross_entropy(x, y) + kl / N_DATA
+
+
+# -- the three steps ---------------------------------------------------------------------------------
+
+def make_steps(model_name: str, prior: str):
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(False)
+    x, y = torch.randn(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+    det = build_network(model_name, prior).posterior_mean_network().train()
+    det_opt = torch.optim.Adam(det.parameters(), lr=1e-3, fused=True)
+    plain_net = build_network(model_name, prior)
+    plain_opt = torch.optim.Adam(plain_net.parameters(), lr=1e-3, fused=True)
+    net = build_network(model_name, prior)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    elbo, lrt = MeanFieldELBO(), LocalReparameterization()
+    model, guide = poutine.scale(net.model, scale=1 / N_DATA), poutine.scale(net.guide, scale=1 / N_DATA)
+
+    def deterministic():
+        loss = F.cross_entropy(det(x), y)
+        det_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        det_opt.step()
+
+    def plain():
+        loss = plain_loss(plain_net, x, y)
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_opt.step()
+        plain_net.clip_variances()
+
+    def pyro_bc_step():
+        with lrt:
+            loss = elbo.differentiable_loss(model, guide, x, y, N_DATA)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        net.clip_variances()
+
+    return {"deterministic": deterministic, "plain": plain, "pyro_bc": pyro_bc_step}
+
+
+def time_interleaved(steps: dict, repeats: int, warmup: int = 10) -> dict[str, float]:
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory_mb(model_name: str, prior: str, variant: str, steps: int = 20) -> float:
+    """Peak resident memory of a fresh process running ``steps`` steps of one variant, in MiB."""
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench, torch, resource; torch.set_num_threads(1);"
+            f"fn = bench.make_steps({model_name!r}, {prior!r})[{variant!r}]\n"
+            f"for _ in range({steps}): fn()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+# -- inference -----------------------------------------------------------------------------------
+
+def paper_sized_lenet5() -> tuple[nn.Module, nn.Module, str]:
+    """A LeNet-5 pruned to the paper's BC-GNJ architecture 8-13-88-13 (groups chosen, not trained)."""
+    pyro.set_rng_seed(0)
+    net = build_network("lenet5", "gnj")
+    with torch.no_grad():
+        for layer, keep in zip(net.layers, PAPER_GNJ_LENET5):
+            layer.z_logvar.fill_(5.0)  # log alpha ~ 5: pruned at threshold -3
+            # fc1's kept inputs spread over conv2's kept channels (16 inputs each), others the first groups
+            kept = torch.linspace(0, 16 * PAPER_GNJ_LENET5[1] - 1, keep).long() if layer.site == "fc1" else slice(keep)
+            layer.z_logvar[kept] = -9.0
+    layers = prune(analyse(net), [-3.0] * len(net.layers))
+    arch = "-".join(str(layer.groups_kept) for layer in layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lenet5.bcz"
+        codec.write_bcz(path, compressed_model(net, layers, choose_precision(layers)))
+        small = codec.load(path)
+    return net.posterior_mean_network(), small, arch
+
+
+def time_inference(dense: nn.Module, small: nn.Module, batch: int, repeats: int) -> dict[str, float]:
+    x = torch.randn(batch, 1, 28, 28)
+    with torch.no_grad():
+        return time_interleaved({"dense": lambda: dense(x), "compressed": lambda: small(x)}, repeats)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--out", default=str(HERE))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}, torch "
+                          f"{torch.__version__}, pyro {pyro.__version__}, 1 thread", "steps": [], "inference": []}
+    for model_name in ("lenet300", "lenet5"):
+        repeats = args.repeats if model_name == "lenet300" else max(args.repeats // 5, 20)
+        for prior in ("gnj", "ghs", "lu"):
+            ms = time_interleaved(make_steps(model_name, prior), repeats)
+            row = {"model": model_name, "prior": prior, **{f"ms_{k}": v for k, v in ms.items()},
+                   "ratio_pyro_bc_to_deterministic": ms["pyro_bc"] / ms["deterministic"],
+                   "ratio_pyro_bc_to_plain": ms["pyro_bc"] / ms["plain"]}
+            for variant in ("plain", "pyro_bc"):
+                row[f"peak_mb_{variant}"] = peak_memory_mb(model_name, prior, variant)
+            row["memory_ratio"] = row["peak_mb_pyro_bc"] / row["peak_mb_plain"]
+            results["steps"].append(row)
+            print(json.dumps(row), flush=True)
+    dense, small, arch = paper_sized_lenet5()
+    for batch in (1, 1000):
+        ms = time_inference(dense, small, batch, args.repeats if batch == 1 else 30)
+        row = {"model": f"lenet5 dense vs compressed {arch}", "batch": batch, "ms_dense": ms["dense"],
+               "ms_compressed": ms["compressed"], "speedup": ms["dense"] / ms["compressed"]}
+        results["inference"].append(row)
+        print(json.dumps(row), flush=True)
+    write_outputs(results, Path(args.out))
+    return 0
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    (out / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# Benchmarks", "", "Produced by `.venv/bin/python analysis/bench.py` (figures in `benchmarks.json`).",
+             f"Machine: {results['machine']}. Medians of interleaved repeats after warm-up; batch {BATCH}.", "",
+             "## SVI step", "",
+             ("(a) deterministic step of the same network, (b) plain-PyTorch implementation of the same local-"
+              "reparameterisation maths (`plain_loss` in the script), (c) a `pyro_bc` SVI step "
+              "(`MeanFieldELBO` + `LocalReparameterization`). Peak memory: resident set of a fresh process."), "",
+             "| model | prior | (a) ms | (b) ms | (c) ms | (c)/(a) | (c)/(b) | peak MiB (b) | peak MiB (c) | mem (c)/(b) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["steps"]:
+        lines.append(f"| {r['model']} | {r['prior']} | {r['ms_deterministic']:.2f} | {r['ms_plain']:.2f} | "
+                     f"{r['ms_pyro_bc']:.2f} | {r['ratio_pyro_bc_to_deterministic']:.2f} | "
+                     f"{r['ratio_pyro_bc_to_plain']:.2f} | {r['peak_mb_plain']:.0f} | {r['peak_mb_pyro_bc']:.0f} | "
+                     f"{r['memory_ratio']:.2f} |")
+    lines += ["", "## Inference: dense posterior-mean LeNet-5 against the loaded compressed network", "",
+              "| network | batch | dense ms | compressed ms | speed-up |", "|---|---|---|---|---|"]
+    for r in results["inference"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ms_dense']:.3f} | {r['ms_compressed']:.3f} | "
+                     f"{r['speedup']:.1f}x |")
+    (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
