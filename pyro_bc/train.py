@@ -213,7 +213,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         batches = iterate_minibatches(data.train, config.batch_size, order)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not progress, mininterval=0.5)
+                   disable=None if progress else True, mininterval=0.5)  # None: no bar when not a terminal
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device), y.to(device)
             done = epoch * steps_per_epoch + step + 1
