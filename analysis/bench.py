@@ -24,7 +24,6 @@ from pathlib import Path
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro import poutine
 from torch import nn
 
 from pyro_bc import codec
@@ -33,7 +32,7 @@ from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.nn import BayesConv2d, BayesLayer
 from pyro_bc.posterior import analyse, choose_precision, compressed_model, prune
 from pyro_bc.reparam import LocalReparameterization
-from pyro_bc.train import build_network
+from pyro_bc.train import build_network, svi_step
 
 HERE = Path(__file__).parent
 N_DATA, BATCH = 55_000, 128
@@ -117,7 +116,6 @@ def make_steps(model_name: str, prior: str):
     net = build_network(model_name, prior)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
     elbo, lrt = MeanFieldELBO(), LocalReparameterization()
-    model, guide = poutine.scale(net.model, scale=1 / N_DATA), poutine.scale(net.guide, scale=1 / N_DATA)
 
     def deterministic():
         loss = F.cross_entropy(det(x), y)
@@ -133,12 +131,7 @@ def make_steps(model_name: str, prior: str):
         plain_net.clip_variances()
 
     def pyro_bc_step():
-        with lrt:
-            loss = elbo.differentiable_loss(model, guide, x, y, N_DATA)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        net.clip_variances()
+        svi_step(net, opt, elbo, lrt, x, y, N_DATA)
 
     return {"deterministic": deterministic, "plain": plain, "pyro_bc": pyro_bc_step}
 

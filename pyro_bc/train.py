@@ -144,6 +144,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def svi_step(net: BayesianNet, optimizer: torch.optim.Optimizer, elbo: MeanFieldELBO, lrt: LocalReparameterization,
+             x: torch.Tensor, y: torch.Tensor, n_data: int, beta: float = 1.0) -> float:
+    """One step on ``-ELBO / N`` (KL weighted by ``beta``), then variance clipping; returns the loss."""
+    model = poutine.scale(net.model, scale=1.0 / n_data)
+    guide = poutine.scale(net.guide, scale=beta / n_data)
+    with lrt:
+        loss = elbo.differentiable_loss(model, guide, x, y, n_data)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    net.clip_variances()
+    return loss.item()
+
+
 def prepare_run_dir(out: str | Path) -> Path:
     run_dir = Path(out)
     try:
@@ -218,15 +232,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
             x, y = x.to(device), y.to(device)
             done = epoch * steps_per_epoch + step + 1
             beta = min(1.0, done / (config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs else 1.0
-            model = poutine.scale(net.model, scale=1.0 / n_data)
-            guide = poutine.scale(net.guide, scale=beta / n_data)
-            with lrt:
-                loss = elbo.differentiable_loss(model, guide, x, y, n_data)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            net.clip_variances()
-            value = loss.item()
+            value = svi_step(net, optimizer, elbo, lrt, x, y, n_data, beta)
             if not math.isfinite(value) or not math.isfinite(total + value):
                 raise TrainingDiverged(f"non-finite ELBO at epoch {epoch + 1}, step {step + 1} "
                                        f"(first bad value: {_first_nonfinite(net)}); last good checkpoint "
