@@ -20,6 +20,7 @@ from pyro_bc.posterior import LayerPosterior, analyse, choose_precision, compres
 from pyro_bc.train import CHECKPOINT, TrainConfig, build_network, error_percent
 
 DEFAULT_THRESHOLD = -3.0
+DEFAULT_THRESHOLD_PER_WEIGHT = 3.0  # Sparse VD's customary log alpha cut for per-weight (lu) posteriors
 SEARCH_GRID = np.round(np.arange(-8.0, 6.01, 0.25), 2)
 
 
@@ -95,7 +96,8 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
         thresholds = search_thresholds(net, posts, max_error_increase, mnist.val.x, mnist.val.y)
         method = f"max validation error increase {max_error_increase} points"
     else:
-        thresholds, method = [DEFAULT_THRESHOLD] * len(posts), "default -3"
+        default = DEFAULT_THRESHOLD_PER_WEIGHT if config.prior == "lu" else DEFAULT_THRESHOLD
+        thresholds, method = [default] * len(posts), f"default {default:g}"
     layers = prune(posts, thresholds)
     precision = choose_precision(layers)
     rates = compression_rates(layers, precision)
