@@ -216,3 +216,31 @@ def test_cli_train_and_error_exit(tmp_path, capsys):
     assert main(["train", "--resume", "--out", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "Traceback" not in err
+
+
+def test_init_from_deterministic_state(tmp_path):
+    """--init-from copies a deterministic network's weights into the weight and bias means."""
+    torch.manual_seed(5)
+    dense = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
+    torch.save(dense.state_dict(), tmp_path / "dense.pt")
+    train(_cfg(subset=128, epochs=0, init_from=str(tmp_path / "dense.pt")), out=tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="not a readable state_dict"):
+        train(_cfg(subset=128, epochs=0, init_from=str(tmp_path / "run" / "config.json")), out=tmp_path / "r2",
+              progress=False)
+    net = build_network("lenet300", "gnj")  # what train does with the state, checked value by value
+    net.init_from(dense.state_dict())
+    assert torch.equal(net.layers[0].weight_mu, dense[1].weight)
+    assert torch.equal(net.layers[2].bias_mu, dense[5].bias)
+    with pytest.raises(ConfigError, match="weight tensors"):
+        net.init_from({"a.weight": torch.zeros(3, 3)})
+
+
+def test_data_that_does_not_fit_the_network(tmp_path):
+    model_file = tmp_path / "small.py"
+    model_file.write_text(
+        "from torch import nn\nfrom pyro_bc.network import BayesianNet\nfrom pyro_bc.nn import BayesLinear\n"
+        "def build(prior='gnj', tau0=1e-5):\n"
+        "    return BayesianNet(nn.Sequential(nn.Flatten(), BayesLinear(400, 10, prior, tau0)), input_shape=(1, 20, 20))\n")
+    with pytest.raises(ConfigError, match=r"shape \(1, 28, 28\).*expects \(1, 20, 20\)"):
+        train(_cfg(model=str(model_file), subset=128), out=tmp_path / "run", progress=False)
