@@ -14,10 +14,10 @@ map. Without it the default threshold of -3 is used and the report says the run 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pyro_bc import plots
+from pyro_bc.atomic import atomic_write_text
 from pyro_bc.compress import DEFAULT_THRESHOLD, load_run
 from pyro_bc.errors import ConfigError
 from pyro_bc.inspect import save_datatree, to_datatree, var_prefix
@@ -25,12 +25,6 @@ from pyro_bc.posterior import analyse, prune
 from pyro_bc.train import METRICS
 
 REPORT, FIGURES, POSTERIOR_NC = "report.md", "figures", "posterior.nc"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -148,5 +142,5 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
             lines.append(f"| {group} | {var_name} | {', '.join(var.dims)} | {'x'.join(map(str, var.shape))} |")
     lines += ["", dt.attrs["note"], ""]
     out = run_dir / REPORT
-    _write_text(out, "\n".join(lines))
+    atomic_write_text(out, "\n".join(lines))
     return out
