@@ -26,6 +26,7 @@ convolutions (output channels), with one integer coordinate per group.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import arviz as az
@@ -164,7 +165,12 @@ def to_datatree(net: BayesianNet, num_samples: int = 200, seed: int = 0) -> xr.D
 def save_datatree(dt: xr.DataTree, path: str | Path) -> Path:
     """Write ``dt`` as NetCDF-4 (h5netcdf, which needs h5py); returns the path."""
     path = Path(path)
-    dt.to_netcdf(path, engine="h5netcdf")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        dt.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)  # readers never see a half-written file
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
