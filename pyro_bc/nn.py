@@ -25,7 +25,7 @@ from pyro.distributions import Gamma, InverseGamma, LogNormal, Normal
 from torch import nn
 
 from pyro_bc import reparam
-from pyro_bc.distributions import LogUniform
+from pyro_bc.distributions import LogUniform, NormalLogVar
 from pyro_bc.errors import ConfigError
 
 PRIORS = ("gnj", "ghs", "lu")
@@ -89,7 +89,7 @@ class BayesLayer(nn.Module):
 
     def _scales_guide(self) -> None:
         if self.prior == "gnj":
-            pyro.sample(f"{self.site}.z", Normal(self.z_mu, (0.5 * self.z_logvar).exp()).to_event(1))
+            pyro.sample(f"{self.site}.z", NormalLogVar(self.z_mu, self.z_logvar).to_event(1))
         elif self.prior == "ghs":
             pyro.sample(f"{self.site}.s_a", LogNormal(self.sa_mu, (0.5 * self.sa_logvar).exp()))
             pyro.sample(f"{self.site}.s_b", LogNormal(self.sb_mu, (0.5 * self.sb_logvar).exp()))
@@ -108,9 +108,9 @@ class BayesLayer(nn.Module):
     def guide(self) -> None:
         """The guide: the same sites as :meth:`forward`, in the same order."""
         self._scales_guide()
-        w_q = Normal(self.weight_mu, (0.5 * self.weight_logvar).exp())
+        w_q = NormalLogVar(self.weight_mu, self.weight_logvar)
         pyro.sample(f"{self.site}.w", w_q.to_event(self.weight_mu.dim()), infer=LRT_ONLY)
-        b_q = Normal(self.bias_mu, (0.5 * self.bias_logvar).exp())
+        b_q = NormalLogVar(self.bias_mu, self.bias_logvar)
         pyro.sample(f"{self.site}.b", b_q.to_event(1), infer=LRT_ONLY)
 
     # -- posterior summaries ---------------------------------------------------------------------

@@ -127,8 +127,8 @@ class LocalReparameterization(Messenger):
         if not isinstance(q_w, Normal) or (z is not None and q_z is None) or (b is not None and q_b is None):
             return None
         z_n = None if z is None else q_z.rsample(x.shape[:1])
-        bias = (None, None) if b is None else (q_b.loc, q_b.scale**2)
-        return x, z_n, q_w.loc, q_w.scale**2, bias
+        bias = (None, None) if b is None else (q_b.loc, q_b.variance)
+        return x, z_n, q_w.loc, q_w.variance, bias
 
     def _pyro_bc_linear(self, msg) -> None:
         parts = self._gaussian_parts(msg["args"])

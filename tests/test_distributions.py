@@ -220,3 +220,23 @@ def test_mean_field_elbo_uses_registered_kls() -> None:
     kl_a = kl_ln(a_loc.item(), a_scale.item(), 0.5, tau0**-2, 1)
     kl_b = kl_ln(b_loc.item(), b_scale.item(), 0.5, 1.0, -1)
     assert loss == pytest.approx(kl_w + kl_a + kl_b - log_lik, abs=1e-5, rel=1e-6)
+
+
+def test_normal_logvar_matches_normal_and_its_kl():
+    """NormalLogVar is Normal(loc, exp(logvar/2)); its fast KL equals torch's generic Normal rule."""
+    torch.manual_seed(11)
+    from pyro_bc.distributions import NormalLogVar
+
+    loc, logvar = torch.randn(4, 5), torch.randn(4, 5) - 2
+    p, ref = NormalLogVar(loc, logvar), dist.Normal(loc, (0.5 * logvar).exp())
+    x = torch.randn(4, 5)
+    assert torch.allclose(p.log_prob(x), ref.log_prob(x), atol=1e-6)
+    assert torch.allclose(p.scale, ref.scale) and torch.allclose(p.variance, ref.variance)
+    assert p.expand([3, 4, 5]).logvar.shape == (3, 4, 5)
+    generic = torch.distributions.kl._kl_normal_normal
+    for q in (dist.Normal(0.0, 1.0).expand([4, 5]), dist.Normal(torch.randn(4, 5), torch.rand(4, 5) + 0.5),
+              dist.Normal(torch.tensor(0.3), torch.tensor(2.0)).expand([4, 5])):
+        assert torch.allclose(kl_divergence(p, q), generic(ref, q), atol=1e-5)
+    q = dist.LogNormal(0.0, 1.0)  # unrelated pair: no rule, as for Normal
+    with pytest.raises(NotImplementedError):
+        kl_divergence(p, q)
