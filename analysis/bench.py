@@ -28,11 +28,9 @@ from torch import nn
 
 from pyro_bc import codec
 from pyro_bc.distributions import K1, K2, K3
-from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.nn import BayesConv2d, BayesLayer
 from pyro_bc.posterior import analyse, choose_precision, compressed_model, prune
-from pyro_bc.reparam import LocalReparameterization
-from pyro_bc.train import build_network, svi_step
+from pyro_bc.train import NegativeELBO, build_network, svi_step
 
 HERE = Path(__file__).parent
 N_DATA, BATCH = 55_000, 128
@@ -137,8 +135,8 @@ def make_steps(model_name: str, prior: str, only: str | None = None) -> dict:
     if only in (None, "pyro_bc"):
         net = build_network(model_name, prior)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
-        elbo, lrt = MeanFieldELBO(), LocalReparameterization()
-        steps["pyro_bc"] = lambda: svi_step(net, opt, elbo, lrt, x, y, N_DATA)
+        loss = NegativeELBO(net)
+        steps["pyro_bc"] = lambda: svi_step(loss, opt, net, x, y, N_DATA)
     return steps
 
 

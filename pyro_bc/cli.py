@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from pyro_bc.distributed import is_main_process
 from pyro_bc.errors import BCError
 from pyro_bc.nn import PRIORS
 from pyro_bc.train import BUILTIN_MODELS, TrainConfig, train
@@ -83,8 +84,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     last = train(_train_config(args), args.out, resume=args.resume)
-    print(f"trained {args.model}/{args.prior}: {last.get('epoch', 0)} epochs, val error "
-          f"{last.get('val_error', float('nan')):.2f}%, run directory {args.out}")
+    if is_main_process():  # under torchrun, rank 0 speaks for the run
+        print(f"trained {args.model}/{args.prior}: {last.get('epoch', 0)} epochs, val error "
+              f"{last.get('val_error', float('nan')):.2f}%, run directory {args.out}")
     return 0
 
 

@@ -195,7 +195,8 @@ class BayesLinear(BayesLayer):
 
     def posterior_mean_module(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``E[w]`` and the posterior-mean bias."""
-        out = nn.Linear(self.in_features, self.out_features)
+        out = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features,  # no draw from the RNG
+                                 device=self.weight_mu.device)
         with torch.no_grad():
             out.weight.copy_(self.weight_moments()[0])
             out.bias.copy_(self.bias_mean())
@@ -224,8 +225,8 @@ class BayesConv2d(BayesLayer):
     def posterior_mean_module(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding ``E[w]`` and the posterior-mean bias."""
         stride, padding, dilation, groups = self.conv_args
-        out = nn.Conv2d(self.in_channels, self.out_channels, tuple(self.weight_mu.shape[2:]), stride, padding,
-                        dilation, groups)
+        out = nn.utils.skip_init(nn.Conv2d, self.in_channels, self.out_channels, tuple(self.weight_mu.shape[2:]),
+                                 stride, padding, dilation, groups, device=self.weight_mu.device)  # no RNG draw
         with torch.no_grad():
             out.weight.copy_(self.weight_moments()[0])
             out.bias.copy_(self.bias_mean())

@@ -65,10 +65,11 @@ class HorseshoeScalePosterior:
         self.m_i = 0.5 * (z_a.loc + z_b.loc)
         self.sd_i = 0.5 * torch.sqrt(z_a.scale**2 + z_b.scale**2)
 
-    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+    def rsample(self, sample_shape: tuple[int, ...], noise) -> torch.Tensor:
+        """Draws of ``z``; ``noise(shape, like)`` gives the standard-normal draws."""
         shape = torch.Size(sample_shape)
-        xi_s = torch.randn(shape + (1,) * self.m_i.dim(), dtype=self.m_i.dtype, device=self.m_i.device)
-        xi_i = torch.randn(shape + self.m_i.shape, dtype=self.m_i.dtype, device=self.m_i.device)
+        xi_s = noise(shape + (1,) * self.m_i.dim(), self.m_i)
+        xi_i = noise(shape + self.m_i.shape, self.m_i)
         return torch.exp(self.m_s + self.sd_s * xi_s + self.m_i + self.sd_i * xi_i)
 
 
@@ -80,13 +81,28 @@ class LocalReparameterization(Messenger):
     its Gaussian: ``mean = (x z) M^T + mu_b``, ``var = (x z)^2 S^T + s_b^2`` for linear layers,
     ``y = z (conv(x, M) + mu_b + sqrt(conv(x^2, S) + s_b^2) eps)`` for convolutions, ``z`` drawn
     per example. Guide sites marked ``infer={"lrt_only": True}`` are not drawn (their value is the
-    mean): mark only values that are used solely by these ops. The guide must sample ``w`` (and ``b``) from a Normal and ``z`` from a Normal or
-    through :func:`horseshoe_scale`; anything else falls back to explicit sampling.
+    mean): mark only values that are used solely by these ops. The guide must sample ``w`` (and ``b``)
+    from a Normal and ``z`` from a Normal or through :func:`horseshoe_scale`; anything else falls back
+    to explicit sampling.
+
+    :attr:`rows` ``= (start, total)`` says the batch is rows ``start, start + 1, ...`` of a batch of
+    ``total`` rows: the per-example noise is drawn for all ``total`` rows and these rows are kept, so
+    that the processes of a data-parallel run together draw what one process would (``None``: the
+    batch is the whole batch).
     """
 
     def __init__(self):
         super().__init__()
         self._q: dict[int, tuple[torch.Tensor, object]] = {}
+        self.rows: tuple[int, int] | None = None
+
+    def _noise(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """Standard-normal per-example noise of ``shape`` (examples first), honouring :attr:`rows`."""
+        if self.rows is None:
+            return torch.randn(shape, dtype=like.dtype, device=like.device)
+        start, total = self.rows
+        full = torch.randn((total, *shape[1:]), dtype=like.dtype, device=like.device)
+        return full[start:start + shape[0]]
 
     def __enter__(self):
         self._q.clear()
@@ -126,7 +142,12 @@ class LocalReparameterization(Messenger):
         q_b = self._lookup(b) if b is not None else None
         if not isinstance(q_w, Normal) or (z is not None and q_z is None) or (b is not None and q_b is None):
             return None
-        z_n = None if z is None else q_z.rsample(x.shape[:1])
+        if z is None:
+            z_n = None
+        elif isinstance(q_z, HorseshoeScalePosterior):
+            z_n = q_z.rsample(x.shape[:1], noise=self._noise)
+        else:
+            z_n = q_z.loc + q_z.scale * self._noise(x.shape[:1] + q_z.loc.shape, q_z.loc)
         bias = (None, None) if b is None else (q_b.loc, q_b.variance)
         return x, z_n, q_w.loc, q_w.variance, bias
 
@@ -139,7 +160,7 @@ class LocalReparameterization(Messenger):
             x = x * z_n
         mean = F.linear(x, w_mu, b_mu)
         var = F.linear(x * x, w_var, b_var)
-        msg["value"], msg["done"] = mean + var.sqrt() * torch.randn_like(mean), True
+        msg["value"], msg["done"] = mean + var.sqrt() * self._noise(mean.shape, mean), True
 
     def _pyro_bc_conv2d(self, msg) -> None:
         parts = self._gaussian_parts(msg["args"])
@@ -149,5 +170,5 @@ class LocalReparameterization(Messenger):
         conv_args = msg["args"][4:]
         mean = F.conv2d(x, w_mu, b_mu, *conv_args)
         var = F.conv2d(x * x, w_var, b_var, *conv_args)
-        y = mean + var.sqrt() * torch.randn_like(mean)
+        y = mean + var.sqrt() * self._noise(mean.shape, mean)
         msg["value"], msg["done"] = (y if z_n is None else y * z_n[:, :, None, None]), True

@@ -8,6 +8,7 @@ the official code's loss. Each epoch appends to ``RUN_DIR/metrics.jsonl`` and wr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -20,8 +21,11 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from pyro_bc import distributed
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.data import iterate_minibatches, load_mnist
@@ -144,18 +148,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def svi_step(net: BayesianNet, optimizer: torch.optim.Optimizer, elbo: MeanFieldELBO, lrt: LocalReparameterization,
-             x: torch.Tensor, y: torch.Tensor, n_data: int, beta: float = 1.0) -> float:
-    """One step on ``-ELBO / N`` (KL weighted by ``beta``), then variance clipping; returns the loss."""
-    model = poutine.scale(net.model, scale=1.0 / n_data)
-    guide = poutine.scale(net.guide, scale=beta / n_data)
-    with lrt:
-        loss = elbo.differentiable_loss(model, guide, x, y, n_data)
+class NegativeELBO(nn.Module):
+    """``-ELBO / N`` of a minibatch (KL weighted by ``beta``) as a module over the network's parameters.
+
+    Being an ``nn.Module`` lets ``DistributedDataParallel`` wrap it. ``weight`` multiplies the whole
+    loss: a data-parallel rank holding ``b`` of a global batch's ``B`` rows uses ``K b / B``, so that
+    the ranks' averaged gradient is the gradient of the global batch, KL counted once (``0`` for a
+    rank with no rows: a zero loss over every parameter, so that the gradient all-reduce still runs).
+    """
+
+    def __init__(self, net: BayesianNet):
+        super().__init__()
+        self.net, self.elbo, self.lrt = net, MeanFieldELBO(), LocalReparameterization()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, n_data: int, beta: float = 1.0,
+                weight: float = 1.0) -> torch.Tensor:
+        if weight == 0:  # an empty shard (a last global batch smaller than the world): zero gradients
+            return sum(p.sum() for p in self.parameters()) * 0.0
+        model = poutine.scale(self.net.model, scale=weight / n_data)
+        guide = poutine.scale(self.net.guide, scale=weight * beta / n_data)
+        with self.lrt:
+            return self.elbo.differentiable_loss(model, guide, x, y, n_data)
+
+
+def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet, x: torch.Tensor,
+             y: torch.Tensor, n_data: int, beta: float = 1.0, weight: float = 1.0) -> torch.Tensor:
+    """One optimiser step on ``loss`` (a :class:`NegativeELBO`, maybe wrapped), then variance clipping."""
+    value = loss(x, y, n_data, beta, weight)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     optimizer.step()
     net.clip_variances()
-    return loss.item()
+    return value.detach()
 
 
 def prepare_run_dir(out: str | Path) -> Path:
@@ -171,19 +195,34 @@ def prepare_run_dir(out: str | Path) -> Path:
 
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``config`` into run directory ``out``; returns the last epoch's metrics."""
+    """Train ``config`` into run directory ``out``; returns the last epoch's metrics.
+
+    Under ``torchrun`` this is one process of a data-parallel run (:mod:`pyro_bc.distributed`):
+    ``config.batch_size`` is then the batch of each process, and only rank 0 writes.
+    """
     if config.epochs < 0 or config.batch_size < 1 or not (config.lr > 0 and math.isfinite(config.lr)):
         raise ConfigError("epochs must be >= 0, batch size >= 1 and the learning rate a positive number")
     torch.set_num_threads(config.threads)
-    run_dir = prepare_run_dir(out)
-    with RunLock(run_dir):
-        return _train(config, run_dir, resume, progress)
+    with distributed.process_group(config.device) as group:
+        run_dir = prepare_run_dir(out) if group.is_main else Path(out)
+        with RunLock(run_dir) if group.is_main else contextlib.nullcontext():
+            group.barrier()  # the others start once rank 0 holds the run directory
+            return _train(config, run_dir, resume, progress and group.is_main, group)
 
 
-def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> dict:
+def _device(config: TrainConfig, group: distributed.ProcessGroup) -> torch.device:
     device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+        if group.active:
+            device = torch.device("cuda", group.local_rank)
+    return device
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
+           group: distributed.ProcessGroup) -> dict:
+    device = _device(config, group)
     state = load_checkpoint(run_dir / CHECKPOINT) if resume else None
     if state is not None:
         saved = state["config"]
@@ -192,7 +231,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
                                   f"not {config.model}/{config.prior}")
         config = dataclasses.replace(TrainConfig(**saved), epochs=config.epochs, threads=config.threads,
                                      device=config.device)
-    pyro.set_rng_seed(config.seed)
+    pyro.set_rng_seed(config.seed)  # the same stream in every process (see pyro_bc.distributed)
     net = build_network(config.model, config.prior, config.tau0)
     data = load_mnist(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)
     _check_shape(net, data.train.x[:2])
@@ -214,25 +253,33 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
         torch.set_rng_state(state["rng"]["torch"])
         metrics = state["metrics"]
     start_epoch = state["epoch"] if state is not None else 0
-    atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+    run_config = {**dataclasses.asdict(config), "world_size": group.world_size}
+    if group.is_main:
+        atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2))
 
     train_x, train_y = data.train.x.to(device), data.train.y.to(device)
     val_x, val_y = data.val.x.to(device), data.val.y.to(device)
     n_data = len(train_x)
-    steps_per_epoch = math.ceil(n_data / config.batch_size)
-    elbo, lrt = MeanFieldELBO(), LocalReparameterization()
+    global_batch = config.batch_size * group.world_size
+    steps_per_epoch = math.ceil(n_data / global_batch)
+    negative_elbo = NegativeELBO(net)
+    loss = DistributedDataParallel(negative_elbo) if group.active else negative_elbo
     pyro.enable_validation(False)  # distribution argument checks cost ~20% of a step; inputs are ours
     for epoch in range(start_epoch, config.epochs):
         started, total, net_steps = time.perf_counter(), 0.0, 0
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        batches = iterate_minibatches(data.train, config.batch_size, order)
+        batches = iterate_minibatches(data.train, global_batch, order)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=None if progress else True, mininterval=0.5)  # None: no bar when not a terminal
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(device), y.to(device)
+            rows = len(x)  # of the global batch; this process takes [start, stop)
+            start, stop = group.rows(rows)
+            negative_elbo.lrt.rows = (start, rows) if group.active else None
+            weight = group.world_size * (stop - start) / rows if group.active else 1.0
+            x, y = x[start:stop].to(device), y[start:stop].to(device)
             done = epoch * steps_per_epoch + step + 1
             beta = min(1.0, done / (config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs else 1.0
-            value = svi_step(net, optimizer, elbo, lrt, x, y, n_data, beta)
+            value = group.mean(svi_step(loss, optimizer, net, x, y, n_data, beta, weight)).item()
             if not math.isfinite(value) or not math.isfinite(total + value):
                 raise TrainingDiverged(f"non-finite ELBO at epoch {epoch + 1}, step {step + 1} "
                                        f"(first bad value: {_first_nonfinite(net)}); last good checkpoint "
@@ -243,24 +290,26 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
         bar.close()
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise TrainingDiverged(f"non-finite parameter after epoch {epoch + 1}: {_first_nonfinite(net)}")
-        mean_net = net.posterior_mean_network()
-        record = {
-            "epoch": epoch + 1,
-            "elbo": -total / max(net_steps, 1),
-            "beta": beta if net_steps else 1.0,
-            "train_error": error_percent(mean_net, train_x, train_y),
-            "val_error": error_percent(mean_net, val_x, val_y),
-            "groups_kept": groups_below(net, -3.0),
-            "seconds": time.perf_counter() - started,
-        }
-        metrics.append(record)
-        save_checkpoint(run_dir / CHECKPOINT, {
-            "config": dataclasses.asdict(config), "epoch": epoch + 1, "network": net.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}, "metrics": metrics,
-        })
-        atomic_write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
-        if progress:
-            kept = "-".join(str(v) for v in record["groups_kept"].values())
-            tqdm.write(f"epoch {epoch + 1}: elbo/N {record['elbo']:.4f}  train err {record['train_error']:.2f}%  "
-                       f"val err {record['val_error']:.2f}%  log alpha<-3: {kept}  ({record['seconds']:.1f}s)")
+        if group.is_main:
+            mean_net = net.posterior_mean_network()
+            record = {
+                "epoch": epoch + 1,
+                "elbo": -total / max(net_steps, 1),
+                "beta": beta if net_steps else 1.0,
+                "train_error": error_percent(mean_net, train_x, train_y),
+                "val_error": error_percent(mean_net, val_x, val_y),
+                "groups_kept": groups_below(net, -3.0),
+                "seconds": time.perf_counter() - started,
+            }
+            metrics.append(record)
+            save_checkpoint(run_dir / CHECKPOINT, {
+                "config": dataclasses.asdict(config), "epoch": epoch + 1, "network": net.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}, "metrics": metrics,
+            })
+            atomic_write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+            if progress:
+                kept = "-".join(str(v) for v in record["groups_kept"].values())
+                tqdm.write(f"epoch {epoch + 1}: elbo/N {record['elbo']:.4f}  train err {record['train_error']:.2f}%  "
+                           f"val err {record['val_error']:.2f}%  log alpha<-3: {kept}  ({record['seconds']:.1f}s)")
+        group.barrier()  # nobody runs ahead of the checkpoint
     return metrics[-1] if metrics else {}
