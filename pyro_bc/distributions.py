@@ -36,6 +36,7 @@ __all__ = [
     "kl_normal_log_uniform",
     "kl_normal_logvar_normal",
     "log_alpha_normal",
+    "summed_kl",
 ]
 
 #: Constants of the Molchanov et al. (2017) fit of ``-KL(N(mu, alpha mu^2) || LogUniform)``.
@@ -147,6 +148,28 @@ def kl_normal_logvar_normal(p: NormalLogVar, q: _TorchNormal) -> torch.Tensor:
     d = p.loc - m
     kl = torch.add(torch.addcmul(p.variance, d, d) / (2 * s * s), p.logvar, alpha=-0.5) + (torch.log(s) - 0.5)
     return kl.expand(broadcast_shape(kl.shape, q.batch_shape))
+
+
+def summed_kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution) -> torch.Tensor | None:
+    """``sum KL(p || q)`` over every element, in closed form, or ``None`` where no such form applies.
+
+    For ``p`` a :class:`NormalLogVar` (possibly ``.to_event()``) and ``q`` a ``Normal`` of one loc and
+    scale expanded to ``p``'s shape (the ``N(0, 1)`` weight and bias priors), the sum needs no
+    elementwise KL: ``n (log s - 1/2) - sum(v) / 2 + (sum(exp v) + sum((mu - m)^2)) / (2 s^2)``, three
+    reductions over the guide's parameters, the variance being the one the local reparameterisation uses.
+    """
+    while isinstance(p, torch.distributions.Independent) and isinstance(q, torch.distributions.Independent):
+        if p.reinterpreted_batch_ndims != q.reinterpreted_batch_ndims:
+            return None
+        p, q = p.base_dist, q.base_dist
+    if not isinstance(p, NormalLogVar) or not isinstance(q, _TorchNormal) or p.batch_shape != q.batch_shape:
+        return None
+    m, s = _scalar_if_constant(q.loc), _scalar_if_constant(q.scale)
+    if m.dim() or s.dim():
+        return None
+    mu, n = p.loc.reshape(-1), p.loc.numel()
+    squares = torch.dot(mu, mu) - 2 * m * mu.sum() + n * m * m  # sum (mu - m)^2
+    return n * (torch.log(s) - 0.5) - 0.5 * p.logvar.sum() + (p.variance.sum() + squares) / (2 * s * s)
 
 
 def log_alpha_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Pyro's :class:`~pyro.infer.TraceMeanField_ELBO` computes the log density of every model site and
 the score parts of every guide site before it looks for analytic KLs; with weight-sized sites most
 of that work is thrown away. :class:`MeanFieldELBO` gives the same loss, computing log densities
-only for observed sites and for latent sites without a registered KL (checked by a test).
+only for observed sites and for latent sites without a registered KL, and summing the KL of a
+``NormalLogVar`` guide against a constant ``Normal`` prior in closed form
+(:func:`~pyro_bc.distributions.summed_kl`); both are checked against Pyro's loss by the tests.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pyro.infer import TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
+
+from pyro_bc.distributions import summed_kl
 
 
 class MeanFieldELBO(TraceMeanField_ELBO):
@@ -38,6 +42,10 @@ class MeanFieldELBO(TraceMeanField_ELBO):
                 elbo = elbo + scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"]).sum()
                 continue
             q = guide_trace.nodes[name]
+            total = summed_kl(q["fn"], site["fn"]) if q["mask"] is None else None
+            if total is not None:  # a closed-form sum: no weight-sized KL tensor
+                elbo = elbo - total * q["scale"]
+                continue
             try:
                 kl = kl_divergence(q["fn"], site["fn"])
             except NotImplementedError:  # Monte Carlo: log p(z) - log q(z) at the guide's draw

@@ -14,12 +14,14 @@ from torch.distributions.kl import _dispatch_kl
 
 from pyro_bc.distributions import (
     LogUniform,
+    NormalLogVar,
     half_cauchy_gamma,
     half_cauchy_inverse_gamma,
     kl_lognormal_gamma,
     kl_lognormal_inverse_gamma,
     kl_normal_log_uniform,
     log_alpha_normal,
+    summed_kl,
 )
 
 torch.set_num_threads(1)
@@ -240,3 +242,29 @@ def test_normal_logvar_matches_normal_and_its_kl():
     q = dist.LogNormal(0.0, 1.0)  # unrelated pair: no rule, as for Normal
     with pytest.raises(NotImplementedError):
         kl_divergence(p, q)
+
+
+@pytest.mark.parametrize("m, s", [(0.0, 1.0), (0.3, 2.5)])
+def test_summed_kl_matches_torch_normal_kl(m, s):
+    """The closed-form sum equals torch's own Normal-Normal KL summed elementwise, value and gradients."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(7, 5, generator=g).requires_grad_()
+    logvar = (torch.randn(7, 5, generator=g) - 3).requires_grad_()
+    prior = dist.Normal(torch.tensor(m), torch.tensor(s)).expand([7, 5]).to_event(2)
+    fast = summed_kl(NormalLogVar(mu, logvar).to_event(2), prior)
+    fast_grads = torch.autograd.grad(fast, (mu, logvar))
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(m, s)).sum()
+    reference_grads = torch.autograd.grad(reference, (mu, logvar))
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_summed_kl_declines_what_it_cannot_sum():
+    mu, logvar = torch.zeros(3, 4), torch.zeros(3, 4)
+    q = NormalLogVar(mu, logvar)
+    assert summed_kl(q, dist.Normal(torch.randn(3, 4), 1.0)) is None  # prior loc varies per element
+    assert summed_kl(q.to_event(2), dist.Normal(0.0, 1.0).expand([3, 4]).to_event(1)) is None  # event dims differ
+    assert summed_kl(dist.Normal(mu, 1.0), dist.Normal(0.0, 1.0).expand([3, 4])) is None  # not a NormalLogVar
+    assert summed_kl(q, LogUniform().expand([3, 4])) is None
