@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_distributed  # the sibling script (sys.path[0] is analysis/ when this file is run)
 import pyro
 import torch
 import torch.nn.functional as F
@@ -240,11 +241,13 @@ def main() -> int:
                "ms_compressed": ms["compressed"], "speedup": ms["dense"] / ms["compressed"]}
         results["inference"].append(row)
         print(json.dumps(row), flush=True)
-    write_outputs(results, Path(args.out))
+    results["distributed"] = bench_distributed.table()
+    print("\n".join(results["distributed"]), flush=True)
+    write_outputs(results, Path(args.out), results["distributed"])
     return 0
 
 
-def write_outputs(results: dict, out: Path) -> None:
+def write_outputs(results: dict, out: Path, distributed: list[str] | None = None) -> None:
     (out / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Benchmarks", "", "Produced by `.venv/bin/python analysis/bench.py` (figures in `benchmarks.json`).",
              f"Machine: {results['machine']}. Medians of interleaved repeats after warm-up; batch {BATCH}.", "",
@@ -267,6 +270,10 @@ def write_outputs(results: dict, out: Path) -> None:
     for r in results["inference"]:
         lines.append(f"| {r['model']} | {r['batch']} | {r['ms_dense']:.3f} | {r['ms_compressed']:.3f} | "
                      f"{r['speedup']:.1f}x |")
+    if distributed:
+        lines += ["", "## Data-parallel training (`torchrun`, gloo, CPU)", "",
+                  ("Produced by `.venv/bin/python analysis/bench_distributed.py` (LeNet-300-100 gnj, 25,600 "
+                   "examples, the second epoch's wall time including rank 0's evaluation)."), "", *distributed]
     (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
 
 

@@ -2,7 +2,7 @@
 
 Run from the repository root with nothing else running::
 
-    .venv/bin/python analysis/bench_distributed.py        # prints a Markdown table
+    .venv/bin/python analysis/bench_distributed.py    # prints a Markdown table; analysis/bench.py includes it
 
 Each configuration trains LeNet-300-100 (gnj) for two epochs of 25,600 examples; the second epoch's
 wall time (from ``metrics.jsonl``, which includes rank 0's end-of-epoch evaluation) gives the rate.
@@ -39,14 +39,18 @@ def measure(processes: int, batch: int, out: Path) -> float:
     return math.ceil(SUBSET / (processes * batch)) / last["seconds"]
 
 
-def main() -> None:
-    print("| processes | batch per process | global batch | steps/s | examples/s |")
-    print("|---|---|---|---|---|")
+def table() -> list[str]:
+    """The Markdown table of steps per second, one row per configuration."""
+    lines = ["| processes | batch per process | global batch | steps/s | examples/s |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for processes, batch in CONFIGS:
             rate = measure(processes, batch, Path(tmp) / f"{processes}x{batch}")
-            print(f"| {processes} | {batch} | {processes * batch} | {rate:.1f} | {rate * processes * batch:.0f} |",
-                  flush=True)
+            lines.append(f"| {processes} | {batch} | {processes * batch} | {rate:.1f} | {rate * processes * batch:.0f} |")
+    return lines
+
+
+def main() -> None:
+    print("\n".join(table()))
 
 
 if __name__ == "__main__":
