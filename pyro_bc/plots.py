@@ -83,20 +83,20 @@ def plot_group_scales(dt: xr.DataTree, layer: str, path: str | Path, max_rows: i
 
 # -- (b) log alpha -----------------------------------------------------------------------------------
 
-def plot_log_alpha(dt: xr.DataTree, thresholds: list[float], path: str | Path) -> Path:
-    """Histogram of each layer's log alpha per group (median per group for ``lu``) with its threshold."""
-    layers = dt.attrs["layers"].split(",")
-    fig, axes = _subplots(len(layers))
-    for ax, layer, t in zip(axes, layers, thresholds):
-        la = dt["posterior"][f"{layer}_log_alpha"].isel(chain=0, draw=0).values
+def plot_log_alpha(log_alphas: dict[str, np.ndarray], thresholds: list[float], path: str | Path,
+                   unit: str = "groups") -> Path:
+    """Histogram of each layer's log alpha (per group, or per weight for ``lu``) with its threshold."""
+    fig, axes = _subplots(len(log_alphas))
+    for ax, (layer, la), t in zip(axes, log_alphas.items(), thresholds):
+        la = np.asarray(la, dtype=float).ravel()
         la = la[np.isfinite(la)]
         kept = int((la < t).sum())
         lo, hi = min(la.min(initial=t), t) - 0.5, max(la.max(initial=t), t) + 0.5
         ax.hist(la, bins=np.linspace(lo, hi, 50), color="tab:blue", alpha=0.8)
         ax.axvline(t, color="tab:red", linestyle="--", label=f"threshold {t:g}")
-        ax.set_title(f"{layer}: {kept}/{len(la)} groups below threshold", fontsize=10)
+        ax.set_title(f"{layer}: {kept}/{len(la)} {unit} below threshold", fontsize=10)
         ax.set_xlabel("log alpha")
-        ax.set_ylabel("groups")
+        ax.set_ylabel(unit)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pyro_bc import plots
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compress import DEFAULT_THRESHOLD, load_run
+from pyro_bc.compress import DEFAULT_THRESHOLD, DEFAULT_THRESHOLD_PER_WEIGHT, load_run
 from pyro_bc.errors import ConfigError
 from pyro_bc.inspect import save_datatree, to_datatree, var_prefix
 from pyro_bc.posterior import analyse, prune
@@ -79,8 +79,8 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     elif summary:
         raise ConfigError(f"{summary_path} describes layers {[r['name'] for r in summary['layers']]}, "
                           f"the run's network {[p.name for p in posts]}")
-    else:
-        thresholds = [DEFAULT_THRESHOLD] * len(posts)
+    else:  # compress's default
+        thresholds = [DEFAULT_THRESHOLD_PER_WEIGHT if config.prior == "lu" else DEFAULT_THRESHOLD] * len(posts)
     pruned = prune(posts, thresholds)
     figdir = run_dir / FIGURES
     figdir.mkdir(exist_ok=True)
@@ -109,7 +109,7 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     else:
         kept = "-".join(str(p.groups_kept) for p in pruned)
         lines += ["## Compression", "", (f"Not compressed yet (no MODEL.json): run `pyro-bc compress {run_dir} --out "
-                  f"{run_dir}/MODEL.bcz`. At the default threshold {DEFAULT_THRESHOLD:g} the groups kept would be "
+                  f"{run_dir}/MODEL.bcz`. At the default threshold {thresholds[0]:g} the groups kept would be "
                   f"{kept}."), ""]
         summary = None
 
@@ -121,10 +121,10 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     if summary:
         path = plots.plot_compression(summary, figdir / "compression.png")
         lines += ["### Groups kept and bits per layer", "", f"![compression]({rel(path)})", ""]
-    path = plots.plot_log_alpha(dt, thresholds, figdir / "log_alpha.png")
-    lines += ["### log alpha per group", "",
-              "Groups left of the dashed threshold are kept" + (" (lu: median log alpha of each group's weights)"
-                                                               if config.prior == "lu" else "") + ".", "",
+    unit = "weights" if pruned[0].post.per_weight else "groups"
+    log_alphas = {p.post.name: p.post.log_alpha.numpy() for p in pruned}
+    path = plots.plot_log_alpha(log_alphas, thresholds, figdir / "log_alpha.png", unit)
+    lines += [f"### log alpha per {unit[:-1]}", "", f"{unit.capitalize()} left of the dashed threshold are kept.", "",
               f"![log alpha]({rel(path)})", ""]
     path = plots.plot_input_mask(pruned, net.input_shape, figdir / "input_mask.png")
     if path is not None:

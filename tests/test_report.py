@@ -66,7 +66,8 @@ def test_ghs_figures(tmp_path):
 
     dt = to_datatree(lenet300.build("ghs"), num_samples=30)
     _assert_png(plots.plot_group_scales(dt, "fc3", tmp_path / "scales.png"))
-    _assert_png(plots.plot_log_alpha(dt, [-3.0] * 3, tmp_path / "la.png"))
+    log_alphas = {name: dt["posterior"][f"{name}_log_alpha"].isel(chain=0, draw=0).values for name in ("fc1", "fc2")}
+    _assert_png(plots.plot_log_alpha(log_alphas, [-3.0] * 2, tmp_path / "la.png"))
 
 
 def test_compression_and_training_plots(lenet300_run, tmp_path):
