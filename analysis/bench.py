@@ -218,10 +218,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--note", default="", help="what else the machine was doing, written under the machine line")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}, torch "
-                          f"{torch.__version__}, pyro {pyro.__version__}, 1 thread", "steps": [], "inference": []}
+                          f"{torch.__version__}, pyro {pyro.__version__}, 1 thread", "note": args.note, "steps": [], "inference": []}
     for model_name in ("lenet300", "lenet5"):
         repeats = args.repeats if model_name == "lenet300" else max(args.repeats // 5, 20)
         for prior in ("gnj", "ghs", "lu"):
@@ -250,7 +251,8 @@ def main() -> int:
 def write_outputs(results: dict, out: Path, distributed: list[str] | None = None) -> None:
     (out / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Benchmarks", "", "Produced by `.venv/bin/python analysis/bench.py` (figures in `benchmarks.json`).",
-             f"Machine: {results['machine']}. Medians of interleaved repeats after warm-up; batch {BATCH}.", "",
+             f"Machine: {results['machine']}. Medians of interleaved repeats after warm-up; batch {BATCH}.",
+             *([f"Conditions: {results['note']}"] if results.get("note") else []), "",
              "## SVI step", "",
              ("(a) deterministic step of the same network, (b) plain-PyTorch implementation of the same local-"
               "reparameterisation maths (`plain_loss` in the script), (c) a `pyro_bc` SVI step "
