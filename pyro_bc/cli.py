@@ -94,7 +94,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from pyro_bc.compress import compress_run, format_table
 
     summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
-                           max_error_increase=args.max_error_increase, data=args.data)
+                           max_error_increase=args.max_error_increase, data=args.data,
+                           fold=False if args.no_fold else None)
     print(format_table(summary))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
@@ -117,6 +118,9 @@ def _add_compress_parser(sub) -> None:
     how.add_argument("--max-error-increase", type=_nonnegative_float, metavar="P",
                      help="most compressing thresholds within P points of validation error")
     p.add_argument("--data", default=None, help="data folder (default: the run's)")
+    p.add_argument("--no-fold", action="store_true",
+                   help="drop pruned weights without moving their average contribution into the biases "
+                        "(the default folds it for gnj and ghs, not for lu)")
     p.set_defaults(func=cmd_compress)
     p = sub.add_parser("evaluate", help="test error and speed of a .bcz file")
     p.add_argument("model", help="a .bcz file")

@@ -16,12 +16,23 @@ from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
-from pyro_bc.posterior import LayerPosterior, analyse, choose_precision, compressed_model, compression_rates, prune
+from pyro_bc.nn import BayesLayer
+from pyro_bc.posterior import (
+    LayerPosterior,
+    PrunedLayer,
+    analyse,
+    choose_precision,
+    compressed_model,
+    compression_rates,
+    fold_pruned_inputs,
+    prune,
+)
 from pyro_bc.train import CHECKPOINT, TrainConfig, build_network, error_percent
 
 DEFAULT_THRESHOLD = -3.0
 DEFAULT_THRESHOLD_PER_WEIGHT = 3.0  # Sparse VD's customary log alpha cut for per-weight (lu) posteriors
 SEARCH_GRID = np.round(np.arange(-8.0, 6.01, 0.25), 2)
+FOLD_EXAMPLES = 10_000  # training examples whose layer inputs give the means that pruned weights are folded with
 
 
 def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
@@ -47,13 +58,37 @@ def gap_thresholds(posts: list[LayerPosterior], lo: float = -6.0, hi: float = 2.
     return out
 
 
-def _compressed_error(net, posts, thresholds, x, y) -> tuple[float, int]:
+@torch.no_grad()
+def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000) -> list[torch.Tensor]:
+    """Mean of every Bayesian layer's input in the posterior-mean network over the examples ``x``:
+    per feature for linear layers, per channel for convolutions."""
+    mean_net = net.posterior_mean_network()
+    sums: dict[int, torch.Tensor] = {}
+    for start in range(0, len(x), batch_size):
+        h = x[start:start + batch_size]
+        for i, (module, original) in enumerate(zip(mean_net, net.body)):
+            if isinstance(original, BayesLayer):
+                part = h.sum(0) if h.dim() == 2 else h.sum((0, 2, 3))
+                sums[i] = sums.get(i, 0) + part.double()
+            h = module(h)
+    return [total / len(x) for _, total in sorted(sums.items())]
+
+
+def pruned_layers(posts: list[LayerPosterior], thresholds: list[float],
+                  input_means: list[torch.Tensor] | None) -> list[PrunedLayer]:
+    """:func:`prune`, then, given the layers' input means, :func:`fold_pruned_inputs`."""
     layers = prune(posts, thresholds)
+    return layers if input_means is None else fold_pruned_inputs(layers, input_means)
+
+
+def _compressed_error(net, posts, thresholds, x, y, input_means=None) -> tuple[float, int]:
+    layers = pruned_layers(posts, thresholds, input_means)
     module = codec.to_module(compressed_model(net, layers, choose_precision(layers)))
     return error_percent(module, x, y), sum(int(layer.mask.sum()) for layer in layers)
 
 
-def search_thresholds(net: BayesianNet, posts: list[LayerPosterior], budget: float, x_val, y_val) -> list[float]:
+def search_thresholds(net: BayesianNet, posts: list[LayerPosterior], budget: float, x_val, y_val,
+                      input_means: list[torch.Tensor] | None = None) -> list[float]:
     """The most compressing per-layer thresholds whose pruned, rounded network's **validation** error
     stays within ``budget`` percentage points of the unpruned posterior-mean network's.
 
@@ -63,7 +98,7 @@ def search_thresholds(net: BayesianNet, posts: list[LayerPosterior], budget: flo
     """
     limit = error_percent(net.posterior_mean_network(), x_val, y_val) + budget
     thresholds = [float(SEARCH_GRID[-1])] * len(posts)
-    if _compressed_error(net, posts, thresholds, x_val, y_val)[0] > limit:
+    if _compressed_error(net, posts, thresholds, x_val, y_val, input_means)[0] > limit:
         raise ConfigError(f"even the least pruned network exceeds the error budget of {budget} points: "
                           "raise --max-error-increase")
     for i in sorted(range(len(posts)), key=lambda k: -posts[k].mean.numel()):
@@ -71,7 +106,7 @@ def search_thresholds(net: BayesianNet, posts: list[LayerPosterior], budget: flo
         while lo < hi:
             mid = (lo + hi) // 2
             trial = thresholds[:i] + [float(SEARCH_GRID[mid])] + thresholds[i + 1:]
-            if _compressed_error(net, posts, trial, x_val, y_val)[0] <= limit:
+            if _compressed_error(net, posts, trial, x_val, y_val, input_means)[0] <= limit:
                 hi = mid
             else:
                 lo = mid + 1
@@ -80,25 +115,33 @@ def search_thresholds(net: BayesianNet, posts: list[LayerPosterior], budget: flo
 
 
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
-                 max_error_increase: float | None = None, data: str | None = None) -> dict:
-    """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary."""
+                 max_error_increase: float | None = None, data: str | None = None, fold: bool | None = None) -> dict:
+    """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary.
+
+    With ``fold``, what the pruned weights add on average (over the first :data:`FOLD_EXAMPLES` training
+    examples) goes into the biases (:func:`~pyro_bc.posterior.fold_pruned_inputs`). The default folds for
+    the group priors (gnj, ghs), whose pruned groups still add their mean, and not for ``lu``, whose
+    pruned weights' means are noise (both measured in analysis/RESULTS.md).
+    """
     out = Path(out)
     if not out.parent.is_dir():
         raise ConfigError(f"output folder {out.parent} does not exist")
     net, config, _ = load_run(run_dir)
     mnist = load_mnist(data or config.data, val_size=config.val_size, seed=config.seed)
     posts = analyse(net)
+    fold = (config.prior != "lu") if fold is None else fold
+    means = layer_input_means(net, mnist.train.x[:FOLD_EXAMPLES]) if fold else None
     if thresholds is not None:
         method = "given"
     elif auto == "gap":
         thresholds, method = gap_thresholds(posts), "auto gap"
     elif max_error_increase is not None:
-        thresholds = search_thresholds(net, posts, max_error_increase, mnist.val.x, mnist.val.y)
+        thresholds = search_thresholds(net, posts, max_error_increase, mnist.val.x, mnist.val.y, means)
         method = f"max validation error increase {max_error_increase} points"
     else:
         default = DEFAULT_THRESHOLD_PER_WEIGHT if config.prior == "lu" else DEFAULT_THRESHOLD
         thresholds, method = [default] * len(posts), f"default {default:g}"
-    layers = prune(posts, thresholds)
+    layers = pruned_layers(posts, thresholds, means)
     precision = choose_precision(layers)
     rates = compression_rates(layers, precision)
     metadata = {"model": config.model, "prior": config.prior, "thresholds": thresholds, "threshold_method": method,
@@ -131,6 +174,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
             precision.exponent_bits_official) else None,
         "cr_fast_official_exponent": rates["cr_fast_official_exponent"],
         "threshold_method": method,
+        "fold_pruned_inputs": fold,
         "model": config.model,
         "prior": config.prior,
     }

@@ -126,6 +126,30 @@ def prune(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLa
 
 # -- bit precision --------------------------------------------------------------------------------
 
+def fold_pruned_inputs(layers: list[PrunedLayer], input_means: list[torch.Tensor]) -> list[PrunedLayer]:
+    """Move what the pruned weights add on average into the biases of the units that keep going.
+
+    A pruned weight ``w_oi`` stops adding ``E[w_oi] x_i`` to unit ``o``; adding ``E[w_oi] mean(x_i)`` to the
+    unit's bias keeps its average pre-activation. This is exact for inputs that never change, such as
+    MNIST's background pixels (-1 after normalisation, so a pruned background pixel's weights act as a
+    bias), and a first-order correction otherwise. ``input_means[l]`` is the mean of layer ``l``'s input
+    over training examples: per feature for linear layers, per channel (over positions too) for
+    convolutions, whose correction is then exact for inputs constant over positions (no padding).
+    """
+    out = []
+    for layer, mean_in in zip(layers, input_means):
+        post = layer.post
+        dropped = torch.where(layer.mask, 0.0, post.mean)
+        if post.kind == "conv2d":
+            if post.conv_args[3] != 1:  # grouped convolution: each filter sees only its group's channels
+                out.append(layer)
+                continue
+            dropped = dropped.sum((2, 3))
+        bias = post.bias + (dropped.double() @ mean_in.double()).to(post.bias.dtype)
+        out.append(dataclasses.replace(layer, post=dataclasses.replace(post, bias=bias)))
+    return out
+
+
 def mantissa_bits_per_weight(var: torch.Tensor) -> torch.Tensor:
     """Official rule: ``#{t in 1..23 : 2 Var < 2^-t}`` (METHOD.md 7.2)."""
     two_var = 2 * var.double()

@@ -6,9 +6,11 @@ import math
 import os
 import struct
 
+import numpy as np
 import pytest
 import torch
 
+from pyro_bc import codec
 from pyro_bc.cli import main
 from pyro_bc.compress import compress_run, evaluate_file, format_table, gap_thresholds, load_run
 from pyro_bc.data import load_mnist
@@ -177,3 +179,17 @@ def test_cli_run_without_checkpoint_returns_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no checkpoint" in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["empty_run"]
+
+
+def test_fold_is_the_default_for_group_priors_and_no_fold_turns_it_off(run, tmp_path):
+    medians = [str(float(p.log_alpha.median())) for p in analyse(load_run(run)[0])]  # prunes half of each layer
+    outputs = {}
+    for name, extra in (("folded", []), ("plain", ["--no-fold"])):
+        path = tmp_path / f"{name}.bcz"
+        assert main(["compress", str(run), "--out", str(path), "--thresholds", *medians, *extra]) == 0
+        outputs[name] = json.loads(path.with_suffix(".json").read_text()), codec.read_bcz(path)
+    (folded, folded_file), (plain, plain_file) = outputs["folded"], outputs["plain"]
+    assert folded["fold_pruned_inputs"] is True and plain["fold_pruned_inputs"] is False
+    assert plain["architecture"] == folded["architecture"]  # the same pruning, other biases
+    biases = [[item.bias for item in f.items if isinstance(item, codec.QuantizedLayer)] for f in (folded_file, plain_file)]
+    assert all(not np.allclose(a, b) for a, b in zip(*biases))

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import models.lenet5
@@ -22,6 +23,7 @@ from pyro_bc.posterior import (
     compressed_model,
     compression_rates,
     exponent_bits_official,
+    fold_pruned_inputs,
     mantissa_bits_per_weight,
     prune,
     quantize,
@@ -379,3 +381,41 @@ def test_lenet5_compressed_file_matches_masked_rounded_reference(tmp_path):
     h = torch.relu(h @ dense[2][0].T + dense[2][1])
     h = h @ dense[3][0].T + dense[3][1]
     torch.testing.assert_close(module(x.float()).double(), h, atol=1e-5, rtol=0)
+
+
+# -- folding pruned inputs into the biases -------------------------------------------------------------
+
+def test_fold_is_exact_for_a_constant_input_of_a_linear_layer():
+    g = torch.Generator().manual_seed(0)
+    la = torch.full((4,), LOW)
+    la[2] = HIGH  # input 2 pruned
+    post = fc("fc", 3, 4, la)
+    post.mean.copy_(torch.randn(3, 4, generator=g))
+    post.bias.copy_(torch.randn(3, generator=g))
+    mean_in = torch.tensor([0.3, -0.2, -1.0, 0.5])
+    [folded] = fold_pruned_inputs(prune([post], [0.0]), [mean_in])
+    x = torch.randn(6, 4, generator=g)
+    x[:, 2] = -1.0  # the pruned input never changes (like a background pixel) and equals its mean
+    reference = x @ post.mean.T + post.bias
+    kept = folded.mask[0]
+    torch.testing.assert_close(x[:, kept] @ post.mean[:, kept].T + folded.post.bias, reference)
+    unfolded = x[:, kept] @ post.mean[:, kept].T + post.bias
+    assert not torch.allclose(unfolded, reference, atol=1e-3)  # without the fold the pruned input is missed
+
+
+def test_fold_is_exact_for_a_spatially_constant_channel_of_a_convolution():
+    g = torch.Generator().manual_seed(1)
+    first, second = conv("c1", 2, 1, la=[LOW, HIGH]), conv("c2", 3, 2, k=3)  # c1's channel 1 pruned
+    second.mean.copy_(torch.randn(3, 2, 3, 3, generator=g))
+    second.bias.copy_(torch.randn(3, generator=g))
+    _, folded = fold_pruned_inputs(prune([first, second], [0.0, 0.0]), [torch.zeros(1), torch.tensor([0.4, 2.5])])
+    x = torch.randn(2, 2, 6, 6, generator=g)
+    x[:, 1] = 2.5  # the pruned channel is constant over positions and equals its mean
+    reference = F.conv2d(x, second.mean, second.bias)
+    torch.testing.assert_close(F.conv2d(x[:, :1], second.mean[:, :1], folded.post.bias), reference)
+
+
+def test_fold_leaves_kept_weights_and_unpruned_layers_alone():
+    post = fc("fc", 3, 4)
+    [folded] = fold_pruned_inputs(prune([post], [0.0]), [torch.randn(4)])
+    assert torch.equal(folded.post.bias, post.bias) and torch.equal(folded.mask, torch.ones(3, 4, dtype=torch.bool))
