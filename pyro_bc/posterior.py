@@ -124,8 +124,6 @@ def prune(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLa
     return [PrunedLayer(p, float(t), i, o, m) for p, t, i, o, m in zip(posts, thresholds, keep_in, keep_out, masks)]
 
 
-# -- bit precision --------------------------------------------------------------------------------
-
 def fold_pruned_inputs(layers: list[PrunedLayer], input_means: list[torch.Tensor]) -> list[PrunedLayer]:
     """Move what the pruned weights add on average into the biases of the units that keep going.
 
@@ -149,6 +147,8 @@ def fold_pruned_inputs(layers: list[PrunedLayer], input_means: list[torch.Tensor
         out.append(dataclasses.replace(layer, post=dataclasses.replace(post, bias=bias)))
     return out
 
+
+# -- bit precision --------------------------------------------------------------------------------
 
 def mantissa_bits_per_weight(var: torch.Tensor) -> torch.Tensor:
     """Official rule: ``#{t in 1..23 : 2 Var < 2^-t}`` (METHOD.md 7.2)."""
