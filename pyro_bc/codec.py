@@ -484,6 +484,17 @@ def read_bcz(path: str | os.PathLike[str]) -> CompressedModel:
 # ---------------------------------------------------------------- torch
 
 
+class Conv2dChannelsLast(nn.Conv2d):
+    """An ``nn.Conv2d`` that returns its output in channels-last memory format (the same values).
+
+    On the CPU, max-pooling and the next convolution run about twice as fast on channels-last tensors,
+    and a convolution with one input channel always returns the default layout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).contiguous(memory_format=torch.channels_last)
+
+
 def _layer_module(layer: QuantizedLayer) -> nn.Module:
     """nn.Linear / nn.Conv2d with the layer's (pruned) shape, weights and bias; no random init."""
     shape = tuple(layer.weight_codes.shape)
@@ -491,7 +502,7 @@ def _layer_module(layer: QuantizedLayer) -> nn.Module:
     if layer.kind == "linear":
         module = nn.utils.skip_init(nn.Linear, shape[1], shape[0], bias=has_bias)
     else:
-        module = nn.utils.skip_init(nn.Conv2d, shape[1] * layer.groups, shape[0], (shape[2], shape[3]),
+        module = nn.utils.skip_init(Conv2dChannelsLast, shape[1] * layer.groups, shape[0], (shape[2], shape[3]),
                                     stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                                     groups=layer.groups, bias=has_bias)
     with torch.no_grad():
