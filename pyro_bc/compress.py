@@ -35,6 +35,11 @@ SEARCH_GRID = np.round(np.arange(-8.0, 6.01, 0.25), 2)
 FOLD_EXAMPLES = 10_000  # training examples whose layer inputs give the means that pruned weights are folded with
 
 
+def default_threshold(prior: str) -> float:
+    """The log alpha cut used when none is given: -3 per group, 3 per weight (``lu``, Sparse VD)."""
+    return DEFAULT_THRESHOLD_PER_WEIGHT if prior == "lu" else DEFAULT_THRESHOLD
+
+
 def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     """The trained network of a run directory (from its checkpoint), its config and the checkpoint."""
     state = load_checkpoint(Path(run_dir) / CHECKPOINT)
@@ -139,7 +144,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
         thresholds = search_thresholds(net, posts, max_error_increase, mnist.val.x, mnist.val.y, means)
         method = f"max validation error increase {max_error_increase} points"
     else:
-        default = DEFAULT_THRESHOLD_PER_WEIGHT if config.prior == "lu" else DEFAULT_THRESHOLD
+        default = default_threshold(config.prior)
         thresholds, method = [default] * len(posts), f"default {default:g}"
     layers = pruned_layers(posts, thresholds, means)
     precision = choose_precision(layers)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pyro_bc import plots
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compress import DEFAULT_THRESHOLD, DEFAULT_THRESHOLD_PER_WEIGHT, load_run
+from pyro_bc.compress import default_threshold, load_run
 from pyro_bc.errors import ConfigError
 from pyro_bc.inspect import save_datatree, to_datatree, var_prefix
 from pyro_bc.posterior import analyse, prune
@@ -79,8 +79,8 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     elif summary:
         raise ConfigError(f"{summary_path} describes layers {[r['name'] for r in summary['layers']]}, "
                           f"the run's network {[p.name for p in posts]}")
-    else:  # compress's default
-        thresholds = [DEFAULT_THRESHOLD_PER_WEIGHT if config.prior == "lu" else DEFAULT_THRESHOLD] * len(posts)
+    else:
+        thresholds = [default_threshold(config.prior)] * len(posts)
     pruned = prune(posts, thresholds)
     figdir = run_dir / FIGURES
     figdir.mkdir(exist_ok=True)
