@@ -142,6 +142,19 @@ def test_to_module_conv_params_and_ops() -> None:
     assert net(torch.ones(1, 2, 6, 6)).shape == (1, 4 * 2 * 3)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_loaded_convolution_is_channels_last_with_the_same_values(channels: int) -> None:
+    """The loader's convolutions return channels-last tensors equal to ``F.conv2d`` on the default layout."""
+    g = torch.Generator().manual_seed(3)
+    conv = codec.Conv2dChannelsLast(channels, 4, 3, padding=1)
+    x = torch.randn(5, channels, 9, 9, generator=g)
+    with torch.no_grad():
+        out = conv(x)
+        expected = nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.stride()[1] == 1
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_entropy_coding_only_where_it_pays(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     sparse = np.zeros((64, 256), np.int64)
