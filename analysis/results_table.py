@@ -63,7 +63,13 @@ def row(name: str) -> list[str]:
     summary_path = run / "MODEL.json"
     metrics = _metrics(run)
     if not summary_path.is_file():
-        status = f"in flight: {len(metrics)} of 200 epochs" if metrics else "not run yet"
+        status = "not run yet"
+        if metrics:
+            last = metrics[-1]
+            groups = "-".join(str(n) for n in last["groups_kept"].values())
+            unit = "weights" if name.endswith("-lu") else "groups"  # lu's log alpha is per weight
+            status = (f"in flight: {len(metrics)} of 200 epochs; posterior mean at epoch {last['epoch']}: "
+                      f"validation error {last['val_error']:.2f}%, {unit} with log alpha < -3: {groups}")
         return lines + [f"| {name} | pyro-bc | {status} |" + " |" * (COLUMNS - 4) + f" {command} |"]
     s = json.loads(summary_path.read_text())
     bits = "-".join(str(layer["bits"]) for layer in s["layers"])
