@@ -36,6 +36,7 @@ from pyro_bc.posterior import analyse, choose_precision, compressed_model, prune
 from pyro_bc.train import NegativeELBO, build_network, svi_step
 
 HERE = Path(__file__).parent
+OVERHEAD_NET = str(HERE / "overhead_net.py")  # LeNet-300-100's structure at widths 8-8: bookkeeping only
 N_DATA, BATCH = 55_000, 128
 PAPER_GNJ_LENET5 = [8, 13, 88, 13]  # kept groups per layer of the paper's BC-GNJ LeNet-5 (METHOD.md 9.2)
 
@@ -109,11 +110,11 @@ def plain_loss(net, x, y) -> torch.Tensor:
 
 # -- the three steps ---------------------------------------------------------------------------------
 
-def make_steps(model_name: str, prior: str, only: str | None = None) -> dict:
+def make_steps(model_name: str, prior: str, only: str | None = None, batch: int = BATCH) -> dict:
     """The step functions (a), (b), (c) on one fixed batch; ``only`` builds just that one (memory probes)."""
     pyro.set_rng_seed(0)
     pyro.enable_validation(False)
-    x, y = torch.randn(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     steps = {}
     if only in (None, "deterministic"):
         det = build_network(model_name, prior).posterior_mean_network().train()
@@ -250,8 +251,9 @@ def main() -> int:
     parser.add_argument("--note", default="", help="what else the machine was doing, written under the machine line")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}, torch "
-                          f"{torch.__version__}, pyro {pyro.__version__}, 1 thread", "note": args.note, "steps": [], "inference": []}
+    machine = (f"{platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
+               f"pyro {pyro.__version__}, 1 thread")
+    results = {"machine": machine, "note": args.note, "steps": [], "overhead": [], "inference": []}
     for model_name in ("lenet300", "lenet5"):
         repeats = args.repeats if model_name == "lenet300" else max(args.repeats // 5, 20)
         for prior in ("gnj", "ghs", "lu"):
@@ -264,6 +266,11 @@ def main() -> int:
             row["memory_ratio"] = row["peak_mb_pyro_bc"] / row["peak_mb_plain"]
             results["steps"].append(row)
             print(json.dumps(row), flush=True)
+    for prior in ("gnj", "lu"):
+        ms = time_interleaved(make_steps(OVERHEAD_NET, prior, batch=2), args.repeats)
+        row = {"prior": prior, **{f"ms_{k}": v for k, v in ms.items()}}
+        results["overhead"].append(row)
+        print(json.dumps(row), flush=True)
     dense, small, arch = paper_sized_lenet5()
     for allocator in ("default", "kept"):  # the default first: keep_freed_memory cannot be undone
         if allocator == "kept" and not keep_freed_memory():
@@ -301,6 +308,15 @@ def write_outputs(results: dict, out: Path, distributed: list[str] | None = None
                      f"{r['ms_pyro_bc']:.2f} | {r['ratio_pyro_bc_to_deterministic']:.2f} | "
                      f"{r['ratio_pyro_bc_to_plain']:.2f} | {r['peak_mb_plain']:.0f} | {r['peak_mb_pyro_bc']:.0f} | "
                      f"{r['memory_ratio']:.2f} |")
+    lines += ["", "## Per-step bookkeeping", "",
+              ("The same three steps on `analysis/overhead_net.py`, LeNet-300-100's layers at widths 784-8-8-10, "
+               "batch 2: there is almost no arithmetic, so (c) - (b) is what Pyro's messengers, the sites' "
+               "distribution objects and their autograd nodes cost per step, to set beside the full-size "
+               "LeNet-300-100 rows above."), "",
+              "| prior | (a) ms | (b) ms | (c) ms | (c) - (b) ms |", "|---|---|---|---|---|"]
+    for r in results["overhead"]:
+        lines.append(f"| {r['prior']} | {r['ms_deterministic']:.2f} | {r['ms_plain']:.2f} | {r['ms_pyro_bc']:.2f} | "
+                     f"{r['ms_pyro_bc'] - r['ms_plain']:.2f} |")
     lines += ["", "## Inference: dense posterior-mean LeNet-5 against the loaded compressed network", "",
               ("The loaded `.bcz` network's convolutions return channels-last tensors (`codec.Conv2dChannelsLast`); "
                "the dense network is a plain `nn.Sequential` in PyTorch's default layout, and the dense "
