@@ -29,6 +29,7 @@ __all__ = [
     "K3",
     "LogUniform",
     "NormalLogVar",
+    "StandardNormal",
     "half_cauchy_gamma",
     "half_cauchy_inverse_gamma",
     "kl_lognormal_gamma",
@@ -132,6 +133,20 @@ class NormalLogVar(dist.Normal):
         return self.logvar.exp()
 
 
+class StandardNormal(dist.Normal):
+    """``Normal(0, 1)``, standard by its type: :func:`summed_kl` then does no arithmetic with its loc and scale.
+
+    :param like: A tensor whose device and dtype the distribution takes.
+    """
+
+    def __init__(self, like: torch.Tensor, validate_args: bool | None = None):
+        super().__init__(like.new_zeros(()), like.new_ones(()), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(StandardNormal, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+
 def _scalar_if_constant(t: torch.Tensor) -> torch.Tensor:
     """A 0-d view of ``t`` when ``t`` is one value expanded (all strides 0), else ``t``."""
     return t.as_strided((), ()) if all(stride == 0 for stride in t.stride()) else t
@@ -164,10 +179,12 @@ def summed_kl(p: torch.distributions.Distribution, q: torch.distributions.Distri
         p, q = p.base_dist, q.base_dist
     if not isinstance(p, NormalLogVar) or not isinstance(q, _TorchNormal) or p.batch_shape != q.batch_shape:
         return None
+    mu, n = p.loc.reshape(-1), p.loc.numel()
+    if isinstance(q, StandardNormal):  # m = 0, s = 1: no scalar arithmetic (and autograd nodes) for them
+        return 0.5 * (p.variance.sum() + torch.dot(mu, mu) - p.logvar.sum() - n)
     m, s = _scalar_if_constant(q.loc), _scalar_if_constant(q.scale)
     if m.dim() or s.dim():
         return None
-    mu, n = p.loc.reshape(-1), p.loc.numel()
     squares = torch.dot(mu, mu) - 2 * m * mu.sum() + n * m * m  # sum (mu - m)^2
     return n * (torch.log(s) - 0.5) - 0.5 * p.logvar.sum() + (p.variance.sum() + squares) / (2 * s * s)
 

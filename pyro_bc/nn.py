@@ -21,11 +21,11 @@ import math
 
 import pyro
 import torch
-from pyro.distributions import Gamma, InverseGamma, LogNormal, Normal
+from pyro.distributions import Gamma, InverseGamma, LogNormal
 from torch import nn
 
 from pyro_bc import reparam
-from pyro_bc.distributions import LogUniform, NormalLogVar
+from pyro_bc.distributions import LogUniform, NormalLogVar, StandardNormal
 from pyro_bc.errors import ConfigError
 
 PRIORS = ("gnj", "ghs", "lu")
@@ -53,6 +53,7 @@ class BayesLayer(nn.Module):
             raise ConfigError(f"unknown prior {prior!r}: choose one of {', '.join(PRIORS)}")
         self.prior, self.tau0, self.clip_var = prior, float(tau0), clip_var
         self.site = type(self).__name__  # replaced by the network with the module path
+        self._priors: dict[tuple[torch.device, torch.dtype], dict] = {}  # see priors()
         n_out, n_groups = weight_shape[0], weight_shape[self.group_axis]
         self.weight_mu = nn.Parameter(torch.empty(weight_shape))
         self.weight_logvar = _normal_init(weight_shape, -9.0)
@@ -74,16 +75,34 @@ class BayesLayer(nn.Module):
 
     # -- model and guide -------------------------------------------------------------------------
 
-    def _scales_model(self) -> torch.Tensor | None:
-        one = self.weight_mu.new_ones(())
+    def priors(self) -> dict[str, torch.distributions.Distribution]:
+        """The layer's prior distributions, by site suffix (``w``, ``b``, ``z`` or ``s_a`` ...).
+
+        They are constants, so they are built once per device and dtype and reused by every step,
+        which saves the model a dozen distribution objects per layer and step.
+        """
+        key = (self.weight_mu.device, self.weight_mu.dtype)
+        if key not in self._priors:
+            like = self.weight_mu.detach()
+            w = LogUniform() if self.prior == "lu" else StandardNormal(like)
+            priors = {"w": w.expand(self.weight_mu.shape).to_event(self.weight_mu.dim()),
+                      "b": StandardNormal(like).expand(self.bias_mu.shape).to_event(1)}
+            if self.prior == "gnj":
+                priors["z"] = LogUniform().expand([self.n_groups]).to_event(1)
+            elif self.prior == "ghs":
+                one = like.new_ones(())
+                half = one / 2
+                priors.update(s_a=Gamma(half, one / self.tau0**2), s_b=InverseGamma(half, one),
+                              z_a=Gamma(half, one).expand([self.n_groups]).to_event(1),
+                              z_b=InverseGamma(half, one).expand([self.n_groups]).to_event(1))
+            self._priors[key] = priors
+        return self._priors[key]
+
+    def _scales_model(self, priors: dict[str, torch.distributions.Distribution]) -> torch.Tensor | None:
         if self.prior == "gnj":
-            return pyro.sample(f"{self.site}.z", LogUniform().expand([self.n_groups]).to_event(1))
+            return pyro.sample(f"{self.site}.z", priors["z"])
         if self.prior == "ghs":
-            half = one / 2
-            s_a = pyro.sample(f"{self.site}.s_a", Gamma(half, one / self.tau0**2))
-            s_b = pyro.sample(f"{self.site}.s_b", InverseGamma(half, one))
-            z_a = pyro.sample(f"{self.site}.z_a", Gamma(half, one).expand([self.n_groups]).to_event(1))
-            z_b = pyro.sample(f"{self.site}.z_b", InverseGamma(half, one).expand([self.n_groups]).to_event(1))
+            s_a, s_b, z_a, z_b = (pyro.sample(f"{self.site}.{name}", priors[name]) for name in ("s_a", "s_b", "z_a", "z_b"))
             return reparam.horseshoe_scale(s_a, s_b, z_a, z_b)
         return None
 
@@ -98,11 +117,10 @@ class BayesLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model: sample the prior sites, then apply the layer through an effectful op."""
-        z = self._scales_model()
-        zero, one = self.weight_mu.new_zeros(()), self.weight_mu.new_ones(())
-        w_prior = LogUniform() if self.prior == "lu" else Normal(zero, one)
-        w = pyro.sample(f"{self.site}.w", w_prior.expand(self.weight_mu.shape).to_event(self.weight_mu.dim()))
-        b = pyro.sample(f"{self.site}.b", Normal(zero, one).expand(self.bias_mu.shape).to_event(1))
+        priors = self.priors()
+        z = self._scales_model(priors)
+        w = pyro.sample(f"{self.site}.w", priors["w"])
+        b = pyro.sample(f"{self.site}.b", priors["b"])
         return self._op(x, z, w, b)
 
     def guide(self) -> None:

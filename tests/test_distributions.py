@@ -15,6 +15,7 @@ from torch.distributions.kl import _dispatch_kl
 from pyro_bc.distributions import (
     LogUniform,
     NormalLogVar,
+    StandardNormal,
     half_cauchy_gamma,
     half_cauchy_inverse_gamma,
     kl_lognormal_gamma,
@@ -244,13 +245,14 @@ def test_normal_logvar_matches_normal_and_its_kl():
         kl_divergence(p, q)
 
 
-@pytest.mark.parametrize("m, s", [(0.0, 1.0), (0.3, 2.5)])
-def test_summed_kl_matches_torch_normal_kl(m, s):
+@pytest.mark.parametrize("m, s, standard", [(0.0, 1.0, False), (0.3, 2.5, False), (0.0, 1.0, True)])
+def test_summed_kl_matches_torch_normal_kl(m, s, standard):
     """The closed-form sum equals torch's own Normal-Normal KL summed elementwise, value and gradients."""
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(7, 5, generator=g).requires_grad_()
     logvar = (torch.randn(7, 5, generator=g) - 3).requires_grad_()
-    prior = dist.Normal(torch.tensor(m), torch.tensor(s)).expand([7, 5]).to_event(2)
+    base = StandardNormal(mu) if standard else dist.Normal(torch.tensor(m), torch.tensor(s))
+    prior = base.expand([7, 5]).to_event(2)
     fast = summed_kl(NormalLogVar(mu, logvar).to_event(2), prior)
     fast_grads = torch.autograd.grad(fast, (mu, logvar))
     reference = torch.distributions.kl_divergence(
@@ -259,6 +261,17 @@ def test_summed_kl_matches_torch_normal_kl(m, s):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_grads, reference_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_standard_normal_is_normal_0_1():
+    """Same log density and moments as ``Normal(0, 1)``; keeps its type through ``expand``; follows ``like``."""
+    x = torch.linspace(-3, 3, 11, dtype=torch.float64)
+    standard = StandardNormal(x).expand([11])
+    assert isinstance(standard, StandardNormal) and standard.batch_shape == (11,)
+    assert standard.loc.dtype == torch.float64 and not standard.loc.requires_grad
+    torch.testing.assert_close(standard.log_prob(x), -0.5 * x**2 - 0.5 * math.log(2 * math.pi))
+    assert torch.equal(standard.mean, torch.zeros(11, dtype=torch.float64))
+    assert torch.equal(standard.stddev, torch.ones(11, dtype=torch.float64))
 
 
 def test_summed_kl_declines_what_it_cannot_sum():
