@@ -93,10 +93,13 @@ def test_gap_thresholds_hand_built():
         la = torch.tensor(values)
         return LayerPosterior("l", "linear", la, torch.zeros(1, len(values)), torch.zeros(1, len(values)),
                               torch.zeros(1), 1)
-    # widest gap inside [-6, 2]: between -5 and 1 -> middle -2
+    # widest gap overlapping [-6, 2]: between -5 and 1 -> middle -2
     assert gap_thresholds([post([-9.0, -8.9, -5.0, 1.0, 1.1])]) == [-2.0]
-    # no gap of at least 0.5 -> default -3
-    assert gap_thresholds([post([-4.0, -3.8, -3.6, -3.4])]) == [-3.0]
+    # the widest gap (0.3, 4.4) has its middle above 2: clipped to 2; the 1.5-nat gap at -5 is too narrow
+    assert gap_thresholds([post([-7.0, -6.5, -4.5, -3.0, 0.3, 4.4, 5.0])]) == [2.0]
+    # gaps of 1 nat only (a continuum) -> default -3; a gap wholly outside [-6, 2] does not count either
+    assert gap_thresholds([post([-6.0, -5.0, -4.0, -3.0, -2.0])]) == [-3.0]
+    assert gap_thresholds([post([-0.5, 0.0, 0.5, 1.0, 1.5, 2.5, 6.0])]) == [-3.0]
 
 
 def test_max_error_increase_within_budget(run, tmp_path):
