@@ -1,5 +1,6 @@
 """Benchmarks: SVI step cost against a deterministic step and a plain-PyTorch implementation of the
-same maths, peak memory, and inference of dense against compressed networks.
+same maths, peak memory, the per-step bookkeeping on a network of almost no arithmetic, and inference of
+dense against compressed networks (with glibc's default allocator and with freed memory kept).
 
 Run from the repository root (one thread, nothing else running)::
 
