@@ -11,13 +11,15 @@ from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLinear
 
 
-def build(prior: str = "gnj", tau0: float = 1e-5) -> BayesianNet:
+def build(prior: str = "gnj", tau0: float = 1e-5, hidden: tuple[int, int] = (300, 100)) -> BayesianNet:
+    """The network; ``hidden`` sets the two hidden widths (other widths serve benchmarks)."""
+    h1, h2 = hidden
     body = nn.Sequential(OrderedDict(
         flatten=nn.Flatten(),
-        fc1=BayesLinear(784, 300, prior, tau0, clip_var=0.04),
+        fc1=BayesLinear(784, h1, prior, tau0, clip_var=0.04),
         relu1=nn.ReLU(),
-        fc2=BayesLinear(300, 100, prior, tau0),
+        fc2=BayesLinear(h1, h2, prior, tau0),
         relu2=nn.ReLU(),
-        fc3=BayesLinear(100, 10, prior, tau0),
+        fc3=BayesLinear(h2, 10, prior, tau0),
     ))
     return BayesianNet(body, input_shape=(1, 28, 28))
