@@ -21,12 +21,14 @@ from torch.distributions import InverseGamma as _TorchInverseGamma
 from torch.distributions import LogNormal as _TorchLogNormal
 from torch.distributions import Normal as _TorchNormal
 from torch.distributions import constraints, register_kl
+from torch.distributions.transforms import ExpTransform
 from torch.distributions.utils import broadcast_all, lazy_property
 
 __all__ = [
     "K1",
     "K2",
     "K3",
+    "LogNormalLogVar",
     "LogUniform",
     "NormalLogVar",
     "StandardNormal",
@@ -133,6 +135,37 @@ class NormalLogVar(dist.Normal):
         return self.logvar.exp()
 
 
+class LogNormalLogVar(dist.LogNormal):
+    """``LogNormal`` whose log is :class:`NormalLogVar`: parameterised by the log's mean and log-variance.
+
+    The same distribution as ``LogNormal(loc, exp(logvar / 2))``, built without the generic
+    ``TransformedDistribution`` shape checks (the transform is always one elementwise ``exp``) and without
+    the scale until something asks for it: the horseshoe guides build twelve of these per step.
+    """
+
+    _exp = ExpTransform()
+
+    def __init__(self, loc: torch.Tensor, logvar: torch.Tensor, validate_args: bool | None = None):
+        self.base_dist = NormalLogVar(loc, logvar, validate_args=validate_args)
+        self.transforms = [self._exp]
+        torch.distributions.Distribution.__init__(self, self.base_dist.batch_shape, validate_args=validate_args)
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return self.base_dist.logvar
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(LogNormalLogVar, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+
+def log_moments(p: _TorchLogNormal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean, variance, log sd)`` of ``log x`` for ``x ~ p``, from the log-variance where ``p`` keeps one."""
+    if isinstance(p, LogNormalLogVar):
+        return p.loc, p.base_dist.variance, 0.5 * p.logvar
+    return p.loc, p.scale.pow(2), p.scale.log()
+
+
 class StandardNormal(dist.Normal):
     """``Normal(0, 1)``, standard by its type: :func:`summed_kl` then does no arithmetic with its loc and scale.
 
@@ -152,6 +185,10 @@ def _scalar_if_constant(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((), ()) if all(stride == 0 for stride in t.stride()) else t
 
 
+def _expand_to(kl: torch.Tensor, q: torch.distributions.Distribution) -> torch.Tensor:
+    return kl.expand(broadcast_shape(kl.shape, q.batch_shape))
+
+
 @register_kl(NormalLogVar, _TorchNormal)
 def kl_normal_logvar_normal(p: NormalLogVar, q: _TorchNormal) -> torch.Tensor:
     """``KL(N(mu, exp(v)) || N(m, s^2)) = log s - v/2 + (exp(v) + (mu - m)^2) / (2 s^2) - 1/2``.
@@ -162,7 +199,7 @@ def kl_normal_logvar_normal(p: NormalLogVar, q: _TorchNormal) -> torch.Tensor:
     m, s = _scalar_if_constant(q.loc), _scalar_if_constant(q.scale)
     d = p.loc - m
     kl = torch.add(torch.addcmul(p.variance, d, d) / (2 * s * s), p.logvar, alpha=-0.5) + (torch.log(s) - 0.5)
-    return kl.expand(broadcast_shape(kl.shape, q.batch_shape))
+    return _expand_to(kl, q)
 
 
 def summed_kl(p: torch.distributions.Distribution, q: torch.distributions.Distribution) -> torch.Tensor | None:
@@ -208,7 +245,21 @@ def kl_normal_log_uniform(p: _TorchNormal, q: LogUniform) -> torch.Tensor:
     else:
         log_alpha = log_alpha_normal(p.loc, p.scale)
     kl = K1 - K1 * torch.sigmoid(K2 + K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)
-    return kl.expand(broadcast_shape(kl.shape, q.batch_shape))
+    return _expand_to(kl, q)
+
+
+def _gamma_constant(q: _TorchGamma | _TorchInverseGamma) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a, b, -0.5 log(2 pi e) - a log b + lgamma(a))`` of a (inverse) gamma, as scalars when ``q`` is one
+    value expanded (the priors are), so that the constant costs no pass over the groups. Kept on ``q`` when
+    its parameters are constants: the layers reuse their prior objects every step."""
+    cached = q.__dict__.get("_bc_kl_constant")
+    if cached is not None:
+        return cached
+    a, b = _scalar_if_constant(q.concentration), _scalar_if_constant(q.rate)
+    out = a, b, torch.lgamma(a) - a * b.log() - 0.5 * _LOG_2PI_E
+    if not (a.requires_grad or b.requires_grad):
+        q.__dict__["_bc_kl_constant"] = out
+    return out
 
 
 @register_kl(_TorchLogNormal, _TorchGamma)
@@ -217,8 +268,8 @@ def kl_lognormal_gamma(p: _TorchLogNormal, q: _TorchGamma) -> torch.Tensor:
 
     ``-0.5 log(2 pi e s^2) - a log b + lgamma(a) - a mu + b exp(mu + s^2 / 2)``.
     """
-    mu, s, a, b = p.loc, p.scale, q.concentration, q.rate
-    return -0.5 * _LOG_2PI_E - s.log() - a * b.log() + torch.lgamma(a) - a * mu + b * torch.exp(mu + 0.5 * s**2)
+    (mu, var, log_s), (a, b, const) = log_moments(p), _gamma_constant(q)
+    return _expand_to(const - log_s - a * mu + b * torch.exp(mu + 0.5 * var), q)
 
 
 @register_kl(_TorchLogNormal, _TorchInverseGamma)
@@ -228,8 +279,8 @@ def kl_lognormal_inverse_gamma(p: _TorchLogNormal, q: _TorchInverseGamma) -> tor
     ``q`` has density ``b^a / Gamma(a) x^(-a-1) exp(-b / x)`` (``b`` is torch's ``rate``). The KL is
     ``-0.5 log(2 pi e s^2) - a log b + lgamma(a) + a mu + b exp(s^2 / 2 - mu)``.
     """
-    mu, s, a, b = p.loc, p.scale, q.concentration, q.rate
-    return -0.5 * _LOG_2PI_E - s.log() - a * b.log() + torch.lgamma(a) + a * mu + b * torch.exp(0.5 * s**2 - mu)
+    (mu, var, log_s), (a, b, const) = log_moments(p), _gamma_constant(q)
+    return _expand_to(const - log_s + a * mu + b * torch.exp(0.5 * var - mu), q)
 
 
 def half_cauchy_gamma(tau0: float | torch.Tensor, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.Gamma:

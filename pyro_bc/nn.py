@@ -21,15 +21,15 @@ import math
 
 import pyro
 import torch
-from pyro.distributions import Gamma, InverseGamma, LogNormal
+from pyro.distributions import Gamma, InverseGamma
 from torch import nn
 
 from pyro_bc import reparam
-from pyro_bc.distributions import LogUniform, NormalLogVar, StandardNormal
+from pyro_bc.distributions import LogNormalLogVar, LogUniform, NormalLogVar, StandardNormal
 from pyro_bc.errors import ConfigError
 
 PRIORS = ("gnj", "ghs", "lu")
-LRT_ONLY = {"lrt_only": True}  # w~ and b feed only the layer op: under the LRT they need no draw
+LRT_ONLY = {"lrt_only": True}  # values that feed only LRT-replaced ops: under the LRT they need no draw
 
 
 def _normal_init(shape, mean: float, sd: float = 0.01) -> nn.Parameter:
@@ -110,10 +110,11 @@ class BayesLayer(nn.Module):
         if self.prior == "gnj":
             pyro.sample(f"{self.site}.z", NormalLogVar(self.z_mu, self.z_logvar).to_event(1))
         elif self.prior == "ghs":
-            pyro.sample(f"{self.site}.s_a", LogNormal(self.sa_mu, (0.5 * self.sa_logvar).exp()))
-            pyro.sample(f"{self.site}.s_b", LogNormal(self.sb_mu, (0.5 * self.sb_logvar).exp()))
-            pyro.sample(f"{self.site}.z_a", LogNormal(self.za_mu, (0.5 * self.za_logvar).exp()).to_event(1))
-            pyro.sample(f"{self.site}.z_b", LogNormal(self.zb_mu, (0.5 * self.zb_logvar).exp()).to_event(1))
+            # the four factors feed only horseshoe_scale, which the LRT replaces by a per-example draw
+            pyro.sample(f"{self.site}.s_a", LogNormalLogVar(self.sa_mu, self.sa_logvar), infer=LRT_ONLY)
+            pyro.sample(f"{self.site}.s_b", LogNormalLogVar(self.sb_mu, self.sb_logvar), infer=LRT_ONLY)
+            pyro.sample(f"{self.site}.z_a", LogNormalLogVar(self.za_mu, self.za_logvar).to_event(1), infer=LRT_ONLY)
+            pyro.sample(f"{self.site}.z_b", LogNormalLogVar(self.zb_mu, self.zb_logvar).to_event(1), infer=LRT_ONLY)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model: sample the prior sites, then apply the layer through an effectful op."""

@@ -23,6 +23,8 @@ from pyro.distributions import Independent, LogNormal, Normal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import effectful
 
+from pyro_bc.distributions import log_moments
+
 
 def _linear(x: torch.Tensor, z: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x if z is None else x * z, w, b)
@@ -60,10 +62,9 @@ class HorseshoeScalePosterior:
     """
 
     def __init__(self, s_a: LogNormal, s_b: LogNormal, z_a: LogNormal, z_b: LogNormal):
-        self.m_s = 0.5 * (s_a.loc + s_b.loc)
-        self.sd_s = 0.5 * torch.sqrt(s_a.scale**2 + s_b.scale**2)
-        self.m_i = 0.5 * (z_a.loc + z_b.loc)
-        self.sd_i = 0.5 * torch.sqrt(z_a.scale**2 + z_b.scale**2)
+        (m_sa, v_sa, _), (m_sb, v_sb, _), (m_za, v_za, _), (m_zb, v_zb, _) = map(log_moments, (s_a, s_b, z_a, z_b))
+        self.m_s, self.sd_s = 0.5 * (m_sa + m_sb), 0.5 * torch.sqrt(v_sa + v_sb)
+        self.m_i, self.sd_i = 0.5 * (m_za + m_zb), 0.5 * torch.sqrt(v_za + v_zb)
 
     def rsample(self, sample_shape: tuple[int, ...], noise) -> torch.Tensor:
         """Draws of ``z``; ``noise(shape, like)`` gives the standard-normal draws."""
@@ -81,7 +82,7 @@ class LocalReparameterization(Messenger):
     its Gaussian: ``mean = (x z) M^T + mu_b``, ``var = (x z)^2 S^T + s_b^2`` for linear layers,
     ``y = z (conv(x, M) + mu_b + sqrt(conv(x^2, S) + s_b^2) eps)`` for convolutions, ``z`` drawn
     per example. Guide sites marked ``infer={"lrt_only": True}`` are not drawn (their value is the
-    mean): mark only values that are used solely by these ops. The guide must sample ``w`` (and ``b``)
+    median): mark only values that are used solely by these ops. The guide must sample ``w`` (and ``b``)
     from a Normal and ``z`` from a Normal or through :func:`horseshoe_scale`; anything else falls back
     to explicit sampling.
 
@@ -121,7 +122,8 @@ class LocalReparameterization(Messenger):
     def _pyro_sample(self, msg) -> None:
         # A weight drawn only to be fed to an op is never used by value under the LRT: skip the draw.
         if msg["infer"].get("lrt_only") and msg["value"] is None and not msg["is_observed"]:
-            msg["value"] = _base(msg["fn"]).loc
+            fn = _base(msg["fn"])
+            msg["value"] = fn.loc.exp() if isinstance(fn, LogNormal) else fn.loc  # the median
 
     def _pyro_post_sample(self, msg) -> None:
         value = msg["value"]

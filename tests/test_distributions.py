@@ -13,6 +13,7 @@ from torch.distributions import kl_divergence
 from torch.distributions.kl import _dispatch_kl
 
 from pyro_bc.distributions import (
+    LogNormalLogVar,
     LogUniform,
     NormalLogVar,
     StandardNormal,
@@ -127,6 +128,50 @@ def test_kl_dispatch_through_to_event() -> None:
     assert isinstance(ga, dist.Gamma) and ga.batch_shape == (3,)
     torch.testing.assert_close(kl_divergence(p.to_event(1), ig.to_event(1)), kl_lognormal_inverse_gamma(p, ig).sum())
     torch.testing.assert_close(kl_divergence(p.to_event(1), ga.to_event(1)), kl_lognormal_gamma(p, ga).sum())
+
+
+def test_lognormal_logvar_is_lognormal() -> None:
+    loc, logvar = torch.tensor([0.2, -1.0, 0.5], dtype=torch.float64), torch.tensor([-2.0, 0.3, -0.7], dtype=torch.float64)
+    p, ref = LogNormalLogVar(loc, logvar), dist.LogNormal(loc, (0.5 * logvar).exp())
+    x = torch.tensor([0.5, 1.3, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(p.log_prob(x), ref.log_prob(x))
+    torch.testing.assert_close(p.mean, ref.mean)
+    torch.testing.assert_close(p.variance, ref.variance)
+    assert p.batch_shape == ref.batch_shape and p.event_shape == ref.event_shape == ()
+    torch.manual_seed(0)
+    draws = p.rsample((200_000,))
+    torch.testing.assert_close(draws.log().mean(0), loc, atol=0.02, rtol=0)  # E[log x] = loc
+    torch.testing.assert_close(draws.log().var(0), logvar.exp(), atol=0.02, rtol=0.02)
+    wide = p.expand((4, 3))
+    assert isinstance(wide, LogNormalLogVar) and wide.batch_shape == (4, 3)
+    torch.testing.assert_close(wide.log_prob(x), ref.log_prob(x).expand(4, 3))
+
+
+@pytest.mark.parametrize("prior", ["gamma", "inverse_gamma"])
+def test_lognormal_logvar_kl_vs_monte_carlo(prior: str) -> None:
+    loc, logvar = torch.tensor(0.3, dtype=torch.float64), torch.tensor(math.log(0.4**2), dtype=torch.float64)
+    half, one = torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    q = dist.Gamma(half, one / 0.3**2) if prior == "gamma" else dist.InverseGamma(half, one)
+    p = LogNormalLogVar(loc, logvar)
+    mc, se = _mc_kl(dist.LogNormal(loc, (0.5 * logvar).exp()), q, 1_000_000)
+    assert abs(kl_divergence(p, q).item() - mc) < 3 * se
+
+
+def test_gamma_prior_constant_cached_only_for_constants() -> None:
+    """The KL's prior constant is kept on a constant prior (reused each step) and recomputed for a learnt one."""
+    p = LogNormalLogVar(torch.zeros(3), torch.full((3,), -1.0))
+    fixed = dist.Gamma(torch.tensor(0.5), torch.tensor(4.0)).expand([3])
+    first = kl_divergence(p, fixed)
+    torch.testing.assert_close(kl_divergence(p, fixed), first)
+    torch.testing.assert_close(first, kl_divergence(dist.LogNormal(p.loc, p.scale), dist.Gamma(0.5, 4.0)).expand(3))
+    rate = torch.tensor(4.0, requires_grad=True)
+    learnt = dist.Gamma(torch.tensor(0.5), rate)
+    kl_divergence(p, learnt).sum().backward()
+    # d/db of 3 * (-a log b + b E[x]) at a = 1/2, E[x] = exp(mu + s^2 / 2)
+    torch.testing.assert_close(rate.grad, torch.tensor(3 * (-0.5 / 4.0 + math.exp(0.5 * math.exp(-1.0)))))
+    with torch.no_grad():
+        rate.fill_(2.0)
+    torch.testing.assert_close(kl_divergence(p, learnt), kl_divergence(dist.LogNormal(p.loc, p.scale), dist.Gamma(0.5, 2.0)))
 
 
 @pytest.mark.parametrize("tau", [0.3, 1e-5])

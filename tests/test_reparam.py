@@ -130,6 +130,7 @@ def test_handler_off_is_explicit_sampling(kind, prior):
     if prior == "gnj":
         z = vals["z"]
     elif prior == "ghs":
+        assert not torch.equal(vals["z_a"], layer.za_mu.exp())  # drawn: lrt_only acts under the LRT only
         z = torch.sqrt(vals["s_a"] * vals["s_b"] * vals["z_a"] * vals["z_b"])
     else:
         z = None
