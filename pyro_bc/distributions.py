@@ -159,11 +159,13 @@ class LogNormalLogVar(dist.LogNormal):
         return super().expand(batch_shape, _instance=new)
 
 
-def log_moments(p: _TorchLogNormal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean, variance, log sd)`` of ``log x`` for ``x ~ p``, from the log-variance where ``p`` keeps one."""
-    if isinstance(p, LogNormalLogVar):
-        return p.loc, p.base_dist.variance, 0.5 * p.logvar
-    return p.loc, p.scale.pow(2), p.scale.log()
+def log_moments(p: _TorchLogNormal) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, variance)`` of ``log x`` for ``x ~ p``, from the log-variance where ``p`` keeps one."""
+    return p.loc, (p.base_dist.variance if isinstance(p, LogNormalLogVar) else p.scale.pow(2))
+
+
+def _log_scale(p: _TorchLogNormal) -> torch.Tensor:
+    return 0.5 * p.logvar if isinstance(p, LogNormalLogVar) else p.scale.log()
 
 
 class StandardNormal(dist.Normal):
@@ -268,8 +270,8 @@ def kl_lognormal_gamma(p: _TorchLogNormal, q: _TorchGamma) -> torch.Tensor:
 
     ``-0.5 log(2 pi e s^2) - a log b + lgamma(a) - a mu + b exp(mu + s^2 / 2)``.
     """
-    (mu, var, log_s), (a, b, const) = log_moments(p), _gamma_constant(q)
-    return _expand_to(const - log_s - a * mu + b * torch.exp(mu + 0.5 * var), q)
+    (mu, var), (a, b, const) = log_moments(p), _gamma_constant(q)
+    return _expand_to(const - _log_scale(p) - a * mu + b * torch.exp(mu + 0.5 * var), q)
 
 
 @register_kl(_TorchLogNormal, _TorchInverseGamma)
@@ -279,8 +281,8 @@ def kl_lognormal_inverse_gamma(p: _TorchLogNormal, q: _TorchInverseGamma) -> tor
     ``q`` has density ``b^a / Gamma(a) x^(-a-1) exp(-b / x)`` (``b`` is torch's ``rate``). The KL is
     ``-0.5 log(2 pi e s^2) - a log b + lgamma(a) + a mu + b exp(s^2 / 2 - mu)``.
     """
-    (mu, var, log_s), (a, b, const) = log_moments(p), _gamma_constant(q)
-    return _expand_to(const - log_s + a * mu + b * torch.exp(0.5 * var - mu), q)
+    (mu, var), (a, b, const) = log_moments(p), _gamma_constant(q)
+    return _expand_to(const - _log_scale(p) + a * mu + b * torch.exp(0.5 * var - mu), q)
 
 
 def half_cauchy_gamma(tau0: float | torch.Tensor, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.Gamma:

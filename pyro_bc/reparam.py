@@ -62,16 +62,16 @@ class HorseshoeScalePosterior:
     """
 
     def __init__(self, s_a: LogNormal, s_b: LogNormal, z_a: LogNormal, z_b: LogNormal):
-        (m_sa, v_sa, _), (m_sb, v_sb, _), (m_za, v_za, _), (m_zb, v_zb, _) = map(log_moments, (s_a, s_b, z_a, z_b))
-        self.m_s, self.sd_s = 0.5 * (m_sa + m_sb), 0.5 * torch.sqrt(v_sa + v_sb)
-        self.m_i, self.sd_i = 0.5 * (m_za + m_zb), 0.5 * torch.sqrt(v_za + v_zb)
+        (m_sa, v_sa), (m_sb, v_sb), (m_za, v_za), (m_zb, v_zb) = map(log_moments, (s_a, s_b, z_a, z_b))
+        self.loc = 0.5 * (m_sa + m_sb + m_za + m_zb)  # m_s + m_i
+        self.sd_s, self.sd_i = 0.5 * torch.sqrt(v_sa + v_sb), 0.5 * torch.sqrt(v_za + v_zb)
 
     def rsample(self, sample_shape: tuple[int, ...], noise) -> torch.Tensor:
         """Draws of ``z``; ``noise(shape, like)`` gives the standard-normal draws."""
         shape = torch.Size(sample_shape)
-        xi_s = noise(shape + (1,) * self.m_i.dim(), self.m_i)
-        xi_i = noise(shape + self.m_i.shape, self.m_i)
-        return torch.exp(self.m_s + self.sd_s * xi_s + self.m_i + self.sd_i * xi_i)
+        xi_s = noise(shape + (1,) * self.loc.dim(), self.loc)
+        xi_i = noise(shape + self.loc.shape, self.loc)
+        return torch.exp(self.loc + self.sd_s * xi_s + self.sd_i * xi_i)
 
 
 class LocalReparameterization(Messenger):
