@@ -39,6 +39,7 @@ __all__ = [
     "kl_normal_log_uniform",
     "kl_normal_logvar_normal",
     "log_alpha_normal",
+    "log_moments",
     "summed_kl",
 ]
 

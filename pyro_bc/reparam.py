@@ -120,7 +120,7 @@ class LocalReparameterization(Messenger):
         return hit[1] if hit is not None and hit[0] is value else None
 
     def _pyro_sample(self, msg) -> None:
-        # A weight drawn only to be fed to an op is never used by value under the LRT: skip the draw.
+        # A value drawn only to be fed to an LRT-replaced op is never used by value: skip the draw.
         if msg["infer"].get("lrt_only") and msg["value"] is None and not msg["is_observed"]:
             fn = _base(msg["fn"])
             msg["value"] = fn.loc.exp() if isinstance(fn, LogNormal) else fn.loc  # the median
