@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import build_network
 from pyro_bc import codec
 from pyro_bc.distributions import K1, K2, K3
 from pyro_bc.nn import BayesConv2d, BayesLayer
 from pyro_bc.posterior import analyse, choose_precision, compressed_model, prune
-from pyro_bc.train import NegativeELBO, build_network, svi_step
+from pyro_bc.train import NegativeELBO, svi_step
 
 HERE = Path(__file__).parent
 OVERHEAD_NET = str(HERE / "overhead_net.py")  # LeNet-300-100's structure at widths 8-8: bookkeeping only
@@ -71,22 +72,22 @@ def plain_layer(layer: BayesLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch
     """LRT forward and KL of one layer, written directly (no Pyro), from the layer's own parameters."""
     w_var, b_var = layer.weight_logvar.exp(), layer.bias_logvar.exp()
     batch = x.shape[0]
-    if layer.prior == "gnj":
-        z = layer.z_mu + (0.5 * layer.z_logvar).exp() * torch.randn(batch, layer.n_groups)
-        kl = _kl_molchanov(layer.z_logvar - torch.log(layer.z_mu**2 + 1e-8)).sum()
-    elif layer.prior == "ghs":
+    if layer.prior.name == "gnj":
+        z = layer.prior.z_mu + (0.5 * layer.prior.z_logvar).exp() * torch.randn(batch, layer.n_groups)
+        kl = _kl_molchanov(layer.prior.z_logvar - torch.log(layer.prior.z_mu**2 + 1e-8)).sum()
+    elif layer.prior.name == "ghs":
         half, one = torch.tensor(0.5), torch.tensor(1.0)
-        m_s, m_i = 0.5 * (layer.sa_mu + layer.sb_mu), 0.5 * (layer.za_mu + layer.zb_mu)
-        sd_s = 0.5 * (layer.sa_logvar.exp() + layer.sb_logvar.exp()).sqrt()
-        sd_i = 0.5 * (layer.za_logvar.exp() + layer.zb_logvar.exp()).sqrt()
+        m_s, m_i = 0.5 * (layer.prior.sa_mu + layer.prior.sb_mu), 0.5 * (layer.prior.za_mu + layer.prior.zb_mu)
+        sd_s = 0.5 * (layer.prior.sa_logvar.exp() + layer.prior.sb_logvar.exp()).sqrt()
+        sd_i = 0.5 * (layer.prior.za_logvar.exp() + layer.prior.zb_logvar.exp()).sqrt()
         z = torch.exp(m_s + sd_s * torch.randn(batch, 1) + m_i + sd_i * torch.randn(batch, layer.n_groups))
-        kl = (_kl_lognormal_gamma(layer.sa_mu, layer.sa_logvar, half, one / layer.tau0**2)
-              + _kl_lognormal_invgamma(layer.sb_mu, layer.sb_logvar, half, one)
-              + _kl_lognormal_gamma(layer.za_mu, layer.za_logvar, half, one).sum()
-              + _kl_lognormal_invgamma(layer.zb_mu, layer.zb_logvar, half, one).sum())
+        kl = (_kl_lognormal_gamma(layer.prior.sa_mu, layer.prior.sa_logvar, half, one / layer.prior.tau0**2)
+              + _kl_lognormal_invgamma(layer.prior.sb_mu, layer.prior.sb_logvar, half, one)
+              + _kl_lognormal_gamma(layer.prior.za_mu, layer.prior.za_logvar, half, one).sum()
+              + _kl_lognormal_invgamma(layer.prior.zb_mu, layer.prior.zb_logvar, half, one).sum())
     else:
         z, kl = None, _kl_molchanov(layer.weight_logvar - torch.log(layer.weight_mu**2 + 1e-8)).sum()
-    if layer.prior != "lu":
+    if layer.prior.name != "lu":
         kl = kl + _kl_normal_std_sum(layer.weight_mu, layer.weight_logvar, w_var)
     kl = kl + _kl_normal_std_sum(layer.bias_mu, layer.bias_logvar, b_var)
     if isinstance(layer, BayesConv2d):
@@ -202,10 +203,10 @@ def paper_sized_lenet5() -> tuple[nn.Module, nn.Module, str]:
     net = build_network("lenet5", "gnj")
     with torch.no_grad():
         for layer, keep in zip(net.layers, PAPER_GNJ_LENET5):
-            layer.z_logvar.fill_(5.0)  # log alpha ~ 5: pruned at threshold -3
+            layer.prior.z_logvar.fill_(5.0)  # log alpha ~ 5: pruned at threshold -3
             # fc1's kept inputs spread over conv2's kept channels (16 inputs each), others the first groups
             kept = torch.linspace(0, 16 * PAPER_GNJ_LENET5[1] - 1, keep).long() if layer.site == "fc1" else slice(keep)
-            layer.z_logvar[kept] = -9.0
+            layer.prior.z_logvar[kept] = -9.0
     layers = prune(analyse(net), [-3.0] * len(net.layers))
     arch = "-".join(str(layer.groups_kept) for layer in layers)
     with tempfile.TemporaryDirectory() as tmp:

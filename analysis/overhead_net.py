@@ -7,7 +7,8 @@ of the full-size gap between a ``pyro_bc`` step and plain PyTorch that bookkeepi
 
 from models import lenet300
 from pyro_bc.network import BayesianNet
+from pyro_bc.priors import Prior
 
 
-def build(prior: str = "gnj", tau0: float = 1e-5) -> BayesianNet:
-    return lenet300.build(prior, tau0, hidden=(8, 8))
+def build(prior: Prior | str = "gnj", **prior_options) -> BayesianNet:
+    return lenet300.build(prior, hidden=(8, 8), **prior_options)

@@ -10,19 +10,21 @@ from torch import nn
 
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.priors import Prior, make_prior
 
 
-def build(prior: str = "gnj", tau0: float = 1e-5) -> BayesianNet:
+def build(prior: Prior | str = "gnj", **prior_options) -> BayesianNet:
+    prior = make_prior(prior, **prior_options)
     body = nn.Sequential(OrderedDict(
-        conv1=BayesConv2d(1, 20, 5, prior=prior, tau0=tau0),
+        conv1=BayesConv2d(1, 20, 5, prior=prior),
         relu1=nn.ReLU(),
         pool1=nn.MaxPool2d(2),
-        conv2=BayesConv2d(20, 50, 5, prior=prior, tau0=tau0),
+        conv2=BayesConv2d(20, 50, 5, prior=prior),
         relu2=nn.ReLU(),
         pool2=nn.MaxPool2d(2),
         flatten=nn.Flatten(),
-        fc1=BayesLinear(800, 500, prior, tau0),
+        fc1=BayesLinear(800, 500, prior),
         relu3=nn.ReLU(),
-        fc2=BayesLinear(500, 10, prior, tau0),
+        fc2=BayesLinear(500, 10, prior),
     ))
     return BayesianNet(body, input_shape=(1, 28, 28))

@@ -10,10 +10,13 @@ import torch
 from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.errors import CheckpointError
 
+#: The parameter layout of the networks a checkpoint holds; 2 since priors became modules of their layers.
+LAYOUT_VERSION = 2
+
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, "layout_version": LAYOUT_VERSION}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -32,4 +35,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})")
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a pyro-bc checkpoint (missing keys)")
+    if state.get("layout_version") != LAYOUT_VERSION:
+        raise CheckpointError(f"{path}: written by an older pyro-bc (parameter layout {state.get('layout_version', 1)}, "
+                              f"this version reads {LAYOUT_VERSION}): train again, or use pyro-bc 0.1 to compress it")
     return state

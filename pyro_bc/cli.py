@@ -8,10 +8,13 @@ import math
 import sys
 from pathlib import Path
 
+from models import BUILTIN_MODELS
+from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
 from pyro_bc.distributed import is_main_process
 from pyro_bc.errors import BCError
-from pyro_bc.nn import PRIORS
-from pyro_bc.train import BUILTIN_MODELS, TrainConfig, train
+from pyro_bc.priors import PRIORS
+from pyro_bc.run_dir import CHECKPOINT, TrainConfig
+from pyro_bc.train import train
 
 
 def _positive_int(text: str) -> int:
@@ -67,9 +70,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--data", default=None, help="folder with the four MNIST-layout IDX files (default: embedded)")
     p.add_argument("--subset", type=_positive_int, default=None, help="train on the first N training examples")
-    p.add_argument("--val-size", type=_positive_int, default=5000)
+    p.add_argument("--val-size", type=_positive_int, default=VAL_SIZE)
     p.add_argument("--warmup-epochs", type=_nonnegative_int, default=0, help="linear KL warm-up length")
-    p.add_argument("--tau0", type=_positive_float, default=1e-5, help="horseshoe global scale (ghs)")
+    p.add_argument("--tau0", type=_positive_float, default=TAU0, help="horseshoe global scale (ghs, rhs)")
+    p.add_argument("--slab-scale", type=_positive_float, default=SLAB_SCALE,
+                   help="regularised horseshoe slab width (rhs)")
     p.add_argument("--init-from", default=None, help="deterministic network state_dict to start the means from")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=_positive_int, default=1)
@@ -78,7 +83,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(model=args.model, prior=args.prior, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, data=args.data, subset=args.subset, val_size=args.val_size,
-                       warmup_epochs=args.warmup_epochs, tau0=args.tau0, init_from=args.init_from,
+                       warmup_epochs=args.warmup_epochs, tau0=args.tau0, slab_scale=args.slab_scale,
+                       init_from=args.init_from,
                        device=args.device, threads=args.threads)
 
 
@@ -128,13 +134,12 @@ def _add_compress_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-DEMO_THRESHOLDS = [-2.8, -3.0, -5.0]  # the official LeNet-300-100 thresholds (METHOD.md 6)
+DEMO_THRESHOLDS = [-2.8, -3.0, -5.0]  # the official LeNet-300-100 thresholds (docs/METHOD.md 6)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pyro_bc.compress import compress_run, format_table
     from pyro_bc.report import write_report
-    from pyro_bc.train import CHECKPOINT
 
     run_dir = Path(args.out)
     config = TrainConfig(model="lenet300", prior="gnj", epochs=args.epochs, data=args.data, threads=args.threads)

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models import build_network
 from pyro_bc import codec
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import ConfigError
+from pyro_bc.evaluate import error_percent
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLayer
 from pyro_bc.posterior import (
@@ -27,7 +29,7 @@ from pyro_bc.posterior import (
     fold_pruned_inputs,
     prune,
 )
-from pyro_bc.train import CHECKPOINT, TrainConfig, build_network, error_percent
+from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 
 DEFAULT_THRESHOLD = -3.0
 DEFAULT_THRESHOLD_PER_WEIGHT = 3.0  # Sparse VD's customary log alpha cut for per-weight (lu) posteriors
@@ -35,16 +37,16 @@ SEARCH_GRID = np.round(np.arange(-8.0, 6.01, 0.25), 2)
 FOLD_EXAMPLES = 10_000  # training examples whose layer inputs give the means that pruned weights are folded with
 
 
-def default_threshold(prior: str) -> float:
-    """The log alpha cut used when none is given: -3 per group, 3 per weight (``lu``, Sparse VD)."""
-    return DEFAULT_THRESHOLD_PER_WEIGHT if prior == "lu" else DEFAULT_THRESHOLD
+def default_thresholds(net: BayesianNet) -> list[float]:
+    """The log alpha cuts used when none is given: each layer's prior's (-3 per group, 3 per weight for ``lu``)."""
+    return [layer.prior.default_threshold for layer in net.layers]
 
 
 def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     """The trained network of a run directory (from its checkpoint), its config and the checkpoint."""
     state = load_checkpoint(Path(run_dir) / CHECKPOINT)
     config = TrainConfig(**state["config"])
-    net = build_network(config.model, config.prior, config.tau0)
+    net = build_network(config.model, config.prior, **config.prior_options)
     net.load_state_dict(state["network"])
     return net.eval(), config, state
 
@@ -143,7 +145,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     net, config, _ = load_run(run_dir)
     mnist = load_mnist(data or config.data, val_size=config.val_size, seed=config.seed)
     posts = analyse(net)
-    fold = (config.prior != "lu") if fold is None else fold
+    fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
     means = layer_input_means(net, mnist.train.x[:FOLD_EXAMPLES]) if fold else None
     if thresholds is not None:
         method = "given"
@@ -153,13 +155,14 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
         thresholds = search_thresholds(net, posts, max_error_increase, mnist.val.x, mnist.val.y, means)
         method = f"max validation error increase {max_error_increase} points"
     else:
-        default = default_threshold(config.prior)
-        thresholds, method = [default] * len(posts), f"default {default:g}"
+        thresholds = default_thresholds(net)
+        method = "default " + ", ".join(f"{t:g}" for t in dict.fromkeys(thresholds))
     layers = pruned_layers(posts, thresholds, means)
     precision = choose_precision(layers)
     rates = compression_rates(layers, precision)
     metadata = {"model": config.model, "prior": config.prior, "thresholds": thresholds, "threshold_method": method,
-                "run_dir": str(run_dir), "tau0": config.tau0, "data": data or config.data,
+                "run_dir": str(run_dir), "tau0": config.tau0, "prior_options": config.prior_options,
+                "data": data or config.data,
                 "val_size": config.val_size, "seed": config.seed}
     file_bytes = codec.write_bcz(out, compressed_model(net, layers, precision, metadata))
     loaded = codec.load(out)
@@ -232,7 +235,7 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     mnist = load_mnist(data or meta.get("data"), val_size=meta.get("val_size", 5000), seed=meta.get("seed", 0))
     x, y = mnist.test.x, mnist.test.y
     try:
-        original = build_network(meta["model"], meta["prior"], meta.get("tau0", 1e-5)).posterior_mean_network()
+        original = build_network(meta["model"], meta["prior"], **meta.get("prior_options", {})).posterior_mean_network()
     except (KeyError, ConfigError):
         original = None
     return {"error": error_percent(compressed, x, y), "n": len(x),

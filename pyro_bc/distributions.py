@@ -24,6 +24,8 @@ from torch.distributions import constraints, register_kl
 from torch.distributions.transforms import ExpTransform
 from torch.distributions.utils import broadcast_all, lazy_property
 
+from pyro_bc.defaults import LOG_ALPHA_EPS
+
 __all__ = [
     "K1",
     "K2",
@@ -38,7 +40,7 @@ __all__ = [
     "kl_lognormal_inverse_gamma",
     "kl_normal_log_uniform",
     "kl_normal_logvar_normal",
-    "log_alpha_normal",
+    "log_alpha",
     "log_moments",
     "summed_kl",
 ]
@@ -229,9 +231,10 @@ def summed_kl(p: torch.distributions.Distribution, q: torch.distributions.Distri
     return n * (torch.log(s) - 0.5) - 0.5 * p.logvar.sum() + (p.variance.sum() + squares) / (2 * s * s)
 
 
-def log_alpha_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Dropout-rate parameter ``log alpha = log(scale^2) - log(loc^2 + 1e-8)`` of ``N(loc, scale^2)``."""
-    return 2.0 * torch.log(scale) - torch.log(loc.pow(2) + 1e-8)
+def log_alpha(logvar: torch.Tensor, mean: torch.Tensor, eps: float = LOG_ALPHA_EPS) -> torch.Tensor:
+    """Dropout-rate parameter ``log alpha = log Var - log(E^2 + eps)`` from the log-variance and the mean;
+    ``eps`` keeps a zero mean finite."""
+    return logvar - torch.log(mean.pow(2) + eps)
 
 
 @register_kl(_TorchNormal, LogUniform)
@@ -243,11 +246,8 @@ def kl_normal_log_uniform(p: _TorchNormal, q: LogUniform) -> torch.Tensor:
     """
     if q.event_shape:
         raise ValueError("KL(Normal || LogUniform) needs a LogUniform with an empty event shape; use .to_event()")
-    if isinstance(p, NormalLogVar):
-        log_alpha = p.logvar - torch.log(p.loc.pow(2) + 1e-8)
-    else:
-        log_alpha = log_alpha_normal(p.loc, p.scale)
-    kl = K1 - K1 * torch.sigmoid(K2 + K3 * log_alpha) + 0.5 * F.softplus(-log_alpha)
+    la = log_alpha(p.logvar if isinstance(p, NormalLogVar) else 2.0 * torch.log(p.scale), p.loc)
+    kl = K1 - K1 * torch.sigmoid(K2 + K3 * la) + 0.5 * F.softplus(-la)
     return _expand_to(kl, q)
 
 

@@ -51,43 +51,6 @@ def group_dim(layer: BayesLayer) -> str:
     return f"{var_prefix(layer)}_{'channel' if isinstance(layer, BayesConv2d) else 'group'}"
 
 
-def _lognormal(mu: torch.Tensor, logvar: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    eps = torch.randn((n,) + tuple(mu.shape), generator=gen, dtype=torch.float64)
-    return torch.exp(mu.double() + (0.5 * logvar.double()).exp() * eps)
-
-
-def _gamma(conc: float, rate: float, shape: tuple, gen: torch.Generator) -> torch.Tensor:
-    # torch's Gamma sampler takes no generator: draw via a seeded numpy generator instead
-    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    return torch.from_numpy(rng.gamma(conc, 1.0 / rate, size=shape))
-
-
-def _guide_scales(layer: BayesLayer, n: int, gen: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(z draws (n, G), tau draws (n,) or None)`` from the guide; ``(None, None)`` for ``lu``."""
-    if layer.prior == "gnj":
-        eps = torch.randn((n, layer.n_groups), generator=gen, dtype=torch.float64)
-        return layer.z_mu.double() + (0.5 * layer.z_logvar.double()).exp() * eps, None
-    if layer.prior == "ghs":
-        s_a = _lognormal(layer.sa_mu, layer.sa_logvar, n, gen)
-        s_b = _lognormal(layer.sb_mu, layer.sb_logvar, n, gen)
-        z_a = _lognormal(layer.za_mu, layer.za_logvar, n, gen)
-        z_b = _lognormal(layer.zb_mu, layer.zb_logvar, n, gen)
-        tau = torch.sqrt(s_a * s_b)
-        return tau[:, None] * torch.sqrt(z_a * z_b), tau
-    return None, None
-
-
-def _prior_scales(layer: BayesLayer, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ghs`` prior draws ``(z (n, G), tau (n,))`` through the model's Gamma x InvGamma sites."""
-    g = layer.n_groups
-    s_a = _gamma(0.5, layer.tau0**-2, (n,), gen)
-    s_b = 1.0 / _gamma(0.5, 1.0, (n,), gen)
-    z_a = _gamma(0.5, 1.0, (n, g), gen)
-    z_b = 1.0 / _gamma(0.5, 1.0, (n, g), gen)
-    tau = torch.sqrt(s_a * s_b)
-    return tau[:, None] * torch.sqrt(z_a * z_b), tau
-
-
 def group_log_alpha(layer: BayesLayer) -> torch.Tensor:
     """Log alpha per group; for ``lu`` the median over each group's weights."""
     la = layer.log_alpha().detach().double()
@@ -125,22 +88,20 @@ def to_datatree(net: BayesianNet, num_samples: int = 200, seed: int = 0) -> xr.D
     for layer in net.layers:
         name, gdim = var_prefix(layer), group_dim(layer)
         coords[gdim] = np.arange(layer.n_groups)
-        z, tau = _guide_scales(layer, num_samples, gen)
-        if z is not None:
-            put(posterior, f"{name}_z", z, [gdim])
-        if tau is not None:
-            put(posterior, f"{name}_tau", tau, [])
+        draws = layer.prior.posterior_draws(num_samples, gen)
+        z = draws.get("z")
+        for var, value in draws.items():
+            put(posterior, f"{name}_{var}", value, [gdim] if var == "z" else [])
         la = group_log_alpha(layer)
         put(posterior, f"{name}_log_alpha", la.expand(num_samples, -1), [gdim])
         w = _weight_sample(layer, z, num_samples, gen)
         wg, wu = f"{name}_w_group", f"{name}_w_unit"
         coords[wg], coords[wu] = np.arange(w.shape[1]), np.arange(w.shape[2])
         put(posterior, f"{name}_w", w, [wg, wu])
-        if layer.prior == "ghs":
-            pz, ptau = _prior_scales(layer, num_samples, gen)
-            put(prior, f"{name}_z", pz, [gdim])
-            put(prior, f"{name}_tau", ptau, [])
-        else:
+        prior_draws = layer.prior.prior_draws(num_samples, gen)
+        for var, value in prior_draws.items():
+            put(prior, f"{name}_{var}", value, [gdim] if var == "z" else [])
+        if not prior_draws:
             improper.append(name)
     data = {"posterior": posterior}
     if prior:
@@ -148,7 +109,7 @@ def to_datatree(net: BayesianNet, num_samples: int = 200, seed: int = 0) -> xr.D
     dt = az.from_dict(data, dims=dims, coords=coords)
     dt.attrs.update({
         "layers": ",".join(var_prefix(layer) for layer in net.layers),
-        "priors": ",".join(layer.prior for layer in net.layers),
+        "priors": ",".join(layer.prior.name for layer in net.layers),
         "kinds": ",".join("conv2d" if isinstance(layer, BayesConv2d) else "linear" for layer in net.layers),
         "group_dims": ",".join(group_dim(layer) for layer in net.layers),
         "num_samples": num_samples,

@@ -2,7 +2,9 @@
 
 ``model(x, y)`` runs the body (each Bayesian layer samples its prior sites) and observes ``y`` inside
 ``pyro.plate("data", n_data)``, so a minibatch's log-likelihood is scaled to the whole data set.
-``guide()`` samples every layer's guide sites in the same order.
+``guide()`` registers the network's parameters with Pyro's param store (as ``pyro.module`` does, under
+:attr:`BayesianNet.pyro_name`) and samples every layer's guide sites in the same order, so Pyro's own
+``SVI`` with a ``pyro.optim`` optimiser trains the network.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class BayesianNet(nn.Module):
         if likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
         self.body, self.input_shape = body, tuple(input_shape)
+        self.pyro_name = "bc"  # the parameters' prefix in Pyro's param store
         self.likelihood, self.noise_scale = likelihood, noise_scale
         for name, module in body.named_modules():
             if isinstance(module, BayesLayer):
@@ -52,8 +55,22 @@ class BayesianNet(nn.Module):
         return out
 
     def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, n_data: int | None = None) -> None:
+        self.register_params()
         for layer in self.layers:
             layer.guide()
+
+    def register_params(self) -> None:
+        """``pyro.module(pyro_name, self)``, with this network's tensors in the param store.
+
+        ``pyro.module`` keeps a tensor already stored under a name; a store left from another network of the
+        same layout would then be optimised in this one's place. Such stale entries are replaced first.
+        """
+        store = pyro.get_param_store()
+        for name, param in self.named_parameters():
+            full = f"{self.pyro_name}$$${name}"
+            if full in store and store.get_param(full) is not param:
+                del store[full]
+        pyro.module(self.pyro_name, self)
 
     def clip_variances(self) -> None:
         for layer in self.layers:

@@ -1,21 +1,28 @@
 """Effectful layer ops and the local reparameterisation trick as a Pyro effect handler.
 
-A Bayesian layer's model computes its output with :func:`linear` or :func:`conv2d` from sampled
-values ``(x, z, w, b)``: ``z`` the group scales (or ``None``), ``w`` the non-centred weights
-``w~`` and ``b`` the bias. Without a handler these ops compute with the sampled values, i.e.
-explicit weight sampling with one ``z`` per step. Under :class:`LocalReparameterization` they
-look up the *guide distributions* the values were drawn from and return a draw of the
-pre-activation instead (Kingma et al. 2015), with group-scale noise drawn per example as in
-the official code (``METHOD.md`` section 5).
+A Bayesian layer's model computes its output with :func:`bayes_layer` from sampled values
+``(x, z, w, b)``: ``z`` the group scales (or ``None``), ``w`` the non-centred weights ``w~`` and ``b``
+the bias; a prior computes ``z`` from its sites with :func:`group_scale`. Without a handler these
+ops compute with the sampled values: explicit weight sampling, one ``z`` per step. Under
+:class:`LocalReparameterization` they look up the *guide distributions* the values were drawn from
+and return a draw of the pre-activation instead (Kingma et al. 2015), with group-scale noise drawn
+per example as in the official code (docs/METHOD.md 5).
+
+Every layer kind is one entry of :data:`OPS`: its deterministic function, whether the group scales
+multiply its inputs or its outputs, and its local-reparameterisation op. The handler's body is the
+same for all of them.
 
 Example::
 
-    lrt = LocalReparameterization()
-    with lrt:
+    with LocalReparameterization():
         loss = elbo.differentiable_loss(net.model, net.guide, x, y)
+    # or, as a function: local_reparameterization(net.model)
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,29 +30,85 @@ from pyro.distributions import Independent, LogNormal, Normal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import effectful
 
-from pyro_bc.distributions import log_moments
+#: ``infer`` of a guide site whose value feeds only ops that this handler replaces: under the handler the
+#: site is not drawn (its value is the distribution's median), which saves a weight-sized draw per step.
+LRT_ONLY = {"lrt_only": True}
 
 
-def _linear(x: torch.Tensor, z: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x if z is None else x * z, w, b)
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _conv2d(x, z, w, b, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
-    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    return y if z is None else y * z[..., :, None, None]
+def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1):
+    if padding == "same":  # PyTorch allows it with stride 1 only
+        return torch.Size((x.shape[0], weight.shape[0], *x.shape[2:]))
+    padding = 0 if padding == "valid" else padding
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+               zip(x.shape[2:], weight.shape[2:], _pair(stride), _pair(padding), _pair(dilation))]
+    return torch.Size((x.shape[0], weight.shape[0], *spatial))
 
 
-def _horseshoe_scale(s_a: torch.Tensor, s_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt(s_a * s_b * z_a * z_b)
+def _lrt_composed(function: Callable, scales_input: bool, channels_last: bool) -> Callable:
+    """The local reparameterisation of ``function`` composed from it (two calls: mean and variance)."""
+
+    def lrt(x, z, mu, var, b_mu, b_var, eps, *args):
+        if z is not None and scales_input:
+            x = x * _along_dim1(z, x.dim())
+        mean = function(x, mu, b_mu, *args)
+        y = mean + function(x * x, var, b_var, *args).sqrt() * eps
+        if z is not None and not scales_input:
+            y = y * _along_dim1(z, y.dim())
+        # channels-last from here on: pooling and the next convolution run several times faster on it
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+    return lrt
 
 
-#: ``linear(x, z, w, b)``: input scaled by the input-group scales ``z``, then ``x W^T + b``.
-linear = effectful(_linear, type="bc_linear")
-#: ``conv2d(x, z, w, b, stride, padding, dilation, groups)``: convolution, output channels (bias
-#: included) scaled by ``z``.
-conv2d = effectful(_conv2d, type="bc_conv2d")
-#: ``horseshoe_scale(s_a, s_b, z_a, z_b)``: ``z = sqrt(s_a s_b z_a z_b)``, the group horseshoe scale.
-horseshoe_scale = effectful(_horseshoe_scale, type="bc_horseshoe_scale")
+@dataclasses.dataclass(frozen=True)
+class LayerOp:
+    """One layer kind: ``function(x, weight, bias, *args)``, where the group scale applies, and the LRT op
+    ``lrt(x, z, mu, var, b_mu, b_var, eps, *args)`` (``z`` per example, ``var`` the weight variances,
+    ``eps`` standard-normal noise of the output's shape)."""
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    scales_input: bool  # the group scales multiply the input features (True) or the output channels
+    output_shape: Callable[..., torch.Size]
+    lrt: Callable[..., torch.Tensor]
+
+
+#: The layer kinds: one entry each.
+OPS: dict[str, LayerOp] = {
+    "linear": LayerOp("linear", F.linear, True, lambda x, w, *args: torch.Size((x.shape[0], w.shape[0])),
+                      _lrt_composed(F.linear, True, False)),
+    "conv2d": LayerOp("conv2d", F.conv2d, False, _conv_output_shape, _lrt_composed(F.conv2d, False, True)),
+}
+
+
+def _along_dim1(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """``z`` of shape ``(G,)`` or ``(N, G)`` shaped to scale dimension 1 of a ``dim``-D tensor."""
+    return z.reshape(z.shape + (1,) * (dim - 2)) if z.dim() == 2 else z.reshape((-1,) + (1,) * (dim - 2))
+
+
+def _bayes_layer(op: LayerOp, x: torch.Tensor, z: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None,
+                 *args) -> torch.Tensor:
+    if z is None:
+        return op.function(x, w, b, *args)
+    if op.scales_input:
+        return op.function(x * _along_dim1(z, x.dim()), w, b, *args)
+    y = op.function(x, w, b, *args)
+    return y * _along_dim1(z, y.dim())
+
+
+def _group_scale(prior, *values: torch.Tensor) -> torch.Tensor:
+    return prior.scale(*values)
+
+
+#: ``bayes_layer(op, x, z, w, b, *args)``: the layer kind ``op`` applied with weights ``z w`` (``z`` on the
+#: inputs or the outputs, as ``op`` says) and bias ``b`` (scaled by ``z`` where ``z`` scales the outputs).
+bayes_layer = effectful(_bayes_layer, type="bc_layer")
+#: ``group_scale(prior, *values)``: ``z`` from the values of a prior's scale sites (``prior.scale``).
+group_scale = effectful(_group_scale, type="bc_group_scale")
 
 
 def _base(fn):
@@ -54,54 +117,31 @@ def _base(fn):
     return fn
 
 
-class HorseshoeScalePosterior:
-    """The guide's distribution of ``z = s * z~`` for one layer, sampled per example.
-
-    ``log z[n, i] = m_s + sqrt(v_s) xi[n] + m_i + sqrt(v_i) xi[n, i]``: one global draw per example
-    shared by the layer's groups, one local draw per example and group (``METHOD.md`` 5.3).
-    """
-
-    def __init__(self, s_a: LogNormal, s_b: LogNormal, z_a: LogNormal, z_b: LogNormal):
-        (m_sa, v_sa), (m_sb, v_sb), (m_za, v_za), (m_zb, v_zb) = map(log_moments, (s_a, s_b, z_a, z_b))
-        self.loc = 0.5 * (m_sa + m_sb + m_za + m_zb)  # m_s + m_i
-        self.sd_s, self.sd_i = 0.5 * torch.sqrt(v_sa + v_sb), 0.5 * torch.sqrt(v_za + v_zb)
-
-    def rsample(self, sample_shape: tuple[int, ...], noise) -> torch.Tensor:
-        """Draws of ``z``; ``noise(shape, like)`` gives the standard-normal draws."""
-        shape = torch.Size(sample_shape)
-        xi_s = noise(shape + (1,) * self.loc.dim(), self.loc)
-        xi_i = noise(shape + self.loc.shape, self.loc)
-        return torch.exp(self.loc + self.sd_s * xi_s + self.sd_i * xi_i)
-
-
 class LocalReparameterization(Messenger):
-    """Replace explicit weight sampling in :func:`linear`/:func:`conv2d` by the LRT.
+    """Replace explicit weight sampling in :func:`bayes_layer` by the local reparameterisation.
 
     Records the guide distribution of every sampled value (by identity of the tensor, which Pyro's
-    replay passes unchanged from guide to model) and, at each op, draws the pre-activation from
-    its Gaussian: ``mean = (x z) M^T + mu_b``, ``var = (x z)^2 S^T + s_b^2`` for linear layers,
-    ``y = z (conv(x, M) + mu_b + sqrt(conv(x^2, S) + s_b^2) eps)`` for convolutions, ``z`` drawn
-    per example. Guide sites marked ``infer={"lrt_only": True}`` are not drawn (their value is the
-    median): mark only values that are used solely by these ops. The guide must sample ``w`` (and ``b``)
-    from a Normal and ``z`` from a Normal or through :func:`horseshoe_scale`; anything else falls back
-    to explicit sampling.
+    replay passes unchanged from guide to model) and, at each layer, draws the pre-activation from its
+    Gaussian through the op's ``lrt`` (e.g. ``mean = (x z) M^T + mu_b``, ``var = (x z)^2 S^T + s_b^2``
+    for linear layers), ``z`` drawn per example by the prior (:meth:`Prior.per_example_scale`). Guide
+    sites marked :data:`LRT_ONLY` are not drawn. The guide must sample ``w`` (and ``b``) from a Normal;
+    anything else falls back to explicit sampling.
 
-    :attr:`rows` ``= (start, total)`` says the batch is rows ``start, start + 1, ...`` of a batch of
-    ``total`` rows: the per-example noise is drawn for all ``total`` rows and these rows are kept, so
-    that the processes of a data-parallel run together draw what one process would (``None``: the
-    batch is the whole batch).
+    :param shard: ``(start, total)``: the batch is rows ``start, start + 1, ...`` of a batch of ``total``
+        rows. The per-example noise is drawn for all ``total`` rows and these rows are kept, so that the
+        processes of a data-parallel run together draw what one process would (``None``: the whole batch).
     """
 
-    def __init__(self):
+    def __init__(self, shard: tuple[int, int] | None = None):
         super().__init__()
+        self.shard = shard
         self._q: dict[int, tuple[torch.Tensor, object]] = {}
-        self.rows: tuple[int, int] | None = None
 
     def _noise(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-        """Standard-normal per-example noise of ``shape`` (examples first), honouring :attr:`rows`."""
-        if self.rows is None:
+        """Standard-normal per-example noise of ``shape`` (examples first), honouring :attr:`shard`."""
+        if self.shard is None:
             return torch.randn(shape, dtype=like.dtype, device=like.device)
-        start, total = self.rows
+        start, total = self.shard
         full = torch.randn((total, *shape[1:]), dtype=like.dtype, device=like.device)
         return full[start:start + shape[0]]
 
@@ -120,7 +160,6 @@ class LocalReparameterization(Messenger):
         return hit[1] if hit is not None and hit[0] is value else None
 
     def _pyro_sample(self, msg) -> None:
-        # A value drawn only to be fed to an LRT-replaced op is never used by value: skip the draw.
         if msg["infer"].get("lrt_only") and msg["value"] is None and not msg["is_observed"]:
             fn = _base(msg["fn"])
             msg["value"] = fn.loc.exp() if isinstance(fn, LogNormal) else fn.loc  # the median
@@ -131,48 +170,29 @@ class LocalReparameterization(Messenger):
             return  # the model's replayed site: keep the guide's distribution
         self._q[id(value)] = (value, _base(msg["fn"]))
 
-    def _pyro_bc_horseshoe_scale(self, msg) -> None:
-        parts = [self._lookup(v) for v in msg["args"]]
-        if all(isinstance(p, LogNormal) for p in parts):
-            value = _horseshoe_scale(*msg["args"])
-            self._q[id(value)] = (value, HorseshoeScalePosterior(*parts))
-            msg["value"], msg["done"] = value, True
-
-    def _gaussian_parts(self, args):
-        x, z, w, b = args[:4]
-        q_w, q_z = self._lookup(w), self._lookup(z)
-        q_b = self._lookup(b) if b is not None else None
-        if not isinstance(q_w, Normal) or (z is not None and q_z is None) or (b is not None and q_b is None):
-            return None
-        if z is None:
-            z_n = None
-        elif isinstance(q_z, HorseshoeScalePosterior):
-            z_n = q_z.rsample(x.shape[:1], noise=self._noise)
-        else:
-            z_n = q_z.loc + q_z.scale * self._noise(x.shape[:1] + q_z.loc.shape, q_z.loc)
-        bias = (None, None) if b is None else (q_b.loc, q_b.variance)
-        return x, z_n, q_w.loc, q_w.variance, bias
-
-    def _pyro_bc_linear(self, msg) -> None:
-        parts = self._gaussian_parts(msg["args"])
-        if parts is None:
+    def _pyro_bc_group_scale(self, msg) -> None:
+        prior, *values = msg["args"]
+        guides = [self._lookup(v) for v in values]
+        if any(q is None for q in guides):
             return
-        x, z_n, w_mu, w_var, (b_mu, b_var) = parts
-        if z_n is not None:
-            x = x * z_n
-        mean = F.linear(x, w_mu, b_mu)
-        var = F.linear(x * x, w_var, b_var)
-        msg["value"], msg["done"] = mean + var.sqrt() * self._noise(mean.shape, mean), True
+        value = prior.scale(*values)
+        self._q[id(value)] = (value, (prior, guides))
+        msg["value"], msg["done"] = value, True
 
-    def _pyro_bc_conv2d(self, msg) -> None:
-        parts = self._gaussian_parts(msg["args"])
-        if parts is None:
+    def _pyro_bc_layer(self, msg) -> None:
+        op, x, z, w, b, *args = msg["args"]
+        q_w, q_b, q_z = self._lookup(w), self._lookup(b), self._lookup(z)
+        if not isinstance(q_w, Normal) or (b is not None and not isinstance(q_b, Normal)) \
+                or (z is not None and not isinstance(q_z, tuple)):
             return
-        x, z_n, w_mu, w_var, (b_mu, b_var) = parts
-        conv_args = msg["args"][4:]
-        mean = F.conv2d(x, w_mu, b_mu, *conv_args)
-        var = F.conv2d(x * x, w_var, b_var, *conv_args)
-        y = mean + var.sqrt() * self._noise(mean.shape, mean)
-        y = y if z_n is None else y * z_n[:, :, None, None]
-        # channels-last from here on: the pooling and the next convolution run several times faster on it
-        msg["value"], msg["done"] = y.contiguous(memory_format=torch.channels_last), True
+        z_n = None if z is None else q_z[0].per_example_scale(q_z[1], x.shape[0], self._noise)
+        b_mu, b_var = (None, None) if b is None else (q_b.loc, q_b.variance)
+        eps = self._noise(op.output_shape(x, w, *args), x)
+        msg["value"], msg["done"] = op.lrt(x, z_n, q_w.loc, q_w.variance, b_mu, b_var, eps, *args), True
+
+
+def local_reparameterization(fn: Callable | None = None, shard: tuple[int, int] | None = None):
+    """Function form of :class:`LocalReparameterization`, as Pyro's handlers have: wraps ``fn``, or returns
+    the handler when ``fn`` is ``None``."""
+    handler = LocalReparameterization(shard)
+    return handler(fn) if fn is not None else handler

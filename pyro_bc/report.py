@@ -18,11 +18,11 @@ from pathlib import Path
 
 from pyro_bc import plots
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compress import default_threshold, load_run
+from pyro_bc.compress import default_thresholds, load_run
 from pyro_bc.errors import ConfigError
 from pyro_bc.inspect import save_datatree, to_datatree, var_prefix
 from pyro_bc.posterior import analyse, prune
-from pyro_bc.train import METRICS
+from pyro_bc.run_dir import METRICS
 
 REPORT, FIGURES, POSTERIOR_NC = "report.md", "figures", "posterior.nc"
 
@@ -80,7 +80,7 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
         raise ConfigError(f"{summary_path} describes layers {[r['name'] for r in summary['layers']]}, "
                           f"the run's network {[p.name for p in posts]}")
     else:
-        thresholds = [default_threshold(config.prior)] * len(posts)
+        thresholds = default_thresholds(net)
     pruned = prune(posts, thresholds)
     figdir = run_dir / FIGURES
     figdir.mkdir(exist_ok=True)
@@ -100,7 +100,7 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     lines = [f"# pyro-bc report: {config.model} / {config.prior}", "",
              f"Run directory `{run_dir}`: {last.get('epoch', 0)} epochs, batch size {config.batch_size}, "
              f"lr {config.lr:g}, seed {config.seed}" + (f", training subset {config.subset}" if config.subset else "")
-             + (f", tau0 {config.tau0:g}" if config.prior == "ghs" else "") + ".", ""]
+             + "".join(f", {k} {v:g}" for k, v in net.layers[0].prior.options().items()) + ".", ""]
     if last:
         lines += [(f"Last epoch: ELBO per example {last['elbo']:.4f}, train error {last['train_error']:.2f}%, "
                   f"validation error {last['val_error']:.2f}%."), ""]

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,77 +22,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from models import build_network
 from pyro_bc import distributed
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.data import iterate_minibatches, load_mnist
 from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
+from pyro_bc.evaluate import error_percent, groups_below
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import PRIORS
 from pyro_bc.reparam import LocalReparameterization
-
-BUILTIN_MODELS = ("lenet300", "lenet5")
-CHECKPOINT, METRICS, LOCK = "checkpoint.pt", "metrics.jsonl", ".lock"
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    model: str = "lenet300"
-    prior: str = "gnj"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    data: str | None = None
-    subset: int | None = None
-    val_size: int = 5000
-    warmup_epochs: int = 0
-    tau0: float = 1e-5
-    init_from: str | None = None
-    device: str = "cpu"
-    threads: int = 1
-
-
-def build_network(model: str, prior: str, tau0: float = 1e-5) -> BayesianNet:
-    """Build a built-in network by name or a user's file defining ``build(prior, tau0) -> BayesianNet``."""
-    if prior not in PRIORS:
-        raise ConfigError(f"unknown prior {prior!r}: choose one of {', '.join(PRIORS)}")
-    if model in BUILTIN_MODELS:
-        module = importlib.import_module(f"models.{model}")
-    elif model.endswith(".py"):
-        path = Path(model)
-        if not path.is_file():
-            raise ConfigError(f"model file {model} does not exist")
-        spec = importlib.util.spec_from_file_location(f"pyro_bc_user_model_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001  (any failure of user or file code is reported the same way)
-            raise ConfigError(f"model file {model} failed to import: {type(e).__name__}: {e}")
-    else:
-        raise ConfigError(f"unknown model {model!r}: choose {', '.join(BUILTIN_MODELS)} or a path to a .py file")
-    build = getattr(module, "build", None)
-    if not callable(build):
-        raise ConfigError(f"model {model} defines no build(prior, tau0) function returning a BayesianNet")
-    net = build(prior=prior, tau0=tau0)
-    if not isinstance(net, BayesianNet):
-        raise ConfigError(f"model {model}: build() returned {type(net).__name__}, not a pyro_bc BayesianNet")
-    return net
-
-
-@torch.no_grad()
-def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Classification error of ``module`` on ``(x, y)``, in percent."""
-    wrong = sum(int((module(x[i:i + batch_size]).argmax(-1) != y[i:i + batch_size]).sum())
-                for i in range(0, len(x), batch_size))
-    return 100.0 * wrong / max(len(x), 1)
-
-
-def groups_below(net: BayesianNet, threshold: float = -3.0) -> dict[str, int]:
-    """Number of groups (weights, for ``lu``) per layer with log alpha below ``threshold``."""
-    with torch.no_grad():
-        return {layer.site: int((layer.log_alpha() < threshold).sum()) for layer in net.layers}
+from pyro_bc.run_dir import CHECKPOINT, CONFIG, METRICS, RunLock, TrainConfig, prepare_run_dir
 
 
 def _check_shape(net: BayesianNet, x: torch.Tensor) -> None:
@@ -115,39 +52,6 @@ def _first_nonfinite(net: BayesianNet) -> str:
     return "the loss"
 
 
-class RunLock:
-    """A lock file so that two trainings never write into the same run directory."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK
-
-    def __enter__(self):
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = self.path.read_text().strip()
-            if pid.isdigit() and _alive(int(pid)):
-                raise ConfigError(f"{self.path.parent}: a training (pid {pid}) is already running in this directory")
-            self.path.unlink(missing_ok=True)  # stale lock from a killed run
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return self
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class NegativeELBO(nn.Module):
     """``-ELBO / N`` of a minibatch (KL weighted by ``beta``) as a module over the network's parameters.
 
@@ -159,39 +63,29 @@ class NegativeELBO(nn.Module):
 
     def __init__(self, net: BayesianNet):
         super().__init__()
-        self.net, self.elbo, self.lrt = net, MeanFieldELBO(), LocalReparameterization()
+        self.net, self.elbo = net, MeanFieldELBO()
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, n_data: int, beta: float = 1.0,
-                weight: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, n_data: int, beta: float = 1.0, weight: float = 1.0,
+                shard: tuple[int, int] | None = None) -> torch.Tensor:
+        """``shard``: the rows of a data-parallel global batch that ``x`` is (see :class:`LocalReparameterization`)."""
         if weight == 0:  # an empty shard (a last global batch smaller than the world): zero gradients
             return sum(p.sum() for p in self.parameters()) * 0.0
         model = poutine.scale(self.net.model, scale=weight / n_data)
         guide = poutine.scale(self.net.guide, scale=weight * beta / n_data)
-        with self.lrt:
+        with LocalReparameterization(shard):
             return self.elbo.differentiable_loss(model, guide, x, y, n_data)
 
 
 def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet, x: torch.Tensor,
-             y: torch.Tensor, n_data: int, beta: float = 1.0, weight: float = 1.0) -> torch.Tensor:
+             y: torch.Tensor, n_data: int, beta: float = 1.0, weight: float = 1.0,
+             shard: tuple[int, int] | None = None) -> torch.Tensor:
     """One optimiser step on ``loss`` (a :class:`NegativeELBO`, maybe wrapped), then variance clipping."""
-    value = loss(x, y, n_data, beta, weight)
+    value = loss(x, y, n_data, beta, weight, shard)
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()
     net.clip_variances()
     return value.detach()
-
-
-def prepare_run_dir(out: str | Path) -> Path:
-    run_dir = Path(out)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output directory {run_dir} cannot be written: {e.strerror}")
-    return run_dir
 
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -232,7 +126,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         config = dataclasses.replace(TrainConfig(**saved), epochs=config.epochs, threads=config.threads,
                                      device=config.device)
     pyro.set_rng_seed(config.seed)  # the same stream in every process (see pyro_bc.distributed)
-    net = build_network(config.model, config.prior, config.tau0)
+    net = build_network(config.model, config.prior, **config.prior_options)
     data = load_mnist(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)
     _check_shape(net, data.train.x[:2])
     if config.init_from and state is None:
@@ -255,7 +149,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     start_epoch = state["epoch"] if state is not None else 0
     run_config = {**dataclasses.asdict(config), "world_size": group.world_size}
     if group.is_main:
-        atomic_write_text(run_dir / "config.json", json.dumps(run_config, indent=2))
+        atomic_write_text(run_dir / CONFIG, json.dumps(run_config, indent=2))
 
     train_x, train_y = data.train.x.to(device), data.train.y.to(device)
     val_x, val_y = data.val.x.to(device), data.val.y.to(device)
@@ -274,12 +168,12 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         for step, (x, y) in enumerate(bar):
             rows = len(x)  # of the global batch; this process takes [start, stop)
             start, stop = group.rows(rows)
-            negative_elbo.lrt.rows = (start, rows) if group.active else None
             weight = group.world_size * (stop - start) / rows if group.active else 1.0
             x, y = x[start:stop].to(device), y[start:stop].to(device)
             done = epoch * steps_per_epoch + step + 1
             beta = min(1.0, done / (config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs else 1.0
-            value = group.mean(svi_step(loss, optimizer, net, x, y, n_data, beta, weight)).item()
+            value = group.mean(svi_step(loss, optimizer, net, x, y, n_data, beta, weight,
+                                              (start, rows) if group.active else None)).item()
             if not math.isfinite(value) or not math.isfinite(total + value):
                 raise TrainingDiverged(f"non-finite ELBO at epoch {epoch + 1}, step {step + 1} "
                                        f"(first bad value: {_first_nonfinite(net)}); last good checkpoint "

@@ -16,7 +16,8 @@ from pyro_bc.compress import compress_run, evaluate_file, format_table, gap_thre
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
 from pyro_bc.posterior import LayerPosterior, analyse
-from pyro_bc.train import TrainConfig, train
+from pyro_bc.run_dir import TrainConfig
+from pyro_bc.train import train
 
 LAYER_KEYS = {"name", "groups_total", "groups_kept", "weights_total", "weights_kept", "bits", "exponent_bits",
               "mantissa_bits", "threshold"}

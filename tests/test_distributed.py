@@ -8,11 +8,13 @@ import sys
 import pytest
 import torch
 
+from models import build_network
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.cli import main
 from pyro_bc.distributed import ProcessGroup, backend_for, from_environment
 from pyro_bc.errors import ConfigError
-from pyro_bc.train import NegativeELBO, TrainConfig, build_network, train
+from pyro_bc.run_dir import TrainConfig
+from pyro_bc.train import NegativeELBO, train
 
 # 497 examples: 15 global batches of 32 and a last one of 17, split 8 / 9 between the two processes
 SUBSET, PER_PROCESS_BATCH, EPOCHS = 497, 16, 2
@@ -99,9 +101,9 @@ def test_sharded_losses_average_to_the_global_batch_loss(rows):
         for group in parts:
             torch.manual_seed(1)  # every rank starts the step from the same random state
             start, stop = group.rows(rows)
-            loss.lrt.rows = (start, rows) if group.world_size > 1 else None
+            shard = (start, rows) if group.world_size > 1 else None
             weight = group.world_size * (stop - start) / rows
-            value = loss(x[start:stop], y[start:stop], 1000, 1.0, weight) / group.world_size
+            value = loss(x[start:stop], y[start:stop], 1000, 1.0, weight, shard) / group.world_size
             value.backward()
             total += value.item()
         return total, [p.grad.clone() for p in net.parameters()]

@@ -10,13 +10,15 @@ from torch import nn
 from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLinear
+from pyro_bc.priors import make_prior
 from pyro_bc.reparam import LocalReparameterization
 
 
 def _net(prior, likelihood="categorical"):
     pyro.set_rng_seed(11)
     n_out = 3 if likelihood == "categorical" else 1
-    body = nn.Sequential(BayesLinear(4, 5, prior, tau0=1e-2), nn.ReLU(), BayesLinear(5, n_out, prior, tau0=1e-2))
+    prior = make_prior(prior, tau0=1e-2)
+    body = nn.Sequential(BayesLinear(4, 5, prior), nn.ReLU(), BayesLinear(5, n_out, prior))
     net = BayesianNet(body, input_shape=(4,), likelihood=likelihood, noise_scale=0.5)
     with torch.no_grad():  # non-trivial guide: visible variances, so draws differ from the means
         for name, p in net.named_parameters():

@@ -41,7 +41,7 @@ def test_gnj_scales_follow_the_guide():
     net = lenet300.build("gnj")
     post = to_datatree(net, num_samples=400, seed=0)["posterior"]
     z = post["fc2_z"].values[0]
-    np.testing.assert_allclose(z.mean(0), net.layers[1].z_mu.detach().numpy(), atol=3e-3)
+    np.testing.assert_allclose(z.mean(0), net.layers[1].prior.z_mu.detach().numpy(), atol=3e-3)
 
 
 def test_lenet5_conv_channels_and_round_trip(tmp_path):

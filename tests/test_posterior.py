@@ -99,29 +99,29 @@ def test_conv_to_conv_compressed_removes_filter_bias_and_input_slice():
     c1, c2 = net.layers
     with torch.no_grad():
         for layer in (c1, c2):
-            layer.z_mu.uniform_(0.9, 1.1)
-            layer.z_logvar.fill_(-30.0)
+            layer.prior.z_mu.uniform_(0.9, 1.1)
+            layer.prior.z_logvar.fill_(-30.0)
             layer.weight_logvar.fill_(math.log(1.3e-3))  # 8 mantissa bits (2 Var in [2^-9, 2^-8))
             layer.bias_mu.uniform_(-1, 1)
-        c1.z_logvar[1] = 5.0
+        c1.prior.z_logvar[1] = 5.0
     layers = prune(analyse(net), [-3.0, -3.0])
     model = compressed_model(net, layers, choose_precision(layers))
     q1, _, q2 = model.items
     assert q1.weight_codes.shape == (2, 2, 3, 3) and q2.weight_codes.shape == (4, 2, 3, 3)
-    bias1 = (c1.z_mu * c1.bias_mu).detach()[[0, 2]]  # a conv bias is scaled by E[z]
+    bias1 = (c1.prior.z_mu * c1.bias_mu).detach()[[0, 2]]  # a conv bias is scaled by E[z]
     np.testing.assert_array_equal(q1.bias, bias1.numpy())
-    w2 = (c2.z_mu[:, None, None, None] * c2.weight_mu).detach()[:, [0, 2]].double()
+    w2 = (c2.prior.z_mu[:, None, None, None] * c2.weight_mu).detach()[:, [0, 2]].double()
     np.testing.assert_array_equal(q2.weight_codes, np.floor(w2.numpy() * 2**8 + 0.5))
     # dense reference: filter 1 zeroed (its bias still flows but meets zeroed conv2 weights)
-    w1 = (c1.z_mu[:, None, None, None] * c1.weight_mu).detach().double()
+    w1 = (c1.prior.z_mu[:, None, None, None] * c1.weight_mu).detach().double()
     w1 = torch.floor(w1 * 2**8 + 0.5) / 2**8
     w1[1] = 0
-    w2_full = torch.floor((c2.z_mu[:, None, None, None] * c2.weight_mu).detach().double() * 2**8 + 0.5) / 2**8
+    w2_full = torch.floor((c2.prior.z_mu[:, None, None, None] * c2.weight_mu).detach().double() * 2**8 + 0.5) / 2**8
     w2_full[:, 1] = 0
     x = torch.randn(5, 2, 7, 7)
-    ref = nn.functional.conv2d(torch.relu(nn.functional.conv2d(x.double(), w1, c1.z_mu.detach().double() *
+    ref = nn.functional.conv2d(torch.relu(nn.functional.conv2d(x.double(), w1, c1.prior.z_mu.detach().double() *
                                                                c1.bias_mu.detach().double())),
-                               w2_full, (c2.z_mu * c2.bias_mu).detach().double())
+                               w2_full, (c2.prior.z_mu * c2.bias_mu).detach().double())
     torch.testing.assert_close(codec.to_module(model)(x).double(), ref, atol=1e-5, rtol=0)
 
 
@@ -269,9 +269,9 @@ def test_compression_rates_hand_built():
 def _set_layer(layer, var, dropped, generator):
     """Posterior with known bits: E[z] in [0.9, 1.1], Var[z] ~ 0 for kept groups, weight variance ``var``."""
     with torch.no_grad():
-        layer.z_mu.copy_(torch.rand(layer.z_mu.shape, generator=generator) * 0.2 + 0.9)
-        layer.z_logvar.fill_(-30.0)
-        layer.z_logvar[dropped] = 5.0
+        layer.prior.z_mu.copy_(torch.rand(layer.prior.z_mu.shape, generator=generator) * 0.2 + 0.9)
+        layer.prior.z_logvar.fill_(-30.0)
+        layer.prior.z_logvar[dropped] = 5.0
         layer.weight_logvar.fill_(math.log(var))
         layer.bias_mu.copy_(torch.rand(layer.bias_mu.shape, generator=generator) - 0.5)
 
@@ -280,7 +280,7 @@ def _rounded_mean(layer, m):
     """Dense ``E[z] mu_W`` rounded half-up to the 2^-m grid, as float64, plus its integer codes."""
     shape = [1] * layer.weight_mu.dim()
     shape[layer.group_axis] = -1
-    mean = (layer.z_mu.reshape(shape) * layer.weight_mu).detach().double()
+    mean = (layer.prior.z_mu.reshape(shape) * layer.weight_mu).detach().double()
     codes = torch.floor(mean * 2.0**m + 0.5)
     return codes * 2.0**-m, codes.long()
 
@@ -371,7 +371,7 @@ def test_lenet5_compressed_file_matches_masked_rounded_reference(tmp_path):
             mask[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = True
         bias = layer.bias_mu.detach().double()
         if layer.group_axis == 0:
-            bias = bias * layer.z_mu.detach().double()
+            bias = bias * layer.prior.z_mu.detach().double()
         dense.append((torch.where(mask, w, 0.0), bias))
 
     x = torch.randn(8, 1, 28, 28, generator=g).double()

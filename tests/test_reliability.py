@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from pyro_bc import cli
 from pyro_bc.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.errors import CheckpointError, ConfigError
-from pyro_bc.train import CHECKPOINT, LOCK, METRICS, TrainConfig, train
+from pyro_bc.run_dir import CHECKPOINT, LOCK, METRICS, TrainConfig
+from pyro_bc.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--subset", "200", "--batch-size", "100", "--val-size", "500", "--seed", "1"]
@@ -113,8 +114,8 @@ POISON_MODEL = textwrap.dedent(f"""
             return super().guide(*args, **kwargs)
 
 
-    def build(prior="gnj", tau0=1e-5):
-        net = build_lenet300(prior, tau0)
+    def build(prior="gnj"):
+        net = build_lenet300(prior)
         net.__class__ = PoisonedNet
         return net
 """)
@@ -230,11 +231,22 @@ def test_garbage_checkpoint_raises_checkpoint_error(tmp_path, blob):
 def test_non_dict_and_incomplete_checkpoints_raise_checkpoint_error(tmp_path):
     for i, state in enumerate([[1, 2, 3], {"epoch": 1}, torch.zeros(3)]):
         path = tmp_path / f"{i}.pt"
-        save_checkpoint(path, state)
+        torch.save(state, path)
         with pytest.raises(CheckpointError, match="not a pyro-bc checkpoint"):
             load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_of_the_previous_layout_is_refused_in_one_line(tmp_path):
+    keys = ("config", "epoch", "network", "optimizer", "rng", "metrics")
+    path = tmp_path / CHECKPOINT
+    torch.save({k: {} for k in keys}, path)  # as pyro-bc 0.1 wrote them: no layout_version
+    with pytest.raises(CheckpointError, match="older pyro-bc") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+    save_checkpoint(path, {k: {} for k in keys})
+    assert load_checkpoint(path)["layout_version"] == 2
 
 
 # 4. Output directory --------------------------------------------------------------------------------------

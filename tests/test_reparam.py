@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from pyro import poutine
 
 from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.priors import make_prior
 from pyro_bc.reparam import LocalReparameterization
 
-S = 20000
+S = 50000
 TAU0 = 1e-3
 
 
@@ -26,21 +27,23 @@ def _set_params(layer):
         layer.weight_logvar.copy_(-3 + 0.3 * torch.randn(layer.weight_logvar.shape, generator=g))
         layer.bias_mu.copy_(torch.randn(layer.bias_mu.shape, generator=g))
         layer.bias_logvar.copy_(-3 + 0.3 * torch.randn(layer.bias_logvar.shape, generator=g))
-        if layer.prior == "gnj":
-            layer.z_mu.copy_(0.5 + torch.rand(layer.z_mu.shape, generator=g))
-            layer.z_logvar.copy_(-2 + 0.3 * torch.randn(layer.z_logvar.shape, generator=g))
-        elif layer.prior == "ghs":
-            layer.sa_mu.fill_(2 * math.log(TAU0) + 0.1)
-            layer.sb_mu.fill_(-2 * math.log(TAU0) - 0.2)
-            layer.sa_logvar.fill_(-2.0)
-            layer.sb_logvar.fill_(-2.5)
+        prior = layer.prior
+        if prior.name == "gnj":
+            prior.z_mu.copy_(0.5 + torch.rand(prior.z_mu.shape, generator=g))
+            prior.z_logvar.copy_(-2 + 0.3 * torch.randn(prior.z_logvar.shape, generator=g))
+        elif prior.name in ("ghs", "rhs"):
+            prior.sa_mu.fill_(2 * math.log(TAU0) + 0.1)
+            prior.sb_mu.fill_(-2 * math.log(TAU0) - 0.2)
+            prior.sa_logvar.fill_(-2.0)
+            prior.sb_logvar.fill_(-2.5)
             for name in ("za", "zb"):
-                getattr(layer, f"{name}_mu").copy_(0.3 * torch.randn(layer.n_groups, generator=g))
-                getattr(layer, f"{name}_logvar").copy_(-2 + 0.3 * torch.randn(layer.n_groups, generator=g))
+                getattr(prior, f"{name}_mu").copy_(0.3 * torch.randn(layer.n_groups, generator=g))
+                getattr(prior, f"{name}_logvar").copy_(-2 + 0.3 * torch.randn(layer.n_groups, generator=g))
 
 
 def _make(kind, prior):
-    layer = BayesLinear(5, 3, prior, tau0=TAU0) if kind == "linear" else BayesConv2d(2, 3, 3, prior=prior, tau0=TAU0)
+    prior = make_prior(prior, tau0=TAU0)
+    layer = BayesLinear(5, 3, prior) if kind == "linear" else BayesConv2d(2, 3, 3, prior=prior)
     _set_params(layer)
     return layer
 
@@ -59,14 +62,17 @@ def _draw_explicit(layer, n):
     with torch.no_grad():
         w = _normal(layer.weight_mu, layer.weight_logvar, n)
         b = _normal(layer.bias_mu, layer.bias_logvar, n)
-        if layer.prior == "gnj":
-            z = _normal(layer.z_mu, layer.z_logvar, n)
-        elif layer.prior == "ghs":
-            log_sa = _normal(layer.sa_mu, layer.sa_logvar, n)
-            log_sb = _normal(layer.sb_mu, layer.sb_logvar, n)
-            log_za = _normal(layer.za_mu, layer.za_logvar, n)
-            log_zb = _normal(layer.zb_mu, layer.zb_logvar, n)
+        p = layer.prior
+        if p.name == "gnj":
+            z = _normal(p.z_mu, p.z_logvar, n)
+        elif p.name in ("ghs", "rhs"):
+            log_sa = _normal(p.sa_mu, p.sa_logvar, n)
+            log_sb = _normal(p.sb_mu, p.sb_logvar, n)
+            log_za = _normal(p.za_mu, p.za_logvar, n)
+            log_zb = _normal(p.zb_mu, p.zb_logvar, n)
             z = torch.exp(0.5 * (log_sa[:, None] + log_sb[:, None] + log_za + log_zb))
+            if p.name == "rhs":  # the slab, written out: c z / sqrt(c^2 + z^2)
+                z = p.slab_scale * z / torch.sqrt(p.slab_scale**2 + z**2)
         else:
             z = None
     return z, w, b
@@ -94,7 +100,7 @@ def _moments(y):
     return mean, var, se_mean, se_var
 
 
-@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])
+@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu", "rhs"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_lrt_matches_explicit_sampling_moments(kind, prior):
     pyro.set_rng_seed(0)
@@ -112,7 +118,7 @@ def test_lrt_matches_explicit_sampling_moments(kind, prior):
     assert ((v1 - v2).abs() / v1).max() < 0.05
 
 
-@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])
+@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu", "rhs"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_handler_off_is_explicit_sampling(kind, prior):
     pyro.set_rng_seed(1)
@@ -129,9 +135,12 @@ def test_handler_off_is_explicit_sampling(kind, prior):
     assert not torch.equal(w, layer.weight_mu) and not torch.equal(b, layer.bias_mu)
     if prior == "gnj":
         z = vals["z"]
-    elif prior == "ghs":
-        assert not torch.equal(vals["z_a"], layer.za_mu.exp())  # drawn: lrt_only acts under the LRT only
+        assert not torch.equal(z, layer.prior.z_mu)  # drawn: lrt_only acts under the LRT only
+    elif prior in ("ghs", "rhs"):
+        assert not torch.equal(vals["z_a"], layer.prior.za_mu.exp())  # drawn: lrt_only acts under the LRT only
         z = torch.sqrt(vals["s_a"] * vals["s_b"] * vals["z_a"] * vals["z_b"])
+        if prior == "rhs":
+            z = z / torch.sqrt(1 + z**2)  # slab width 1
     else:
         z = None
         assert f"{site}.z" not in guide_trace.nodes

@@ -11,7 +11,8 @@ from pyro_bc.cli import main
 from pyro_bc.compress import compress_run
 from pyro_bc.inspect import load_datatree, to_datatree
 from pyro_bc.report import write_report
-from pyro_bc.train import TrainConfig, train
+from pyro_bc.run_dir import TrainConfig
+from pyro_bc.train import train
 
 
 def _assert_png(path):

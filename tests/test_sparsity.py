@@ -10,6 +10,7 @@ from torch import nn
 from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLinear
+from pyro_bc.priors import make_prior
 from pyro_bc.reparam import LocalReparameterization
 
 N, D = 1000, 20
@@ -25,7 +26,7 @@ def _data():
 
 
 def _net(prior, tau0=1e-5):
-    layer = BayesLinear(D, 1, prior, tau0=tau0)
+    layer = BayesLinear(D, 1, make_prior(prior, tau0=tau0))
     return layer, BayesianNet(nn.Sequential(layer), input_shape=(D,), likelihood="normal", noise_scale=0.1)
 
 

@@ -6,10 +6,12 @@ import os
 import pytest
 import torch
 
+from models import build_network
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.cli import main
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
-from pyro_bc.train import TrainConfig, build_network, train
+from pyro_bc.run_dir import TrainConfig
+from pyro_bc.train import train
 
 
 def _cfg(**kw):
@@ -99,7 +101,7 @@ def test_model_file_without_build(tmp_path):
 
 def test_model_file_build_returns_wrong_type(tmp_path):
     f = tmp_path / "net.py"
-    f.write_text("def build(prior, tau0):\n    return 42\n")
+    f.write_text("def build(prior):\n    return 42\n")
     with pytest.raises(ConfigError, match="returned int"):
         train(_cfg(model=str(f)), out=tmp_path / "run", progress=False)
 
@@ -169,8 +171,8 @@ class Poison(nn.Module):
         return x
 
 
-def build(prior, tau0):
-    body = nn.Sequential(nn.Flatten(), BayesLinear(784, 10, prior, tau0), Poison())
+def build(prior):
+    body = nn.Sequential(nn.Flatten(), BayesLinear(784, 10, prior), Poison())
     return BayesianNet(body, input_shape=(1, 28, 28))
 """
 
@@ -240,7 +242,7 @@ def test_data_that_does_not_fit_the_network(tmp_path):
     model_file = tmp_path / "small.py"
     model_file.write_text(
         "from torch import nn\nfrom pyro_bc.network import BayesianNet\nfrom pyro_bc.nn import BayesLinear\n"
-        "def build(prior='gnj', tau0=1e-5):\n"
-        "    return BayesianNet(nn.Sequential(nn.Flatten(), BayesLinear(400, 10, prior, tau0)), input_shape=(1, 20, 20))\n")
+        "def build(prior):\n"
+        "    return BayesianNet(nn.Sequential(nn.Flatten(), BayesLinear(400, 10, prior)), input_shape=(1, 20, 20))\n")
     with pytest.raises(ConfigError, match=r"shape \(1, 28, 28\).*expects \(1, 20, 20\)"):
         train(_cfg(model=str(model_file), subset=128), out=tmp_path / "run", progress=False)

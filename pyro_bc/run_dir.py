@@ -1,0 +1,85 @@
+"""A run directory: its training configuration, its lock, and the names of the files in it.
+
+``RUN_DIR/checkpoint.pt`` (every epoch, atomically), ``RUN_DIR/metrics.jsonl`` (one line per epoch),
+``RUN_DIR/config.json`` and, while a training runs, ``RUN_DIR/.lock``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
+from pyro_bc.errors import ConfigError
+
+CHECKPOINT, METRICS, CONFIG, LOCK = "checkpoint.pt", "metrics.jsonl", "config.json", ".lock"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "lenet300"
+    prior: str = "gnj"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    data: str | None = None
+    subset: int | None = None
+    val_size: int = VAL_SIZE
+    warmup_epochs: int = 0
+    tau0: float = TAU0
+    slab_scale: float = SLAB_SCALE
+    init_from: str | None = None
+    device: str = "cpu"
+    threads: int = 1
+
+    @property
+    def prior_options(self) -> dict:
+        """The options of the prior (each prior takes those its constructor names)."""
+        return {"tau0": self.tau0, "slab_scale": self.slab_scale}
+
+
+class RunLock:
+    """A lock file so that two trainings never write into the same run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = self.path.read_text().strip()
+            if pid.isdigit() and _alive(int(pid)):
+                raise ConfigError(f"{self.path.parent}: a training (pid {pid}) is already running in this directory")
+            self.path.unlink(missing_ok=True)  # stale lock from a killed run
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_run_dir(out: str | Path) -> Path:
+    run_dir = Path(out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output directory {run_dir} cannot be written: {e.strerror}")
+    return run_dir
