@@ -30,6 +30,8 @@ from pyro.distributions import Independent, LogNormal, Normal
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import effectful
 
+from pyro_bc import fused
+
 #: ``infer`` of a guide site whose value feeds only ops that this handler replaces: under the handler the
 #: site is not drawn (its value is the distribution's median), which saves a weight-sized draw per step.
 LRT_ONLY = {"lrt_only": True}
@@ -48,20 +50,9 @@ def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=
     return torch.Size((x.shape[0], weight.shape[0], *spatial))
 
 
-def _lrt_composed(function: Callable, scales_input: bool, channels_last: bool) -> Callable:
-    """The local reparameterisation of ``function`` composed from it (two calls: mean and variance)."""
-
-    def lrt(x, z, mu, var, b_mu, b_var, eps, *args):
-        if z is not None and scales_input:
-            x = x * _along_dim1(z, x.dim())
-        mean = function(x, mu, b_mu, *args)
-        y = mean + function(x * x, var, b_var, *args).sqrt() * eps
-        if z is not None and not scales_input:
-            y = y * _along_dim1(z, y.dim())
-        # channels-last from here on: pooling and the next convolution run several times faster on it
-        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
-
-    return lrt
+def _lrt_conv2d_channels_last(*args) -> torch.Tensor:
+    # channels-last from here on: pooling and the next convolution run several times faster on it
+    return fused.lrt_conv2d(*args).contiguous(memory_format=torch.channels_last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +71,8 @@ class LayerOp:
 #: The layer kinds: one entry each.
 OPS: dict[str, LayerOp] = {
     "linear": LayerOp("linear", F.linear, True, lambda x, w, *args: torch.Size((x.shape[0], w.shape[0])),
-                      _lrt_composed(F.linear, True, False)),
-    "conv2d": LayerOp("conv2d", F.conv2d, False, _conv_output_shape, _lrt_composed(F.conv2d, False, True)),
+                      fused.lrt_linear),
+    "conv2d": LayerOp("conv2d", F.conv2d, False, _conv_output_shape, _lrt_conv2d_channels_last),
 }
 
 

@@ -76,6 +76,11 @@ class NegativeELBO(nn.Module):
             return self.elbo.differentiable_loss(model, guide, x, y, n_data)
 
 
+def make_optimizer(net: BayesianNet, lr: float) -> torch.optim.Optimizer:
+    """The training loop's optimiser: Adam over the network's parameters, fused (one pass per tensor, ~10% faster)."""
+    return torch.optim.Adam(net.parameters(), lr=lr, fused=True)
+
+
 def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet, x: torch.Tensor,
              y: torch.Tensor, n_data: int, beta: float = 1.0, weight: float = 1.0,
              shard: tuple[int, int] | None = None) -> torch.Tensor:
@@ -136,7 +141,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
             raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
         net.init_from(init_state)
     net.to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, fused=True)  # one pass per tensor: ~10% faster
+    optimizer = make_optimizer(net, config.lr)
     metrics: list[dict] = []
     if state is not None:
         try:

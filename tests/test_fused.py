@@ -1,0 +1,192 @@
+"""The fused LRT ops (:mod:`pyro_bc.fused`) against their plain-autograd references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyro_bc.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference
+
+NAMES = ("x", "z", "mu", "var", "b_mu", "b_var")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _leaves(tensors: dict, dtype, device) -> dict:
+    return {k: None if v is None else v.to(dtype=dtype, device=device, copy=True).requires_grad_(k != "eps")
+            for k, v in tensors.items()}
+
+
+def linear_inputs(n=5, d_in=7, d_out=4, z=True, bias="both", seed=0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    t = {
+        "x": torch.randn(n, d_in, generator=gen, dtype=torch.float64),
+        "z": torch.randn(n, d_in, generator=gen, dtype=torch.float64) if z else None,
+        "mu": torch.randn(d_out, d_in, generator=gen, dtype=torch.float64),
+        "var": torch.exp(torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) - 1),
+        "b_mu": torch.randn(d_out, generator=gen, dtype=torch.float64) if bias != "none" else None,
+        "b_var": torch.exp(torch.randn(d_out, generator=gen, dtype=torch.float64) - 1) if bias == "both" else None,
+        "eps": torch.randn(n, d_out, generator=gen, dtype=torch.float64),
+    }
+    return t
+
+
+def conv_inputs(n=3, c_in=4, c_out=6, hw=7, k=3, groups=1, stride=1, padding=0, dilation=1, z=True, bias="both",
+                seed=0) -> tuple[dict, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    conv = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    wshape = (c_out, c_in // groups, k, k)
+    t = {
+        "x": torch.randn(n, c_in, hw, hw, generator=gen, dtype=torch.float64),
+        "z": torch.randn(n, c_out, generator=gen, dtype=torch.float64) if z else None,
+        "mu": torch.randn(wshape, generator=gen, dtype=torch.float64),
+        "var": torch.exp(torch.randn(wshape, generator=gen, dtype=torch.float64) - 1),
+        "b_mu": torch.randn(c_out, generator=gen, dtype=torch.float64) if bias != "none" else None,
+        "b_var": torch.exp(torch.randn(c_out, generator=gen, dtype=torch.float64) - 1) if bias == "both" else None,
+    }
+    out_shape = torch.nn.functional.conv2d(t["x"], t["mu"], **conv).shape
+    t["eps"] = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    return t, conv
+
+
+def _run(fn, t: dict, kwargs: dict, upstream: torch.Tensor | None = None):
+    """Output and the gradients of every differentiable input of ``sum(upstream * fn(...))``."""
+    y = fn(*(t[k] for k in (*NAMES, "eps")), **kwargs)
+    if upstream is None:
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    upstream = upstream.to(dtype=y.dtype, device=y.device)
+    present = [k for k in NAMES if t[k] is not None]
+    grads = torch.autograd.grad(y, [t[k] for k in present], upstream)
+    return y.detach(), dict(zip(present, grads))
+
+
+def _compare(fused, reference, t_raw: dict, kwargs: dict, dtype=torch.float64, device="cpu", rtol=1e-6, atol=1e-10):
+    y_f, g_f = _run(fused, _leaves(t_raw, dtype, device), kwargs)
+    y_r, g_r = _run(reference, _leaves(t_raw, dtype, device), kwargs)
+    assert y_f.dtype == dtype and y_f.device.type == device
+    torch.testing.assert_close(y_f, y_r, rtol=rtol, atol=atol)
+    assert g_f.keys() == g_r.keys() == {k for k in NAMES if t_raw[k] is not None}
+    for k in g_f:
+        torch.testing.assert_close(g_f[k], g_r[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"grad of {k}: {m}")
+
+
+BIASES = ["both", "none", "mean_only"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", BIASES)
+@pytest.mark.parametrize("z", [True, False])
+def test_linear_matches_reference_float64(z, bias, device):
+    _compare(lrt_linear, lrt_linear_reference, linear_inputs(z=z, bias=bias), {}, device=device)
+
+
+CONV_CASES = {
+    "plain": {},
+    "stride2_pad1": {"stride": 2, "padding": 1},
+    "dilation2": {"dilation": 2, "padding": 2},
+    "groups2": {"groups": 2},
+    "depthwise": {"groups": 4, "c_in": 4, "c_out": 8},
+    "asymmetric": {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 2)},
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", BIASES)
+@pytest.mark.parametrize("z", [True, False])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_matches_reference_float64(case, z, bias, device):
+    t, conv = conv_inputs(z=z, bias=bias, **CONV_CASES[case])
+    _compare(lrt_conv2d, lrt_conv2d_reference, t, conv, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_agrees(device):
+    _compare(lrt_linear, lrt_linear_reference, linear_inputs(n=16, d_in=50, d_out=20, seed=3), {},
+             dtype=torch.float32, device=device, rtol=1e-5, atol=1e-5)
+    t, conv = conv_inputs(n=4, c_in=6, c_out=8, hw=9, stride=2, padding=1, seed=3)
+    _compare(lrt_conv2d, lrt_conv2d_reference, t, conv, dtype=torch.float32, device=device, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_of_one():
+    _compare(lrt_linear, lrt_linear_reference, linear_inputs(n=1), {})
+    t, conv = conv_inputs(n=1, padding=1)
+    _compare(lrt_conv2d, lrt_conv2d_reference, t, conv)
+
+
+def _gradcheck(fn, t: dict, kwargs: dict):
+    t = _leaves(t, torch.float64, "cpu")
+    eps = t.pop("eps").detach()
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, eps, **kwargs), tuple(t[k] for k in NAMES))
+
+
+@pytest.mark.parametrize("z", [True, False])
+def test_gradcheck_linear(z):
+    _gradcheck(lrt_linear, linear_inputs(n=3, d_in=4, d_out=3, z=z), {})
+
+
+@pytest.mark.parametrize("z", [True, False])
+def test_gradcheck_conv2d(z):
+    t, conv = conv_inputs(n=2, c_in=2, c_out=4, hw=5, k=3, groups=2, stride=2, padding=1, z=z)
+    _gradcheck(lrt_conv2d, t, conv)
+
+
+def test_zero_variance_without_bias_variance_is_finite():
+    """An all-zero input row gives ``v = 0`` without ``b_var``: outputs and gradients stay finite."""
+    t = linear_inputs(bias="mean_only")
+    t["x"][1] = 0.0
+    y, grads = _run(lrt_linear, _leaves(t, torch.float32, "cpu"), {})
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    _compare(lrt_linear, lrt_linear_reference, t, {})
+    t, conv = conv_inputs(bias="mean_only")
+    t["x"][0] = 0.0
+    y, grads = _run(lrt_conv2d, _leaves(t, torch.float32, "cpu"), conv)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    _compare(lrt_conv2d, lrt_conv2d_reference, t, conv)
+
+
+def test_only_requested_gradients():
+    """Gradients for a subset of the inputs (the rest constants) match the reference."""
+    t = linear_inputs()
+    for fn in (lrt_linear, lrt_linear_reference):
+        leaves = {k: v.clone() for k, v in t.items()}
+        leaves["mu"].requires_grad_()
+        leaves["z"].requires_grad_()
+        y = fn(*(leaves[k] for k in (*NAMES, "eps")))
+        grads = torch.autograd.grad(y.sum(), [leaves["mu"], leaves["z"]])
+        if fn is lrt_linear:
+            fused = grads
+    for a, b in zip(fused, grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+    tc, conv = conv_inputs()
+    outs = []
+    for fn in (lrt_conv2d, lrt_conv2d_reference):
+        leaves = {k: v.clone() for k, v in tc.items()}
+        leaves["var"].requires_grad_()
+        y = fn(*(leaves[k] for k in (*NAMES, "eps")), **conv)
+        outs.append(torch.autograd.grad(y.sum(), [leaves["var"]])[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-10)
+
+
+def test_no_grad_and_constant_inputs():
+    t = linear_inputs()
+    with torch.no_grad():
+        y = lrt_linear(*(t[k] for k in (*NAMES, "eps")))
+    torch.testing.assert_close(y, lrt_linear_reference(*(t[k] for k in (*NAMES, "eps"))))
+    tc, conv = conv_inputs(stride=2)
+    y = lrt_conv2d(*(tc[k] for k in (*NAMES, "eps")), **conv)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, lrt_conv2d_reference(*(tc[k] for k in (*NAMES, "eps")), **conv))
+
+
+def test_channels_last_and_same_padding():
+    t, conv = conv_inputs(padding=1)
+    t["x"] = t["x"].contiguous(memory_format=torch.channels_last)
+    _compare(lrt_conv2d, lrt_conv2d_reference, t, conv)
+    t, conv = conv_inputs(padding="same")
+    _compare(lrt_conv2d, lrt_conv2d_reference, t, conv)
+
+
+def test_linear_leading_dims():
+    t = linear_inputs(n=6)
+    t3 = {k: None if v is None else v.reshape(2, 3, -1) if v.dim() == 2 and v.shape[0] == 6 else v
+          for k, v in t.items()}
+    _compare(lrt_linear, lrt_linear_reference, t3, {})
