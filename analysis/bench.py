@@ -33,9 +33,10 @@ from torch import nn
 
 from models import build_network
 from pyro_bc import codec
+from pyro_bc.compressed import compressed_model
 from pyro_bc.distributions import K1, K2, K3
 from pyro_bc.nn import BayesConv2d, BayesLayer
-from pyro_bc.posterior import analyse, choose_precision, compressed_model, prune
+from pyro_bc.posterior import analyse, choose_precision, prune
 from pyro_bc.train import NegativeELBO, svi_step
 
 HERE = Path(__file__).parent

@@ -2,17 +2,20 @@
 # Reproduce one configuration of the paper's Table 1 into analysis/results/NAME:
 # train (resuming from its checkpoint if one is there), compress, report, evaluate.
 #   bash analysis/reproduce.sh lenet300-gnj     (names: lenet300-{gnj,ghs,lu}, lenet5-{gnj,ghs,lu})
+#   bash analysis/reproduce.sh lenet300-rhs-30  (the fourth prior against gnj after 30 epochs: lenet300-{gnj,rhs}-30)
 # Every hyperparameter is written here; each run's config.json and MODEL.json record them too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=${1:?usage: bash analysis/reproduce.sh NAME}
-model=${name%-*}; prior=${name##*-}
 epochs=200; batch=128; lr=1e-3; warmup=0; seed=0   # Adam, constant lr, no KL warm-up (official settings)
+base=${name%-30}; [ "$base" != "$name" ] && epochs=30
+model=${base%-*}; prior=${base##*-}
 case "$name" in
   lenet300-gnj) compress=(--thresholds -2.8 -3 -5) ;;   # the official code's thresholds (METHOD.md 6)
   lenet5-gnj|lenet300-ghs) compress=(--max-error-increase 0.2) ;;  # no gap in log alpha: budget on validation
   lenet5-ghs) compress=(--thresholds -3 -2.2 -2.6 -2.9) ;;  # gap middles; fc1 swept on validation (NOTES.md)
   lenet300-lu|lenet5-lu) compress=(--thresholds 3 3 3 3) ;;     # Sparse VD's per-weight cut, log alpha 3
+  lenet300-gnj-30|lenet300-rhs-30) compress=() ;;  # each prior's default cut (log alpha -3): the same rule for both
   *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
 esac
 [ "$model" = lenet300 ] && [ "$prior" = lu ] && compress=(--thresholds 3 3 3)

@@ -89,6 +89,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``pyro-bc train``: fit the model/guide pair and write the run directory."""
     last = train(_train_config(args), args.out, resume=args.resume)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
         print(f"trained {args.model}/{args.prior}: {last.get('epoch', 0)} epochs, val error "
@@ -97,17 +98,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    """``pyro-bc compress``: prune by the chosen threshold rule, write the ``.bcz`` and ``MODEL.json``."""
     from pyro_bc.compress import compress_run, format_table
+    from pyro_bc.thresholds import rule_from_options
 
-    summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
-                           max_error_increase=args.max_error_increase, data=args.data,
-                           fold=False if args.no_fold else None)
+    rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
+    summary = compress_run(args.run_dir, args.out, rule=rule, data=args.data, fold=False if args.no_fold else None)
     print(format_table(summary))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``pyro-bc evaluate``: print a ``.bcz`` file's test error and timings as one JSON object."""
     from pyro_bc.compress import evaluate_file
 
     print(json.dumps(evaluate_file(args.model, data=args.data)))
@@ -138,15 +141,17 @@ DEMO_THRESHOLDS = [-2.8, -3.0, -5.0]  # the official LeNet-300-100 thresholds (d
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``pyro-bc demo``: train LeNet-300-100 (gnj), compress it at the official thresholds, write the report."""
     from pyro_bc.compress import compress_run, format_table
     from pyro_bc.report import write_report
+    from pyro_bc.thresholds import GivenThresholds
 
     run_dir = Path(args.out)
     config = TrainConfig(model="lenet300", prior="gnj", epochs=args.epochs, data=args.data, threads=args.threads)
     print(f"demo: LeNet-300-100, group normal-Jeffreys prior, {args.epochs} epochs on MNIST -> {run_dir}")
     train(config, run_dir, resume=(run_dir / CHECKPOINT).is_file())
     model_path = run_dir / "MODEL.bcz"
-    summary = compress_run(run_dir, model_path, thresholds=DEMO_THRESHOLDS, data=args.data)
+    summary = compress_run(run_dir, model_path, rule=GivenThresholds(DEMO_THRESHOLDS), data=args.data)
     print(format_table(summary))
     report = write_report(run_dir, model_path)
     print(f"wrote {run_dir / CHECKPOINT}, {run_dir / 'metrics.jsonl'}, {model_path}, "
@@ -155,6 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``pyro-bc report``: write ``RUN_DIR/report.md`` and print its path."""
     from pyro_bc.report import write_report
 
     print(write_report(args.run_dir, args.compressed))
@@ -162,6 +168,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every ``pyro-bc`` command."""
     parser = argparse.ArgumentParser(prog="pyro-bc", description="Bayesian compression of neural networks in Pyro")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fit a model/guide pair by SVI")
@@ -184,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``pyro-bc`` with ``argv``; returns the exit status (argument errors exit 2 from argparse)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -4,42 +4,27 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models import build_network
 from pyro_bc import codec
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.checkpoint import load_checkpoint
+from pyro_bc.compressed import compressed_model, compressed_module
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import ConfigError
 from pyro_bc.evaluate import error_percent
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLayer
-from pyro_bc.posterior import (
-    LayerPosterior,
-    PrunedLayer,
-    analyse,
-    choose_precision,
-    compressed_model,
-    compression_rates,
-    fold_pruned_inputs,
-    prune,
-)
+from pyro_bc.posterior import analyse, choose_precision, compression_rates, prune_and_fold
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
+from pyro_bc.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
 
-DEFAULT_THRESHOLD = -3.0
-DEFAULT_THRESHOLD_PER_WEIGHT = 3.0  # Sparse VD's customary log alpha cut for per-weight (lu) posteriors
-SEARCH_GRID = np.round(np.arange(-8.0, 6.01, 0.25), 2)
 FOLD_EXAMPLES = 10_000  # training examples whose layer inputs give the means that pruned weights are folded with
-
-
-def default_thresholds(net: BayesianNet) -> list[float]:
-    """The log alpha cuts used when none is given: each layer's prior's (-3 per group, 3 per weight for ``lu``)."""
-    return [layer.prior.default_threshold for layer in net.layers]
 
 
 def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
@@ -49,29 +34,6 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     net = build_network(config.model, config.prior, **config.prior_options)
     net.load_state_dict(state["network"])
     return net.eval(), config, state
-
-
-def gap_thresholds(posts: list[LayerPosterior], lo: float = -6.0, hi: float = 2.0, min_gap: float = 2.0) -> list[float]:
-    """Per layer, the middle of the widest gap between sorted log alpha values that overlaps [lo, hi],
-    clipped to [lo, hi].
-
-    Falls back to -3 where no gap of at least ``min_gap`` nats is found (METHOD.md 11). Between 20 or 50
-    values spread over a continuum, gaps of one nat occur by chance (LeNet-5's conv1 at epoch 100 had one
-    of 1.1 at -5.3, and cutting there took the test error to 47%), while the two modes of a layer that
-    has separated lie several nats apart (its conv2: 0.3 to 4.4), hence the 2-nat minimum.
-    """
-    out = []
-    for post in posts:
-        values = np.sort(post.log_alpha.flatten().double().numpy())
-        left, right = values[:-1], values[1:]
-        widths = right - left
-        ok = (right >= lo) & (left <= hi) & (widths >= min_gap)
-        if ok.any():
-            best = np.flatnonzero(ok)[np.argmax(widths[ok])]
-            out.append(float(np.clip((left[best] + right[best]) / 2, lo, hi)))
-        else:
-            out.append(DEFAULT_THRESHOLD)
-    return out
 
 
 @torch.no_grad()
@@ -90,55 +52,23 @@ def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000)
     return [total / len(x) for _, total in sorted(sums.items())]
 
 
-def pruned_layers(posts: list[LayerPosterior], thresholds: list[float],
-                  input_means: list[torch.Tensor] | None) -> list[PrunedLayer]:
-    """:func:`prune`, then, given the layers' input means, :func:`fold_pruned_inputs`."""
-    layers = prune(posts, thresholds)
-    return layers if input_means is None else fold_pruned_inputs(layers, input_means)
-
-
-def _compressed_error(net, posts, thresholds, x, y, input_means=None) -> tuple[float, int]:
-    layers = pruned_layers(posts, thresholds, input_means)
-    module = codec.to_module(compressed_model(net, layers, choose_precision(layers)))
-    return error_percent(module, x, y), sum(int(layer.mask.sum()) for layer in layers)
-
-
-def search_thresholds(net: BayesianNet, posts: list[LayerPosterior], budget: float, x_val, y_val,
-                      input_means: list[torch.Tensor] | None = None) -> list[float]:
-    """The most compressing per-layer thresholds whose pruned, rounded network's **validation** error
-    stays within ``budget`` percentage points of the unpruned posterior-mean network's.
-
-    Layers are visited largest first; for each, a binary search over a grid of thresholds finds the
-    lowest one that keeps the error within budget with the others fixed. Every accepted setting was
-    evaluated, so the budget holds for the result.
-    """
-    limit = error_percent(net.posterior_mean_network(), x_val, y_val) + budget
-    thresholds = [float(SEARCH_GRID[-1])] * len(posts)
-    if _compressed_error(net, posts, thresholds, x_val, y_val, input_means)[0] > limit:
-        raise ConfigError(f"even the least pruned network exceeds the error budget of {budget} points: "
-                          "raise --max-error-increase")
-    for i in sorted(range(len(posts)), key=lambda k: -posts[k].mean.numel()):
-        lo, hi = 0, len(SEARCH_GRID) - 1  # SEARCH_GRID[hi] is known to be within budget
-        while lo < hi:
-            mid = (lo + hi) // 2
-            trial = thresholds[:i] + [float(SEARCH_GRID[mid])] + thresholds[i + 1:]
-            if _compressed_error(net, posts, trial, x_val, y_val, input_means)[0] <= limit:
-                hi = mid
-            else:
-                lo = mid + 1
-        thresholds[i] = float(SEARCH_GRID[hi])
-    return thresholds
-
-
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
-                 max_error_increase: float | None = None, data: str | None = None, fold: bool | None = None) -> dict:
+                 max_error_increase: float | None = None, data: str | None = None, fold: bool | None = None,
+                 rule: ThresholdRule | None = None) -> dict:
     """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary.
+
+    The thresholds come from ``rule`` (a :class:`~pyro_bc.thresholds.ThresholdRule`), or from the
+    command line's options ``thresholds``, ``auto`` and ``max_error_increase``
+    (:func:`~pyro_bc.thresholds.rule_from_options`; by default, each layer's prior's default).
 
     With ``fold``, what the pruned weights add on average (over the first :data:`FOLD_EXAMPLES` training
     examples) goes into the biases (:func:`~pyro_bc.posterior.fold_pruned_inputs`). The default folds for
     the group priors (gnj, ghs), whose pruned groups still add their mean, and not for ``lu``, whose
     pruned weights' means are noise (both measured in analysis/RESULTS.md).
     """
+    if rule is not None and (thresholds, auto, max_error_increase) != (None, None, None):
+        raise ConfigError("give either a threshold rule or thresholds / auto / max_error_increase, not both")
+    rule = rule or rule_from_options(thresholds, auto, max_error_increase)
     out = Path(out)
     if not out.parent.is_dir():
         raise ConfigError(f"output folder {out.parent} does not exist")
@@ -147,17 +77,9 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     posts = analyse(net)
     fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
     means = layer_input_means(net, mnist.train.x[:FOLD_EXAMPLES]) if fold else None
-    if thresholds is not None:
-        method = "given"
-    elif auto == "gap":
-        thresholds, method = gap_thresholds(posts), "auto gap"
-    elif max_error_increase is not None:
-        thresholds = search_thresholds(net, posts, max_error_increase, mnist.val.x, mnist.val.y, means)
-        method = f"max validation error increase {max_error_increase} points"
-    else:
-        thresholds = default_thresholds(net)
-        method = "default " + ", ".join(f"{t:g}" for t in dict.fromkeys(thresholds))
-    layers = pruned_layers(posts, thresholds, means)
+    thresholds = rule.thresholds(ThresholdInputs(net, posts, mnist.val.x, mnist.val.y, means))
+    method = rule.method(thresholds)
+    layers = prune_and_fold(posts, thresholds, means)
     precision = choose_precision(layers)
     rates = compression_rates(layers, precision)
     metadata = {"model": config.model, "prior": config.prior, "thresholds": thresholds, "threshold_method": method,
@@ -167,7 +89,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     file_bytes = codec.write_bcz(out, compressed_model(net, layers, precision, metadata))
     loaded = codec.load(out)
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu))
-    pruned_only = codec.to_module(compressed_model(net, layers, None))
+    pruned_only = compressed_module(net, layers, None)
     test_x, test_y = mnist.test.x, mnist.test.y
     summary = {
         "layers": [{
@@ -175,6 +97,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
             "weights_total": layer.mask.numel(), "weights_kept": int(layer.mask.sum()), "bits": precision.bits(i),
             "exponent_bits": precision.exponent_bits, "mantissa_bits": precision.mantissa_bits[i],
             "threshold": layer.threshold,
+            "kept_groups": torch.nonzero(layer.keep_groups).flatten().tolist(),
         } for i, layer in enumerate(layers)],
         "architecture": "-".join(str(layer.groups_kept) for layer in layers),
         "weights_kept_fraction": rates["weights_kept_fraction"],
@@ -191,12 +114,19 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
             precision.exponent_bits_official) else None,
         "cr_fast_official_exponent": rates["cr_fast_official_exponent"],
         "threshold_method": method,
+        "threshold_rule": rule.record(),
         "fold_pruned_inputs": fold,
         "model": config.model,
         "prior": config.prior,
     }
-    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
+
+
+def summary_json(summary: dict) -> str:
+    """``MODEL.json``'s text: indented, with each layer's ``kept_groups`` on one line."""
+    text = json.dumps(summary, indent=2)
+    return re.sub(r'("kept_groups": )(\[[\d,\s]*\])', lambda m: m[1] + json.dumps(json.loads(m[2])), text) + "\n"
 
 
 def format_table(summary: dict) -> str:

@@ -31,6 +31,18 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """``-ELBO`` as a number (what ``SVI.evaluate_loss`` reads)."""
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """``-ELBO``, its gradients accumulated into the parameters (what ``SVI.step`` calls)."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.item()
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """``-ELBO`` from one draw of the guide, differentiable."""
         model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)

@@ -19,9 +19,10 @@ matplotlib.use("Agg")
 import arviz as az
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 import xarray as xr
 
-from pyro_bc.posterior import PrunedLayer
+from pyro_bc.posterior import LayerPosterior
 
 MAX_FOREST_ROWS = 40
 DPI = 100
@@ -47,7 +48,7 @@ def _subplots(n: int, width: float = 4.0, height: float = 3.0, cols: int = 3):
 # -- (a) group scales -------------------------------------------------------------------------------
 
 def plot_group_scales(dt: xr.DataTree, layer: str, path: str | Path, max_rows: int = MAX_FOREST_ROWS) -> Path:
-    """Forest plot (94% interval, median) of ``<layer>_z`` from the DataTree of :func:`pyro_bc.inspect.to_datatree`.
+    """Forest plot (94% interval, median) of ``<layer>_z`` from the DataTree of :func:`pyro_bc.datatree.to_datatree`.
 
     Groups are sorted by log alpha, most relevant (lowest) at the top; a layer with more than
     ``max_rows`` groups shows its ``max_rows/2`` lowest and ``max_rows/2`` highest, as the title says.
@@ -104,8 +105,12 @@ def plot_log_alpha(log_alphas: dict[str, np.ndarray], thresholds: list[float], p
 
 # -- (c) what the first layer keeps -----------------------------------------------------------------
 
-def plot_input_mask(layers: list[PrunedLayer], input_shape: tuple[int, ...], path: str | Path) -> Path | None:
+def plot_input_mask(post: LayerPosterior, keep: torch.Tensor, threshold: float, input_shape: tuple[int, ...],
+                    path: str | Path) -> Path | None:
     """The first layer's kept inputs as an image, or a convolution's kept filters.
+
+    ``post`` is the first layer's posterior, ``keep`` the bool mask of its kept groups (inputs of a linear
+    layer, output channels of a convolution) and ``threshold`` the log alpha threshold that chose them.
 
     * first layer linear over the flattened image (``in_features == prod(input_shape)``, 2-D spatial
       input): the ``H x W`` map of kept input pixels (one panel per input channel);
@@ -113,30 +118,29 @@ def plot_input_mask(layers: list[PrunedLayer], input_shape: tuple[int, ...], pat
       output channels crossed out in grey;
     * anything else: ``None`` (nothing written).
     """
-    first = layers[0]
     spatial = tuple(input_shape[-2:]) if len(input_shape) >= 2 else ()
-    if first.post.kind == "linear" and len(spatial) == 2 and first.keep_in.numel() == int(np.prod(input_shape)):
-        la = first.post.log_alpha
-        if first.post.per_weight:  # lu: median over each input's weights
+    if post.kind == "linear" and len(spatial) == 2 and keep.numel() == int(np.prod(input_shape)):
+        la = post.log_alpha
+        if post.per_weight:  # lu: median over each input's weights
             la = la.median(dim=0).values
-        keep = first.keep_in.reshape(-1, *spatial).numpy()
+        keep = keep.reshape(-1, *spatial).numpy()
         la = la.reshape(-1, *spatial).numpy()
         fig, axes = plt.subplots(len(keep), 2, figsize=(8.5, 4.0 * len(keep)), squeeze=False)
         for c, (ax_la, ax_keep) in enumerate(axes):
             ch = f", input channel {c}" if len(keep) > 1 else ""
             im = ax_la.imshow(la[c], cmap="viridis_r", interpolation="nearest")
             fig.colorbar(im, ax=ax_la, fraction=0.046, pad=0.04)
-            ax_la.set_title(f"{first.post.name}: log alpha per input pixel{ch}\n(low = relevant)", fontsize=9)
+            ax_la.set_title(f"{post.name}: log alpha per input pixel{ch}\n(low = relevant)", fontsize=9)
             ax_keep.imshow(keep[c], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax_keep.set_title(f"{int(keep[c].sum())}/{keep[c].size} pixels kept at threshold {first.threshold:g}{ch}\n"
+            ax_keep.set_title(f"{int(keep[c].sum())}/{keep[c].size} pixels kept at threshold {threshold:g}{ch}\n"
                               "(white = kept, black = pruned)", fontsize=9)
             for ax in (ax_la, ax_keep):
                 ax.set_xticks([])
                 ax.set_yticks([])
         fig.tight_layout()
         return _save(fig, path)
-    if first.post.kind == "conv2d":
-        mean = first.post.mean[:, 0].numpy()  # (out, kh, kw), first input channel
+    if post.kind == "conv2d":
+        mean = post.mean[:, 0].numpy()  # (out, kh, kw), first input channel
         n = len(mean)
         cols = min(10, n)
         rows = math.ceil(n / cols)
@@ -148,14 +152,14 @@ def plot_input_mask(layers: list[PrunedLayer], input_shape: tuple[int, ...], pat
             if i >= n:
                 ax.set_visible(False)
                 continue
-            kept = bool(first.keep_out[i])
+            kept = bool(keep[i])
             ax.imshow(mean[i], cmap="RdBu_r" if kept else "gray", vmin=-bound, vmax=bound, interpolation="nearest",
                       alpha=1.0 if kept else 0.35)
             if not kept:
                 ax.plot([0, 1], [0, 1], transform=ax.transAxes, color="black", lw=1)
                 ax.plot([0, 1], [1, 0], transform=ax.transAxes, color="black", lw=1)
             ax.set_title(f"{i}", fontsize=8, color="black" if kept else "gray")
-        fig.suptitle(f"{first.post.name}: {int(first.keep_out.sum())}/{n} filters kept (E[w], red +, blue -; "
+        fig.suptitle(f"{post.name}: {int(keep.sum())}/{n} filters kept (E[w], red +, blue -; "
                      "crossed = pruned)", fontsize=10)
         fig.tight_layout()
         return _save(fig, path)

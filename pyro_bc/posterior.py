@@ -9,12 +9,10 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
-from pyro_bc.codec import CompressedModel, Op, QuantizedLayer
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLayer
+from pyro_bc.nn import BayesConv2d
 
 MAX_MANTISSA_BITS = 23
 
@@ -34,10 +32,12 @@ class LayerPosterior:
 
     @property
     def per_weight(self) -> bool:
+        """Whether log alpha is per weight (``lu``) rather than per group."""
         return self.log_alpha.shape == self.mean.shape
 
     @property
     def n_groups(self) -> int:
+        """Number of groups: inputs (linear) or output channels (conv)."""
         return self.mean.shape[self.group_axis]
 
 
@@ -56,6 +56,8 @@ def analyse(net: BayesianNet) -> list[LayerPosterior]:
 
 @dataclasses.dataclass
 class PrunedLayer:
+    """One layer's pruning decision: what it keeps of its inputs, outputs and weights."""
+
     post: LayerPosterior
     threshold: float
     keep_in: torch.Tensor  # bool over input features / channels
@@ -63,8 +65,14 @@ class PrunedLayer:
     mask: torch.Tensor  # bool, weight-shaped
 
     @property
+    def keep_groups(self) -> torch.Tensor:
+        """Bool over the layer's groups: its inputs (linear) or output channels (conv)."""
+        return self.keep_in if self.post.group_axis == 1 else self.keep_out
+
+    @property
     def groups_kept(self) -> int:
-        return int((self.keep_in if self.post.group_axis == 1 else self.keep_out).sum())
+        """Number of kept groups."""
+        return int(self.keep_groups.sum())
 
 
 def _own_mask(post: LayerPosterior, threshold: float) -> torch.Tensor:
@@ -148,6 +156,13 @@ def fold_pruned_inputs(layers: list[PrunedLayer], input_means: list[torch.Tensor
     return out
 
 
+def prune_and_fold(posts: list[LayerPosterior], thresholds: list[float],
+                   input_means: list[torch.Tensor] | None) -> list[PrunedLayer]:
+    """:func:`prune`, then, given the layers' input means, :func:`fold_pruned_inputs`."""
+    layers = prune(posts, thresholds)
+    return layers if input_means is None else fold_pruned_inputs(layers, input_means)
+
+
 # -- bit precision --------------------------------------------------------------------------------
 
 def mantissa_bits_per_weight(var: torch.Tensor) -> torch.Tensor:
@@ -166,15 +181,20 @@ def exponent_bits_official(max_abs_mean: float) -> float:
 
 @dataclasses.dataclass
 class Precision:
+    """Bits per layer: one exponent width for the network, a mantissa width per layer."""
+
     mantissa_bits: list[int]
     exponent_bits: int  # clamped to >= 1
     exponent_bits_official: float  # may be NaN or < 1
 
     def bits(self, i: int) -> int:
+        """Bits per weight of layer ``i``: sign, exponent and mantissa."""
         return 1 + self.exponent_bits + self.mantissa_bits[i]
 
 
 def choose_precision(layers: list[PrunedLayer]) -> Precision:
+    """Each layer's mantissa bits (mean of the official rule over its kept weights, rounded up) and the
+    network's exponent bits (official rule over the kept means, clamped to >= 1)."""
     mantissa = []
     for layer in layers:
         t = mantissa_bits_per_weight(layer.post.var[layer.mask])
@@ -194,6 +214,7 @@ def quantize(mean: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
 # -- rates ------------------------------------------------------------------------------------------
 
 def compression_rates(layers: list[PrunedLayer], precision: Precision) -> dict:
+    """Weights kept, ``cr_prune`` and ``cr_fast`` (and ``cr_fast`` at the official exponent, where finite)."""
     total = sum(layer.mask.numel() for layer in layers)
     kept = [int(layer.mask.sum()) for layer in layers]
     fast_bits = sum(k * precision.bits(i) for i, k in enumerate(kept))
@@ -203,49 +224,3 @@ def compression_rates(layers: list[PrunedLayer], precision: Precision) -> dict:
     official_bits = sum(k * (1 + e + precision.mantissa_bits[i]) for i, k in enumerate(kept))
     rates["cr_fast_official_exponent"] = 32 * total / official_bits if math.isfinite(e) and official_bits > 0 else None
     return rates
-
-
-# -- the compressed network ---------------------------------------------------------------------
-
-def _op(module: nn.Module) -> Op:
-    if isinstance(module, nn.ReLU):
-        return Op("relu")
-    if isinstance(module, nn.Tanh):
-        return Op("tanh")
-    if isinstance(module, nn.Sigmoid):
-        return Op("sigmoid")
-    if isinstance(module, nn.Flatten):
-        return Op("flatten", {"start_dim": module.start_dim})
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and not module.padding:
-        kind = "maxpool2d" if isinstance(module, nn.MaxPool2d) else "avgpool2d"
-        return Op(kind, {"kernel_size": module.kernel_size, "stride": module.stride})
-    raise ConfigError(f"cannot compress a network holding {type(module).__name__}: only Bayesian layers, ReLU, "
-                      "Tanh, Sigmoid, Flatten and unpadded Max/AvgPool2d are supported")
-
-
-def compressed_model(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
-                     metadata: dict | None = None) -> CompressedModel:
-    """The physically pruned network; weights rounded to each layer's grid (``precision``), or, with
-    ``precision=None``, kept at float32 precision (codes on a 2^-40 grid) for the pruned-only error."""
-    items: list = []
-    by_layer = iter(enumerate(layers))
-    reaching = None  # bool over the previous layer's outputs that reach the next layer
-    for module in net.body:
-        if not isinstance(module, BayesLayer):
-            items.append(_op(module))
-            continue
-        i, layer = next(by_layer)
-        available = torch.ones_like(layer.keep_in) if reaching is None else \
-            reaching.repeat_interleave(len(layer.keep_in) // len(reaching))
-        if not torch.equal(layer.keep_in, available):
-            position = torch.cumsum(available.long(), 0) - 1
-            items.append(Op("select", {"index": position[layer.keep_in].tolist()}))
-        frac = precision.mantissa_bits[i] if precision else 40
-        codes = torch.where(layer.mask, quantize(layer.post.mean, frac), 0)
-        codes = codes[layer.keep_out][:, layer.keep_in]
-        bias = layer.post.bias[layer.keep_out].float().numpy()
-        stride, padding, dilation, groups = layer.post.conv_args or (1, 0, 1, 1)
-        items.append(QuantizedLayer(layer.post.kind, layer.post.name, codes.numpy(), frac, bias, stride, padding,
-                                    dilation, groups))
-        reaching = layer.keep_out
-    return CompressedModel(items, net.input_shape, metadata or {})

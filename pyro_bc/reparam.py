@@ -126,7 +126,8 @@ class LocalReparameterization(Messenger):
     def __init__(self, shard: tuple[int, int] | None = None):
         super().__init__()
         self.shard = shard
-        self._q: dict[int, tuple[torch.Tensor, object]] = {}
+        self._q: dict[int, tuple[torch.Tensor, object]] = {}  # guide distributions of sampled values
+        self._scales: dict[int, tuple[torch.Tensor, object]] = {}  # (prior, guide distributions) of group scales
 
     def _noise(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         """Standard-normal per-example noise of ``shape`` (examples first), honouring :attr:`shard`."""
@@ -138,22 +139,29 @@ class LocalReparameterization(Messenger):
 
     def __enter__(self):
         self._q.clear()
+        self._scales.clear()
         return super().__enter__()
 
     def __exit__(self, *args):
         self._q.clear()
+        self._scales.clear()
         return super().__exit__(*args)
 
-    def _lookup(self, value):
+    @staticmethod
+    def _lookup(value, table: dict):
         if value is None:
             return None
-        hit = self._q.get(id(value))
+        hit = table.get(id(value))
         return hit[1] if hit is not None and hit[0] is value else None
 
     def _pyro_sample(self, msg) -> None:
+        # Only a guide's own site arrives here without a value (a replayed model site has the guide's value).
         if msg["infer"].get("lrt_only") and msg["value"] is None and not msg["is_observed"]:
             fn = _base(msg["fn"])
             msg["value"] = fn.loc.exp() if isinstance(fn, LogNormal) else fn.loc  # the median
+            # the median may be a parameter, the same tensor in every guide run under this handler (several
+            # steps or particles): this run's distribution replaces the last one's
+            self._q[id(msg["value"])] = (msg["value"], fn)
 
     def _pyro_post_sample(self, msg) -> None:
         value = msg["value"]
@@ -163,18 +171,17 @@ class LocalReparameterization(Messenger):
 
     def _pyro_bc_group_scale(self, msg) -> None:
         prior, *values = msg["args"]
-        guides = [self._lookup(v) for v in values]
+        guides = [self._lookup(v, self._q) for v in values]
         if any(q is None for q in guides):
             return
         value = prior.scale(*values)
-        self._q[id(value)] = (value, (prior, guides))
+        self._scales[id(value)] = (value, (prior, guides))
         msg["value"], msg["done"] = value, True
 
     def _pyro_bc_layer(self, msg) -> None:
         op, x, z, w, b, *args = msg["args"]
-        q_w, q_b, q_z = self._lookup(w), self._lookup(b), self._lookup(z)
-        if not isinstance(q_w, Normal) or (b is not None and not isinstance(q_b, Normal)) \
-                or (z is not None and not isinstance(q_z, tuple)):
+        q_w, q_b, q_z = self._lookup(w, self._q), self._lookup(b, self._q), self._lookup(z, self._scales)
+        if not isinstance(q_w, Normal) or (b is not None and not isinstance(q_b, Normal)) or (z is not None and q_z is None):
             return
         z_n = None if z is None else q_z[0].per_example_scale(q_z[1], x.shape[0], self._noise)
         b_mu, b_var = (None, None) if b is None else (q_b.loc, q_b.variance)

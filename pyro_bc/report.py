@@ -4,11 +4,14 @@ Writes, under the run directory:
 
 * ``report.md``     the report, embedding the figures by relative path;
 * ``figures/*.png`` the figures of :mod:`pyro_bc.plots`;
-* ``posterior.nc``  the DataTree of :func:`pyro_bc.inspect.to_datatree` (NetCDF-4).
+* ``posterior.nc``  the DataTree of :func:`pyro_bc.datatree.to_datatree` (NetCDF-4).
 
-The compression table comes from ``MODEL.json`` (the ``.json`` beside a given ``.bcz``, else
-``RUN_DIR/MODEL.json`` if it exists); its thresholds are then used for the histograms and the input
-map. Without it the default threshold of -3 is used and the report says the run is not compressed.
+The compression table and the pruning decisions come from ``MODEL.json`` (the ``.json`` beside a given
+``.bcz``, else ``RUN_DIR/MODEL.json`` if it exists): its per-layer thresholds mark the histograms and its
+``kept_groups`` draw the input map; nothing is pruned again. (A ``MODEL.json`` written before
+``kept_groups`` was recorded is pruned again at its thresholds, and the report says so.) Without a
+``MODEL.json`` the report says the run is not compressed and shows what each layer's prior's default
+threshold would keep.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from pyro_bc import plots
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compress import default_thresholds, load_run
+from pyro_bc.compress import load_run
+from pyro_bc.datatree import save_datatree, to_datatree, var_prefix
 from pyro_bc.errors import ConfigError
-from pyro_bc.inspect import save_datatree, to_datatree, var_prefix
-from pyro_bc.posterior import analyse, prune
+from pyro_bc.network import BayesianNet
+from pyro_bc.posterior import LayerPosterior, analyse, prune
 from pyro_bc.run_dir import METRICS
+from pyro_bc.thresholds import PriorDefault, ThresholdInputs
 
 REPORT, FIGURES, POSTERIOR_NC = "report.md", "figures", "posterior.nc"
 
@@ -41,6 +48,39 @@ def _summary_path(run_dir: Path, compressed: str | Path | None) -> Path | None:
         return path
     path = run_dir / "MODEL.json"
     return path if path.is_file() else None
+
+
+def _kept_groups(rows: list[dict], posts: list[LayerPosterior], source: Path) -> list[torch.Tensor]:
+    """Each layer's bool mask of kept groups from ``MODEL.json``'s ``kept_groups`` index lists."""
+    masks = []
+    for row, post in zip(rows, posts):
+        index = row["kept_groups"]
+        if not isinstance(index, list) or any(type(i) is not int or not 0 <= i < post.n_groups for i in index):
+            raise ConfigError(f"{source}: {post.name}'s kept_groups is not a list of group indices below "
+                              f"{post.n_groups}")
+        mask = torch.zeros(post.n_groups, dtype=torch.bool)
+        mask[index] = True
+        masks.append(mask)
+    return masks
+
+
+def _decisions(net: BayesianNet, posts: list[LayerPosterior], summary: dict | None,
+               summary_path: Path | None) -> tuple[list[float], list[torch.Tensor], str]:
+    """The thresholds, each layer's mask of kept groups, and a sentence on where they come from."""
+    if summary is None:
+        thresholds = PriorDefault().thresholds(ThresholdInputs(net, posts))
+        kept = [layer.keep_groups for layer in prune(posts, thresholds)]
+        return thresholds, kept, "each layer's prior's default threshold (no MODEL.json)"
+    rows = summary["layers"]
+    if [r["name"] for r in rows] != [p.name for p in posts]:
+        raise ConfigError(f"{summary_path} describes layers {[r['name'] for r in rows]}, "
+                          f"the run's network {[p.name for p in posts]}")
+    thresholds = [float(r["threshold"]) for r in rows]
+    if all("kept_groups" in r for r in rows):
+        return thresholds, _kept_groups(rows, posts, summary_path), f"`{summary_path.name}`"
+    kept = [layer.keep_groups for layer in prune(posts, thresholds)]
+    return thresholds, kept, (f"`{summary_path.name}`'s thresholds, pruned again (it predates `kept_groups`: "
+                              "run `pyro-bc compress` again to record them)")
 
 
 def _compression_section(summary: dict, source: str) -> list[str]:
@@ -74,14 +114,7 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     summary_path = _summary_path(run_dir, compressed)
     summary = json.loads(summary_path.read_text()) if summary_path else None
     posts = analyse(net)
-    if summary and [r["name"] for r in summary["layers"]] == [p.name for p in posts]:
-        thresholds = [float(r["threshold"]) for r in summary["layers"]]
-    elif summary:
-        raise ConfigError(f"{summary_path} describes layers {[r['name'] for r in summary['layers']]}, "
-                          f"the run's network {[p.name for p in posts]}")
-    else:
-        thresholds = default_thresholds(net)
-    pruned = prune(posts, thresholds)
+    thresholds, kept, decided_by = _decisions(net, posts, summary, summary_path)
     figdir = run_dir / FIGURES
     figdir.mkdir(exist_ok=True)
 
@@ -107,11 +140,11 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     if summary:
         lines += _compression_section(summary, summary_path.name)
     else:
-        kept = "-".join(str(p.groups_kept) for p in pruned)
+        defaults = ", ".join(f"{p.name} {t:g}" for p, t in zip(posts, thresholds))
+        counts = "-".join(str(int(k.sum())) for k in kept)
         lines += ["## Compression", "", (f"Not compressed yet (no MODEL.json): run `pyro-bc compress {run_dir} --out "
-                  f"{run_dir}/MODEL.bcz`. At the default threshold {thresholds[0]:g} the groups kept would be "
-                  f"{kept}."), ""]
-        summary = None
+                  f"{run_dir}/MODEL.bcz`. At the priors' default thresholds ({defaults}) the groups kept would be "
+                  f"{counts}."), ""]
 
     lines += ["## Figures", ""]
     if metrics:
@@ -121,15 +154,17 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     if summary:
         path = plots.plot_compression(summary, figdir / "compression.png")
         lines += ["### Groups kept and bits per layer", "", f"![compression]({rel(path)})", ""]
-    unit = "weights" if pruned[0].post.per_weight else "groups"
-    log_alphas = {p.post.name: p.post.log_alpha.numpy() for p in pruned}
+    unit = "weights" if posts[0].per_weight else "groups"
+    log_alphas = {p.name: p.log_alpha.numpy() for p in posts}
     path = plots.plot_log_alpha(log_alphas, thresholds, figdir / "log_alpha.png", unit)
-    lines += [f"### log alpha per {unit[:-1]}", "", f"{unit.capitalize()} left of the dashed threshold are kept.", "",
+    lines += [f"### log alpha per {unit[:-1]}", "",
+              f"{unit.capitalize()} left of the dashed threshold are kept (thresholds from {decided_by}).", "",
               f"![log alpha]({rel(path)})", ""]
-    path = plots.plot_input_mask(pruned, net.input_shape, figdir / "input_mask.png")
+    path = plots.plot_input_mask(posts[0], kept[0], thresholds[0], net.input_shape, figdir / "input_mask.png")
     if path is not None:
-        title = "Input pixels kept" if pruned[0].post.kind == "linear" else "First convolution's filters"
-        lines += [f"### {title}", "", f"![{title.lower()}]({rel(path)})", ""]
+        title = "Input pixels kept" if posts[0].kind == "linear" else "First convolution's filters"
+        lines += [f"### {title}", "", f"What is kept comes from {decided_by}.", "",
+                  f"![{title.lower()}]({rel(path)})", ""]
     lines += ["### Group scales", ""]
     for layer in net.layers:
         name = var_prefix(layer)

@@ -1,10 +1,12 @@
-"""Tests of the ``.bcz`` compressed-model format (pyro_bc.codec)."""
+"""Tests of the ``.bcz`` compressed-model format (pyro_bc.codec) and of ``pyro_bc.load``."""
 
 from __future__ import annotations
 
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -15,9 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import pyro_bc
 from pyro_bc import codec
 from pyro_bc.codec import CompressedModel, Op, QuantizedLayer, load, read_bcz, to_module, write_bcz
+from pyro_bc.data import load_mnist
 from pyro_bc.errors import FormatError
+from pyro_bc.evaluate import error_percent
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -118,7 +123,7 @@ def test_lenet_module_matches_reference(tmp_path: Path) -> None:
             mod.weight.copy_(torch.from_numpy(q.weight_codes.astype(np.float64) * 2.0**-q.frac_bits).float())
             if q.bias is not None:
                 mod.bias.copy_(torch.from_numpy(q.bias))
-    for net in (to_module(back), load(path)):
+    for net in (to_module(back), load(path), pyro_bc.load(path)):
         assert not net.training
         assert len(net) == len(ref) and all(isinstance(m, type(r)) for m, r in zip(net, ref))  # plain torch modules
         for mine, theirs in zip(net.state_dict().items(), ref.state_dict().items()):
@@ -314,3 +319,29 @@ def test_recrc_flip_never_other_exception(tmp_path: Path, good_bytes: bytes, dat
         read_bcz(path)
     except FormatError as exc:
         assert str(path) in str(exc)
+
+
+# ---------------------------------------------------------------- pyro_bc.load
+
+RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"
+COMMITTED = [RESULTS / f"{model}-{prior}" / "MODEL.bcz" for model in ("lenet300", "lenet5") for prior in ("gnj", "ghs", "lu")]
+
+
+def test_importing_the_package_leaves_the_codec_for_load() -> None:
+    code = "import sys, pyro_bc; print('pyro_bc.codec' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_load_reports_a_missing_file_as_a_format_error(tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match="cannot read"):
+        pyro_bc.load(tmp_path / "missing.bcz")
+
+
+def test_committed_results_load_and_reproduce_their_test_error() -> None:
+    test = load_mnist(None).test
+    for path in COMMITTED:
+        net = pyro_bc.load(path)
+        assert isinstance(net, nn.Sequential) and not net.training
+        recorded = json.loads(path.with_suffix(".json").read_text())["error_compressed"]
+        assert error_percent(net, test.x, test.y) == pytest.approx(recorded, abs=1e-9), path

@@ -1,22 +1,21 @@
-"""End to end: a small trained run -> compress (given thresholds, gap, error budget) -> .bcz and MODEL.json
--> evaluate; bad inputs end in the project's errors without leaving partial files."""
+"""End to end: a small trained run -> compress (given thresholds, gap, error budget, prior default) -> .bcz
+and MODEL.json -> evaluate; bad inputs end in the project's errors without leaving partial files. The
+command line's cases are in tests/test_cli.py."""
 
 import json
 import math
 import os
 import struct
 
-import numpy as np
 import pytest
 import torch
 
-from pyro_bc import codec
-from pyro_bc.cli import main
-from pyro_bc.compress import compress_run, evaluate_file, format_table, gap_thresholds, load_run
+from pyro_bc.compress import compress_run, evaluate_file, format_table, load_run
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
-from pyro_bc.posterior import LayerPosterior, analyse
+from pyro_bc.posterior import analyse, prune
 from pyro_bc.run_dir import TrainConfig
+from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
 from pyro_bc.train import train
 
 LAYER_KEYS = {"name", "groups_total", "groups_kept", "weights_total", "weights_kept", "bits", "exponent_bits",
@@ -70,7 +69,20 @@ def test_given_thresholds(given):
     path, summary = given
     on_disk = _check_summary(path, summary)
     assert [la["threshold"] for la in on_disk["layers"]] == [-3.0, -2.0, -1.0]
+    assert on_disk["threshold_method"] == "given"
+    assert on_disk["threshold_rule"] == {"name": "given", "settings": {"thresholds": [-3.0, -2.0, -1.0]}}
     assert "architecture" in format_table(summary)
+
+
+def test_model_json_records_the_kept_groups(run, given):
+    path, summary = given
+    pruned = prune(analyse(load_run(run)[0]), [-3.0, -2.0, -1.0])
+    for row, layer in zip(summary["layers"], pruned):
+        assert row["kept_groups"] == torch.nonzero(layer.keep_groups).flatten().tolist()
+        assert len(row["kept_groups"]) == row["groups_kept"]
+    text = path.with_suffix(".json").read_text()
+    assert text.count('"kept_groups": [') == 3
+    assert all(line.rstrip().endswith(("],", "]")) for line in text.splitlines() if '"kept_groups"' in line)
 
 
 def test_evaluate_file_matches_model_json(given):
@@ -86,21 +98,25 @@ def test_auto_gap(run, tmp_path):
     summary = compress_run(run, path, auto="gap")
     _check_summary(path, summary)
     net, _, _ = load_run(run)
-    assert [la["threshold"] for la in summary["layers"]] == gap_thresholds(analyse(net))
+    assert [la["threshold"] for la in summary["layers"]] == GapRule().thresholds(ThresholdInputs(net, analyse(net)))
+    assert summary["threshold_method"] == "auto gap"
+    assert summary["threshold_rule"] == {"name": "gap", "settings": GapRule().settings}
 
 
-def test_gap_thresholds_hand_built():
-    def post(values):
-        la = torch.tensor(values)
-        return LayerPosterior("l", "linear", la, torch.zeros(1, len(values)), torch.zeros(1, len(values)),
-                              torch.zeros(1), 1)
-    # widest gap overlapping [-6, 2]: between -5 and 1 -> middle -2
-    assert gap_thresholds([post([-9.0, -8.9, -5.0, 1.0, 1.1])]) == [-2.0]
-    # the widest gap (0.3, 4.4) has its middle above 2: clipped to 2; the 1.5-nat gap at -5 is too narrow
-    assert gap_thresholds([post([-7.0, -6.5, -4.5, -3.0, 0.3, 4.4, 5.0])]) == [2.0]
-    # gaps of 1 nat only (a continuum) -> default -3; a gap wholly outside [-6, 2] does not count either
-    assert gap_thresholds([post([-6.0, -5.0, -4.0, -3.0, -2.0])]) == [-3.0]
-    assert gap_thresholds([post([-0.5, 0.0, 0.5, 1.0, 1.5, 2.5, 6.0])]) == [-3.0]
+def test_rule_object_and_options_give_the_same_file(run, tmp_path):
+    by_rule = compress_run(run, tmp_path / "rule.bcz", rule=GivenThresholds([-3.0, -2.0, -1.0]))
+    by_options = compress_run(run, tmp_path / "options.bcz", thresholds=[-3.0, -2.0, -1.0])
+    assert by_rule == by_options
+    assert (tmp_path / "rule.bcz").read_bytes() == (tmp_path / "options.bcz").read_bytes()
+    with pytest.raises(ConfigError, match="not both"):
+        compress_run(run, tmp_path / "x.bcz", rule=GapRule(), thresholds=[-3.0, -3.0, -3.0])
+
+
+def test_default_is_the_priors_default(run, tmp_path):
+    summary = compress_run(run, tmp_path / "default.bcz")
+    assert [la["threshold"] for la in summary["layers"]] == [-3.0, -3.0, -3.0]
+    assert summary["threshold_method"] == "default -3"
+    assert summary["threshold_rule"] == {"name": "prior-default", "settings": {}}
 
 
 def test_max_error_increase_within_budget(run, tmp_path):
@@ -114,6 +130,8 @@ def test_max_error_increase_within_budget(run, tmp_path):
         pred = net.posterior_mean_network()(mnist.val.x).argmax(-1)
     val_error = 100.0 * float((pred != mnist.val.y).sum()) / len(mnist.val.y)
     assert summary["val_error_compressed"] <= val_error + budget + 1e-9
+    assert summary["threshold_method"] == "max validation error increase 0.5 points"
+    assert summary["threshold_rule"] == {"name": "max-error-increase", "settings": {"max_error_increase": 0.5}}
 
 
 # -- bad input -------------------------------------------------------------------------------------------
@@ -166,34 +184,3 @@ def test_evaluate_rejects_corrupt_files(given, tmp_path, how, match):
     with pytest.raises(FormatError, match=match) as info:
         evaluate_file(bad)
     assert str(bad) in str(info.value)
-
-
-def test_cli_nan_threshold_exits_2(run, tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["compress", str(run), "--out", str(tmp_path / "x.bcz"), "--thresholds", "nan"])
-    assert info.value.code == 2
-    assert "'nan'" in capsys.readouterr().err
-    assert _no_files(tmp_path)
-
-
-def test_cli_run_without_checkpoint_returns_1(tmp_path, capsys):
-    empty = tmp_path / "empty_run"
-    empty.mkdir()
-    assert main(["compress", str(empty), "--out", str(tmp_path / "x.bcz")]) == 1
-    err = capsys.readouterr().err
-    assert "no checkpoint" in err and len(err.strip().splitlines()) == 1
-    assert sorted(os.listdir(tmp_path)) == ["empty_run"]
-
-
-def test_fold_is_the_default_for_group_priors_and_no_fold_turns_it_off(run, tmp_path):
-    medians = [str(float(p.log_alpha.median())) for p in analyse(load_run(run)[0])]  # prunes half of each layer
-    outputs = {}
-    for name, extra in (("folded", []), ("plain", ["--no-fold"])):
-        path = tmp_path / f"{name}.bcz"
-        assert main(["compress", str(run), "--out", str(path), "--thresholds", *medians, *extra]) == 0
-        outputs[name] = json.loads(path.with_suffix(".json").read_text()), codec.read_bcz(path)
-    (folded, folded_file), (plain, plain_file) = outputs["folded"], outputs["plain"]
-    assert folded["fold_pruned_inputs"] is True and plain["fold_pruned_inputs"] is False
-    assert plain["architecture"] == folded["architecture"]  # the same pruning, other biases
-    biases = [[item.bias for item in f.items if isinstance(item, codec.QuantizedLayer)] for f in (folded_file, plain_file)]
-    assert all(not np.allclose(a, b) for a, b in zip(*biases))

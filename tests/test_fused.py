@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pyro
 import pytest
 import torch
 
+from models import build_network
+from pyro_bc import reparam
 from pyro_bc.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference
+from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.train import NegativeELBO, make_optimizer, svi_step
 
 NAMES = ("x", "z", "mu", "var", "b_mu", "b_var")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -190,3 +197,24 @@ def test_linear_leading_dims():
     t3 = {k: None if v is None else v.reshape(2, 3, -1) if v.dim() == 2 and v.shape[0] == 6 else v
           for k, v in t.items()}
     _compare(lrt_linear, lrt_linear_reference, t3, {})
+
+
+def _losses_after_training(model: str, steps: int) -> list[float]:
+    pyro.set_rng_seed(0)
+    net = build_network(model, "gnj")
+    loss, optimizer = NegativeELBO(net), make_optimizer(net, 1e-3)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    return [svi_step(loss, optimizer, net, x, y, 1000).item() for _ in range(steps)]
+
+
+@pytest.mark.parametrize("model,steps", [("lenet300", 50), ("lenet5", 10)])
+def test_training_with_the_fused_ops_follows_the_unfused_path(model, steps, monkeypatch):
+    fused = _losses_after_training(model, steps)
+    for layer, reference in ((BayesLinear, lrt_linear_reference), (BayesConv2d, lrt_conv2d_reference)):
+        monkeypatch.setattr(layer, "op", dataclasses.replace(layer.op, lrt=reference))
+    assert BayesLinear.op.lrt is not reparam.OPS["linear"].lrt
+    unfused = _losses_after_training(model, steps)
+    assert fused[0] == pytest.approx(unfused[0], rel=1e-6)
+    assert fused[-1] == pytest.approx(unfused[-1], rel=1e-4)
+    assert fused[-1] < fused[0]

@@ -1,5 +1,6 @@
-"""Posterior analysis, pruning with propagation, bit precision and the compressed network, checked
-against hand-built cases with known answers (never against the code's own formulas)."""
+"""Posterior analysis, pruning with propagation, bit precision and the compressed network
+(:mod:`pyro_bc.compressed`), checked against hand-built cases with known answers (never against the
+code's own formulas)."""
 
 import math
 
@@ -12,6 +13,7 @@ from torch import nn
 import models.lenet5
 import models.lenet300
 from pyro_bc import codec
+from pyro_bc.compressed import compressed_model
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d
@@ -20,7 +22,6 @@ from pyro_bc.posterior import (
     Precision,
     analyse,
     choose_precision,
-    compressed_model,
     compression_rates,
     exponent_bits_official,
     fold_pruned_inputs,
@@ -74,6 +75,7 @@ def test_fc_stack_propagation():
     assert l2.keep_out.tolist() == [False, True, True] and l3.keep_in.tolist() == [False, True, True]
     assert l3.keep_out.tolist() == [True, True]  # the last layer keeps all outputs
     assert [x.groups_kept for x in (l1, l2, l3)] == [3, 2, 2]
+    assert l2.keep_groups.tolist() == [True, False, True]  # a linear layer's groups are its inputs
 
 
 def test_fc_nothing_dropped_keeps_everything():
@@ -90,6 +92,7 @@ def test_conv_to_conv_propagation():
     assert c1.keep_out.tolist() == [True, False, True]
     assert c2.keep_in.tolist() == [True, False, True]
     assert int(c2.mask.sum()) == 4 * 2 * 9
+    assert c1.keep_groups.tolist() == [True, False, True]  # a convolution's groups are its output channels
 
 
 def test_conv_to_conv_compressed_removes_filter_bias_and_input_slice():

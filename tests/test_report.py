@@ -1,15 +1,19 @@
-"""Figures and report.md of tiny trained runs (LeNet-300-100 gnj and ghs, LeNet-5)."""
+"""Figures and report.md of tiny trained runs (LeNet-300-100 gnj and ghs, LeNet-5); the report takes its
+pruning decisions from MODEL.json. The command line's cases are in tests/test_cli.py."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pyro_bc import plots
-from pyro_bc.cli import main
 from pyro_bc.compress import compress_run
-from pyro_bc.inspect import load_datatree, to_datatree
+from pyro_bc.datatree import load_datatree, to_datatree
+from pyro_bc.errors import ConfigError
 from pyro_bc.report import write_report
 from pyro_bc.run_dir import TrainConfig
 from pyro_bc.train import train
@@ -50,18 +54,6 @@ def test_report_of_compressed_run(lenet300_run):
     assert dt["posterior"].sizes["fc1_group"] == 784
 
 
-def test_cli_report(lenet300_run, capsys):
-    run, _ = lenet300_run
-    assert main(["report", str(run), "--compressed", str(run / "MODEL.bcz")]) == 0
-    assert capsys.readouterr().out.strip() == str(run / "report.md")
-
-
-def test_cli_report_missing_json(lenet300_run, capsys):
-    run, _ = lenet300_run
-    assert main(["report", str(run), "--compressed", str(run / "OTHER.bcz")]) == 1
-    assert "OTHER.json" in capsys.readouterr().err
-
-
 def test_ghs_figures(tmp_path):
     from models import lenet300
 
@@ -82,9 +74,73 @@ def test_lenet5_report_uncompressed(tmp_path):
     train(TrainConfig(model="lenet5", epochs=1, subset=256, val_size=256), out=tmp_path, progress=False)
     text = write_report(tmp_path, num_samples=20).read_text()
     assert "Not compressed yet" in text
+    assert "the priors' default thresholds (conv1 -3, conv2 -3, fc1 -3, fc2 -3)" in text
     assert "conv1_channel" in text
     names = {f.name for f in (tmp_path / "figures").glob("*.png")}
     assert names == {"training.png", "log_alpha.png", "input_mask.png", "scales_conv1.png", "scales_conv2.png",
                      "scales_fc1.png", "scales_fc2.png"}
     for name in names:
         _assert_png(tmp_path / "figures" / name)
+
+
+@pytest.fixture
+def run_copy(lenet300_run, tmp_path):
+    run, _ = lenet300_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("figures", "*.nc", "*.md"))
+    return copy
+
+
+def _input_mask_spy(monkeypatch) -> list:
+    calls = []
+    original = plots.plot_input_mask
+
+    def spy(post, keep, threshold, input_shape, path):
+        calls.append((post.name, keep.clone(), threshold))
+        return original(post, keep, threshold, input_shape, path)
+
+    monkeypatch.setattr(plots, "plot_input_mask", spy)
+    return calls
+
+
+def test_report_takes_the_kept_groups_from_model_json_without_pruning(run_copy, monkeypatch):
+    summary = json.loads((run_copy / "MODEL.json").read_text())
+    summary["layers"][0]["kept_groups"] = list(range(10))  # not what the thresholds would keep
+    (run_copy / "EDITED.json").write_text(json.dumps(summary))
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("the report pruned again")
+
+    monkeypatch.setattr("pyro_bc.report.prune", no_pruning)
+    calls = _input_mask_spy(monkeypatch)
+    text = write_report(run_copy, run_copy / "EDITED.bcz", num_samples=20).read_text()
+    ((name, keep, threshold),) = calls
+    assert name == "fc1" and keep.nonzero().flatten().tolist() == list(range(10))
+    assert threshold == summary["layers"][0]["threshold"]
+    assert "What is kept comes from `EDITED.json`." in text
+
+
+def test_model_json_without_kept_groups_is_pruned_again_and_says_so(run_copy, monkeypatch):
+    summary = json.loads((run_copy / "MODEL.json").read_text())
+    for row in summary["layers"]:
+        del row["kept_groups"]
+    (run_copy / "MODEL.json").write_text(json.dumps(summary))
+    calls = _input_mask_spy(monkeypatch)
+    text = write_report(run_copy, num_samples=20).read_text()
+    assert "pruned again (it predates `kept_groups`" in text
+    assert int(calls[0][1].sum()) == summary["layers"][0]["groups_kept"]
+
+
+@pytest.mark.parametrize("bad", [[784], [-1], "all", [0.5]])
+def test_bad_kept_groups_are_a_config_error(run_copy, bad):
+    summary = json.loads((run_copy / "MODEL.json").read_text())
+    summary["layers"][0]["kept_groups"] = bad
+    (run_copy / "MODEL.json").write_text(json.dumps(summary))
+    with pytest.raises(ConfigError, match="fc1's kept_groups"):
+        write_report(run_copy, num_samples=20)
+
+
+def test_report_does_not_import_training():
+    code = "import sys, pyro_bc.report; print('pyro_bc.train' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from models import lenet5, lenet300
-from pyro_bc.inspect import load_datatree, save_datatree, to_datatree
+from pyro_bc.datatree import load_datatree, save_datatree, to_datatree
 
 
 @pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])

@@ -1,0 +1,221 @@
+"""Threshold rules: the ways ``compress`` chooses one log alpha threshold per Bayesian layer.
+
+Each rule is a small object with a :attr:`~ThresholdRule.name`, its :attr:`~ThresholdRule.settings`
+(a JSON-able dict of its constructor's arguments, recorded in ``MODEL.json`` as ``threshold_rule``) and
+:meth:`~ThresholdRule.thresholds`, which returns the thresholds for a fitted network:
+
+* :class:`GivenThresholds`   the thresholds given (``--thresholds T1 T2 ...``);
+* :class:`GapRule`           per layer, the middle of the widest gap in the sorted log alpha values (``--auto gap``);
+* :class:`ValidationBudget`  the most compressing thresholds within a validation error budget
+  (``--max-error-increase P``);
+* :class:`PriorDefault`      each layer's prior's default cut (``layer.prior.default_threshold``).
+
+A new rule is a subclass plus one entry in :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from pyro_bc.compressed import compressed_module
+from pyro_bc.errors import ConfigError
+from pyro_bc.evaluate import error_percent
+from pyro_bc.network import BayesianNet
+from pyro_bc.posterior import LayerPosterior, choose_precision, prune_and_fold
+
+
+@dataclasses.dataclass
+class ThresholdInputs:
+    """What a rule may look at: the network and its posterior, and, for rules that measure errors, the
+    validation set and the layers' input means that pruned weights are folded with (``None``: no fold)."""
+
+    net: BayesianNet
+    posts: list[LayerPosterior]
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    input_means: list[torch.Tensor] | None = None
+
+
+class ThresholdRule(ABC):
+    """A way of choosing one log alpha threshold per Bayesian layer."""
+
+    #: The rule's name in ``MODEL.json``.
+    name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def settings(self) -> dict:
+        """The rule's parameters (its constructor's keyword arguments), JSON-able."""
+
+    @abstractmethod
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        """One threshold per Bayesian layer of ``inputs.net``, in the network's order."""
+
+    @abstractmethod
+    def method(self, thresholds: list[float]) -> str:
+        """The one-line description ``MODEL.json`` keeps as ``threshold_method``, given the chosen thresholds."""
+
+    def record(self) -> dict:
+        """``{"name": ..., "settings": {...}}``, as ``MODEL.json`` records the rule."""
+        return {"name": self.name, "settings": self.settings}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
+
+
+class GivenThresholds(ThresholdRule):
+    """The thresholds given, one per layer (their number and finiteness are checked when pruning)."""
+
+    name = "given"
+
+    def __init__(self, thresholds: list[float]):
+        self.values = [float(t) for t in thresholds]
+
+    @property
+    def settings(self) -> dict:
+        return {"thresholds": list(self.values)}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        return list(self.values)
+
+    def method(self, thresholds: list[float]) -> str:
+        return "given"
+
+
+class GapRule(ThresholdRule):
+    """Per layer, the middle of the widest gap between sorted log alpha values that overlaps [lo, hi],
+    clipped to [lo, hi]; ``fallback`` where no gap of at least ``min_gap`` nats is found (METHOD.md 11).
+
+    Between 20 or 50 values spread over a continuum, gaps of one nat occur by chance (LeNet-5's conv1 at
+    epoch 100 had one of 1.1 at -5.3, and cutting there took the test error to 47%), while the two modes
+    of a layer that has separated lie several nats apart (its conv2: 0.3 to 4.4), hence the 2-nat minimum.
+    """
+
+    name = "gap"
+
+    def __init__(self, lo: float = -6.0, hi: float = 2.0, min_gap: float = 2.0, fallback: float = -3.0):
+        self.lo, self.hi, self.min_gap, self.fallback = float(lo), float(hi), float(min_gap), float(fallback)
+
+    @property
+    def settings(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "min_gap": self.min_gap, "fallback": self.fallback}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        return [self.layer_threshold(post.log_alpha) for post in inputs.posts]
+
+    def layer_threshold(self, log_alpha: torch.Tensor) -> float:
+        """The threshold of one layer from its log alpha values."""
+        values = np.sort(log_alpha.flatten().double().numpy())
+        left, right = values[:-1], values[1:]
+        widths = right - left
+        ok = (right >= self.lo) & (left <= self.hi) & (widths >= self.min_gap)
+        if not ok.any():
+            return self.fallback
+        best = np.flatnonzero(ok)[np.argmax(widths[ok])]
+        return float(np.clip((left[best] + right[best]) / 2, self.lo, self.hi))
+
+    def method(self, thresholds: list[float]) -> str:
+        return "auto gap"
+
+
+class ValidationBudget(ThresholdRule):
+    """The most compressing per-layer thresholds whose pruned, rounded network's **validation** error stays
+    within ``max_error_increase`` percentage points of the unpruned posterior-mean network's.
+
+    Layers are visited largest first; for each, a binary search over :attr:`GRID` finds the lowest
+    threshold that keeps the error within budget with the others fixed. Every accepted setting was
+    evaluated, so the budget holds for the result.
+    """
+
+    name = "max-error-increase"
+    GRID: ClassVar[np.ndarray] = np.round(np.arange(-8.0, 6.01, 0.25), 2)
+
+    def __init__(self, max_error_increase: float):
+        self.max_error_increase = max_error_increase
+
+    @property
+    def settings(self) -> dict:
+        return {"max_error_increase": self.max_error_increase}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        if inputs.val_x is None or inputs.val_y is None:
+            raise ConfigError(f"the {self.name} rule needs a validation set")
+        net, posts, grid = inputs.net, inputs.posts, self.GRID
+        limit = error_percent(net.posterior_mean_network(), inputs.val_x, inputs.val_y) + self.max_error_increase
+        thresholds = [float(grid[-1])] * len(posts)
+        if self._error(inputs, thresholds) > limit:
+            raise ConfigError(f"even the least pruned network exceeds the error budget of {self.max_error_increase} "
+                              "points: raise --max-error-increase")
+        for i in sorted(range(len(posts)), key=lambda k: -posts[k].mean.numel()):
+            lo, hi = 0, len(grid) - 1  # grid[hi] is known to be within budget
+            while lo < hi:
+                mid = (lo + hi) // 2
+                trial = thresholds[:i] + [float(grid[mid])] + thresholds[i + 1:]
+                if self._error(inputs, trial) <= limit:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            thresholds[i] = float(grid[hi])
+        return thresholds
+
+    @staticmethod
+    def _error(inputs: ThresholdInputs, thresholds: list[float]) -> float:
+        """Validation error (%) of the pruned, folded and rounded network at ``thresholds``."""
+        layers = prune_and_fold(inputs.posts, thresholds, inputs.input_means)
+        module = compressed_module(inputs.net, layers, choose_precision(layers))
+        return error_percent(module, inputs.val_x, inputs.val_y)
+
+    def method(self, thresholds: list[float]) -> str:
+        return f"max validation error increase {self.max_error_increase} points"
+
+
+class PriorDefault(ThresholdRule):
+    """Each layer's prior's default cut (``layer.prior.default_threshold``: -3 per group, 3 per weight for ``lu``)."""
+
+    name = "prior-default"
+
+    @property
+    def settings(self) -> dict:
+        return {}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        return [float(layer.prior.default_threshold) for layer in inputs.net.layers]
+
+    def method(self, thresholds: list[float]) -> str:
+        return "default " + ", ".join(f"{t:g}" for t in dict.fromkeys(thresholds))
+
+
+RULES: dict[str, type[ThresholdRule]] = {rule.name: rule for rule in
+                                         (GivenThresholds, GapRule, ValidationBudget, PriorDefault)}
+AUTO_RULES: dict[str, type[ThresholdRule]] = {"gap": GapRule}  # ``--auto NAME``
+
+
+def rule_from_options(thresholds: list[float] | None = None, auto: str | None = None,
+                      max_error_increase: float | None = None) -> ThresholdRule:
+    """The rule the command line's options name: ``--thresholds``, else ``--auto``, else
+    ``--max-error-increase``, else the priors' defaults."""
+    if thresholds is not None:
+        return GivenThresholds(thresholds)
+    if auto is not None:
+        if auto not in AUTO_RULES:
+            raise ConfigError(f"unknown automatic threshold rule {auto!r}: choose {', '.join(AUTO_RULES)}")
+        return AUTO_RULES[auto]()
+    if max_error_increase is not None:
+        return ValidationBudget(max_error_increase)
+    return PriorDefault()
+
+
+def rule_from_record(record: dict) -> ThresholdRule:
+    """The rule that :meth:`ThresholdRule.record` (``MODEL.json``'s ``threshold_rule``) describes."""
+    name = record.get("name") if isinstance(record, dict) else None
+    if name not in RULES:
+        raise ConfigError(f"unknown threshold rule {name!r}: choose one of {', '.join(RULES)}")
+    try:
+        return RULES[name](**record.get("settings", {}))
+    except TypeError as e:
+        raise ConfigError(f"threshold rule {name}: bad settings {record.get('settings')!r} ({e})")

@@ -1,0 +1,342 @@
+"""The command line, ``pyro-bc`` (``pyro_bc.cli.main`` in process, ``python -m pyro_bc.cli`` in a subprocess):
+each command's output and exit status, arguments refused with exit 2, errors as one line with exit 1,
+and kill / resume and divergence of ``train`` as a user meets them.
+
+Everything is seeded; two subprocess starts dominate the time of the kill-and-resume case (importing pyro
+takes several seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_bc import codec
+from pyro_bc.checkpoint import load_checkpoint
+from pyro_bc.cli import main
+from pyro_bc.compress import load_run
+from pyro_bc.errors import ConfigError
+from pyro_bc.posterior import analyse
+from pyro_bc.run_dir import CHECKPOINT, LOCK, METRICS, TrainConfig
+from pyro_bc.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--subset", "200", "--batch-size", "100", "--val-size", "500", "--seed", "1"]
+
+
+def _metrics_epochs(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / METRICS).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(epochs=1, subset=1000), out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compressed_run(run):
+    """The run, compressed by ``pyro-bc compress`` at the priors' defaults into ``RUN_DIR/MODEL.bcz``."""
+    assert main(["compress", str(run), "--out", str(run / "MODEL.bcz")]) == 0
+    return run
+
+
+# -- train --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, text", [
+    (["--prior", "bogus"], "bogus"),
+    (["--epochs", "-1"], "-1"),
+    (["--lr", "nan"], "nan"),
+    (["--lr", "-0.1"], "-0.1"),
+    (["--batch-size", "0"], "'0'"),
+    (["--model", "vgg"], "vgg"),
+])
+def test_cli_rejects_bad_values(tmp_path, capsys, args, text):
+    with pytest.raises(SystemExit) as info:
+        main(["train", *args, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert text in err and "error" in err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cli_train_and_error_exit(tmp_path, capsys):
+    assert main(["train", "--epochs", "1", "--subset", "128", "--out", str(tmp_path / "ok")]) == 0
+    assert "trained lenet300/gnj" in capsys.readouterr().out
+    assert (tmp_path / "ok" / "checkpoint.pt").exists()
+    assert main(["train", "--resume", "--out", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "Traceback" not in err
+
+
+# -- compress -----------------------------------------------------------------------------------------------
+
+def test_cli_compress_prints_the_table_and_records_the_rule(compressed_run, capsys):
+    summary = json.loads((compressed_run / "MODEL.json").read_text())
+    assert summary["threshold_rule"] == {"name": "prior-default", "settings": {}}
+    assert summary["threshold_method"] == "default -3"
+    assert main(["compress", str(compressed_run), "--out", str(compressed_run / "GAP.bcz"), "--auto", "gap"]) == 0
+    out = capsys.readouterr().out
+    assert "architecture" in out and f"wrote {compressed_run / 'GAP.bcz'} and {compressed_run / 'GAP.json'}" in out
+    assert json.loads((compressed_run / "GAP.json").read_text())["threshold_rule"]["name"] == "gap"
+
+
+def test_cli_nan_threshold_exits_2(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["compress", str(run), "--out", str(tmp_path / "x.bcz"), "--thresholds", "nan"])
+    assert info.value.code == 2
+    assert "'nan'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_run_without_checkpoint_returns_1(tmp_path, capsys):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert main(["compress", str(empty), "--out", str(tmp_path / "x.bcz")]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["empty_run"]
+
+
+def test_fold_is_the_default_for_group_priors_and_no_fold_turns_it_off(run, tmp_path):
+    medians = [str(float(p.log_alpha.median())) for p in analyse(load_run(run)[0])]  # prunes half of each layer
+    outputs = {}
+    for name, extra in (("folded", []), ("plain", ["--no-fold"])):
+        path = tmp_path / f"{name}.bcz"
+        assert main(["compress", str(run), "--out", str(path), "--thresholds", *medians, *extra]) == 0
+        outputs[name] = json.loads(path.with_suffix(".json").read_text()), codec.read_bcz(path)
+    (folded, folded_file), (plain, plain_file) = outputs["folded"], outputs["plain"]
+    assert folded["fold_pruned_inputs"] is True and plain["fold_pruned_inputs"] is False
+    assert plain["architecture"] == folded["architecture"]  # the same pruning, other biases
+    biases = [[item.bias for item in f.items if isinstance(item, codec.QuantizedLayer)] for f in (folded_file, plain_file)]
+    assert all(not np.allclose(a, b) for a, b in zip(*biases))
+
+
+# -- evaluate -----------------------------------------------------------------------------------------------
+
+def test_cli_evaluate_reproduces_a_committed_result(capsys):
+    path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
+    assert main(["evaluate", str(path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["error"] == pytest.approx(1.13) and result["n"] == 10000
+    assert result["error"] == json.loads(path.with_suffix(".json").read_text())["error_compressed"]
+    assert result["ms_per_batch_compressed"] > 0 and result["ms_per_batch_original"] > 0
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+def test_cli_report(compressed_run, capsys):
+    run = compressed_run
+    assert main(["report", str(run), "--compressed", str(run / "MODEL.bcz")]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report.md")
+
+
+def test_cli_report_missing_json(compressed_run, capsys):
+    run = compressed_run
+    assert main(["report", str(run), "--compressed", str(run / "OTHER.bcz")]) == 1
+    assert "OTHER.json" in capsys.readouterr().err
+
+
+# -- bad arguments ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["train", "--out", "R", "--epochs", "abc"], "'abc'"),
+    (["train", "--out", "R", "--batch-size", "0"], "'0'"),
+    (["train", "--out", "R", "--lr", "-1"], "'-1'"),
+    (["train", "--out", "R", "--lr", "inf"], "'inf'"),
+    (["train", "--out", "R", "--prior", "xyz"], "'xyz'"),
+    (["train", "--out", "R", "--model", "nosuchmodel"], "'nosuchmodel'"),
+    (["train", "--epochs", "1"], "--out"),
+    (["compress", "R", "--out", "x.bcz", "--thresholds", "1", "nan"], "'nan'"),
+    (["compress", "R", "--out", "x.bcz", "--auto", "bogus"], "'bogus'"),
+    (["compress", "R", "--out", "x.bcz", "--max-error-increase", "-1"], "'-1'"),
+    (["compress", "R", "--out", "x.bcz", "--auto", "gap", "--thresholds", "1"], "--thresholds"),
+    (["evaluate"], "model"),
+    (["demo", "--epochs", "0"], "'0'"),
+    (["nosuchcommand"], "'nosuchcommand'"),
+])
+def test_bad_cli_arguments_exit_2_naming_the_value(argv, named, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err, err
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+# -- kill and resume ----------------------------------------------------------------------------------------
+
+def _train_cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "pyro_bc.cli", "train", "--model", "lenet300", "--prior", "gnj", "--epochs", "4",
+            "--subset", "600", "--batch-size", "100", "--val-size", "1000", "--seed", "3", "--out", str(out)]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    proc = subprocess.Popen(_train_cmd(run_a), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            metrics = run_a / METRICS
+            if (run_a / CHECKPOINT).is_file() and metrics.is_file() and metrics.read_text().strip():
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training exited ({proc.returncode}) before its first checkpoint: "
+                            f"{proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint within 90 s")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: the test would prove nothing"
+    killed_at = load_checkpoint(run_a / CHECKPOINT)["epoch"]
+    assert 1 <= killed_at < 4, killed_at
+    assert (run_a / LOCK).read_text().strip().isdigit()  # the killed run's stale lock is still there
+    leftover = run_a / f".{CHECKPOINT}.deadbeef.tmp"  # as a kill during an atomic write would leave it
+    leftover.write_bytes(b"\x00garbage" * 100)
+
+    done = subprocess.run(_train_cmd(run_a) + ["--resume"], cwd=REPO, env=env, capture_output=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    resumed = [int(line.split(":")[0].split()[1]) for line in done.stdout.decode().splitlines()
+               if line.startswith("epoch ")]
+    assert resumed == list(range(killed_at + 1, 5))  # it continued, it did not start over
+    assert not (run_a / LOCK).exists()
+
+    # The uninterrupted reference run, in-process (saves a pyro import); same seed, same thread count.
+    assert main(_train_cmd(run_b)[3:]) == 0
+
+    state_a, state_b = load_checkpoint(run_a / CHECKPOINT), load_checkpoint(run_b / CHECKPOINT)
+    assert state_a["epoch"] == state_b["epoch"] == 4
+    assert state_a["network"].keys() == state_b["network"].keys()
+    for name, tensor in state_b["network"].items():
+        assert torch.equal(state_a["network"][name], tensor), name
+    assert _metrics_epochs(run_a) == _metrics_epochs(run_b) == [1, 2, 3, 4]
+    assert [m["epoch"] for m in state_a["metrics"]] == [1, 2, 3, 4]
+
+
+# -- non-finite numbers -------------------------------------------------------------------------------------
+
+POISON_ENV = "PYRO_BC_TEST_POISON"
+
+POISON_MODEL = textwrap.dedent(f"""
+    import math
+    import os
+
+    import torch
+
+    from models.lenet300 import build as build_lenet300
+    from pyro_bc.network import BayesianNet
+
+
+    class PoisonedNet(BayesianNet):
+        # LeNet-300-100 whose fc1 means turn to NaN at the next guide call once ${POISON_ENV} is set.
+        def guide(self, *args, **kwargs):
+            if os.environ.get("{POISON_ENV}"):
+                with torch.no_grad():
+                    self.body.fc1.weight_mu.fill_(math.nan)
+            return super().guide(*args, **kwargs)
+
+
+    def build(prior="gnj"):
+        net = build_lenet300(prior)
+        net.__class__ = PoisonedNet
+        return net
+""")
+
+
+@pytest.fixture
+def poison_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # models.lenet300 is imported from the repository root
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.delenv(POISON_ENV, raising=False)
+    path = tmp_path / "poisoned.py"
+    path.write_text(POISON_MODEL)
+    return path
+
+
+def test_nan_from_the_first_step_exits_1_naming_epoch_step_and_parameter(poison_model, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setenv(POISON_ENV, "1")
+    run = tmp_path / "run"
+    code = main(["train", "--model", str(poison_model), "--epochs", "2", "--out", str(run), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "epoch 1, step 1" in err
+    assert "parameter" in err and "weight_mu" in err
+    assert "Traceback" not in err
+    assert err.replace("\r", "\n").strip().splitlines()[-1].startswith("pyro-bc train: error: ")
+    assert not (run / CHECKPOINT).exists() and not (run / LOCK).exists()
+
+
+def test_divergence_after_a_good_epoch_keeps_the_last_checkpoint_intact(poison_model, tmp_path, monkeypatch,
+                                                                        capsys):
+    run = tmp_path / "run"
+    args = ["train", "--model", str(poison_model), "--out", str(run), *SMALL]
+    assert main([*args, "--epochs", "1"]) == 0
+    before_ckpt, before_metrics = (run / CHECKPOINT).read_bytes(), (run / METRICS).read_bytes()
+    capsys.readouterr()
+
+    monkeypatch.setenv(POISON_ENV, "1")
+    assert main([*args, "--epochs", "3", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "epoch 2, step 1" in err and "weight_mu" in err, err
+    assert (run / CHECKPOINT).read_bytes() == before_ckpt
+    assert (run / METRICS).read_bytes() == before_metrics
+    assert not (run / LOCK).exists()
+    assert not list(run.glob("*.tmp"))
+    state = load_checkpoint(run / CHECKPOINT)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["network"].values())
+
+    # Once the cause is gone, the run resumes from that checkpoint.
+    monkeypatch.delenv(POISON_ENV)
+    assert main([*args, "--epochs", "2", "--resume"]) == 0
+    assert _metrics_epochs(run) == [1, 2]
+
+
+# -- output directory ---------------------------------------------------------------------------------------
+
+def test_output_under_a_regular_file_is_a_config_error_before_training(tmp_path, capsys):
+    parent = tmp_path / "a_file"
+    parent.write_text("x")
+    out = parent / "run"
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="a_file"):
+        train(TrainConfig(epochs=1, subset=200, val_size=500), out, progress=False)
+    assert main(["train", "--epochs", "1", "--out", str(out), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert str(out) in err and err.count("\n") == 1
+    assert time.perf_counter() - started < 5  # refused up front: no data loading, no training
+    assert parent.read_text() == "x"
+
+
+def test_live_lock_refuses_a_second_training(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text(str(os.getpid()))  # this test process is alive
+    assert main(["train", "--epochs", "1", "--out", str(run), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()}" in err and "already running" in err, err
+    assert (run / LOCK).read_text() == str(os.getpid())  # the other training's lock is left alone
+    assert not (run / CHECKPOINT).exists() and not (run / METRICS).exists()

@@ -1,0 +1,142 @@
+"""Threshold rules: each rule's thresholds on hand-built posteriors, its name and settings, and the mapping
+from the command line's options and from MODEL.json's record back to a rule."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import models.lenet5
+import models.lenet300
+from pyro_bc.errors import ConfigError
+from pyro_bc.posterior import LayerPosterior, analyse
+from pyro_bc.thresholds import (
+    RULES,
+    GapRule,
+    GivenThresholds,
+    PriorDefault,
+    ThresholdInputs,
+    ThresholdRule,
+    ValidationBudget,
+    rule_from_options,
+    rule_from_record,
+)
+
+
+def post(values):
+    la = torch.tensor(values)
+    return LayerPosterior("l", "linear", la, torch.zeros(1, len(values)), torch.zeros(1, len(values)), torch.zeros(1), 1)
+
+
+def gap(*layers):
+    return GapRule().thresholds(ThresholdInputs(None, [post(v) for v in layers]))
+
+
+def test_gap_rule_hand_built():
+    # widest gap overlapping [-6, 2]: between -5 and 1 -> middle -2
+    assert gap([-9.0, -8.9, -5.0, 1.0, 1.1]) == [-2.0]
+    # the widest gap (0.3, 4.4) has its middle above 2: clipped to 2; the 1.5-nat gap at -5 is too narrow
+    assert gap([-7.0, -6.5, -4.5, -3.0, 0.3, 4.4, 5.0]) == [2.0]
+    # gaps of 1 nat only (a continuum) -> default -3; a gap wholly outside [-6, 2] does not count either
+    assert gap([-6.0, -5.0, -4.0, -3.0, -2.0]) == [-3.0]
+    assert gap([-0.5, 0.0, 0.5, 1.0, 1.5, 2.5, 6.0]) == [-3.0]
+    # one threshold per layer, in order
+    assert gap([-9.0, -8.9, -5.0, 1.0, 1.1], [-6.0, -5.0, -4.0]) == [-2.0, -3.0]
+
+
+def test_gap_rule_settings_change_the_rule():
+    values = [-9.0, -8.0, -6.5, -5.0]  # gaps of 1 and 1.5 nats
+    assert GapRule(min_gap=1.5).thresholds(ThresholdInputs(None, [post(values)])) == [-5.75]
+    assert GapRule(fallback=-4.0).thresholds(ThresholdInputs(None, [post(values)])) == [-4.0]
+
+
+def test_given_thresholds_are_returned_as_given():
+    rule = GivenThresholds([-3, -2.5, 1])
+    assert rule.thresholds(ThresholdInputs(None, [])) == [-3.0, -2.5, 1.0]
+    assert rule.settings == {"thresholds": [-3.0, -2.5, 1.0]}
+
+
+@pytest.mark.parametrize("prior, expected", [("gnj", [-3.0] * 3), ("ghs", [-3.0] * 3), ("lu", [3.0] * 3)])
+def test_prior_default_is_each_layers_prior_default(prior, expected):
+    net = models.lenet300.build(prior)
+    assert PriorDefault().thresholds(ThresholdInputs(net, analyse(net))) == expected
+
+
+@pytest.mark.parametrize("rule, thresholds, text", [
+    (GivenThresholds([-1.0]), [-1.0], "given"),
+    (GapRule(), [-2.0], "auto gap"),
+    (ValidationBudget(0.5), [-8.0], "max validation error increase 0.5 points"),
+    (PriorDefault(), [-3.0, -3.0, 3.0], "default -3, 3"),
+])
+def test_method_text_is_what_model_json_has_always_recorded(rule, thresholds, text):
+    assert rule.method(thresholds) == text
+
+
+@pytest.mark.parametrize("rule", [GivenThresholds([-3.0, -2.0]), GapRule(lo=-5.0), ValidationBudget(1.5), PriorDefault()])
+def test_record_is_json_and_round_trips(rule):
+    record = json.loads(json.dumps(rule.record()))
+    assert record == {"name": rule.name, "settings": rule.settings}
+    back = rule_from_record(record)
+    assert type(back) is type(rule) and back.settings == rule.settings
+
+
+def test_every_rule_is_registered_under_its_name():
+    assert set(RULES) == {"given", "gap", "max-error-increase", "prior-default"}
+    assert all(issubclass(cls, ThresholdRule) and cls.name == name for name, cls in RULES.items())
+
+
+def test_bad_records_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown threshold rule 'median'"):
+        rule_from_record({"name": "median", "settings": {}})
+    with pytest.raises(ConfigError, match="bad settings"):
+        rule_from_record({"name": "gap", "settings": {"width": 3}})
+
+
+def test_rule_from_options_follows_the_command_lines_precedence():
+    assert isinstance(rule_from_options(), PriorDefault)
+    assert rule_from_options(thresholds=[-1.0, -2.0]).settings == {"thresholds": [-1.0, -2.0]}
+    assert isinstance(rule_from_options(auto="gap"), GapRule)
+    assert rule_from_options(max_error_increase=0.25).settings == {"max_error_increase": 0.25}
+    assert isinstance(rule_from_options(thresholds=[0.0], auto="gap", max_error_increase=1.0), GivenThresholds)
+    with pytest.raises(ConfigError, match="'median'"):
+        rule_from_options(auto="median")
+
+
+# -- the validation budget --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def budget_inputs():
+    torch.manual_seed(0)
+    net = models.lenet5.build("gnj").eval()  # layers by size: fc1, conv2, fc2, conv1
+    x = torch.randn(200, 1, 28, 28)
+    with torch.no_grad():
+        y = net.posterior_mean_network()(x).argmax(-1)  # the unpruned network is right on every example
+    return ThresholdInputs(net, analyse(net), x, y)
+
+
+def test_budget_needs_validation_data(budget_inputs):
+    with pytest.raises(ConfigError, match="validation set"):
+        ValidationBudget(1.0).thresholds(ThresholdInputs(budget_inputs.net, budget_inputs.posts))
+
+
+def test_budget_that_even_the_least_pruned_network_exceeds(budget_inputs):
+    with pytest.raises(ConfigError, match="even the least pruned"):
+        ValidationBudget(-1.0).thresholds(budget_inputs)
+
+
+def test_budget_visits_layers_largest_first_and_stays_within_budget(budget_inputs, monkeypatch):
+    trials = []
+    error = ValidationBudget._error
+
+    def spy(inputs, thresholds):
+        trials.append(list(thresholds))
+        return error(inputs, thresholds)
+
+    monkeypatch.setattr(ValidationBudget, "_error", staticmethod(spy))
+    rule = ValidationBudget(100.0)  # every setting is within budget: each search ends at the grid's lowest
+    assert rule.thresholds(budget_inputs) == [float(ValidationBudget.GRID[0])] * 4
+    assert trials[0] == [float(ValidationBudget.GRID[-1])] * 4  # the least pruned network first
+    changed = [next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
+               for before, after in itertools.pairwise(trials)]
+    assert list(dict.fromkeys(changed)) == [2, 1, 3, 0]  # largest layer first (a known issue, kept as it is)
