@@ -343,11 +343,54 @@ def write_outputs(results: dict, out: Path, distributed: list[str] | None = None
                      f"{r['ms_dense_channels_last']:.3f} | "
                      f"{r['ms_compressed']:.3f} | {r['speedup']:.1f}x | {r['speedup_vs_channels_last']:.1f}x |")
     lines += ["", *targets_section(results)]
+    if (out / "bench_train.json").is_file():
+        lines += ["", *training_section(json.loads((out / "bench_train.json").read_text()))]
     if distributed:
         lines += ["", "## Data-parallel training (`torchrun`, gloo, CPU)", "",
                   ("Produced by `.venv/bin/python analysis/bench_distributed.py` (LeNet-300-100 gnj, 25,600 "
                    "examples, the second epoch's wall time including rank 0's evaluation)."), "", *distributed]
     (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
+
+
+TRAIN_TARGETS = {("lenet300", "official"): 0.5, ("lenet300", "deterministic"): 2.5, ("lenet5", "official"): 0.6}
+PRIOR_VS_GNJ = 1.15  # ghs and lu steps within this factor of gnj's on the same network
+
+
+def training_section(r: dict) -> list[str]:
+    """The training-speed figures of ``analysis/bench_train.py`` against the official tutorial's step."""
+    lines = ["## Training speed against the official tutorial's layers", "",
+             (f"Produced by `.venv/bin/python {r['command']}` (figures in `bench_train.json`), one thread. "
+              "(o) the official tutorial's GNJ layers and loop, (a) deterministic step, (c) a pyro-bc step in "
+              "process, (t) `pyro-bc train`: the second epoch's wall time on a 25,600-example subset (batch 128) "
+              "over its steps, the posterior-mean evaluation and the checkpoint write included. The official "
+              "code has GNJ layers only: each row's (o) is the GNJ step of the same network."), "",
+             ("| model | prior | (o) ms | (a) ms | (c) ms | (t) ms | (t)/(o) | (t)/(a) | (c)/(o) | evaluation per epoch | "
+              "checkpoint per epoch |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in r["steps"]:
+        lines.append(f"| {x['model']} | {x['prior']} | {x['ms_official']:.2f} | {x['ms_deterministic']:.2f} | "
+                     f"{x['ms_pyro_bc']:.2f} | {x['ms_train_epoch_per_step']:.2f} | "
+                     f"{x['ratio_train_to_official']:.2f} | {x['ratio_train_to_deterministic']:.2f} | "
+                     f"{x['ratio_in_process_to_official']:.2f} | {x['ms_eval']:.0f} ms "
+                     f"({100 * x['eval_fraction']:.1f}%) | {x['ms_checkpoint']:.0f} ms "
+                     f"({100 * x['checkpoint_fraction']:.1f}%) |")
+    lines += ["", "| figure | target | measured | result |", "|---|---|---|---|"]
+    gnj = {x["model"]: x for x in r["steps"] if x["prior"] == "gnj"}
+    for (model, against), limit in TRAIN_TARGETS.items():
+        if model in gnj:
+            value = gnj[model][f"ratio_train_to_{against}"]
+            lines.append(f"| {model} gnj (t)/({'o' if against == 'official' else 'a'}) | <= {limit} | {value:.2f} | "
+                         f"{_verdict(value, limit)} |")
+    for x in r["steps"]:
+        if x["prior"] != "gnj" and x["model"] in gnj:
+            value = x["ms_train_epoch_per_step"] / gnj[x["model"]]["ms_train_epoch_per_step"]
+            lines.append(f"| {x['model']} {x['prior']} (t) / gnj (t) | <= {PRIOR_VS_GNJ} | {value:.2f} | "
+                         f"{_verdict(value, PRIOR_VS_GNJ)} |")
+    lines += ["", "Threads (a pyro-bc gnj step in process, median and 10th-90th percentiles):", "",
+              "| model | threads | median ms | p10 ms | p90 ms |", "|---|---|---|---|---|"]
+    for x in r["threads"]:
+        lines.append(f"| {x['model']} | {x['threads']} | {x['ms_median']:.2f} | {x['ms_p10']:.2f} | "
+                     f"{x['ms_p90']:.2f} |")
+    return lines
 
 
 def _verdict(value: float, limit: float, at_most: bool = True) -> str:

@@ -40,8 +40,6 @@ from pyro_bc.train import train
 
 HERE = Path(__file__).parent
 SUBSET, BATCH = 25_600, 128
-TARGETS = {("lenet300", "official"): 0.5, ("lenet300", "deterministic"): 2.5, ("lenet5", "official"): 0.6,
-           "prior_vs_gnj": 1.15}
 
 
 def official_layers(folder: Path):

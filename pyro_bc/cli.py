@@ -72,6 +72,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=_positive_int, default=None, help="train on the first N training examples")
     p.add_argument("--val-size", type=_positive_int, default=VAL_SIZE)
     p.add_argument("--warmup-epochs", type=_nonnegative_int, default=0, help="linear KL warm-up length")
+    p.add_argument("--eval-every", type=_positive_int, default=1,
+                   help="epochs between evaluations of the posterior-mean network (the last epoch always)")
     p.add_argument("--tau0", type=_positive_float, default=TAU0, help="horseshoe global scale (ghs, rhs)")
     p.add_argument("--slab-scale", type=_positive_float, default=SLAB_SCALE,
                    help="regularised horseshoe slab width (rhs)")
@@ -83,7 +85,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(model=args.model, prior=args.prior, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, data=args.data, subset=args.subset, val_size=args.val_size,
-                       warmup_epochs=args.warmup_epochs, tau0=args.tau0, slab_scale=args.slab_scale,
+                       warmup_epochs=args.warmup_epochs, eval_every=args.eval_every, tau0=args.tau0,
+                       slab_scale=args.slab_scale,
                        init_from=args.init_from,
                        device=args.device, threads=args.threads)
 

@@ -55,6 +55,7 @@ class BayesianNet(nn.Module):
         return out
 
     def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, n_data: int | None = None) -> None:
+        """Register the parameters with Pyro (:meth:`register_params`), then sample every layer's guide sites."""
         self.register_params()
         for layer in self.layers:
             layer.guide()

@@ -214,8 +214,9 @@ def plot_training(metrics: list[dict], path: str | Path, totals: dict[str, int] 
     style = {"marker": "o", "markersize": 3}
     a1.plot(epochs, [m["elbo"] for m in metrics], **style)
     a1.set_title("ELBO per example", fontsize=10)
-    a2.plot(epochs, [m["train_error"] for m in metrics], label="train", **style)
-    a2.plot(epochs, [m["val_error"] for m in metrics], label="validation", **style)
+    evaluated = [m for m in metrics if "val_error" in m]  # every --eval-every epochs
+    a2.plot([m["epoch"] for m in evaluated], [m["train_error"] for m in evaluated], label="train", **style)
+    a2.plot([m["epoch"] for m in evaluated], [m["val_error"] for m in evaluated], label="validation", **style)
     a2.set_title("error (%)", fontsize=10)
     a2.legend(fontsize=8)
     layers = list(metrics[0].get("groups_kept", {})) if metrics else []

@@ -33,6 +33,7 @@ class TrainConfig:
     init_from: str | None = None
     device: str = "cpu"
     threads: int = 1
+    eval_every: int = 1  # epochs between evaluations of the posterior-mean network (the last epoch always)
 
     @property
     def prior_options(self) -> dict:

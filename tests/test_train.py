@@ -249,3 +249,20 @@ def test_svi_step_returns_the_loss_steps_and_clips_variances():
     assert net.body.fc1.weight_logvar.max().item() <= limit + 1e-6
     assert net.body.fc1.bias_logvar.max().item() <= limit + 1e-6
     assert net.body.fc2.weight_logvar.max().item() > -9.5  # fc2 has no clip: moved by Adam only
+
+
+def test_eval_every_skips_evaluations_without_changing_training(tmp_path):
+    train(_cfg(epochs=3, subset=256), out=tmp_path / "every", progress=False)
+    train(_cfg(epochs=3, subset=256, eval_every=2), out=tmp_path / "second", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert ["val_error" in r for r in records] == [False, True, True]  # epoch 2, and the last epoch always
+    assert all("train_error" not in r for r in records if "val_error" not in r)
+    every = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val_error"] == every[-1]["val_error"]
+    _assert_states_equal(_network_state(tmp_path / "every"), _network_state(tmp_path / "second"))
+    # resumed with another eval_every: the same parameters still
+    train(_cfg(epochs=2, subset=256, eval_every=2), out=tmp_path / "resumed", progress=False)
+    train(_cfg(epochs=3, subset=256, eval_every=1), out=tmp_path / "resumed", resume=True, progress=False)
+    _assert_states_equal(_network_state(tmp_path / "every"), _network_state(tmp_path / "resumed"))
+    with pytest.raises(ConfigError, match="eval_every"):
+        train(_cfg(eval_every=0), out=tmp_path / "bad", progress=False)
