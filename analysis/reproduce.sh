@@ -11,7 +11,7 @@ epochs=200; batch=128; lr=1e-3; warmup=0; seed=0   # Adam, constant lr, no KL wa
 base=${name%-30}; [ "$base" != "$name" ] && epochs=30
 model=${base%-*}; prior=${base##*-}
 case "$name" in
-  lenet300-gnj) compress=(--thresholds -2.8 -3 -5) ;;   # the official code's thresholds (METHOD.md 6)
+  lenet300-gnj) compress=(--thresholds -2.8 -3 -5) ;;   # the official code's thresholds (docs/METHOD.md 6)
   lenet5-gnj|lenet300-ghs) compress=(--max-error-increase 0.2) ;;  # no gap in log alpha: budget on validation
   lenet5-ghs) compress=(--thresholds -3 -2.2 -2.6 -2.9) ;;  # gap middles; fc1 swept on validation (NOTES.md)
   lenet300-lu|lenet5-lu) compress=(--thresholds 3 3 3 3) ;;     # Sparse VD's per-weight cut, log alpha 3

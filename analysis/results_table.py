@@ -3,7 +3,7 @@
     .venv/bin/python analysis/results_table.py
 
 A configuration without ``MODEL.json`` is listed as not run yet (with its progress if a training is in
-flight). Paper figures: METHOD.md section 9.2 (LeNet-300-100 CRs derived there from the architecture and
+flight). Paper figures: docs/METHOD.md section 9.2 (LeNet-300-100 CRs derived there from the architecture and
 bit strings). Each run's ``NOTES.md``, if present, is copied under the table.
 """
 
@@ -70,8 +70,11 @@ def row(name: str) -> list[str]:
             last = metrics[-1]
             groups = "-".join(str(n) for n in last["groups_kept"].values())
             unit = "weights" if name.endswith("-lu") else "groups"  # lu's log alpha is per weight
-            status = (f"in flight: {len(metrics)} of 200 epochs; posterior mean at epoch {last['epoch']}: "
-                      f"validation error {last['val_error']:.2f}%, {unit} with log alpha < -3: {groups}")
+            evaluated = [m for m in metrics if "val_error" in m]  # epochs evaluated (--eval-every)
+            error = (f"validation error {evaluated[-1]['val_error']:.2f}% at epoch {evaluated[-1]['epoch']}, "
+                     if evaluated else "")
+            status = (f"in flight: {len(metrics)} of 200 epochs; posterior mean: {error}"
+                      f"{unit} with log alpha < -3 at epoch {last['epoch']}: {groups}")
         return lines + [f"| {name} | pyro-bc | {status} |" + " |" * (COLUMNS - 4) + f" {command} |"]
     s = json.loads(summary_path.read_text())
     bits = "-".join(str(layer["bits"]) for layer in s["layers"])

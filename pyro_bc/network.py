@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pyro
 import torch
 from pyro.distributions import Categorical, Normal
@@ -77,19 +80,29 @@ class BayesianNet(nn.Module):
         for layer in self.layers:
             layer.clip_variances()
 
-    def posterior_mean_network(self) -> nn.Sequential:
-        """A deterministic copy of the body holding posterior-mean weights (``E[z] * mu_W``)."""
-        return nn.Sequential(*[m.posterior_mean_module() if isinstance(m, BayesLayer) else m
-                               for m in self.body]).eval()
+    def posterior_mean_network(self) -> nn.Module:
+        """A deterministic copy of the body, in eval mode, each Bayesian layer replaced by the plain layer holding
+        its posterior-mean weights (``E[z] * mu_W``); the other modules are copies (BatchNorm with its running
+        statistics), so nothing done to the copy touches the network."""
+        memo = {id(layer): layer.posterior_mean_module() for layer in self.layers}
+        return copy.deepcopy(self.body, memo).eval()
 
     def init_from(self, state: dict[str, torch.Tensor]) -> None:
-        """Set weight means from a deterministic network's ``state_dict``, layer by layer in order.
+        """Set weight (and bias) means from a deterministic network's ``state_dict``.
 
-        The state's ``*.weight`` tensors are matched to the Bayesian layers in order; a ``*.bias``
-        with the same prefix, if present, sets the bias mean.
+        ``<layer>.weight`` goes to the Bayesian layer of that name (its path in the body, e.g. ``conv1``); where
+        the names do not all match, the state's 2-D and 4-D ``*.weight`` tensors are matched to the layers in
+        order, with a warning. A ``*.bias`` beside a weight sets the bias mean.
         """
-        weights = [k for k in state if k.endswith("weight") and state[k].dim() in (2, 4)]
-        if len(weights) != len(self.layers):
-            raise ConfigError(f"init state has {len(weights)} weight tensors, the network {len(self.layers)} layers")
-        for key, layer in zip(weights, self.layers):
-            layer.init_from(state[key], state.get(key[: -len("weight")] + "bias"))
+        by_name = [f"{layer.site}.weight" for layer in self.layers]
+        if all(key in state for key in by_name):
+            keys = by_name
+        else:
+            keys = [k for k in state if k.endswith("weight") and state[k].dim() in (2, 4)]
+            if len(keys) != len(self.layers):
+                raise ConfigError(f"init state has {len(keys)} weight tensors and names that do not match the "
+                                  f"network's layers ({', '.join(self.layer_names)})")
+            warnings.warn(f"init state's weight names do not match the layers ({', '.join(self.layer_names)}): "
+                          "matched in order", stacklevel=2)
+        for key, layer in zip(keys, self.layers):
+            layer.init_from(state[key], state.get(key[: -len("weight")] + "bias"), key)

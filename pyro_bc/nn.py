@@ -134,13 +134,17 @@ class BayesLayer(nn.Module):
             self.bias_logvar.clamp_(max=limit)
 
     @torch.no_grad()
-    def init_from(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Start the weight (and bias) means from a deterministic network's values."""
+    def init_from(self, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "weight") -> None:
+        """Start the weight (and bias) means from a deterministic network's values (``name``: the weight's, for
+        errors)."""
         if weight.shape != self.weight_mu.shape:
-            raise ConfigError(f"{self.site}: weight of shape {tuple(weight.shape)} does not fit "
+            raise ConfigError(f"{name} of shape {tuple(weight.shape)} does not fit {self.site}.weight_mu of shape "
                               f"{tuple(self.weight_mu.shape)}")
         self.weight_mu.copy_(weight)
         if bias is not None:
+            if bias.shape != self.bias_mu.shape:
+                raise ConfigError(f"{name[:-len('weight')]}bias of shape {tuple(bias.shape)} does not fit "
+                                  f"{self.site}.bias_mu of shape {tuple(self.bias_mu.shape)}")
             self.bias_mu.copy_(bias)
 
     def _filled(self, module: nn.Module) -> nn.Module:

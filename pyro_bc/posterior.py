@@ -1,5 +1,5 @@
 """Posterior analysis of a fitted guide: log alpha, marginal weight moments, pruning masks with
-propagation through the network, bit precision per layer and compression rates (METHOD.md 6-7).
+propagation through the network, bit precision per layer and compression rates (docs/METHOD.md 6-7).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def prune_and_fold(posts: list[LayerPosterior], thresholds: list[float],
 # -- bit precision --------------------------------------------------------------------------------
 
 def mantissa_bits_per_weight(var: torch.Tensor) -> torch.Tensor:
-    """Official rule: ``#{t in 1..23 : 2 Var < 2^-t}`` (METHOD.md 7.2)."""
+    """Official rule: ``#{t in 1..23 : 2 Var < 2^-t}`` (docs/METHOD.md 7.2)."""
     two_var = 2 * var.double()
     t = torch.ceil(-torch.log2(two_var)) - 1
     return t.clamp(0, MAX_MANTISSA_BITS).nan_to_num(nan=0.0).long()

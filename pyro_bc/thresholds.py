@@ -89,11 +89,11 @@ class GivenThresholds(ThresholdRule):
 
 class GapRule(ThresholdRule):
     """Per layer, the middle of the widest gap between sorted log alpha values that overlaps [lo, hi],
-    clipped to [lo, hi]; ``fallback`` where no gap of at least ``min_gap`` nats is found (METHOD.md 11).
+    clipped to [lo, hi]; ``fallback`` where no gap of at least ``min_gap`` nats is found (docs/METHOD.md 11).
 
-    Between 20 or 50 values spread over a continuum, gaps of one nat occur by chance (LeNet-5's conv1 at
-    epoch 100 had one of 1.1 at -5.3, and cutting there took the test error to 47%), while the two modes
-    of a layer that has separated lie several nats apart (its conv2: 0.3 to 4.4), hence the 2-nat minimum.
+    Between 20 or 50 values spread over a continuum, gaps of one nat occur by chance, while the two modes of a
+    layer that has separated lie several nats apart: hence the 2-nat minimum (the measurements behind it are in
+    analysis/results/lenet5-gnj/NOTES.md).
     """
 
     name = "gap"

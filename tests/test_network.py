@@ -2,6 +2,7 @@
 the posterior-mean network and initialisation from a deterministic network."""
 
 import math
+import warnings
 from collections import OrderedDict
 
 import pyro
@@ -197,23 +198,43 @@ def test_posterior_mean_network_is_the_body_run_with_expected_weights(prior):
         torch.testing.assert_close(mean_net(x), out, rtol=1e-5, atol=1e-5)
 
 
-def test_init_from_a_deterministic_state():
+def test_init_from_a_deterministic_state_matches_names_first():
     torch.manual_seed(5)
-    dense = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5))
+    dense = nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 3, 3), relu=nn.ReLU(), flatten=nn.Flatten(),
+                                      fc=nn.Linear(48, 5)))
     net = _net("gnj")
-    net.init_from(dense.state_dict())
-    assert torch.equal(net.body.conv.weight_mu, dense[0].weight)
-    assert torch.equal(net.body.conv.bias_mu, dense[0].bias)
-    assert torch.equal(net.body.fc.weight_mu, dense[3].weight)
-    assert torch.equal(net.body.fc.bias_mu, dense[3].bias)
-    state = {k: v for k, v in dense.state_dict().items() if k != "3.bias"}
+    # keys in the opposite order to the layers: names, not order, decide
+    state = OrderedDict(reversed(list(dense.state_dict().items())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matched by name: no warning
+        net.init_from(state)
+    assert torch.equal(net.body.conv.weight_mu, dense.conv.weight)
+    assert torch.equal(net.body.conv.bias_mu, dense.conv.bias)
+    assert torch.equal(net.body.fc.weight_mu, dense.fc.weight)
+    assert torch.equal(net.body.fc.bias_mu, dense.fc.bias)
     before = net.body.fc.bias_mu.clone()
-    net.init_from({k: v + 1 for k, v in state.items()})  # a missing bias leaves the bias mean alone
+    net.init_from({k: v + 1 for k, v in state.items() if k != "fc.bias"})  # a missing bias leaves the mean alone
     assert torch.equal(net.body.fc.bias_mu, before)
-    with pytest.raises(ConfigError, match="1 weight tensors, the network 2 layers"):
+    with pytest.raises(ConfigError, match=r"conv.weight of shape \(3, 1, 5, 5\) does not fit conv.weight_mu of shape"):
+        net.init_from({"conv.weight": torch.zeros(3, 1, 5, 5), "fc.weight": torch.zeros(5, 48)})
+
+
+def test_init_from_falls_back_to_order_with_a_warning():
+    torch.manual_seed(5)
+    dense = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5))  # keys 0.weight, 3.weight
+    net = _net("gnj")
+    with pytest.warns(UserWarning, match="matched in order"):
+        net.init_from(dense.state_dict())
+    assert torch.equal(net.body.conv.weight_mu, dense[0].weight)
+    assert torch.equal(net.body.fc.bias_mu, dense[3].bias)
+    with pytest.raises(ConfigError, match="1 weight tensors and names that do not match"):
         net.init_from({"a.weight": torch.zeros(5, 48)})
-    with pytest.raises(ConfigError, match=r"conv: weight of shape \(3, 1, 5, 5\) does not fit \(3, 1, 3, 3\)"):
+    with pytest.raises(ConfigError, match=r"a.weight of shape \(3, 1, 5, 5\) does not fit conv.weight_mu"), \
+            pytest.warns(UserWarning):
         net.init_from({"a.weight": torch.zeros(3, 1, 5, 5), "b.weight": torch.zeros(5, 48)})
+    with pytest.raises(ConfigError, match=r"a.bias of shape \(4,\) does not fit conv.bias_mu of shape \(3,\)"), \
+            pytest.warns(UserWarning):
+        net.init_from({"a.weight": torch.zeros(3, 1, 3, 3), "a.bias": torch.zeros(4), "b.weight": torch.zeros(5, 48)})
 
 
 def test_bad_networks_are_config_errors():

@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 from collections import OrderedDict
 
 import pyro
@@ -160,15 +161,18 @@ def test_divergence_names_epoch_and_step(tmp_path):
 def test_init_from_a_state_file(tmp_path):
     """--init-from loads a deterministic network's state_dict (its values: tests/test_network.py)."""
     torch.manual_seed(5)
-    dense = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 300), torch.nn.ReLU(),
-                                torch.nn.Linear(300, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
+    dense = torch.nn.Sequential(OrderedDict(flatten=torch.nn.Flatten(), fc1=torch.nn.Linear(784, 300),
+                                            relu1=torch.nn.ReLU(), fc2=torch.nn.Linear(300, 100),
+                                            relu2=torch.nn.ReLU(), fc3=torch.nn.Linear(100, 10)))
     torch.save(dense.state_dict(), tmp_path / "dense.pt")
-    train(_cfg(subset=128, epochs=0, init_from=str(tmp_path / "dense.pt")), out=tmp_path / "run", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the names match LeNet-300-100's layers: no fallback to order
+        train(_cfg(subset=128, epochs=0, init_from=str(tmp_path / "dense.pt")), out=tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="not a readable state_dict"):
         train(_cfg(subset=128, epochs=0, init_from=str(tmp_path / "run" / "config.json")), out=tmp_path / "r2",
               progress=False)
     torch.save({"a.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
-    with pytest.raises(ConfigError, match="weight tensors"):
+    with pytest.raises(ConfigError, match="weight tensors and names that do not match"):
         train(_cfg(subset=128, epochs=0, init_from=str(tmp_path / "other.pt")), out=tmp_path / "r3", progress=False)
 
 
