@@ -121,6 +121,55 @@ def step_spread(model_name: str, threads: int, repeats: int) -> dict[str, float]
     return {"threads": threads, "ms_median": statistics.median(times), "ms_p10": q[0], "ms_p90": q[-1]}
 
 
+CATEGORIES = (  # aten ops by what they are in a step; anything else counts as "other aten"
+    ("matrix products and convolutions", ("aten::mm", "aten::addmm", "aten::bmm", "aten::convolution",
+                                          "aten::_convolution", "aten::mkldnn_convolution",
+                                          "aten::convolution_backward", "aten::_slow_conv2d_forward",
+                                          "aten::_slow_conv2d_backward", "aten::thnn_conv2d")),
+    ("Adam", ("aten::_fused_adam_",)),
+    ("noise draws", ("aten::normal_",)),
+    ("elementwise and reductions", ("aten::mul", "aten::add", "aten::exp", "aten::sqrt", "aten::mul_", "aten::add_",
+                                    "aten::sum", "aten::dot", "aten::sub", "aten::div", "aten::neg", "aten::clamp_",
+                                    "aten::addcmul_", "aten::sigmoid", "aten::softplus", "aten::log", "aten::pow",
+                                    "aten::max_pool2d_with_indices", "aten::max_pool2d_with_indices_backward",
+                                    "aten::relu", "aten::threshold_backward", "aten::copy_", "aten::fill_",
+                                    "aten::log_softmax", "aten::_log_softmax", "aten::_log_softmax_backward_data",
+                                    "aten::sqrt_", "aten::div_", "aten::clamp_min_", "aten::rsqrt",
+                                    "aten::sigmoid_backward", "aten::gather", "aten::scatter_add_")),
+)
+
+
+def profile_step(model_name: str, steps: int = 20) -> dict[str, float]:
+    """Where a pyro-bc gnj step's time goes (ms per step): aten ops by category (their self time), and the rest
+    of the wall time, which is Python: Pyro's messengers and sites, distribution objects, autograd's engine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = bench.make_steps(model_name, "gnj", only="pyro_bc")["pyro_bc"]
+    for _ in range(10):
+        fn()
+    started = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    wall = 1000 * (time.perf_counter() - started) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    totals = {name: 0.0 for name, _ in CATEGORIES}
+    totals["other aten ops"] = 0.0
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        ms = event.self_cpu_time_total / 1000 / steps
+        category = next((name for name, ops in CATEGORIES if event.key in ops), "other aten ops")
+        totals[category] += ms
+    profiled = sum(totals.values())
+    # the profiler slows every op alike: scale the categories to the unprofiled wall time of a step
+    scale = wall / (prof.profiler.self_cpu_time_total / 1000 / steps) if prof.profiler.self_cpu_time_total else 1.0
+    out = {name: ms * scale for name, ms in totals.items()}
+    out["Python: Pyro, distributions, autograd engine"] = max(wall - profiled * scale, 0.0)
+    return {"model": model_name, "ms_step": wall, **out}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", required=True, type=Path, help="folder holding the official BayesianLayers.py")
@@ -130,7 +179,7 @@ def main() -> int:
     torch.set_num_threads(1)
     pyro.enable_validation(False)
     layers = official_layers(args.official)
-    results = {"command": "analysis/bench_train.py --official PATH", "steps": [], "threads": []}
+    results = {"command": "analysis/bench_train.py --official PATH", "steps": [], "threads": [], "profile": []}
     for model_name in ("lenet300", "lenet5"):
         repeats = args.repeats if model_name == "lenet300" else max(args.repeats // 4, 20)
         for prior in ("gnj", "ghs", "lu"):
@@ -142,6 +191,8 @@ def main() -> int:
             row["ratio_in_process_to_official"] = row["ms_pyro_bc"] / row["ms_official"]
             results["steps"].append(row)
             print(json.dumps(row), flush=True)
+        results["profile"].append(profile_step(model_name))
+        print(json.dumps(results["profile"][-1]), flush=True)
         for threads in (1, 2):
             row = {"model": model_name, **step_spread(model_name, threads, repeats)}
             results["threads"].append(row)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from pathlib import Path
 
+from torch import nn
+
+from pyro_bc.convert import bayesianize
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
 from pyro_bc.priors import Prior, make_prior
@@ -15,7 +19,8 @@ BUILTIN_MODELS = ("lenet300", "lenet5")
 
 
 def build_network(model: str, prior: Prior | str = "gnj", **prior_options) -> BayesianNet:
-    """A built-in network by name, or a user's file defining ``build(prior) -> BayesianNet``, with the prior
+    """A built-in network by name, or a user's file defining ``build(prior) -> BayesianNet`` or
+    ``build() -> torch.nn.Module`` (a plain network, converted by :func:`pyro_bc.bayesianize`), with the prior
     ``prior`` (a :class:`~pyro_bc.priors.Prior`, or a name and the options it takes)."""
     prior = make_prior(prior, **prior_options)
     if model in BUILTIN_MODELS:
@@ -35,7 +40,13 @@ def build_network(model: str, prior: Prior | str = "gnj", **prior_options) -> Ba
     build = getattr(module, "build", None)
     if not callable(build):
         raise ConfigError(f"model {model} defines no build(prior) function returning a BayesianNet")
-    net = build(prior=prior)
-    if not isinstance(net, BayesianNet):
-        raise ConfigError(f"model {model}: build() returned {type(net).__name__}, not a pyro_bc BayesianNet")
-    return net
+    takes_prior = "prior" in inspect.signature(build).parameters
+    net = build(prior=prior) if takes_prior else build()
+    if isinstance(net, BayesianNet):
+        return net
+    if isinstance(net, nn.Module):  # a plain PyTorch network: its Linear and Conv2d layers made Bayesian
+        try:
+            return bayesianize(net, prior)
+        except ConfigError as e:
+            raise ConfigError(f"model {model}: {e}")
+    raise ConfigError(f"model {model}: build() returned {type(net).__name__}, not a torch module or a BayesianNet")

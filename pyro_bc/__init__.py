@@ -6,6 +6,9 @@ import os
 from typing import TYPE_CHECKING
 
 from pyro_bc import distributions  # noqa: F401  (registers the KL divergences)
+from pyro_bc.convert import bayesianize
+
+__all__ = ["bayesianize", "load"]
 
 if TYPE_CHECKING:
     from torch import nn

@@ -120,6 +120,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recode(args: argparse.Namespace) -> int:
+    """``pyro-bc recode``: rewrite a ``.bcz`` file in the newest format with the same codes."""
+    from pyro_bc.codec import VERSION, recode
+
+    size = recode(args.model, args.out, bias=args.bias)
+    print(f"wrote {args.out} (.bcz version {VERSION}, {size} bytes)")
+    return 0
+
+
+def _add_recode_parser(sub) -> None:
+    from pyro_bc.codec import BIAS_ROUNDING
+
+    p = sub.add_parser("recode", help="rewrite a .bcz file in the newest format with the same codes")
+    p.add_argument("model", help="a .bcz file of any supported version")
+    p.add_argument("--out", required=True, help="the .bcz file to write (atomically; may be the input)")
+    p.add_argument("--bias", choices=BIAS_ROUNDING, default="float32",
+                   help="round the biases first (float32: keep them exactly, the default)")
+    p.set_defaults(func=cmd_recode)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``pyro-bc export``: write a ``.bcz`` file's network as ONNX or a ``torch.export`` program."""
+    from pyro_bc.export import export_bcz
+
+    size = export_bcz(args.model, args.out, args.format)
+    print(f"wrote {args.out} ({args.format}, {size} bytes, dynamic batch dimension)")
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    from pyro_bc.export import FORMATS
+
+    p = sub.add_parser("export", help="write a .bcz file's network as ONNX or a torch.export program (.pt2)")
+    p.add_argument("model", help="a .bcz file")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="the file to write")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_compress_parser(sub) -> None:
     p = sub.add_parser("compress", help="prune, choose bit precision and write a .bcz file and MODEL.json")
     p.add_argument("run_dir", help="a run directory written by 'pyro-bc train'")
@@ -180,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.set_defaults(func=cmd_train)
     _add_compress_parser(sub)
+    _add_recode_parser(sub)
+    _add_export_parser(sub)
     p = sub.add_parser("demo", help="train LeNet-300-100 (gnj) on MNIST, compress it and write the report")
     p.add_argument("--epochs", type=_positive_int, default=30)
     p.add_argument("--out", default="runs/demo", help="run directory (resumed if it holds a checkpoint)")

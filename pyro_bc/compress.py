@@ -18,6 +18,7 @@ from pyro_bc.compressed import compressed_model, compressed_module
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import ConfigError
 from pyro_bc.evaluate import error_percent
+from pyro_bc.macs import add_macs
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLayer
 from pyro_bc.posterior import analyse, choose_precision, compression_rates, prune_and_fold
@@ -33,6 +34,8 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     config = TrainConfig(**state["config"])
     net = build_network(config.model, config.prior, **config.prior_options)
     net.load_state_dict(state["network"])
+    if net.input_shape is None:  # a converted plain network: its input shape is the data's
+        net.input_shape = tuple(state["input_shape"])
     return net.eval(), config, state
 
 
@@ -86,9 +89,11 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
                 "run_dir": str(run_dir), "tau0": config.tau0, "prior_options": config.prior_options,
                 "data": data or config.data,
                 "val_size": config.val_size, "seed": config.seed}
-    file_bytes = codec.write_bcz(out, compressed_model(net, layers, precision, metadata))
+    model = codec.round_biases(compressed_model(net, layers, precision, metadata), "float16")  # RESULTS.md
+    file_bytes = codec.write_bcz(out, model)
     loaded = codec.load(out)
-    original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu))
+    original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
+                             if p is not None)
     pruned_only = compressed_module(net, layers, None)
     test_x, test_y = mnist.test.x, mnist.test.y
     summary = {
@@ -119,6 +124,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
         "model": config.model,
         "prior": config.prior,
     }
+    add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
 
@@ -131,14 +137,18 @@ def summary_json(summary: dict) -> str:
 
 def format_table(summary: dict) -> str:
     """The per-layer table and the rates, as printed by ``pyro-bc compress``."""
-    rows = [f"{'layer':<10} {'groups kept':>12} {'weights kept':>16} {'bits':>5} {'(e+m)':>6} {'threshold':>9}"]
+    rows = [(f"{'layer':<10} {'groups kept':>12} {'weights kept':>16} {'bits':>5} {'(e+m)':>6} {'threshold':>9} "
+             f"{'MACs kept':>19}")]
     for layer in summary["layers"]:
         rows.append(f"{layer['name']:<10} {layer['groups_kept']:>5}/{layer['groups_total']:<6} "
                     f"{layer['weights_kept']:>7}/{layer['weights_total']:<8} {layer['bits']:>5} "
-                    f"{layer['exponent_bits']:>2}+{layer['mantissa_bits']:<3} {layer['threshold']:>9.2f}")
+                    f"{layer['exponent_bits']:>2}+{layer['mantissa_bits']:<3} {layer['threshold']:>9.2f} "
+                    f"{layer['macs_compressed']:>9}/{layer['macs_original']}")
     rows.append(f"architecture {summary['architecture']}, {100 * summary['weights_kept_fraction']:.2f}% of weights "
                 f"kept; cr_prune {summary['cr_prune']:.1f}, cr_fast {summary['cr_fast']:.1f}, "
                 f"cr_file {summary['cr_file']:.1f} ({summary['file_bytes']} of {summary['original_bytes']} bytes)")
+    rows.append(f"MACs per example: {summary['macs_compressed']:,} of {summary['macs_original']:,} "
+                f"({summary['macs_original'] / summary['macs_compressed']:.1f}x fewer)")
     rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "
                 f"{summary['error_pruned']:.2f}%, compressed {summary['error_compressed']:.2f}% "
                 f"(validation {summary['val_error_compressed']:.2f}%)")
@@ -164,10 +174,19 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     compressed = codec.to_module(model)
     mnist = load_mnist(data or meta.get("data"), val_size=meta.get("val_size", 5000), seed=meta.get("seed", 0))
     x, y = mnist.test.x, mnist.test.y
-    try:
-        original = build_network(meta["model"], meta["prior"], **meta.get("prior_options", {})).posterior_mean_network()
-    except (KeyError, ConfigError):
-        original = None
+    original = original_network(meta)
+    ms_compressed = _ms_per_batch(compressed, x[:batch_size])
+    ms_original = _ms_per_batch(original, x[:batch_size]) if original is not None else None
     return {"error": error_percent(compressed, x, y), "n": len(x),
-            "ms_per_batch_compressed": _ms_per_batch(compressed, x[:batch_size]),
-            "ms_per_batch_original": _ms_per_batch(original, x[:batch_size]) if original is not None else None}
+            "ms_per_batch_compressed": ms_compressed, "ms_per_batch_original": ms_original,
+            "speedup": ms_original / ms_compressed if ms_original is not None else None}
+
+
+def original_network(metadata: dict) -> torch.nn.Module | None:
+    """The dense original network (posterior means of a fresh build) of a ``.bcz`` file's metadata; None where
+    the metadata does not name a buildable model."""
+    try:
+        return build_network(metadata["model"], metadata["prior"],
+                             **metadata.get("prior_options", {})).posterior_mean_network()
+    except (KeyError, ConfigError):
+        return None

@@ -1,4 +1,4 @@
-"""A Bayesian network: a sequential body of pyro-bc layers and plain modules, plus a likelihood.
+"""A Bayesian network: a body of pyro-bc layers and plain modules, plus a likelihood.
 
 ``model(x, y)`` runs the body (each Bayesian layer samples its prior sites) and observes ``y`` inside
 ``pyro.plate("data", n_data)``, so a minibatch's log-likelihood is scaled to the whole data set.
@@ -24,17 +24,18 @@ LIKELIHOODS = ("categorical", "normal")
 
 
 class BayesianNet(nn.Module):
-    """:param body: an ``nn.Sequential`` of :class:`~pyro_bc.nn.BayesLayer` and parameter-free modules.
-    :param input_shape: shape of one input example, e.g. ``(1, 28, 28)``.
+    """:param body: any module holding :class:`~pyro_bc.nn.BayesLayer` s; ``compress`` takes an ``nn.Sequential``
+        of them and parameter-free modules.
+    :param input_shape: shape of one input example, e.g. ``(1, 28, 28)``; ``None``: set by training from the data.
     :param likelihood: ``"categorical"`` (logits) or ``"normal"`` (regression, fixed ``noise_scale``).
     """
 
-    def __init__(self, body: nn.Sequential, input_shape: tuple[int, ...], likelihood: str = "categorical",
+    def __init__(self, body: nn.Module, input_shape: tuple[int, ...] | None, likelihood: str = "categorical",
                  noise_scale: float = 1.0):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
-        self.body, self.input_shape = body, tuple(input_shape)
+        self.body, self.input_shape = body, None if input_shape is None else tuple(input_shape)
         self.pyro_name = "bc"  # the parameters' prefix in Pyro's param store
         self.likelihood, self.noise_scale = likelihood, noise_scale
         for name, module in body.named_modules():

@@ -31,11 +31,13 @@ class BayesLayer(nn.Module):
         :class:`~pyro_bc.priors.GroupNormalJeffreys`.
     :param clip_var: if set, weight and bias variances are projected to at most this value after
         every optimiser step (:meth:`clip_variances`), as the official code does on LeNet's fc1.
+    :param bias: whether the layer has a bias (``L.b``); without one ``bias_mu`` and ``bias_logvar`` are ``None``.
     """
 
     op: reparam.LayerOp
 
-    def __init__(self, weight_shape: tuple[int, ...], prior: Prior | None, clip_var: float | None):
+    def __init__(self, weight_shape: tuple[int, ...], prior: Prior | None, clip_var: float | None,
+                 bias: bool = True):
         super().__init__()
         prior = GroupNormalJeffreys() if prior is None else prior
         if not isinstance(prior, Prior):
@@ -46,8 +48,8 @@ class BayesLayer(nn.Module):
         self._priors: dict[tuple[torch.device, torch.dtype], dict] = {}  # see priors()
         self.weight_mu = nn.Parameter(torch.empty(weight_shape))
         self.weight_logvar = logvar_init(weight_shape)
-        self.bias_mu = nn.Parameter(torch.zeros(weight_shape[0]))
-        self.bias_logvar = logvar_init((weight_shape[0],))
+        self.bias_mu = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
+        self.bias_logvar = logvar_init((weight_shape[0],)) if bias else None
         self.prior = prior.attach(weight_shape[self.group_axis])
 
     @property
@@ -73,9 +75,11 @@ class BayesLayer(nn.Module):
         like = self.weight_mu.detach()
         key = (like.device, like.dtype)
         if key not in self._priors:
-            self._priors[key] = {**self.prior.priors(like),
-                                 "w": self.prior.weight_prior(like).expand(like.shape).to_event(like.dim()),
-                                 "b": StandardNormal(like).expand(self.bias_mu.shape).to_event(1)}
+            priors = {**self.prior.priors(like),
+                      "w": self.prior.weight_prior(like).expand(like.shape).to_event(like.dim())}
+            if self.bias_mu is not None:
+                priors["b"] = StandardNormal(like).expand(self.bias_mu.shape).to_event(1)
+            self._priors[key] = priors
         return self._priors[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +87,7 @@ class BayesLayer(nn.Module):
         priors = self.priors()
         z = self.prior.model(self.site, priors)
         w = pyro.sample(f"{self.site}.w", priors["w"])
-        b = pyro.sample(f"{self.site}.b", priors["b"])
+        b = pyro.sample(f"{self.site}.b", priors["b"]) if self.bias_mu is not None else None
         return reparam.bayes_layer(self.op, x, z, w, b, *self.op_args())
 
     def guide(self) -> None:
@@ -91,8 +95,9 @@ class BayesLayer(nn.Module):
         self.prior.guide(self.site)
         w_q = NormalLogVar(self.weight_mu, self.weight_logvar)
         pyro.sample(f"{self.site}.w", w_q.to_event(self.weight_mu.dim()), infer=LRT_ONLY)
-        b_q = NormalLogVar(self.bias_mu, self.bias_logvar)
-        pyro.sample(f"{self.site}.b", b_q.to_event(1), infer=LRT_ONLY)
+        if self.bias_mu is not None:
+            b_q = NormalLogVar(self.bias_mu, self.bias_logvar)
+            pyro.sample(f"{self.site}.b", b_q.to_event(1), infer=LRT_ONLY)
 
     # -- posterior summaries ---------------------------------------------------------------------
 
@@ -115,7 +120,10 @@ class BayesLayer(nn.Module):
         return ez * mu, ez**2 * var + vz * mu**2 + vz * var
 
     def bias_mean(self) -> torch.Tensor:
-        """Posterior-mean bias as the network computes it: scaled by ``E[z]`` where ``z`` scales the outputs."""
+        """Posterior-mean bias as the network computes it: scaled by ``E[z]`` where ``z`` scales the outputs
+        (zeros without a bias: compression may fold the average of pruned inputs into it)."""
+        if self.bias_mu is None:
+            return self.weight_mu.new_zeros(self.weight_mu.shape[0])
         moments = self.prior.scale_moments()
         if not self.op.scales_input and moments is not None:
             return moments[0] * self.bias_mu
@@ -131,7 +139,8 @@ class BayesLayer(nn.Module):
         if self.clip_var is not None:
             limit = math.log(self.clip_var)
             self.weight_logvar.clamp_(max=limit)
-            self.bias_logvar.clamp_(max=limit)
+            if self.bias_logvar is not None:
+                self.bias_logvar.clamp_(max=limit)
 
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "weight") -> None:
@@ -141,7 +150,7 @@ class BayesLayer(nn.Module):
             raise ConfigError(f"{name} of shape {tuple(weight.shape)} does not fit {self.site}.weight_mu of shape "
                               f"{tuple(self.weight_mu.shape)}")
         self.weight_mu.copy_(weight)
-        if bias is not None:
+        if bias is not None and self.bias_mu is not None:
             if bias.shape != self.bias_mu.shape:
                 raise ConfigError(f"{name[:-len('weight')]}bias of shape {tuple(bias.shape)} does not fit "
                                   f"{self.site}.bias_mu of shape {tuple(self.bias_mu.shape)}")
@@ -150,7 +159,8 @@ class BayesLayer(nn.Module):
     def _filled(self, module: nn.Module) -> nn.Module:
         with torch.no_grad():
             module.weight.copy_(self.weight_moments()[0])
-            module.bias.copy_(self.bias_mean())
+            if module.bias is not None:
+                module.bias.copy_(self.bias_mean())
         return module
 
 
@@ -160,15 +170,15 @@ class BayesLinear(BayesLayer):
     op = reparam.OPS["linear"]
 
     def __init__(self, in_features: int, out_features: int, prior: Prior | None = None,
-                 clip_var: float | None = None):
-        super().__init__((out_features, in_features), prior, clip_var)
+                 clip_var: float | None = None, bias: bool = True):
+        super().__init__((out_features, in_features), prior, clip_var, bias)
         self.in_features, self.out_features = in_features, out_features
         with torch.no_grad():
             self.weight_mu.normal_(0.0, 1.0 / math.sqrt(in_features))
 
     def posterior_mean_module(self) -> nn.Linear:
         return self._filled(nn.utils.skip_init(nn.Linear, self.in_features, self.out_features,  # no RNG draw
-                                               device=self.weight_mu.device))
+                                               bias=self.bias_mu is not None, device=self.weight_mu.device))
 
 
 class BayesConv2d(BayesLayer):
@@ -177,9 +187,10 @@ class BayesConv2d(BayesLayer):
     op = reparam.OPS["conv2d"]
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride=1,
-                 padding=0, dilation=1, groups: int = 1, prior: Prior | None = None, clip_var: float | None = None):
+                 padding=0, dilation=1, groups: int = 1, prior: Prior | None = None, clip_var: float | None = None,
+                 bias: bool = True):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        super().__init__((out_channels, in_channels // groups, kh, kw), prior, clip_var)
+        super().__init__((out_channels, in_channels // groups, kh, kw), prior, clip_var, bias)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.conv_args = (stride, padding, dilation, groups)
         bound = 1.0 / math.sqrt(in_channels // groups * kh * kw)
@@ -194,4 +205,4 @@ class BayesConv2d(BayesLayer):
         stride, padding, dilation, groups = self.conv_args
         return self._filled(nn.utils.skip_init(Conv2dChannelsLast, self.in_channels, self.out_channels,  # no RNG
                                                tuple(self.weight_mu.shape[2:]), stride, padding, dilation, groups,
-                                               device=self.weight_mu.device))
+                                               bias=self.bias_mu is not None, device=self.weight_mu.device))

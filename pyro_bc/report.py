@@ -83,13 +83,22 @@ def _decisions(net: BayesianNet, posts: list[LayerPosterior], summary: dict | No
                               "run `pyro-bc compress` again to record them)")
 
 
+def _macs(row: dict) -> str:
+    """``kept/original (Nx fewer)`` MACs per example of a MODEL.json entry; ``n/a`` where it predates the counts."""
+    if "macs_original" not in row:
+        return "n/a"
+    return (f"{row['macs_compressed']:,}/{row['macs_original']:,} "
+            f"({row['macs_original'] / row['macs_compressed']:.1f}x fewer)")
+
+
 def _compression_section(summary: dict, source: str) -> list[str]:
     lines = [f"## Compression (`{source}`)", "",
-             "| layer | groups kept | weights kept | bits (1+e+m) | threshold |",
-             "|---|---:|---:|---:|---:|"]
+             "| layer | groups kept | weights kept | bits (1+e+m) | threshold | MACs per example (kept/original) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in summary["layers"]:
         lines.append(f"| {r['name']} | {r['groups_kept']}/{r['groups_total']} | {r['weights_kept']}/{r['weights_total']} "
-                     f"| {r['bits']} (1+{r['exponent_bits']}+{r['mantissa_bits']}) | {r['threshold']:.2f} |")
+                     f"| {r['bits']} (1+{r['exponent_bits']}+{r['mantissa_bits']}) | {r['threshold']:.2f} "
+                     f"| {_macs(r)} |")
     lines += ["", "| quantity | value |", "|---|---:|",
               f"| architecture | {summary['architecture']} |",
               f"| weights kept | {100 * summary['weights_kept_fraction']:.2f}% |",
@@ -97,6 +106,7 @@ def _compression_section(summary: dict, source: str) -> list[str]:
               f"| cr_fast | {summary['cr_fast']:.1f} |",
               f"| cr_file | {summary['cr_file']:.1f} |",
               f"| file bytes | {summary['file_bytes']} of {summary['original_bytes']} |",
+              f"| MACs per example (kept/original) | {_macs(summary)} |",
               f"| test error, posterior mean | {summary['error_posterior_mean']:.2f}% |",
               f"| test error, pruned | {summary['error_pruned']:.2f}% |",
               f"| test error, compressed | {summary['error_compressed']:.2f}% |",

@@ -36,6 +36,8 @@ from pyro_bc.run_dir import CHECKPOINT, CONFIG, METRICS, RunLock, TrainConfig, p
 
 
 def _check_shape(net: BayesianNet, x: torch.Tensor) -> None:
+    if net.input_shape is None:  # a converted network: its input is the data's
+        net.input_shape = tuple(x.shape[1:])
     if tuple(x.shape[1:]) != net.input_shape:
         raise ConfigError(f"data examples have shape {tuple(x.shape[1:])}, the network expects {net.input_shape}")
     try:
@@ -205,6 +207,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
             save_checkpoint(run_dir / CHECKPOINT, {
                 "config": dataclasses.asdict(config), "epoch": epoch + 1, "network": net.state_dict(),
                 "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}, "metrics": metrics,
+                "input_shape": list(net.input_shape),
             })
             atomic_write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
             if progress:

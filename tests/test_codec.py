@@ -1,4 +1,6 @@
-"""Tests of the ``.bcz`` compressed-model format (pyro_bc.codec) and of ``pyro_bc.load``."""
+"""Tests of the ``.bcz`` compressed-model format (pyro_bc.codec: version 2 written, versions 1 and 2 read) and of
+``pyro_bc.load``: round trips, rebuilt modules, and fuzzed files of both versions (truncations, bit flips,
+lying sizes) that must each give one FormatError line naming the path."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyro_bc
-from pyro_bc import codec
+from pyro_bc import bcz_v1, bcz_v2, code_storage, codec
+from pyro_bc.binary import Reader, svarint, uvarint, uvarints
 from pyro_bc.codec import CompressedModel, Op, QuantizedLayer, load, read_bcz, to_module, write_bcz
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import FormatError
@@ -55,9 +58,10 @@ def lenet(seed: int = 0) -> CompressedModel:
 
 def assert_same(a: CompressedModel, b: CompressedModel) -> None:
     """Models equal item by item, codes and biases bit for bit."""
-    assert a.input_shape == b.input_shape and a.metadata == b.metadata and len(a.items) == len(b.items)
+    assert a.input_shape == b.input_shape and codec.kept_metadata(a.metadata) == b.metadata
+    assert len(a.items) == len(b.items)
     for x, y in zip(a.items, b.items):
-        assert type(x) is type(y)
+        assert type(x) is type(y) and x.inputs == y.inputs
         if isinstance(x, Op):
             assert x == y
             continue
@@ -160,28 +164,64 @@ def test_loaded_convolution_is_channels_last_with_the_same_values(channels: int)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_entropy_coding_only_where_it_pays(tmp_path: Path) -> None:
+def test_storage_follows_the_codes(tmp_path: Path) -> None:
+    """A layer's codes take the smallest of packed, coded and sparse: sparse codes are not packed, random
+    full-width codes are, and the file is smaller than version 1's."""
     rng = np.random.default_rng(1)
     sparse = np.zeros((64, 256), np.int64)
-    sparse[rng.random(sparse.shape) < 0.02] = 5
+    mask = rng.random(sparse.shape) < 0.02
+    sparse[mask] = rng.integers(1, 4, size=int(mask.sum()))
     dense = rng.integers(-(2**31), 2**31, size=(8, 8), dtype=np.int64)
-    for codes, expect_compressed in ((sparse, True), (dense, False)):
+    for codes, packed_is_best in ((sparse, False), (dense, True)):
         model = CompressedModel([QuantizedLayer("linear", "fc", codes, 4)], (codes.shape[1],))
+        storage, block = code_storage.encode_codes(codes)
+        assert (storage == code_storage.PACKED) == packed_is_best
+        blocks = [code_storage.encode_as(storage, codes) for storage in range(3)]
+        assert len(block) == min(len(b) for b in blocks if b is not None)
         size = write_bcz(tmp_path / "m.bcz", model)
-        data = (tmp_path / "m.bcz").read_bytes()
-        header = json.loads(data[10 : 10 + struct.unpack_from("<I", data, 6)[0]])
-        assert (header["codec"] != "none") == expect_compressed
-        raw = codec.pack_codes(codes, QuantizedLayer("linear", "fc", codes, 4).code_bits)
-        assert header["payload_size"] == len(raw)
-        assert (header["stored_size"] < len(raw)) == expect_compressed and size == len(data)
+        assert size < len(bcz_v1.encode(model)) and size == os.path.getsize(tmp_path / "m.bcz")
         assert_same(model, read_bcz(tmp_path / "m.bcz"))
 
 
-@pytest.fixture(scope="module")
-def good_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    path = tmp_path_factory.mktemp("good") / "lenet.bcz"
-    write_bcz(path, lenet())
-    return path.read_bytes()
+def test_committed_lenet5_header_is_small() -> None:
+    """The version-2 header of lenet5-gnj (version 1's JSON header: 1,669 bytes) fits in 200 bytes."""
+    data = (RESULTS / "lenet5-gnj" / "MODEL.bcz").read_bytes()
+    assert data[4:6] == struct.pack("<H", 2)
+    reader = Reader(data, 7)
+    reader.uvarint("header length")
+    assert reader.uvarint("stored header length") < 200
+
+
+def residual(seed: int = 0) -> CompressedModel:
+    """A small graph: a residual block (add), a concatenation (cat), padded pooling and an adaptive pool."""
+    rng = np.random.default_rng(seed)
+
+    def conv(name: str, out: int, inp: int, inputs: tuple[int, ...] | None = None) -> QuantizedLayer:
+        codes = np.where(rng.random((out, inp, 3, 3)) < 0.3, rng.integers(-20, 21, size=(out, inp, 3, 3)), 0)
+        return QuantizedLayer("conv2d", name, codes, 6, rng.normal(size=out).astype(np.float32), padding=1,
+                              inputs=inputs)
+
+    items = [
+        conv("stem", 4, 1),                                            # 0
+        Op("relu"),                                                    # 1
+        conv("a", 4, 4),                                               # 2
+        Op("add", inputs=(2, 1)),                                      # 3: residual
+        Op("maxpool2d", {"kernel_size": 3, "stride": 2, "padding": 1}),  # 4
+        conv("b", 2, 4, inputs=(3,)),                                  # 5: reads the sum, not the pool
+        Op("avgpool2d", {"kernel_size": 3, "stride": 2, "padding": 1}),  # 6
+        Op("cat", inputs=(4, 4, 6)),                                   # 7: channels 4 + 4 + 2
+        Op("adaptive_avgpool2d", {"output_size": (1, 1)}),             # 8
+        Op("flatten"),                                                 # 9
+        QuantizedLayer("linear", "fc", rng.integers(-100, 100, size=(10, 10)), 7, None),  # 10
+    ]
+    return CompressedModel(items, (1, 8, 8), {"model": "toy", "prior": "gnj", "thresholds": [-3.0], "run": "x"})
+
+
+@pytest.fixture(scope="module", params=["v2-chain", "v2-graph", "v1"])
+def good_bytes(request: pytest.FixtureRequest) -> bytes:
+    """Valid files: version 2 of a chain and of a graph, and version 1 of the chain."""
+    return {"v2-chain": lambda: codec.encode(lenet()), "v2-graph": lambda: codec.encode(residual()),
+            "v1": lambda: bcz_v1.encode(lenet())}[request.param]()
 
 
 def expect_format_error(path: Path, data: bytes, fragment: str = "") -> str:
@@ -211,9 +251,15 @@ def test_single_bit_flip(tmp_path: Path, good_bytes: bytes, data: st.DataObject)
 
 def test_bad_magic_and_version(tmp_path: Path, good_bytes: bytes) -> None:
     expect_format_error(tmp_path / "m.bcz", b"PK\x03\x04" + good_bytes[4:], "magic")
-    expect_format_error(tmp_path / "v.bcz", good_bytes[:4] + struct.pack("<H", 2) + good_bytes[6:], "version")
+    expect_format_error(tmp_path / "v.bcz", good_bytes[:4] + struct.pack("<H", 3) + good_bytes[6:], "version")
     expect_format_error(tmp_path / "c.bcz", good_bytes[:-1] + bytes([good_bytes[-1] ^ 1]), "corrupt")
-    expect_format_error(tmp_path / "h.bcz", good_bytes[:6] + struct.pack("<I", 2**32 - 1) + good_bytes[10:], "header")
+    if good_bytes[4] == 1:
+        lying = good_bytes[:6] + struct.pack("<I", 2**32 - 1) + good_bytes[10:]
+    else:
+        reader = Reader(good_bytes, 7)
+        reader.uvarint("header length")
+        lying = good_bytes[:7] + uvarint(2**35) + good_bytes[reader.pos :]
+    expect_format_error(tmp_path / "h.bcz", lying, "header")
 
 
 def craft(header: dict, payload: bytes) -> bytes:
@@ -252,13 +298,109 @@ def test_crafted_headers(tmp_path: Path) -> None:
     bomb.update(codec="zlib", stored_size=len(zlib.compress(b"\0" * 10**6)))
     expect_format_error(path, craft(bomb, zlib.compress(b"\0" * 10**6)), "more than")
     short = small_header()
-    short.update(codec="lzma", stored_size=len(codec.lzma.compress(b"\0")))
-    expect_format_error(path, craft(short, codec.lzma.compress(b"\0")), "truncated")
+    short.update(codec="lzma", stored_size=len(bcz_v1.lzma.compress(b"\0")))
+    expect_format_error(path, craft(short, bcz_v1.lzma.compress(b"\0")), "truncated")
     expect_format_error(path, craft({"items": []}, b""), "missing key")
     body = b"BCZ1" + struct.pack("<HI", 1, 5) + b"{bad}"
     expect_format_error(path, body + struct.pack("<I", zlib.crc32(body)), "JSON")
     with pytest.raises(FormatError, match="missing.bcz"):
         read_bcz(tmp_path / "missing.bcz")
+
+
+def frame_v2(header: bytes, payload: bytes, deflate: bool = False, size: int | None = None) -> bytes:
+    """A version-2 file with a valid CRC around an arbitrary decoded header and payload."""
+    stored = zlib.compress(header, 9)[2:-4] if deflate else header  # raw deflate: zlib minus its 2+4 bytes
+    body = (b"BCZ1" + struct.pack("<HB", 2, int(deflate)) + uvarint(len(header) if size is None else size)
+            + uvarint(len(stored)) + stored + payload)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def linear_v2(shape: tuple[int, int] = (2, 3), storage: int = 0, length: int = 4, bias: int = 0,
+              bias_length: int = 0, kind: int = 0, back: int = 1, meta: bytes = b"") -> bytes:
+    """The decoded header of one linear layer reading the input (3,)."""
+    return (uvarint(1) + uvarint(3) + uvarint(len(meta)) + meta + uvarint(1) + bytes([kind]) + uvarint(back)
+            + uvarint(2) + b"fc" + uvarints(shape) + svarint(0) + bytes([storage]) + uvarint(length)
+            + bytes([bias]) + uvarint(bias_length))
+
+
+PACKED_BLOCK = bytes([4, 0x12, 0x34, 0x56])  # 4-bit codes 1 2 3 4 5 6
+
+
+def test_crafted_v2_files(tmp_path: Path) -> None:
+    """Lying sizes and malformed fields of a version-2 file: each one line naming the problem."""
+    path = tmp_path / "x.bcz"
+    path.write_bytes(frame_v2(linear_v2(), PACKED_BLOCK))
+    assert read_bcz(path).items[0].weight_codes.tolist() == [[1, 2, 3], [4, 5, 6]]
+    path.write_bytes(frame_v2(linear_v2(), PACKED_BLOCK, deflate=True))
+    assert read_bcz(path).items[0].weight_codes.tolist() == [[1, 2, 3], [4, 5, 6]]
+    cases = [
+        (frame_v2(linear_v2(shape=(2**14, 2**14 + 1)), PACKED_BLOCK), "larger than this reader accepts"),
+        (frame_v2(linear_v2(shape=(2**29, 1)), PACKED_BLOCK), "shape"),
+        (frame_v2(linear_v2(length=2**40), PACKED_BLOCK), "payload bytes"),
+        (frame_v2(linear_v2(length=5), PACKED_BLOCK), "payload bytes"),
+        (frame_v2(linear_v2(length=3), PACKED_BLOCK[:3]), "packed bytes"),
+        (frame_v2(linear_v2(), bytes([0]) + PACKED_BLOCK[1:]), "packed code bits"),
+        (frame_v2(linear_v2(back=2), PACKED_BLOCK), "input"),
+        (frame_v2(linear_v2(kind=99), PACKED_BLOCK), "kind"),
+        (frame_v2(linear_v2(storage=3), PACKED_BLOCK), "weight storage"),
+        (frame_v2(linear_v2(bias=1, bias_length=4), PACKED_BLOCK + b"\0" * 4), "bias length"),
+        (frame_v2(linear_v2(meta=b"[1]"), PACKED_BLOCK), "metadata"),
+        (frame_v2(linear_v2(meta=b"{bad"), PACKED_BLOCK), "JSON"),
+        (frame_v2(linear_v2()[:-1] + b"\x80\x00", PACKED_BLOCK), "minimal"),
+        (frame_v2(linear_v2() + b"\0", PACKED_BLOCK), "unexpected bytes"),
+        (frame_v2(linear_v2(), PACKED_BLOCK, deflate=True, size=3), "more than"),
+        (frame_v2(linear_v2(), PACKED_BLOCK, deflate=True, size=200), "truncated"),
+        (frame_v2(linear_v2(), PACKED_BLOCK, size=2**30), "header length"),
+        (frame_v2(linear_v2(), PACKED_BLOCK)[:6] + b"\x07" + frame_v2(linear_v2(), PACKED_BLOCK)[7:], "header codec"),
+    ]
+    coded = [  # coded blocks: min, alphabet size, counts, stream
+        (svarint(0) + uvarint(2**17), "alphabet size"),
+        (svarint(0) + uvarint(2) + uvarints([0, 0]) + b"\x01", "all zero"),
+        (svarint(0) + uvarint(1) + uvarints([6]) + b"\x01", "one-symbol"),
+        (svarint(0) + uvarint(2) + uvarints([1, 1]) + b"\x01\x00", "zero byte"),
+        (svarint(2**63 - 1) + uvarint(2) + uvarints([1, 1]) + b"\x01", "alphabet size"),
+    ]
+    cases += [(frame_v2(linear_v2(storage=1, length=len(b)), b), m) for b, m in coded]
+    sparse = [(uvarint(7), "sparse count"), (uvarint(1) + uvarint(6), "sparse position"),
+              (uvarint(1) + uvarint(0) + bytes([2]), "sparse value storage")]
+    cases += [(frame_v2(linear_v2(storage=2, length=len(b)), b), m) for b, m in sparse]
+    select = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_v2.KINDS.index("select")]) + uvarint(1)
+    cases += [(frame_v2(select + bytes([1]) + uvarint(3) + bytes([0b11110000]), b""), "bitmap"),
+              (frame_v2(select + bytes([0]) + uvarint(2) + uvarints([2**16, 0]), b""), "select")]
+    pool = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_v2.KINDS.index("maxpool2d")]) + uvarint(1)
+    cases.append((frame_v2(pool + uvarints([2, 2, 2, 2, 2, 0]), b""), "padding"))
+    for data, fragment in cases:
+        expect_format_error(path, data, fragment)
+
+
+def test_graphs_round_trip_and_run_their_nodes(tmp_path: Path) -> None:
+    """A residual add and a concatenation load as a Graph module computing the hand-written reference."""
+    model = residual()
+    path = tmp_path / "graph.bcz"
+    write_bcz(path, model)
+    back = read_bcz(path)
+    assert_same(model, back)
+    assert back.metadata == {"model": "toy", "prior": "gnj", "thresholds": [-3.0]}  # "run" is not kept
+    net = load(path)
+    assert isinstance(net, codec.Graph) and not net.training
+    stem, _, a, _, _, b, _, _, _, _, fc = net.nodes
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = torch.relu(stem(x))
+        s = a(h) + h
+        pooled = nn.functional.max_pool2d(s, 3, 2, 1)
+        other = nn.functional.avg_pool2d(b(s), 3, 2, 1)
+        expected = fc(torch.cat([pooled, pooled, other], 1).mean((2, 3)))
+        assert torch.allclose(net(x), expected, atol=1e-6)
+    for layer, module in zip([i for i in back.items if isinstance(i, QuantizedLayer)], (stem, a, b, fc)):
+        assert torch.equal(module.weight, torch.from_numpy(layer.weight()))
+
+
+def test_a_chain_with_explicit_inputs_is_sequential(tmp_path: Path) -> None:
+    items = [QuantizedLayer("linear", "fc", np.ones((2, 3), np.int64), 0, inputs=(-1,)), Op("relu", inputs=(0,))]
+    write_bcz(tmp_path / "c.bcz", CompressedModel(items, (3,)))
+    assert [i.inputs for i in read_bcz(tmp_path / "c.bcz").items] == [None, None]
+    assert isinstance(load(tmp_path / "c.bcz"), nn.Sequential)
 
 
 def test_write_unwritable_directory(tmp_path: Path) -> None:
@@ -296,8 +438,14 @@ def test_write_rejects_bad_models(tmp_path: Path) -> None:
     for layer in bad:
         with pytest.raises(FormatError, match="cannot write"):
             write_bcz(path, CompressedModel([layer], (3,)))
-    with pytest.raises(FormatError, match="JSON"):
-        write_bcz(path, CompressedModel([], (3,), {"x": float("nan")}))
+    with pytest.raises(FormatError, match="metadata"):
+        write_bcz(path, CompressedModel([], (3,), ["not", "a", "dict"]))
+    with pytest.raises(FormatError, match="inputs"):
+        write_bcz(path, CompressedModel([Op("relu", inputs=(0,))], (3,)))
+    with pytest.raises(FormatError, match="inputs"):
+        write_bcz(path, CompressedModel([Op("add", inputs=(-1,))], (3,)))
+    with pytest.raises(FormatError, match="padding"):
+        write_bcz(path, CompressedModel([Op("maxpool2d", {"kernel_size": 2, "padding": 2})], (1, 4, 4)))
     assert not os.listdir(tmp_path)
 
 

@@ -1,5 +1,7 @@
 """The model registry (models.build_network): built-in networks with every prior, and user network files."""
 
+import runpy
+
 import pyro
 import pytest
 import torch
@@ -75,9 +77,29 @@ def test_a_user_network_file(tmp_path, prior):
     assert net.layer_names == ["1"] and type(net.layers[0].prior) is PRIORS[prior]
 
 
+PLAIN_NET = """
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+"""
+
+
+def test_a_user_file_returning_a_plain_network_is_converted(tmp_path):
+    path = _write(tmp_path, PLAIN_NET)
+    net = build_network(path, "ghs", tau0=1e-3)
+    assert net.layer_names == ["1", "3"] and type(net.layers[0].prior) is PRIORS["ghs"]
+    dense = runpy.run_path(path)["build"]()  # the same plain network, built here
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(net.posterior_mean_network()(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("text, match", [
-    ("def build(prior):\n    return 42\n", "build\\(\\) returned int, not a pyro_bc BayesianNet"),
-    ("def build(prior):\n    import torch\n    return torch.nn.Linear(2, 2)\n", "returned Linear"),
+    ("def build(prior):\n    return 42\n", "build\\(\\) returned int, not a torch module or a BayesianNet"),
+    ("def build():\n    import torch\n    return torch.nn.ReLU()\n", "holds no nn.Linear or nn.Conv2d"),
     ("x = 1\n", "defines no build\\(prior\\) function"),
     ("build = 3\n", "defines no build\\(prior\\) function"),
     ("raise ValueError('boom')\n", "failed to import: ValueError: boom"),

@@ -270,3 +270,23 @@ def test_eval_every_skips_evaluations_without_changing_training(tmp_path):
     _assert_states_equal(_network_state(tmp_path / "every"), _network_state(tmp_path / "resumed"))
     with pytest.raises(ConfigError, match="eval_every"):
         train(_cfg(eval_every=0), out=tmp_path / "bad", progress=False)
+
+
+PLAIN_CONV_NET = """
+from torch import nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(1, 4, 5, padding=2, bias=False), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 14 * 14, 10))
+"""
+
+
+def test_a_plain_network_file_trains_and_compresses(tmp_path):
+    from pyro_bc.compress import compress_run
+
+    path = tmp_path / "plain.py"
+    path.write_text(PLAIN_CONV_NET)
+    train(_cfg(model=str(path), subset=256), out=tmp_path / "run", progress=False)
+    summary = compress_run(tmp_path / "run", tmp_path / "run" / "MODEL.bcz")
+    assert [layer["name"] for layer in summary["layers"]] == ["0", "4"]
+    assert summary["original_bytes"] == 4 * (4 * 25 + 4 * 14 * 14 * 10 + 10)  # the conv has no bias

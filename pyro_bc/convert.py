@@ -1,0 +1,66 @@
+"""A plain PyTorch network made Bayesian in one call: :func:`bayesianize`."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pyro_bc.errors import ConfigError
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesConv2d, BayesLayer, BayesLinear
+from pyro_bc.priors import Prior, make_prior
+
+
+def _bayesian_twin(module: nn.Module, prior: Prior, name: str) -> BayesLayer:
+    """The pyro-bc layer with every argument of ``module`` (an ``nn.Linear`` or ``nn.Conv2d``)."""
+    bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        return BayesLinear(module.in_features, module.out_features, prior, bias=bias)
+    if module.padding_mode != "zeros":
+        raise ConfigError(f"{name}: padding_mode {module.padding_mode!r} is not supported (only 'zeros')")
+    return BayesConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                       module.dilation, module.groups, prior=prior, bias=bias)
+
+
+@torch.no_grad()
+def _start_from(layer: BayesLayer, weight: torch.Tensor, bias: torch.Tensor | None, delta: float | None) -> None:
+    """Means such that the posterior-mean layer is the dense one: ``mu = w / E[z]`` per group (and the bias where
+    ``z`` scales outputs); with ``delta``, log-variances ``log(delta mu^2)`` (MOPED)."""
+    moments = layer.prior.scale_moments()
+    scale = torch.ones(layer.n_groups) if moments is None else moments[0].detach()
+    layer.weight_mu.copy_(weight / layer._along_groups(scale))
+    if bias is not None:
+        layer.bias_mu.copy_(bias if layer.op.scales_input else bias / scale)
+    if delta is not None:
+        layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(weight.dtype).tiny))
+
+
+def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
+                delta: float | None = None, **prior_options) -> BayesianNet:
+    """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear`` and ``nn.Conv2d``
+    replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or not).
+
+    Everything else (BatchNorm, activations, pooling, residual additions in ``forward``) is kept as it is. The
+    dense weights and biases become the posterior means, so ``net.posterior_mean_network()`` computes what
+    ``module`` computes. ``delta`` sets the initial weight variances from the weights (MOPED:
+    ``log-variance = log(delta * w^2)``). ``module`` itself is not changed.
+
+    :param prior: the sparsity prior, a :class:`~pyro_bc.priors.Prior` or a name (``gnj``, ``ghs``, ``lu``,
+        ``rhs``) with ``prior_options`` (``tau0``, ``slab_scale``).
+    :param input_shape: one example's shape, e.g. ``(3, 32, 32)``; ``None`` lets training take it from the data.
+    """
+    if delta is not None and not delta > 0:
+        raise ConfigError(f"delta must be a positive number, got {delta}")
+    prior = make_prior(prior, **prior_options)
+    body = copy.deepcopy(module)
+    targets = [(name, m) for name, m in body.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not targets:
+        raise ConfigError(f"{type(module).__name__} holds no nn.Linear or nn.Conv2d to make Bayesian")
+    for name, dense in targets:
+        layer = _bayesian_twin(dense, prior, name)
+        _start_from(layer, dense.weight, dense.bias, delta)
+        parent_name, _, child = name.rpartition(".")
+        setattr(body.get_submodule(parent_name) if parent_name else body, child, layer)
+    return BayesianNet(body, input_shape=input_shape)

@@ -1,0 +1,110 @@
+"""pyro_bc.bayesianize: a plain PyTorch network made Bayesian, its dense weights the posterior means."""
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI, TraceMeanField_ELBO
+from torch import nn
+
+import pyro_bc
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.reparam import LocalReparameterization
+
+
+class Residual(nn.Module):
+    """conv-BN-ReLU, a residual block (two padded convolutions and BatchNorm), a depthwise and a bias-free
+    convolution, global pooling and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=1, padding=2, dilation=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.head(self.depthwise(x))
+
+
+def _dense() -> Residual:
+    torch.manual_seed(0)
+    dense = Residual()
+    with torch.no_grad():  # running statistics away from their initial values
+        for bn in (dense.stem[1], dense.bn1, dense.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    return dense.eval()
+
+
+@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu", "rhs"])
+def test_posterior_mean_outputs_equal_the_dense_network(prior):
+    dense = _dense()
+    net = pyro_bc.bayesianize(dense, prior, tau0=1e-3)
+    x = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(net.posterior_mean_network()(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert all(isinstance(m, nn.BatchNorm2d) for m in (net.body.bn1, net.body.bn2))  # kept as they are
+    assert type(dense.conv1) is nn.Conv2d  # the original is not changed
+
+
+def test_every_argument_of_every_layer_is_kept():
+    dense = _dense()
+    net = pyro_bc.bayesianize(dense)
+    for name, original in dense.named_modules():
+        if isinstance(original, nn.Conv2d):
+            layer = net.body.get_submodule(name)
+            assert isinstance(layer, BayesConv2d)
+            assert layer.conv_args == (original.stride, original.padding, original.dilation, original.groups)
+            assert (layer.in_channels, layer.out_channels) == (original.in_channels, original.out_channels)
+            assert layer.weight_mu.shape == original.weight.shape
+            assert (layer.bias_mu is None) == (original.bias is None)
+            mean = layer.posterior_mean_module()
+            assert (mean.stride, mean.padding, mean.dilation, mean.groups, mean.kernel_size) == \
+                (original.stride, original.padding, original.dilation, original.groups, original.kernel_size)
+            assert (mean.bias is None) == (original.bias is None)
+        elif isinstance(original, nn.Linear):
+            layer = net.body.get_submodule(name)
+            assert isinstance(layer, BayesLinear)
+            assert (layer.in_features, layer.out_features) == (original.in_features, original.out_features)
+    assert net.layer_names == ["stem.0", "conv1", "conv2", "depthwise", "head.2"]
+    # a bias-free layer samples no bias site
+    trace = pyro.poutine.trace(net.guide).get_trace()
+    assert "conv1.b" not in trace.nodes and "stem.0.b" in trace.nodes
+
+
+def test_moped_variances_and_bad_options():
+    dense = _dense()
+    net = pyro_bc.bayesianize(dense, "lu", delta=0.01)
+    layer = net.body.head[2]
+    torch.testing.assert_close(layer.weight_logvar.exp(), 0.01 * dense.head[2].weight.detach() ** 2)
+    with pytest.raises(ConfigError, match="delta must be a positive number"):
+        pyro_bc.bayesianize(dense, delta=0.0)
+    with pytest.raises(ConfigError, match="holds no nn.Linear or nn.Conv2d"):
+        pyro_bc.bayesianize(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ConfigError, match="padding_mode 'reflect'"):
+        pyro_bc.bayesianize(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")))
+
+
+def test_a_converted_network_trains_with_pyro_svi_and_keeps_batchnorm_statistics_in_training():
+    pyro.set_rng_seed(0)
+    dense = _dense().train()
+    net = pyro_bc.bayesianize(dense, input_shape=(3, 12, 12))
+    x, y = torch.randn(16, 3, 12, 12), torch.randint(0, 4, (16,))
+    before = net.body.bn1.running_mean.clone()
+    start = {k: v.detach().clone() for k, v in net.named_parameters()}
+    pyro.clear_param_store()
+    svi = SVI(net.model, net.guide, pyro.optim.Adam({"lr": 1e-2}), loss=TraceMeanField_ELBO())
+    for _ in range(3):
+        with LocalReparameterization():
+            svi.step(x, y, 160)
+    assert all(not torch.equal(p, start[k]) for k, p in net.named_parameters())  # BatchNorm's affine ones too
+    assert not torch.equal(net.body.bn1.running_mean, before)  # updated in training, as in PyTorch
+    mean_net = net.posterior_mean_network()
+    assert not mean_net.training and net.body.bn1.training  # the copy's eval mode leaves the network alone
