@@ -1,7 +1,9 @@
 """Benchmark: the fused LRT ops of :mod:`pyro_bc.fused` against their plain-autograd references.
 
-Times forward + backward (gradients of every input that a training step differentiates: the layer's
-input unless it is the data, the scales ``z``, the weight and bias means and variances) at the layer
+Times forward + backward of both outputs, the draw and the weight KL against ``N(0, 1)`` (gradients of every
+input that a training step differentiates: the layer's input unless it is the data, the scales ``z``, the
+weight means and log-variances, the bias means and variances; the KL's upstream gradient is the ELBO's
+``1 / N``, so the fused backward folds it in as in training) at the layer
 sizes of LeNet-300-100 (batch 128, ``z`` on the inputs) and LeNet-5's convolutions (batch 128, ``z`` on
 the output channels; the second convolution's input and upstream gradient on channels-last, as in training),
 on one thread. The two implementations are timed interleaved (fused, reference,
@@ -27,6 +29,7 @@ import torch
 from pyro_bc.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference
 
 BATCH = 128
+N_DATA = 55_000  # the ELBO weighs the KL by 1 / N against the batch's mean log-likelihood
 LINEAR = [(784, 300), (300, 100), (100, 10)]
 # (C_in, C_out, kernel, input height/width)
 CONV = [(1, 20, 5, 28), (20, 50, 5, 12)]
@@ -41,10 +44,10 @@ def _linear_case(d_in: int, d_out: int, first: bool, device: torch.device):
     x = r(BATCH, d_in).relu().requires_grad_(not first)
     z = (1 + 0.1 * r(BATCH, d_in)).requires_grad_()
     mu = (r(d_out, d_in) / d_in**0.5).requires_grad_()
-    var = torch.exp(r(d_out, d_in) - 9).requires_grad_()
+    logvar = (r(d_out, d_in) - 9).requires_grad_()
     b_mu, b_var = r(d_out).requires_grad_(), torch.exp(r(d_out) - 9).requires_grad_()
     eps, g = r(BATCH, d_out), r(BATCH, d_out)
-    args = (x, z, mu, var, b_mu, b_var, eps)
+    args = (x, z, mu, logvar, b_mu, b_var, eps)
     return args, {}, g
 
 
@@ -60,13 +63,13 @@ def _conv_case(c_in: int, c_out: int, k: int, hw: int, first: bool, device: torc
     x.requires_grad_(not first)
     z = (1 + 0.1 * r(BATCH, c_out)).requires_grad_()
     mu = (r(c_out, c_in, k, k) / (c_in * k * k) ** 0.5).requires_grad_()
-    var = torch.exp(r(c_out, c_in, k, k) - 9).requires_grad_()
+    logvar = (r(c_out, c_in, k, k) - 9).requires_grad_()
     b_mu, b_var = r(c_out).requires_grad_(), torch.exp(r(c_out) - 9).requires_grad_()
     out = hw - k + 1
     eps, g = r(BATCH, c_out, out, out), r(BATCH, c_out, out, out)
     if not first:
         g = g.contiguous(memory_format=torch.channels_last)
-    return (x, z, mu, var, b_mu, b_var, eps), {}, g
+    return (x, z, mu, logvar, b_mu, b_var, eps), {}, g
 
 
 def _step(fn, args, kwargs, g, device: torch.device) -> float:
@@ -74,8 +77,8 @@ def _step(fn, args, kwargs, g, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    y = fn(*args, **kwargs)
-    torch.autograd.grad(y, inputs, g)
+    y, kl = fn(*args, **kwargs)
+    torch.autograd.grad([y, kl], inputs, [g, torch.full_like(kl, 1.0 / N_DATA)])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start

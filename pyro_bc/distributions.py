@@ -25,6 +25,7 @@ from torch.distributions.transforms import ExpTransform
 from torch.distributions.utils import broadcast_all, lazy_property
 
 from pyro_bc.defaults import LOG_ALPHA_EPS
+from pyro_bc.fused import standard_normal_kl
 
 __all__ = [
     "K1",
@@ -118,6 +119,10 @@ class NormalLogVar(dist.Normal):
     The same distribution as ``Normal(loc, exp(logvar / 2))``; keeping ``logvar`` lets the registered KLs
     skip the ``log`` and the divisions that the generic Normal rules spend on every weight.
     """
+
+    #: ``sum KL(self || N(0, 1))`` where an op has already computed it with its gradient folded into its own
+    #: backward (the fused local reparameterisation); :func:`summed_kl` then returns it instead of recomputing.
+    standard_normal_kl: torch.Tensor | None = None
 
     def __init__(self, loc: torch.Tensor, logvar: torch.Tensor, validate_args: bool | None = None):
         self.loc, self.logvar = broadcast_all(loc, logvar)
@@ -213,7 +218,9 @@ def summed_kl(p: torch.distributions.Distribution, q: torch.distributions.Distri
     For ``p`` a :class:`NormalLogVar` (possibly ``.to_event()``) and ``q`` a ``Normal`` of one loc and
     scale expanded to ``p``'s shape (the ``N(0, 1)`` weight and bias priors), the sum needs no
     elementwise KL: ``n (log s - 1/2) - sum(v) / 2 + (sum(exp v) + sum((mu - m)^2)) / (2 s^2)``, three
-    reductions over the guide's parameters, the variance being the one the local reparameterisation uses.
+    reductions over the guide's parameters. Against ``N(0, 1)`` (a :class:`StandardNormal`) the sum that
+    ``p`` carries (:attr:`NormalLogVar.standard_normal_kl`, set by the fused local reparameterisation) is
+    returned as it is, so that it is counted once and its gradient flows through the fused op's backward.
     """
     while isinstance(p, torch.distributions.Independent) and isinstance(q, torch.distributions.Independent):
         if p.reinterpreted_batch_ndims != q.reinterpreted_batch_ndims:
@@ -221,12 +228,14 @@ def summed_kl(p: torch.distributions.Distribution, q: torch.distributions.Distri
         p, q = p.base_dist, q.base_dist
     if not isinstance(p, NormalLogVar) or not isinstance(q, _TorchNormal) or p.batch_shape != q.batch_shape:
         return None
-    mu, n = p.loc.reshape(-1), p.loc.numel()
     if isinstance(q, StandardNormal):  # m = 0, s = 1: no scalar arithmetic (and autograd nodes) for them
-        return 0.5 * (p.variance.sum() + torch.dot(mu, mu) - p.logvar.sum() - n)
+        if p.standard_normal_kl is not None:
+            return p.standard_normal_kl
+        return standard_normal_kl(p.loc, p.logvar, p.variance)
     m, s = _scalar_if_constant(q.loc), _scalar_if_constant(q.scale)
     if m.dim() or s.dim():
         return None
+    mu, n = p.loc.reshape(-1), p.loc.numel()
     squares = torch.dot(mu, mu) - 2 * m * mu.sum() + n * m * m  # sum (mu - m)^2
     return n * (torch.log(s) - 0.5) - 0.5 * p.logvar.sum() + (p.variance.sum() + squares) / (2 * s * s)
 

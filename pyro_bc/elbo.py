@@ -5,7 +5,9 @@ the score parts of every guide site before it looks for analytic KLs; with weigh
 of that work is thrown away. :class:`MeanFieldELBO` gives the same loss, computing log densities
 only for observed sites and for latent sites without a registered KL, and summing the KL of a
 ``NormalLogVar`` guide against a constant ``Normal`` prior in closed form
-(:func:`~pyro_bc.distributions.summed_kl`); both are checked against Pyro's loss by the tests.
+(:func:`~pyro_bc.distributions.summed_kl`), or, against ``N(0, 1)`` under the local reparameterisation,
+taking the sum that the fused layer op already computed (its gradient then joins the op's backward pass);
+both are checked against Pyro's loss by the tests.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ per example as in the official code (docs/METHOD.md 5).
 
 Every layer kind is one entry of :data:`OPS`: its deterministic function, whether the group scales
 multiply its inputs or its outputs, and its local-reparameterisation op. The handler's body is the
-same for all of them.
+same for all of them. The op also returns the weights' KL against ``N(0, 1)`` (:mod:`pyro_bc.fused`);
+the handler leaves it on the guide's weight distribution, where the ELBO's
+:func:`~pyro_bc.distributions.summed_kl` takes it instead of computing it again.
 
 Example::
 
@@ -31,6 +33,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import effectful
 
 from pyro_bc import fused
+from pyro_bc.distributions import NormalLogVar
 
 #: ``infer`` of a guide site whose value feeds only ops that this handler replaces: under the handler the
 #: site is not drawn (its value is the distribution's median), which saves a weight-sized draw per step.
@@ -50,22 +53,24 @@ def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=
     return torch.Size((x.shape[0], weight.shape[0], *spatial))
 
 
-def _lrt_conv2d_channels_last(*args) -> torch.Tensor:
+def _lrt_conv2d_channels_last(*args) -> fused.LRTOutput:
     # channels-last from here on: pooling and the next convolution run several times faster on it
-    return fused.lrt_conv2d(*args).contiguous(memory_format=torch.channels_last)
+    y, kl = fused.lrt_conv2d(*args)
+    return y.contiguous(memory_format=torch.channels_last), kl
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerOp:
     """One layer kind: ``function(x, weight, bias, *args)``, where the group scale applies, and the LRT op
-    ``lrt(x, z, mu, var, b_mu, b_var, eps, *args)`` (``z`` per example, ``var`` the weight variances,
-    ``eps`` standard-normal noise of the output's shape)."""
+    ``lrt(x, z, mu, logvar, b_mu, b_var, eps, *args) -> (draw, sum KL(N(mu, exp(logvar)) || N(0, 1)))``
+    (``z`` per example, ``logvar`` the weight log-variances, ``b_var`` the bias variances, ``eps``
+    standard-normal noise of the output's shape)."""
 
     name: str
     function: Callable[..., torch.Tensor]
     scales_input: bool  # the group scales multiply the input features (True) or the output channels
     output_shape: Callable[..., torch.Size]
-    lrt: Callable[..., torch.Tensor]
+    lrt: Callable[..., fused.LRTOutput]
 
 
 #: The layer kinds: one entry each.
@@ -102,6 +107,10 @@ bayes_layer = effectful(_bayes_layer, type="bc_layer")
 group_scale = effectful(_group_scale, type="bc_group_scale")
 
 
+def _logvar(q: Normal) -> torch.Tensor:
+    return q.logvar if isinstance(q, NormalLogVar) else 2 * q.scale.log()
+
+
 def _base(fn):
     while isinstance(fn, Independent):
         fn = fn.base_dist
@@ -116,7 +125,8 @@ class LocalReparameterization(Messenger):
     Gaussian through the op's ``lrt`` (e.g. ``mean = (x z) M^T + mu_b``, ``var = (x z)^2 S^T + s_b^2``
     for linear layers), ``z`` drawn per example by the prior (:meth:`Prior.per_example_scale`). Guide
     sites marked :data:`LRT_ONLY` are not drawn. The guide must sample ``w`` (and ``b``) from a Normal;
-    anything else falls back to explicit sampling.
+    anything else falls back to explicit sampling. The op's weight KL is left on a :class:`NormalLogVar`
+    ``w`` guide (:attr:`~NormalLogVar.standard_normal_kl`) for the ELBO.
 
     :param shard: ``(start, total)``: the batch is rows ``start, start + 1, ...`` of a batch of ``total``
         rows. The per-example noise is drawn for all ``total`` rows and these rows are kept, so that the
@@ -186,7 +196,10 @@ class LocalReparameterization(Messenger):
         z_n = None if z is None else q_z[0].per_example_scale(q_z[1], x.shape[0], self._noise)
         b_mu, b_var = (None, None) if b is None else (q_b.loc, q_b.variance)
         eps = self._noise(op.output_shape(x, w, *args), x)
-        msg["value"], msg["done"] = op.lrt(x, z_n, q_w.loc, q_w.variance, b_mu, b_var, eps, *args), True
+        y, kl = op.lrt(x, z_n, q_w.loc, _logvar(q_w), b_mu, b_var, eps, *args)
+        if isinstance(q_w, NormalLogVar):  # counted by the ELBO through summed_kl, its gradient fused
+            q_w.standard_normal_kl = kl
+        msg["value"], msg["done"] = y, True
 
 
 def local_reparameterization(fn: Callable | None = None, shard: tuple[int, int] | None = None):

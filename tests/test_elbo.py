@@ -1,4 +1,5 @@
-"""MeanFieldELBO equals Pyro's TraceMeanField_ELBO; the minibatch ELBO is unbiased for the full batch."""
+"""MeanFieldELBO equals Pyro's TraceMeanField_ELBO; the weight KL that the fused LRT ops hand to it is counted
+once; the minibatch ELBO is unbiased for the full batch."""
 
 import pyro
 import pytest
@@ -7,6 +8,7 @@ from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 from torch import nn
 
+from pyro_bc.distributions import NormalLogVar, StandardNormal, summed_kl
 from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLinear
@@ -66,6 +68,46 @@ def test_matches_trace_mean_field_elbo(prior, validate, lrt, validation):
         grads.append([p.grad.clone() for p in net.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _loss_and_grads(net, x, y) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    pyro.set_rng_seed(123)
+    net.zero_grad()
+    with LocalReparameterization():
+        loss = MeanFieldELBO().differentiable_loss(net.model, net.guide, x, y, 100)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])
+def test_fused_weight_kl_is_counted_once(prior, monkeypatch):
+    """Under the handler the ELBO takes the weight KL from the fused op; it equals the ELBO that computes the
+    KL in closed form from the guide (loss and gradients), which it would miss by the weight KL's size if that
+    were counted twice or not at all."""
+    net = _net(prior)
+    x, y = _data(8)
+    with LocalReparameterization():
+        guide_trace = poutine.trace(net.guide).get_trace()
+        model_trace = poutine.trace(poutine.replay(net.model, trace=guide_trace)).get_trace(x, y, 100)
+    weight_kl = 0.0
+    for name, site in guide_trace.nodes.items():
+        if name.endswith(".w"):
+            q, p = site["fn"].base_dist, model_trace.nodes[name]["fn"]
+            assert isinstance(q, NormalLogVar) and q.standard_normal_kl is not None  # handed over by the op
+            if isinstance(p.base_dist, StandardNormal):
+                assert summed_kl(site["fn"], p) is q.standard_normal_kl
+                weight_kl += q.standard_normal_kl.item()
+            else:  # the lu prior: not a N(0, 1) weight prior, so its own KL
+                assert summed_kl(site["fn"], p) is None
+    fused_loss, fused_grads = _loss_and_grads(net, x, y)
+    # the same ELBO with the hand-over switched off: summed_kl computes the weight KL in closed form
+    monkeypatch.setattr(NormalLogVar, "standard_normal_kl", property(lambda self: None, lambda self, value: None))
+    closed_loss, closed_grads = _loss_and_grads(net, x, y)
+    torch.testing.assert_close(fused_loss, closed_loss, rtol=1e-6, atol=1e-4)
+    for a, b in zip(fused_grads, closed_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if prior != "lu":
+        assert weight_kl > 100 * (1e-4 + 1e-6 * abs(closed_loss.item()))  # counting it twice or never would show
 
 
 @pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])

@@ -1,4 +1,5 @@
-"""The fused LRT ops (:mod:`pyro_bc.fused`) against their plain-autograd references."""
+"""The fused LRT ops (:mod:`pyro_bc.fused`), both outputs (the draw and the weight KL), against their
+plain-autograd references."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pyro_bc.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_line
 from pyro_bc.nn import BayesConv2d, BayesLinear
 from pyro_bc.train import NegativeELBO, make_optimizer, svi_step
 
-NAMES = ("x", "z", "mu", "var", "b_mu", "b_var")
+NAMES = ("x", "z", "mu", "logvar", "b_mu", "b_var")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -29,7 +30,7 @@ def linear_inputs(n=5, d_in=7, d_out=4, z=True, bias="both", seed=0) -> dict:
         "x": torch.randn(n, d_in, generator=gen, dtype=torch.float64),
         "z": torch.randn(n, d_in, generator=gen, dtype=torch.float64) if z else None,
         "mu": torch.randn(d_out, d_in, generator=gen, dtype=torch.float64),
-        "var": torch.exp(torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) - 1),
+        "logvar": torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) - 1,
         "b_mu": torch.randn(d_out, generator=gen, dtype=torch.float64) if bias != "none" else None,
         "b_var": torch.exp(torch.randn(d_out, generator=gen, dtype=torch.float64) - 1) if bias == "both" else None,
         "eps": torch.randn(n, d_out, generator=gen, dtype=torch.float64),
@@ -46,7 +47,7 @@ def conv_inputs(n=3, c_in=4, c_out=6, hw=7, k=3, groups=1, stride=1, padding=0, 
         "x": torch.randn(n, c_in, hw, hw, generator=gen, dtype=torch.float64),
         "z": torch.randn(n, c_out, generator=gen, dtype=torch.float64) if z else None,
         "mu": torch.randn(wshape, generator=gen, dtype=torch.float64),
-        "var": torch.exp(torch.randn(wshape, generator=gen, dtype=torch.float64) - 1),
+        "logvar": torch.randn(wshape, generator=gen, dtype=torch.float64) - 1,
         "b_mu": torch.randn(c_out, generator=gen, dtype=torch.float64) if bias != "none" else None,
         "b_var": torch.exp(torch.randn(c_out, generator=gen, dtype=torch.float64) - 1) if bias == "both" else None,
     }
@@ -55,21 +56,26 @@ def conv_inputs(n=3, c_in=4, c_out=6, hw=7, k=3, groups=1, stride=1, padding=0, 
     return t, conv
 
 
-def _run(fn, t: dict, kwargs: dict, upstream: torch.Tensor | None = None):
-    """Output and the gradients of every differentiable input of ``sum(upstream * fn(...))``."""
-    y = fn(*(t[k] for k in (*NAMES, "eps")), **kwargs)
-    if upstream is None:
-        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+def _call(fn, t: dict, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return fn(*(t[k] for k in (*NAMES, "eps")), **kwargs)
+
+
+def _run(fn, t: dict, kwargs: dict, kl_upstream: float = 0.7):
+    """Both outputs and the gradients of every differentiable input of ``sum(upstream * y) + kl_upstream * kl``."""
+    y, kl = _call(fn, t, kwargs)
+    assert kl.shape == ()
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     upstream = upstream.to(dtype=y.dtype, device=y.device)
     present = [k for k in NAMES if t[k] is not None]
-    grads = torch.autograd.grad(y, [t[k] for k in present], upstream)
-    return y.detach(), dict(zip(present, grads))
+    grads = torch.autograd.grad([y, kl], [t[k] for k in present], [upstream, torch.full_like(kl, kl_upstream)])
+    return (y.detach(), kl.detach()), dict(zip(present, grads))
 
 
-def _compare(fused, reference, t_raw: dict, kwargs: dict, dtype=torch.float64, device="cpu", rtol=1e-6, atol=1e-10):
-    y_f, g_f = _run(fused, _leaves(t_raw, dtype, device), kwargs)
-    y_r, g_r = _run(reference, _leaves(t_raw, dtype, device), kwargs)
-    assert y_f.dtype == dtype and y_f.device.type == device
+def _compare(fused, reference, t_raw: dict, kwargs: dict, dtype=torch.float64, device="cpu", rtol=1e-6, atol=1e-10,
+             kl_upstream: float = 0.7):
+    y_f, g_f = _run(fused, _leaves(t_raw, dtype, device), kwargs, kl_upstream)
+    y_r, g_r = _run(reference, _leaves(t_raw, dtype, device), kwargs, kl_upstream)
+    assert y_f[0].dtype == y_f[1].dtype == dtype and y_f[0].device.type == device
     torch.testing.assert_close(y_f, y_r, rtol=rtol, atol=atol)
     assert g_f.keys() == g_r.keys() == {k for k in NAMES if t_raw[k] is not None}
     for k in g_f:
@@ -84,6 +90,23 @@ BIASES = ["both", "none", "mean_only"]
 @pytest.mark.parametrize("z", [True, False])
 def test_linear_matches_reference_float64(z, bias, device):
     _compare(lrt_linear, lrt_linear_reference, linear_inputs(z=z, bias=bias), {}, device=device)
+
+
+@pytest.mark.parametrize("kl_upstream", [0.0, -2.5])
+def test_kl_upstream_zero_and_negative(kl_upstream):
+    """An unused KL (upstream zero: the fused backward skips its terms) and a negative upstream (the ELBO's sign)."""
+    _compare(lrt_linear, lrt_linear_reference, linear_inputs(), {}, kl_upstream=kl_upstream)
+    t, conv = conv_inputs(stride=2, padding=1)
+    _compare(lrt_conv2d, lrt_conv2d_reference, t, conv, kl_upstream=kl_upstream)
+
+
+def test_kl_output_is_the_closed_form():
+    """The KL output is ``sum KL(N(mu, exp(logvar)) || N(0, 1))``, elementwise by torch's own Normal rule."""
+    t = linear_inputs()
+    q = torch.distributions.Normal(t["mu"], (0.5 * t["logvar"]).exp())
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum()
+    for fn in (lrt_linear, lrt_linear_reference):
+        torch.testing.assert_close(_call(fn, t, {})[1], expected, rtol=1e-12, atol=0)
 
 
 CONV_CASES = {
@@ -122,7 +145,7 @@ def test_batch_of_one():
 def _gradcheck(fn, t: dict, kwargs: dict):
     t = _leaves(t, torch.float64, "cpu")
     eps = t.pop("eps").detach()
-    assert torch.autograd.gradcheck(lambda *a: fn(*a, eps, **kwargs), tuple(t[k] for k in NAMES))
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, eps, **kwargs), tuple(t[k] for k in NAMES))  # both outputs
 
 
 @pytest.mark.parametrize("z", [True, False])
@@ -141,12 +164,12 @@ def test_zero_variance_without_bias_variance_is_finite():
     t = linear_inputs(bias="mean_only")
     t["x"][1] = 0.0
     y, grads = _run(lrt_linear, _leaves(t, torch.float32, "cpu"), {})
-    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    assert torch.isfinite(y[0]).all() and all(torch.isfinite(g).all() for g in grads.values())
     _compare(lrt_linear, lrt_linear_reference, t, {})
     t, conv = conv_inputs(bias="mean_only")
     t["x"][0] = 0.0
     y, grads = _run(lrt_conv2d, _leaves(t, torch.float32, "cpu"), conv)
-    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads.values())
+    assert torch.isfinite(y[0]).all() and all(torch.isfinite(g).all() for g in grads.values())
     _compare(lrt_conv2d, lrt_conv2d_reference, t, conv)
 
 
@@ -157,8 +180,8 @@ def test_only_requested_gradients():
         leaves = {k: v.clone() for k, v in t.items()}
         leaves["mu"].requires_grad_()
         leaves["z"].requires_grad_()
-        y = fn(*(leaves[k] for k in (*NAMES, "eps")))
-        grads = torch.autograd.grad(y.sum(), [leaves["mu"], leaves["z"]])
+        y, kl = _call(fn, leaves, {})
+        grads = torch.autograd.grad(y.sum() + kl, [leaves["mu"], leaves["z"]])
         if fn is lrt_linear:
             fused = grads
     for a, b in zip(fused, grads):
@@ -167,21 +190,21 @@ def test_only_requested_gradients():
     outs = []
     for fn in (lrt_conv2d, lrt_conv2d_reference):
         leaves = {k: v.clone() for k, v in tc.items()}
-        leaves["var"].requires_grad_()
-        y = fn(*(leaves[k] for k in (*NAMES, "eps")), **conv)
-        outs.append(torch.autograd.grad(y.sum(), [leaves["var"]])[0])
+        leaves["logvar"].requires_grad_()
+        y, kl = _call(fn, leaves, conv)
+        outs.append(torch.autograd.grad(y.sum() - kl, [leaves["logvar"]])[0])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-10)
 
 
 def test_no_grad_and_constant_inputs():
     t = linear_inputs()
     with torch.no_grad():
-        y = lrt_linear(*(t[k] for k in (*NAMES, "eps")))
-    torch.testing.assert_close(y, lrt_linear_reference(*(t[k] for k in (*NAMES, "eps"))))
+        out = _call(lrt_linear, t, {})
+    torch.testing.assert_close(out, _call(lrt_linear_reference, t, {}))
     tc, conv = conv_inputs(stride=2)
-    y = lrt_conv2d(*(tc[k] for k in (*NAMES, "eps")), **conv)
-    assert not y.requires_grad
-    torch.testing.assert_close(y, lrt_conv2d_reference(*(tc[k] for k in (*NAMES, "eps")), **conv))
+    out = _call(lrt_conv2d, tc, conv)
+    assert not any(o.requires_grad for o in out)
+    torch.testing.assert_close(out, _call(lrt_conv2d_reference, tc, conv))
 
 
 def test_channels_last_and_same_padding():
