@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Reproduce one configuration of the paper's Table 1 into analysis/results/NAME:
-# train (resuming from its checkpoint if one is there), compress, report, evaluate.
-#   bash analysis/reproduce.sh lenet300-gnj     (names: lenet300-{gnj,ghs,lu}, lenet5-{gnj,ghs,lu})
+# Reproduce one configuration of the paper's Table 1 into analysis/results/NAME (seed 0) or
+# analysis/results/NAME/seeds/SEED: train (resuming from its checkpoint if one is there), compress, report, evaluate.
+#   bash analysis/reproduce.sh lenet300-gnj [SEED]  (names: lenet300-{gnj,ghs,lu}, lenet5-{gnj,ghs,lu}; SEED: 0)
 #   bash analysis/reproduce.sh lenet300-rhs-30  (the fourth prior against gnj after 30 epochs: lenet300-{gnj,rhs}-30)
 # Every hyperparameter is written here; each run's config.json and MODEL.json record them too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-name=${1:?usage: bash analysis/reproduce.sh NAME}
-epochs=200; batch=128; lr=1e-3; warmup=0; seed=0   # Adam, constant lr, no KL warm-up (official settings)
+name=${1:?usage: bash analysis/reproduce.sh NAME [SEED]}
+seed=${2:-0}
+epochs=200; batch=128; lr=1e-3; warmup=0   # Adam, constant lr, no KL warm-up (official settings)
+eval_every=5   # posterior-mean errors every 5 epochs and at the end: evaluation draws nothing, training is the same
 base=${name%-30}; [ "$base" != "$name" ] && epochs=30
 model=${base%-*}; prior=${base##*-}
 case "$name" in
@@ -19,10 +21,10 @@ case "$name" in
   *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
 esac
 [ "$model" = lenet300 ] && [ "$prior" = lu ] && compress=(--thresholds 3 3 3)
-out=analysis/results/$name
+out=analysis/results/$name; [ "$seed" != 0 ] && out=$out/seeds/$seed
 resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
 .venv/bin/pyro-bc train --model "$model" --prior "$prior" --epochs $epochs --batch-size $batch --lr $lr \
-    --warmup-epochs $warmup --seed $seed --out "$out" "${resume[@]}"
+    --warmup-epochs $warmup --eval-every $eval_every --seed $seed --out "$out" "${resume[@]}"
 .venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" "${compress[@]}"
 .venv/bin/pyro-bc report "$out" --compressed "$out/MODEL.bcz"
 .venv/bin/pyro-bc evaluate "$out/MODEL.bcz"
