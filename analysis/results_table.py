@@ -10,6 +10,7 @@ bit strings). Each run's ``NOTES.md``, if present, is copied under the table.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from pyro_bc.atomic import atomic_write_text
@@ -116,6 +117,47 @@ def fourth_prior_section() -> list[str]:
     return out
 
 
+def _seed_runs(name: str) -> list[tuple[int, Path]]:
+    """``(seed, run directory)`` of each finished seed of ``name``: seed 0 in results/NAME, others in seeds/K."""
+    runs = [(0, HERE / "results" / name)]
+    seeds = HERE / "results" / name / "seeds"
+    if seeds.is_dir():
+        runs += sorted((int(d.name), d) for d in seeds.iterdir() if d.name.isdigit())
+    return [(seed, run) for seed, run in runs if (run / "MODEL.json").is_file()]
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def seeds_section() -> list[str]:
+    """Mean ± standard deviation over the seeds of each row, beside the paper, and the per-seed rows."""
+    out = ["", "## Seeds", "",
+           ("Each seed is the same recipe, `bash analysis/reproduce.sh NAME SEED` (seed 0 in `results/NAME`, others "
+            "in `results/NAME/seeds/SEED`). Seed 0 of each row was trained by an earlier version of the code (the "
+            "same maths; since then the guide draws no group scales under the local reparameterisation, which "
+            "changes the random stream). Mean ± sample standard deviation; one seed shows its value alone."), "",
+           "| configuration | seeds | test error % | weights kept % | cr_fast | cr_file (mean) | paper error / kept |",
+           "|---|---|---|---|---|---|---|"]
+    per_seed = ["", "| configuration | seed | test error % | architecture | weights kept % | cr_fast | cr_file | command |",
+                "|---|---|---|---|---|---|---|---|"]
+    for name in CONFIGS:
+        runs = [(seed, json.loads((run / "MODEL.json").read_text())) for seed, run in _seed_runs(name)]
+        if not runs:
+            continue
+        errors = [s["error_compressed"] for _, s in runs]
+        kept = [100 * s["weights_kept_fraction"] for _, s in runs]
+        out.append(f"| {name} | {len(runs)} | {_mean_sd(errors, 2)} | {_mean_sd(kept, 2)} | "
+                   f"{_mean_sd([s['cr_fast'] for _, s in runs], 1)} | "
+                   f"{statistics.fmean(s['cr_file'] for _, s in runs):.1f} | {PAPER[name][0]} / {PAPER[name][2]} |")
+        for seed, s in runs:
+            per_seed.append(f"| {name} | {seed} | {s['error_compressed']:.2f} | {s['architecture']} | "
+                            f"{100 * s['weights_kept_fraction']:.2f} | {s['cr_fast']:.1f} | {s['cr_file']:.1f} | "
+                            f"`bash analysis/reproduce.sh {name}{'' if seed == 0 else f' {seed}'}` |")
+    return out + per_seed
+
+
 FILE_SIZE_NOTES = ["", "## File sizes: `.bcz` version 2", "", """\
 All eight `MODEL.bcz` files were rewritten by `pyro-bc recode FILE --out FILE --bias float16` (the same codes;
 docs/FORMAT.md, version 2): a binary, raw-deflated header, each layer's codes in the smallest of `coded` (ANS
@@ -160,6 +202,7 @@ def main() -> None:
            HEADER, "|" + "---|" * COLUMNS]
     for name in CONFIGS:
         out += row(name)
+    out += seeds_section()
     out += fourth_prior_section()
     out += FILE_SIZE_NOTES
     for name in CONFIGS:
