@@ -22,6 +22,7 @@ from pyro_bc.bcz_v2 import kept_metadata
 from pyro_bc.binary import BadData
 from pyro_bc.code_storage import pack_codes, unpack_codes
 from pyro_bc.errors import FormatError
+from pyro_bc.layout import Conv2dChannelsLast
 
 __all__ = [
     "VERSION",
@@ -119,17 +120,6 @@ def recode(old: str | os.PathLike[str], new: str | os.PathLike[str], bias: str =
 
 
 # ---------------------------------------------------------------- torch
-
-
-class Conv2dChannelsLast(nn.Conv2d):
-    """An ``nn.Conv2d`` that returns its output in channels-last memory format (the same values).
-
-    On the CPU, max-pooling and the next convolution run about twice as fast on channels-last tensors,
-    and a convolution with one input channel always returns the default layout.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).contiguous(memory_format=torch.channels_last)
 
 
 class Select(nn.Module):
