@@ -15,16 +15,23 @@ from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
 from pyro_bc.priors import Prior, make_prior
 
-BUILTIN_MODELS = ("lenet300", "lenet5")
+MODULES = {"lenet300": "lenet300", "lenet5": "lenet5", "vgg": "vgg", "resnet20": "resnet"}  # name: file
+BUILTIN_MODELS = tuple(MODULES)
 
 
-def build_network(model: str, prior: Prior | str = "gnj", **prior_options) -> BayesianNet:
+def build_network(model: str, prior: Prior | str = "gnj", input_shape: tuple[int, ...] | None = None,
+                  **prior_options) -> BayesianNet:
     """A built-in network by name, or a user's file defining ``build(prior) -> BayesianNet`` or
     ``build() -> torch.nn.Module`` (a plain network, converted by :func:`pyro_bc.bayesianize`), with the prior
-    ``prior`` (a :class:`~pyro_bc.priors.Prior`, or a name and the options it takes)."""
+    ``prior`` (a :class:`~pyro_bc.priors.Prior`, or a name and the options it takes).
+
+    ``input_shape`` (one example's, from the data) goes to a ``build`` that takes an ``input_shape`` argument
+    (``vgg``, ``resnet20``); networks fixed to one shape (LeNets, most user files) ignore it, and training
+    checks it against theirs.
+    """
     prior = make_prior(prior, **prior_options)
-    if model in BUILTIN_MODELS:
-        module = importlib.import_module(f"models.{model}")
+    if model in MODULES:
+        module = importlib.import_module(f"models.{MODULES[model]}")
     elif model.endswith(".py"):
         path = Path(model)
         if not path.is_file():
@@ -40,13 +47,16 @@ def build_network(model: str, prior: Prior | str = "gnj", **prior_options) -> Ba
     build = getattr(module, "build", None)
     if not callable(build):
         raise ConfigError(f"model {model} defines no build(prior) function returning a BayesianNet")
-    takes_prior = "prior" in inspect.signature(build).parameters
-    net = build(prior=prior) if takes_prior else build()
+    parameters = inspect.signature(build).parameters
+    arguments = {"prior": prior} if "prior" in parameters else {}
+    if input_shape is not None and "input_shape" in parameters:
+        arguments["input_shape"] = tuple(input_shape)
+    net = build(**arguments)
     if isinstance(net, BayesianNet):
         return net
     if isinstance(net, nn.Module):  # a plain PyTorch network: its Linear and Conv2d layers made Bayesian
         try:
-            return bayesianize(net, prior)
+            return bayesianize(net, prior, input_shape=input_shape)
         except ConfigError as e:
             raise ConfigError(f"model {model}: {e}")
     raise ConfigError(f"model {model}: build() returned {type(net).__name__}, not a torch module or a BayesianNet")

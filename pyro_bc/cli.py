@@ -14,6 +14,7 @@ from pyro_bc.distributed import is_main_process
 from pyro_bc.errors import BCError
 from pyro_bc.priors import PRIORS
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
+from pyro_bc.schedule import SCHEDULES
 from pyro_bc.train import train
 
 
@@ -61,17 +62,34 @@ def _model_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown model {text!r}: choose {', '.join(BUILTIN_MODELS)} or a .py file")
 
 
+def _layer_clip_var(text: str) -> tuple[str, float | None]:
+    """``LAYER=V`` (a positive variance) or ``LAYER=none``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYER=VARIANCE (e.g. fc1=0.04, or fc1=none)")
+    return name, None if value.strip().lower() == "none" else _positive_float(value)
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=_model_name, default="lenet300", help="lenet300, lenet5 or a network file")
+    p.add_argument("--model", type=_model_name, default="lenet300", help="lenet300, lenet5, vgg, resnet20 or a network file")
     p.add_argument("--prior", choices=PRIORS, default="gnj")
     p.add_argument("--epochs", type=_nonnegative_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--seed", type=_nonnegative_int, default=0)
-    p.add_argument("--data", default=None, help="folder with the four MNIST-layout IDX files (default: embedded)")
+    p.add_argument("--data", default=None, help="folder with MNIST IDX files, CIFAR-10 python batches or "
+                                                "train.npz and test.npz (default: the embedded MNIST)")
     p.add_argument("--subset", type=_positive_int, default=None, help="train on the first N training examples")
     p.add_argument("--val-size", type=_positive_int, default=VAL_SIZE)
     p.add_argument("--warmup-epochs", type=_nonnegative_int, default=0, help="linear KL warm-up length")
+    p.add_argument("--augment", action="store_true",
+                   help="random crops of the images padded by 4 zero pixels, and horizontal flips")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+                   help="cosine: to 0 over the epochs; step: x0.1 at 50%% and again at 75%% of the epochs")
+    p.add_argument("--clip-grad-norm", type=_positive_float, default=None, metavar="G",
+                   help="scale the gradients down to total norm G before each step (off by default)")
+    p.add_argument("--clip-var", type=_layer_clip_var, action="append", default=[], metavar="LAYER=V",
+                   help="clip LAYER's weight and bias variances at V after each step (none: no clip); repeatable")
     p.add_argument("--eval-every", type=_positive_int, default=1,
                    help="epochs between evaluations of the posterior-mean network (the last epoch always)")
     p.add_argument("--tau0", type=_positive_float, default=TAU0, help="horseshoe global scale (ghs, rhs)")
@@ -88,7 +106,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                        warmup_epochs=args.warmup_epochs, eval_every=args.eval_every, tau0=args.tau0,
                        slab_scale=args.slab_scale,
                        init_from=args.init_from,
-                       device=args.device, threads=args.threads)
+                       device=args.device, threads=args.threads, augment=args.augment,
+                       lr_schedule=args.lr_schedule, clip_grad_norm=args.clip_grad_norm, clip_var=dict(args.clip_var))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -106,7 +125,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from pyro_bc.thresholds import rule_from_options
 
     rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
-    summary = compress_run(args.run_dir, args.out, rule=rule, data=args.data, fold=False if args.no_fold else None)
+    summary = compress_run(args.run_dir, args.out, rule=rule, data=args.data, fold=False if args.no_fold else None,
+                           bits_budget=args.bits_budget)
     print(format_table(summary))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
@@ -168,6 +188,8 @@ def _add_compress_parser(sub) -> None:
     how.add_argument("--auto", choices=("gap",), help="threshold at the gap of each layer's log alpha histogram")
     how.add_argument("--max-error-increase", type=_nonnegative_float, metavar="P",
                      help="most compressing thresholds within P points of validation error")
+    p.add_argument("--bits-budget", type=_nonnegative_float, metavar="P",
+                   help="lower the variance rule's mantissa bits while the validation error stays within P points")
     p.add_argument("--data", default=None, help="data folder (default: the run's)")
     p.add_argument("--no-fold", action="store_true",
                    help="drop pruned weights without moving their average contribution into the biases "

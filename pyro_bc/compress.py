@@ -13,15 +13,17 @@ import torch
 from models import build_network
 from pyro_bc import codec
 from pyro_bc.atomic import atomic_write_text
+from pyro_bc.bits import BitsInputs, BitsRule, bits_rule_from_options
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.compressed import compressed_model, compressed_module
-from pyro_bc.data import load_mnist
+from pyro_bc.data import load_data
+from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.errors import ConfigError
 from pyro_bc.evaluate import error_percent
+from pyro_bc.graph import analyse_network, prune_network
 from pyro_bc.macs import add_macs
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLayer
-from pyro_bc.posterior import analyse, choose_precision, compression_rates, prune_and_fold
+from pyro_bc.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
 
@@ -32,7 +34,7 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     """The trained network of a run directory (from its checkpoint), its config and the checkpoint."""
     state = load_checkpoint(Path(run_dir) / CHECKPOINT)
     config = TrainConfig(**state["config"])
-    net = build_network(config.model, config.prior, **config.prior_options)
+    net = build_network(config.model, config.prior, input_shape=state.get("input_shape"), **config.prior_options)
     net.load_state_dict(state["network"])
     if net.input_shape is None:  # a converted plain network: its input shape is the data's
         net.input_shape = tuple(state["input_shape"])
@@ -42,27 +44,35 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
 @torch.no_grad()
 def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000) -> list[torch.Tensor]:
     """Mean of every Bayesian layer's input in the posterior-mean network over the examples ``x``:
-    per feature for linear layers, per channel for convolutions."""
+    per feature for linear layers, per channel for convolutions (any body: read by forward pre-hooks)."""
     mean_net = net.posterior_mean_network()
-    sums: dict[int, torch.Tensor] = {}
-    for start in range(0, len(x), batch_size):
-        h = x[start:start + batch_size]
-        for i, (module, original) in enumerate(zip(mean_net, net.body)):
-            if isinstance(original, BayesLayer):
-                part = h.sum(0) if h.dim() == 2 else h.sum((0, 2, 3))
-                sums[i] = sums.get(i, 0) + part.double()
-            h = module(h)
-    return [total / len(x) for _, total in sorted(sums.items())]
+    sums = [torch.zeros((), dtype=torch.float64) for _ in net.layers]
+
+    def add(i: int, h: torch.Tensor) -> None:
+        sums[i] = sums[i] + (h.sum(0) if h.dim() == 2 else h.sum((0, 2, 3))).double()
+
+    modules = [mean_net.get_submodule(layer.site) for layer in net.layers]
+    handles = [m.register_forward_pre_hook(lambda _m, args, i=i: add(i, args[0])) for i, m in enumerate(modules)]
+    try:
+        for start in range(0, len(x), batch_size):
+            mean_net(x[start:start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [total / len(x) for total in sums]
 
 
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
                  max_error_increase: float | None = None, data: str | None = None, fold: bool | None = None,
-                 rule: ThresholdRule | None = None) -> dict:
+                 rule: ThresholdRule | None = None, bits_budget: float | None = None,
+                 bits_rule: BitsRule | None = None) -> dict:
     """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary.
 
     The thresholds come from ``rule`` (a :class:`~pyro_bc.thresholds.ThresholdRule`), or from the
     command line's options ``thresholds``, ``auto`` and ``max_error_increase``
     (:func:`~pyro_bc.thresholds.rule_from_options`; by default, each layer's prior's default).
+    Then, with the layers pruned, the mantissa bits come from ``bits_rule`` (a :class:`~pyro_bc.bits.BitsRule`),
+    or from ``bits_budget`` (:func:`~pyro_bc.bits.bits_rule_from_options`; by default, the variance rule).
 
     With ``fold``, what the pruned weights add on average (over the first :data:`FOLD_EXAMPLES` training
     examples) goes into the biases (:func:`~pyro_bc.posterior.fold_pruned_inputs`). The default folds for
@@ -72,37 +82,46 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     if rule is not None and (thresholds, auto, max_error_increase) != (None, None, None):
         raise ConfigError("give either a threshold rule or thresholds / auto / max_error_increase, not both")
     rule = rule or rule_from_options(thresholds, auto, max_error_increase)
+    if bits_rule is not None and bits_budget is not None:
+        raise ConfigError("give either a bits rule or bits_budget, not both")
+    bits_rule = bits_rule or bits_rule_from_options(bits_budget)
     out = Path(out)
     if not out.parent.is_dir():
         raise ConfigError(f"output folder {out.parent} does not exist")
     net, config, _ = load_run(run_dir)
-    mnist = load_mnist(data or config.data, val_size=config.val_size, seed=config.seed)
-    posts = analyse(net)
+    dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
+    posts = analyse_network(net, analyse(net))  # BatchNorm folded in
     fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
-    means = layer_input_means(net, mnist.train.x[:FOLD_EXAMPLES]) if fold else None
-    thresholds = rule.thresholds(ThresholdInputs(net, posts, mnist.val.x, mnist.val.y, means))
+    means = layer_input_means(net, dataset.train.x[:FOLD_EXAMPLES]) if fold else None
+    thresholds = rule.thresholds(ThresholdInputs(net, posts, dataset.val.x, dataset.val.y, means))
     method = rule.method(thresholds)
-    layers = prune_and_fold(posts, thresholds, means)
-    precision = choose_precision(layers)
+    layers = prune_network(net, posts, thresholds, means)
+
+    def file_model(precision: Precision, metadata: dict | None = None) -> codec.CompressedModel:
+        return codec.round_biases(compressed_model(net, layers, precision, metadata), "float16")  # RESULTS.md
+
+    variance = choose_precision(layers)
+    precision = bits_rule.precision(BitsInputs(layers, variance, lambda p: error_percent(
+        codec.to_module(file_model(p)), dataset.val.x, dataset.val.y)))
     rates = compression_rates(layers, precision)
     metadata = {"model": config.model, "prior": config.prior, "thresholds": thresholds, "threshold_method": method,
                 "run_dir": str(run_dir), "tau0": config.tau0, "prior_options": config.prior_options,
                 "data": data or config.data,
                 "val_size": config.val_size, "seed": config.seed}
-    model = codec.round_biases(compressed_model(net, layers, precision, metadata), "float16")  # RESULTS.md
+    model = file_model(precision, metadata)
     file_bytes = codec.write_bcz(out, model)
     loaded = codec.load(out)
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
                              if p is not None)
     pruned_only = compressed_module(net, layers, None)
-    test_x, test_y = mnist.test.x, mnist.test.y
+    test_x, test_y = dataset.test.x, dataset.test.y
     summary = {
         "layers": [{
             "name": layer.post.name, "groups_total": layer.post.n_groups, "groups_kept": layer.groups_kept,
             "weights_total": layer.mask.numel(), "weights_kept": int(layer.mask.sum()), "bits": precision.bits(i),
             "exponent_bits": precision.exponent_bits, "mantissa_bits": precision.mantissa_bits[i],
-            "threshold": layer.threshold,
-            "kept_groups": torch.nonzero(layer.keep_groups).flatten().tolist(),
+            "mantissa_bits_variance_rule": variance.mantissa_bits[i], "threshold": layer.threshold,
+            "kept_groups": torch.nonzero(layer.keep_groups).flatten().tolist(), "fold": fold_state(layer.post, fold),
         } for i, layer in enumerate(layers)],
         "architecture": "-".join(str(layer.groups_kept) for layer in layers),
         "weights_kept_fraction": rates["weights_kept_fraction"],
@@ -114,12 +133,13 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
         "error_posterior_mean": error_percent(net.posterior_mean_network(), test_x, test_y),
         "error_pruned": error_percent(pruned_only, test_x, test_y),
         "error_compressed": error_percent(loaded, test_x, test_y),
-        "val_error_compressed": error_percent(loaded, mnist.val.x, mnist.val.y),
+        "val_error_compressed": error_percent(loaded, dataset.val.x, dataset.val.y),
         "exponent_bits_official": precision.exponent_bits_official if math.isfinite(
             precision.exponent_bits_official) else None,
         "cr_fast_official_exponent": rates["cr_fast_official_exponent"],
         "threshold_method": method,
         "threshold_rule": rule.record(),
+        "bits_rule": bits_rule.record(),
         "fold_pruned_inputs": fold,
         "model": config.model,
         "prior": config.prior,
@@ -147,6 +167,11 @@ def format_table(summary: dict) -> str:
     rows.append(f"architecture {summary['architecture']}, {100 * summary['weights_kept_fraction']:.2f}% of weights "
                 f"kept; cr_prune {summary['cr_prune']:.1f}, cr_fast {summary['cr_fast']:.1f}, "
                 f"cr_file {summary['cr_file']:.1f} ({summary['file_bytes']} of {summary['original_bytes']} bytes)")
+    bits_rule = summary.get("bits_rule", {"name": "variance"})
+    if bits_rule["name"] != "variance":
+        rows.append(f"mantissa bits by the {bits_rule['name']} rule {bits_rule.get('settings', {})}: "
+                    f"{'-'.join(str(la['mantissa_bits']) for la in summary['layers'])} (variance rule: "
+                    f"{'-'.join(str(la['mantissa_bits_variance_rule']) for la in summary['layers'])})")
     rows.append(f"MACs per example: {summary['macs_compressed']:,} of {summary['macs_original']:,} "
                 f"({summary['macs_original'] / summary['macs_compressed']:.1f}x fewer)")
     rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "
@@ -172,9 +197,9 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     model = codec.read_bcz(path)
     meta = model.metadata
     compressed = codec.to_module(model)
-    mnist = load_mnist(data or meta.get("data"), val_size=meta.get("val_size", 5000), seed=meta.get("seed", 0))
-    x, y = mnist.test.x, mnist.test.y
-    original = original_network(meta)
+    dataset = load_data(data or meta.get("data"), val_size=meta.get("val_size", VAL_SIZE), seed=meta.get("seed", 0))
+    x, y = dataset.test.x, dataset.test.y
+    original = original_network(meta, model.input_shape)
     ms_compressed = _ms_per_batch(compressed, x[:batch_size])
     ms_original = _ms_per_batch(original, x[:batch_size]) if original is not None else None
     return {"error": error_percent(compressed, x, y), "n": len(x),
@@ -182,11 +207,11 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
             "speedup": ms_original / ms_compressed if ms_original is not None else None}
 
 
-def original_network(metadata: dict) -> torch.nn.Module | None:
-    """The dense original network (posterior means of a fresh build) of a ``.bcz`` file's metadata; None where
-    the metadata does not name a buildable model."""
+def original_network(metadata: dict, input_shape: tuple[int, ...] | None = None) -> torch.nn.Module | None:
+    """The dense original network (posterior means of a fresh build, for inputs of ``input_shape``) of a
+    ``.bcz`` file's metadata; None where the metadata does not name a buildable model."""
     try:
-        return build_network(metadata["model"], metadata["prior"],
+        return build_network(metadata["model"], metadata["prior"], input_shape=input_shape,
                              **metadata.get("prior_options", {})).posterior_mean_network()
     except (KeyError, ConfigError):
         return None

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 
+from pyro_bc.bcz_model import pair
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d
@@ -93,6 +94,14 @@ def _outer(post: LayerPosterior, keep_out: torch.Tensor, keep_in: torch.Tensor) 
     return m.reshape(m.shape + (1,) * (post.mean.dim() - 2))
 
 
+def check_thresholds(posts: list[LayerPosterior], thresholds: list[float]) -> None:
+    """ConfigError unless there is one finite threshold per layer."""
+    if len(thresholds) != len(posts):
+        raise ConfigError(f"{len(thresholds)} thresholds given for {len(posts)} layers ({', '.join(p.name for p in posts)})")
+    if not all(math.isfinite(t) for t in thresholds):
+        raise ConfigError(f"thresholds must be finite numbers, got {thresholds}")
+
+
 def prune(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLayer]:
     """Masks from per-layer thresholds on log alpha, propagated through the network.
 
@@ -100,10 +109,7 @@ def prune(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLa
     l removes the matching inputs of layer l+1 and vice versa; after a flatten, each channel owns
     ``in_features / channels`` consecutive inputs. The last layer keeps all its outputs.
     """
-    if len(thresholds) != len(posts):
-        raise ConfigError(f"{len(thresholds)} thresholds given for {len(posts)} layers ({', '.join(p.name for p in posts)})")
-    if not all(math.isfinite(t) for t in thresholds):
-        raise ConfigError(f"thresholds must be finite numbers, got {thresholds}")
+    check_thresholds(posts, thresholds)
     own = [_own_mask(p, t) for p, t in zip(posts, thresholds)]
     keep_in = [_any_except(m, 1) for m in own]
     keep_out = [_any_except(m, 0) for m in own]
@@ -140,20 +146,37 @@ def fold_pruned_inputs(layers: list[PrunedLayer], input_means: list[torch.Tensor
     MNIST's background pixels (-1 after normalisation, so a pruned background pixel's weights act as a
     bias), and a first-order correction otherwise. ``input_means[l]`` is the mean of layer ``l``'s input
     over training examples: per feature for linear layers, per channel (over positions too) for
-    convolutions, whose correction is then exact for inputs constant over positions (no padding).
+    convolutions, whose correction is then exact for inputs constant over positions. Layers where it
+    could not be (:func:`fold_state`) are left as they are.
     """
     out = []
     for layer, mean_in in zip(layers, input_means):
         post = layer.post
+        if fold_state(post, True) != "on":
+            out.append(layer)
+            continue
         dropped = torch.where(layer.mask, 0.0, post.mean)
         if post.kind == "conv2d":
-            if post.conv_args[3] != 1:  # grouped convolution: each filter sees only its group's channels
-                out.append(layer)
-                continue
             dropped = dropped.sum((2, 3))
         bias = post.bias + (dropped.double() @ mean_in.double()).to(post.bias.dtype)
         out.append(dataclasses.replace(layer, post=dataclasses.replace(post, bias=bias)))
     return out
+
+
+def fold_state(post: LayerPosterior, fold: bool) -> str:
+    """Whether :func:`fold_pruned_inputs` folds this layer: ``"on"``, or ``"off: <reason>"``.
+
+    A padded convolution sees zeros at the border where a constant input channel would give its mean, so no
+    per-channel bias reproduces the pruned weights there; a grouped convolution's filters see only their
+    group's channels. Both are left unfolded rather than folded inexactly.
+    """
+    if not fold:
+        return "off"
+    if post.kind == "conv2d" and post.conv_args[3] != 1:
+        return "off: grouped convolution"
+    if post.kind == "conv2d" and any(p != 0 for p in pair(post.conv_args[1])):
+        return "off: padded convolution"
+    return "on"
 
 
 def prune_and_fold(posts: list[LayerPosterior], thresholds: list[float],

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
 from pyro_bc.errors import ConfigError
+from pyro_bc.schedule import SCHEDULES
 
 CHECKPOINT, METRICS, CONFIG, LOCK = "checkpoint.pt", "metrics.jsonl", "config.json", ".lock"
 
@@ -34,6 +36,25 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 1
     eval_every: int = 1  # epochs between evaluations of the posterior-mean network (the last epoch always)
+    augment: bool = False  # random 4-pixel-padded crops and horizontal flips of the training images
+    lr_schedule: str = "constant"  # one of pyro_bc.schedule.SCHEDULES
+    clip_grad_norm: float | None = None  # clip the gradients' total norm to this before each optimiser step
+    clip_var: dict[str, float | None] = dataclasses.field(default_factory=dict)  # per layer name; None: no clip
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first option out of range (layer names are checked by training)."""
+        if self.epochs < 0 or self.batch_size < 1 or not (self.lr > 0 and math.isfinite(self.lr)) \
+                or self.eval_every < 1:
+            raise ConfigError("epochs must be >= 0, batch size and eval_every >= 1 and the learning rate a positive "
+                              "number")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule {self.lr_schedule!r}: choose one of "
+                              f"{', '.join(SCHEDULES)}")
+        if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
+            raise ConfigError(f"clip_grad_norm must be a positive number, got {self.clip_grad_norm}")
+        for name, value in self.clip_var.items():
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"clip_var of layer {name!r} must be a positive number or None, got {value}")
 
     @property
     def prior_options(self) -> dict:

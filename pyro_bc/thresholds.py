@@ -16,7 +16,7 @@ A new rule is a subclass plus one entry in :data:`RULES`.
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import ClassVar
 
 import numpy as np
@@ -25,8 +25,10 @@ import torch
 from pyro_bc.compressed import compressed_module
 from pyro_bc.errors import ConfigError
 from pyro_bc.evaluate import error_percent
+from pyro_bc.graph import prune_network
 from pyro_bc.network import BayesianNet
-from pyro_bc.posterior import LayerPosterior, choose_precision, prune_and_fold
+from pyro_bc.posterior import LayerPosterior, choose_precision
+from pyro_bc.rules import RecordedRule
 
 
 @dataclasses.dataclass
@@ -41,16 +43,8 @@ class ThresholdInputs:
     input_means: list[torch.Tensor] | None = None
 
 
-class ThresholdRule(ABC):
+class ThresholdRule(RecordedRule):
     """A way of choosing one log alpha threshold per Bayesian layer."""
-
-    #: The rule's name in ``MODEL.json``.
-    name: ClassVar[str]
-
-    @property
-    @abstractmethod
-    def settings(self) -> dict:
-        """The rule's parameters (its constructor's keyword arguments), JSON-able."""
 
     @abstractmethod
     def thresholds(self, inputs: ThresholdInputs) -> list[float]:
@@ -59,13 +53,6 @@ class ThresholdRule(ABC):
     @abstractmethod
     def method(self, thresholds: list[float]) -> str:
         """The one-line description ``MODEL.json`` keeps as ``threshold_method``, given the chosen thresholds."""
-
-    def record(self) -> dict:
-        """``{"name": ..., "settings": {...}}``, as ``MODEL.json`` records the rule."""
-        return {"name": self.name, "settings": self.settings}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
 
 
 class GivenThresholds(ThresholdRule):
@@ -166,7 +153,7 @@ class ValidationBudget(ThresholdRule):
     @staticmethod
     def _error(inputs: ThresholdInputs, thresholds: list[float]) -> float:
         """Validation error (%) of the pruned, folded and rounded network at ``thresholds``."""
-        layers = prune_and_fold(inputs.posts, thresholds, inputs.input_means)
+        layers = prune_network(inputs.net, inputs.posts, thresholds, inputs.input_means)
         module = compressed_module(inputs.net, layers, choose_precision(layers))
         return error_percent(module, inputs.val_x, inputs.val_y)
 

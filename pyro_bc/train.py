@@ -3,7 +3,9 @@
 The loss of a step is ``-ELBO / N`` for one minibatch: the mean negative log-likelihood of the batch
 plus ``beta * KL / N`` (``beta`` ramps linearly from 0 to 1 over the warm-up epochs, else 1), which is
 the official code's loss. Each epoch appends to ``RUN_DIR/metrics.jsonl`` and writes
-``RUN_DIR/checkpoint.pt`` atomically; ``resume=True`` continues from it exactly.
+``RUN_DIR/checkpoint.pt`` atomically; ``resume=True`` continues from it exactly: the minibatch order,
+the augmentation draws and the learning rate of an epoch are functions of the seed and the epoch, and
+the network, optimiser and torch random states come from the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from tqdm.auto import tqdm
 from models import build_network
 from pyro_bc import distributed
 from pyro_bc.atomic import atomic_write_text
+from pyro_bc.augment import augment, augment_generator
 from pyro_bc.checkpoint import load_checkpoint, save_checkpoint
-from pyro_bc.data import iterate_minibatches, load_mnist
+from pyro_bc.data import iterate_minibatches, load_data
 from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
 from pyro_bc.evaluate import error_percent, groups_below
 from pyro_bc.network import BayesianNet
 from pyro_bc.reparam import LocalReparameterization
 from pyro_bc.run_dir import CHECKPOINT, CONFIG, METRICS, RunLock, TrainConfig, prepare_run_dir
+from pyro_bc.schedule import epoch_lr
 
 
 def _check_shape(net: BayesianNet, x: torch.Tensor) -> None:
@@ -45,6 +49,15 @@ def _check_shape(net: BayesianNet, x: torch.Tensor) -> None:
             net.posterior_mean_network()(x[:2])
     except RuntimeError as e:
         raise ConfigError(f"data does not fit the network: {(str(e).splitlines() or [""])[0]}")
+
+
+def _set_clip_var(net: BayesianNet, clip_var: dict[str, float | None]) -> None:
+    """Override the variance clipping of the named layers (``None``: no clipping)."""
+    layers = dict(zip(net.layer_names, net.layers))
+    for name, value in clip_var.items():
+        if name not in layers:
+            raise ConfigError(f"clip_var names layer {name!r}, but the network's layers are {', '.join(layers)}")
+        layers[name].clip_var = value
 
 
 def _first_nonfinite(net: BayesianNet) -> str:
@@ -85,11 +98,17 @@ def make_optimizer(net: BayesianNet, lr: float) -> torch.optim.Optimizer:
 
 def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet, x: torch.Tensor,
              y: torch.Tensor, n_data: int, beta: float = 1.0, weight: float = 1.0,
-             shard: tuple[int, int] | None = None) -> torch.Tensor:
-    """One optimiser step on ``loss`` (a :class:`NegativeELBO`, maybe wrapped), then variance clipping."""
+             shard: tuple[int, int] | None = None, clip_grad_norm: float | None = None) -> torch.Tensor:
+    """One optimiser step on ``loss`` (a :class:`NegativeELBO`, maybe wrapped), then variance clipping.
+
+    ``clip_grad_norm``: the gradients' total 2-norm is scaled down to at most this before the step
+    (:func:`torch.nn.utils.clip_grad_norm_`; under data parallelism after the all-reduce, so alike in every process).
+    """
     value = loss(x, y, n_data, beta, weight, shard)
     optimizer.zero_grad(set_to_none=True)
     value.backward()
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad_norm)
     optimizer.step()
     net.clip_variances()
     return value.detach()
@@ -101,9 +120,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     Under ``torchrun`` this is one process of a data-parallel run (:mod:`pyro_bc.distributed`):
     ``config.batch_size`` is then the batch of each process, and only rank 0 writes.
     """
-    if config.epochs < 0 or config.batch_size < 1 or not (config.lr > 0 and math.isfinite(config.lr)) \
-            or config.eval_every < 1:
-        raise ConfigError("epochs must be >= 0, batch size and eval_every >= 1 and the learning rate a positive number")
+    config.validate()
     torch.set_num_threads(config.threads)
     with distributed.process_group(config.device) as group:
         run_dir = prepare_run_dir(out) if group.is_main else Path(out)
@@ -135,9 +152,10 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
                                   f"not {config.model}/{config.prior}")
         config = dataclasses.replace(TrainConfig(**saved), epochs=config.epochs, threads=config.threads,
                                      device=config.device, eval_every=config.eval_every)
+    data = load_data(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)  # numpy's RNG
     pyro.set_rng_seed(config.seed)  # the same stream in every process (see pyro_bc.distributed)
-    net = build_network(config.model, config.prior, **config.prior_options)
-    data = load_mnist(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)
+    net = build_network(config.model, config.prior, input_shape=tuple(data.train.x.shape[1:]), **config.prior_options)
+    _set_clip_var(net, config.clip_var)
     _check_shape(net, data.train.x[:2])
     if config.init_from and state is None:
         try:
@@ -157,7 +175,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         torch.set_rng_state(state["rng"]["torch"])
         metrics = state["metrics"]
     start_epoch = state["epoch"] if state is not None else 0
-    run_config = {**dataclasses.asdict(config), "world_size": group.world_size}
+    run_config = {**dataclasses.asdict(config), "world_size": group.world_size, "data_format": data.format,
+                  "normalisation": data.normalisation,
+                  "layer_clip_var": {name: layer.clip_var for name, layer in zip(net.layer_names, net.layers)}}
     if group.is_main:
         atomic_write_text(run_dir / CONFIG, json.dumps(run_config, indent=2))
 
@@ -171,10 +191,16 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
     for epoch in range(start_epoch, config.epochs):
         started, total, net_steps = time.perf_counter(), 0.0, 0
         order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        draws = augment_generator(config.seed, epoch) if config.augment else None
+        lr = epoch_lr(config.lr_schedule, config.lr, epoch, config.epochs)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         batches = iterate_minibatches(data.train, global_batch, order)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=None if progress else True, mininterval=0.5)  # None: no bar when not a terminal
         for step, (x, y) in enumerate(bar):
+            if draws is not None:  # the global batch, alike in every process
+                x = augment(x, draws)
             rows = len(x)  # of the global batch; this process takes [start, stop)
             start, stop = group.rows(rows)
             weight = group.world_size * (stop - start) / rows if group.active else 1.0
@@ -182,7 +208,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
             done = epoch * steps_per_epoch + step + 1
             beta = min(1.0, done / (config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs else 1.0
             value = group.mean(svi_step(loss, optimizer, net, x, y, n_data, beta, weight,
-                                              (start, rows) if group.active else None)).item()
+                                        (start, rows) if group.active else None, config.clip_grad_norm)).item()
             if not math.isfinite(value) or not math.isfinite(total + value):
                 raise TrainingDiverged(f"non-finite ELBO at epoch {epoch + 1}, step {step + 1} "
                                        f"(first bad value: {_first_nonfinite(net)}); last good checkpoint "
@@ -195,7 +221,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool,
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise TrainingDiverged(f"non-finite parameter after epoch {epoch + 1}: {_first_nonfinite(net)}")
         if group.is_main:
-            record = {"epoch": epoch + 1, "elbo": -total / max(net_steps, 1), "beta": beta if net_steps else 1.0}
+            record = {"epoch": epoch + 1, "elbo": -total / max(net_steps, 1), "beta": beta if net_steps else 1.0,
+                      "lr": lr}
             if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:  # draws nothing: resume is exact
                 mean_net = net.posterior_mean_network()
                 record.update(train_error=error_percent(mean_net, train_x, train_y),

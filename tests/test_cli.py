@@ -61,7 +61,7 @@ def compressed_run(run):
     (["--lr", "nan"], "nan"),
     (["--lr", "-0.1"], "-0.1"),
     (["--batch-size", "0"], "'0'"),
-    (["--model", "vgg"], "vgg"),
+    (["--model", "alexnet"], "alexnet"),
 ])
 def test_cli_rejects_bad_values(tmp_path, capsys, args, text):
     with pytest.raises(SystemExit) as info:

@@ -1,16 +1,20 @@
 """The model registry (models.build_network): built-in networks with every prior, and user network files."""
 
+import math
 import runpy
 
 import pyro
 import pytest
 import torch
 
+import models.resnet
+import models.vgg
 from models import BUILTIN_MODELS, build_network
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLinear
 from pyro_bc.priors import PRIORS, GroupHorseshoe
+from pyro_bc.reparam import LocalReparameterization
 
 LAYOUT = {  # layer names, kinds, groups per layer, weights in all
     "lenet300": (["fc1", "fc2", "fc3"], [BayesLinear] * 3, [784, 300, 100], 266_200),
@@ -25,7 +29,7 @@ def _seed():
 
 
 @pytest.mark.parametrize("prior", list(PRIORS))
-@pytest.mark.parametrize("model", BUILTIN_MODELS)
+@pytest.mark.parametrize("model", list(LAYOUT))
 def test_builtin_networks_with_every_prior(model, prior):
     torch.manual_seed(0)
     net = build_network(model, prior, tau0=2e-4, slab_scale=3.0)
@@ -115,7 +119,45 @@ def test_a_user_file_that_does_not_build_a_network(tmp_path, text, match):
 def test_unknown_models_and_priors(tmp_path):
     with pytest.raises(ConfigError, match="model file .*missing.py does not exist"):
         build_network(str(tmp_path / "missing.py"))
-    with pytest.raises(ConfigError, match="unknown model 'vgg': choose lenet300, lenet5 or a path"):
-        build_network("vgg")
+    with pytest.raises(ConfigError, match="unknown model 'vgg16': choose lenet300, lenet5, vgg, resnet20 or a path"):
+        build_network("vgg16")
     with pytest.raises(ConfigError, match="unknown prior 'bogus'"):
         build_network("lenet300", "bogus")
+
+
+# -- VGG and ResNet-20 ---------------------------------------------------------------------------------
+
+CNN_LAYERS = {models.vgg.build: 13 + 2, models.resnet.build: 1 + 9 * 2 + 2 + 1}  # convolutions, projections, FC
+
+
+def test_the_cnns_are_builtin_and_take_the_input_shape_from_the_data():
+    assert {"vgg", "resnet20"} <= set(BUILTIN_MODELS)
+    assert build_network("vgg", input_shape=(1, 28, 28)).input_shape == (1, 28, 28)
+    assert build_network("resnet20").input_shape == (3, 32, 32)
+    assert build_network("lenet5", input_shape=(3, 32, 32)).input_shape == (1, 28, 28)  # fixed: training checks it
+
+
+def test_full_width_sizes():
+    vgg, resnet = build_network("vgg"), build_network("resnet20")
+    assert [layer.weight_mu.shape[0] for layer in vgg.layers] == [64, 64, 128, 128, 256, 256, 256] + [512] * 7 + [10]
+    assert 0.26e6 < sum(layer.weight_mu.numel() for layer in resnet.layers) < 0.28e6
+    projections = [layer.site for layer in resnet.layers if layer.weight_mu.shape[-1] == 1]
+    assert projections == ["blocks.3.shortcut.0", "blocks.6.shortcut.0"]
+    assert [layer.conv_args[0] for layer in resnet.layers if layer.site.endswith("shortcut.0")] == [2, 2]
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+@pytest.mark.parametrize("prior", list(PRIORS))
+@pytest.mark.parametrize("build", list(CNN_LAYERS))
+def test_cnns_forward_and_one_svi_step(build, prior, shape):
+    torch.manual_seed(0)
+    net = build(prior, width=0.25, input_shape=shape, tau0=1e-3)
+    assert len(net.layers) == CNN_LAYERS[build] and net.input_shape == shape
+    x, y = torch.randn(4, *shape), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        assert net.posterior_mean_network()(x).shape == (4, 10)
+    svi = pyro.infer.SVI(net.model, net.guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.TraceMeanField_ELBO())
+    with LocalReparameterization():
+        loss = svi.step(x, y, 100)
+    assert math.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in net.parameters())

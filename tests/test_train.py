@@ -9,15 +9,19 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from tiny_data import PLAIN_NET_3x8x8, write_cifar
 from torch import nn
 
 from models import build_network
+from pyro_bc.augment import augment, augment_generator
 from pyro_bc.checkpoint import load_checkpoint
+from pyro_bc.cli import main
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLinear
 from pyro_bc.priors import make_prior
 from pyro_bc.run_dir import TrainConfig
+from pyro_bc.schedule import epoch_lr
 from pyro_bc.train import NegativeELBO, svi_step, train
 
 
@@ -290,3 +294,138 @@ def test_a_plain_network_file_trains_and_compresses(tmp_path):
     summary = compress_run(tmp_path / "run", tmp_path / "run" / "MODEL.bcz")
     assert [layer["name"] for layer in summary["layers"]] == ["0", "4"]
     assert summary["original_bytes"] == 4 * (4 * 25 + 4 * 14 * 14 * 10 + 10)  # the conv has no bias
+
+
+# -- beyond LeNet: other data, augmentation, learning-rate schedules, gradient and variance clipping -----------
+
+
+def _cifar_cfg(tmp_path, **kw) -> TrainConfig:
+    """A plain 3 x 8 x 8 network on a tiny CIFAR-format folder (60 training images, 10 held out)."""
+    data = tmp_path / "cifar"
+    if not data.exists():
+        write_cifar(data)
+    net = tmp_path / "net.py"
+    net.write_text(PLAIN_NET_3x8x8)
+    base = {"model": str(net), "prior": "gnj", "epochs": 2, "batch_size": 16, "val_size": 10, "data": str(data)}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_augment_crops_padded_images_and_flips():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
+    out = augment(x, augment_generator(7, 3))
+    g = augment_generator(7, 3)
+    dy, dx = torch.randint(0, 9, (2,), generator=g), torch.randint(0, 9, (2,), generator=g)
+    flip = torch.rand(2, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(2):
+        crop = padded[i, :, dy[i]:dy[i] + 5, dx[i]:dx[i] + 6]
+        assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
+    assert torch.equal(augment(x, augment_generator(7, 3)), out)  # a pure function of seed and epoch
+    assert not torch.equal(augment(x, augment_generator(7, 4)), out)
+    many = augment(torch.ones(400, 1, 4, 4), augment_generator(0, 0))
+    assert 0 < (many == 0).any(dim=(1, 2, 3)).float().mean() < 1  # some crops reach the zero padding
+    with pytest.raises(ConfigError, match="augmentation needs images"):
+        augment(torch.zeros(3, 4), augment_generator(0, 0))
+
+
+def test_learning_rate_schedules():
+    assert [epoch_lr("constant", 0.1, e, 4) for e in range(4)] == [0.1] * 4
+    assert [epoch_lr("cosine", 1.0, e, 4) for e in range(4)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)
+    assert [epoch_lr("step", 1.0, e, 4) for e in range(4)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    steps = [epoch_lr("step", 1.0, e, 200) for e in (99, 100, 149, 150, 199)]
+    assert steps == pytest.approx([1.0, 0.1, 0.1, 0.01, 0.01])
+    assert epoch_lr("step", 1.0, 0, 1) == 1.0
+    with pytest.raises(ConfigError, match="schedule"):
+        epoch_lr("linear", 1.0, 0, 1)
+
+
+def test_svi_step_clips_the_gradient_norm():
+    net = _small_net("gnj")
+    loss = NegativeELBO(net)
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+    def grad_norm(clip):
+        pyro.set_rng_seed(4)
+        svi_step(loss, torch.optim.SGD(net.parameters(), lr=0.0), net, x, y, 80, clip_grad_norm=clip)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])).item()
+
+    full = grad_norm(None)
+    assert full > 0.01
+    assert grad_norm(0.01) == pytest.approx(0.01, rel=1e-4)
+    assert grad_norm(10 * full) == pytest.approx(full, rel=1e-6)  # below the limit: untouched
+
+
+def test_cifar_run_records_its_options_and_resumes_exactly(tmp_path):
+    options = {"augment": True, "lr_schedule": "cosine", "clip_grad_norm": 1.0, "lr": 1e-2}
+    train(_cifar_cfg(tmp_path, **options), out=tmp_path / "straight", progress=False)
+    train(_cifar_cfg(tmp_path, **options, epochs=1), out=tmp_path / "split", progress=False)
+    train(_cifar_cfg(tmp_path, **options), out=tmp_path / "split", resume=True, progress=False)
+    a, b = (load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("straight", "split"))
+    _assert_states_equal(a["network"], b["network"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    strip = [[{k: v for k, v in m.items() if not k.endswith("seconds")} for m in run["metrics"]] for run in (a, b)]
+    assert strip[0] == strip[1]
+    assert [m["lr"] for m in a["metrics"]] == pytest.approx([1e-2, 5e-3])  # cosine over 2 epochs
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert {k: config[k] for k in options} == options
+    assert config["data_format"] == "cifar10-python" and config["normalisation"]["kind"] == "per-channel"
+    assert config["layer_clip_var"] == {"0": None, "3": None} and config["clip_var"] == {}
+    train(_cifar_cfg(tmp_path, lr_schedule="cosine", clip_grad_norm=1.0, lr=1e-2), out=tmp_path / "plain",
+          progress=False)
+    plain = _network_state(tmp_path / "plain")
+    assert any(not torch.equal(plain[k], a["network"][k]) for k in plain)  # augmentation changes the training
+
+
+def test_clip_var_per_layer(tmp_path):
+    train(_cifar_cfg(tmp_path, epochs=1, clip_var={"0": 1e-5}), out=tmp_path / "run", progress=False)
+    state = _network_state(tmp_path / "run")
+    assert state["body.0.weight_logvar"].max().item() <= math.log(1e-5) + 1e-6  # initially log var -9 > log 1e-5
+    assert state["body.3.weight_logvar"].max().item() > math.log(1e-5)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["clip_var"] == {"0": 1e-5} and config["layer_clip_var"] == {"0": 1e-5, "3": None}
+    with pytest.raises(ConfigError, match=r"layer 'fc1', but the network's layers are 0, 3"):
+        train(_cifar_cfg(tmp_path, clip_var={"fc1": 0.1}), out=tmp_path / "bad", progress=False)
+    for bad in ({"clip_var": {"0": -1.0}}, {"clip_grad_norm": 0.0}, {"lr_schedule": "linear"}):
+        with pytest.raises(ConfigError):
+            train(_cifar_cfg(tmp_path, **bad), out=tmp_path / "bad", progress=False)
+
+
+def test_lenet300_keeps_its_fc1_clip_unless_told(tmp_path):
+    train(_cfg(subset=128, epochs=0), out=tmp_path / "default", progress=False)
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert config["layer_clip_var"] == {"fc1": 0.04, "fc2": None, "fc3": None}
+    assert config["data_format"] == "mnist-idx" and config["normalisation"] == {"kind": "2*(x/255-0.5)"}
+    assert (config["augment"], config["lr_schedule"], config["clip_grad_norm"]) == (False, "constant", None)
+    train(_cfg(subset=128, epochs=0, clip_var={"fc1": None, "fc2": 0.5}), out=tmp_path / "other", progress=False)
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    assert config["layer_clip_var"] == {"fc1": None, "fc2": 0.5, "fc3": None}
+
+
+def test_cli_trains_a_plain_network_on_a_cifar_folder(tmp_path, capsys):
+    cfg = _cifar_cfg(tmp_path)
+    out = tmp_path / "run"
+    argv = ["train", "--model", cfg.model, "--data", cfg.data, "--val-size", "10", "--batch-size", "16",
+            "--epochs", "2", "--augment", "--lr-schedule", "step", "--clip-grad-norm", "2.5", "--clip-var", "0=0.1",
+            "--clip-var", "3=none", "--out", str(out)]
+    assert main(argv) == 0
+    assert "trained" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["data_format"] == "cifar10-python" and config["augment"] is True
+    assert (config["lr_schedule"], config["clip_grad_norm"]) == ("step", 2.5)
+    assert config["clip_var"] == {"0": 0.1, "3": None} == config["layer_clip_var"]
+    assert [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1e-3, 1e-4]
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--clip-var", "fc1"], "LAYER=VARIANCE"),
+    (["--clip-var", "fc1=-1"], "must be positive"),
+    (["--lr-schedule", "linear"], "linear"),
+    (["--clip-grad-norm", "0"], "must be positive"),
+])
+def test_cli_rejects_bad_training_options(tmp_path, capsys, args, text):
+    with pytest.raises(SystemExit) as info:
+        main(["train", *args, "--out", str(tmp_path)])
+    assert info.value.code == 2 and text in capsys.readouterr().err

@@ -1,0 +1,361 @@
+"""Pruning a network body that is not a flat sequence: residual sums, concatenations, BatchNorm, any module.
+
+The posterior-mean network is traced with ``torch.fx`` into :class:`BodyGraph`: one node per layer or
+parameter-free op, each naming the nodes it reads, and a *channel variable* for every position along dim 1 of
+every node's output (a channel, or a feature after a flatten). Positions that must be kept or removed together
+share a variable:
+
+* a layer's outputs are new variables; a depthwise convolution's are its inputs' (it ties them);
+* activations, pooling and BatchNorm keep their input's variables; a flatten repeats each channel's variable
+  over its positions; a concatenation joins its inputs' lists (so their indices are offset);
+* a residual sum unites its inputs' variables position by position, so a sum keeps the union of the channels
+  its inputs keep (a producer that pruned a channel others keep outputs it with zero weights).
+
+A variable stays while some layer producing it keeps a weight for it and some layer reading it keeps a weight
+reading it (the network's input and output always stay), iterated to a fixed point as
+:func:`pyro_bc.posterior.prune` does for a sequence. Eval-mode BatchNorm right after a layer is folded into that
+layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before thresholds and bits are chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from pyro_bc.bcz_model import Op
+from pyro_bc.errors import ConfigError
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesLayer
+from pyro_bc.posterior import (
+    LayerPosterior,
+    PrunedLayer,
+    _any_except,
+    _outer,
+    _own_mask,
+    check_thresholds,
+    fold_pruned_inputs,
+    prune_and_fold,
+)
+
+NETWORK_INPUT = -1  # the node index that names the network input
+_FUNCTION_OPS = {F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
+                 operator.add: "add", torch.add: "add", torch.cat: "cat", torch.flatten: "flatten"}
+_METHOD_OPS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "flatten": "flatten"}
+_PASS_THROUGH = (nn.Identity, nn.Dropout)  # modules that are the identity in eval mode
+
+
+def module_op(module: nn.Module) -> Op | None:
+    """The ``.bcz`` op of a parameter-free module; None where there is none (ceil-mode or non-padding-counting
+    pools, other modules)."""
+    simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+    if type(module) in simple:
+        return Op(simple[type(module)])
+    if isinstance(module, nn.Flatten) and module.end_dim == -1:
+        return Op("flatten", {"start_dim": module.start_dim})
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return Op("adaptive_avgpool2d", {"output_size": module.output_size})
+    if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
+        return Op("maxpool2d", {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
+    if isinstance(module, nn.AvgPool2d) and not module.ceil_mode and module.count_include_pad and \
+            module.divisor_override is None:
+        return Op("avgpool2d", {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
+    return None
+
+
+def is_sequence(net: BayesianNet) -> bool:
+    """Whether the body is a flat ``nn.Sequential`` of Bayesian layers and ``.bcz`` ops (pyro_bc.posterior's case)."""
+    return isinstance(net.body, nn.Sequential) and all(
+        isinstance(m, BayesLayer) or module_op(m) is not None for m in net.body)
+
+
+@dataclasses.dataclass
+class Node:
+    """One node of the traced body: a Bayesian layer (``layer``: its index in ``net.layers``) or an op."""
+
+    name: str
+    inputs: tuple[int, ...]  # node indices, NETWORK_INPUT for the input
+    variables: torch.Tensor  # channel variable of each position along dim 1 of the output
+    layer: int | None = None
+    op: Op | None = None
+    repeat: int = 1  # flatten: positions per input channel
+    depthwise: bool = False  # a depthwise convolution: its outputs are its inputs' variables
+
+
+class _Tracer(fx.Tracer):
+    """Stops at linear, convolution and BatchNorm modules (subclasses included)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)) or \
+            super().is_leaf_module(m, module_qualified_name)
+
+
+class _Variables:
+    """Channel variables with union-find."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> torch.Tensor:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return torch.arange(start, start + n)
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def unite(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        for i, j in zip(a.tolist(), b.tolist()):
+            self.parent[self.find(i)] = self.find(j)
+
+    def roots(self) -> torch.Tensor:
+        """Every variable's representative, numbered 0, 1, ..."""
+        return torch.unique(torch.tensor([self.find(i) for i in range(len(self.parent))]), return_inverse=True)[1]
+
+
+class BodyGraph:
+    """The traced body of ``net`` (which must know its input shape): its nodes in execution order, each
+    layer's input and output variables, and the BatchNorm that follows each layer."""
+
+    def __init__(self, net: BayesianNet):
+        if net.input_shape is None:
+            raise ConfigError("the network's input shape is unknown: train it first or give input_shape")
+        mean = net.posterior_mean_network()
+        try:
+            module = fx.GraphModule(mean, _Tracer().trace(mean))
+            device = net.layers[0].weight_mu.device
+            ShapeProp(module).propagate(torch.zeros(1, *net.input_shape, device=device))
+        except Exception as e:  # noqa: BLE001  (whatever a user's forward does, the cause is reported)
+            raise ConfigError(f"cannot trace the network with torch.fx: {type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}")
+        self.modules = dict(mean.named_modules())
+        self.layer_index = {layer.site: i for i, layer in enumerate(net.layers)}
+        self.nodes: list[Node] = []
+        self.batchnorm: dict[int, nn.Module] = {}
+        self._variables = _Variables()
+        position: dict[fx.Node, int] = {}
+        for fx_node in module.graph.nodes:
+            if fx_node.op == "placeholder":
+                position[fx_node] = NETWORK_INPUT
+                self.input_variables = self._variables.new(_shape(fx_node)[1])
+            elif fx_node.op == "output":
+                self._check_output(fx_node, position)
+            else:
+                position[fx_node] = self._add(fx_node, position)
+        found = {node.layer: i for i, node in enumerate(self.nodes) if node.layer is not None}
+        if set(found) != set(range(len(net.layers))):
+            raise ConfigError("some Bayesian layers are not called in the network's forward")
+        self.layer_nodes = [self.nodes[found[i]] for i in range(len(net.layers))]
+        roots = self._variables.roots()
+        self.input_variables = roots[self.input_variables]
+        for node in self.nodes:
+            node.variables = roots[node.variables]
+        self.n_variables = int(roots.max()) + 1
+
+    # -- tracing ---------------------------------------------------------------------------------
+
+    def variables(self, source: int) -> torch.Tensor:
+        return self.input_variables if source == NETWORK_INPUT else self.nodes[source].variables
+
+    def layer_variables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The variables of a layer's input positions and of its output positions."""
+        node = self.layer_nodes[layer]
+        return self.variables(node.inputs[0]), node.variables
+
+    def is_depthwise(self, layer: int) -> bool:
+        return self.layer_nodes[layer].depthwise
+
+    def _append(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def _add(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> int:
+        """Add one traced node; returns the node index its output is (an earlier one for aliases)."""
+        sources = [position[a] for a in fx_node.all_input_nodes]
+        what = f"{fx_node.op} {fx_node.target}"
+        if fx_node.op == "call_module":
+            module = self.modules[fx_node.target]
+            if fx_node.target in self.layer_index:
+                return self._add_layer(fx_node, module, sources[0])
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                return self._fold_target(fx_node, module, sources[0])
+            if isinstance(module, _PASS_THROUGH):
+                return sources[0]
+            op = module_op(module)
+            what = f"{type(module).__name__} ({fx_node.target})"
+        elif fx_node.op == "call_function" and fx_node.target in _FUNCTION_OPS:
+            op = self._function_op(_FUNCTION_OPS[fx_node.target], fx_node)
+        elif fx_node.op == "call_method" and fx_node.target == "contiguous":
+            return sources[0]
+        elif fx_node.op == "call_method" and fx_node.target in _METHOD_OPS:
+            op = self._function_op(_METHOD_OPS[fx_node.target], fx_node)
+        else:
+            op = None
+        if op is None:
+            raise ConfigError(f"cannot compress a network using {what}: supported are Bayesian layers, BatchNorm "
+                              "after a layer, ReLU, Tanh, Sigmoid, Flatten, Max/AvgPool2d, AdaptiveAvgPool2d, "
+                              "Identity, Dropout, residual sums and concatenations along channels")
+        return self._append(self._op_node(fx_node, op, sources))
+
+    def _function_op(self, kind: str, fx_node: fx.Node) -> Op | None:
+        args, kwargs = fx_node.args, fx_node.kwargs
+        if kind == "add":
+            ok = len(args) == 2 and all(isinstance(a, fx.Node) for a in args) and not kwargs and \
+                _shape(args[0]) == _shape(args[1])
+            return Op("add") if ok else None
+        if kind == "cat":
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            return Op("cat") if dim in (1, 1 - len(_shape(fx_node))) else None
+        if kind == "flatten":
+            start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+            return Op("flatten", {"start_dim": start}) if start == 1 and end == -1 else None
+        return Op(kind) if len(fx_node.all_input_nodes) == 1 else None
+
+    def _op_node(self, fx_node: fx.Node, op: Op, sources: list[int]) -> Node:
+        inputs = [self.variables(s) for s in sources]
+        repeat = 1
+        if op.kind == "add":
+            self._variables.unite(inputs[0], inputs[1])
+            variables = inputs[0]
+        elif op.kind == "cat":
+            variables = torch.cat(inputs)
+        elif op.kind == "flatten":
+            shape = _shape(fx_node.all_input_nodes[0])
+            if op.params["start_dim"] != 1 and len(shape) > 2:
+                raise ConfigError(f"{fx_node.target}: only flattening from dim 1 is supported")
+            repeat = math.prod(shape[2:])
+            variables = inputs[0].repeat_interleave(repeat)
+        else:
+            variables = inputs[0]
+        return Node(str(fx_node.name), tuple(sources), variables, op=op, repeat=repeat)
+
+    def _add_layer(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
+        index = self.layer_index[fx_node.target]
+        if any(node.layer == index for node in self.nodes):
+            raise ConfigError(f"layer {fx_node.target} is called more than once: shared layers are not supported")
+        inputs = self.variables(source)
+        if isinstance(module, nn.Linear):
+            if len(_shape(fx_node)) != 2:
+                raise ConfigError(f"{fx_node.target}: a linear layer must read (batch, features) inputs")
+            outputs = self._variables.new(module.out_features)
+        elif module.groups == 1:
+            outputs = self._variables.new(module.out_channels)
+        elif module.groups == module.in_channels == module.out_channels:
+            outputs = inputs  # depthwise: output channel c reads input channel c only
+        else:
+            raise ConfigError(f"{fx_node.target}: grouped convolutions other than depthwise are not supported")
+        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
+        return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise))
+
+    def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
+        """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node."""
+        producer = fx_node.all_input_nodes[0]
+        layer = self.nodes[source].layer if source != NETWORK_INPUT else None
+        if layer is None or len(producer.users) != 1 or layer in self.batchnorm or module.running_mean is None:
+            raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must follow a Bayesian layer that "
+                              "feeds nothing else, and track running statistics")
+        self.batchnorm[layer] = module
+        return source
+
+    def _check_output(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> None:
+        result = fx_node.args[0]
+        if not isinstance(result, fx.Node) or position[result] != len(self.nodes) - 1:
+            raise ConfigError("the network's output must be one tensor, the last one computed")
+
+    # -- BatchNorm -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_batchnorm(self, posts: list[LayerPosterior]) -> list[LayerPosterior]:
+        """Each layer followed by eval-mode BatchNorm with ``scale = gamma / sqrt(running_var + eps)``: ``E[w]``
+        times ``scale``, ``Var[w]`` times ``scale^2``, bias ``(b - running_mean) scale + beta`` per output."""
+        out = list(posts)
+        for i, bn in self.batchnorm.items():
+            post = posts[i]
+            scale = torch.rsqrt(bn.running_var.double().cpu() + bn.eps)
+            shift = torch.zeros_like(scale) if bn.bias is None else bn.bias.double().cpu()
+            if bn.weight is not None:
+                scale = scale * bn.weight.double().cpu()
+            along = scale.reshape((-1,) + (1,) * (post.mean.dim() - 1))
+            bias = (post.bias.double() - bn.running_mean.double().cpu()) * scale + shift
+            out[i] = dataclasses.replace(post, mean=(post.mean.double() * along).to(post.mean.dtype),
+                                         var=(post.var.double() * along**2).to(post.var.dtype),
+                                         bias=bias.to(post.bias.dtype))
+        return out
+
+    # -- pruning ---------------------------------------------------------------------------------
+
+    def prune(self, posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLayer]:
+        """Masks from per-layer thresholds on log alpha, with channel variables kept or removed together (see
+        the module's docstring); each layer keeps the positions of its variables that stay."""
+        check_thresholds(posts, thresholds)
+        own = [_own_mask(p, t) for p, t in zip(posts, thresholds)]
+        fixed = torch.zeros(self.n_variables, dtype=torch.bool)
+        fixed[self.input_variables] = fixed[self.nodes[-1].variables] = True  # the network's input and output
+        alive = torch.ones_like(fixed)
+        while True:
+            masks = [self._restrict(i, post, m, alive) for i, (post, m) in enumerate(zip(posts, own))]
+            produced, used = fixed.clone(), fixed.clone()
+            for i, m in enumerate(masks):
+                inputs, outputs = self.layer_variables(i)
+                produced[outputs[_any_except(m, 0)]] = True
+                if not self.is_depthwise(i):
+                    used[inputs[_any_except(m, 1)]] = True
+            now = alive & produced & used | fixed
+            if torch.equal(now, alive):
+                break
+            alive = now
+        layers = []
+        for i, (post, t, m) in enumerate(zip(posts, thresholds, masks)):
+            inputs, outputs = self.layer_variables(i)
+            keep_out = alive[outputs]
+            keep_in = keep_out if self.is_depthwise(i) else alive[inputs] & _any_except(m, 1)
+            layers.append(PrunedLayer(post, float(t), keep_in, keep_out, m))
+        return layers
+
+    def _restrict(self, i: int, post: LayerPosterior, mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        inputs, outputs = self.layer_variables(i)
+        if self.is_depthwise(i):
+            return mask & alive[outputs].reshape(-1, 1, 1, 1)
+        return mask & _outer(post, alive[outputs], alive[inputs])
+
+    def kept_positions(self, layers: list[PrunedLayer]) -> list[torch.Tensor]:
+        """Bool over dim 1 of every node's output: the positions the compressed network computes."""
+        kept: list[torch.Tensor] = []
+        every = torch.ones(len(self.input_variables), dtype=torch.bool)
+        for node in self.nodes:
+            inputs = [every if s == NETWORK_INPUT else kept[s] for s in node.inputs]
+            if node.layer is not None:
+                kept.append(layers[node.layer].keep_out)
+            elif node.op.kind == "cat":
+                kept.append(torch.cat(inputs))
+            else:
+                kept.append(inputs[0].repeat_interleave(node.repeat))
+        return kept
+
+
+def _shape(fx_node: fx.Node) -> tuple[int, ...]:
+    return tuple(fx_node.meta["tensor_meta"].shape)
+
+
+def analyse_network(net: BayesianNet, posts: list[LayerPosterior]) -> list[LayerPosterior]:
+    """``posts`` (:func:`pyro_bc.posterior.analyse`) with BatchNorm folded in, for a body that is not a sequence."""
+    return posts if is_sequence(net) else BodyGraph(net).fold_batchnorm(posts)
+
+
+def prune_network(net: BayesianNet, posts: list[LayerPosterior], thresholds: list[float],
+                  input_means: list[torch.Tensor] | None) -> list[PrunedLayer]:
+    """:func:`pyro_bc.posterior.prune_and_fold` for a sequence; for any other body, the graph's pruning, then
+    (given the layers' input means) :func:`pyro_bc.posterior.fold_pruned_inputs`."""
+    if is_sequence(net):
+        return prune_and_fold(posts, thresholds, input_means)
+    layers = BodyGraph(net).prune(posts, thresholds)
+    return layers if input_means is None else fold_pruned_inputs(layers, input_means)

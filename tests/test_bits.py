@@ -1,0 +1,187 @@
+"""Bit rules (:mod:`pyro_bc.bits`): the variance rule and the validation error budget on a hand-built posterior
+whose answer is known, then through ``compress_run``, the command line and ``analysis/bits_table.py``."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pyro_bc.bits import BitsInputs, ValidationBitsBudget, VarianceRule, bits_rule_from_options
+from pyro_bc.cli import main
+from pyro_bc.compress import compress_run, format_table, load_run
+from pyro_bc.compressed import compressed_module
+from pyro_bc.errors import ConfigError
+from pyro_bc.evaluate import error_percent
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesLinear
+from pyro_bc.posterior import LayerPosterior, analyse, choose_precision, prune
+from pyro_bc.run_dir import TrainConfig
+from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
+from pyro_bc.train import train
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
+import bits_table
+
+VAR = 1e-3  # 2 Var = 2e-3 < 2^-8: the variance rule gives 8 mantissa bits
+
+
+@pytest.fixture(scope="module")
+def grid_net():
+    """8 -> 8 -> 4 with ReLU; the first layer's weights are multiples of 2^-2, the second's of 2^-3 (odd
+    multiples among them); labels are the exact network's predictions, so the variance rule's error is 0."""
+    g = torch.Generator().manual_seed(0)
+    means = [torch.randint(-4, 5, (8, 8), generator=g) / 4, torch.randint(-8, 9, (4, 8), generator=g) / 8]
+    posts = [LayerPosterior(name, "linear", torch.full((m.shape[1],), -10.0), m, torch.full(m.shape, VAR),
+                            torch.zeros(m.shape[0]), 1) for name, m in zip(("fc1", "fc2"), means)]
+    layers = prune(posts, [0.0, 0.0])
+    net = BayesianNet(nn.Sequential(BayesLinear(8, 8), nn.ReLU(), BayesLinear(8, 4)), input_shape=(8,))
+    x = torch.randn(2000, 8, generator=g)
+    y = torch.relu(x @ means[0].T) @ means[1].T
+    y = y.argmax(-1)
+    trials = []
+
+    def error(precision):
+        trials.append(list(precision.mantissa_bits))
+        return error_percent(compressed_module(net, layers, precision), x, y)
+
+    return BitsInputs(layers, choose_precision(layers), error), trials
+
+
+def _at(inputs, bits):
+    return inputs.error(type(inputs.variance)(bits, inputs.variance.exponent_bits,
+                                              inputs.variance.exponent_bits_official))
+
+
+def test_hand_built_grids_give_the_known_bits(grid_net):
+    inputs, trials = grid_net
+    assert inputs.variance.mantissa_bits == [8, 8]
+    assert _at(inputs, [2, 3]) == 0.0  # both grids are exact
+    assert _at(inputs, [1, 3]) > 0 and _at(inputs, [2, 2]) > 0  # one bit fewer on either changes outputs
+    trials.clear()
+    chosen = ValidationBitsBudget(0.0).precision(inputs)
+    assert chosen.mantissa_bits == [2, 3]
+    assert chosen.exponent_bits == inputs.variance.exponent_bits
+    # the variance rule's network first, then fc1 (64 kept weights) down to its refusal, then fc2 (32)
+    assert trials == [[8, 8], *([m, 8] for m in range(7, 0, -1)), *([2, m] for m in range(7, 1, -1))]
+
+
+def test_large_budget_lowers_every_layer_to_zero_bits(grid_net):
+    inputs, _ = grid_net
+    assert ValidationBitsBudget(100.0).precision(inputs).mantissa_bits == [0, 0]
+
+
+def test_variance_rule_keeps_the_variance_bits(grid_net):
+    inputs, _ = grid_net
+    assert VarianceRule().precision(inputs) == inputs.variance
+    assert isinstance(bits_rule_from_options(None), VarianceRule)
+    assert bits_rule_from_options(0.5).record() == {"name": "validation-budget", "settings": {"bits_budget": 0.5}}
+
+
+@pytest.mark.parametrize("budget", [-0.1, math.nan, math.inf, "1", True])
+def test_bad_budgets_are_one_line_config_errors(budget):
+    with pytest.raises(ConfigError, match="bits budget") as info:
+        ValidationBitsBudget(budget)
+    assert "\n" not in str(info.value)
+
+
+def test_budget_rule_needs_an_error_function(grid_net):
+    inputs, _ = grid_net
+    with pytest.raises(ConfigError, match="validation error"):
+        ValidationBitsBudget(0.0).precision(BitsInputs(inputs.layers, inputs.variance))
+
+
+# -- compress_run and the command line ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(epochs=1, subset=1000), out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(run, tmp_path_factory):
+    """The run compressed at the priors' defaults by the variance rule and within a budget of 0 points."""
+    folder = tmp_path_factory.mktemp("pair")
+    return compress_run(run, folder / "variance.bcz"), compress_run(run, folder / "budget.bcz", bits_budget=0.0)
+
+
+def test_budget_zero_never_raises_validation_error_and_never_adds_bits(pair):
+    variance, budget = pair
+    assert budget["val_error_compressed"] <= variance["val_error_compressed"]
+    for v, b in zip(variance["layers"], budget["layers"]):
+        assert v["mantissa_bits"] == v["mantissa_bits_variance_rule"] == b["mantissa_bits_variance_rule"]
+        assert b["mantissa_bits"] <= b["mantissa_bits_variance_rule"]
+        assert b["bits"] == 1 + b["exponent_bits"] + b["mantissa_bits"]
+    assert sum(b["mantissa_bits"] for b in budget["layers"]) < sum(v["mantissa_bits"] for v in variance["layers"])
+    assert budget["cr_fast"] > variance["cr_fast"]
+    assert budget["architecture"] == variance["architecture"]
+
+
+def test_model_json_records_the_bits_rule_beside_the_existing_keys(pair):
+    variance, budget = pair
+    assert variance["bits_rule"] == {"name": "variance", "settings": {}}
+    assert budget["bits_rule"] == {"name": "validation-budget", "settings": {"bits_budget": 0.0}}
+    assert set(variance) == set(budget)
+    assert {"threshold_rule", "threshold_method", "cr_fast", "cr_file", "val_error_compressed"} <= set(budget)
+    assert "variance rule: " in format_table(budget) and "variance rule: " not in format_table(variance)
+
+
+def test_bits_compose_with_threshold_rules(run, tmp_path):
+    """Thresholds first (as the threshold rule alone chooses them), then bits."""
+    given = compress_run(run, tmp_path / "given.bcz", rule=GivenThresholds([-2.0, -2.0, -2.0]), bits_budget=0.5)
+    assert [la["threshold"] for la in given["layers"]] == [-2.0, -2.0, -2.0]
+    gap = compress_run(run, tmp_path / "gap.bcz", auto="gap", bits_budget=0.5)
+    net = load_run(run)[0]
+    assert [la["threshold"] for la in gap["layers"]] == GapRule().thresholds(ThresholdInputs(net, analyse(net)))
+    for summary in (given, gap):
+        assert summary["bits_rule"] == {"name": "validation-budget", "settings": {"bits_budget": 0.5}}
+        assert all(la["mantissa_bits"] <= la["mantissa_bits_variance_rule"] for la in summary["layers"])
+
+
+@pytest.mark.parametrize("options, match", [({"bits_budget": -1.0}, "bits budget"),
+                                            ({"bits_budget": math.nan}, "bits budget"),
+                                            ({"bits_budget": 0.1, "bits_rule": VarianceRule()}, "not both")])
+def test_compress_run_refuses_bad_budgets_before_writing(run, tmp_path, options, match):
+    with pytest.raises(ConfigError, match=match):
+        compress_run(run, tmp_path / "x.bcz", **options)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "abc"])
+def test_cli_bad_bits_budget_exits_2_naming_the_value(value, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["compress", "R", "--out", "x.bcz", "--bits-budget", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"'{value}'" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_bits_budget(run, tmp_path, capsys):
+    path = tmp_path / "M.bcz"
+    assert main(["compress", str(run), "--out", str(path), "--bits-budget", "0.2"]) == 0
+    assert "mantissa bits by the validation-budget rule" in capsys.readouterr().out
+    assert json.loads(path.with_suffix(".json").read_text())["bits_rule"]["settings"] == {"bits_budget": 0.2}
+
+
+# -- analysis/bits_table.py ----------------------------------------------------------------------------------
+
+def test_bits_table_rows_and_commands(run, pair):
+    variance, budget = pair
+    assert bits_table.recorded_rule(run) is None  # no MODEL.json: the priors' defaults
+    assert bits_table.row(run, variance).endswith(f"`pyro-bc compress {run} --out MODEL.bcz` |")
+    line = bits_table.row(run, budget)
+    assert f"| {run.name} | validation-budget 0 |" in line and line.endswith("--bits-budget 0.0` |")
+    bits = "-".join(str(la["bits"]) for la in budget["layers"])
+    assert f"| {bits} (" in line and f"| {budget['error_compressed']:.2f} |" in line
+    gap = dict(budget, threshold_rule={"name": "gap", "settings": GapRule().settings})
+    assert bits_table.threshold_flags(gap) == ["--auto", "gap"]
+    gap["threshold_rule"] = {"name": "gap", "settings": dict(GapRule().settings, min_gap=1.0)}
+    assert bits_table.threshold_flags(gap) == ["--thresholds", *(str(la["threshold"]) for la in budget["layers"])]

@@ -1,0 +1,294 @@
+"""The data formats beyond MNIST: CIFAR-10's python batches (read without running code), npz archives, format
+detection, per-channel normalisation, and one-line errors for corrupt, truncated or inconsistent files."""
+
+import codecs
+import os
+import pickle
+import struct
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_data import SIDE, cifar_batch, write_cifar, write_npz
+
+from pyro_bc.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, read_batch
+from pyro_bc.data import MNIST_FILES, channel_stats, detect_format, load_data, load_mnist, write_idx
+from pyro_bc.errors import ConfigError, DataError
+from pyro_bc.npz import read_npz
+from pyro_bc.safe_pickle import load_pickle
+
+
+def _raw_cifar(d):
+    """The folder's training images and labels, batches concatenated, straight from the pickles."""
+    batches = [pickle.loads((d / name).read_bytes()) for name in TRAIN_BATCHES]
+    return (np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, SIDE, SIDE),
+            np.concatenate([b[b"labels"] for b in batches]))
+
+
+def _denormalise(x: torch.Tensor, normalisation: dict) -> np.ndarray:
+    mean, std = (np.asarray(normalisation[k]).reshape(1, -1, 1, 1) for k in ("mean", "std"))
+    return np.rint((x.double().numpy() * std + mean) * 255)
+
+
+# ------------------------------------------------------------------------------------------------------ CIFAR-10
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_folder_loads_with_the_seeded_split(tmp_path, protocol):
+    d = write_cifar(tmp_path / "cifar", protocol=protocol)
+    ds = load_data(d, val_size=10, seed=3)
+    assert ds.format == "cifar10-python" and detect_format(d) == "cifar10-python"
+    assert (len(ds.train), len(ds.val), len(ds.test), ds.n_classes, ds.image_shape) == (50, 10, 8, 10, (3, 8, 8))
+    x, y = _raw_cifar(d)
+    perm = np.random.default_rng(3).permutation(60)
+    assert ds.train.y.tolist() == y[perm[:50]].tolist() and ds.val.y.tolist() == y[perm[50:]].tolist()
+    np.testing.assert_array_equal(_denormalise(ds.train.x, ds.normalisation), x[perm[:50]])
+    np.testing.assert_array_equal(_denormalise(ds.val.x, ds.normalisation), x[perm[50:]])
+    test = pickle.loads((d / TEST_BATCH).read_bytes())
+    np.testing.assert_array_equal(_denormalise(ds.test.x, ds.normalisation),
+                                  test[b"data"].reshape(-1, 3, SIDE, SIDE))
+    assert ds.train.x.dtype == torch.float32 and ds.train.y.dtype == torch.int64
+
+
+def test_per_channel_normalisation_uses_the_training_part_only(tmp_path):
+    d = write_cifar(tmp_path / "cifar")
+    ds = load_data(d, val_size=10, seed=1, subset=5)
+    x, _ = _raw_cifar(d)
+    fit = x[np.random.default_rng(1).permutation(60)[:50]] / 255.0  # all 50 trained on, whatever the subset
+    assert ds.normalisation["kind"] == "per-channel"
+    np.testing.assert_allclose(ds.normalisation["mean"], fit.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(ds.normalisation["std"], fit.std(axis=(0, 2, 3)), rtol=1e-12)
+    full = load_data(d, val_size=10, seed=1)
+    torch.testing.assert_close(full.train.x[:5], ds.train.x, rtol=0, atol=0)
+    assert full.train.x.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    torch.testing.assert_close(full.train.x.std(dim=(0, 2, 3), correction=0), torch.ones(3), rtol=1e-5, atol=1e-5)
+    constant = np.zeros((4, 2, 3, 3), np.uint8)
+    constant[:, 1] = np.arange(4)[:, None, None]
+    mean, std = channel_stats(constant)
+    assert mean.tolist() == [0.0, 1.5 / 255] and std[0] == 1.0  # a constant channel is not divided by zero
+
+
+def test_mnist_keeps_its_normalisation(tmp_path):
+    d = tmp_path / "mnist"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for key, shape in (("train_images", (30, 4, 4)), ("test_images", (10, 4, 4))):
+        write_idx(d / MNIST_FILES[key], rng.integers(0, 256, shape, dtype=np.uint8))
+    for key, n in (("train_labels", 30), ("test_labels", 10)):
+        write_idx(d / MNIST_FILES[key], (np.arange(n) % 10).astype(np.uint8))
+    ds = load_data(d, val_size=5)
+    assert ds.format == "mnist-idx" and ds.normalisation == {"kind": "2*(x/255-0.5)"}
+    reference = load_mnist(d, val_size=5)
+    assert torch.equal(ds.train.x, reference.train.x) and torch.equal(ds.test.x, reference.test.x)
+    assert float(ds.train.x.min()) >= -1.0 and float(ds.train.x.max()) <= 1.0
+
+
+def _py2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled as Python 2's cPickle wrote CIFAR-10 (protocol 2, strings as BINSTRING), by hand."""
+    def text(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b
+
+    raw = data.tobytes()
+    return (b"\x80\x02}(" + text(b"data")
+            + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + text(b"b") + b"\x87R("
+            + b"K\x01J" + struct.pack("<i", data.shape[0]) + b"J" + struct.pack("<i", data.shape[1]) + b"\x86"
+            + b"cnumpy\ndtype\n" + text(b"u1") + b"K\x00K\x01\x87R(K\x03" + text(b"|")
+            + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            + b"\x89T" + struct.pack("<i", len(raw)) + raw + b"tb"
+            + text(b"labels") + b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"eu.")
+
+
+def test_python2_pickles_and_str_keys_load(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (4, 3 * SIDE * SIDE), dtype=np.uint8)
+    (tmp_path / "py2").write_bytes(_py2_batch(data, [3, 1, 4, 1]))
+    x, y = read_batch(tmp_path / "py2")
+    np.testing.assert_array_equal(x, data.reshape(4, 3, SIDE, SIDE))
+    assert y.tolist() == [3, 1, 4, 1] and y.dtype == np.int64
+    batch = cifar_batch(rng, 3, str_keys=True)
+    (tmp_path / "py3").write_bytes(pickle.dumps(batch))
+    assert read_batch(tmp_path / "py3")[1].tolist() == batch["labels"]
+    batch["labels"] = np.asarray(batch["labels"], dtype=np.int64)  # labels as an array (numpy scalars inside)
+    (tmp_path / "arr").write_bytes(pickle.dumps(batch, protocol=2))
+    assert read_batch(tmp_path / "arr")[1].tolist() == batch["labels"].tolist()
+
+
+# ------------------------------------------------------------------------------------------ the restricted unpickler
+class _Reduce:
+    """Pickles as the call ``func(*args)``: what a crafted pickle can ask for."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def test_a_crafted_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    d = write_cifar(tmp_path / "cifar")
+    path = d / TRAIN_BATCHES[2]
+    path.write_bytes(pickle.dumps({b"data": _Reduce(os.system, f"touch {marker}"), b"labels": [1]}, protocol=2))
+    with pytest.raises(DataError, match=rf"^{path}: refused: .*(posix|os)\.system") as info:
+        load_data(d, val_size=10)
+    assert "\n" not in str(info.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("crafted", [
+    _Reduce(eval, "1+1"),
+    _Reduce(subprocess.Popen, ["true"]),
+    _Reduce(np.ndarray, (1 << 40,)),  # numpy.ndarray called directly would allocate what it is told
+    _Reduce(codecs.encode, "a", "zlib"),  # a codec other than latin1
+    _Reduce(np.dtype, "O"),  # object arrays
+    _Reduce(np.ndarray.__reduce__(np.zeros(0))[0], np.ndarray, (1 << 40,), b"b"),  # _reconstruct of a big shape
+], ids=["eval", "Popen", "ndarray", "codec", "object-dtype", "reconstruct"])
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_the_unpickler_refuses_what_a_data_file_never_needs(tmp_path, crafted, protocol):
+    path = tmp_path / "crafted"
+    path.write_bytes(pickle.dumps(crafted, protocol=protocol))
+    with pytest.raises(DataError, match=rf"^{path}: refused") as info:
+        load_pickle(path)
+    assert "\n" not in str(info.value)
+
+
+def test_declared_lengths_are_bounded_before_allocation(tmp_path):
+    path = tmp_path / "liar"
+    path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 1 << 50) + b"abc")  # BINBYTES8 declaring 1 PiB
+    with pytest.raises(DataError, match=rf"^{path}: corrupt pickle"):
+        load_pickle(path)
+
+
+# ------------------------------------------------------------------------------------------------------- bad CIFAR
+def _replace_batch(d, name, obj, protocol=2):
+    (d / name).write_bytes(pickle.dumps(obj, protocol=protocol))
+    return d / name
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: b.pop(b"labels"), "no 'labels' entry"),
+    (lambda b: b.update({b"labels": b[b"labels"][:-1]}), "count mismatch"),
+    (lambda b: b.update({b"labels": [300] * 12}), "out of range"),
+    (lambda b: b.update({b"labels": ["cat"] * 12}), "list of integers"),
+    (lambda b: b.update({b"data": b[b"data"].astype(np.int16)}), "uint8"),
+    (lambda b: b.update({b"data": b[b"data"][:, :100]}), "not 3 x S x S"),
+    (lambda b: b.update({b"data": b"raw bytes"}), "uint8 array"),
+])
+def test_inconsistent_batches_name_the_file(tmp_path, change, message):
+    d = write_cifar(tmp_path / "cifar")
+    batch = cifar_batch(np.random.default_rng(1), 12)
+    change(batch)
+    path = _replace_batch(d, TRAIN_BATCHES[1], batch)
+    with pytest.raises(DataError, match=rf"^{path}.*{message}"):
+        load_data(d, val_size=10)
+
+
+def test_folder_level_inconsistencies(tmp_path):
+    d = write_cifar(tmp_path / "cifar")
+    path = _replace_batch(d, TEST_BATCH, cifar_batch(np.random.default_rng(1), 4, side=4))
+    with pytest.raises(DataError, match=rf"^{path}: image size"):
+        load_data(d, val_size=10)
+    write_cifar(d)
+    path = _replace_batch(d, META_FILE, {b"label_names": [b"a", b"b"]})
+    with pytest.raises(DataError, match=rf"{TRAIN_BATCHES[0]}.*label out of range.*classes are 0..1"):
+        load_data(d, val_size=10)
+    _replace_batch(d, META_FILE, [1, 2])
+    with pytest.raises(DataError, match=rf"^{path}: not a CIFAR file"):
+        load_data(d, val_size=10)
+    path.unlink()  # batches.meta is optional
+    assert load_data(d, val_size=10).n_classes == 10
+    (d / TRAIN_BATCHES[3]).unlink()
+    with pytest.raises(DataError, match=rf"{TRAIN_BATCHES[3]}: file not found"):
+        load_data(d, val_size=10)
+
+
+def test_truncated_and_corrupt_batches(tmp_path):
+    d = write_cifar(tmp_path / "cifar")
+    path = d / TRAIN_BATCHES[0]
+    good = path.read_bytes()
+    for bad in (good[: len(good) // 2], good[:-1], b"", b"\x80\x02garbage", good.replace(b"\x80\x02", b"\x80\x09", 1)):
+        path.write_bytes(bad)
+        with pytest.raises(DataError, match=rf"^{path}: corrupt pickle") as info:
+            load_data(d, val_size=10)
+        assert "\n" not in str(info.value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.one_of(st.none(), st.integers(0, 400)),
+       flips=st.lists(st.tuples(st.integers(0, 399), st.integers(0, 7)), max_size=4))
+def test_fuzz_batches(tmp_path, cut, flips):
+    data = bytearray(pickle.dumps(cifar_batch(np.random.default_rng(0), 2, side=2), protocol=2))
+    for pos, bit in flips:
+        if pos < len(data):
+            data[pos] ^= 1 << bit
+    path = tmp_path / "batch"
+    path.write_bytes(bytes(data if cut is None else data[:cut]))
+    try:
+        x, y = read_batch(path)
+    except DataError as e:
+        assert "\n" not in str(e) and str(e).startswith(str(path))
+    else:
+        assert x.dtype == np.uint8 and x.shape[0] == y.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------------------ npz
+@pytest.mark.parametrize("shape, compressed", [((3, 8, 8), True), ((8, 8, 3), False), ((8, 8), True)])
+def test_npz_layouts(tmp_path, shape, compressed):
+    x, y = write_npz(tmp_path / "d" / "train.npz", 30, shape, compressed=compressed)
+    write_npz(tmp_path / "d" / "test.npz", 6, shape, seed=1, compressed=compressed)
+    ds = load_data(tmp_path / "d", val_size=6, seed=2)
+    assert ds.format == "npz" and len(ds.train) == 24 and len(ds.test) == 6
+    nchw = x.transpose(0, 3, 1, 2) if shape == (8, 8, 3) else x.reshape(30, -1, 8, 8)
+    assert ds.image_shape == nchw.shape[1:]
+    perm = np.random.default_rng(2).permutation(30)
+    np.testing.assert_array_equal(_denormalise(ds.train.x, ds.normalisation), nchw[perm[:24]])
+    assert ds.train.y.tolist() == y[perm[:24]].tolist()
+
+
+def test_bad_npz_files_name_the_file(tmp_path):
+    path = tmp_path / "train.npz"
+    write_npz(path, 10)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=rf"^{path}: corrupt npz"):
+        read_npz(path)
+    np.savez(path, x=np.zeros((2, 3, 4, 4), np.uint8), labels=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match=rf"^{path}: no array 'y' \(holds x, labels\)"):
+        read_npz(path)
+    np.savez(path, x=np.zeros((2, 3, 4, 4), np.float32), y=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match=rf"^{path}: 'x' must hold uint8"):
+        read_npz(path)
+    np.savez(path, x=np.zeros((2, 3, 4, 4), np.uint8), y=np.zeros(3, np.int64))
+    with pytest.raises(DataError, match=rf"^{path}: 'y': count mismatch"):
+        read_npz(path)
+    np.savez(path, x=np.array([None, 1], dtype=object), y=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match=rf"^{path}: 'x' has dtype object"):
+        read_npz(path)
+    # a header declaring far more than the member holds: refused before allocating
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (1000000000000, 3, 32, 32), }"
+    member = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header) + 1) + header + b"\n" + bytes(16)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("x.npy", member)
+        zf.writestr("y.npy", member)
+    with pytest.raises(DataError, match=rf"^{path}: truncated: 'x' declares shape"):
+        read_npz(path)
+
+
+# ----------------------------------------------------------------------------------------------- format detection
+def test_format_detection(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=rf"^{empty}: no data found"):
+        load_data(empty)
+    d = write_cifar(tmp_path / "both")
+    write_npz(d / "train.npz", 10)
+    with pytest.raises(DataError, match="several data formats \\(cifar10-python, npz\\)"):
+        detect_format(d)
+    write_npz(tmp_path / "half" / "train.npz", 10)
+    with pytest.raises(DataError, match="test.npz: file not found"):
+        load_data(tmp_path / "half")
+    with pytest.raises(DataError, match="nowhere: data folder not found"):
+        load_data(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="val_size"):
+        load_data(write_cifar(tmp_path / "c"), val_size=60)

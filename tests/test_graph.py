@@ -1,0 +1,228 @@
+"""Compression of bodies that are not flat sequences (pyro_bc.graph): BatchNorm folded exactly, channels coupled
+through residual sums, concatenations and depthwise convolutions (hand-set log alphas, known kept channels), the
+compressed graph written, loaded and equal to the masked posterior-mean network, and compress against evaluate
+for a tiny trained ResNet and VGG."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import models.resnet
+import models.vgg
+from pyro_bc import codec
+from pyro_bc.compress import compress_run, evaluate_file, load_run
+from pyro_bc.compressed import compressed_model, compressed_module
+from pyro_bc.graph import analyse_network, is_sequence, prune_network
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.posterior import analyse
+from pyro_bc.run_dir import TrainConfig
+from pyro_bc.train import train
+
+KEPT, DROPPED = -30.0, 5.0  # z log-variances: log alpha about -30 (kept) or 5 (dropped) with E[z] near 1
+
+
+def _set(layer, dropped=(), generator=None):
+    """E[z] in [0.9, 1.1]; the groups ``dropped`` get a large log alpha (for ``lu``, every weight of the group
+    a large variance); random biases."""
+    with torch.no_grad():
+        if not hasattr(layer.prior, "z_mu"):
+            layer.weight_logvar.fill_(KEPT)
+            layer.weight_logvar.index_fill_(layer.group_axis, torch.tensor(list(dropped), dtype=torch.long), DROPPED)
+        else:
+            layer.prior.z_mu.copy_(torch.rand(layer.prior.z_mu.shape, generator=generator) * 0.2 + 0.9)
+            layer.prior.z_logvar.fill_(KEPT)
+            layer.prior.z_logvar[list(dropped)] = DROPPED
+        if layer.bias_mu is not None:
+            layer.bias_mu.uniform_(-0.5, 0.5, generator=generator)
+
+
+def _randomise_batchnorm(net, generator):
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1, generator=generator)
+                m.running_var.uniform_(0.5, 2, generator=generator)
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.uniform_(-1, 1, generator=generator)
+
+
+def _masked(net, layers):
+    """The posterior-mean network (BatchNorm unfolded) with every pruned weight set to zero."""
+    mean = net.posterior_mean_network()
+    with torch.no_grad():
+        for layer, pruned in zip(net.layers, layers):
+            mean.get_submodule(layer.site).weight.mul_(pruned.mask)
+    return mean
+
+
+def _compress(net, thresholds):
+    posts = analyse_network(net, analyse(net))
+    layers = prune_network(net, posts, thresholds, None)
+    return layers, compressed_module(net, layers, None)
+
+
+def _tiny(build, shape, prior="gnj"):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    net = build(prior, width=0.25, input_shape=shape)
+    for i, layer in enumerate(net.layers):
+        _set(layer, range(0, layer.n_groups, 3 + i % 2), g)
+    _randomise_batchnorm(net, g)
+    return net, g
+
+
+# -- BatchNorm -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, shape", [(models.resnet.build, (3, 16, 16)), (models.vgg.build, (1, 28, 28))])
+def test_batchnorm_fold_is_exact(build, shape):
+    net, g = _tiny(build, shape)
+    x = torch.randn(4, *shape, generator=g)
+    _, unpruned = _compress(net, [100.0] * len(net.layers))  # nothing pruned: only BatchNorm folded
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in unpruned.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(unpruned(x), net.posterior_mean_network()(x), rtol=1e-4, atol=1e-5)
+        layers, pruned = _compress(net, [-3.0] * len(net.layers))
+        assert sum(int(la.mask.sum()) for la in layers) < sum(la.mask.numel() for la in layers)
+        torch.testing.assert_close(pruned(x), _masked(net, layers)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_scales_the_variances_and_moves_the_bias():
+    net, _ = _tiny(models.vgg.build, (1, 28, 28))
+    plain, folded = analyse(net)[0], analyse_network(net, analyse(net))[0]
+    bn = net.body.bn1
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    torch.testing.assert_close(folded.mean, plain.mean * scale[:, None, None, None])
+    torch.testing.assert_close(folded.var, plain.var * scale[:, None, None, None] ** 2)
+    torch.testing.assert_close(folded.bias, ((0 - bn.running_mean) * scale + bn.bias).detach())
+    assert torch.equal(folded.log_alpha, plain.log_alpha)
+
+
+# -- coupled channels ----------------------------------------------------------------------------------
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = BayesConv2d(2, 4, 1), BayesConv2d(4, 4, 1)
+        self.c = BayesConv2d(4, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(torch.relu(self.b(h) + h))
+
+
+class Concatenation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = BayesConv2d(2, 3, 1), BayesConv2d(2, 2, 1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), BayesLinear(5, 2)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = BayesConv2d(2, 4, 1)
+        self.d = BayesConv2d(4, 4, 3, padding=1, groups=4)
+        self.c = BayesConv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.d(torch.relu(self.a(x)))))
+
+
+def _coupled(body, dropped):
+    net = BayesianNet(body, input_shape=(2, 5, 5))
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:
+        _set(layer, dropped.get(layer.site, ()), g)
+    assert not is_sequence(net)
+    layers, module = _compress(net, [-3.0] * len(net.layers))
+    x = torch.randn(3, 2, 5, 5, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _masked(net, layers)(x), rtol=1e-5, atol=1e-6)
+    return {layer.post.name: layer for layer in layers}, module
+
+
+def _shapes(module):
+    return [tuple(m.weight.shape) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def test_a_residual_sum_keeps_the_union_of_its_inputs_channels():
+    torch.manual_seed(0)
+    layers, module = _coupled(Residual(), {"a": [0, 1], "b": [1, 2]})
+    union = [True, False, True, True]  # channel 1 is dropped by both inputs of the sum
+    for name in "ab":
+        assert layers[name].keep_out.tolist() == union
+    assert layers["b"].keep_in.tolist() == union and layers["c"].keep_in.tolist() == union
+    assert layers["a"].mask[0].sum() == 0 and layers["a"].mask[2].all()  # a's channel 0: zero weights, kept
+    assert _shapes(module) == [(3, 2, 1, 1), (3, 3, 1, 1), (3, 3, 1, 1)]
+
+
+def test_a_concatenation_offsets_the_channels_of_its_inputs():
+    torch.manual_seed(0)
+    layers, module = _coupled(Concatenation(), {"a": [1], "fc": [3]})  # fc input 3 is b's channel 0
+    assert layers["a"].keep_out.tolist() == [True, False, True]
+    assert layers["b"].keep_out.tolist() == [False, True]
+    assert layers["fc"].keep_in.tolist() == [True, False, True, False, True]
+    assert _shapes(module) == [(2, 2, 1, 1), (1, 2, 1, 1), (2, 3)]
+
+
+def test_a_depthwise_convolution_ties_its_inputs_to_its_outputs():
+    torch.manual_seed(0)
+    layers, module = _coupled(Depthwise(), {"a": [0, 1], "d": [1, 2]})
+    tied = [True, False, True, True]
+    assert layers["a"].keep_out.tolist() == tied
+    assert layers["d"].keep_in.tolist() == tied and layers["d"].keep_out.tolist() == tied
+    assert layers["c"].keep_in.tolist() == tied
+    assert _shapes(module) == [(3, 2, 1, 1), (3, 1, 3, 3), (3, 3, 1, 1)]
+    assert [m.groups for m in module.modules() if isinstance(m, nn.Conv2d)] == [1, 3, 1]
+
+
+# -- files ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prior", ["gnj", "lu"])
+@pytest.mark.parametrize("build, kind", [(models.resnet.build, codec.Graph), (models.vgg.build, nn.Sequential)])
+def test_a_compressed_graph_written_and_loaded_equals_the_masked_network(tmp_path, build, kind, prior):
+    net, g = _tiny(build, (1, 28, 28), prior)
+    thresholds = [3.0 if prior == "lu" else -3.0] * len(net.layers)
+    posts = analyse_network(net, analyse(net))
+    layers = prune_network(net, posts, thresholds, None)
+    path = tmp_path / "model.bcz"
+    codec.write_bcz(path, compressed_model(net, layers, None))
+    loaded = codec.load(path)
+    assert type(loaded) is kind
+    dense = sum(la.mask.numel() for la in layers)
+    assert sum(math.prod(s) for s in _shapes(loaded)) < dense  # physically smaller
+    x = torch.randn(4, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), _masked(net, layers)(x), rtol=1e-4, atol=1e-5)
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+
+NETWORK_FILE = """
+import models.{module}
+
+def build(prior):
+    return models.{module}.build(prior, width=0.125, input_shape=(1, 28, 28))
+"""
+
+
+@pytest.mark.parametrize("module", ["resnet", "vgg"])
+def test_evaluate_reproduces_compress(tmp_path, module):
+    torch.manual_seed(0)
+    network = tmp_path / f"{module}.py"
+    network.write_text(NETWORK_FILE.format(module=module))
+    run = tmp_path / "run"
+    train(TrainConfig(model=str(network), epochs=1, subset=256, batch_size=64), out=run, progress=False)
+    summary = compress_run(run, tmp_path / "model.bcz", thresholds=[-1.0] * len(load_run(run)[0].layers))
+    assert evaluate_file(tmp_path / "model.bcz")["error"] == summary["error_compressed"]
+    folds = {row["name"]: row["fold"] for row in json.loads((tmp_path / "model.json").read_text())["layers"]}
+    assert folds["conv1"] == "off: padded convolution"
+    assert folds["fc" if module == "resnet" else "fc2"] == "on"
