@@ -417,6 +417,13 @@ def test_cli_trains_a_plain_network_on_a_cifar_folder(tmp_path, capsys):
     assert (config["lr_schedule"], config["clip_grad_norm"]) == ("step", 2.5)
     assert config["clip_var"] == {"0": 0.1, "3": None} == config["layer_clip_var"]
     assert [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1e-3, 1e-4]
+    # compressed and evaluated on the same folder: evaluate rebuilds the split (and so the normalisation)
+    assert main(["compress", str(out), "--out", str(out / "MODEL.bcz")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "MODEL.bcz"), "--data", cfg.data]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "MODEL.json").read_text())
+    assert evaluated["error"] == summary["error_compressed"] and evaluated["n"] == 8
 
 
 @pytest.mark.parametrize("args, text", [
