@@ -1,4 +1,4 @@
-"""Test-wide settings: one torch thread, a non-interactive matplotlib backend."""
+"""Test-wide settings (one torch thread, a non-interactive matplotlib backend) and shared fixtures."""
 
 import os
 
@@ -8,3 +8,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 torch.set_num_threads(1)
+
+import pytest
+
+from pyro_bc.run_dir import TrainConfig
+from pyro_bc.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A LeNet-300-100 gnj run directory: one epoch on 1,000 training images, seeded (one per test module)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(epochs=1, subset=1000), out=out, progress=False)
+    return out

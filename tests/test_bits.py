@@ -19,9 +19,7 @@ from pyro_bc.evaluate import error_percent
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLinear
 from pyro_bc.posterior import LayerPosterior, analyse, choose_precision, prune
-from pyro_bc.run_dir import TrainConfig
 from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
-from pyro_bc.train import train
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
 import bits_table
@@ -95,14 +93,6 @@ def test_budget_rule_needs_an_error_function(grid_net):
 
 
 # -- compress_run and the command line ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(epochs=1, subset=1000), out=out, progress=False)
-    return out
-
 
 @pytest.fixture(scope="module")
 def pair(run, tmp_path_factory):

@@ -39,14 +39,6 @@ def _metrics_epochs(run_dir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(epochs=1, subset=1000), out=out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def compressed_run(run):
     """The run, compressed by ``pyro-bc compress`` at the priors' defaults into ``RUN_DIR/MODEL.bcz``."""
     assert main(["compress", str(run), "--out", str(run / "MODEL.bcz")]) == 0

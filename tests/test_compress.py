@@ -14,23 +14,13 @@ from pyro_bc.compress import compress_run, evaluate_file, format_table, load_run
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
 from pyro_bc.posterior import analyse, prune
-from pyro_bc.run_dir import TrainConfig
 from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
-from pyro_bc.train import train
 
 LAYER_KEYS = {"name", "groups_total", "groups_kept", "weights_total", "weights_kept", "bits", "exponent_bits",
               "mantissa_bits", "threshold"}
 TOP_KEYS = {"layers", "architecture", "weights_kept_fraction", "cr_prune", "cr_fast", "cr_file", "file_bytes",
             "original_bytes", "error_posterior_mean", "error_pruned", "error_compressed", "val_error_compressed"}
 LENET300_PARAMS = 266200 + 410
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(epochs=1, subset=1000), out=out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
