@@ -20,6 +20,7 @@ import torch
 
 from pyro_bc.cifar import CIFAR_FILES, read_cifar10
 from pyro_bc.datafile import CHUNK, RawData
+from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.errors import ConfigError, DataError
 from pyro_bc.idx import read_idx, write_idx
 from pyro_bc.mnist import DEFAULT_DATA_DIR, MNIST_FILES, read_mnist
@@ -231,7 +232,7 @@ def _load(data_dir: str | os.PathLike | None, fmt: str | None, val_size: int, se
 
 def load_data(
     data_dir: str | os.PathLike | None = None,
-    val_size: int = 5000,
+    val_size: int = VAL_SIZE,
     seed: int = 0,
     subset: int | None = None,
     verify: bool = True,
@@ -257,7 +258,7 @@ def load_data(
 
 def load_mnist(
     data_dir: str | os.PathLike | None = None,
-    val_size: int = 5000,
+    val_size: int = VAL_SIZE,
     seed: int = 0,
     subset: int | None = None,
     verify: bool = True,
