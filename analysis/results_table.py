@@ -204,6 +204,8 @@ def main() -> None:
         out += row(name)
     out += seeds_section()
     out += fourth_prior_section()
+    if (HERE / "bits_rule.md").is_file():  # written by hand from analysis/bits_table.py's output (needs checkpoints)
+        out += ["", (HERE / "bits_rule.md").read_text().strip()]
     out += FILE_SIZE_NOTES
     for name in CONFIGS:
         notes = HERE / "results" / name / "NOTES.md"
