@@ -130,7 +130,9 @@ def make_steps(model_name: str, prior: str, only: str | None = None, batch: int 
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     steps = {}
     if only in (None, "deterministic"):
-        det = build_network(model_name, prior).posterior_mean_network().train()
+        # in PyTorch's default layout, as a user's dense network would be (the posterior-mean copy's
+        # convolutions return channels-last tensors)
+        det = default_layout_copy(build_network(model_name, prior).posterior_mean_network()).train()
         det_opt = torch.optim.Adam(det.parameters(), lr=1e-3, fused=True)
 
         def deterministic():
