@@ -57,7 +57,8 @@ def row(run: Path, summary: dict) -> str:
     bits = "-".join(str(layer["bits"]) for layer in summary["layers"])
     mantissa = "-".join(str(layer["mantissa_bits"]) for layer in summary["layers"])
     command = " ".join(["pyro-bc compress", str(run), "--out MODEL.bcz", *flags])
-    label = run.as_posix().split("results/", 1)[-1]  # e.g. lenet300-gnj/seeds/1
+    path = run.as_posix()
+    label = path.split("results/", 1)[1] if "results/" in path else run.name  # e.g. lenet300-gnj/seeds/1
     return (f"| {label} | {name} | {bits} ({mantissa}) | {summary['cr_fast']:.1f} | {summary['cr_file']:.1f} | "
             f"{summary['error_compressed']:.2f} | {summary['val_error_compressed']:.2f} | `{command}` |")
 
