@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pyro_bc import codec
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compress import original_network, summary_json
+from pyro_bc.compression import original_network, summary_json
 from pyro_bc.macs import add_macs
 
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pyro_bc.compress import compress_run
+from pyro_bc.compression import compress_run
 from pyro_bc.errors import BCError
 from pyro_bc.run_dir import CHECKPOINT
 from pyro_bc.thresholds import GapRule, ThresholdRule, rule_from_record

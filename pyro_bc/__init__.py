@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from pyro_bc import distributions  # noqa: F401  (registers the KL divergences)
 from pyro_bc.convert import bayesianize
 
-__all__ = ["bayesianize", "load"]
+__all__ = ["bayesianize", "compress", "fit", "load"]
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,3 +22,17 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     from pyro_bc import codec
 
     return codec.load(path)
+
+
+def __getattr__(name: str):
+    """``fit`` (:func:`pyro_bc.train.fit`) and ``compress`` (:func:`pyro_bc.compression.compress`), imported on
+    first use so that ``import pyro_bc`` stays light."""
+    if name == "fit":
+        from pyro_bc.train import fit
+
+        return fit
+    if name == "compress":
+        from pyro_bc.compression import compress
+
+        return compress
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """``pyro-bc compress``: prune by the chosen threshold rule, write the ``.bcz`` and ``MODEL.json``."""
-    from pyro_bc.compress import compress_run, format_table
+    from pyro_bc.compression import compress_run, format_table
     from pyro_bc.thresholds import rule_from_options
 
     rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
@@ -134,7 +134,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``pyro-bc evaluate``: print a ``.bcz`` file's test error and timings as one JSON object."""
-    from pyro_bc.compress import evaluate_file
+    from pyro_bc.compression import evaluate_file
 
     print(json.dumps(evaluate_file(args.model, data=args.data)))
     return 0
@@ -206,7 +206,7 @@ DEMO_THRESHOLDS = [-2.8, -3.0, -5.0]  # the official LeNet-300-100 thresholds (d
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``pyro-bc demo``: train LeNet-300-100 (gnj), compress it at the official thresholds, write the report."""
-    from pyro_bc.compress import compress_run, format_table
+    from pyro_bc.compression import compress_run, format_table
     from pyro_bc.report import write_report
     from pyro_bc.thresholds import GivenThresholds
 

@@ -23,7 +23,7 @@ import torch
 
 from pyro_bc import plots
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compress import load_run
+from pyro_bc.compression import load_run
 from pyro_bc.datatree import save_datatree, to_datatree, var_prefix
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet

@@ -12,8 +12,8 @@ from torch import nn
 
 from pyro_bc.bits import BitsInputs, ValidationBitsBudget, VarianceRule, bits_rule_from_options
 from pyro_bc.cli import main
-from pyro_bc.compress import compress_run, format_table, load_run
 from pyro_bc.compressed import compressed_module
+from pyro_bc.compression import compress_run, format_table, load_run
 from pyro_bc.errors import ConfigError
 from pyro_bc.evaluate import error_percent
 from pyro_bc.network import BayesianNet

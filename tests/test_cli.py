@@ -24,7 +24,7 @@ import torch
 from pyro_bc import codec
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.cli import main
-from pyro_bc.compress import load_run
+from pyro_bc.compression import load_run
 from pyro_bc.errors import ConfigError
 from pyro_bc.posterior import analyse
 from pyro_bc.run_dir import CHECKPOINT, LOCK, METRICS, TrainConfig

@@ -13,8 +13,8 @@ from torch import nn
 import models.resnet
 import models.vgg
 from pyro_bc import codec
-from pyro_bc.compress import compress_run, evaluate_file, load_run
 from pyro_bc.compressed import compressed_model, compressed_module
+from pyro_bc.compression import compress_run, evaluate_file, load_run
 from pyro_bc.graph import analyse_network, is_sequence, prune_network
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLinear

@@ -11,7 +11,7 @@ from torch import nn
 
 from models import build_network
 from pyro_bc import codec
-from pyro_bc.compress import compress_run, format_table, load_run
+from pyro_bc.compression import compress_run, format_table, load_run
 from pyro_bc.macs import add_macs, count_macs
 from pyro_bc.posterior import analyse
 from pyro_bc.report import _compression_section

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pyro_bc import plots
-from pyro_bc.compress import compress_run
+from pyro_bc.compression import compress_run
 from pyro_bc.datatree import load_datatree, to_datatree
 from pyro_bc.errors import ConfigError
 from pyro_bc.report import write_report

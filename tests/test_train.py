@@ -286,7 +286,7 @@ def build():
 
 
 def test_a_plain_network_file_trains_and_compresses(tmp_path):
-    from pyro_bc.compress import compress_run
+    from pyro_bc.compression import compress_run
 
     path = tmp_path / "plain.py"
     path.write_text(PLAIN_CONV_NET)

@@ -1,4 +1,9 @@
-"""From a run directory to a ``.bcz`` file and ``MODEL.json``: thresholds, pruning, bits, rates, errors."""
+"""From a run directory (:func:`compress_run`) or a network in Python (:func:`compress`) to a ``.bcz`` file and
+``MODEL.json``: thresholds, pruning, bits, rates, errors.
+
+The module itself is callable: ``pyro_bc.compress(net, out, val=...)`` is :func:`compress` (the package exports
+the function under the module's name, and ``import pyro_bc.compress`` must not take it away).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.compressed import compressed_model, compressed_module
 from pyro_bc.data import load_data
 from pyro_bc.defaults import VAL_SIZE
-from pyro_bc.errors import ConfigError
+from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.evaluate import error_percent
 from pyro_bc.graph import analyse_network, prune_network
 from pyro_bc.macs import add_macs
@@ -34,6 +39,9 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     """The trained network of a run directory (from its checkpoint), its config and the checkpoint."""
     state = load_checkpoint(Path(run_dir) / CHECKPOINT)
     config = TrainConfig(**state["config"])
+    if config.model == "python":  # pyro_bc.train.PYTHON_MODEL
+        raise CheckpointError(f"{Path(run_dir) / CHECKPOINT} is a run of pyro_bc.fit from Python (its network is not "
+                              f"in the config): compress the network with pyro_bc.compress(net, ...)")
     net = build_network(config.model, config.prior, input_shape=state.get("input_shape"), **config.prior_options)
     net.load_state_dict(state["network"])
     if net.input_shape is None:  # a converted plain network: its input shape is the data's
@@ -68,6 +76,9 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
                  bits_rule: BitsRule | None = None) -> dict:
     """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary.
 
+    Loads the run's network and its data (``data``, or the run's), then runs :func:`compress_network`, which
+    :func:`compress` (the Python entry point) runs too.
+
     The thresholds come from ``rule`` (a :class:`~pyro_bc.thresholds.ThresholdRule`), or from the
     command line's options ``thresholds``, ``auto`` and ``max_error_increase``
     (:func:`~pyro_bc.thresholds.rule_from_options`; by default, each layer's prior's default).
@@ -79,21 +90,89 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     the group priors (gnj, ghs), whose pruned groups still add their mean, and not for ``lu``, whose
     pruned weights' means are noise (both measured in analysis/RESULTS.md).
     """
+    rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
+    _check_out(out)
+    net, config, _ = load_run(run_dir)
+    dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
+    info = {"model": config.model, "prior": config.prior, "run_dir": str(run_dir), "tau0": config.tau0,
+            "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
+            "seed": config.seed}
+    return compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,
+                            test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule, info=info)
+
+
+def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.Tensor, torch.Tensor] | None = None,
+             thresholds: list[float] | None = None, auto: str | None = None, max_error_increase: float | None = None,
+             *, train: tuple[torch.Tensor, torch.Tensor] | None = None,
+             test: tuple[torch.Tensor, torch.Tensor] | None = None, fold: bool | None = None,
+             rule: ThresholdRule | None = None, bits_budget: float | None = None, bits_rule: BitsRule | None = None,
+             metadata: dict | None = None) -> dict:
+    """Compress a trained network from Python (``pyro_bc.compress``): ``out`` (``.bcz``) and ``MODEL.json`` beside
+    it, with the keys of ``pyro-bc compress``; returns that summary.
+
+    ``val = (x, y)``: the validation examples, for the error-budget rules and ``val_error_compressed`` (required).
+    ``test = (x, y)``: optional; without it ``error_posterior_mean``, ``error_pruned`` and ``error_compressed`` are
+    None. ``train = (x, y)``: optional training examples, whose first :data:`FOLD_EXAMPLES` give the means with
+    which pruned inputs are folded into the biases (``fold``: as :func:`compress_run`'s, but without ``train``
+    nothing is folded and ``fold_pruned_inputs`` is false). Thresholds and bits as in :func:`compress_run`.
+    ``metadata``: keys recorded in the file and the summary over the defaults ``{"model": "python", "prior":
+    <the layers' prior>}`` (a ``.bcz`` keeps ``model``, ``prior``, ``thresholds``, ``val_size`` and ``seed``).
+    """
+    rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
+    if val is None:
+        raise ConfigError("compress needs validation examples: val=(x, y)")
+    from pyro_bc.train import PYTHON_MODEL, as_split
+
+    val_split = as_split(val, "val")
+    test_split = None if test is None else as_split(test, "test")
+    if train is None:
+        if fold:
+            raise ConfigError("fold=True needs training examples: train=(x, y)")
+        fold = False
+    train_x = None if train is None else as_split(train, "train").x[:FOLD_EXAMPLES]
+    info = {"model": PYTHON_MODEL, "prior": "+".join(sorted({layer.prior.name for layer in net.layers})),
+            **(metadata or {})}
+    was_training, device = net.training, next(net.parameters()).device
+    try:  # on the CPU, in eval mode; the network goes back to its device and mode afterwards
+        return compress_network(net.cpu().eval(), out, (val_split.x.cpu(), val_split.y.cpu()),
+                                train_x=None if train_x is None else train_x.cpu(),
+                                test=None if test_split is None else (test_split.x.cpu(), test_split.y.cpu()),
+                                fold=fold, rule=rule, bits_rule=bits_rule, info=info)
+    finally:
+        net.to(device).train(was_training)
+
+
+def _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule) -> tuple[ThresholdRule, BitsRule]:
     if rule is not None and (thresholds, auto, max_error_increase) != (None, None, None):
         raise ConfigError("give either a threshold rule or thresholds / auto / max_error_increase, not both")
     rule = rule or rule_from_options(thresholds, auto, max_error_increase)
     if bits_rule is not None and bits_budget is not None:
         raise ConfigError("give either a bits rule or bits_budget, not both")
-    bits_rule = bits_rule or bits_rule_from_options(bits_budget)
+    return rule, bits_rule or bits_rule_from_options(bits_budget)
+
+
+def _check_out(out: str | Path) -> Path:
     out = Path(out)
     if not out.parent.is_dir():
         raise ConfigError(f"output folder {out.parent} does not exist")
-    net, config, _ = load_run(run_dir)
-    dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
+    return out
+
+
+def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor, torch.Tensor], *,
+                     train_x: torch.Tensor | None, test: tuple[torch.Tensor, torch.Tensor] | None, fold: bool | None,
+                     rule: ThresholdRule, bits_rule: BitsRule, info: dict) -> dict:
+    """The compression of :func:`compress_run` and :func:`compress`: ``net`` pruned by ``rule``, its bits by
+    ``bits_rule``, written to ``out`` and ``MODEL.json``. ``val``: the validation examples; ``train_x``: the
+    training inputs of the fold (needed when it folds); ``test``: the test examples (None: test errors None);
+    ``info``: ``model`` and ``prior`` (recorded in the summary) and the rest of the file's metadata."""
+    out = _check_out(out)
+    val_x, val_y = val
+    if net.input_shape is None:  # a converted network never trained: its input is the data's
+        net.input_shape = tuple(val_x.shape[1:])
     posts = analyse_network(net, analyse(net))  # BatchNorm folded in
     fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
-    means = layer_input_means(net, dataset.train.x[:FOLD_EXAMPLES]) if fold else None
-    thresholds = rule.thresholds(ThresholdInputs(net, posts, dataset.val.x, dataset.val.y, means))
+    means = layer_input_means(net, train_x[:FOLD_EXAMPLES]) if fold else None
+    thresholds = rule.thresholds(ThresholdInputs(net, posts, val_x, val_y, means))
     method = rule.method(thresholds)
     layers = prune_network(net, posts, thresholds, means)
 
@@ -102,19 +181,21 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
 
     variance = choose_precision(layers)
     precision = bits_rule.precision(BitsInputs(layers, variance, lambda p: error_percent(
-        codec.to_module(file_model(p)), dataset.val.x, dataset.val.y)))
+        codec.to_module(file_model(p)), val_x, val_y)))
     rates = compression_rates(layers, precision)
-    metadata = {"model": config.model, "prior": config.prior, "thresholds": thresholds, "threshold_method": method,
-                "run_dir": str(run_dir), "tau0": config.tau0, "prior_options": config.prior_options,
-                "data": data or config.data,
-                "val_size": config.val_size, "seed": config.seed}
+    rest = {k: v for k, v in info.items() if k not in ("model", "prior")}
+    metadata = {"model": info["model"], "prior": info["prior"], "thresholds": thresholds, "threshold_method": method,
+                **rest}
     model = file_model(precision, metadata)
     file_bytes = codec.write_bcz(out, model)
     loaded = codec.load(out)
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
                              if p is not None)
     pruned_only = compressed_module(net, layers, None)
-    test_x, test_y = dataset.test.x, dataset.test.y
+
+    def test_error(module: torch.nn.Module) -> float | None:
+        return None if test is None else error_percent(module, *test)
+
     summary = {
         "layers": [{
             "name": layer.post.name, "groups_total": layer.post.n_groups, "groups_kept": layer.groups_kept,
@@ -130,10 +211,10 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
         "cr_file": original_bytes / file_bytes,
         "file_bytes": file_bytes,
         "original_bytes": original_bytes,
-        "error_posterior_mean": error_percent(net.posterior_mean_network(), test_x, test_y),
-        "error_pruned": error_percent(pruned_only, test_x, test_y),
-        "error_compressed": error_percent(loaded, test_x, test_y),
-        "val_error_compressed": error_percent(loaded, dataset.val.x, dataset.val.y),
+        "error_posterior_mean": test_error(net.posterior_mean_network()),
+        "error_pruned": test_error(pruned_only),
+        "error_compressed": test_error(loaded),
+        "val_error_compressed": error_percent(loaded, val_x, val_y),
         "exponent_bits_official": precision.exponent_bits_official if math.isfinite(
             precision.exponent_bits_official) else None,
         "cr_fast_official_exponent": rates["cr_fast_official_exponent"],
@@ -141,8 +222,8 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
         "threshold_rule": rule.record(),
         "bits_rule": bits_rule.record(),
         "fold_pruned_inputs": fold,
-        "model": config.model,
-        "prior": config.prior,
+        "model": info["model"],
+        "prior": info["prior"],
     }
     add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))

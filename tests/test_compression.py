@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from pyro_bc.compress import compress_run, evaluate_file, format_table, load_run
+from pyro_bc.compression import compress_run, evaluate_file, format_table, load_run
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
 from pyro_bc.posterior import analyse, prune

@@ -1,0 +1,179 @@
+"""pyro_bc.fit and pyro_bc.compress: your own network trained and compressed from Python by the CLI's loop and
+compression (one loop, one compression), with the same results."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pyro_bc
+from pyro_bc.checkpoint import load_checkpoint
+from pyro_bc.cli import main
+from pyro_bc.compression import load_run
+from pyro_bc.data import load_data
+from pyro_bc.errors import CheckpointError, ConfigError
+from pyro_bc.graph import analyse_network, prune_network
+from pyro_bc.posterior import analyse
+
+
+def _synthetic(n: int = 192, seed: int = 0, shape=(1, 4, 4), classes: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = (x.flatten(1)[:, :classes] * torch.arange(1.0, classes + 1)).argmax(1)  # learnable labels
+    return x, y
+
+
+def _tiny_net() -> pyro_bc.network.BayesianNet:
+    torch.manual_seed(0)
+    return pyro_bc.bayesianize(nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)))
+
+
+def _state(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k, value in a.items():
+        assert torch.equal(value, b[k]), k
+
+
+def _timeless(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if not k.endswith("seconds")} for m in metrics]
+
+
+def test_tensors_dataset_and_dataloader_give_the_same_parameters():
+    x, y = _synthetic()
+    val = _synthetic(64, seed=1)
+    states, histories = [], []
+    for train in ((x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True)):
+        net = _tiny_net()
+        val_form = val if isinstance(train, tuple) else TensorDataset(*val)
+        histories.append(_timeless(pyro_bc.fit(net, train, val_form, epochs=1, batch_size=32, seed=3,
+                                               progress=False)))
+        states.append(_state(net))
+    for state in states[1:]:
+        _assert_same(states[0], state)
+    assert histories[0] == histories[1] == histories[2]
+    assert len(histories[0]) == 1 and {"epoch", "elbo", "train_error", "val_error", "groups_kept"} <= \
+        histories[0][0].keys()
+    # another seed, other parameters; no val, no val_error
+    net = _tiny_net()
+    (record,) = pyro_bc.fit(net, (x, y), epochs=1, batch_size=32, seed=4, progress=False)
+    assert "val_error" not in record and not torch.equal(_state(net)["body.1.weight_mu"],
+                                                          states[0]["body.1.weight_mu"])
+
+
+def test_fit_writes_the_run_directory_and_resumes_exactly(tmp_path, capsys):
+    x, y = _synthetic()
+    val = _synthetic(64, seed=1)
+    options = {"batch_size": 32, "seed": 1, "warmup_epochs": 1, "lr_schedule": "cosine", "clip_grad_norm": 5.0,
+               "progress": False}
+    straight = _tiny_net()
+    full = pyro_bc.fit(straight, (x, y), val, epochs=2, out=tmp_path / "straight", **options)
+    assert {p.name for p in (tmp_path / "straight").iterdir()} == {"checkpoint.pt", "metrics.jsonl", "config.json"}
+    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == json.loads(json.dumps(full))
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert (config["model"], config["prior"], config["epochs"], config["lr_schedule"]) == \
+        ("python", "gnj", 2, "cosine")
+
+    first = _tiny_net()
+    pyro_bc.fit(first, (x, y), val, epochs=1, out=tmp_path / "split", **options)
+    resumed = _tiny_net()  # a fresh network: everything comes from the checkpoint
+    history = pyro_bc.fit(resumed, (x, y), val, epochs=2, out=tmp_path / "split", resume=True, **options)
+    _assert_same(_state(straight), _state(resumed))
+    assert _timeless(history) == _timeless(full)
+    _assert_same(load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["network"],
+                 load_checkpoint(tmp_path / "split" / "checkpoint.pt")["network"])
+
+    # the command line refuses to resume it, and to compress it, with one clear line
+    assert main(["train", "--out", str(tmp_path / "split"), "--resume", "--epochs", "3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pyro_bc.fit" in err and "resume=True" in err
+    with pytest.raises(CheckpointError, match="pyro_bc.compress"):
+        load_run(tmp_path / "split")
+    with pytest.raises(ConfigError, match="unknown option"):
+        pyro_bc.fit(_tiny_net(), (x, y), epochs=1, model="lenet5")
+
+
+def test_fit_refuses_to_resume_a_command_line_run(run):
+    net, _, _ = load_run(run)
+    with pytest.raises(CheckpointError, match="pyro-bc train --resume"):
+        pyro_bc.fit(net, _synthetic(shape=(1, 28, 28)), epochs=2, out=run, resume=True, progress=False)
+
+
+def test_compress_from_python_equals_the_command_line(run, tmp_path):
+    cli_out = tmp_path / "cli.bcz"
+    assert main(["compress", str(run), "--out", str(cli_out)]) == 0
+    cli = json.loads(cli_out.with_suffix(".json").read_text())
+    net, config, _ = load_run(run)
+    data = load_data(config.data, val_size=config.val_size, seed=config.seed)
+    py_out = tmp_path / "py.bcz"
+    summary = pyro_bc.compress(net, py_out, val=(data.val.x, data.val.y), train=(data.train.x, data.train.y),
+                               test=(data.test.x, data.test.y),
+                               metadata={"model": config.model, "val_size": config.val_size, "seed": config.seed})
+    assert py_out.read_bytes() == cli_out.read_bytes()
+    assert json.loads(py_out.with_suffix(".json").read_text()) == json.loads(json.dumps(summary))
+    for key in ("architecture", "weights_kept_fraction", "cr_prune", "cr_fast", "cr_file", "file_bytes",
+                "error_posterior_mean", "error_pruned", "error_compressed", "val_error_compressed",
+                "fold_pruned_inputs", "layers", "macs_compressed"):
+        assert summary[key] == cli[key], key
+    assert set(summary) == set(cli)
+
+    # without test examples the test errors are null; without training examples nothing is folded
+    bare = pyro_bc.compress(net, tmp_path / "bare.bcz", val=(data.val.x, data.val.y))
+    assert (bare["error_posterior_mean"], bare["error_pruned"], bare["error_compressed"]) == (None, None, None)
+    assert bare["fold_pruned_inputs"] is False and bare["model"] == "python"
+    assert json.loads((tmp_path / "bare.json").read_text())["error_compressed"] is None
+
+
+class Block(nn.Module):
+    """A residual block: two convolutions with BatchNorm, added to the input."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def test_readme_pipeline_bayesianize_fit_compress_load(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), Block(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x, y = _synthetic(256, shape=(3, 8, 8), classes=4)
+    val = _synthetic(128, seed=1, shape=(3, 8, 8), classes=4)
+
+    net = pyro_bc.bayesianize(model, prior="gnj")
+    history = pyro_bc.fit(net, (x, y), val, epochs=2, batch_size=32, lr=1e-2, progress=False)
+    thresholds = [float(layer.log_alpha().detach().median()) for layer in net.layers]  # prunes about half (2 epochs only)
+    summary = pyro_bc.compress(net, tmp_path / "model.bcz", val=val, thresholds=thresholds)
+    small = pyro_bc.load(tmp_path / "model.bcz")
+
+    assert len(history) == 2 and summary["fold_pruned_inputs"] is False
+    assert [row["name"] for row in summary["layers"]] == net.layer_names
+    assert summary["architecture"] != "8-8-8-8"  # something was pruned
+    # the masked posterior-mean network: the pruned weights zeroed (the masks of the compression, BatchNorm folded
+    # in; a sum keeps a channel that one of its inputs pruned, as that input's bias), and the channels removed
+    # altogether zero after their BatchNorm too
+    layers = prune_network(net, analyse_network(net, analyse(net)), thresholds, None)
+    assert [int(layer.mask.sum()) for layer in layers] == [row["weights_kept"] for row in summary["layers"]]
+    masked = net.posterior_mean_network()
+    batchnorm = {"0": "1", "3.conv1": "3.bn1", "3.conv2": "3.bn2"}
+    with torch.no_grad():
+        for layer, pruned, row in zip(net.layers, layers, summary["layers"]):
+            module = masked.get_submodule(layer.site)
+            module.weight[~pruned.mask.reshape(module.weight.shape)] = 0
+            if isinstance(module, nn.Conv2d):
+                removed = torch.ones(row["groups_total"], dtype=torch.bool)
+                removed[row["kept_groups"]] = False
+                bn = masked.get_submodule(batchnorm[layer.site])
+                bn.weight[removed], bn.bias[removed] = 0, 0
+        expected, got = masked(val[0]), small(val[0])
+    # equal up to the stored precision (mantissa bits from the posterior variances, float16 biases)
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
