@@ -45,7 +45,8 @@ __all__ = ["lrt_conv2d", "lrt_conv2d_reference", "lrt_linear", "lrt_linear_refer
 IntPair = int | tuple[int, int]
 
 
-def _pair(v: IntPair) -> list[int]:
+def as_pair(v: IntPair) -> list[int]:
+    """``[v, v]`` for an int, else the two values as ints (a convolution's stride, padding or dilation)."""
     return [v, v] if isinstance(v, int) else [int(v[0]), int(v[1])]
 
 
@@ -224,7 +225,7 @@ def lrt_conv2d(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar
     """
     if isinstance(padding, str):
         return lrt_conv2d_reference(x, z, mu, logvar, b_mu, b_var, eps, stride, padding, dilation, groups)
-    return _LRTConv2d.apply(x, z, mu, logvar, b_mu, b_var, eps, _pair(stride), _pair(padding), _pair(dilation),
+    return _LRTConv2d.apply(x, z, mu, logvar, b_mu, b_var, eps, as_pair(stride), as_pair(padding), as_pair(dilation),
                             int(groups), _tracked(x, z, mu, logvar, b_mu, b_var))
 
 

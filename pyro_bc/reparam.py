@@ -34,14 +34,11 @@ from pyro.poutine.runtime import effectful
 
 from pyro_bc import fused
 from pyro_bc.distributions import NormalLogVar
+from pyro_bc.fused import as_pair
 
 #: ``infer`` of a guide site whose value feeds only ops that this handler replaces: under the handler the
 #: site is not drawn (its value is the distribution's median), which saves a weight-sized draw per step.
 LRT_ONLY = {"lrt_only": True}
-
-
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1):
@@ -49,7 +46,7 @@ def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=
         return torch.Size((x.shape[0], weight.shape[0], *x.shape[2:]))
     padding = 0 if padding == "valid" else padding
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-               zip(x.shape[2:], weight.shape[2:], _pair(stride), _pair(padding), _pair(dilation))]
+               zip(x.shape[2:], weight.shape[2:], as_pair(stride), as_pair(padding), as_pair(dilation))]
     return torch.Size((x.shape[0], weight.shape[0], *spatial))
 
 
