@@ -76,6 +76,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_nonnegative_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--variance-lr-factor", type=_positive_float, default=1.0, metavar="F",
+                   help="learning rate of the log-variances and group scales: lr times F (they set the pace of "
+                        "pruning)")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--data", default=None, help="folder with MNIST IDX files, CIFAR-10 python batches or "
                                                 "train.npz and test.npz (default: the embedded MNIST)")
@@ -102,7 +105,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(model=args.model, prior=args.prior, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=args.lr, seed=args.seed, data=args.data, subset=args.subset, val_size=args.val_size,
+                       lr=args.lr, variance_lr_factor=args.variance_lr_factor, seed=args.seed, data=args.data,
+                       subset=args.subset, val_size=args.val_size,
                        warmup_epochs=args.warmup_epochs, eval_every=args.eval_every, tau0=args.tau0,
                        slab_scale=args.slab_scale,
                        init_from=args.init_from,

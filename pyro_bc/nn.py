@@ -133,6 +133,12 @@ class BayesLayer(nn.Module):
         """The plain torch layer holding ``E[w]`` and the posterior-mean bias."""
         raise NotImplementedError
 
+    def variance_parameters(self) -> list[nn.Parameter]:
+        """The log-variances and the prior's group-scale parameters: what sets the pace of pruning (they may be
+        given a larger learning rate than the means, see :func:`pyro_bc.train.make_optimizer`)."""
+        own = [self.weight_logvar] + ([self.bias_logvar] if self.bias_logvar is not None else [])
+        return own + list(self.prior.parameters())
+
     @torch.no_grad()
     def clip_variances(self) -> None:
         """Project weight and bias log-variances to at most ``log clip_var`` (no-op if unset)."""

@@ -25,6 +25,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    variance_lr_factor: float = 1.0  # the log-variances' and group scales' learning rate is lr times this
     seed: int = 0
     data: str | None = None
     subset: int | None = None
@@ -47,6 +48,8 @@ class TrainConfig:
                 or self.eval_every < 1:
             raise ConfigError("epochs must be >= 0, batch size and eval_every >= 1 and the learning rate a positive "
                               "number")
+        if not (self.variance_lr_factor > 0 and math.isfinite(self.variance_lr_factor)):
+            raise ConfigError(f"variance_lr_factor must be a positive number, got {self.variance_lr_factor}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"unknown learning-rate schedule {self.lr_schedule!r}: choose one of "
                               f"{', '.join(SCHEDULES)}")

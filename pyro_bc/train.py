@@ -94,9 +94,21 @@ class NegativeELBO(nn.Module):
             return self.elbo.differentiable_loss(model, guide, x, y, n_data)
 
 
-def make_optimizer(net: BayesianNet, lr: float) -> torch.optim.Optimizer:
-    """The training loop's optimiser: Adam over the network's parameters, fused (one pass per tensor, ~10% faster)."""
-    return torch.optim.Adam(net.parameters(), lr=lr, fused=True)
+def make_optimizer(net: BayesianNet, lr: float, variance_lr_factor: float = 1.0) -> torch.optim.Optimizer:
+    """The training loop's optimiser: Adam over the network's parameters, fused (one pass per tensor, ~10% faster).
+
+    With ``variance_lr_factor`` other than 1 the layers' :meth:`~pyro_bc.nn.BayesLayer.variance_parameters` form a
+    second parameter group whose learning rate is ``lr`` times that factor (its ``lr_factor`` key, which the
+    schedule keeps applying).
+    """
+    if variance_lr_factor == 1.0:
+        return torch.optim.Adam(net.parameters(), lr=lr, fused=True)
+    variances = [p for layer in net.layers for p in layer.variance_parameters()]
+    chosen = {id(p) for p in variances}
+    rest = [p for p in net.parameters() if id(p) not in chosen]
+    return torch.optim.Adam([{"params": rest, "lr": lr, "lr_factor": 1.0},
+                             {"params": variances, "lr": lr * variance_lr_factor, "lr_factor": variance_lr_factor}],
+                            lr=lr, fused=True)
 
 
 def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet, x: torch.Tensor,
@@ -209,7 +221,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
     device = _device(config, group)
     checkpoint = run_dir / CHECKPOINT if run_dir is not None else None
     net.to(device)
-    optimizer = make_optimizer(net, config.lr)
+    optimizer = make_optimizer(net, config.lr, config.variance_lr_factor)
     metrics: list[dict] = []
     if state is not None:
         try:
@@ -238,7 +250,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
         draws = augment_generator(config.seed, epoch) if config.augment else None
         lr = epoch_lr(config.lr_schedule, config.lr, epoch, config.epochs)
         for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+            param_group["lr"] = lr * param_group.get("lr_factor", 1.0)
         batches = iterate_minibatches(train, global_batch, order)
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=None if progress else True, mininterval=0.5)  # None: no bar when not a terminal
@@ -295,7 +307,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
 
 #: The options of :func:`fit` beyond its named arguments: the :class:`TrainConfig` fields that concern a given network.
 FIT_OPTIONS = ("seed", "warmup_epochs", "eval_every", "clip_grad_norm", "lr_schedule", "threads", "device", "augment",
-               "clip_var")
+               "clip_var", "variance_lr_factor")
 _MATERIALISE_BATCH = 1024  # examples per batch while a Dataset or DataLoader is read into tensors
 
 
@@ -352,7 +364,8 @@ def fit(net: BayesianNet, train, val=None, *, epochs: int, batch_size: int = 128
     three forms of the same examples give the same parameters. Without ``val`` the records have no ``val_error``.
 
     ``options``: :data:`FIT_OPTIONS` (``seed`` 0, ``warmup_epochs``, ``eval_every``, ``clip_grad_norm``,
-    ``lr_schedule``, ``threads`` (default: torch's current number), ``device``, ``augment``, ``clip_var``), as
+    ``lr_schedule``, ``threads`` (default: torch's current number), ``device``, ``augment``, ``clip_var``,
+    ``variance_lr_factor``), as
     :class:`TrainConfig` has them. With ``out``, the run directory is written as by ``pyro-bc train``
     (``checkpoint.pt``, ``metrics.jsonl``, ``config.json``, the lock; the config's ``model`` is ``"python"``) and
     ``resume=True`` continues from its checkpoint exactly (the checkpoint's options, this call's ``epochs``,

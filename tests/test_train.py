@@ -22,7 +22,7 @@ from pyro_bc.nn import BayesLinear
 from pyro_bc.priors import make_prior
 from pyro_bc.run_dir import TrainConfig
 from pyro_bc.schedule import epoch_lr
-from pyro_bc.train import NegativeELBO, svi_step, train
+from pyro_bc.train import NegativeELBO, make_optimizer, svi_step, train
 
 
 def _cfg(**kw):
@@ -356,8 +356,30 @@ def test_svi_step_clips_the_gradient_norm():
     assert grad_norm(10 * full) == pytest.approx(full, rel=1e-6)  # below the limit: untouched
 
 
+@pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])
+def test_variance_lr_factor_multiplies_the_first_adam_step_of_variances_only(prior):
+    # Adam's first step is lr * g / (|g| + eps) per element: with the same gradients, the log-variances and the
+    # prior's parameters move exactly `factor` times as far, the means exactly as far
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+
+    def one_step(factor):
+        net = _small_net(prior).double()  # float64: the steps' differences keep their digits
+        before = {k: v.detach().clone() for k, v in net.named_parameters()}
+        pyro.set_rng_seed(4)
+        svi_step(NegativeELBO(net), make_optimizer(net, 1e-3, factor), net, x, y, 80)
+        return {k: v.detach() - before[k] for k, v in net.named_parameters()}
+
+    plain, fast = one_step(1.0), one_step(10.0)
+    variances = {k for k in plain if "logvar" in k or ".prior." in k}
+    assert variances and variances != set(plain)
+    for k in plain:
+        expected = 10 * plain[k] if k in variances else plain[k]
+        torch.testing.assert_close(fast[k], expected, rtol=1e-4, atol=1e-9, msg=k)
+
+
 def test_cifar_run_records_its_options_and_resumes_exactly(tmp_path):
-    options = {"augment": True, "lr_schedule": "cosine", "clip_grad_norm": 1.0, "lr": 1e-2}
+    options = {"augment": True, "lr_schedule": "cosine", "clip_grad_norm": 1.0, "lr": 1e-2, "variance_lr_factor": 10.0}
     train(_cifar_cfg(tmp_path, **options), out=tmp_path / "straight", progress=False)
     train(_cifar_cfg(tmp_path, **options, epochs=1), out=tmp_path / "split", progress=False)
     train(_cifar_cfg(tmp_path, **options), out=tmp_path / "split", resume=True, progress=False)
@@ -369,6 +391,7 @@ def test_cifar_run_records_its_options_and_resumes_exactly(tmp_path):
     strip = [[{k: v for k, v in m.items() if not k.endswith("seconds")} for m in run["metrics"]] for run in (a, b)]
     assert strip[0] == strip[1]
     assert [m["lr"] for m in a["metrics"]] == pytest.approx([1e-2, 5e-3])  # cosine over 2 epochs
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == pytest.approx([5e-3, 5e-2])  # the factor stays
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert {k: config[k] for k in options} == options
     assert config["data_format"] == "cifar10-python" and config["normalisation"]["kind"] == "per-channel"
@@ -388,7 +411,8 @@ def test_clip_var_per_layer(tmp_path):
     assert config["clip_var"] == {"0": 1e-5} and config["layer_clip_var"] == {"0": 1e-5, "3": None}
     with pytest.raises(ConfigError, match=r"layer 'fc1', but the network's layers are 0, 3"):
         train(_cifar_cfg(tmp_path, clip_var={"fc1": 0.1}), out=tmp_path / "bad", progress=False)
-    for bad in ({"clip_var": {"0": -1.0}}, {"clip_grad_norm": 0.0}, {"lr_schedule": "linear"}):
+    for bad in ({"clip_var": {"0": -1.0}}, {"clip_grad_norm": 0.0}, {"lr_schedule": "linear"},
+                {"variance_lr_factor": float("nan")}):
         with pytest.raises(ConfigError):
             train(_cifar_cfg(tmp_path, **bad), out=tmp_path / "bad", progress=False)
 
@@ -431,6 +455,7 @@ def test_cli_trains_a_plain_network_on_a_cifar_folder(tmp_path, capsys):
     (["--clip-var", "fc1=-1"], "must be positive"),
     (["--lr-schedule", "linear"], "linear"),
     (["--clip-grad-norm", "0"], "must be positive"),
+    (["--variance-lr-factor", "-2"], "must be positive"),
 ])
 def test_cli_rejects_bad_training_options(tmp_path, capsys, args, text):
     with pytest.raises(SystemExit) as info:
