@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 from pathlib import Path
 
 from torch import nn
@@ -20,14 +21,15 @@ BUILTIN_MODELS = tuple(MODULES)
 
 
 def build_network(model: str, prior: Prior | str = "gnj", input_shape: tuple[int, ...] | None = None,
-                  **prior_options) -> BayesianNet:
+                  width: float | None = None, **prior_options) -> BayesianNet:
     """A built-in network by name, or a user's file defining ``build(prior) -> BayesianNet`` or
     ``build() -> torch.nn.Module`` (a plain network, converted by :func:`pyro_bc.bayesianize`), with the prior
     ``prior`` (a :class:`~pyro_bc.priors.Prior`, or a name and the options it takes).
 
     ``input_shape`` (one example's, from the data) goes to a ``build`` that takes an ``input_shape`` argument
     (``vgg``, ``resnet20``); networks fixed to one shape (LeNets, most user files) ignore it, and training
-    checks it against theirs.
+    checks it against theirs. ``width`` (a channel multiplier, ``vgg`` and ``resnet20``) goes to a ``build`` that
+    takes one; None: the network's own.
     """
     prior = make_prior(prior, **prior_options)
     if model in MODULES:
@@ -51,6 +53,12 @@ def build_network(model: str, prior: Prior | str = "gnj", input_shape: tuple[int
     arguments = {"prior": prior} if "prior" in parameters else {}
     if input_shape is not None and "input_shape" in parameters:
         arguments["input_shape"] = tuple(input_shape)
+    if width is not None:
+        if "width" not in parameters:
+            raise ConfigError(f"model {model} takes no width (vgg and resnet20 do)")
+        if not (width > 0 and math.isfinite(width)):
+            raise ConfigError(f"width must be a positive number, got {width}")
+        arguments["width"] = float(width)
     net = build(**arguments)
     if isinstance(net, BayesianNet):
         return net

@@ -73,6 +73,8 @@ def _layer_clip_var(text: str) -> tuple[str, float | None]:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=_model_name, default="lenet300", help="lenet300, lenet5, vgg, resnet20 or a network file")
     p.add_argument("--prior", choices=PRIORS, default="gnj")
+    p.add_argument("--width", type=_positive_float, default=None, metavar="W",
+                   help="channel multiplier of vgg and resnet20 (default 1)")
     p.add_argument("--epochs", type=_nonnegative_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
@@ -104,7 +106,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(model=args.model, prior=args.prior, epochs=args.epochs, batch_size=args.batch_size,
+    return TrainConfig(model=args.model, prior=args.prior, width=args.width, epochs=args.epochs,
+                       batch_size=args.batch_size,
                        lr=args.lr, variance_lr_factor=args.variance_lr_factor, seed=args.seed, data=args.data,
                        subset=args.subset, val_size=args.val_size,
                        warmup_epochs=args.warmup_epochs, eval_every=args.eval_every, tau0=args.tau0,

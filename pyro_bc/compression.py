@@ -42,7 +42,8 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     if config.model == "python":  # pyro_bc.train.PYTHON_MODEL
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINT} is a run of pyro_bc.fit from Python (its network is not "
                               f"in the config): compress the network with pyro_bc.compress(net, ...)")
-    net = build_network(config.model, config.prior, input_shape=state.get("input_shape"), **config.prior_options)
+    net = build_network(config.model, config.prior, input_shape=state.get("input_shape"), width=config.width,
+                        **config.prior_options)
     net.load_state_dict(state["network"])
     if net.input_shape is None:  # a converted plain network: its input shape is the data's
         net.input_shape = tuple(state["input_shape"])
@@ -96,7 +97,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
     info = {"model": config.model, "prior": config.prior, "run_dir": str(run_dir), "tau0": config.tau0,
             "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
-            "seed": config.seed}
+            "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
     return compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,
                             test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule, info=info)
 
@@ -293,6 +294,6 @@ def original_network(metadata: dict, input_shape: tuple[int, ...] | None = None)
     ``.bcz`` file's metadata; None where the metadata does not name a buildable model."""
     try:
         return build_network(metadata["model"], metadata["prior"], input_shape=input_shape,
-                             **metadata.get("prior_options", {})).posterior_mean_network()
+                             width=metadata.get("width"), **metadata.get("prior_options", {})).posterior_mean_network()
     except (KeyError, ConfigError):
         return None

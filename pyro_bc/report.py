@@ -11,7 +11,7 @@ The compression table and the pruning decisions come from ``MODEL.json`` (the ``
 ``kept_groups`` draw the input map; nothing is pruned again. (A ``MODEL.json`` written before
 ``kept_groups`` was recorded is pruned again at its thresholds, and the report says so.) Without a
 ``MODEL.json`` the report says the run is not compressed and shows what each layer's prior's default
-threshold would keep.
+threshold would keep, pruned as compression prunes (across the graph for networks that are not a sequence).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pyro_bc.atomic import atomic_write_text
 from pyro_bc.compression import load_run
 from pyro_bc.datatree import save_datatree, to_datatree, var_prefix
 from pyro_bc.errors import ConfigError
+from pyro_bc.graph import analyse_network, prune_network
 from pyro_bc.network import BayesianNet
-from pyro_bc.posterior import LayerPosterior, analyse, prune
+from pyro_bc.posterior import LayerPosterior, analyse
 from pyro_bc.run_dir import METRICS
 from pyro_bc.thresholds import PriorDefault, ThresholdInputs
 
@@ -69,7 +70,7 @@ def _decisions(net: BayesianNet, posts: list[LayerPosterior], summary: dict | No
     """The thresholds, each layer's mask of kept groups, and a sentence on where they come from."""
     if summary is None:
         thresholds = PriorDefault().thresholds(ThresholdInputs(net, posts))
-        kept = [layer.keep_groups for layer in prune(posts, thresholds)]
+        kept = [layer.keep_groups for layer in prune_network(net, posts, thresholds, None)]
         return thresholds, kept, "each layer's prior's default threshold (no MODEL.json)"
     rows = summary["layers"]
     if [r["name"] for r in rows] != [p.name for p in posts]:
@@ -78,7 +79,7 @@ def _decisions(net: BayesianNet, posts: list[LayerPosterior], summary: dict | No
     thresholds = [float(r["threshold"]) for r in rows]
     if all("kept_groups" in r for r in rows):
         return thresholds, _kept_groups(rows, posts, summary_path), f"`{summary_path.name}`"
-    kept = [layer.keep_groups for layer in prune(posts, thresholds)]
+    kept = [layer.keep_groups for layer in prune_network(net, posts, thresholds, None)]
     return thresholds, kept, (f"`{summary_path.name}`'s thresholds, pruned again (it predates `kept_groups`: "
                               "run `pyro-bc compress` again to record them)")
 
@@ -123,7 +124,7 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     net, config, _ = load_run(run_dir)
     summary_path = _summary_path(run_dir, compressed)
     summary = json.loads(summary_path.read_text()) if summary_path else None
-    posts = analyse(net)
+    posts = analyse_network(net, analyse(net))  # as compression sees them: BatchNorm folded in
     thresholds, kept, decided_by = _decisions(net, posts, summary, summary_path)
     figdir = run_dir / FIGURES
     figdir.mkdir(exist_ok=True)

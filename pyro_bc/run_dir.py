@@ -22,6 +22,7 @@ CHECKPOINT, METRICS, CONFIG, LOCK = "checkpoint.pt", "metrics.jsonl", "config.js
 class TrainConfig:
     model: str = "lenet300"
     prior: str = "gnj"
+    width: float | None = None  # channel multiplier of vgg and resnet20 (None: the network's own, 1)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3

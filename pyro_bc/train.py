@@ -145,7 +145,7 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
         data = load_data(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)  # numpy's RNG
         pyro.set_rng_seed(config.seed)  # the same stream in every process (see pyro_bc.distributed)
         net = build_network(config.model, config.prior, input_shape=tuple(data.train.x.shape[1:]),
-                            **config.prior_options)
+                            width=config.width, **config.prior_options)
         _set_clip_var(net, config.clip_var)
         _check_shape(net, data.train.x[:2])
         if config.init_from and state is None:

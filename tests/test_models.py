@@ -137,6 +137,15 @@ def test_the_cnns_are_builtin_and_take_the_input_shape_from_the_data():
     assert build_network("lenet5", input_shape=(3, 32, 32)).input_shape == (1, 28, 28)  # fixed: training checks it
 
 
+def test_width_is_a_channel_multiplier_of_the_cnns_only():
+    assert build_network("vgg", width=0.25).layers[0].weight_mu.shape[0] == 16
+    assert build_network("resnet20", width=0.5).layers[0].weight_mu.shape[0] == 8
+    with pytest.raises(ConfigError, match="model lenet5 takes no width"):
+        build_network("lenet5", width=0.5)
+    with pytest.raises(ConfigError, match="width must be a positive number"):
+        build_network("vgg", width=float("nan"))
+
+
 def test_full_width_sizes():
     vgg, resnet = build_network("vgg"), build_network("resnet20")
     assert [layer.weight_mu.shape[0] for layer in vgg.layers] == [64, 64, 128, 128, 256, 256, 256] + [512] * 7 + [10]

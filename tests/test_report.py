@@ -9,9 +9,12 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_data import write_cifar
 
-from pyro_bc import plots
-from pyro_bc.compression import compress_run
+from models import build_network
+from pyro_bc import codec, plots
+from pyro_bc.checkpoint import load_checkpoint, save_checkpoint
+from pyro_bc.compression import compress_run, original_network
 from pyro_bc.datatree import load_datatree, to_datatree
 from pyro_bc.errors import ConfigError
 from pyro_bc.report import write_report
@@ -138,6 +141,31 @@ def test_bad_kept_groups_are_a_config_error(run_copy, bad):
     (run_copy / "MODEL.json").write_text(json.dumps(summary))
     with pytest.raises(ConfigError, match="fc1's kept_groups"):
         write_report(run_copy, num_samples=20)
+
+
+def test_report_of_an_uncompressed_residual_network_prunes_across_the_graph(tmp_path):
+    # ResNet-20 at width 1/4 (4, 8, 16 channels) on a tiny CIFAR folder; then, by hand, channel 0 of blocks.0.conv1
+    # (read by conv2 only) and of blocks.0.conv2 (summed with the stem's output) get log alpha 5 > -3
+    write_cifar(tmp_path / "cifar")
+    run = tmp_path / "run"
+    train(TrainConfig(model="resnet20", width=0.25, epochs=1, batch_size=16, val_size=10, data=str(tmp_path / "cifar")),
+          out=run, progress=False)
+    state = load_checkpoint(run / "checkpoint.pt")
+    for layer in ("blocks.0.conv1", "blocks.0.conv2"):
+        state["network"][f"body.{layer}.prior.z_mu"][0] = 1.0
+        state["network"][f"body.{layer}.prior.z_logvar"][0] = 5.0
+    save_checkpoint(run / "checkpoint.pt", state)
+    text = write_report(run, num_samples=5).read_text()
+    # the sum keeps the union: blocks.0.conv2's channel 0 stays, blocks.0.conv1's goes (a flat pruning drops both)
+    full = [4] * 7 + [8] * 7 + [16] * 8
+    full[1] = 3
+    assert f"the groups kept would be {'-'.join(map(str, full))}." in text
+    assert compress_run(run, tmp_path / "MODEL.bcz")["architecture"] == "-".join(map(str, full))
+    model = codec.read_bcz(tmp_path / "MODEL.bcz")  # the file keeps the width: evaluate's original is the same net
+    original = original_network(model.metadata, model.input_shape)
+    assert model.metadata["width"] == 0.25
+    assert sum(p.numel() for p in original.parameters()) == sum(
+        p.numel() for p in build_network("resnet20", width=0.25).posterior_mean_network().parameters())
 
 
 def test_report_does_not_import_training():
