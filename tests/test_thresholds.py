@@ -19,6 +19,7 @@ from pyro_bc.thresholds import (
     ThresholdInputs,
     ThresholdRule,
     ValidationBudget,
+    governed_weights,
     rule_from_options,
     rule_from_record,
 )
@@ -125,7 +126,15 @@ def test_budget_that_even_the_least_pruned_network_exceeds(budget_inputs):
         ValidationBudget(-1.0).thresholds(budget_inputs)
 
 
-def test_budget_visits_layers_largest_first_and_stays_within_budget(budget_inputs, monkeypatch):
+def test_governed_weights_of_lenet5_by_hand(budget_inputs):
+    # a group of conv1 / conv2 is an output channel: its filter and the next layer's slice that reads it
+    # (conv2: 50 x 5 x 5 per conv1 channel; fc1: 4 x 4 positions x 500 outputs per conv2 channel); a group of
+    # fc1 / fc2 is an input: its column (500 / 10 weights), and for fc2 also fc1's row that produced it (800)
+    expected = [20 * (25 + 50 * 25), 50 * (20 * 25 + 16 * 500), 800 * 500, 500 * (10 + 800)]
+    assert governed_weights(budget_inputs.net, budget_inputs.posts) == expected
+
+
+def test_budget_visits_layers_by_governed_weights_and_stays_within_budget(budget_inputs, monkeypatch):
     trials = []
     error = ValidationBudget._error
 
@@ -139,4 +148,4 @@ def test_budget_visits_layers_largest_first_and_stays_within_budget(budget_input
     assert trials[0] == [float(ValidationBudget.GRID[-1])] * 4  # the least pruned network first
     changed = [next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
                for before, after in itertools.pairwise(trials)]
-    assert list(dict.fromkeys(changed)) == [2, 1, 3, 0]  # largest layer first (a known issue, kept as it is)
+    assert list(dict.fromkeys(changed)) == [1, 3, 2, 0]  # conv2 425,000, fc2 405,000, fc1 400,000, conv1 25,500
