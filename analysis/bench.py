@@ -448,6 +448,8 @@ def write_outputs(results: dict, out: Path, distributed: list[str] | None = None
     lines += ["", *targets_section(results)]
     if (out / "bench_train.json").is_file():
         lines += ["", *training_section(json.loads((out / "bench_train.json").read_text()))]
+    if (out / "bench_cnn.json").is_file():
+        lines += ["", *cnn_section(json.loads((out / "bench_cnn.json").read_text()))]
     if distributed:
         lines += ["", "## Data-parallel training (`torchrun`, gloo, CPU)", "",
                   ("Produced by `.venv/bin/python analysis/bench_distributed.py` (LeNet-300-100 gnj, 25,600 "
@@ -501,6 +503,33 @@ def training_section(r: dict) -> list[str]:
     for x in r["threads"]:
         lines.append(f"| {x['model']} | {x['threads']} | {x['ms_median']:.2f} | {x['ms_p10']:.2f} | "
                      f"{x['ms_p90']:.2f} |")
+    return lines
+
+
+CNN_TARGET = 2.5  # (c)/(a) of the VGG and ResNet-20 SVI step at batch 64
+
+
+def cnn_section(r: dict) -> list[str]:
+    """The SVI step of VGG and ResNet-20 against their deterministic step, from ``analysis/bench_cnn.py``."""
+    lines = ["## SVI step of VGG and ResNet-20 (CIFAR-shaped, batch 64)", "",
+             (f"Produced by `.venv/bin/python {r['command']}` (figures in `bench_cnn.json`), one thread, one fixed "
+              "random batch of 64 x 3 x 32 x 32. (a) the deterministic step of the same network (its posterior-mean "
+              "copy in train mode, BatchNorm included, in PyTorch's default layout, cross-entropy, fused Adam), "
+              "(c) a pyro-bc step (`NegativeELBO` + `svi_step`, N = 50,000), timed interleaved after a warm-up "
+              "(medians). Weights: those of the Bayesian layers. A width is skipped where a single (c) step is "
+              "over the script's time limit, and so are the model's larger widths."),
+             *([f"Machine: {r['machine']}."] if r.get("machine") else []),
+             *([f"Conditions: {r['note']}"] if r.get("note") else []), "",
+             f"| model | prior | width | weights | (a) ms | (c) ms | (c)/(a) | target <= {CNN_TARGET:g} |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        head = f"| {x['model']} | {x['prior']} | {x['width']:g} | {x['weights']:,} |"
+        if "skipped" in x:
+            lines.append(f"{head} skipped: {x['skipped']} | | | |")
+            continue
+        ratio = x["ratio_pyro_bc_to_deterministic"]
+        lines.append(f"{head} {x['ms_deterministic']:.1f} | {x['ms_pyro_bc']:.1f} | {ratio:.2f} | "
+                     f"{_verdict(ratio, CNN_TARGET)} |")
     return lines
 
 

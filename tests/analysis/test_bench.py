@@ -39,3 +39,17 @@ def test_no_causes_when_every_target_is_met():
     results = {"steps": [_step("lenet5", "lu", 60.0, 120.0, 110.0)], "overhead": [],
                "inference": [_inference("default", 6.0)]}
     assert "Causes" not in "\n".join(bench.targets_section(results))
+
+
+def test_cnn_section_rows_verdicts_and_skips():
+    rows = [{"model": "vgg", "prior": "gnj", "width": 0.25, "weights": 937392, "ms_deterministic": 100.0,
+             "ms_pyro_bc": 200.0, "ratio_pyro_bc_to_deterministic": 2.0},
+            {"model": "resnet20", "prior": "ghs", "width": 0.5, "weights": 67992, "ms_deterministic": 40.0,
+             "ms_pyro_bc": 120.0, "ratio_pyro_bc_to_deterministic": 3.0},
+            {"model": "vgg", "prior": "gnj", "width": 1.0, "weights": 14977728, "skipped": "one (c) step 2.60 s > 1 s"}]
+    text = "\n".join(bench.cnn_section({"command": "analysis/bench_cnn.py --widths 0.25 0.5", "rows": rows}))
+    assert "## SVI step of VGG and ResNet-20 (CIFAR-shaped, batch 64)" in text
+    assert "`.venv/bin/python analysis/bench_cnn.py --widths 0.25 0.5`" in text
+    assert "| vgg | gnj | 0.25 | 937,392 | 100.0 | 200.0 | 2.00 | met |" in text
+    assert "| resnet20 | ghs | 0.5 | 67,992 | 40.0 | 120.0 | 3.00 | missed by 0.50 |" in text
+    assert "| vgg | gnj | 1 | 14,977,728 | skipped: one (c) step 2.60 s > 1 s | | | |" in text
