@@ -2,7 +2,8 @@
 
     .venv/bin/python analysis/pretrain.py --model lenet5 --epochs 8 --out runs/lenet5-dense.pt
 
-The dense network is the Bayesian network's posterior-mean copy, so its ``state_dict`` keys are the Bayesian
+Beside the state_dict, ``<out>.json`` holds each epoch's validation error and seconds. The dense network is the
+Bayesian network's posterior-mean copy, so its ``state_dict`` keys are the Bayesian
 layers' names (``conv1.weight``, ``fc1.bias``, ...) and ``--init-from`` matches them by name. Adam, cross-entropy,
 the embedded MNIST's training split (the validation split held out, as training holds it out), one thread.
 """
@@ -11,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from models import BUILTIN_MODELS, build_network
-from pyro_bc.atomic import atomic_write_bytes
+from pyro_bc.atomic import atomic_write_bytes, atomic_write_text
 from pyro_bc.data import iterate_minibatches, load_mnist
 from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.evaluate import error_percent
@@ -59,11 +62,13 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="the state_dict file to write (atomically)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    net, _ = pretrain(args.model, args.epochs, args.batch_size, args.lr, args.seed, args.data)
+    net, history = pretrain(args.model, args.epochs, args.batch_size, args.lr, args.seed, args.data)
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
     atomic_write_bytes(args.out, buffer.getvalue())
-    print(f"wrote {args.out}")
+    history_path = Path(args.out).with_suffix(".json")  # per epoch: validation error, seconds
+    atomic_write_text(history_path, json.dumps(history, indent=1))
+    print(f"wrote {args.out} and {history_path}")
     return 0
 
 

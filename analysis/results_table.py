@@ -34,6 +34,12 @@ TARGETS = {
 # the paper's maximum CR (Table 1), shown in the paper rows' cr_file column, and the issue's cr_file targets
 PAPER_MAX_CR = {"lenet300-gnj": "58", "lenet300-ghs": "59", "lenet5-gnj": "573", "lenet5-ghs": "771"}
 CR_FILE_TARGETS = {"lenet300-gnj": 58, "lenet5-gnj": 573}
+#: each Table 1 row's recipes (reproduce.sh names): the 200-epoch recipe from scratch, and the fast one
+RECIPES = {name: [name, f"{name}-fast"] for name in CONFIGS}
+#: the fast recipes' issue targets of wall time, pretraining included (minutes)
+TIME_TARGETS = {"lenet300-gnj-fast": 7, "lenet5-gnj-fast": 60}
+#: networks beyond LeNet on the embedded MNIST (width 0.25, reproduce.sh)
+BEYOND_LENET = ["resnet20-mnist", "vgg-mnist"]
 #: the fourth prior (rhs, the regularised horseshoe) beside gnj after 30 epochs, the same recipe and cut
 FOURTH_PRIOR = ["lenet300-gnj-30", "lenet300-rhs-30"]
 HEADER = ("| configuration | source | test error % | architecture | \\|W≠0\\|/\\|W\\| % | bits per layer | cr_prune | "
@@ -131,31 +137,122 @@ def _mean_sd(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def _sd_away(values: list[float], limit: float) -> str:
+    """How far the mean of ``values`` lies above ``limit``, in sample standard deviations."""
+    mean = statistics.fmean(values)
+    if mean <= limit:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f" ({(mean - limit) / sd:.1f} sd)" if sd > 0 else ""
+
+
+def seed_verdict(name: str, errors: list[float], kept: list[float]) -> str:
+    """The mean over seeds against the issue's targets: the paper's error (and, for gnj and ghs, its kept %)."""
+    max_error, max_kept, _ = TARGETS[name]
+    misses = []
+    if statistics.fmean(errors) > max_error:
+        misses.append(f"error +{statistics.fmean(errors) - max_error:.2f} pt{_sd_away(errors, max_error)}")
+    if not name.endswith("-lu") and statistics.fmean(kept) > max_kept:
+        misses.append(f"kept +{statistics.fmean(kept) - max_kept:.2f} pt{_sd_away(kept, max_kept)}")
+    return "met" if not misses else "missed: " + ", ".join(misses)
+
+
 def seeds_section() -> list[str]:
-    """Mean ± standard deviation over the seeds of each row, beside the paper, and the per-seed rows."""
+    """Mean ± standard deviation over the seeds of each row's recipes, beside the paper, and the per-seed rows."""
     out = ["", "## Seeds", "",
-           ("Each seed is the same recipe, `bash analysis/reproduce.sh NAME SEED` (seed 0 in `results/NAME`, others "
-            "in `results/NAME/seeds/SEED`). Seed 0 of each row was trained by an earlier version of the code (the "
-            "same maths; since then the guide draws no group scales under the local reparameterisation, which "
-            "changes the random stream). Mean ± sample standard deviation; one seed shows its value alone."), "",
-           "| configuration | seeds | test error % | weights kept % | cr_fast | cr_file (mean) | paper error / kept |",
-           "|---|---|---|---|---|---|---|"]
-    per_seed = ["", "| configuration | seed | test error % | architecture | weights kept % | cr_fast | cr_file | command |",
+           ("Each seed is one recipe, `bash analysis/reproduce.sh RECIPE SEED` (seed 0 in `results/RECIPE`, others "
+            "in `results/RECIPE/seeds/SEED`): `NAME` trains 200 epochs from scratch, `NAME-fast` starts from a "
+            "pretrained dense network with `--variance-lr-factor` and a cosine schedule (section \"Time to the "
+            "rows\"). Seed 0 of each 200-epoch recipe was trained by an earlier version of the code (the same "
+            "maths; since then the guide draws no group scales under the local reparameterisation, which changes "
+            "the random stream). Mean ± sample standard deviation; one seed shows its value alone. Target: the "
+            "paper's error, and for gnj and ghs also its kept fraction, by the mean; a miss is given in points and "
+            "in standard deviations of the seeds."), "",
+           ("| row | recipe | seeds | test error % | weights kept % | cr_fast | cr_file (mean) | paper error / kept | "
+            "against the target |"), "|---|---|---|---|---|---|---|---|---|"]
+    per_seed = ["", "| recipe | seed | test error % | architecture | weights kept % | cr_fast | cr_file | command |",
                 "|---|---|---|---|---|---|---|---|"]
     for name in CONFIGS:
-        runs = [(seed, json.loads((run / "MODEL.json").read_text())) for seed, run in _seed_runs(name)]
-        if not runs:
-            continue
-        errors = [s["error_compressed"] for _, s in runs]
-        kept = [100 * s["weights_kept_fraction"] for _, s in runs]
-        out.append(f"| {name} | {len(runs)} | {_mean_sd(errors, 2)} | {_mean_sd(kept, 2)} | "
-                   f"{_mean_sd([s['cr_fast'] for _, s in runs], 1)} | "
-                   f"{statistics.fmean(s['cr_file'] for _, s in runs):.1f} | {PAPER[name][0]} / {PAPER[name][2]} |")
-        for seed, s in runs:
-            per_seed.append(f"| {name} | {seed} | {s['error_compressed']:.2f} | {s['architecture']} | "
-                            f"{100 * s['weights_kept_fraction']:.2f} | {s['cr_fast']:.1f} | {s['cr_file']:.1f} | "
-                            f"`bash analysis/reproduce.sh {name}{'' if seed == 0 else f' {seed}'}` |")
+        for recipe in RECIPES[name]:
+            runs = [(seed, json.loads((run / "MODEL.json").read_text())) for seed, run in _seed_runs(recipe)]
+            if not runs:
+                continue
+            errors = [s["error_compressed"] for _, s in runs]
+            kept = [100 * s["weights_kept_fraction"] for _, s in runs]
+            out.append(f"| {name} | {recipe} | {len(runs)} | {_mean_sd(errors, 2)} | {_mean_sd(kept, 2)} | "
+                       f"{_mean_sd([s['cr_fast'] for _, s in runs], 1)} | "
+                       f"{statistics.fmean(s['cr_file'] for _, s in runs):.1f} | {PAPER[name][0]} / {PAPER[name][2]} | "
+                       f"{seed_verdict(name, errors, kept)} |")
+            for seed, s in runs:
+                per_seed.append(f"| {recipe} | {seed} | {s['error_compressed']:.2f} | {s['architecture']} | "
+                                f"{100 * s['weights_kept_fraction']:.2f} | {s['cr_fast']:.1f} | {s['cr_file']:.1f} | "
+                                f"`bash analysis/reproduce.sh {recipe}{'' if seed == 0 else f' {seed}'}` |")
     return out + per_seed
+
+
+def _pretrain_seconds(run: Path) -> float:
+    """Wall time of the run's plain-PyTorch pretraining (``pretrained.json`` of analysis/pretrain.py), or 0."""
+    path = run / "pretrained.json"
+    return sum(epoch["seconds"] for epoch in json.loads(path.read_text())) if path.is_file() else 0.0
+
+
+def _along_the_way(metrics: list[dict]) -> str:
+    """Validation error and groups kept (log alpha < -3) at each evaluated epoch."""
+    return "; ".join(f"{m['epoch']}: {m['val_error']:.2f}%, {'-'.join(str(v) for v in m['groups_kept'].values())}"
+                     for m in metrics if "val_error" in m)
+
+
+def time_section() -> list[str]:
+    """The fast recipes: wall time to each row, pretraining included, beside the 200-epoch recipe's."""
+    out = ["", "## Time to the rows", "",
+           ("Wall time on one core: the pretraining's epochs (`pretrained.json`) plus the Bayesian training's "
+            "(`metrics.jsonl`, evaluation and checkpoints included); compression is not counted. The fast recipes "
+            "are in `analysis/reproduce.sh`: a dense network pretrained by `analysis/pretrain.py` (8 epochs, "
+            "LeNet-300-100 10), then `--init-from` it, `--variance-lr-factor 30` (the log-variances and group "
+            "scales at 30 times the means' learning rate), a cosine schedule over 30 epochs (LeNet-300-100 80), "
+            "compressed with `--max-error-increase 0.2`. Runs shared the two cores with another training, so "
+            "the times are upper bounds."), "",
+           ("| recipe | seed | epochs | wall time | target | test error % | architecture | weights kept % | cr_fast | "
+            "cr_file | validation error and groups kept along the way (epoch: ...) | command |"),
+           "|" + "---|" * 12]
+    for name in CONFIGS:
+        for recipe in RECIPES[name]:
+            fast = recipe.endswith("-fast")
+            for seed, run in _seed_runs(recipe) if fast else _seed_runs(recipe)[:1]:  # from scratch: seed 0
+                s = json.loads((run / "MODEL.json").read_text())
+                metrics = _metrics(run)
+                minutes = (_pretrain_seconds(run) + sum(m["seconds"] for m in metrics)) / 60
+                target = TIME_TARGETS.get(recipe)
+                verdict = "–" if target is None else f"{target} min: {'met' if minutes <= target else 'missed'}"
+                along = _along_the_way(metrics) if fast else "(see metrics.jsonl)"
+                out.append(f"| {recipe} | {seed} | {len(metrics)} | {minutes:.1f} min | {verdict} | "
+                           f"{s['error_compressed']:.2f} | {s['architecture']} | "
+                           f"{100 * s['weights_kept_fraction']:.2f} | {s['cr_fast']:.1f} | {s['cr_file']:.1f} | "
+                           f"{along} | `bash analysis/reproduce.sh {recipe}{'' if seed == 0 else f' {seed}'}` |")
+    return out
+
+
+def beyond_lenet_section() -> list[str]:
+    """ResNet-20 and the VGG at width 0.25 on the embedded MNIST."""
+    out = ["", "## Beyond LeNet: ResNet-20 and the VGG on MNIST", "",
+           ("Width 0.25 (ResNet-20: 4-8-16 channels; VGG: 16 to 128 channels and FC 128-128-10), gnj, batch 128, "
+            "Adam lr 1e-3, constant schedule, seed 0, compressed at the prior's default cut (log alpha -3) across "
+            "the graph, BatchNorm folded. Architecture: the groups kept per Bayesian layer (output channels of "
+            "convolutions, inputs of FC layers)."), "",
+           ("| network | epochs | test error % | posterior-mean error % | architecture | weights kept % | cr_fast | "
+            "cr_file | training time (1 core) | command |"), "|" + "---|" * 10]
+    for name in BEYOND_LENET:
+        run = HERE / "results" / name
+        command = f"`bash analysis/reproduce.sh {name}`"
+        if not (run / "MODEL.json").is_file():
+            out.append(f"| {name} | not run yet |" + " |" * 7 + f" {command} |")
+            continue
+        s = json.loads((run / "MODEL.json").read_text())
+        metrics = _metrics(run)
+        out.append(f"| {name} | {len(metrics)} | {s['error_compressed']:.2f} | {s['error_posterior_mean']:.2f} | "
+                   f"{s['architecture']} | {100 * s['weights_kept_fraction']:.2f} | {s['cr_fast']:.1f} | "
+                   f"{s['cr_file']:.1f} | {sum(m['seconds'] for m in metrics) / 60:.1f} min | {command} |")
+    return out
 
 
 FILE_SIZE_NOTES = ["", "## File sizes: `.bcz` version 2", "", """\
@@ -203,6 +300,8 @@ def main() -> None:
     for name in CONFIGS:
         out += row(name)
     out += seeds_section()
+    out += time_section()
+    out += beyond_lenet_section()
     out += fourth_prior_section()
     if (HERE / "bits_rule.md").is_file():  # written by hand from analysis/bits_table.py's output (needs checkpoints)
         out += ["", (HERE / "bits_rule.md").read_text().strip()]
