@@ -25,16 +25,12 @@ def _bayesian_twin(module: nn.Module, prior: Prior, name: str) -> BayesLayer:
 
 
 @torch.no_grad()
-def _start_from(layer: BayesLayer, weight: torch.Tensor, bias: torch.Tensor | None, delta: float | None) -> None:
-    """Means such that the posterior-mean layer is the dense one: ``mu = w / E[z]`` per group (and the bias where
-    ``z`` scales outputs); with ``delta``, log-variances ``log(delta mu^2)`` (MOPED)."""
-    moments = layer.prior.scale_moments()
-    scale = torch.ones(layer.n_groups) if moments is None else moments[0].detach()
-    layer.weight_mu.copy_(weight / layer._along_groups(scale))
-    if bias is not None:
-        layer.bias_mu.copy_(bias if layer.op.scales_input else bias / scale)
+def _start_from(layer: BayesLayer, dense: nn.Module, name: str, delta: float | None) -> None:
+    """Means such that the posterior-mean layer is ``dense`` (:meth:`BayesLayer.init_from`); with ``delta``,
+    log-variances ``log(delta mu^2)`` (MOPED)."""
+    layer.init_from(dense.weight, dense.bias, f"{name}.weight")
     if delta is not None:
-        layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(weight.dtype).tiny))
+        layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(dense.weight.dtype).tiny))
 
 
 def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
@@ -60,7 +56,7 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         raise ConfigError(f"{type(module).__name__} holds no nn.Linear or nn.Conv2d to make Bayesian")
     for name, dense in targets:
         layer = _bayesian_twin(dense, prior, name)
-        _start_from(layer, dense.weight, dense.bias, delta)
+        _start_from(layer, dense, name, delta)
         parent_name, _, child = name.rpartition(".")
         setattr(body.get_submodule(parent_name) if parent_name else body, child, layer)
     return BayesianNet(body, input_shape=input_shape)

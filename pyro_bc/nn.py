@@ -150,17 +150,20 @@ class BayesLayer(nn.Module):
 
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "weight") -> None:
-        """Start the weight (and bias) means from a deterministic network's values (``name``: the weight's, for
-        errors)."""
+        """Start from a deterministic layer's values: means ``mu = w / E[z]`` per group (and the bias where ``z``
+        scales outputs), so that the posterior-mean layer computes what the dense one does (``name``: the
+        weight's, for errors)."""
         if weight.shape != self.weight_mu.shape:
             raise ConfigError(f"{name} of shape {tuple(weight.shape)} does not fit {self.site}.weight_mu of shape "
                               f"{tuple(self.weight_mu.shape)}")
-        self.weight_mu.copy_(weight)
+        if bias is not None and self.bias_mu is not None and bias.shape != self.bias_mu.shape:
+            raise ConfigError(f"{name[:-len('weight')]}bias of shape {tuple(bias.shape)} does not fit "
+                              f"{self.site}.bias_mu of shape {tuple(self.bias_mu.shape)}")
+        moments = self.prior.scale_moments()
+        scale = torch.ones(self.n_groups) if moments is None else moments[0].detach()
+        self.weight_mu.copy_(weight / self._along_groups(scale))
         if bias is not None and self.bias_mu is not None:
-            if bias.shape != self.bias_mu.shape:
-                raise ConfigError(f"{name[:-len('weight')]}bias of shape {tuple(bias.shape)} does not fit "
-                                  f"{self.site}.bias_mu of shape {tuple(self.bias_mu.shape)}")
-            self.bias_mu.copy_(bias)
+            self.bias_mu.copy_(bias if self.op.scales_input else bias / scale)
 
     def _filled(self, module: nn.Module) -> nn.Module:
         with torch.no_grad():

@@ -208,10 +208,11 @@ def test_init_from_a_deterministic_state_matches_names_first():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matched by name: no warning
         net.init_from(state)
-    assert torch.equal(net.body.conv.weight_mu, dense.conv.weight)
-    assert torch.equal(net.body.conv.bias_mu, dense.conv.bias)
-    assert torch.equal(net.body.fc.weight_mu, dense.fc.weight)
-    assert torch.equal(net.body.fc.bias_mu, dense.fc.bias)
+    mean = net.posterior_mean_network()  # E[z] mu = the dense weights: the same function
+    for name in ("conv.weight", "conv.bias", "fc.weight", "fc.bias"):
+        torch.testing.assert_close(mean.get_parameter(name), dense.get_parameter(name), msg=name)
+    x = torch.randn(4, 1, 6, 6)
+    torch.testing.assert_close(mean(x), dense(x))
     before = net.body.fc.bias_mu.clone()
     net.init_from({k: v + 1 for k, v in state.items() if k != "fc.bias"})  # a missing bias leaves the mean alone
     assert torch.equal(net.body.fc.bias_mu, before)
@@ -225,8 +226,9 @@ def test_init_from_falls_back_to_order_with_a_warning():
     net = _net("gnj")
     with pytest.warns(UserWarning, match="matched in order"):
         net.init_from(dense.state_dict())
-    assert torch.equal(net.body.conv.weight_mu, dense[0].weight)
-    assert torch.equal(net.body.fc.bias_mu, dense[3].bias)
+    mean = net.posterior_mean_network()
+    torch.testing.assert_close(mean.conv.weight, dense[0].weight)
+    torch.testing.assert_close(mean.fc.bias, dense[3].bias)
     with pytest.raises(ConfigError, match="1 weight tensors and names that do not match"):
         net.init_from({"a.weight": torch.zeros(5, 48)})
     with pytest.raises(ConfigError, match=r"a.weight of shape \(3, 1, 5, 5\) does not fit conv.weight_mu"), \
