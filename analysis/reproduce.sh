@@ -5,7 +5,8 @@
 #   bash analysis/reproduce.sh lenet300-rhs-30      (the fourth prior against gnj after 30 epochs: lenet300-{gnj,rhs}-30)
 #   bash analysis/reproduce.sh lenet5-gnj-fast      (the fast recipes: a pretrained start, --variance-lr-factor, cosine;
 #                                                    lenet300-gnj-fast, lenet5-{gnj,ghs,lu}-fast; RESULTS.md, time to the rows)
-#   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist)
+#   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
+#                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 # Every hyperparameter is written here; each run's config.json and MODEL.json record them too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,8 @@ case "$name" in
     compress=(--max-error-increase 0.2) ;;
   resnet20-mnist|vgg-mnist)
     model=${name%-mnist}; prior=gnj; epochs=10; eval_every=1; extra=(--width 0.25); compress=() ;;
+  vgg-stability)  # default settings otherwise: no NaN in 20 epochs is the point
+    model=vgg; prior=gnj; epochs=20; eval_every=1; extra=(--width 0.25 --subset 10000); compress=() ;;
   *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
 esac
 [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
