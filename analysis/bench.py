@@ -123,6 +123,19 @@ def plain_loss(net, x, y) -> torch.Tensor:
 
 # -- the three steps ---------------------------------------------------------------------------------
 
+def deterministic_step(dense: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """(a): one fused-Adam step of cross-entropy on the batch ``(x, y)`` for the plain network ``dense``."""
+    optimizer = torch.optim.Adam(dense.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        loss = F.cross_entropy(dense(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def make_steps(model_name: str, prior: str, only: str | None = None, batch: int = BATCH) -> dict:
     """The step functions (a), (b), (c) on one fixed batch; ``only`` builds just that one (memory probes)."""
     pyro.set_rng_seed(0)
@@ -132,16 +145,8 @@ def make_steps(model_name: str, prior: str, only: str | None = None, batch: int 
     if only in (None, "deterministic"):
         # in PyTorch's default layout, as a user's dense network would be (the posterior-mean copy's
         # convolutions return channels-last tensors)
-        det = default_layout_copy(build_network(model_name, prior).posterior_mean_network()).train()
-        det_opt = torch.optim.Adam(det.parameters(), lr=1e-3, fused=True)
-
-        def deterministic():
-            loss = F.cross_entropy(det(x), y)
-            det_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            det_opt.step()
-
-        steps["deterministic"] = deterministic
+        dense = default_layout_copy(build_network(model_name, prior).posterior_mean_network()).train()
+        steps["deterministic"] = deterministic_step(dense, x, y)
     if only in (None, "plain"):
         plain_net = build_network(model_name, prior)
         plain_opt = torch.optim.Adam(plain_net.parameters(), lr=1e-3, fused=True)

@@ -30,7 +30,6 @@ from pathlib import Path
 import bench  # the sibling script (sys.path[0] is analysis/ when this file is run)
 import pyro
 import torch
-import torch.nn.functional as F
 
 from models import build_network
 from pyro_bc.train import NegativeELBO, make_optimizer, svi_step
@@ -52,17 +51,10 @@ def make_cnn_steps(model_name: str, prior: str, width: float) -> tuple[dict, int
     x, y = torch.randn(BATCH, *INPUT_SHAPE), torch.randint(0, 10, (BATCH,))
     net = build_network(model_name, prior, input_shape=INPUT_SHAPE, width=width)
     # a copy (nothing done to it touches ``net``), in PyTorch's default layout as a user's dense network would be
-    det = bench.default_layout_copy(net.posterior_mean_network()).train()
-    det_opt = torch.optim.Adam(det.parameters(), lr=1e-3, fused=True)
-
-    def deterministic():
-        loss = F.cross_entropy(det(x), y)
-        det_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        det_opt.step()
-
+    dense = bench.default_layout_copy(net.posterior_mean_network()).train()
     loss, opt = NegativeELBO(net), make_optimizer(net, 1e-3)
-    steps = {"deterministic": deterministic, "pyro_bc": lambda: svi_step(loss, opt, net, x, y, N_DATA)}
+    steps = {"deterministic": bench.deterministic_step(dense, x, y),
+             "pyro_bc": lambda: svi_step(loss, opt, net, x, y, N_DATA)}
     return steps, weight_count(net)
 
 

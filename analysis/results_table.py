@@ -99,16 +99,14 @@ def row(name: str) -> list[str]:
     return lines
 
 
-def fourth_prior_section() -> list[str]:
-    """The regularised horseshoe beside gnj on LeNet-300-100 after 30 epochs (each prior's default cut, -3)."""
-    out = ["", "## The fourth prior: regularised horseshoe (rhs) beside gnj, LeNet-300-100, 30 epochs", "",
-           ("Same recipe for both (seed 0, batch 128, Adam lr 1e-3, 30 epochs), compressed at each prior's "
-            "default cut (log alpha -3, with the fold); rhs has tau0 1e-5 and slab width 1 (docs/METHOD.md 3.5). "
-            "One seed each, so the rows do not rank the priors: two runs of the lenet300-gnj recipe (its notes "
-            "below) ended 0.66 points of test error apart."), "",
-           ("| configuration | test error % | posterior-mean error % | architecture | \\|W≠0\\|/\\|W\\| % | cr_fast | "
-            "cr_file | epochs | training time (1 core) | command |"), "|" + "---|" * 10]
-    for name in FOURTH_PRIOR:
+RUNS_HEADER = ("| configuration | test error % | posterior-mean error % | architecture | \\|W≠0\\|/\\|W\\| % | cr_fast | "
+               "cr_file | epochs | training time (1 core) | command |")
+
+
+def runs_table(names: list[str]) -> list[str]:
+    """One row per finished run of ``names`` (seed 0), or "not run yet"."""
+    out = [RUNS_HEADER, "|" + "---|" * 10]
+    for name in names:
         run = HERE / "results" / name
         command = f"`bash analysis/reproduce.sh {name}`"
         if not (run / "MODEL.json").is_file():
@@ -121,6 +119,15 @@ def fourth_prior_section() -> list[str]:
                    f"{100 * s['weights_kept_fraction']:.2f} | {s['cr_fast']:.1f} | {s['cr_file']:.1f} | "
                    f"{len(metrics)} | {minutes:.1f} min | {command} |")
     return out
+
+
+def fourth_prior_section() -> list[str]:
+    """The regularised horseshoe beside gnj on LeNet-300-100 after 30 epochs (each prior's default cut, -3)."""
+    return ["", "## The fourth prior: regularised horseshoe (rhs) beside gnj, LeNet-300-100, 30 epochs", "",
+            ("Same recipe for both (seed 0, batch 128, Adam lr 1e-3, 30 epochs), compressed at each prior's "
+             "default cut (log alpha -3, with the fold); rhs has tau0 1e-5 and slab width 1 (docs/METHOD.md 3.5). "
+             "One seed each, so the rows do not rank the priors: two runs of the lenet300-gnj recipe (its notes "
+             "below) ended 0.66 points of test error apart."), "", *runs_table(FOURTH_PRIOR)]
 
 
 def _seed_runs(name: str) -> list[tuple[int, Path]]:
@@ -234,27 +241,13 @@ def time_section() -> list[str]:
 
 def beyond_lenet_section() -> list[str]:
     """ResNet-20 and the VGG at width 0.25 on the embedded MNIST."""
-    out = ["", "## Beyond LeNet: ResNet-20 and the VGG on MNIST", "",
-           ("Width 0.25 (ResNet-20: 4-8-16 channels; VGG: 16 to 128 channels and FC 128-128-10), gnj, batch 128, "
-            "Adam lr 1e-3, constant schedule, seed 0, compressed at the prior's default cut (log alpha -3) across "
-            "the graph, BatchNorm folded. Architecture: the groups kept per Bayesian layer (output channels of "
-            "convolutions, inputs of FC layers). `vgg-stability` trains the VGG 20 epochs on the first 10,000 "
-            "training examples at the default settings: its point is that no step is NaN (training stops at the "
-            "first non-finite ELBO or parameter)."), "",
-           ("| network | epochs | test error % | posterior-mean error % | architecture | weights kept % | cr_fast | "
-            "cr_file | training time (1 core) | command |"), "|" + "---|" * 10]
-    for name in BEYOND_LENET:
-        run = HERE / "results" / name
-        command = f"`bash analysis/reproduce.sh {name}`"
-        if not (run / "MODEL.json").is_file():
-            out.append(f"| {name} | not run yet |" + " |" * 7 + f" {command} |")
-            continue
-        s = json.loads((run / "MODEL.json").read_text())
-        metrics = _metrics(run)
-        out.append(f"| {name} | {len(metrics)} | {s['error_compressed']:.2f} | {s['error_posterior_mean']:.2f} | "
-                   f"{s['architecture']} | {100 * s['weights_kept_fraction']:.2f} | {s['cr_fast']:.1f} | "
-                   f"{s['cr_file']:.1f} | {sum(m['seconds'] for m in metrics) / 60:.1f} min | {command} |")
-    return out
+    return ["", "## Beyond LeNet: ResNet-20 and the VGG on MNIST", "",
+            ("Width 0.25 (ResNet-20: 4-8-16 channels; VGG: 16 to 128 channels and FC 128-128-10), gnj, batch 128, "
+             "Adam lr 1e-3, constant schedule, seed 0, compressed at the prior's default cut (log alpha -3) across "
+             "the graph, BatchNorm folded. Architecture: the groups kept per Bayesian layer (output channels of "
+             "convolutions, inputs of FC layers). `vgg-stability` trains the VGG 20 epochs on the first 10,000 "
+             "training examples at the default settings: its point is that no step is NaN (training stops at the "
+             "first non-finite ELBO or parameter)."), "", *runs_table(BEYOND_LENET)]
 
 
 FILE_SIZE_NOTES = ["", "## File sizes: `.bcz` version 2", "", """\
