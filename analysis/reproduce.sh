@@ -9,42 +9,48 @@
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 # Every hyperparameter is written here; each run's config.json and MODEL.json record them too.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-name=${1:?usage: bash analysis/reproduce.sh NAME [SEED]}
-seed=${2:-0}
-epochs=200; batch=128; lr=1e-3; warmup=0   # Adam, constant lr, no KL warm-up (official settings)
-eval_every=5   # posterior-mean errors every 5 epochs and at the end: evaluation draws nothing, training is the same
-extra=()       # further training options of a recipe
-pretrain=0     # epochs of plain-PyTorch pretraining for --init-from (analysis/pretrain.py), 0: none
-base=${name%-30}; [ "$base" != "$name" ] && epochs=30
-base=${base%-fast}
-model=${base%-*}; prior=${base##*-}
-case "$name" in
-  lenet300-gnj) compress=(--thresholds -2.8 -3 -5) ;;   # the official code's thresholds (docs/METHOD.md 6)
-  lenet5-gnj|lenet300-ghs) compress=(--max-error-increase 0.2) ;;  # no gap in log alpha: budget on validation
-  lenet5-ghs) compress=(--thresholds -3 -2.2 -2.6 -2.9) ;;  # gap middles; fc1 swept on validation (NOTES.md)
-  lenet300-lu|lenet5-lu) compress=(--thresholds 3 3 3 3) ;;     # Sparse VD's per-weight cut, log alpha 3
-  lenet300-gnj-30|lenet300-rhs-30) compress=() ;;  # each prior's default cut (log alpha -3): the same rule for both
-  lenet300-gnj-fast|lenet5-gnj-fast|lenet5-ghs-fast|lenet5-lu-fast)
-    pretrain=8; epochs=30; eval_every=5; extra=(--variance-lr-factor 30 --lr-schedule cosine)
-    compress=(--max-error-increase 0.1)  # 0.2 spent on pruning costs 0.2 of error; LeNet-5 keeps half the paper's
-    [ "$model" = lenet300 ] && { pretrain=10; epochs=80; eval_every=10; compress=(--max-error-increase 0.2); } ;;
-  resnet20-mnist|vgg-mnist)
-    model=${name%-mnist}; prior=gnj; epochs=10; eval_every=1; extra=(--width 0.25); compress=() ;;
-  vgg-stability)  # default settings otherwise: no NaN in 20 epochs is the point
-    model=vgg; prior=gnj; epochs=20; eval_every=1; extra=(--width 0.25 --subset 10000); compress=() ;;
-  *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
-esac
-[ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
-out=analysis/results/$name; [ "$seed" != 0 ] && out=$out/seeds/$seed
-mkdir -p "$out"
-if [ "$pretrain" != 0 ] && [ ! -f "$out/checkpoint.pt" ]; then
-  .venv/bin/python analysis/pretrain.py --model "$model" --epochs $pretrain --seed "$seed" --out "$out/pretrained.pt"
-fi
-[ "$pretrain" != 0 ] && extra+=(--init-from "$out/pretrained.pt")
-resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-.venv/bin/pyro-bc train --model "$model" --prior "$prior" --epochs $epochs --batch-size $batch --lr $lr \
-    --warmup-epochs $warmup --eval-every $eval_every --seed "$seed" "${extra[@]}" --out "$out" "${resume[@]}"
-.venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" "${compress[@]}"
-.venv/bin/pyro-bc report "$out" --compressed "$out/MODEL.bcz"
-.venv/bin/pyro-bc evaluate "$out/MODEL.bcz"
+
+# one function, read whole before it runs: editing this file cannot derail a run in flight
+main() {
+  cd "$(dirname "$0")/.."
+  name=${1:?usage: bash analysis/reproduce.sh NAME [SEED]}
+  seed=${2:-0}
+  epochs=200; batch=128; lr=1e-3; warmup=0   # Adam, constant lr, no KL warm-up (official settings)
+  eval_every=5   # posterior-mean errors every 5 epochs and at the end: evaluation draws nothing, training is the same
+  extra=()       # further training options of a recipe
+  pretrain=0     # epochs of plain-PyTorch pretraining for --init-from (analysis/pretrain.py), 0: none
+  base=${name%-30}; [ "$base" != "$name" ] && epochs=30
+  base=${base%-fast}
+  model=${base%-*}; prior=${base##*-}
+  case "$name" in
+    lenet300-gnj) compress=(--thresholds -2.8 -3 -5) ;;   # the official code's thresholds (docs/METHOD.md 6)
+    lenet5-gnj|lenet300-ghs) compress=(--max-error-increase 0.2) ;;  # no gap in log alpha: budget on validation
+    lenet5-ghs) compress=(--thresholds -3 -2.2 -2.6 -2.9) ;;  # gap middles; fc1 swept on validation (NOTES.md)
+    lenet300-lu|lenet5-lu) compress=(--thresholds 3 3 3 3) ;;     # Sparse VD's per-weight cut, log alpha 3
+    lenet300-gnj-30|lenet300-rhs-30) compress=() ;;  # each prior's default cut (log alpha -3): the same rule for both
+    lenet300-gnj-fast|lenet5-gnj-fast|lenet5-ghs-fast|lenet5-lu-fast)
+      pretrain=8; epochs=30; eval_every=5; extra=(--variance-lr-factor 30 --lr-schedule cosine)
+      compress=(--max-error-increase 0.1)  # 0.2 spent on pruning costs 0.2 of error; LeNet-5 keeps half the paper's
+      [ "$model" = lenet300 ] && { pretrain=10; epochs=80; eval_every=10; } ;;
+    resnet20-mnist|vgg-mnist)
+      model=${name%-mnist}; prior=gnj; epochs=10; eval_every=1; extra=(--width 0.25); compress=() ;;
+    vgg-stability)  # default settings otherwise: no NaN in 20 epochs is the point
+      model=vgg; prior=gnj; epochs=20; eval_every=1; extra=(--width 0.25 --subset 10000); compress=() ;;
+    *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
+  esac
+  [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
+  out=analysis/results/$name; [ "$seed" != 0 ] && out=$out/seeds/$seed
+  mkdir -p "$out"
+  if [ "$pretrain" != 0 ] && [ ! -f "$out/checkpoint.pt" ]; then
+    .venv/bin/python analysis/pretrain.py --model "$model" --epochs $pretrain --seed "$seed" --out "$out/pretrained.pt"
+  fi
+  [ "$pretrain" != 0 ] && extra+=(--init-from "$out/pretrained.pt")
+  resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
+  .venv/bin/pyro-bc train --model "$model" --prior "$prior" --epochs $epochs --batch-size $batch --lr $lr \
+      --warmup-epochs $warmup --eval-every $eval_every --seed "$seed" "${extra[@]}" --out "$out" "${resume[@]}"
+  .venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" "${compress[@]}"
+  .venv/bin/pyro-bc report "$out" --compressed "$out/MODEL.bcz"
+  .venv/bin/pyro-bc evaluate "$out/MODEL.bcz"
+}
+
+main "$@"
