@@ -114,7 +114,7 @@ def test_report_takes_the_kept_groups_from_model_json_without_pruning(run_copy, 
     def no_pruning(*args, **kwargs):
         raise AssertionError("the report pruned again")
 
-    monkeypatch.setattr("pyro_bc.report.prune", no_pruning)
+    monkeypatch.setattr("pyro_bc.report.prune_network", no_pruning)
     calls = _input_mask_spy(monkeypatch)
     text = write_report(run_copy, run_copy / "EDITED.bcz", num_samples=20).read_text()
     ((name, keep, threshold),) = calls
