@@ -157,8 +157,11 @@ class ValidationBudget(ThresholdRule):
 
     @staticmethod
     def _error(inputs: ThresholdInputs, thresholds: list[float]) -> float:
-        """Validation error (%) of the pruned and folded network at ``thresholds``, unrounded."""
+        """Validation error (%) of the pruned and folded network at ``thresholds``, unrounded; 100 where a layer
+        keeps nothing (no network is left to evaluate, and none is within any budget)."""
         layers = prune_network(inputs.net, inputs.posts, thresholds, inputs.input_means)
+        if any(layer.groups_kept == 0 for layer in layers):
+            return 100.0
         return error_percent(compressed_module(inputs.net, layers, None), inputs.val_x, inputs.val_y)
 
     def method(self, thresholds: list[float]) -> str:

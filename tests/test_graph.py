@@ -20,6 +20,7 @@ from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLinear
 from pyro_bc.posterior import analyse
 from pyro_bc.run_dir import TrainConfig
+from pyro_bc.thresholds import ThresholdInputs, ValidationBudget
 from pyro_bc.train import train
 
 KEPT, DROPPED = -30.0, 5.0  # z log-variances: log alpha about -30 (kept) or 5 (dropped) with E[z] near 1
@@ -202,6 +203,17 @@ def test_a_compressed_graph_written_and_loaded_equals_the_masked_network(tmp_pat
     x = torch.randn(4, 1, 28, 28, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), _masked(net, layers)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_budget_search_on_a_graph_treats_a_layer_pruned_to_nothing_as_over_budget():
+    net, g = _tiny(models.vgg.build, (1, 28, 28))  # a third of each layer's groups at log alpha 5, the rest -30
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        y = net.posterior_mean_network()(x).argmax(-1)  # the unpruned network is right on every example
+    inputs = ThresholdInputs(net, analyse_network(net, analyse(net)), x, y)
+    assert ValidationBudget._error(inputs, [-35.0] * len(net.layers)) == 100.0  # everything pruned: no network
+    # within a budget of 100 points, each search ends at the grid's lowest, -8, which prunes the third only
+    assert ValidationBudget(100.0).thresholds(inputs) == [-8.0] * len(net.layers)
 
 
 # -- end to end ----------------------------------------------------------------------------------------
