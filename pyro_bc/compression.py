@@ -176,6 +176,10 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     thresholds = rule.thresholds(ThresholdInputs(net, posts, val_x, val_y, means))
     method = rule.method(thresholds)
     layers = prune_network(net, posts, thresholds, means)
+    empty = [layer.post.name for layer in layers if layer.empty]
+    if empty:
+        raise ConfigError(f"the thresholds {thresholds} leave {', '.join(empty)} no weight (a .bcz cannot store an "
+                          "empty layer): raise their thresholds")
 
     def file_model(precision: Precision, metadata: dict | None = None) -> codec.CompressedModel:
         return codec.round_biases(compressed_model(net, layers, precision, metadata), "float16")  # RESULTS.md

@@ -75,6 +75,11 @@ class PrunedLayer:
         """Number of kept groups."""
         return int(self.keep_groups.sum())
 
+    @property
+    def empty(self) -> bool:
+        """Whether the layer keeps no weight (no group, or no input left to it): a ``.bcz`` cannot store it."""
+        return not bool(self.keep_in.any() and self.keep_out.any() and self.mask.any())
+
 
 def _own_mask(post: LayerPosterior, threshold: float) -> torch.Tensor:
     keep = post.log_alpha < threshold

@@ -158,9 +158,9 @@ class ValidationBudget(ThresholdRule):
     @staticmethod
     def _error(inputs: ThresholdInputs, thresholds: list[float]) -> float:
         """Validation error (%) of the pruned and folded network at ``thresholds``, unrounded; 100 where a layer
-        keeps nothing (no network is left to evaluate, and none is within any budget)."""
+        keeps no weight (a ``.bcz`` cannot store it: even a residual branch pruned away is not within budget)."""
         layers = prune_network(inputs.net, inputs.posts, thresholds, inputs.input_means)
-        if any(layer.groups_kept == 0 for layer in layers):
+        if any(layer.empty for layer in layers):
             return 100.0
         return error_percent(compressed_module(inputs.net, layers, None), inputs.val_x, inputs.val_y)
 

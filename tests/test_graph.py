@@ -14,7 +14,8 @@ import models.resnet
 import models.vgg
 from pyro_bc import codec
 from pyro_bc.compressed import compressed_model, compressed_module
-from pyro_bc.compression import compress_run, evaluate_file, load_run
+from pyro_bc.compression import compress, compress_run, evaluate_file, load_run
+from pyro_bc.errors import ConfigError
 from pyro_bc.graph import analyse_network, is_sequence, prune_network
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLinear
@@ -205,7 +206,7 @@ def test_a_compressed_graph_written_and_loaded_equals_the_masked_network(tmp_pat
         torch.testing.assert_close(loaded(x), _masked(net, layers)(x), rtol=1e-4, atol=1e-5)
 
 
-def test_the_budget_search_on_a_graph_treats_a_layer_pruned_to_nothing_as_over_budget():
+def test_the_budget_search_on_a_graph_treats_a_layer_pruned_to_nothing_as_over_budget(tmp_path):
     net, g = _tiny(models.vgg.build, (1, 28, 28))  # a third of each layer's groups at log alpha 5, the rest -30
     x = torch.randn(64, 1, 28, 28, generator=g)
     with torch.no_grad():
@@ -214,6 +215,15 @@ def test_the_budget_search_on_a_graph_treats_a_layer_pruned_to_nothing_as_over_b
     assert ValidationBudget._error(inputs, [-35.0] * len(net.layers)) == 100.0  # everything pruned: no network
     # within a budget of 100 points, each search ends at the grid's lowest, -8, which prunes the third only
     assert ValidationBudget(100.0).thresholds(inputs) == [-8.0] * len(net.layers)
+    # conv2 loses every channel: the chain has no path left, so every layer is empty, which a .bcz cannot
+    # store; the search counts the setting as over budget and compress refuses it in one line
+    _set(net.layers[1], range(net.layers[1].n_groups), g)
+    inputs = ThresholdInputs(net, analyse_network(net, analyse(net)), x, y)
+    layers = prune_network(net, inputs.posts, [-3.0] * len(net.layers), None)
+    assert {"conv2", "conv3"} <= {la.post.name for la in layers if la.empty}
+    assert ValidationBudget._error(inputs, [-3.0] * len(net.layers)) == 100.0
+    with pytest.raises(ConfigError, match=r"leave conv1, conv2, conv3, .*fc2 no weight"):  # every layer goes
+        compress(net, tmp_path / "m.bcz", val=(x, y), thresholds=[-3.0] * len(net.layers))
 
 
 # -- end to end ----------------------------------------------------------------------------------------
