@@ -173,15 +173,15 @@ def governed_weights(net: BayesianNet, posts: list[LayerPosterior]) -> list[floa
     weights that go when its most prunable group goes alone, all else kept. Measured by the pruning itself, so
     it counts what a group takes with it across the graph: its own weights and its neighbours' (an input
     neuron's column and the row that produced it)."""
-    keep_all = [float(post.log_alpha.max()) + 1.0 for post in posts]
+    tops = [float(post.log_alpha.max()) for post in posts]
+    keep_all = [top + 1.0 for top in tops]
 
     def weights_kept(thresholds: list[float]) -> int:
         return sum(int(layer.mask.sum()) for layer in prune_network(net, posts, thresholds, None))
 
     everything = weights_kept(keep_all)
     governed = []
-    for i, post in enumerate(posts):
-        top = float(post.log_alpha.max())
+    for i, (post, top) in enumerate(zip(posts, tops)):
         below = float(np.nextafter(np.float32(top), np.float32(-np.inf)))
         pruned = int((post.log_alpha > below).sum())  # the top group, and any that tie with it
         removed = everything - weights_kept(keep_all[:i] + [below] + keep_all[i + 1:])

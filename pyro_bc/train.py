@@ -99,7 +99,8 @@ def make_optimizer(net: BayesianNet, lr: float, variance_lr_factor: float = 1.0)
 
     With ``variance_lr_factor`` other than 1 the layers' :meth:`~pyro_bc.nn.BayesLayer.variance_parameters` form a
     second parameter group whose learning rate is ``lr`` times that factor (its ``lr_factor`` key, which the
-    schedule keeps applying).
+    schedule keeps applying). At 1 there is one group, as before the option existed, so that the optimiser state
+    of a checkpoint written then still loads.
     """
     if variance_lr_factor == 1.0:
         return torch.optim.Adam(net.parameters(), lr=lr, fused=True)
