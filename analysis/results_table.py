@@ -221,8 +221,9 @@ def time_section() -> list[str]:
             "are in `analysis/reproduce.sh`: a dense network pretrained by `analysis/pretrain.py` (8 epochs, "
             "LeNet-300-100 10), then `--init-from` it, `--variance-lr-factor 30` (the log-variances and group "
             "scales at 30 times the means' learning rate), a cosine schedule over 30 epochs (LeNet-300-100 80), "
-            "compressed with `--max-error-increase 0.1`. Target: the issue's time, and the paper's error and kept fraction. Runs shared the two cores with another training, so "
-            "the times are upper bounds."), "",
+            "compressed with `--max-error-increase 0.1` (lu: the lu rows' cut, log alpha 3). Target: the issue's time, "
+            "and the paper's error and kept fraction. Runs shared the two cores with other trainings, so the times "
+            "are upper bounds."), "",
            ("| recipe | seed | epochs | wall time | against the target | test error % | architecture | weights kept % | cr_fast | "
             "cr_file | validation error and groups kept along the way (epoch: ...) | command |"),
            "|" + "---|" * 12]
