@@ -52,15 +52,22 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
 
 @torch.no_grad()
 def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000) -> list[torch.Tensor]:
-    """Mean of every Bayesian layer's input in the posterior-mean network over the examples ``x``:
-    per feature for linear layers, per channel for convolutions (any body: read by forward pre-hooks)."""
+    """Mean of every Bayesian layer's input in the posterior-mean network over the examples ``x``: per feature
+    for linear layers; per channel for convolutions, averaged over examples *and* positions (the per-position
+    mean that :func:`~pyro_bc.posterior.fold_pruned_inputs` multiplies by each filter's summed weights). Any body:
+    read by forward pre-hooks."""
     mean_net = net.posterior_mean_network()
     sums = [torch.zeros((), dtype=torch.float64) for _ in net.layers]
-
-    def add(i: int, h: torch.Tensor) -> None:
-        sums[i] = sums[i] + (h.sum(0) if h.dim() == 2 else h.sum((0, 2, 3))).double()
+    counts = [0] * len(net.layers)
 
     modules = [mean_net.get_submodule(layer.site) for layer in net.layers]
+    feature_axes = [-1 if isinstance(m, torch.nn.Linear) else 1 for m in modules]
+
+    def add(i: int, h: torch.Tensor) -> None:
+        axis = feature_axes[i] % h.dim()
+        sums[i] = sums[i] + h.double().sum(tuple(d for d in range(h.dim()) if d != axis))
+        counts[i] += h.numel() // h.shape[axis]
+
     handles = [m.register_forward_pre_hook(lambda _m, args, i=i: add(i, args[0])) for i, m in enumerate(modules)]
     try:
         for start in range(0, len(x), batch_size):
@@ -68,7 +75,7 @@ def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000)
     finally:
         for handle in handles:
             handle.remove()
-    return [total / len(x) for total in sums]
+    return [total / max(count, 1) for total, count in zip(sums, counts)]
 
 
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
