@@ -39,9 +39,10 @@ from pyro_bc import codec
 from pyro_bc.compressed import compressed_model
 from pyro_bc.distributions import K1, K2, K3
 from pyro_bc.export import INPUT_NAME, export_bytes
+from pyro_bc.graph import prune_chain
 from pyro_bc.macs import count_macs
 from pyro_bc.nn import BayesConv2d, BayesLayer
-from pyro_bc.posterior import analyse, choose_precision, prune
+from pyro_bc.posterior import analyse, choose_precision
 from pyro_bc.train import NegativeELBO, svi_step
 
 HERE = Path(__file__).parent
@@ -224,7 +225,7 @@ def paper_sized_lenet5() -> tuple[nn.Module, nn.Module, str]:
             # fc1's kept inputs spread over conv2's kept channels (16 inputs each), others the first groups
             kept = torch.linspace(0, 16 * PAPER_GNJ_LENET5[1] - 1, keep).long() if layer.site == "fc1" else slice(keep)
             layer.prior.z_logvar[kept] = -9.0
-    layers = prune(analyse(net), [-3.0] * len(net.layers))
+    layers = prune_chain(analyse(net), [-3.0] * len(net.layers))
     arch = "-".join(str(layer.groups_kept) for layer in layers)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lenet5.bcz"

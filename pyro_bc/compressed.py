@@ -1,9 +1,10 @@
 """From a pruned, quantized posterior to the compressed network: the :class:`~pyro_bc.codec.CompressedModel`
 that the codec writes as a ``.bcz`` file, and the torch module it computes.
 
-:mod:`pyro_bc.posterior` (a flat sequence) and :mod:`pyro_bc.graph` (any other body) decide what is kept and
-at which precision; this module lays the kept weights out as the smaller layers (with ``select`` ops where a
-layer reads only some of its inputs): a chain for a sequence, a graph of nodes naming their inputs otherwise.
+:mod:`pyro_bc.graph` decides what is kept and :mod:`pyro_bc.posterior` at which precision; this module lays the
+kept weights out as the smaller layers, one item per node of the body's graph (with ``select`` ops where a layer
+reads only some of its inputs, and BatchNorm that follows no layer as a depthwise 1x1 convolution). A flat
+sequence's items each read the one before, so the file loads as an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from torch import nn
 from pyro_bc import codec
 from pyro_bc.bcz_model import FRAC_BITS_RANGE
 from pyro_bc.codec import CompressedModel, Op, QuantizedLayer
-from pyro_bc.graph import NETWORK_INPUT, BodyGraph, is_sequence, module_op
+from pyro_bc.graph import NETWORK_INPUT, BodyGraph
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLayer
 from pyro_bc.posterior import Precision, PrunedLayer, quantize
 
 AFFINE_BITS = 15  # fractional bits of a standalone BatchNorm's scale below its largest power of two
@@ -56,29 +56,8 @@ def _affine(name: str, affine: tuple[torch.Tensor, torch.Tensor], keep: torch.Te
                           inputs=inputs)
 
 
-def _chain(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None) -> list:
-    """The items of a flat sequence's compressed chain."""
-    items: list = []
-    by_layer = iter(enumerate(layers))
-    reaching = None  # bool over the previous layer's outputs that reach the next layer
-    for module in net.body:
-        if not isinstance(module, BayesLayer):
-            items.append(module_op(module))
-            continue
-        i, layer = next(by_layer)
-        available = torch.ones_like(layer.keep_in) if reaching is None else \
-            reaching.repeat_interleave(len(layer.keep_in) // len(reaching))
-        select = _select(available, layer.keep_in)
-        if select is not None:
-            items.append(select)
-        items.append(_layer(i, layer, precision))
-        reaching = layer.keep_out
-    return items
-
-
-def _graph(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None) -> list:
-    """The items of any other body's compressed graph, one per traced node (plus ``select`` ops)."""
-    graph = BodyGraph(net)
+def _items(graph: BodyGraph, layers: list[PrunedLayer], precision: Precision | None) -> list:
+    """The items of the compressed network, one per node of the body's graph (plus ``select`` ops)."""
     kept = graph.kept_positions(layers)
     items: list = []
     item_of = {NETWORK_INPUT: NETWORK_INPUT}  # node index -> the item computing its output
@@ -102,13 +81,15 @@ def _graph(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | N
 
 
 def compressed_model(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
-                     metadata: dict | None = None) -> CompressedModel:
+                     metadata: dict | None = None, graph: BodyGraph | None = None) -> CompressedModel:
     """The physically pruned network; weights rounded to each layer's grid (``precision``), or, with
-    ``precision=None``, kept at float32 precision (codes on a 2^-40 grid) for the pruned-only error."""
-    items = _chain(net, layers, precision) if is_sequence(net) else _graph(net, layers, precision)
+    ``precision=None``, kept at float32 precision (codes on a 2^-40 grid) for the pruned-only error.
+    ``graph``: ``net``'s, where the caller has built it."""
+    items = _items(graph or BodyGraph(net), layers, precision)
     return CompressedModel(items, net.input_shape, metadata or {})
 
 
-def compressed_module(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None) -> nn.Module:
+def compressed_module(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
+                      graph: BodyGraph | None = None) -> nn.Module:
     """The torch module of :func:`compressed_model` (as :func:`pyro_bc.codec.load` would rebuild it)."""
-    return codec.to_module(compressed_model(net, layers, precision))
+    return codec.to_module(compressed_model(net, layers, precision, graph=graph))

@@ -25,7 +25,7 @@ from pyro_bc.data import load_data
 from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.evaluate import error_percent
-from pyro_bc.graph import analyse_network, prune_network
+from pyro_bc.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.macs import add_macs
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
@@ -148,19 +148,20 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     val_x, val_y = val
     if net.input_shape is None:  # a converted network never trained: its input is the data's
         net.input_shape = tuple(val_x.shape[1:])
-    posts = analyse_network(net, analyse(net))  # BatchNorm folded in
+    graph = BodyGraph(net)  # traced once: every pruning and layout below reads it
+    posts = analyse_network(net, analyse(net), graph)  # BatchNorm folded in
     fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
     means = layer_input_means(net, train_x[:FOLD_EXAMPLES]) if fold else None
-    thresholds = rule.thresholds(ThresholdInputs(net, posts, val_x, val_y, means))
+    thresholds = rule.thresholds(ThresholdInputs(net, posts, val_x, val_y, means, graph))
     method = rule.method(thresholds)
-    layers = prune_network(net, posts, thresholds, means)
+    layers = prune_network(net, posts, thresholds, means, graph)
     empty = [layer.post.name for layer in layers if layer.empty]
     if empty:
         raise ConfigError(f"the thresholds {thresholds} leave {', '.join(empty)} no weight (a .bcz cannot store an "
                           "empty layer): raise their thresholds")
 
     def file_model(precision: Precision, metadata: dict | None = None) -> codec.CompressedModel:
-        return codec.round_biases(compressed_model(net, layers, precision, metadata), "float16")  # RESULTS.md
+        return codec.round_biases(compressed_model(net, layers, precision, metadata, graph), "float16")  # RESULTS.md
 
     variance = choose_precision(layers)
     precision = bits_rule.precision(BitsInputs(layers, variance, lambda p: error_percent(
@@ -174,7 +175,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     loaded = codec.load(out)
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
                              if p is not None)
-    pruned_only = masked_network(net, layers)  # what pruned_network(net, summary) rebuilds
+    pruned_only = masked_network(net, layers, graph)  # what pruned_network(net, summary) rebuilds
 
     def test_error(module: torch.nn.Module) -> float | None:
         return None if test is None else error_percent(module, *test)

@@ -1,4 +1,4 @@
-"""Pruning a network body that is not a flat sequence: residual sums, concatenations, BatchNorm, any module.
+"""Pruning any network body, a flat sequence or a graph: residual sums, concatenations, BatchNorm, any module.
 
 The posterior-mean network is traced with ``torch.fx`` into :class:`BodyGraph`: one node per layer or
 parameter-free op, each naming the nodes it reads, and a *channel variable* for every position along dim 1 of
@@ -12,9 +12,8 @@ share a variable:
   its inputs keep (a producer that pruned a channel others keep outputs it with zero weights).
 
 A variable stays while some layer producing it keeps a weight for it and some layer reading it keeps a weight
-reading it (the network's input and output always stay), iterated to a fixed point as
-:func:`pyro_bc.posterior.prune` does for a sequence. Eval-mode BatchNorm right after a layer is folded into that
-layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before thresholds and bits are chosen.
+reading it (the network's input and output always stay), iterated to a fixed point. Eval-mode BatchNorm right
+after a layer is folded into that layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before thresholds and bits are chosen.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from torch.fx.passes.shape_prop import ShapeProp
 from pyro_bc.bcz_model import Op
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLayer
 from pyro_bc.ops import elementwise_of_function, elementwise_of_method, elementwise_of_module
 from pyro_bc.posterior import (
     LayerPosterior,
@@ -42,7 +40,6 @@ from pyro_bc.posterior import (
     _own_mask,
     check_thresholds,
     fold_pruned_inputs,
-    prune_and_fold,
 )
 
 NETWORK_INPUT = -1  # the node index that names the network input
@@ -75,12 +72,6 @@ def module_op(module: nn.Module) -> Op | None:
             module.divisor_override is None:
         return Op("avgpool2d", {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
     return None
-
-
-def is_sequence(net: BayesianNet) -> bool:
-    """Whether the body is a flat ``nn.Sequential`` of Bayesian layers and ``.bcz`` ops (pyro_bc.posterior's case)."""
-    return isinstance(net.body, nn.Sequential) and all(
-        isinstance(m, BayesLayer) or module_op(m) is not None for m in net.body)
 
 
 @dataclasses.dataclass
@@ -134,9 +125,11 @@ class _Variables:
 
 class BodyGraph:
     """The traced body of ``net`` (which must know its input shape): its nodes in execution order, each
-    layer's input and output variables, and the BatchNorm that follows each layer."""
+    layer's input and output variables, and the BatchNorm that follows each layer. Every pruning decision is taken
+    on one (:meth:`prune`); :meth:`chain` builds one for a bare list of layer posteriors."""
 
     def __init__(self, net: BayesianNet):
+        self._start()
         if net.input_shape is None:
             raise ConfigError("the network's input shape is unknown: train it first or give input_shape")
         mean = net.posterior_mean_network()
@@ -149,10 +142,6 @@ class BodyGraph:
                               f"{(str(e).splitlines() or [''])[0]}")
         self.modules = dict(mean.named_modules())
         self.layer_index = {layer.site: i for i, layer in enumerate(net.layers)}
-        self.nodes: list[Node] = []
-        self.batchnorm: dict[int, nn.Module] = {}
-        self.batchnorm_names: dict[int, str] = {}  # layer index -> the path of the BatchNorm folded into it
-        self._variables = _Variables()
         position: dict[fx.Node, int] = {}
         for fx_node in module.graph.nodes:
             if fx_node.op == "placeholder":
@@ -162,15 +151,51 @@ class BodyGraph:
                 self._check_output(fx_node, position)
             else:
                 position[fx_node] = self._add(fx_node, position)
+        self._finish(len(net.layers))
+
+    def _start(self) -> None:
+        self.nodes: list[Node] = []
+        self.batchnorm: dict[int, nn.Module] = {}
+        self.batchnorm_names: dict[int, str] = {}  # layer index -> the path of the BatchNorm folded into it
+        self._variables = _Variables()
+
+    def _finish(self, n_layers: int) -> None:
+        """Each layer's node, and the variables renumbered by their representatives."""
         found = {node.layer: i for i, node in enumerate(self.nodes) if node.layer is not None}
-        if set(found) != set(range(len(net.layers))):
+        if set(found) != set(range(n_layers)):
             raise ConfigError("some Bayesian layers are not called in the network's forward")
-        self.layer_nodes = [self.nodes[found[i]] for i in range(len(net.layers))]
+        self.layer_nodes = [self.nodes[found[i]] for i in range(n_layers)]
         roots = self._variables.roots()
         self.input_variables = roots[self.input_variables]
         for node in self.nodes:
             node.variables = roots[node.variables]
         self.n_variables = int(roots.max()) + 1
+
+    @classmethod
+    def chain(cls, posts: list[LayerPosterior]) -> BodyGraph:
+        """The graph of a plain sequence of layers without a network: each layer reads the one before it, through
+        a flatten where it reads a multiple of that layer's outputs (each channel owning consecutive positions)."""
+        graph = cls.__new__(cls)
+        graph._start()
+        groups = [post.conv_args[3] if post.conv_args else 1 for post in posts]
+        graph.input_variables = graph._variables.new(posts[0].mean.shape[1] * groups[0])
+        source = NETWORK_INPUT
+        for i, post in enumerate(posts):
+            inputs, reads = graph.variables(source), post.mean.shape[1] * groups[i]
+            if reads != len(inputs):
+                if reads % len(inputs):
+                    raise ConfigError(f"{post.name} has {reads} inputs, not a multiple of {posts[i - 1].name}'s "
+                                      f"{len(inputs)} outputs: the body is not a plain sequence")
+                repeat = reads // len(inputs)
+                source = graph._append(Node(f"{post.name}.flatten", (source,), inputs.repeat_interleave(repeat),
+                                            op=Op("flatten", {"start_dim": 1}), repeat=repeat))
+                inputs = graph.variables(source)
+            depthwise = groups[i] > 1 and groups[i] == reads == post.mean.shape[0]
+            outputs = inputs if depthwise else graph._variables.new(post.mean.shape[0])
+            source = graph._append(Node(post.name, (source,), outputs, layer=i, depthwise=depthwise,
+                                        grouped=groups[i] > 1 and not depthwise))
+        graph._finish(len(posts))
+        return graph
 
     # -- tracing ---------------------------------------------------------------------------------
 
@@ -440,16 +465,20 @@ def _shape(fx_node: fx.Node) -> tuple[int, ...]:
     return tuple(fx_node.meta["tensor_meta"].shape)
 
 
-def analyse_network(net: BayesianNet, posts: list[LayerPosterior]) -> list[LayerPosterior]:
-    """``posts`` (:func:`pyro_bc.posterior.analyse`) with BatchNorm folded in, for a body that is not a sequence."""
-    return posts if is_sequence(net) else BodyGraph(net).fold_batchnorm(posts)
+def analyse_network(net: BayesianNet, posts: list[LayerPosterior], graph: BodyGraph | None = None
+                    ) -> list[LayerPosterior]:
+    """``posts`` (:func:`pyro_bc.posterior.analyse`) with BatchNorm folded in (``graph``: ``net``'s, if built)."""
+    return (graph or BodyGraph(net)).fold_batchnorm(posts)
 
 
 def prune_network(net: BayesianNet, posts: list[LayerPosterior], thresholds: list[float],
-                  input_means: list[torch.Tensor] | None) -> list[PrunedLayer]:
-    """:func:`pyro_bc.posterior.prune_and_fold` for a sequence; for any other body, the graph's pruning, then
-    (given the layers' input means) :func:`pyro_bc.posterior.fold_pruned_inputs`."""
-    if is_sequence(net):
-        return prune_and_fold(posts, thresholds, input_means)
-    layers = BodyGraph(net).prune(posts, thresholds)
+                  input_means: list[torch.Tensor] | None, graph: BodyGraph | None = None) -> list[PrunedLayer]:
+    """The pruning of ``net`` (:meth:`BodyGraph.prune` on ``graph``, ``net``'s graph built once by the caller that
+    prunes many times, or here), then, given the layers' input means, :func:`pyro_bc.posterior.fold_pruned_inputs`."""
+    layers = (graph or BodyGraph(net)).prune(posts, thresholds)
     return layers if input_means is None else fold_pruned_inputs(layers, input_means)
+
+
+def prune_chain(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLayer]:
+    """The pruning of a plain sequence of layers given only their posteriors (:meth:`BodyGraph.chain`)."""
+    return BodyGraph.chain(posts).prune(posts, thresholds)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pyro_bc.errors import ConfigError
-from pyro_bc.graph import BodyGraph, analyse_network, is_sequence, prune_network
+from pyro_bc.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import PrunedLayer, analyse
 
@@ -48,15 +48,14 @@ def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000)
 
 
 @torch.no_grad()
-def masked_network(net: BayesianNet, layers: list[PrunedLayer]) -> nn.Module:
+def masked_network(net: BayesianNet, layers: list[PrunedLayer], graph: BodyGraph | None = None) -> nn.Module:
     """``net``'s posterior-mean network with each Bayesian layer holding ``layers``' kept ``E[w]`` (the rest
     zero) and bias (BatchNorm and any fold included, pruned outputs zero); the folded BatchNorm modules become
     identities."""
     mean = net.posterior_mean_network()
-    if not is_sequence(net):
-        for name in BodyGraph(net).batchnorm_names.values():
-            parent, _, child = name.rpartition(".")
-            setattr(mean.get_submodule(parent) if parent else mean, child, nn.Identity())
+    for name in (graph or BodyGraph(net)).batchnorm_names.values():
+        parent, _, child = name.rpartition(".")
+        setattr(mean.get_submodule(parent) if parent else mean, child, nn.Identity())
     for bayes, layer in zip(net.layers, layers):
         module = mean.get_submodule(bayes.site)
         weight = torch.where(layer.mask, layer.post.mean, torch.zeros((), dtype=layer.post.mean.dtype))
@@ -105,6 +104,7 @@ def pruned_network(net: BayesianNet, summary: dict,
         was_training = net.training
         means = layer_input_means(net.eval(), x[:FOLD_EXAMPLES].to(next(net.parameters()).device))
         net.train(was_training)
-    layers = prune_network(net, analyse_network(net, analyse(net)), thresholds, means)
+    graph = BodyGraph(net)
+    layers = prune_network(net, analyse_network(net, analyse(net), graph), thresholds, means, graph)
     check_pruning(layers, summary)
-    return masked_network(net, layers)
+    return masked_network(net, layers, graph)

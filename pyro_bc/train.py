@@ -117,6 +117,10 @@ def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet
              shard: tuple[int, int] | None = None, clip_grad_norm: float | None = None) -> torch.Tensor:
     """One optimiser step on ``loss`` (a :class:`NegativeELBO`, maybe wrapped), then variance clipping.
 
+    Pyro validates every distribution's arguments by default, which makes this step about half as fast; the
+    training loop (``fit``, ``pyro-bc train``) runs it inside ``pyro.validation_enabled(False)``, and so should a
+    loop of your own once the model runs (``with pyro.validation_enabled(False): ...``).
+
     ``clip_grad_norm``: the gradients' total 2-norm is scaled down to at most this before the step
     (:func:`torch.nn.utils.clip_grad_norm_`; under data parallelism after the all-reduce, so alike in every process).
     """

@@ -13,7 +13,8 @@ import torch
 from pyro_bc.compression import compress_run, evaluate_file, format_table, load_run
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
-from pyro_bc.posterior import analyse, prune
+from pyro_bc.graph import prune_chain
+from pyro_bc.posterior import analyse
 from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
 
 LAYER_KEYS = {"name", "groups_total", "groups_kept", "weights_total", "weights_kept", "bits", "exponent_bits",
@@ -66,7 +67,7 @@ def test_given_thresholds(given):
 
 def test_model_json_records_the_kept_groups(run, given):
     path, summary = given
-    pruned = prune(analyse(load_run(run)[0]), [-3.0, -2.0, -1.0])
+    pruned = prune_chain(analyse(load_run(run)[0]), [-3.0, -2.0, -1.0])
     for row, layer in zip(summary["layers"], pruned):
         assert row["kept_groups"] == torch.nonzero(layer.keep_groups).flatten().tolist()
         assert len(row["kept_groups"]) == row["groups_kept"]

@@ -12,11 +12,12 @@ from torch import nn
 
 import models.resnet
 import models.vgg
+from models import build_network
 from pyro_bc import codec
 from pyro_bc.compressed import compressed_model, compressed_module
 from pyro_bc.compression import compress, compress_run, evaluate_file, load_run
 from pyro_bc.errors import ConfigError
-from pyro_bc.graph import analyse_network, is_sequence, prune_network
+from pyro_bc.graph import BodyGraph, analyse_network, prune_chain, prune_network
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLinear
 from pyro_bc.posterior import analyse
@@ -143,7 +144,6 @@ def _coupled(body, dropped):
     g = torch.Generator().manual_seed(3)
     for layer in net.layers:
         _set(layer, dropped.get(layer.site, ()), g)
-    assert not is_sequence(net)
     layers, module = _compress(net, [-3.0] * len(net.layers))
     x = torch.randn(3, 2, 5, 5, generator=g)
     with torch.no_grad():
@@ -248,3 +248,21 @@ def test_evaluate_reproduces_compress(tmp_path, module):
     folds = {row["name"]: row["fold"] for row in json.loads((tmp_path / "model.json").read_text())["layers"]}
     assert folds["conv1"] == "off: padded convolution"
     assert folds["fc" if module == "resnet" else "fc2"] == "on"
+
+
+@pytest.mark.parametrize("model", ["lenet300", "lenet5"])
+def test_a_traced_sequence_and_its_chain_of_posteriors_prune_alike(model):
+    """One pruning algorithm, two ways to build its graph: traced from the network, or laid out from the layers'
+    posteriors alone (:meth:`BodyGraph.chain`). On a sequence they must keep the same weights."""
+    torch.manual_seed(0)
+    net = build_network(model, "gnj", input_shape=(1, 28, 28))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.prior.z_logvar.copy_(torch.randn(layer.prior.z_logvar.shape, generator=g) * 3 - 3)
+    posts = analyse(net)
+    thresholds = [-3.05, -2.95, -3.1, -2.9][: len(posts)]
+    traced, chained = BodyGraph(net).prune(posts, thresholds), prune_chain(posts, thresholds)
+    for a, b in zip(traced, chained):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.keep_in, b.keep_in) and torch.equal(a.keep_out, b.keep_out)
+    assert 0 < sum(int(a.mask.sum()) for a in traced) < sum(a.mask.numel() for a in traced)
