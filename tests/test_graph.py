@@ -6,6 +6,7 @@ for a tiny trained ResNet and VGG."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from pyro_bc import codec
 from pyro_bc.compressed import compressed_model, compressed_module
 from pyro_bc.compression import compress, compress_run, evaluate_file, load_run
 from pyro_bc.errors import ConfigError
-from pyro_bc.graph import analyse_network, is_sequence, prune_network
+from pyro_bc.graph import BodyGraph, analyse_network, is_sequence, prune_network
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLinear
 from pyro_bc.posterior import analyse
@@ -184,6 +185,27 @@ def test_a_depthwise_convolution_ties_its_inputs_to_its_outputs():
     assert layers["c"].keep_in.tolist() == tied
     assert _shapes(module) == [(3, 2, 1, 1), (3, 1, 3, 3), (3, 3, 1, 1)]
     assert [m.groups for m in module.modules() if isinstance(m, nn.Conv2d)] == [1, 3, 1]
+
+
+def test_a_channel_exactly_at_the_threshold_is_pruned_across_the_graph():
+    """Kept iff log alpha < threshold: the concatenation's channel whose log alpha equals its layer's threshold goes
+    (with the fc inputs that read it); one float32 step above the threshold, it stays."""
+    torch.manual_seed(0)
+    net = BayesianNet(Concatenation(), input_shape=(2, 5, 5))
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:
+        _set(layer, (), g)
+    with torch.no_grad():
+        net.body.a.prior.z_logvar[1] = -2.0  # log alpha of a's channel 1 near -2; the others near -30
+    posts = analyse_network(net, analyse(net))
+    at = float(posts[0].log_alpha[1])
+    above = float(np.nextafter(np.float32(at), np.float32(np.inf)))
+    graph = BodyGraph(net)
+    a, _, fc = graph.prune(posts, [at, -3.0, -3.0])
+    assert a.keep_out.tolist() == [True, False, True] and not a.mask[1].any()
+    assert fc.keep_in.tolist() == [True, False, True, True, True]
+    a, _, fc = graph.prune(posts, [above, -3.0, -3.0])
+    assert a.keep_out.tolist() == [True] * 3 and a.mask.all() and fc.keep_in.all()
 
 
 # -- files ---------------------------------------------------------------------------------------------
