@@ -7,9 +7,11 @@ import math
 import os
 import struct
 
+import masked_reference
 import pytest
 import torch
 
+import pyro_bc
 from pyro_bc.compression import compress_run, evaluate_file, format_table, load_run
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
@@ -73,6 +75,56 @@ def test_model_json_records_the_kept_groups(run, given):
     text = path.with_suffix(".json").read_text()
     assert text.count('"kept_groups": [') == 3
     assert all(line.rstrip().endswith(("],", "]")) for line in text.splitlines() if '"kept_groups"' in line)
+
+
+def _reference_errors(net, summary, fold_x, sets):
+    """Errors of the masked reference (tests/masked_reference.py) counted here, and its compressed logits."""
+    pruned = masked_reference.reference_params(net, summary, fold_x, rounded=False)
+    rounded = masked_reference.reference_params(net, summary, fold_x, rounded=True)
+    plain = [masked_reference.posterior_means(layer) for layer in net.layers]
+    errors = {}
+    for name, params, (x, y) in (("error_posterior_mean", plain, sets["test"]), ("error_pruned", pruned, sets["test"]),
+                                 ("error_compressed", rounded, sets["test"]),
+                                 ("val_error_compressed", rounded, sets["val"])):
+        errors[name] = masked_reference.error_percent(masked_reference.logits(net, params, x), y)
+    return errors, rounded
+
+
+def _assert_matches_reference(path, summary, net, fold_x, sets):
+    """MODEL.json's errors are those of the masked reference, to one example (float32 against float64 may flip a
+    near tie), and the loaded file computes the reference's logits."""
+    errors, rounded = _reference_errors(net, summary, fold_x, sets)
+    for key, want in errors.items():
+        one = 100.0 / len(sets["val" if key.startswith("val") else "test"][1])
+        assert abs(summary[key] - want) <= one + 1e-9, (key, summary[key], want)
+    x = sets["test"][0][:500]
+    want = masked_reference.logits(net, rounded, x)
+    with torch.no_grad():
+        got = pyro_bc.load(path)(x).double()
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    return errors
+
+
+@pytest.fixture(scope="module")
+def halved(run, tmp_path_factory):
+    """The run compressed at thresholds that keep 40-60% of each layer's groups and equal no log alpha."""
+    path = tmp_path_factory.mktemp("halved") / "model.bcz"
+    thresholds = [masked_reference.unambiguous_threshold(p.log_alpha) for p in analyse(load_run(run)[0])]
+    return path, compress_run(run, path, thresholds=thresholds)
+
+
+def test_errors_are_those_of_a_masked_network_built_by_hand(run, halved):
+    """The trained LeNet-300-100 pruned to about half of each layer's groups, folded (the gnj default) with the means
+    of the first 10,000 training images, against the masked, folded and rounded reference built from kept_groups."""
+    path, summary = halved
+    net, config, _ = load_run(run)
+    data = load_mnist(config.data, val_size=config.val_size, seed=config.seed)
+    assert summary["fold_pruned_inputs"] is True
+    for row, total in zip(summary["layers"], (784, 300, 100)):
+        assert 0.3 * total < row["groups_kept"] < 0.7 * total  # about half kept, after propagation
+    sets = {"test": (data.test.x, data.test.y), "val": (data.val.x, data.val.y)}
+    errors = _assert_matches_reference(path, summary, net, data.train.x[:10_000], sets)
+    assert errors["error_pruned"] != errors["error_posterior_mean"]  # the pruning changes what the network computes
 
 
 def test_evaluate_file_matches_model_json(given):
