@@ -84,10 +84,10 @@ def masks(net: BayesianNet, summary: dict) -> list[torch.Tensor]:
     return out
 
 
-def reference_params(net: BayesianNet, summary: dict, fold_x: torch.Tensor | None,
+def reference_params(net: BayesianNet, summary: dict, means: list[torch.Tensor] | None,
                      rounded: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The masked (folded with the means over ``fold_x``, unless None; rounded, if asked) weights and biases."""
-    means = None if fold_x is None else input_means(net, fold_x)
+    """The masked weights and biases: folded with the layers' input ``means`` (:func:`input_means`; None: no fold),
+    and rounded, if asked."""
     params = []
     for i, (layer, mask, row) in enumerate(zip(net.layers, masks(net, summary), summary["layers"])):
         w, b = posterior_means(layer)

@@ -11,6 +11,7 @@ import masked_reference
 import pytest
 import torch
 
+import models.lenet5
 import pyro_bc
 from pyro_bc.compression import compress_run, evaluate_file, format_table, load_run
 from pyro_bc.data import load_mnist
@@ -77,30 +78,24 @@ def test_model_json_records_the_kept_groups(run, given):
     assert all(line.rstrip().endswith(("],", "]")) for line in text.splitlines() if '"kept_groups"' in line)
 
 
-def _reference_errors(net, summary, fold_x, sets):
-    """Errors of the masked reference (tests/masked_reference.py) counted here, and its compressed logits."""
-    pruned = masked_reference.reference_params(net, summary, fold_x, rounded=False)
-    rounded = masked_reference.reference_params(net, summary, fold_x, rounded=True)
-    plain = [masked_reference.posterior_means(layer) for layer in net.layers]
-    errors = {}
-    for name, params, (x, y) in (("error_posterior_mean", plain, sets["test"]), ("error_pruned", pruned, sets["test"]),
-                                 ("error_compressed", rounded, sets["test"]),
-                                 ("val_error_compressed", rounded, sets["val"])):
-        errors[name] = masked_reference.error_percent(masked_reference.logits(net, params, x), y)
-    return errors, rounded
-
-
 def _assert_matches_reference(path, summary, net, fold_x, sets):
-    """MODEL.json's errors are those of the masked reference, to one example (float32 against float64 may flip a
-    near tie), and the loaded file computes the reference's logits."""
-    errors, rounded = _reference_errors(net, summary, fold_x, sets)
-    for key, want in errors.items():
-        one = 100.0 / len(sets["val" if key.startswith("val") else "test"][1])
-        assert abs(summary[key] - want) <= one + 1e-9, (key, summary[key], want)
-    x = sets["test"][0][:500]
-    want = masked_reference.logits(net, rounded, x)
+    """MODEL.json's errors are those of the masked reference (tests/masked_reference.py) counted here, to one example
+    (float32 against float64 may flip a near tie), and the loaded file computes the rounded reference's logits."""
+    ref = masked_reference
+    means = ref.input_means(net, fold_x)
+    params = {"error_posterior_mean": [ref.posterior_means(layer) for layer in net.layers],
+              "error_pruned": ref.reference_params(net, summary, means, rounded=False),
+              "error_compressed": ref.reference_params(net, summary, means, rounded=True)}
+    params["val_error_compressed"] = params["error_compressed"]
+    errors, scores = {}, {}
+    for key, p in params.items():
+        x, y = sets["val" if key.startswith("val") else "test"]
+        scores[key] = ref.logits(net, p, x)
+        errors[key] = ref.error_percent(scores[key], y)
+        assert abs(summary[key] - errors[key]) <= 100.0 / len(y) + 1e-9, (key, summary[key], errors[key])
+    want = scores["error_compressed"]
     with torch.no_grad():
-        got = pyro_bc.load(path)(x).double()
+        got = pyro_bc.load(path)(sets["test"][0]).double()
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
     return errors
 
@@ -127,10 +122,43 @@ def test_errors_are_those_of_a_masked_network_built_by_hand(run, halved):
     assert errors["error_pruned"] != errors["error_posterior_mean"]  # the pruning changes what the network computes
 
 
-def test_evaluate_file_matches_model_json(given):
-    path, summary = given
+def test_lenet5_errors_are_those_of_a_masked_network_built_by_hand(tmp_path):
+    """LeNet-5 with hand-set posteriors (no training): conv1's channels 0-4, conv2's 0-9, fc1's inputs 500-799 and
+    fc2's inputs 0-99 at log alpha 5, the rest at -30. conv2 is unpadded, so it folds conv1's pruned channels with
+    their mean over examples *and* positions; fc1 folds conv2's, fc2 fc1's."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    net = models.lenet5.build("gnj")
+    dropped = [range(5), range(10), range(500, 800), range(100)]
+    with torch.no_grad():
+        for layer, drop, var in zip(net.layers, dropped, (1e-3, 1e-4, 1e-2, 1e-3)):
+            layer.prior.z_mu.copy_(torch.rand(layer.prior.z_mu.shape, generator=g) * 0.2 + 0.9)
+            layer.prior.z_logvar.fill_(-30.0)
+            layer.prior.z_logvar[list(drop)] = 5.0
+            layer.weight_logvar.fill_(math.log(var))
+            layer.bias_mu.copy_(torch.rand(layer.bias_mu.shape, generator=g) - 0.5)
+    data = load_mnist(val_size=200)
+    sets = {"test": (data.test.x[:500], data.test.y[:500]), "val": (data.val.x, data.val.y)}
+    train_x = data.train.x[:500]
+    path = tmp_path / "lenet5.bcz"
+    summary = pyro_bc.compress(net, path, val=sets["val"], train=(train_x, data.train.y[:500]), test=sets["test"],
+                               thresholds=[-3.0] * 4)
+    # fc1's inputs 500-799 are all 16 of conv2's channels 32-49 and 12 of channel 31's: conv2 keeps channels 10-31,
+    # fc1 the 16 inputs of channels 10-30 and 4 of channel 31
+    assert [row["groups_kept"] for row in summary["layers"]] == [15, 22, 21 * 16 + 4, 400]
+    assert [row["fold"] for row in summary["layers"]] == ["on"] * 4
+    errors = _assert_matches_reference(path, summary, net, train_x, sets)
+    assert len(set(errors.values())) > 1
+
+
+def test_evaluate_file_matches_model_json(halved):
+    """evaluate's error is MODEL.json's and the one counted here from the loaded file's outputs on the test set."""
+    path, summary = halved
     result = evaluate_file(path)
-    assert result["error"] == summary["error_compressed"]
+    test = load_mnist().test
+    with torch.no_grad():
+        wrong = int((pyro_bc.load(path)(test.x).argmax(1) != test.y).sum())
+    assert result["error"] == summary["error_compressed"] == 100 * wrong / 10000
     assert result["n"] == 10000
     assert result["ms_per_batch_compressed"] > 0
 
