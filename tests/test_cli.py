@@ -129,6 +129,7 @@ def test_fold_is_the_default_for_group_priors_and_no_fold_turns_it_off(run, tmp_
 
 # -- evaluate -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_evaluate_reproduces_a_committed_result(capsys):
     path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
     assert main(["evaluate", str(path)]) == 0
@@ -192,6 +193,7 @@ def _train_cmd(out: Path) -> list[str]:
             "--subset", "600", "--batch-size", "100", "--val-size", "1000", "--seed", "3", "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     run_a, run_b = tmp_path / "a", tmp_path / "b"

@@ -506,6 +506,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"
 COMMITTED = sorted(RESULTS.rglob("MODEL.bcz"))  # every run's file, seeds and the CNNs included (all on MNIST)
 
 
+@pytest.mark.slow
 def test_importing_the_package_leaves_the_codec_for_load() -> None:
     code = "import sys, pyro_bc; print('pyro_bc.codec' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -517,6 +518,7 @@ def test_load_reports_a_missing_file_as_a_format_error(tmp_path: Path) -> None:
         pyro_bc.load(tmp_path / "missing.bcz")
 
 
+@pytest.mark.slow
 def test_committed_results_load_and_reproduce_their_test_error() -> None:
     test = load_mnist(None).test
     assert len(COMMITTED) >= 20

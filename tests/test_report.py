@@ -174,6 +174,7 @@ def test_report_of_an_uncompressed_residual_network_prunes_across_the_graph(tmp_
         p.numel() for p in build_network("resnet20", width=0.25).posterior_mean_network().parameters())
 
 
+@pytest.mark.slow
 def test_report_does_not_import_training():
     code = "import sys, pyro_bc.report; print('pyro_bc.train' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
