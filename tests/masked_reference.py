@@ -14,9 +14,12 @@ layer's ``mantissa_bits``, and each bias on the nearest float16.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+import pyro_bc
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLayer
 
@@ -135,3 +138,26 @@ def unambiguous_threshold(log_alpha: torch.Tensor, lo: float = 0.4, hi: float = 
     threshold = float(torch.tensor((left + right) / 2, dtype=torch.float32))
     assert left < threshold < right, (left, threshold, right)
     return threshold
+
+
+def assert_matches(path: Path, summary: dict, net: BayesianNet, fold_x: torch.Tensor,
+                   sets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """A summary's errors (``sets``: ``"test"`` and ``"val"`` examples) are those of the reference counted here, to one
+    example (float32 against float64 may flip a near tie), and the file at ``path`` computes the rounded reference's
+    logits; returns the reference's errors."""
+    means = input_means(net, fold_x)
+    params = {"error_posterior_mean": [posterior_means(layer) for layer in net.layers],
+              "error_pruned": reference_params(net, summary, means, rounded=False),
+              "error_compressed": reference_params(net, summary, means, rounded=True)}
+    params["val_error_compressed"] = params["error_compressed"]
+    errors, scores = {}, {}
+    for key, p in params.items():
+        x, y = sets["val" if key.startswith("val") else "test"]
+        scores[key] = logits(net, p, x)
+        errors[key] = error_percent(scores[key], y)
+        assert abs(summary[key] - errors[key]) <= 100.0 / len(y) + 1e-9, (key, summary[key], errors[key])
+    want = scores["error_compressed"]
+    with torch.no_grad():
+        got = pyro_bc.load(path)(sets["test"][0]).double()
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    return errors

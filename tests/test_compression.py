@@ -78,28 +78,6 @@ def test_model_json_records_the_kept_groups(run, given):
     assert all(line.rstrip().endswith(("],", "]")) for line in text.splitlines() if '"kept_groups"' in line)
 
 
-def _assert_matches_reference(path, summary, net, fold_x, sets):
-    """MODEL.json's errors are those of the masked reference (tests/masked_reference.py) counted here, to one example
-    (float32 against float64 may flip a near tie), and the loaded file computes the rounded reference's logits."""
-    ref = masked_reference
-    means = ref.input_means(net, fold_x)
-    params = {"error_posterior_mean": [ref.posterior_means(layer) for layer in net.layers],
-              "error_pruned": ref.reference_params(net, summary, means, rounded=False),
-              "error_compressed": ref.reference_params(net, summary, means, rounded=True)}
-    params["val_error_compressed"] = params["error_compressed"]
-    errors, scores = {}, {}
-    for key, p in params.items():
-        x, y = sets["val" if key.startswith("val") else "test"]
-        scores[key] = ref.logits(net, p, x)
-        errors[key] = ref.error_percent(scores[key], y)
-        assert abs(summary[key] - errors[key]) <= 100.0 / len(y) + 1e-9, (key, summary[key], errors[key])
-    want = scores["error_compressed"]
-    with torch.no_grad():
-        got = pyro_bc.load(path)(sets["test"][0]).double()
-    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
-    return errors
-
-
 @pytest.fixture(scope="module")
 def halved(run, tmp_path_factory):
     """The run compressed at thresholds that keep 40-60% of each layer's groups and equal no log alpha."""
@@ -118,7 +96,7 @@ def test_errors_are_those_of_a_masked_network_built_by_hand(run, halved):
     for row, total in zip(summary["layers"], (784, 300, 100)):
         assert 0.3 * total < row["groups_kept"] < 0.7 * total  # about half kept, after propagation
     sets = {"test": (data.test.x, data.test.y), "val": (data.val.x, data.val.y)}
-    errors = _assert_matches_reference(path, summary, net, data.train.x[:10_000], sets)
+    errors = masked_reference.assert_matches(path, summary, net, data.train.x[:10_000], sets)
     assert errors["error_pruned"] != errors["error_posterior_mean"]  # the pruning changes what the network computes
 
 
@@ -147,7 +125,7 @@ def test_lenet5_errors_are_those_of_a_masked_network_built_by_hand(tmp_path):
     # fc1 the 16 inputs of channels 10-30 and 4 of channel 31
     assert [row["groups_kept"] for row in summary["layers"]] == [15, 22, 21 * 16 + 4, 400]
     assert [row["fold"] for row in summary["layers"]] == ["on"] * 4
-    errors = _assert_matches_reference(path, summary, net, train_x, sets)
+    errors = masked_reference.assert_matches(path, summary, net, train_x, sets)
     assert len(set(errors.values())) > 1
 
 
