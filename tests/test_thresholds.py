@@ -49,6 +49,14 @@ def test_gap_rule_hand_built():
     assert gap([-9.0, -8.9, -5.0, 1.0, 1.1], [-6.0, -5.0, -4.0]) == [-2.0, -3.0]
 
 
+def test_gap_rule_boundaries_count_at_equality():
+    # a gap of exactly the minimum 2 nats counts; so does a gap that touches [-6, 2] at one end (then clipped)
+    assert gap([-5.0, -3.0]) == [-4.0]
+    assert gap([-10.0, -6.0]) == [-6.0]
+    assert gap([2.0, 5.0]) == [2.0]
+    assert gap([-5.0, -3.0 - 2**-20]) == [-3.0]  # just under 2 nats: the fallback
+
+
 def test_gap_rule_settings_change_the_rule():
     values = [-9.0, -8.0, -6.5, -5.0]  # gaps of 1 and 1.5 nats
     assert GapRule(min_gap=1.5).thresholds(ThresholdInputs(None, [post(values)])) == [-5.75]
