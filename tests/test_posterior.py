@@ -166,6 +166,19 @@ def test_per_weight_masks_dead_neurons_disappear():
     assert l2.keep_out.tolist() == [True, True]
 
 
+def test_a_group_exactly_at_the_threshold_is_pruned():
+    """Kept iff log alpha < threshold: at equality the group goes, just below it stays (per group and per weight)."""
+    at, below = -2.5, float(np.nextafter(np.float32(-2.5), np.float32(-np.inf)))
+    [layer] = prune_chain([fc("l", 2, 4, [below, at, at + 1.0, -9.0])], [at])
+    assert layer.keep_in.tolist() == [True, False, False, True]
+    assert rows_cols(layer.mask) == ({0, 1}, {0, 3})
+    c, f = prune_chain([conv("c", 3, 1, la=[at, below, at]), fc("f", 2, 3)], [at, 0.0])
+    assert c.keep_out.tolist() == [False, True, False] and f.keep_in.tolist() == [False, True, False]
+    la = torch.tensor([[below, at], [at, below]])
+    [weights] = prune_chain([fc("w", 2, 2, la, per_weight=True)], [at])
+    assert weights.mask.tolist() == [[True, False], [False, True]]
+
+
 def test_prune_rejects_bad_thresholds():
     posts = [fc("l1", 3, 4), fc("l2", 2, 3)]
     with pytest.raises(ConfigError, match="2 layers"):
