@@ -83,9 +83,9 @@ class Network:
 NETWORKS = {
     "lenet300": Network("LeNet-300-100", 128, (1, 28, 28), 55_000, rounds=30, per_round=5, warmup=5),
     "lenet5": Network("LeNet-5", 128, (1, 28, 28), 55_000, rounds=20, per_round=3, warmup=3),
-    "resnet18": Network("ResNet-18 (torchvision, 10 classes)", 64, (3, 32, 32), 50_000, rounds=10, per_round=2,
+    "resnet18": Network("ResNet-18 (torchvision, 3x32x32, 10 classes)", 64, (3, 32, 32), 50_000, rounds=10, per_round=2,
                         warmup=2),
-    "vgg": Network("VGG (models/vgg.py)", 64, (3, 32, 32), 50_000, rounds=6, per_round=1, warmup=1),
+    "vgg": Network("VGG (models/vgg.py, 3x32x32)", 64, (3, 32, 32), 50_000, rounds=6, per_round=1, warmup=1),
 }
 
 
