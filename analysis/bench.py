@@ -190,6 +190,11 @@ def interleaved_samples(steps: dict[str, Callable[[], object]], rounds: int, per
     return times
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (inclusive: of 1, 2, 3, 4, 5 they are 2, 3, 4)."""
+    return tuple(statistics.quantiles(values, n=4, method="inclusive")) if len(values) > 1 else (values[0],) * 3
+
+
 def time_interleaved(steps: dict, repeats: int, warmup: int = 10) -> dict[str, float]:
     """The median milliseconds of each step over ``repeats`` interleaved rounds of one call each."""
     times = interleaved_samples(steps, repeats, 1, warmup)
@@ -568,6 +573,11 @@ PEER_COLUMNS = {"dense": "dense", "pyro_bc": "pyro-bc (gnj, local reparameterisa
                 "tyxe_lrt": "TyXe, local reparameterisation"}
 
 
+#: issue #30: pyro-bc's step at most each peer's on these networks
+PEER_TARGETS = {"bt_reparam": ("lenet300", "lenet5", "resnet18"), "bt_flipout": ("lenet300", "lenet5", "resnet18", "vgg"),
+                "tyxe_lrt": ("lenet300", "lenet5", "resnet18", "vgg")}
+
+
 def peers_section(r: dict) -> list[str]:
     """pyro-bc's step against bayesian-torch's and TyXe's, from ``analysis/bench_peers.py``."""
     methods = [m for m in PEER_COLUMNS if any(m in x["methods"] for x in r["networks"])]
@@ -579,7 +589,9 @@ def peers_section(r: dict) -> list[str]:
               + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ". Each method trains its own copy of the "
               "same network; the methods are timed in interleaved rounds in one process (round-robin, order rotated "
               "every round, a few steps each), after a warm-up. Cells: median ms per step [interquartile range], "
-              "and the median over pyro-bc's. bayesian-torch as its README trains (`dnn_to_bnn`, default prior and "
+              "and the median over pyro-bc's [the interquartile range of that ratio taken round by round: the "
+              "method's median in a round over pyro-bc's in the same round, so that a busy spell of the machine, "
+              "which slows both alike, drops out]. bayesian-torch as its README trains (`dnn_to_bnn`, default prior and "
               "posterior settings, loss `cross_entropy + get_kl_loss / batch`: each layer's KL is a mean, so its "
               "loss is not the ELBO); TyXe: `VariationalBNN`, `IIDPrior(Normal(0, 1))` on all but BatchNorm, "
               "`AutoNormal`, `TraceMeanField_ELBO`, inside `tyxe.poutine.local_reparameterization()`"
@@ -596,14 +608,37 @@ def peers_section(r: dict) -> list[str]:
             if c is None:
                 cells.append("")
                 continue
-            ratio = f", {c['ratio_to_pyro_bc']:.2f}x" if "ratio_to_pyro_bc" in c and m != "pyro_bc" else ""
+            ratio = ""
+            if "ratio_to_pyro_bc" in c and m != "pyro_bc":
+                ratio = f", {c['ratio_to_pyro_bc']:.2f}x" + (f" [{c['round_ratio_q1']:.2f}-{c['round_ratio_q3']:.2f}]"
+                                                              if "round_ratio_q1" in c else "")
             cells.append(f"{_ms(c['ms_median'])} [{_ms(c['ms_q1'])}-{_ms(c['ms_q3'])}]{ratio}")
         lines.append(f"| {x['label']} ({x['batch']}) | {x['rounds']} x {x['per_round']} | " + " | ".join(cells) + " |")
+    targets = [(x, peer) for x in r["networks"] for peer, networks in PEER_TARGETS.items()
+               if x["network"] in networks and {"pyro_bc", peer} <= set(x["methods"])]
+    if targets:
+        lines += ["", ("Targets of issue #30: pyro-bc's median step over the peer's, in the same run, and the "
+                       "interquartile range of that ratio round by round; where 1 lies within that range, the result "
+                       "says so: the verdict is then within the spread."),
+                  "", "| network | against | target | measured | per-round range | result |", "|---|---|---|---|---|---|"]
+        for x, peer in targets:
+            ours, theirs = x["methods"]["pyro_bc"], x["methods"][peer]
+            value = ours["ms_median"] / theirs["ms_median"]
+            spread, note = "", ""
+            if "round_ratios_to_pyro_bc" in theirs:
+                q1, _, q3 = quartiles([1 / v for v in theirs["round_ratios_to_pyro_bc"]])
+                spread, note = f"{q1:.2f}-{q3:.2f}", " (1 within the per-round range)" if q1 <= 1 <= q3 else ""
+            lines.append(f"| {x['label']} | {PEER_COLUMNS[peer]} | <= 1 | {value:.2f} | {spread} | "
+                         f"{_verdict(value, 1.0)}{note} |")
     if any("peak_mib" in c for x in r["networks"] for c in x["methods"].values()):
+        floor = next((x["methods"]["dense"]["peak_mib"] for x in r["networks"]
+                      if x["network"] == "lenet300" and "peak_mib" in x["methods"].get("dense", {})), None)
         lines += ["", ("Peak memory, MiB: each method built and run for a few steps in a fresh process; its peak "
                        "resident memory (VmHWM, reset after the imports) less the resident memory after the "
-                       "imports, so the network, optimiser state, activations and allocator caches, not the "
-                       "libraries' code."), "",
+                       "imports: the network, optimiser state, activations and allocator caches, and also the "
+                       "code and runtime buffers that a first training step touches, a floor common to all methods"
+                       + (f" (the dense LeNet-300-100's {floor:.0f} MiB is mostly that floor: its weights, "
+                          "gradients and Adam moments are 4 MiB)" if floor else "") + "."), "",
                   "| network (batch) | " + " | ".join(PEER_COLUMNS[m] for m in methods) + " |",
                   "|---|" + "---|" * len(methods)]
         for x in r["networks"]:

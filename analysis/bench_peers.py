@@ -14,7 +14,8 @@ fixed random batch with Adam at learning rate 1e-3, one thread:
   ``make_optimizer``); LeNets and VGG are the project's own ``models/``, ResNet-18 is ``pyro_bc.bayesianize``
   of the torchvision network;
 - ``bt_reparam`` and ``bt_flipout``: bayesian-torch's README recipe, ``dnn_to_bnn`` with its default prior and
-  posterior settings (``Reparameterization``: one weight sample per batch; ``Flipout``), loss
+  posterior settings (``Reparameterization``: one weight sample per batch; ``Flipout``; without MOPED, so the
+  means start where bayesian-torch initialises them, not at the dense weights), loss
   ``cross_entropy + get_kl_loss / batch``, ``torch.optim.Adam``;
 - ``tyxe_lrt``: ``tyxe.VariationalBNN`` with an ``IIDPrior(Normal(0, 1))`` on every weight and bias but BatchNorm's,
   ``AutoNormal`` started at the dense weights, Pyro's ``SVI`` with ``TraceMeanField_ELBO`` and ``pyro.optim.Adam``,
@@ -23,7 +24,9 @@ fixed random batch with Adam at learning rate 1e-3, one thread:
 
 The steps are timed in interleaved rounds in this one process (``bench.interleaved_samples``: round-robin, the
 order rotated every round, a few steps per method per round); each method's median and interquartile range are
-reported, with its ratio to pyro-bc's median. Peak memory: each method is built and run for a few steps in a fresh
+reported, with its ratio to pyro-bc's median and the interquartile range of that ratio taken round by round (the
+method's median in a round over pyro-bc's in the same round, so that a busy spell of a shared machine, which
+slows both alike, drops out of the spread). Peak memory: each method is built and run for a few steps in a fresh
 process, and the figure is its peak resident memory (VmHWM, reset after the imports) less the resident memory
 after the imports (``bench.peak_memory_added_mib``): what building the network and optimiser and training add,
 allocator caches included.
@@ -187,16 +190,23 @@ def make_step(method: str, name: str, vgg_width: float) -> Callable[[], object]:
     raise ValueError(f"unknown method {method!r}: choose {', '.join(METHODS)}")
 
 
-def summarise(seconds: dict[str, list[float]]) -> dict[str, dict]:
-    """Median and quartiles (ms) of each method's steps, and the median's ratio to pyro-bc's."""
+def summarise(seconds: dict[str, list[float]], per_round: int) -> dict[str, dict]:
+    """Median and quartiles (ms) of each method's steps, the median's ratio to pyro-bc's, and the ratio round by
+    round (the method's median in a round over pyro-bc's in the same round, ``per_round`` steps each), whose
+    quartiles are the ratio's spread with the machine's slower and faster spells paired out."""
     out = {}
     for method, t in seconds.items():
         ms = [1000 * s for s in t]
-        q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
-        out[method] = {"ms_median": median, "ms_q1": q1, "ms_q3": q3, "steps": len(t)}
+        q1, median, q3 = bench.quartiles(ms)
+        out[method] = {"ms_median": median, "ms_q1": q1, "ms_q3": q3, "steps": len(t), "ms": ms}
     if "pyro_bc" in out:
+        ours = out["pyro_bc"]["ms"]
         for row in out.values():
             row["ratio_to_pyro_bc"] = row["ms_median"] / out["pyro_bc"]["ms_median"]
+            row["round_ratios_to_pyro_bc"] = [
+                statistics.median(row["ms"][i:i + per_round]) / statistics.median(ours[i:i + per_round])
+                for i in range(0, len(ours), per_round)]
+            row["round_ratio_q1"], _, row["round_ratio_q3"] = bench.quartiles(row["round_ratios_to_pyro_bc"])
     return out
 
 
@@ -204,7 +214,7 @@ def time_network(name: str, methods: tuple[str, ...], rounds: int, per_round: in
                  vgg_width: float) -> dict[str, dict]:
     """Every method's step on network ``name``, interleaved in this process."""
     steps = {method: make_step(method, name, vgg_width) for method in methods}
-    return summarise(bench.interleaved_samples(steps, rounds, per_round, warmup))
+    return summarise(bench.interleaved_samples(steps, rounds, per_round, warmup), per_round)
 
 
 def peak_memory_mib(method: str, name: str, vgg_width: float, steps: int) -> float:

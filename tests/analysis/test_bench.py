@@ -87,7 +87,7 @@ def test_peers_section_cells_ratios_and_memory():
     r = {"command": "analysis/bench_peers.py --networks lenet300", "lr": 1e-3, "machine": "x86_64",
          "versions": {"torch": "2.13.0", "tyxe": "0.0.2"}, "tyxe_patched": True,
          "loadavg_start": [1.0, 0.5, 0.25], "loadavg_end": [2.0, 1.5, 1.25],
-         "networks": [{"label": "LeNet-300-100", "batch": 128, "rounds": 30, "per_round": 5,
+         "networks": [{"network": "lenet300", "label": "LeNet-300-100", "batch": 128, "rounds": 30, "per_round": 5,
                        "methods": {"dense": _peer(1.994, 1.9, 2.1, 0.2447, 150.4),
                                    "pyro_bc": _peer(8.15, 8.0, 8.3, 1.0, 170.0),
                                    "bt_reparam": _peer(7.65, 7.5, 7.8, 0.9387, 175.6),
@@ -101,3 +101,14 @@ def test_peers_section_cells_ratios_and_memory():
     assert ("| LeNet-300-100 (128) | 30 x 5 | 1.99 [1.90-2.10], 0.24x | 8.15 [8.00-8.30] | "
             "7.65 [7.50-7.80], 0.94x | 354 [300-401], 43.46x |") in text
     assert "| LeNet-300-100 (128) | 150 | 170 | 176 | 1234 |" in text
+    # issue #30's targets: pyro-bc over each peer, 8.15 / 7.65 = 1.065 (missed), 8.15 / 354.2 = 0.023 (met)
+    assert "| LeNet-300-100 | bayesian-torch, one weight sample per batch | <= 1 | 1.07 |  | missed by 0.07 |" in text
+    assert "| LeNet-300-100 | TyXe, local reparameterisation | <= 1 | 0.02 |  | met |" in text
+    # per-round ratios of the peer over pyro-bc 0.8, 1.25, 1.0, 0.5, 1.0: pyro-bc over the peer 1.25, 0.8, 1, 2, 1,
+    # whose inclusive quartiles are 1 and 1.25; of 0.5, 0.8, 1, 1, 1.25 they are 0.8 and 1
+    r["networks"][0]["methods"]["bt_reparam"].update(round_ratios_to_pyro_bc=[0.8, 1.25, 1.0, 0.5, 1.0],
+                                                     round_ratio_q1=0.8, round_ratio_q3=1.0)
+    text = "\n".join(bench.peers_section(r))
+    assert "| 7.65 [7.50-7.80], 0.94x [0.80-1.00] |" in text
+    assert "| 1.07 | 1.00-1.25 | missed by 0.07 (1 within the per-round range) |" in text
+    assert "| LeNet-300-100 | bayesian-torch, Flipout |" not in text  # not run: no target row

@@ -29,15 +29,23 @@ def test_every_method_trains_on_its_fixed_batch(method):
 
 
 def test_summary_quartiles_and_ratios_by_hand():
-    seconds = {"pyro_bc": [0.004, 0.001, 0.003, 0.002, 0.005], "dense": [0.0015, 0.0005], "one": [0.006]}
-    out = bench_peers.summarise(seconds)
-    # inclusive quartiles of 1..5 ms: 2, 3, 4; of 0.5, 1.5 ms: 0.75, 1, 1.25
-    assert [out["pyro_bc"][k] for k in ("ms_q1", "ms_median", "ms_q3")] == pytest.approx([2.0, 3.0, 4.0])
-    assert [out["dense"][k] for k in ("ms_q1", "ms_median", "ms_q3")] == pytest.approx([0.75, 1.0, 1.25])
-    assert [out["one"][k] for k in ("ms_q1", "ms_median", "ms_q3")] == pytest.approx([6.0, 6.0, 6.0])
-    assert out["dense"]["ratio_to_pyro_bc"] == pytest.approx(1 / 3)
-    assert out["one"]["ratio_to_pyro_bc"] == pytest.approx(2.0)
-    assert out["pyro_bc"]["steps"] == 5
+    seconds = {"pyro_bc": [0.004, 0.001, 0.003, 0.002, 0.005, 0.006],
+               "dense": [0.0015, 0.0005, 0.003, 0.001, 0.002, 0.004]}
+    out = bench_peers.summarise(seconds, per_round=2)
+    # inclusive quartiles of 1..6 ms: 2.25, 3.5, 4.75; of 0.5, 1, 1.5, 2, 3, 4 ms: 1.125, 1.75, 2.75
+    assert [out["pyro_bc"][k] for k in ("ms_q1", "ms_median", "ms_q3")] == pytest.approx([2.25, 3.5, 4.75])
+    assert [out["dense"][k] for k in ("ms_q1", "ms_median", "ms_q3")] == pytest.approx([1.125, 1.75, 2.75])
+    assert out["dense"]["ratio_to_pyro_bc"] == pytest.approx(1.75 / 3.5)
+    # rounds of two: dense's medians 1, 2, 3 ms against pyro-bc's 2.5, 2.5, 5.5 ms
+    ratios = [0.4, 0.8, 3 / 5.5]
+    assert out["dense"]["round_ratios_to_pyro_bc"] == pytest.approx(ratios)
+    assert out["dense"]["round_ratio_q1"] == pytest.approx(0.4 + (3 / 5.5 - 0.4) / 2)
+    assert out["dense"]["round_ratio_q3"] == pytest.approx(3 / 5.5 + (0.8 - 3 / 5.5) / 2)
+    assert out["pyro_bc"]["round_ratios_to_pyro_bc"] == pytest.approx([1.0, 1.0, 1.0])
+    assert out["pyro_bc"]["steps"] == 6
+    single = bench_peers.summarise({"pyro_bc": [0.002], "one": [0.006]}, per_round=1)
+    assert [single["one"][k] for k in ("ms_q1", "ms_median", "ms_q3")] == pytest.approx([6.0, 6.0, 6.0])
+    assert single["one"]["round_ratio_q1"] == single["one"]["round_ratio_q3"] == pytest.approx(3.0)
 
 
 def test_tyxe_patch_gives_a_dotted_getattr():
