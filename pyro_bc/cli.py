@@ -17,7 +17,7 @@ from pyro_bc.errors import BCError
 from pyro_bc.priors import PRIORS
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.schedule import SCHEDULES
-from pyro_bc.train import train
+from pyro_bc.train import PYTHON_MODEL, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -123,7 +123,8 @@ def _model_and_prior(args: argparse.Namespace) -> tuple[str, str]:
     """``--model`` and ``--prior`` as given; else a resumed run's (from its checkpoint), else the defaults."""
     if args.resume and (args.model is None or args.prior is None):
         saved = load_checkpoint(Path(args.out) / CHECKPOINT)["config"]
-        return args.model or saved["model"], args.prior or saved["prior"]
+        if saved["model"] != PYTHON_MODEL:  # a run of pyro_bc.fit is refused by train, naming the way to resume it
+            return args.model or saved["model"], args.prior or saved["prior"]
     return args.model or "lenet300", args.prior or "gnj"
 
 
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory written by 'pyro-bc train'")
     p.add_argument("--compressed", default=None, help="a .bcz file; its .json gives the table (default RUN_DIR/MODEL.json)")
     p.set_defaults(func=cmd_report)
+    parser.commands = sub.choices  # each command's parser, which names the command in its errors
     return parser
 
 
@@ -300,7 +302,9 @@ def _interrupted(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run ``pyro-bc`` with ``argv``; returns the exit status (argument errors exit 2 from the parser)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     prefix = f"pyro-bc {args.command}"
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
