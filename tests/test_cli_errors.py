@@ -39,6 +39,8 @@ def inputs(run, tmp_path_factory) -> dict[str, Path]:
     write_npz(d / "npz" / "test.npz", 20, seed=1)
     (d / "net.py").write_text(PLAIN_NET_3x8x8)
     (d / "nobuild.py").write_text("x = 1\n")
+    (d / "raises.py").write_text("def build():\n    return 1 / 0\n")
+    (d / "returns.py").write_text("def build():\n    return 1\n")
     torch.manual_seed(0)
     train(TrainConfig(model=str(d / "net.py"), data=str(d / "npz"), epochs=1, val_size=20, subset=200), d / "rgb",
           progress=False)
@@ -49,6 +51,7 @@ def inputs(run, tmp_path_factory) -> dict[str, Path]:
     pyro_bc.compress(net, d / "py.bcz", val=(x, y))
     (d / "corrupt.bcz").write_bytes(b"BCZ2 this is not a compressed network")
     return {"run": run, "bcz": run / "MODEL.bcz", "npz": d / "npz", "net": d / "net.py", "nobuild": d / "nobuild.py",
+            "raises": d / "raises.py", "returns": d / "returns.py",
             "rgb": d / "rgb", "rgb_bcz": d / "rgb" / "MODEL.bcz", "pyrun": d / "pyrun", "py_bcz": d / "py.bcz",
             "corrupt": d / "corrupt.bcz", "mnist": DEFAULT_DATA_DIR, "missing": d / "no-such-thing"}
 
@@ -94,6 +97,8 @@ MISTAKES = [
     # everything else: exit 1
     (["train", "--model", "{missing}.py", "--epochs", "1", "--out", "{out}", *SMALL], 1, "no-such-thing.py"),
     (["train", "--model", "{nobuild}", "--epochs", "1", "--out", "{out}", *SMALL], 1, "build"),
+    (["train", "--model", "{raises}", "--epochs", "1", "--out", "{out}", *SMALL], 1, "build() failed: ZeroDivisionError"),
+    (["train", "--model", "{returns}", "--epochs", "1", "--out", "{out}", *SMALL], 1, "build() returned int"),
     (["train", "--data", "{missing}", "--epochs", "1", "--out", "{out}"], 1, "no-such-thing"),
     (["train", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1, "shape (3, 8, 8)"),
     (["train", "--val-size", "60000", "--epochs", "1", "--out", "{out}"], 1, "val_size must be"),
