@@ -1,4 +1,4 @@
-"""``pyro-bc``: train, compress, evaluate, report, demo. Thin over the library."""
+"""``pyro-bc``: train, compress, evaluate, export, recode, report, demo. Thin over the library."""
 
 from __future__ import annotations
 
