@@ -20,7 +20,7 @@ from pyro_bc import codec
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bits import BitsInputs, BitsRule, bits_rule_from_options
 from pyro_bc.checkpoint import load_checkpoint
-from pyro_bc.compressed import compressed_model, compressed_module
+from pyro_bc.compressed import compressed_model
 from pyro_bc.data import Dataset, load_data, require_shape
 from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.errors import CheckpointError, ConfigError
@@ -29,10 +29,9 @@ from pyro_bc.graph import analyse_network, prune_network
 from pyro_bc.macs import add_macs
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
+from pyro_bc.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
-
-FOLD_EXAMPLES = 10_000  # training examples whose layer inputs give the means that pruned weights are folded with
 
 
 def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
@@ -48,34 +47,6 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     if net.input_shape is None:  # a converted plain network: its input shape is the data's
         net.input_shape = tuple(state["input_shape"])
     return net.eval(), config, state
-
-
-@torch.no_grad()
-def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000) -> list[torch.Tensor]:
-    """Mean of every Bayesian layer's input in the posterior-mean network over the examples ``x``: per feature
-    for linear layers; per channel for convolutions, averaged over examples *and* positions (the per-position
-    mean that :func:`~pyro_bc.posterior.fold_pruned_inputs` multiplies by each filter's summed weights). Any body:
-    read by forward pre-hooks."""
-    mean_net = net.posterior_mean_network()
-    sums = [torch.zeros((), dtype=torch.float64) for _ in net.layers]
-    counts = [0] * len(net.layers)
-
-    modules = [mean_net.get_submodule(layer.site) for layer in net.layers]
-    feature_axes = [-1 if isinstance(m, torch.nn.Linear) else 1 for m in modules]
-
-    def add(i: int, h: torch.Tensor) -> None:
-        axis = feature_axes[i] % h.dim()
-        sums[i] = sums[i] + h.double().sum(tuple(d for d in range(h.dim()) if d != axis))
-        counts[i] += h.numel() // h.shape[axis]
-
-    handles = [m.register_forward_pre_hook(lambda _m, args, i=i: add(i, args[0])) for i, m in enumerate(modules)]
-    try:
-        for start in range(0, len(x), batch_size):
-            mean_net(x[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [total / max(count, 1) for total, count in zip(sums, counts)]
 
 
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
@@ -206,7 +177,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     loaded = codec.load(out)
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
                              if p is not None)
-    pruned_only = compressed_module(net, layers, None)
+    pruned_only = masked_network(net, layers)  # what pruned_network(net, summary) rebuilds
 
     def test_error(module: torch.nn.Module) -> float | None:
         return None if test is None else error_percent(module, *test)

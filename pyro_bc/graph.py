@@ -20,6 +20,7 @@ layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import operator
 
@@ -32,6 +33,7 @@ from pyro_bc.bcz_model import Op
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLayer
+from pyro_bc.ops import elementwise_of_function, elementwise_of_method, elementwise_of_module
 from pyro_bc.posterior import (
     LayerPosterior,
     PrunedLayer,
@@ -44,24 +46,25 @@ from pyro_bc.posterior import (
 )
 
 NETWORK_INPUT = -1  # the node index that names the network input
-_FUNCTION_OPS = {F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
-                 operator.add: "add", torch.add: "add", torch.cat: "cat", torch.flatten: "flatten"}
-_METHOD_OPS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "flatten": "flatten"}
+_FUNCTION_OPS = {operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", torch.cat: "cat",
+                 torch.flatten: "flatten", F.adaptive_avg_pool2d: "adaptive_avgpool2d"}
+_METHOD_OPS = {"flatten": "flatten", "mul": "mul"}
 _PASS_THROUGH = (nn.Identity, nn.Dropout)  # modules that are the identity in eval mode
 
 
 def module_op(module: nn.Module) -> Op | None:
-    """The ``.bcz`` op of a parameter-free module; None where there is none (ceil-mode or non-padding-counting
+    """The ``.bcz`` op of a parameter-free module; None where there is none (dilated or non-padding-counting
     pools, other modules)."""
-    simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-    if type(module) in simple:
-        return Op(simple[type(module)])
+    kind = elementwise_of_module(module)
+    if kind is not None:
+        return Op(kind)
     if isinstance(module, nn.Flatten) and module.end_dim == -1:
         return Op("flatten", {"start_dim": module.start_dim})
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return Op("adaptive_avgpool2d", {"output_size": module.output_size})
-    if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
-        return Op("maxpool2d", {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
+    if isinstance(module, nn.MaxPool2d) and module.dilation in (1, (1, 1)):
+        return Op("maxpool2d_ceil" if module.ceil_mode else "maxpool2d",
+                  {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
     if isinstance(module, nn.AvgPool2d) and not module.ceil_mode and module.count_include_pad and \
             module.divisor_override is None:
         return Op("avgpool2d", {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
@@ -140,6 +143,7 @@ class BodyGraph:
         self.layer_index = {layer.site: i for i, layer in enumerate(net.layers)}
         self.nodes: list[Node] = []
         self.batchnorm: dict[int, nn.Module] = {}
+        self.batchnorm_names: dict[int, str] = {}  # layer index -> the path of the BatchNorm folded into it
         self._variables = _Variables()
         position: dict[fx.Node, int] = {}
         for fx_node in module.graph.nodes:
@@ -180,7 +184,8 @@ class BodyGraph:
     def _add(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> int:
         """Add one traced node; returns the node index its output is (an earlier one for aliases)."""
         sources = [position[a] for a in fx_node.all_input_nodes]
-        what = f"{fx_node.op} {fx_node.target}"
+        what = (f"the tensor method .{fx_node.target}()" if fx_node.op == "call_method" else
+                f"the function {getattr(fx_node.target, '__name__', fx_node.target)}")
         if fx_node.op == "call_module":
             module = self.modules[fx_node.target]
             if fx_node.target in self.layer_index:
@@ -190,19 +195,24 @@ class BodyGraph:
             if isinstance(module, _PASS_THROUGH):
                 return sources[0]
             op = module_op(module)
-            what = f"{type(module).__name__} ({fx_node.target})"
-        elif fx_node.op == "call_function" and fx_node.target in _FUNCTION_OPS:
-            op = self._function_op(_FUNCTION_OPS[fx_node.target], fx_node)
+            what = f"the module {type(module).__name__}"
+        elif fx_node.op == "call_function" and _identity_in_eval(fx_node):
+            return sources[0]
+        elif fx_node.op == "call_function":
+            kind = elementwise_of_function(fx_node.target, fx_node.kwargs) or _FUNCTION_OPS.get(fx_node.target)
+            op = None if kind is None else self._function_op(kind, fx_node)
         elif fx_node.op == "call_method" and fx_node.target == "contiguous":
             return sources[0]
-        elif fx_node.op == "call_method" and fx_node.target in _METHOD_OPS:
-            op = self._function_op(_METHOD_OPS[fx_node.target], fx_node)
+        elif fx_node.op == "call_method":
+            kind = elementwise_of_method(fx_node.target) or _METHOD_OPS.get(fx_node.target)
+            op = None if kind is None else self._function_op(kind, fx_node)
         else:
             op = None
         if op is None:
-            raise ConfigError(f"cannot compress a network using {what}: supported are Bayesian layers, BatchNorm "
-                              "after a layer, ReLU, Tanh, Sigmoid, Flatten, Max/AvgPool2d, AdaptiveAvgPool2d, "
-                              "Identity, Dropout, residual sums and concatenations along channels")
+            raise ConfigError(f"cannot compress {_where(fx_node)}: it uses {what}, which a .bcz file cannot store "
+                              "(supported: Bayesian layers, BatchNorm, the activations of pyro_bc.ops, flatten, "
+                              "pooling, residual sums, products with a per-channel scale, concatenations along "
+                              "channels); replace it by one of these, or keep that part out of the compressed body")
         return self._append(self._op_node(fx_node, op, sources))
 
     def _function_op(self, kind: str, fx_node: fx.Node) -> Op | None:
@@ -211,6 +221,16 @@ class BodyGraph:
             ok = len(args) == 2 and all(isinstance(a, fx.Node) for a in args) and not kwargs and \
                 _shape(args[0]) == _shape(args[1])
             return Op("add") if ok else None
+        if kind == "mul":  # x * s with s one value per channel (or x's shape): their channels are coupled
+            if len(args) != 2 or kwargs or not all(isinstance(a, fx.Node) for a in args):
+                return None
+            shapes = sorted((_shape(a) for a in args), key=math.prod)
+            small, big = shapes
+            per_channel = len(big) == len(small) >= 2 and big[:2] == small[:2] and all(d == 1 for d in small[2:])
+            return Op("mul") if per_channel or big == small else None
+        if kind == "adaptive_avgpool2d":
+            size = args[1] if len(args) > 1 else kwargs.get("output_size")
+            return Op(kind, {"output_size": size}) if size is not None and len(fx_node.all_input_nodes) == 1 else None
         if kind == "cat":
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             return Op("cat") if dim in (1, 1 - len(_shape(fx_node))) else None
@@ -223,7 +243,7 @@ class BodyGraph:
     def _op_node(self, fx_node: fx.Node, op: Op, sources: list[int]) -> Node:
         inputs = [self.variables(s) for s in sources]
         repeat = 1
-        if op.kind == "add":
+        if op.kind in ("add", "mul"):
             self._variables.unite(inputs[0], inputs[1])
             variables = inputs[0]
         elif op.kind == "cat":
@@ -264,6 +284,7 @@ class BodyGraph:
             raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must follow a Bayesian layer that "
                               "feeds nothing else, and track running statistics")
         self.batchnorm[layer] = module
+        self.batchnorm_names[layer] = str(fx_node.target)
         return source
 
     def _check_output(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> None:
@@ -340,6 +361,28 @@ class BodyGraph:
             else:
                 kept.append(inputs[0].repeat_interleave(node.repeat))
         return kept
+
+
+def _identity_in_eval(fx_node: fx.Node) -> bool:
+    """Whether a function call is the identity because it was traced with ``training=False`` (dropout and
+    stochastic depth in eval mode, e.g. ``F.dropout(x, p, training=self.training)``)."""
+    name = getattr(fx_node.target, "__name__", "")
+    if "dropout" not in name and name != "stochastic_depth":
+        return False
+    try:
+        bound = inspect.signature(fx_node.target).bind(*fx_node.args, **fx_node.kwargs)
+    except (TypeError, ValueError):  # no signature, or not these arguments
+        return False
+    return bound.arguments.get("training", True) is False and len(fx_node.all_input_nodes) == 1
+
+
+def _where(fx_node: fx.Node) -> str:
+    """The user's module path a traced node belongs to (``features.3.block``), or the network itself."""
+    if fx_node.op == "call_module":
+        return str(fx_node.target)
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), ("",))[0] if stack else ""
+    return path or "the network's forward"
 
 
 def _shape(fx_node: fx.Node) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyro_bc
-from pyro_bc import bcz_v1, bcz_v2, code_storage, codec
+from pyro_bc import bcz_model, bcz_v1, code_storage, codec
 from pyro_bc.binary import Reader, svarint, uvarint, uvarints
 from pyro_bc.codec import CompressedModel, Op, QuantizedLayer, load, read_bcz, to_module, write_bcz
 from pyro_bc.data import load_mnist
@@ -364,10 +364,10 @@ def test_crafted_v2_files(tmp_path: Path) -> None:
     sparse = [(uvarint(7), "sparse count"), (uvarint(1) + uvarint(6), "sparse position"),
               (uvarint(1) + uvarint(0) + bytes([2]), "sparse value storage")]
     cases += [(frame_v2(linear_v2(storage=2, length=len(b)), b), m) for b, m in sparse]
-    select = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_v2.KINDS.index("select")]) + uvarint(1)
+    select = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_model.WIRE_IDS["select"]]) + uvarint(1)
     cases += [(frame_v2(select + bytes([1]) + uvarint(3) + bytes([0b11110000]), b""), "bitmap"),
               (frame_v2(select + bytes([0]) + uvarint(2) + uvarints([2**16, 0]), b""), "select")]
-    pool = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_v2.KINDS.index("maxpool2d")]) + uvarint(1)
+    pool = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_model.WIRE_IDS["maxpool2d"]]) + uvarint(1)
     cases.append((frame_v2(pool + uvarints([2, 2, 2, 2, 2, 0]), b""), "padding"))
     for data, fragment in cases:
         expect_format_error(path, data, fragment)
@@ -494,3 +494,12 @@ def test_committed_results_load_and_reproduce_their_test_error() -> None:
         assert isinstance(net, nn.Module) and not net.training
         recorded = json.loads(path.with_suffix(".json").read_text())["error_compressed"]
         assert error_percent(net, test.x, test.y) == pytest.approx(recorded, abs=1e-9), path
+
+
+def test_wire_ids_are_fixed():
+    """A node's kind byte never moves: these numbers are in files people keep (docs/FORMAT.md lists them)."""
+    assert bcz_model.WIRE_IDS == {
+        "linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6, "avgpool2d": 7,
+        "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13, "silu": 14,
+        "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18}
+    assert sorted(bcz_model.WIRE_IDS.values()) == list(range(len(bcz_model.WIRE_IDS)))  # no gaps (the reader's bound)
