@@ -8,7 +8,9 @@ How a block is run, and shrunk, is written beside it in the Markdown, in an HTML
   a smaller data set); each ``OLD`` must occur in the block, so a shrink cannot silently stop applying;
 - ``<!-- docs-test: setup`` followed by Python lines and ``-->``: run before the block, in its namespace (tensors
   the text calls ``x``, ``y``);
-- ``<!-- docs-test: skip: REASON -->``: not run (a GPU, several machines), reported as a skipped test with REASON.
+- ``<!-- docs-test: skip: REASON -->``: not run (a GPU, several machines), reported as a skipped test with REASON;
+- ``<!-- docs-test: files-in FOLDER -->`` before a table: once the file's examples have run, every name in
+  backticks in the table's first column exists in ``FOLDER`` (what the text says a command wrote).
 
 Every fence has a language: ``python`` and ``sh`` run, ``text`` is a synopsis (not run; its commands and flags are
 checked against the parser, as are ``pyro-bc ...`` spans in the prose). The Python blocks of one file share a
@@ -149,6 +151,10 @@ def test_every_example_runs(workdir, monkeypatch):
                     for line in _commands(code):
                         _run_command(line, block.where)
                 ran += 1
+            for folder, table in re.findall(r"<!-- docs-test: files-in (\S+) -->\n((?:\|.*\n)+)", path.read_text()):
+                names = [n for row in table.splitlines()[2:] for n in re.findall(r"`([^`]+)`", row.split("|")[1])]
+                missing = [n for n in names if not (workdir / folder / n).exists()]
+                assert names and not missing, f"{path.name}: {missing} not in {folder} after its examples ran"
     finally:
         reparam.OPS.clear()
         reparam.OPS.update(ops)
