@@ -251,7 +251,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(summary))
     report = write_report(run_dir, model_path)
     print(f"wrote {run_dir / CHECKPOINT}, {run_dir / 'metrics.jsonl'}, {model_path}, "
-          f"{model_path.with_suffix('.json')}, {report}")
+          f"{model_path.with_suffix('.json')}, {report}, {run_dir / 'figures'}, {run_dir / 'posterior.nc'}")
+    print(f"open {report} first; then e.g. pyro-bc evaluate {model_path}" + (f" --data {args.data}" if args.data else ""))
     return 0
 
 
