@@ -148,12 +148,19 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
         net = build_network(config.model, config.prior, input_shape=tuple(data.train.x.shape[1:]),
                             width=config.width, **config.prior_options)
         _set_clip_var(net, config.clip_var)
-        _check_shape(net, data.train.x[:2])
+        try:
+            _check_shape(net, data.train.x[:2])
+        except ConfigError as e:
+            source = config.data or "the embedded MNIST"
+            raise ConfigError(f"{e} ({source}): give data of the network's input shape with --data DIR")
         if config.init_from and state is None:
             try:
                 init_state = torch.load(config.init_from, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001  (any failure of user or file code is reported the same way)
                 raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
+            if not isinstance(init_state, dict):
+                raise ConfigError(f"--init-from {config.init_from}: holds a {type(init_state).__name__}, not a "
+                                  "state_dict (save one with torch.save(model.state_dict(), path))")
             net.init_from(init_state)
         return net, data.train, data.val, {"data_format": data.format, "normalisation": data.normalisation}
 

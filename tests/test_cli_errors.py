@@ -50,10 +50,11 @@ def inputs(run, tmp_path_factory) -> dict[str, Path]:
     pyro_bc.fit(net, (x, y), epochs=0, out=d / "pyrun", progress=False)
     pyro_bc.compress(net, d / "py.bcz", val=(x, y))
     (d / "corrupt.bcz").write_bytes(b"BCZ2 this is not a compressed network")
+    torch.save(torch.zeros(3), d / "tensor.pt")
     return {"run": run, "bcz": run / "MODEL.bcz", "npz": d / "npz", "net": d / "net.py", "nobuild": d / "nobuild.py",
             "raises": d / "raises.py", "returns": d / "returns.py",
             "rgb": d / "rgb", "rgb_bcz": d / "rgb" / "MODEL.bcz", "pyrun": d / "pyrun", "py_bcz": d / "py.bcz",
-            "corrupt": d / "corrupt.bcz", "mnist": DEFAULT_DATA_DIR, "missing": d / "no-such-thing"}
+            "corrupt": d / "corrupt.bcz", "tensor": d / "tensor.pt", "mnist": DEFAULT_DATA_DIR, "missing": d / "no-such-thing"}
 
 
 def _files(*folders: Path) -> dict[str, str]:
@@ -102,6 +103,9 @@ MISTAKES = [
     (["train", "--data", "{missing}", "--epochs", "1", "--out", "{out}"], 1, "no-such-thing"),
     (["train", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1, "shape (3, 8, 8)"),
     (["train", "--val-size", "60000", "--epochs", "1", "--out", "{out}"], 1, "val_size must be"),
+    (["train", "--model", "{net}", "--epochs", "1", "--out", "{out}", *SMALL], 1,
+     "the embedded MNIST): give data of the network's input shape with --data DIR"),
+    (["train", "--init-from", "{tensor}", "--epochs", "1", "--out", "{out}", *SMALL], 1, "holds a Tensor, not a state_dict"),
     (["train", "--clip-var", "fc9=0.1", "--epochs", "1", "--out", "{out}", *SMALL], 1, "fc9"),
     (["train", "--init-from", "{missing}.pt", "--epochs", "1", "--out", "{out}", *SMALL], 1, "--init-from"),
     (["train", "--resume", "--epochs", "2", "--out", "{out}"], 1, "no checkpoint"),
