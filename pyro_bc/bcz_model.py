@@ -17,7 +17,7 @@ MAGIC = b"BCZ1"  # every version starts with these four bytes, then its uint16 L
 # number is ever reused or moved (tests/test_codec.py pins them).
 WIRE_IDS = {"linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6,
             "avgpool2d": 7, "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13,
-            "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18}
+            "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19}
 LAYER_KINDS = ("linear", "conv2d")
 OP_KINDS = tuple(kind for kind in WIRE_IDS if kind not in LAYER_KINDS)
 POOL_KINDS = ("maxpool2d", "avgpool2d", "maxpool2d_ceil")  # kernel_size, stride, padding

@@ -23,7 +23,7 @@ from pyro_bc.binary import BadData
 from pyro_bc.code_storage import pack_codes, unpack_codes
 from pyro_bc.errors import FormatError
 from pyro_bc.layout import Conv2dChannelsLast
-from pyro_bc.ops import ELEMENTWISE_KINDS, Mul, elementwise_module
+from pyro_bc.ops import ELEMENTWISE_KINDS, Mul, SpatialMean, elementwise_module
 
 __all__ = [
     "VERSION",
@@ -186,7 +186,7 @@ def _layer_module(layer: QuantizedLayer) -> nn.Module:
 
 def _op_module(op: Op) -> nn.Module:
     """The torch module of a parameter-free op."""
-    simple = {"add": Add, "cat": Cat, "mul": Mul}
+    simple = {"add": Add, "cat": Cat, "mul": Mul, "spatial_mean": SpatialMean}
     if op.kind in simple:
         return simple[op.kind]()
     if op.kind in ELEMENTWISE_KINDS:

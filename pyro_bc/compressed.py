@@ -8,15 +8,20 @@ layer reads only some of its inputs): a chain for a sequence, a graph of nodes n
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from pyro_bc import codec
+from pyro_bc.bcz_model import FRAC_BITS_RANGE
 from pyro_bc.codec import CompressedModel, Op, QuantizedLayer
 from pyro_bc.graph import NETWORK_INPUT, BodyGraph, is_sequence, module_op
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLayer
 from pyro_bc.posterior import Precision, PrunedLayer, quantize
+
+AFFINE_BITS = 15  # fractional bits of a standalone BatchNorm's scale below its largest power of two
 
 
 def _select(available: torch.Tensor, keep_in: torch.Tensor, inputs: tuple[int, ...] | None = None) -> Op | None:
@@ -38,6 +43,17 @@ def _layer(i: int, layer: PrunedLayer, precision: Precision | None, inputs: tupl
     groups = int(layer.keep_out.sum()) if depthwise else groups
     return QuantizedLayer(layer.post.kind, layer.post.name, codes.numpy(), frac, bias, stride, padding, dilation,
                           groups, inputs)
+
+
+def _affine(name: str, affine: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
+            inputs: tuple[int, ...]) -> QuantizedLayer:
+    """BatchNorm on its own over the kept channels, as the depthwise 1x1 convolution it is: weight ``scale`` (on a
+    grid of 15 significant bits), bias ``shift``."""
+    scale, shift = (t[keep] for t in affine)
+    frac = min(FRAC_BITS_RANGE[1], AFFINE_BITS - math.ceil(math.log2(max(float(scale.abs().max()), 2.0**-60))))
+    codes = quantize(scale, frac).reshape(-1, 1, 1, 1)
+    return QuantizedLayer("conv2d", name, codes.numpy(), frac, shift.float().numpy(), groups=len(codes),
+                          inputs=inputs)
 
 
 def _chain(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None) -> list:
@@ -72,11 +88,13 @@ def _graph(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | N
         if node.layer is not None:
             layer = layers[node.layer]
             available = every if node.inputs[0] == NETWORK_INPUT else kept[node.inputs[0]]
-            select = None if node.depthwise else _select(available, layer.keep_in, sources)
+            select = None if node.depthwise or node.grouped else _select(available, layer.keep_in, sources)
             if select is not None:
                 items.append(select)
                 sources = (len(items) - 1,)
             items.append(_layer(node.layer, layer, precision, sources, node.depthwise))
+        elif node.affine is not None:
+            items.append(_affine(node.name, node.affine, kept[index], sources))
         else:
             items.append(Op(node.op.kind, node.op.params, sources))
         item_of[index] = len(items) - 1

@@ -211,9 +211,18 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "model": info["model"],
         "prior": info["prior"],
     }
-    add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape)
+    add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape, _layer_modules(loaded, model, net))
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
+
+
+def _layer_modules(loaded: torch.nn.Module, model: codec.CompressedModel, net: BayesianNet) -> list[torch.nn.Module]:
+    """The modules of ``loaded`` (``model``'s network) that compute ``net``'s Bayesian layers (not the standalone
+    BatchNorm it also stores as convolutions)."""
+    names = set(net.layer_names)
+    nodes = list(loaded.nodes if isinstance(loaded, codec.Graph) else loaded)
+    return [module for module, item in zip(nodes, model.items)
+            if isinstance(item, codec.QuantizedLayer) and item.name in names]
 
 
 def summary_json(summary: dict) -> str:

@@ -47,8 +47,14 @@ from pyro_bc.posterior import (
 
 NETWORK_INPUT = -1  # the node index that names the network input
 _FUNCTION_OPS = {operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", torch.cat: "cat",
-                 torch.flatten: "flatten", F.adaptive_avg_pool2d: "adaptive_avgpool2d"}
-_METHOD_OPS = {"flatten": "flatten", "mul": "mul"}
+                 torch.flatten: "flatten", F.adaptive_avg_pool2d: "adaptive_avgpool2d", torch.mean: "mean",
+                 F.max_pool2d: "maxpool2d", F.avg_pool2d: "avgpool2d"}
+_METHOD_OPS = {"flatten": "flatten", "mul": "mul", "mean": "mean"}
+# the arguments of the functional pools after the input, in order, with their defaults
+_POOL_ARGS = {"maxpool2d": (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
+                            ("ceil_mode", False), ("return_indices", False)),
+              "avgpool2d": (("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+                            ("count_include_pad", True), ("divisor_override", None))}
 _PASS_THROUGH = (nn.Identity, nn.Dropout)  # modules that are the identity in eval mode
 
 
@@ -62,7 +68,7 @@ def module_op(module: nn.Module) -> Op | None:
         return Op("flatten", {"start_dim": module.start_dim})
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return Op("adaptive_avgpool2d", {"output_size": module.output_size})
-    if isinstance(module, nn.MaxPool2d) and module.dilation in (1, (1, 1)):
+    if isinstance(module, nn.MaxPool2d) and module.dilation in (1, (1, 1)) and not module.return_indices:
         return Op("maxpool2d_ceil" if module.ceil_mode else "maxpool2d",
                   {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
     if isinstance(module, nn.AvgPool2d) and not module.ceil_mode and module.count_include_pad and \
@@ -88,6 +94,8 @@ class Node:
     op: Op | None = None
     repeat: int = 1  # flatten: positions per input channel
     depthwise: bool = False  # a depthwise convolution: its outputs are its inputs' variables
+    grouped: bool = False  # a grouped convolution other than depthwise: it keeps all its channels
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None  # BatchNorm on its own: (scale, shift) per channel
 
 
 class _Tracer(fx.Tracer):
@@ -208,6 +216,8 @@ class BodyGraph:
             op = None if kind is None else self._function_op(kind, fx_node)
         else:
             op = None
+        if op is not None and op.kind == "identity":
+            return sources[0]
         if op is None:
             raise ConfigError(f"cannot compress {_where(fx_node)}: it uses {what}, which a .bcz file cannot store "
                               "(supported: Bayesian layers, BatchNorm, the activations of pyro_bc.ops, flatten, "
@@ -231,8 +241,25 @@ class BodyGraph:
         if kind == "adaptive_avgpool2d":
             size = args[1] if len(args) > 1 else kwargs.get("output_size")
             return Op(kind, {"output_size": size}) if size is not None and len(fx_node.all_input_nodes) == 1 else None
+        if kind in _POOL_ARGS:
+            names = _POOL_ARGS[kind]
+            given = {**{name: default for name, default in names}, **dict(zip((n for n, _ in names), args[1:])),
+                     **kwargs}
+            module = (nn.MaxPool2d if kind == "maxpool2d" else nn.AvgPool2d)(**given)
+            return module_op(module) if len(fx_node.all_input_nodes) == 1 else None
+        if kind == "mean":
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            rank = len(_shape(fx_node.all_input_nodes[0]))
+            spatial = dims is not None and rank == 4 and sorted(d % rank for d in (
+                [dims] if isinstance(dims, int) else dims)) == [2, 3]
+            keepdim = (args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+            if not spatial or len(fx_node.all_input_nodes) != 1 or kwargs.keys() - {"dim", "keepdim"}:
+                return None
+            return Op("adaptive_avgpool2d", {"output_size": 1}) if keepdim else Op("spatial_mean")
         if kind == "cat":
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if len(fx_node.all_input_nodes) == 1 and isinstance(args[0], (list, tuple)) and len(args[0]) == 1:
+                return Op("identity")  # a concatenation of one tensor is that tensor
             return Op("cat") if dim in (1, 1 - len(_shape(fx_node))) else None
         if kind == "flatten":
             start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
@@ -271,18 +298,32 @@ class BodyGraph:
             outputs = self._variables.new(module.out_channels)
         elif module.groups == module.in_channels == module.out_channels:
             outputs = inputs  # depthwise: output channel c reads input channel c only
-        else:
-            raise ConfigError(f"{fx_node.target}: grouped convolutions other than depthwise are not supported")
-        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
-        return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise))
+        else:  # grouped: every channel in and out is kept (see prune)
+            outputs = self._variables.new(module.out_channels)
+        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+        grouped = isinstance(module, nn.Conv2d) and module.groups > 1 and not depthwise
+        return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise,
+                                 grouped=grouped))
 
     def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
-        """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node."""
+        """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node.
+        Elsewhere (after a concatenation, pre-activation) it stays, as a per-channel scale and shift node."""
+        if module.running_mean is None:
+            raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must track running statistics")
         producer = fx_node.all_input_nodes[0]
         layer = self.nodes[source].layer if source != NETWORK_INPUT else None
-        if layer is None or len(producer.users) != 1 or layer in self.batchnorm or module.running_mean is None:
-            raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must follow a Bayesian layer that "
-                              "feeds nothing else, and track running statistics")
+        if layer is None or len(producer.users) != 1 or layer in self.batchnorm:
+            if len(_shape(fx_node)) != 4:
+                raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm that does not follow a layer must "
+                                  "read images (batch, channels, height, width)")
+            with torch.no_grad():
+                scale = torch.rsqrt(module.running_var.double().cpu() + module.eps)
+                if module.weight is not None:
+                    scale = scale * module.weight.double().cpu()
+                shift = -module.running_mean.double().cpu() * scale
+                if module.bias is not None:
+                    shift = shift + module.bias.double().cpu()
+            return self._append(Node(str(fx_node.target), (source,), self.variables(source), affine=(scale, shift)))
         self.batchnorm[layer] = module
         self.batchnorm_names[layer] = str(fx_node.target)
         return source
@@ -318,9 +359,14 @@ class BodyGraph:
         """Masks from per-layer thresholds on log alpha, with channel variables kept or removed together (see
         the module's docstring); each layer keeps the positions of its variables that stay."""
         check_thresholds(posts, thresholds)
-        own = [_own_mask(p, t) for p, t in zip(posts, thresholds)]
+        own = [torch.ones_like(p.mean, dtype=torch.bool) if self.layer_nodes[i].grouped else _own_mask(p, t)
+               for i, (p, t) in enumerate(zip(posts, thresholds))]
         fixed = torch.zeros(self.n_variables, dtype=torch.bool)
         fixed[self.input_variables] = fixed[self.nodes[-1].variables] = True  # the network's input and output
+        for i in range(len(posts)):  # a grouped convolution keeps every channel it reads and writes
+            if self.layer_nodes[i].grouped:
+                for variables in self.layer_variables(i):
+                    fixed[variables] = True
         alive = torch.ones_like(fixed)
         while True:
             masks = [self._restrict(i, post, m, alive) for i, (post, m) in enumerate(zip(posts, own))]
@@ -328,7 +374,7 @@ class BodyGraph:
             for i, m in enumerate(masks):
                 inputs, outputs = self.layer_variables(i)
                 produced[outputs[_any_except(m, 0)]] = True
-                if not self.is_depthwise(i):
+                if not self.is_depthwise(i) and not self.layer_nodes[i].grouped:
                     used[inputs[_any_except(m, 1)]] = True
             now = alive & produced & used | fixed
             if torch.equal(now, alive):
@@ -338,12 +384,17 @@ class BodyGraph:
         for i, (post, t, m) in enumerate(zip(posts, thresholds, masks)):
             inputs, outputs = self.layer_variables(i)
             keep_out = alive[outputs]
-            keep_in = keep_out if self.is_depthwise(i) else alive[inputs] & _any_except(m, 1)
+            if self.layer_nodes[i].grouped:
+                keep_in = torch.ones(m.shape[1], dtype=torch.bool)
+            else:
+                keep_in = keep_out if self.is_depthwise(i) else alive[inputs] & _any_except(m, 1)
             layers.append(PrunedLayer(post, float(t), keep_in, keep_out, m))
         return layers
 
     def _restrict(self, i: int, post: LayerPosterior, mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         inputs, outputs = self.layer_variables(i)
+        if self.layer_nodes[i].grouped:
+            return mask
         if self.is_depthwise(i):
             return mask & alive[outputs].reshape(-1, 1, 1, 1)
         return mask & _outer(post, alive[outputs], alive[inputs])
@@ -356,7 +407,7 @@ class BodyGraph:
             inputs = [every if s == NETWORK_INPUT else kept[s] for s in node.inputs]
             if node.layer is not None:
                 kept.append(layers[node.layer].keep_out)
-            elif node.op.kind == "cat":
+            elif node.op is not None and node.op.kind == "cat":
                 kept.append(torch.cat(inputs))
             else:
                 kept.append(inputs[0].repeat_interleave(node.repeat))

@@ -71,3 +71,10 @@ class Mul(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x * scale
+
+
+class SpatialMean(nn.Module):
+    """The mean over every position of each channel: ``(N, C, H, W) -> (N, C)`` (``x.mean((2, 3))``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(tuple(range(2, x.dim())))
