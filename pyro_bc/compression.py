@@ -21,7 +21,7 @@ from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bits import BitsInputs, BitsRule, bits_rule_from_options
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.compressed import compressed_model
-from pyro_bc.data import load_data
+from pyro_bc.data import Dataset, load_data, require_shape
 from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.evaluate import error_percent
@@ -73,6 +73,9 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     _check_out(out)
     net, config, _ = load_run(run_dir)
     dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
+    require_shape(dataset, data or config.data, net.input_shape, f"the network of {run_dir}",
+                  f"give the run's data with --data DIR, or leave --data out to use the run's "
+                  f"({config.data or 'the embedded MNIST'})" if data else "pass the run's data with --data DIR")
     info = {"model": config.model, "prior": config.prior, "run_dir": str(run_dir), "tau0": config.tau0,
             "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
             "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
@@ -271,7 +274,8 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     model = codec.read_bcz(path)
     meta = model.metadata
     compressed = codec.to_module(model)
-    dataset = load_data(data or meta.get("data"), val_size=meta.get("val_size", VAL_SIZE), seed=meta.get("seed", 0))
+    dataset = _evaluation_data(path, meta, data)
+    require_shape(dataset, data, model.input_shape, str(path), "give the data it was trained on with --data DIR")
     x, y = dataset.test.x, dataset.test.y
     original = original_network(meta, model.input_shape)
     ms_compressed = _ms_per_batch(compressed, x[:batch_size])
@@ -279,6 +283,22 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     return {"error": error_percent(compressed, x, y), "n": len(x),
             "ms_per_batch_compressed": ms_compressed, "ms_per_batch_original": ms_original,
             "speedup": ms_original / ms_compressed if ms_original is not None else None}
+
+
+def _evaluation_data(path: str | Path, meta: dict, data: str | None) -> Dataset:
+    """The data set of a ``.bcz`` file's test error, split and normalised as its training saw it; one line saying
+    what is missing where the file does not record it (a file written by :func:`compress` from tensors)."""
+    from pyro_bc.train import PYTHON_MODEL
+
+    if data is None and meta.get("model") == PYTHON_MODEL:
+        raise ConfigError(f"{path} was written by pyro_bc.compress from tensors, so its data is not recorded: give "
+                          "its data folder with --data DIR (or evaluate pyro_bc.load(path) in Python)")
+    dataset = load_data(data, val_size=meta.get("val_size", VAL_SIZE), seed=meta.get("seed", 0))
+    if dataset.format != "mnist-idx" and not {"val_size", "seed"} <= meta.keys():
+        raise ConfigError(f"{path} does not record the validation split (val_size, seed) on which {data}'s "
+                          "per-channel normalisation depends: write it with pyro_bc.compress(..., "
+                          "metadata={'val_size': V, 'seed': S})")
+    return dataset
 
 
 def original_network(metadata: dict, input_shape: tuple[int, ...] | None = None) -> torch.nn.Module | None:

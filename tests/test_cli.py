@@ -293,6 +293,7 @@ def test_nan_from_the_first_step_exits_1_naming_epoch_step_and_parameter(poison_
     assert code == 1, err
     assert "epoch 1, step 1" in err
     assert "parameter" in err and "weight_mu" in err
+    assert "no epoch finished, so there is no checkpoint" in err and "intact" not in err  # none was written
     assert "Traceback" not in err
     assert err.replace("\r", "\n").strip().splitlines()[-1].startswith("pyro-bc train: error: ")
     assert not (run / CHECKPOINT).exists() and not (run / LOCK).exists()
@@ -310,6 +311,7 @@ def test_divergence_after_a_good_epoch_keeps_the_last_checkpoint_intact(poison_m
     assert main([*args, "--epochs", "3", "--resume"]) == 1
     err = capsys.readouterr().err
     assert "epoch 2, step 1" in err and "weight_mu" in err, err
+    assert f"last good checkpoint {run / CHECKPOINT} is intact" in err
     assert (run / CHECKPOINT).read_bytes() == before_ckpt
     assert (run / METRICS).read_bytes() == before_metrics
     assert not (run / LOCK).exists()
