@@ -157,6 +157,15 @@ def main() -> int:
             record = {"command": shlex.join([".venv/bin/python", "analysis/zoo.py", *sys.argv[1:]]),
                       "torch": torch.__version__, "torchvision": torchvision.__version__, "rows": rows}
             atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")  # a row at a time: nothing lost
+    command = shlex.join([".venv/bin/python", "analysis/zoo.py", *sys.argv[1:]])
+    intro = (
+        f"`{command}` (torch {torch.__version__}, torchvision {torchvision.__version__}, one thread, on a machine "
+        "shared with other work: the step ratios are of one interleaved run each). Each network is built with "
+        "`weights=None, num_classes=10`, made Bayesian (gnj), fitted one epoch on 64 random images, compressed at "
+        "per-layer thresholds between its two middle log alphas (about half of each layer's groups), loaded, and "
+        "exported; docs/NETWORKS.md says what the graph supports.")
+    text = "\n".join(["## torchvision's classifiers at full size (issue 28)", "", intro, "", table(rows)])
+    atomic_write_text(HERE / "zoo.md", text + "\n")
     print(table(rows))
     return 0
 
