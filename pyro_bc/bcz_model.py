@@ -17,7 +17,8 @@ MAGIC = b"BCZ1"  # every version starts with these four bytes, then its uint16 L
 # number is ever reused or moved (tests/test_codec.py pins them).
 WIRE_IDS = {"linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6,
             "avgpool2d": 7, "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13,
-            "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20}
+            "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20,
+            "gather": 21}
 WEIGHT_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4}  # a layer kind's weight: (out, in) or (out, in / groups, *k)
 LAYER_KINDS = tuple(WEIGHT_DIMS)
 OP_KINDS = tuple(kind for kind in WIRE_IDS if kind not in LAYER_KINDS)
@@ -106,7 +107,7 @@ class Op:
                       "padding": pair(params.get("padding", 0))}
         elif self.kind == "adaptive_avgpool2d":
             params = {"output_size": pair(params["output_size"])}
-        elif self.kind == "select":
+        elif self.kind in ("select", "gather"):
             params = {"index": [int(i) for i in params["index"]]}
         self.params = params
         self.inputs = _inputs(self.inputs)
@@ -155,7 +156,7 @@ def check_op(op: Op) -> None:
         raise BadData(f"unknown op kind {op.kind!r}")
     p = op.params
     pool = {"kernel_size", "stride", "padding"}
-    expected = {"flatten": {"start_dim"}, "select": {"index"}, "adaptive_avgpool2d": {"output_size"},
+    expected = {"flatten": {"start_dim"}, "select": {"index"}, "gather": {"index"}, "adaptive_avgpool2d": {"output_size"},
                 **dict.fromkeys(POOL_KINDS, pool)}.get(op.kind, set())
     if set(p) != expected:
         raise BadData(f"{op.kind} needs exactly the params {sorted(expected)}")
@@ -168,6 +169,8 @@ def check_op(op: Op) -> None:
             raise BadData(f"{op.kind} padding {p['padding']} must be in [0, kernel_size // 2]")
     if op.kind == "adaptive_avgpool2d" and not all(1 <= v <= MAX_PARAM for v in p["output_size"]):
         raise BadData(f"adaptive_avgpool2d output_size must be in [1, {MAX_PARAM}]")
+    if op.kind == "gather" and not (p["index"] and all(0 <= i <= MAX_PARAM for i in p["index"])):
+        raise BadData(f"gather index must be non-empty and in [0, {MAX_PARAM}]")
     if op.kind == "select":
         index = p["index"]
         if not index or index != sorted(set(index)) or not 0 <= index[0] <= index[-1] <= MAX_PARAM:

@@ -141,6 +141,8 @@ def _op(op: Op) -> bytes:
         return uvarints(p["output_size"])
     if op.kind == "select":
         return _select(p["index"])
+    if op.kind == "gather":  # any order, repeats allowed: a channel shuffle, a chunk
+        return uvarint(len(p["index"])) + uvarints(p["index"])
     return b""
 
 
@@ -213,6 +215,9 @@ def _read_op(r: Reader, kind: str, where: str) -> Op:
         op = Op(kind, {"output_size": tuple(r.uvarint(f"{where}output size", 1, MAX_PARAM) for _ in range(2))})
     elif kind == "select":
         return _read_select(r, where)
+    elif kind == "gather":
+        count = r.uvarint(f"{where}gather count", 1, MAX_PARAM + 1)
+        op = Op(kind, {"index": r.uvarints(count, f"{where}gather index", MAX_PARAM).tolist()})
     else:
         op = Op(kind)
     try:

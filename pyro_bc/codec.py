@@ -190,7 +190,7 @@ def _op_module(op: Op) -> nn.Module:
         return elementwise_module(op.kind)
     if op.kind == "flatten":
         return nn.Flatten(start_dim=op.params["start_dim"])
-    if op.kind == "select":
+    if op.kind in ("select", "gather"):
         return Select(op.params["index"])
     if op.kind == "adaptive_avgpool2d":
         return nn.AdaptiveAvgPool2d(op.params["output_size"])

@@ -74,6 +74,11 @@ def _items(graph: BodyGraph, layers: list[PrunedLayer], precision: Precision | N
                 items.append(select)
                 sources = (len(items) - 1,)
             items.append(_layer(node.layer, layer, precision, sources, node.depthwise))
+        elif node.op is not None and node.op.kind == "gather":  # the kept positions, renumbered among the kept
+            rank = torch.cumsum(kept[node.inputs[0]].long(), 0) - 1 if node.inputs[0] != NETWORK_INPUT else \
+                torch.arange(len(graph.input_variables))
+            reads = torch.tensor(node.op.params["index"])[kept[index]]
+            items.append(Op("gather", {"index": rank[reads].tolist()}, sources))
         elif node.affine is not None:
             items.append(_affine(node.name, node.affine, kept[index], sources))
         else:

@@ -138,21 +138,30 @@ class BodyGraph:
         try:
             module = fx.GraphModule(mean, _Tracer().trace(mean))
             device = net.layers[0].weight_mu.device
-            ShapeProp(module).propagate(torch.zeros(1, *net.input_shape, device=device))
+            _ShapeProp(module).propagate(torch.zeros(1, *net.input_shape, device=device))
         except Exception as e:  # noqa: BLE001  (whatever a user's forward does, the cause is reported)
             raise ConfigError(f"cannot trace the network with torch.fx: {type(e).__name__}: "
                               f"{(str(e).splitlines() or [''])[0]}")
         self.modules = dict(mean.named_modules())
         self.layer_index = {layer.site: i for i, layer in enumerate(net.layers)}
         position: dict[fx.Node, int] = {}
+        self._pending: dict[fx.Node, tuple[int, object]] = {}  # shape ops not yet resolved: (base node, positions)
         for fx_node in module.graph.nodes:
             if fx_node.op == "placeholder":
                 position[fx_node] = NETWORK_INPUT
                 self.input_variables = self._variables.new(_shape(fx_node)[1])
+                self._shapes = {NETWORK_INPUT: _shape(fx_node)}  # each node's output shape, batch 1
             elif fx_node.op == "output":
+                self._resolve(fx_node, position)
                 self._check_output(fx_node, position)
+            elif "concrete" in fx_node.meta:  # a shape query (x.size(), arithmetic on sizes): no tensor, no node
+                continue
+            elif _is_shape_op(fx_node, self._pending):
+                self._pending[fx_node] = self._shape_op(fx_node, position)
             else:
+                self._resolve(fx_node, position)
                 position[fx_node] = self._add(fx_node, position)
+                self._shapes.setdefault(position[fx_node], _shape(fx_node))
         self._finish(len(net.layers))
 
     def _start(self) -> None:
@@ -200,6 +209,48 @@ class BodyGraph:
         return graph
 
     # -- tracing ---------------------------------------------------------------------------------
+
+    def _shape_op(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> tuple[int, object]:
+        """A reshape, transpose, chunk, ... applied to the positions of the one tensor it moves: each position of
+        that tensor's output carries ``channel * P + spatial index`` (``P`` positions per channel)."""
+        bases = {self._pending[a][0] if a in self._pending else position[a] for a in fx_node.all_input_nodes
+                 if "concrete" not in a.meta}
+        if len(bases) != 1:
+            raise ConfigError(f"cannot compress {_where(fx_node)}: {fx_node.target} moves several tensors at once")
+        (base,) = bases
+
+        def value(a: fx.Node):
+            if "concrete" in a.meta:
+                return a.meta["concrete"]
+            if a in self._pending:
+                return self._pending[a][1]
+            shape = _shape(a)
+            spatial = math.prod(shape[2:])
+            return (torch.arange(shape[1]).reshape(-1, *[1] * (len(shape) - 2)) * spatial +
+                    torch.arange(spatial).reshape(1, *shape[2:])).reshape(1, *shape[1:])
+
+        args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), value)
+        if fx_node.op == "call_method":
+            return base, getattr(args[0], fx_node.target)(*args[1:], **kwargs)
+        return base, fx_node.target(*args, **kwargs)
+
+    def _resolve(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> None:
+        """Every pending shape op ``fx_node`` reads becomes a node: a ``gather`` of its base's positions along
+        dimension 1, where it only reorders or selects whole channels (a channel shuffle, a chunk)."""
+        for a in fx_node.all_input_nodes:
+            if a not in self._pending:
+                continue
+            base, moved = self._pending.pop(a)
+            index = _channel_gather(moved, self._shapes[base])
+            if index is None:
+                raise ConfigError(f"cannot compress {_where(a)}: its reshape mixes channels with positions (a .bcz "
+                                  "file stores reorderings and selections of whole channels only)")
+            inputs = self.variables(base)
+            if torch.equal(index, torch.arange(len(inputs))):
+                position[a] = base
+                continue
+            position[a] = self._append(Node(str(a.name), (base,), inputs[index],
+                                            op=Op("gather", {"index": index.tolist()})))
 
     def variables(self, source: int) -> torch.Tensor:
         return self.input_variables if source == NETWORK_INPUT else self.nodes[source].variables
@@ -437,6 +488,8 @@ class BodyGraph:
                 kept.append(layers[node.layer].keep_out)
             elif node.op is not None and node.op.kind == "cat":
                 kept.append(torch.cat(inputs))
+            elif node.op is not None and node.op.kind == "gather":
+                kept.append(inputs[0][torch.tensor(node.op.params["index"])])
             else:
                 kept.append(inputs[0].repeat_interleave(node.repeat))
         return kept
@@ -453,6 +506,48 @@ def _identity_in_eval(fx_node: fx.Node) -> bool:
     except (TypeError, ValueError):  # no signature, or not these arguments
         return False
     return bound.arguments.get("training", True) is False and len(fx_node.all_input_nodes) == 1
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that also keeps what non-tensor nodes compute (``x.size()`` and arithmetic on sizes) as
+    ``meta["concrete"]``, and marks the tensor nodes that depend on no input that way too."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n.op != "placeholder" and not isinstance(result, torch.Tensor) and not (
+                isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result)):
+            n.meta["concrete"] = result
+        return result
+
+
+_SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "chunk", "split", "contiguous", "unsqueeze", "squeeze"}
+_SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.chunk, torch.split, torch.squeeze,
+                    torch.unsqueeze}
+
+
+def _is_shape_op(fx_node: fx.Node, pending: dict) -> bool:
+    """Whether ``fx_node`` only moves positions (a reshape, transpose, chunk, or an item of a chunk)."""
+    if fx_node.op == "call_method":
+        return fx_node.target in _SHAPE_METHODS and fx_node.target != "contiguous" or \
+            fx_node.target == "contiguous" and fx_node.args[0] in pending
+    if fx_node.op == "call_function":
+        return fx_node.target in _SHAPE_FUNCTIONS or fx_node.target is operator.getitem and (
+            fx_node.args[0] in pending or "concrete" not in fx_node.args[0].meta)
+    return False
+
+
+def _channel_gather(moved, base_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The channel of the base that each channel of ``moved`` (positions ``channel * P + spatial index``) is, where
+    each of its channels is one whole channel of the base with its positions in place; else None."""
+    if not isinstance(moved, torch.Tensor) or moved.dim() != len(base_shape) or moved.shape[2:] != base_shape[2:]:
+        return None
+    spatial = math.prod(base_shape[2:])
+    flat = moved.reshape(moved.shape[1], spatial)
+    channels, places = flat // spatial, flat % spatial
+    if not torch.equal(places, torch.arange(spatial).expand_as(places)) or \
+            not bool((channels == channels[:, :1]).all()):
+        return None
+    return channels[:, 0]
 
 
 def _where(fx_node: fx.Node) -> str:

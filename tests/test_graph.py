@@ -289,3 +289,36 @@ def test_a_traced_sequence_and_its_chain_of_posteriors_prune_alike(model):
     for a, b in zip(traced, chained):
         assert torch.equal(a.mask, b.mask) and torch.equal(a.keep_in, b.keep_in) and torch.equal(a.keep_out, b.keep_out)
     assert 0 < sum(int(a.mask.sum()) for a in traced) < sum(a.mask.numel() for a in traced)
+
+
+class Shuffle(nn.Module):
+    """conv -> channel shuffle (view, transpose, view, as ShuffleNet writes it) -> chunk -> conv on one half."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = BayesConv2d(2, 6, 1)
+        self.conv2 = BayesConv2d(3, 2, 1)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)  # channels 0 3 1 4 2 5
+        first, _ = x.chunk(2, dim=1)  # channels 0 3 1 of conv1
+        return torch.flatten(self.conv2(first), 1)
+
+
+def test_a_channel_shuffle_and_a_chunk_become_gathers_of_whole_channels(tmp_path):
+    torch.manual_seed(0)
+    net = BayesianNet(Shuffle(), input_shape=(2, 3, 3))
+    g = torch.Generator().manual_seed(4)
+    _set(net.layers[0], dropped=(3,), generator=g)  # conv1's channel 3 goes; channels 2, 4, 5 are never read
+    _set(net.layers[1], generator=g)
+    layers, module = _compress(net, [0.0, 0.0])
+    assert layers[0].keep_out.tolist() == [True, True, False, False, False, False]
+    assert layers[1].keep_in.tolist() == [True, False, True]  # it reads conv1's 0, 3, 1: 3 is gone
+    x = torch.randn(4, 2, 3, 3, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _masked(net, layers)(x), rtol=1e-5, atol=1e-5)
+    graph = BodyGraph(net)
+    gathers = [node.op.params["index"] for node in graph.nodes if node.op is not None and node.op.kind == "gather"]
+    assert gathers == [[0, 3, 1]]  # the shuffle and the chunk's first half, one gather of conv1's channels

@@ -41,6 +41,7 @@ FAMILIES = {
     "regnet_y": lambda: regnet.RegNet(regnet.BlockParams.from_init_params(4, 8, 8.0, 2.0, 4, se_ratio=0.25),
                                       num_classes=10),
     "googlenet": lambda: tv.models.GoogLeNet(num_classes=10, aux_logits=False, init_weights=False),
+    "shufflenet": lambda: tv.models.ShuffleNetV2([2, 2, 2], [8, 16, 32, 64, 128], num_classes=10),
 }
 SIZE = 32
 
