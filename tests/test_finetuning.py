@@ -179,12 +179,15 @@ def test_cli_finetune_then_compress_keeps_the_structure_and_records_the_source(r
     assert config["finetune"]["source_run"] == str(run) and config["finetune"]["epochs"] == 1
     assert config["lr"] == 1e-4 and config["epochs"] == 1
     assert main(["finetune", str(run), "--epochs", "2", "--out", str(out), "--resume"]) == 0
-    bcz = tmp_path / "ft.bcz"
+    bcz = out / "MODEL.bcz"
     assert main(["compress", str(out), "--out", str(bcz)]) == 0
     after = json.loads(bcz.with_suffix(".json").read_text())
     assert [r["kept_groups"] for r in after["layers"]] == [r["kept_groups"] for r in source["layers"]]
     assert after["finetuned"]["source_run"] == str(run) and after["finetuned"]["epochs"] == 2
     assert math.isfinite(after["error_compressed"])
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert f"Fine-tuned for 2 epochs (lr 0.0001) from run `{run}`, pruned to {source['architecture']}" in report
     capsys.readouterr()
     assert main(["finetune", str(run), "--epochs", "1", "--out", str(out)]) == 1  # not over an existing run
     assert "already holds a run" in capsys.readouterr().err
