@@ -155,11 +155,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     """``pyro-bc compress``: prune by the chosen threshold rule, write the ``.bcz`` and ``MODEL.json``."""
     from pyro_bc.compression import compress_run, format_table
-    from pyro_bc.thresholds import rule_from_options
 
-    rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
-    summary = compress_run(args.run_dir, args.out, rule=rule, data=args.data, fold=False if args.no_fold else None,
-                           bits_budget=args.bits_budget)
+    # no threshold option: the priors' defaults, or for a fine-tuning run the structure it was given
+    summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
+                           max_error_increase=args.max_error_increase, data=args.data,
+                           fold=False if args.no_fold else None, bits_budget=args.bits_budget)
     print(format_table(summary))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0

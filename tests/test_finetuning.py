@@ -170,11 +170,12 @@ def test_kept_structure_refuses_when_a_kept_group_crossed_a_pruned_one(tmp_path)
 
 
 def test_cli_finetune_then_compress_keeps_the_structure_and_records_the_source(run, tmp_path, capsys):
-    source_bcz = tmp_path / "src.bcz"
-    assert main(["compress", str(run), "--out", str(source_bcz)]) == 0
+    source_bcz = tmp_path / "src.bcz"  # thresholds other than the default's (-3), which compress would use again
+    assert main(["compress", str(run), "--out", str(source_bcz), "--thresholds", "-4", "-3.5", "-3.8"]) == 0
     source = json.loads(source_bcz.with_suffix(".json").read_text())
     out = tmp_path / "ft"
-    assert main(["finetune", str(run), "--epochs", "1", "--out", str(out), "--lr", "1e-4"]) == 0
+    assert main(["finetune", str(run), "--epochs", "1", "--out", str(out), "--lr", "1e-4",
+                 "--thresholds", "-4", "-3.5", "-3.8"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["finetune"]["source_run"] == str(run) and config["finetune"]["epochs"] == 1
     assert config["lr"] == 1e-4 and config["epochs"] == 1
@@ -183,6 +184,7 @@ def test_cli_finetune_then_compress_keeps_the_structure_and_records_the_source(r
     assert main(["compress", str(out), "--out", str(bcz)]) == 0
     after = json.loads(bcz.with_suffix(".json").read_text())
     assert [r["kept_groups"] for r in after["layers"]] == [r["kept_groups"] for r in source["layers"]]
+    assert after["threshold_rule"]["name"] == "kept-structure"
     assert after["finetuned"]["source_run"] == str(run) and after["finetuned"]["epochs"] == 2
     assert math.isfinite(after["error_compressed"])
     assert main(["report", str(out)]) == 0
