@@ -1,8 +1,10 @@
 """Trade-off curves of a run: test error against weights kept and against cr_file, over a sweep of validation budgets.
 
-    python analysis/tradeoff.py RUN_DIR [RUN_DIR ...] [--budgets 0 0.1 0.25 ...] [--out-dir analysis/results]
+    python analysis/tradeoff.py RUN_DIR [RUN_DIR ...] [--budgets 0 0.1 0.25 ...] [--thresholds -9 -8 ...]
+                                [--out-dir analysis/results] [--recipe NAME]
 
-Each ordinary run is compressed once per budget (``--max-error-increase B``, into a temporary folder) and once at
+Each ordinary run is compressed once per budget (``--max-error-increase B``, into a temporary folder), once per
+``--thresholds`` value (that threshold for every layer; values that leave a layer empty are skipped) and once at
 the priors' default thresholds; each point is the compressed file's test error, its weights kept and its cr_file.
 A fine-tuning run (``pyro-bc finetune``) is one point, compressed with the structure it was given, drawn on its
 source run's figure when that run is given too (else on its own). The paper's point (Table 1) and the official
@@ -24,8 +26,9 @@ sys.path.insert(0, str(REPO))
 
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.compression import compress_run, load_run
+from pyro_bc.errors import ConfigError
 from pyro_bc.run_dir import FINETUNE_FILE
-from pyro_bc.thresholds import PriorDefault, ValidationBudget
+from pyro_bc.thresholds import GivenThresholds, PriorDefault, ValidationBudget
 
 #: Table 1 of the paper: (model, prior) -> (test error %, weights kept %, maximum CR).
 PAPER = {("lenet300", "gnj"): (1.8, 10.8, 58), ("lenet300", "ghs"): (1.8, 10.6, 59),
@@ -46,10 +49,16 @@ def point(run_dir: Path, rule, label: str) -> dict:
     return row
 
 
-def sweep(run_dir: Path, budgets) -> list[dict]:
-    """The run's points: one per validation budget and one at the priors' default thresholds."""
-    rows = [point(run_dir, ValidationBudget(b), f"budget {b:g}") for b in budgets]
-    return rows + [point(run_dir, PriorDefault(), "prior default")]
+def sweep(run_dir: Path, budgets, thresholds, n_layers: int) -> list[dict]:
+    """The run's points: one per validation budget, one per common threshold (where no layer is left empty) and
+    one at the priors' default thresholds; each row's ``sweep`` says which."""
+    rows = [{"sweep": "budget", **point(run_dir, ValidationBudget(b), f"budget {b:g}")} for b in budgets]
+    for t in thresholds:
+        try:
+            rows.append({"sweep": "threshold", **point(run_dir, GivenThresholds([t] * n_layers), f"threshold {t:g}")})
+        except ConfigError as e:
+            print(f"threshold {t:g} skipped: {e}", file=sys.stderr)
+    return rows + [{"sweep": "default", **point(run_dir, PriorDefault(), "prior default")}]
 
 
 def plot(curve: list[dict], finetuned: list[dict], key: tuple[str, str], title: str, path: Path) -> None:
@@ -60,8 +69,11 @@ def plot(curve: list[dict], finetuned: list[dict], key: tuple[str, str], title: 
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, x, name in ((axes[0], "weights_kept_percent", "weights kept (%)"), (axes[1], "cr_file", "cr_file")):
-        ordered = sorted(curve, key=lambda r: r[x])
-        ax.plot([r[x] for r in ordered], [r["error_compressed"] for r in ordered], "o-", label="this run, swept")
+        for kind, style, label in (("budget", "o-", "validation budgets"), ("threshold", "^--", "one threshold"),
+                                   ("default", "x", "priors' default")):
+            ordered = sorted((r for r in curve if r.get("sweep") == kind), key=lambda r: r[x])
+            if ordered:
+                ax.plot([r[x] for r in ordered], [r["error_compressed"] for r in ordered], style, label=label)
         if finetuned:
             ax.plot([r[x] for r in finetuned], [r["error_compressed"] for r in finetuned], "s", color="C2",
                     label="after fine-tuning")
@@ -70,8 +82,9 @@ def plot(curve: list[dict], finetuned: list[dict], key: tuple[str, str], title: 
             ax.plot(kept if x == "weights_kept_percent" else cr, error, "*", ms=14, color="C3", label="paper")
         if key in OFFICIAL and x == "weights_kept_percent":
             error, kept = OFFICIAL[key]
-            ax.plot(kept, error, "D", color="C1", label="official code (200 epochs)")
+            ax.plot(kept, error, "D", color="k", label="official code (200 epochs)")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel(name)
         ax.set_ylabel("test error, compressed (%)")
         ax.grid(True, which="both", alpha=0.3)
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (ordinary or fine-tuning runs)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
                         help="validation error budgets in points (--max-error-increase)")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[],
+                        help="common log alpha thresholds to sweep (each for every layer)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "analysis" / "results")
     parser.add_argument("--recipe", default=None, help="the folder name under --out-dir (one ordinary run only)")
     args = parser.parse_args(argv)
@@ -101,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(json.loads((run / "config.json").read_text())["finetune"]["source_run"]).resolve()
         by_source.get(source, alone).append(run)
     for run in sources + alone:
-        _, config, _ = load_run(run)
+        net, config, _ = load_run(run)
         key = (config.model, config.prior)
-        curve = sweep(run, args.budgets) if run in sources else [point(run, None, "fine-tuned")]
+        curve = sweep(run, args.budgets, args.thresholds, len(net.layers)) if run in sources else [
+            {"sweep": "finetuned", **point(run, None, "fine-tuned")}]
         followers = by_source.get(run.resolve(), [])
         finetuned = [point(t, None, f"fine-tuned ({t.name})") for t in followers]
         recipe = args.recipe or run.name
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"run": str(run), "model": config.model, "prior": config.prior, "points": curve,
                   "finetuned": [{"run": str(t), **p} for t, p in zip(followers, finetuned)],
                   "paper": PAPER.get(key), "official": OFFICIAL.get(key),
-                  "command": "python analysis/tradeoff.py " + " ".join(str(r) for r in args.runs)}
+                  "command": "python analysis/tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         atomic_write_text(out / "tradeoff.json", json.dumps(record, indent=1))
         print(f"wrote {out / 'tradeoff.png'} and {out / 'tradeoff.json'}")
     return 0

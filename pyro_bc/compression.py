@@ -88,7 +88,9 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     if finetuned:  # MODEL.json says where the network came from
         from pyro_bc.finetuning import load_masks
 
-        summary["finetuned"] = load_masks(run_dir)[1] | {"epochs": len(state["metrics"])}
+        record = load_masks(run_dir)[1]  # its kept groups are the layers' (kept-structure) or were pruned further
+        summary["finetuned"] = {**{k: v for k, v in record.items() if k != "kept_groups"},
+                                "epochs": len(state["metrics"])}
         atomic_write_text(Path(out).with_suffix(".json"), summary_json(summary))
     return summary
 
