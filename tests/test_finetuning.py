@@ -201,3 +201,28 @@ def test_resume_without_masks_is_a_checkpoint_error(tmp_path):
     net, data = _tiny_problem()
     with pytest.raises(CheckpointError, match="no fine-tuning masks"):
         pyro_bc.finetune(net, None, data, epochs=1, out=tmp_path / "none", resume=True, progress=False)
+
+
+def test_masked_kl_against_the_log_uniform_prior_counts_the_kept_weights_only():
+    """lu: per-weight log-uniform priors, whose KL the ELBO takes elementwise (not the fused sum)."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(3, 2)), "lu", input_shape=(3,))
+    layer = net.layers[0]
+    with torch.no_grad():
+        layer.weight_mu.copy_(torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]]))
+        layer.weight_logvar.fill_(-40.0)
+        layer.weight_logvar[1, 2] = 1.0  # pruned: large and uncertain
+        layer.bias_mu.copy_(torch.tensor([0.2, -0.1]))
+        layer.bias_logvar.fill_(-40.0)
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    keep[1, 2] = False
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 3, generator=g), torch.randint(0, 2, (10,), generator=g)
+    with torch.no_grad():
+        w = torch.where(keep, layer.weight_mu, 0.0)
+        nll = F.cross_entropy(x @ w.t() + layer.bias_mu, y)
+        kl = (_log_uniform_kl(layer.weight_mu[keep], layer.weight_logvar[keep])
+              + _normal_kl(layer.bias_mu, layer.bias_logvar))
+        masks = [LayerMask("0", keep, torch.ones(2, dtype=torch.bool), keep)]
+        loss = NegativeELBO(net, PruningMask(masks))(x, y, 50)
+    assert loss.item() == pytest.approx((nll + kl / 50).item(), rel=1e-5)
