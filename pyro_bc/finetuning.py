@@ -99,10 +99,10 @@ class PruningMask(Messenger):
 
     def __init__(self, masks: list[LayerMask]):
         super().__init__()
-        self.sites: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.sites: dict[str, list] = {}  # site -> [keep mask, whether pruned entries get variance 0]
         for mask in masks:
-            self.sites[f"{mask.site}.w"] = (mask.weight, True)
-            self.sites[f"{mask.site}.b"] = (mask.bias, False)
+            self.sites[f"{mask.site}.w"] = [mask.weight, True]
+            self.sites[f"{mask.site}.b"] = [mask.bias, False]
 
     def _pyro_sample(self, msg) -> None:
         hit = self.sites.get(msg["name"])
@@ -114,7 +114,9 @@ class PruningMask(Messenger):
         if not isinstance(fn, NormalLogVar):
             raise ConfigError(f"site {msg['name']}: fine-tuning masks NormalLogVar guides, got {type(fn).__name__}")
         keep, zero_variance = hit
-        masked = MaskedNormalLogVar(fn.loc, fn.logvar, keep.to(fn.loc.device), zero_variance)
+        if keep.device != fn.loc.device:  # moved once, on the first step on a device
+            keep = self.sites[msg["name"]][0] = keep.to(fn.loc.device)
+        masked = MaskedNormalLogVar(fn.loc, fn.logvar, keep, zero_variance)
         msg["fn"] = masked.to_event(dims) if dims else masked
 
 
