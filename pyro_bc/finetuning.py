@@ -16,8 +16,10 @@ and the record (source run, thresholds, kept groups) that ``config.json``, ``MOD
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,8 +44,9 @@ MASKED_LOGVAR = -1.0e4
 @dataclasses.dataclass
 class LayerMask:
     """One layer's part of a compression decision: ``site`` the layer's name, ``weight`` (bool, weight-shaped)
-    the kept weights, ``bias`` (bool per output) the kept outputs, ``own`` (bool per group, or per weight for ``lu``) what the layer's own
-    threshold kept (its neighbours may prune more), which :class:`~pyro_bc.thresholds.KeptStructure` reproduces."""
+    the kept weights, ``bias`` (bool per output) the kept outputs, ``own`` (bool per group, or per weight for
+    ``lu``) what the layer's own threshold kept (its neighbours may prune more), which
+    :class:`~pyro_bc.thresholds.KeptStructure` reproduces."""
 
     site: str
     weight: torch.Tensor
@@ -71,7 +74,8 @@ class MaskedNormalLogVar(NormalLogVar):
 
     @property
     def standard_normal_kl(self) -> torch.Tensor:
-        """The sum over kept entries of ``KL(N(mu, exp(logvar)) || N(0, 1)) = (exp(logvar) + mu^2 - 1 - logvar) / 2``."""
+        """The sum over the kept entries of ``KL(N(mu, exp(logvar)) || N(0, 1))``, each
+        ``(exp(logvar) + mu^2 - 1 - logvar) / 2``."""
         kl = 0.5 * (self.raw_logvar.exp() + self.raw_loc.pow(2) - 1.0 - self.raw_logvar)
         return torch.where(self.keep, kl, kl.new_zeros(())).sum()
 
@@ -134,6 +138,9 @@ def apply_pruning(net: BayesianNet, layers: list[PrunedLayer]) -> None:
         mask = pruned.mask.to(layer.weight_mu.device)
         layer.weight_mu.masked_fill_(~mask, 0.0)
         if layer.bias_mu is None:
+            if bool((pruned.post.bias != 0).any()):
+                warnings.warn(f"{layer.site} has no bias: the fold of its pruned inputs is not carried into "
+                              "fine-tuning", stacklevel=2)
             continue
         keep_out = pruned.keep_out.to(layer.bias_mu.device)
         target = pruned.post.bias.to(layer.bias_mu)
@@ -151,8 +158,6 @@ def _check_supported(graph) -> None:
 
 def save_masks(path: Path, masks: list[LayerMask], record: dict) -> None:
     """``RUN_DIR/finetune.pt``: the masks and the record, atomically."""
-    import io
-
     buffer = io.BytesIO()
     torch.save({"masks": [m.state() for m in masks], "sites": [m.site for m in masks], "record": json.dumps(record)},
                buffer)

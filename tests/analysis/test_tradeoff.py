@@ -20,7 +20,8 @@ def test_points_are_the_compressions_at_each_budget_and_threshold(run, tmp_path)
     record = json.loads((tmp_path / "demo" / "tradeoff.json").read_text())
     assert (tmp_path / "demo" / "tradeoff.png").stat().st_size > 0
     assert [p["label"] for p in record["points"]] == ["budget 0.5", "threshold -3", "prior default"]
-    for label, argv in (("budget 0.5", ["--max-error-increase", "0.5"]), ("threshold -3", ["--thresholds", "-3", "-3", "-3"])):
+    for label, argv in (("budget 0.5", ["--max-error-increase", "0.5"]),
+                        ("threshold -3", ["--thresholds", "-3", "-3", "-3"])):
         bcz = tmp_path / f"{label.replace(' ', '_')}.bcz"
         assert main(["compress", str(run), "--out", str(bcz)] + argv) == 0
         direct = json.loads(bcz.with_suffix(".json").read_text())
