@@ -175,11 +175,14 @@ def test_cli_finetune_then_compress_keeps_the_structure_and_records_the_source(r
     source = json.loads(source_bcz.with_suffix(".json").read_text())
     out = tmp_path / "ft"
     assert main(["finetune", str(run), "--epochs", "1", "--out", str(out), "--lr", "1e-4",
-                 "--thresholds", "-4", "-3.5", "-3.8"]) == 0
+                 "--thresholds", "-4", "-3.5", "-3.8", "--kl-warmup-epochs", "2"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["finetune"]["source_run"] == str(run) and config["finetune"]["epochs"] == 1
     assert config["lr"] == 1e-4 and config["epochs"] == 1
     assert main(["finetune", str(run), "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    # the KL weight after epoch e of a 2-epoch warm-up is e / 2 (its last step's: e S / (2 S))
+    betas = [json.loads(line)["beta"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert betas == [0.5, 1.0]
     bcz = out / "MODEL.bcz"
     assert main(["compress", str(out), "--out", str(bcz)]) == 0
     after = json.loads(bcz.with_suffix(".json").read_text())
@@ -226,3 +229,11 @@ def test_masked_kl_against_the_log_uniform_prior_counts_the_kept_weights_only():
         masks = [LayerMask("0", keep, torch.ones(2, dtype=torch.bool), keep)]
         loss = NegativeELBO(net, PruningMask(masks))(x, y, 50)
     assert loss.item() == pytest.approx((nll + kl / 50).item(), rel=1e-5)
+
+
+def test_kl_warmup_epochs_is_trains_warmup_epochs():
+    from pyro_bc.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--out", "r", "--kl-warmup-epochs", "7"])
+    assert args.warmup_epochs == 7
+    assert build_parser().parse_args(["train", "--out", "r", "--warmup-epochs", "3"]).warmup_epochs == 3
