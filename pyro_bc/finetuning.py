@@ -254,10 +254,10 @@ def finetune_run(source: str | Path, out: str | Path, *, epochs: int, lr: float 
         config = dataclasses.replace(TrainConfig(**load_checkpoint(out / CHECKPOINT)["config"]), epochs=epochs,
                                      threads=threads, device=device, eval_every=eval_every)
     else:
-        if (out / CHECKPOINT).exists() or (out / FINETUNE_FILE).exists():
-            raise ConfigError(f"{out} already holds a run: give a new --out, or add --resume to continue it")
         if Path(source).resolve() == out.resolve():
             raise ConfigError("finetune writes a new run directory: --out must differ from the source run")
+        if (out / CHECKPOINT).exists() or (out / FINETUNE_FILE).exists():
+            raise ConfigError(f"{out} already holds a run: give a new --out, or add --resume to continue it")
         net, source_config, _ = load_run(source)
         with tempfile.TemporaryDirectory() as tmp:
             summary = compress_run(source, Path(tmp) / "MODEL.bcz", rule=rule, fold=fold)

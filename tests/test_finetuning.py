@@ -237,3 +237,14 @@ def test_kl_warmup_epochs_is_trains_warmup_epochs():
     args = build_parser().parse_args(["train", "--out", "r", "--kl-warmup-epochs", "7"])
     assert args.warmup_epochs == 7
     assert build_parser().parse_args(["train", "--out", "r", "--warmup-epochs", "3"]).warmup_epochs == 3
+
+
+def test_cli_finetune_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", str(tmp_path / "missing"), "--epochs", "1", "--out", str(out)]) == 1
+    assert "no checkpoint" in capsys.readouterr().err and not out.exists()
+    assert main(["finetune", str(run), "--epochs", "1", "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "must differ from the source run" in err and len(err.strip().splitlines()) == 1
+    assert main(["finetune", str(run), "--epochs", "1", "--out", str(out), "--resume"]) == 1
+    assert "no fine-tuning masks" in capsys.readouterr().err
