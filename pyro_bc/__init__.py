@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from pyro_bc import distributions  # noqa: F401  (registers the KL divergences)
 from pyro_bc.convert import bayesianize
 
-__all__ = ["bayesianize", "compress", "fit", "load", "pruned_network"]
+__all__ = ["bayesianize", "compress", "finetune", "fit", "load", "pruned_network"]
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,7 +25,8 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
 
 
 def __getattr__(name: str):
-    """``fit`` (:func:`pyro_bc.train.fit`), ``compress`` (:func:`pyro_bc.compression.compress`) and
+    """``fit`` (:func:`pyro_bc.train.fit`), ``finetune`` (:func:`pyro_bc.finetuning.finetune`), ``compress``
+    (:func:`pyro_bc.compression.compress`) and
     ``pruned_network`` (:func:`pyro_bc.pruned.pruned_network`), imported on first use so that ``import pyro_bc``
     stays light."""
     if name == "fit":
@@ -36,6 +37,10 @@ def __getattr__(name: str):
         from pyro_bc.compression import compress
 
         return compress
+    if name == "finetune":
+        from pyro_bc.finetuning import finetune
+
+        return finetune
     if name == "pruned_network":
         from pyro_bc.pruned import pruned_network
 

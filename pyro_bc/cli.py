@@ -100,7 +100,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                                 "train.npz and test.npz (default: the embedded MNIST)")
     p.add_argument("--subset", type=_positive_int, default=None, help="train on the first N training examples")
     p.add_argument("--val-size", type=_positive_int, default=VAL_SIZE)
-    p.add_argument("--warmup-epochs", type=_nonnegative_int, default=0, help="linear KL warm-up length")
+    p.add_argument("--warmup-epochs", "--kl-warmup-epochs", dest="warmup_epochs", type=_nonnegative_int, default=0,
+                   metavar="N", help="KL weight rising linearly from 0 to 1 over the first N epochs (a KL warm-up)")
     p.add_argument("--augment", action="store_true",
                    help="random crops of the images padded by 4 zero pixels, and horizontal flips")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
@@ -154,11 +155,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     """``pyro-bc compress``: prune by the chosen threshold rule, write the ``.bcz`` and ``MODEL.json``."""
     from pyro_bc.compression import compress_run, format_table
-    from pyro_bc.thresholds import rule_from_options
 
-    rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
-    summary = compress_run(args.run_dir, args.out, rule=rule, data=args.data, fold=False if args.no_fold else None,
-                           bits_budget=args.bits_budget)
+    # no threshold option: the priors' defaults, or for a fine-tuning run the structure it was given
+    summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
+                           max_error_increase=args.max_error_increase, data=args.data,
+                           fold=False if args.no_fold else None, bits_budget=args.bits_budget)
     print(format_table(summary))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
@@ -209,6 +210,43 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="the file to write")
     p.set_defaults(func=cmd_export)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``pyro-bc finetune``: compress a run's network by the chosen rule, then train its kept weights further."""
+    from pyro_bc.finetuning import finetune_run
+    from pyro_bc.thresholds import rule_from_options
+
+    rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
+    last = finetune_run(args.run_dir, args.out, epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule,
+                        warmup_epochs=args.kl_warmup_epochs, eval_every=args.eval_every, threads=args.threads,
+                        device=args.device, rule=rule, fold=False if args.no_fold else None, resume=args.resume)
+    error = f", val error {last['val_error']:.2f}%" if "val_error" in last else ""
+    print(f"fine-tuned {args.run_dir}: {last.get('epoch', 0)} epochs{error}, run directory {args.out}")
+    return 0
+
+
+def _add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="prune a run as compress would, then train the kept weights further (SVI, "
+                                        "the pruned ones held at zero)")
+    p.add_argument("run_dir", help="the run directory to start from (written by 'pyro-bc train')")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--epochs", type=_nonnegative_int, required=True)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--thresholds", type=_finite_float, nargs="+", metavar="T", help="log alpha threshold per layer")
+    how.add_argument("--auto", choices=("gap",), help="threshold at the gap of each layer's log alpha histogram")
+    how.add_argument("--max-error-increase", type=_nonnegative_float, metavar="P",
+                     help="most compressing thresholds within P points of validation error")
+    p.add_argument("--no-fold", action="store_true", help="start without the fold of pruned inputs into the biases")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant")
+    p.add_argument("--kl-warmup-epochs", type=_nonnegative_int, default=0, metavar="N",
+                   help="KL weight rising linearly from 0 to 1 over N epochs (as train's --warmup-epochs)")
+    p.add_argument("--eval-every", type=_positive_int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=_positive_int, default=1)
+    p.add_argument("--resume", action="store_true", help="continue the fine-tuning run --out from its checkpoint")
+    p.set_defaults(func=cmd_finetune)
 
 
 def _add_compress_parser(sub) -> None:
@@ -273,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.set_defaults(func=cmd_train)
+    _add_finetune_parser(sub)
     _add_compress_parser(sub)
     _add_recode_parser(sub)
     _add_export_parser(sub)

@@ -30,8 +30,8 @@ from pyro_bc.macs import add_macs
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
 from pyro_bc.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
-from pyro_bc.run_dir import CHECKPOINT, TrainConfig
-from pyro_bc.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
+from pyro_bc.run_dir import CHECKPOINT, FINETUNE_FILE, TrainConfig
+from pyro_bc.thresholds import KeptStructure, ThresholdInputs, ThresholdRule, rule_from_options
 
 
 def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
@@ -69,9 +69,12 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     the group priors (gnj, ghs), whose pruned groups still add their mean, and not for ``lu``, whose
     pruned weights' means are noise (both measured in analysis/RESULTS.md).
     """
+    finetuned = (Path(run_dir) / FINETUNE_FILE).is_file()
+    if finetuned and rule is None and (thresholds, auto, max_error_increase) == (None, None, None):
+        rule = KeptStructure(str(run_dir))  # a fine-tuned run keeps its structure unless thresholds are asked for
     rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
     _check_out(out)
-    net, config, _ = load_run(run_dir)
+    net, config, state = load_run(run_dir)
     dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
     require_shape(dataset, data or config.data, net.input_shape, f"the network of {run_dir}",
                   f"give the run's data with --data DIR, or leave --data out to use the run's "
@@ -79,8 +82,17 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     info = {"model": config.model, "prior": config.prior, "run_dir": str(run_dir), "tau0": config.tau0,
             "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
             "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
-    return compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,
-                            test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule, info=info)
+    summary = compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,
+                               test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule,
+                               info=info)
+    if finetuned:  # MODEL.json says where the network came from
+        from pyro_bc.finetuning import load_masks
+
+        record = load_masks(run_dir)[1]  # its kept groups are the layers' (kept-structure) or were pruned further
+        summary["finetuned"] = {**{k: v for k, v in record.items() if k != "kept_groups"},
+                                "epochs": len(state["metrics"])}
+        atomic_write_text(Path(out).with_suffix(".json"), summary_json(summary))
+    return summary
 
 
 def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.Tensor, torch.Tensor] | None = None,

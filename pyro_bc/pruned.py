@@ -80,11 +80,11 @@ def check_pruning(layers: list[PrunedLayer], summary: dict) -> None:
                               f"threshold keeps {kept} in this network: is it the network that was compressed?")
 
 
-def pruned_network(net: BayesianNet, summary: dict,
-                   train: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None) -> nn.Module:
-    """The network ``error_pruned`` measures: ``net``'s posterior-mean network with exactly ``summary``'s pruning
-    (``MODEL.json``, or what :func:`pyro_bc.compress` returned for ``net``) applied, at full size and float32
-    (:func:`masked_network`).
+def summary_pruning(net: BayesianNet, summary: dict,
+                    train: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None
+                    ) -> tuple[list[PrunedLayer], BodyGraph]:
+    """``summary``'s pruning decision (``MODEL.json``, or what :func:`pyro_bc.compress` returned for ``net``) as
+    ``net``'s :class:`~pyro_bc.posterior.PrunedLayer` s (masks, and biases with any fold), and the network's graph.
 
     Where the summary folded pruned inputs into the biases, the fold's means come from the first
     :data:`FOLD_EXAMPLES` of ``train`` (``(x, y)`` or ``x``: the training examples the compression was given),
@@ -107,4 +107,18 @@ def pruned_network(net: BayesianNet, summary: dict,
     graph = BodyGraph(net)
     layers = prune_network(net, analyse_network(net, analyse(net), graph), thresholds, means, graph)
     check_pruning(layers, summary)
+    return layers, graph
+
+
+def pruned_network(net: BayesianNet, summary: dict,
+                   train: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None) -> nn.Module:
+    """The network ``error_pruned`` measures: ``net``'s posterior-mean network with exactly ``summary``'s pruning
+    (``MODEL.json``, or what :func:`pyro_bc.compress` returned for ``net``) applied, at full size and float32
+    (:func:`masked_network`).
+
+    Where the summary folded pruned inputs into the biases, the fold's means come from the first
+    :data:`FOLD_EXAMPLES` of ``train`` (``(x, y)`` or ``x``: the training examples the compression was given),
+    which is then required. ConfigError if the summary's thresholds keep other groups in ``net`` than it records.
+    """
+    layers, graph = summary_pruning(net, summary, train)
     return masked_network(net, layers, graph)

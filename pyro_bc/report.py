@@ -26,10 +26,11 @@ from pyro_bc.atomic import atomic_write_text
 from pyro_bc.compression import load_run
 from pyro_bc.datatree import save_datatree, to_datatree, var_prefix
 from pyro_bc.errors import ConfigError
+from pyro_bc.finetuning import load_masks
 from pyro_bc.graph import analyse_network, prune_network
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import LayerPosterior, analyse
-from pyro_bc.run_dir import METRICS
+from pyro_bc.run_dir import FINETUNE_FILE, METRICS
 from pyro_bc.thresholds import PriorDefault, ThresholdInputs
 
 REPORT, FIGURES, POSTERIOR_NC = "report.md", "figures", "posterior.nc"
@@ -117,6 +118,16 @@ def _compression_section(summary: dict, source: str) -> list[str]:
     return lines + [""]
 
 
+def _finetune_line(record: dict, epochs: int, lr: float) -> str:
+    """What the report says of a fine-tuning run: from which run, which pruning, for how long."""
+    before = record.get("source_compression", {})
+    error = before.get("error_pruned")
+    return (f"Fine-tuned for {epochs} epochs (lr {lr:g}) from run `{record.get('source_run')}`, pruned to "
+            f"{before.get('architecture')} ({before.get('threshold_method')}"
+            + (f"; test error of the pruned network before fine-tuning {error:.2f}%" if error is not None else "")
+            + "): the pruned weights held at zero, SVI on the kept ones.")
+
+
 def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_samples: int = 200,
                  seed: int = 0) -> Path:
     """Write ``RUN_DIR/report.md`` (with ``figures/`` and ``posterior.nc``); returns its path."""
@@ -145,6 +156,8 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
              f"Run directory `{run_dir}`: {last.get('epoch', 0)} epochs, batch size {config.batch_size}, "
              f"lr {config.lr:g}, seed {config.seed}" + (f", training subset {config.subset}" if config.subset else "")
              + "".join(f", {k} {v:g}" for k, v in net.layers[0].prior.options().items()) + ".", ""]
+    if (run_dir / FINETUNE_FILE).is_file():
+        lines += [_finetune_line(load_masks(run_dir)[1], len(metrics), config.lr), ""]
     if last:
         lines += [(f"Last epoch: ELBO per example {last['elbo']:.4f}, train error {last['train_error']:.2f}%, "
                   f"validation error {last['val_error']:.2f}%."), ""]

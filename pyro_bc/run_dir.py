@@ -1,7 +1,8 @@
 """A run directory: its training configuration, its lock, and the names of the files in it.
 
 ``RUN_DIR/checkpoint.pt`` (every epoch, atomically), ``RUN_DIR/metrics.jsonl`` (one line per epoch),
-``RUN_DIR/config.json`` and, while a training runs, ``RUN_DIR/.lock``.
+``RUN_DIR/config.json``, ``RUN_DIR/finetune.pt`` for a fine-tuning run (:mod:`pyro_bc.finetuning`) and, while
+a training runs, ``RUN_DIR/.lock``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pyro_bc.errors import ConfigError
 from pyro_bc.schedule import SCHEDULES
 
 CHECKPOINT, METRICS, CONFIG, LOCK = "checkpoint.pt", "metrics.jsonl", "config.json", ".lock"
+FINETUNE_FILE = "finetune.pt"  # a fine-tuning run's pruning masks and record (pyro_bc.finetuning)
 
 
 @dataclasses.dataclass

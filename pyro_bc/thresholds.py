@@ -8,7 +8,8 @@ Each rule is a small object with a :attr:`~ThresholdRule.name`, its :attr:`~Thre
 * :class:`GapRule`           per layer, the middle of the widest gap in the sorted log alpha values (``--auto gap``);
 * :class:`ValidationBudget`  the most compressing thresholds within a validation error budget
   (``--max-error-increase P``);
-* :class:`PriorDefault`      each layer's prior's default cut (``layer.prior.default_threshold``).
+* :class:`PriorDefault`      each layer's prior's default cut (``layer.prior.default_threshold``);
+* :class:`KeptStructure`     the structure a fine-tuning run was given (the default for such a run).
 
 A new rule is a subclass plus one entry in :data:`RULES`.
 """
@@ -208,8 +209,50 @@ class PriorDefault(ThresholdRule):
         return "default " + ", ".join(f"{t:g}" for t in dict.fromkeys(thresholds))
 
 
+class KeptStructure(ThresholdRule):
+    """The structure a fine-tuning run (``pyro-bc finetune``) was given: per layer, the middle between the largest
+    log alpha of the groups (weights, for ``lu``) its own threshold kept and the smallest of those it pruned, so
+    that the pruning of ``RUN_DIR/finetune.pt`` is reproduced exactly and nothing new is pruned. ConfigError where
+    fine-tuning moved a kept group's log alpha to or above a pruned one's (then give thresholds)."""
+
+    name = "kept-structure"
+
+    def __init__(self, run_dir: str):
+        self.run_dir = str(run_dir)
+
+    @property
+    def settings(self) -> dict:
+        return {"run_dir": self.run_dir}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        from pyro_bc.finetuning import load_masks
+
+        masks, _ = load_masks(self.run_dir)
+        if len(masks) != len(inputs.posts):
+            raise ConfigError(f"{self.run_dir}: masks of {len(masks)} layers for a network of {len(inputs.posts)}")
+        out = []
+        for post, mask in zip(inputs.posts, masks):
+            log_alpha, own = post.log_alpha.flatten().double(), mask.own.flatten()
+            if log_alpha.shape != own.shape:
+                raise ConfigError(f"{post.name}: the fine-tuning masks do not fit the network's log alpha")
+            kept, pruned = log_alpha[own], log_alpha[~own]
+            if not len(pruned):
+                out.append(float(kept.max()) + 1.0)
+            elif not len(kept):
+                out.append(float(pruned.min()) - 1.0)
+            elif kept.max() < pruned.min():
+                out.append(float((kept.max() + pruned.min()) / 2))
+            else:
+                raise ConfigError(f"{post.name}: fine-tuning moved a kept group's log alpha ({float(kept.max()):.3g}) "
+                                  f"to or above a pruned one's ({float(pruned.min()):.3g}): give --thresholds")
+        return out
+
+    def method(self, thresholds: list[float]) -> str:
+        return "the structure fine-tuning was given"
+
+
 RULES: dict[str, type[ThresholdRule]] = {rule.name: rule for rule in
-                                         (GivenThresholds, GapRule, ValidationBudget, PriorDefault)}
+                                         (GivenThresholds, GapRule, ValidationBudget, PriorDefault, KeptStructure)}
 AUTO_RULES: dict[str, type[ThresholdRule]] = {"gap": GapRule}  # ``--auto NAME``
 
 

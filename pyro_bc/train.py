@@ -23,6 +23,7 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -38,7 +39,16 @@ from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
 from pyro_bc.evaluate import error_percent, groups_below
 from pyro_bc.network import BayesianNet
 from pyro_bc.reparam import LocalReparameterization
-from pyro_bc.run_dir import CHECKPOINT, CONFIG, METRICS, RunLock, TrainConfig, prepare_run_dir, removed_if_refused
+from pyro_bc.run_dir import (
+    CHECKPOINT,
+    CONFIG,
+    FINETUNE_FILE,
+    METRICS,
+    RunLock,
+    TrainConfig,
+    prepare_run_dir,
+    removed_if_refused,
+)
 from pyro_bc.schedule import epoch_lr
 
 
@@ -73,15 +83,16 @@ def _first_nonfinite(net: BayesianNet) -> str:
 class NegativeELBO(nn.Module):
     """``-ELBO / N`` of a minibatch (KL weighted by ``beta``) as a module over the network's parameters.
 
-    Being an ``nn.Module`` lets ``DistributedDataParallel`` wrap it. ``weight`` multiplies the whole
-    loss: a data-parallel rank holding ``b`` of a global batch's ``B`` rows uses ``K b / B``, so that
-    the ranks' averaged gradient is the gradient of the global batch, KL counted once (``0`` for a
+    Being an ``nn.Module`` lets ``DistributedDataParallel`` wrap it. ``handler``: an effect handler applied
+    inside the local reparameterisation (fine-tuning's :class:`~pyro_bc.finetuning.PruningMask`). ``weight``
+    multiplies the whole loss: a data-parallel rank holding ``b`` of a global batch's ``B`` rows uses ``K b / B``,
+    so that the ranks' averaged gradient is the gradient of the global batch, KL counted once (``0`` for a
     rank with no rows: a zero loss over every parameter, so that the gradient all-reduce still runs).
     """
 
-    def __init__(self, net: BayesianNet):
+    def __init__(self, net: BayesianNet, handler: Messenger | None = None):
         super().__init__()
-        self.net, self.elbo = net, MeanFieldELBO()
+        self.net, self.elbo, self.handler = net, MeanFieldELBO(), handler
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, n_data: int, beta: float = 1.0, weight: float = 1.0,
                 shard: tuple[int, int] | None = None) -> torch.Tensor:
@@ -90,7 +101,7 @@ class NegativeELBO(nn.Module):
             return sum(p.sum() for p in self.parameters()) * 0.0
         model = poutine.scale(self.net.model, scale=weight / n_data)
         guide = poutine.scale(self.net.guide, scale=weight * beta / n_data)
-        with LocalReparameterization(shard):
+        with LocalReparameterization(shard), self.handler or contextlib.nullcontext():  # the handler inside
             return self.elbo.differentiable_loss(model, guide, x, y, n_data)
 
 
@@ -134,6 +145,31 @@ def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet
     return value.detach()
 
 
+def setup_from_config(state: dict | None, config: TrainConfig) -> tuple:
+    """The command line's set-up of a run (see :func:`run_training`): the config's data, the network it names
+    (seeded, shape-checked, started from ``init_from`` when not resumed) and the config's extras."""
+    data = load_data(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)  # numpy's RNG
+    pyro.set_rng_seed(config.seed)  # the same stream in every process (see pyro_bc.distributed)
+    net = build_network(config.model, config.prior, input_shape=tuple(data.train.x.shape[1:]),
+                        width=config.width, **config.prior_options)
+    _set_clip_var(net, config.clip_var)
+    try:
+        _check_shape(net, data.train.x[:2])
+    except ConfigError as e:
+        source = config.data or "the embedded MNIST"
+        raise ConfigError(f"{e} ({source}): give data of the network's input shape with --data DIR")
+    if config.init_from and state is None:
+        try:
+            init_state = torch.load(config.init_from, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (any failure of user or file code is reported the same way)
+            raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
+        if not isinstance(init_state, dict):
+            raise ConfigError(f"--init-from {config.init_from}: holds a {type(init_state).__name__}, not a "
+                              "state_dict (save one with torch.save(model.state_dict(), path))")
+        net.init_from(init_state)
+    return net, data.train, data.val, {"data_format": data.format, "normalisation": data.normalisation}
+
+
 PYTHON_MODEL = "python"  # the model field of the config of a run trained by :func:`pyro_bc.fit`
 
 
@@ -146,36 +182,19 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
     and only rank 0 writes.
     """
 
-    def setup(state: dict | None, config: TrainConfig) -> tuple:
-        data = load_data(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)  # numpy's RNG
-        pyro.set_rng_seed(config.seed)  # the same stream in every process (see pyro_bc.distributed)
-        net = build_network(config.model, config.prior, input_shape=tuple(data.train.x.shape[1:]),
-                            width=config.width, **config.prior_options)
-        _set_clip_var(net, config.clip_var)
-        try:
-            _check_shape(net, data.train.x[:2])
-        except ConfigError as e:
-            source = config.data or "the embedded MNIST"
-            raise ConfigError(f"{e} ({source}): give data of the network's input shape with --data DIR")
-        if config.init_from and state is None:
-            try:
-                init_state = torch.load(config.init_from, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001  (any failure of user or file code is reported the same way)
-                raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
-            if not isinstance(init_state, dict):
-                raise ConfigError(f"--init-from {config.init_from}: holds a {type(init_state).__name__}, not a "
-                                  "state_dict (save one with torch.save(model.state_dict(), path))")
-            net.init_from(init_state)
-        return net, data.train, data.val, {"data_format": data.format, "normalisation": data.normalisation}
-
-    metrics = run_training(config, out, resume, progress, setup)
+    if resume and out is not None and (Path(out) / FINETUNE_FILE).is_file():
+        raise ConfigError(f"{out} is a fine-tuning run: resume it with pyro-bc finetune SOURCE_RUN --out {out} "
+                          "--resume")
+    metrics = run_training(config, out, resume, progress, setup_from_config)
     return metrics[-1] if metrics else {}
 
 
-def run_training(config: TrainConfig, out: str | Path | None, resume: bool, progress: bool, setup) -> list[dict]:
+def run_training(config: TrainConfig, out: str | Path | None, resume: bool, progress: bool, setup,
+                 handler: Messenger | None = None) -> list[dict]:
     """The training loop around its set-up: the process group, the run directory and its lock (none when ``out``
     is None), the resumed config, then ``setup(state, config) -> (net, train, val, run_config_extras)`` and
-    :func:`_train`. Returns every epoch's metrics (a resumed run's earlier ones first)."""
+    :func:`_train` (``handler``: as :class:`NegativeELBO`'s). Returns every epoch's metrics (a resumed run's earlier
+    ones first)."""
     config.validate()
     torch.set_num_threads(config.threads)
     with distributed.process_group(config.device) as group:
@@ -192,7 +211,7 @@ def run_training(config: TrainConfig, out: str | Path | None, resume: bool, prog
                 config = _resumed_config(config, state, run_dir)
                 net, train_split, val_split, extras = setup(state, config)
                 return _train(net, train_split, val_split, config, run_dir, state, progress and group.is_main,
-                              group, extras)
+                              group, extras, handler)
 
 
 def _resumed_config(config: TrainConfig, state: dict | None, run_dir: Path | None) -> TrainConfig:
@@ -225,7 +244,8 @@ def _device(config: TrainConfig, group: distributed.ProcessGroup) -> torch.devic
 
 
 def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfig, run_dir: Path | None,
-           state: dict | None, progress: bool, group: distributed.ProcessGroup, extras: dict) -> list[dict]:
+           state: dict | None, progress: bool, group: distributed.ProcessGroup, extras: dict,
+           handler: Messenger | None = None) -> list[dict]:
     """The training loop: ``net`` (built, seeded, shape-checked) on the ``train`` split, evaluated on ``val``
     (no ``val_error`` when it is None), from the checkpoint ``state`` if one is given; with ``run_dir`` the
     config, a checkpoint and the metrics are written every epoch. Returns every epoch's metrics."""
@@ -253,7 +273,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
     n_data = len(train_x)
     global_batch = config.batch_size * group.world_size
     steps_per_epoch = math.ceil(n_data / global_batch)
-    negative_elbo = NegativeELBO(net)
+    negative_elbo = NegativeELBO(net, handler)
 
     def save(epoch: int) -> None:
         save_checkpoint(checkpoint, {
@@ -390,6 +410,15 @@ def fit(net: BayesianNet, train, val=None, *, epochs: int, batch_size: int = 128
     ``threads``, ``device`` and ``eval_every``). The network is trained in training mode and left in the mode it
     had; its parameters are those of the last epoch.
     """
+    return fit_with(net, train, val, epochs=epochs, batch_size=batch_size, lr=lr, out=out, resume=resume,
+                    progress=progress, **options)
+
+
+def fit_with(net: BayesianNet, train, val=None, *, epochs: int, batch_size: int = 128, lr: float = 1e-3,
+             out: str | Path | None = None, resume: bool = False, progress: bool = True,
+             handler: Messenger | None = None, extras: dict | None = None, **options) -> list[dict]:
+    """:func:`fit` with an effect handler on the loss (:class:`NegativeELBO`'s ``handler``) and ``extras`` for the
+    run's ``config.json``: what :func:`pyro_bc.finetuning.finetune` runs."""
     unknown = sorted(set(options) - set(FIT_OPTIONS))
     if unknown:
         raise ConfigError(f"fit got unknown option(s) {', '.join(unknown)}: choose from {', '.join(FIT_OPTIONS)}")
@@ -409,9 +438,9 @@ def fit(net: BayesianNet, train, val=None, *, epochs: int, batch_size: int = 128
         net.cpu()  # as a built network is (a fit before may have left it on a GPU); the loop moves it to the device
         _check_shape(net, train_split.x[:2].cpu())
         net.train()
-        return net, train_split, val_split, {"data_format": PYTHON_MODEL, "normalisation": None}
+        return net, train_split, val_split, {"data_format": PYTHON_MODEL, "normalisation": None, **(extras or {})}
 
     try:
-        return run_training(config, out, resume, progress, setup)
+        return run_training(config, out, resume, progress, setup, handler)
     finally:
         net.train(was_training)

@@ -19,6 +19,7 @@ from pyro_bc.thresholds import (
     RULES,
     GapRule,
     GivenThresholds,
+    KeptStructure,
     PriorDefault,
     ThresholdInputs,
     ThresholdRule,
@@ -86,7 +87,8 @@ def test_method_text_is_what_model_json_has_always_recorded(rule, thresholds, te
     assert rule.method(thresholds) == text
 
 
-@pytest.mark.parametrize("rule", [GivenThresholds([-3.0, -2.0]), GapRule(lo=-5.0), ValidationBudget(1.5), PriorDefault()])
+@pytest.mark.parametrize("rule", [GivenThresholds([-3.0, -2.0]), GapRule(lo=-5.0), ValidationBudget(1.5), PriorDefault(),
+                                  KeptStructure("runs/finetuned")])
 def test_record_is_json_and_round_trips(rule):
     record = json.loads(json.dumps(rule.record()))
     assert record == {"name": rule.name, "settings": rule.settings}
@@ -95,7 +97,7 @@ def test_record_is_json_and_round_trips(rule):
 
 
 def test_every_rule_is_registered_under_its_name():
-    assert set(RULES) == {"given", "gap", "max-error-increase", "prior-default"}
+    assert set(RULES) == {"given", "gap", "max-error-increase", "prior-default", "kept-structure"}
     assert all(issubclass(cls, ThresholdRule) and cls.name == name for name, cls in RULES.items())
 
 

@@ -1,0 +1,250 @@
+"""Fine-tuning after pruning: the masked ELBO against a hand-built pruned network, pruned weights held at exactly
+zero through steps and a resume, and the compression of a fine-tuned run keeping the structure it was given."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyro_bc
+from pyro_bc.cli import main
+from pyro_bc.errors import CheckpointError, ConfigError
+from pyro_bc.finetuning import LayerMask, PruningMask, load_masks
+from pyro_bc.thresholds import KeptStructure
+from pyro_bc.train import NegativeELBO
+
+# Molchanov et al. (2017), eq. 14: KL(N(mu, s^2) || LogUniform) ~= K1 - K1 sigmoid(K2 + K3 log a) + softplus(-log a)/2
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+
+
+def _two_layer_net() -> pyro_bc.network.BayesianNet:
+    """4 inputs -> 3 hidden (ReLU) -> 2 classes, gnj; every kept quantity near-certain (variance e^-40), the entries
+    the masks prune wildly uncertain and large, so that counting them would change the loss."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), "gnj", input_shape=(4,))
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight_mu.normal_()
+            layer.bias_mu.normal_()
+            layer.weight_logvar.fill_(-40.0)
+            layer.bias_logvar.fill_(-40.0)
+            layer.prior.z_mu.uniform_(0.5, 1.5)
+            layer.prior.z_logvar.fill_(-40.0)
+        first, second = net.layers
+        first.weight_mu[:, 1] = 5.0  # input 1 pruned
+        first.weight_logvar[:, 1] = 2.0
+        first.weight_mu[2] = -4.0  # hidden unit 2 pruned (the second layer drops its input 2)
+        first.weight_logvar[2] = 1.0
+        first.bias_mu[2] = 3.0
+        first.bias_logvar[2] = 0.5  # a pruned output's bias keeps its variance: nothing downstream reads it
+        second.weight_mu[:, 2] = 6.0
+        second.weight_logvar[:, 2] = 3.0
+    return net
+
+
+def _masks() -> list[LayerMask]:
+    w0 = torch.ones(3, 4, dtype=torch.bool)
+    w0[:, 1] = False
+    w0[2] = False
+    w1 = torch.ones(2, 3, dtype=torch.bool)
+    w1[:, 2] = False
+    return [LayerMask("0", w0, torch.tensor([True, True, False]), torch.tensor([True, False, True, True])),
+            LayerMask("2", w1, torch.ones(2, dtype=torch.bool), torch.tensor([True, True, False]))]
+
+
+def _normal_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return (0.5 * (logvar.exp() + mu**2 - 1 - logvar)).sum()
+
+
+def _log_uniform_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    la = logvar - torch.log(mu**2 + 1e-8)
+    return (K1 - K1 * torch.sigmoid(K2 + K3 * la) + 0.5 * F.softplus(-la)).sum()
+
+
+def test_masked_elbo_equals_the_elbo_of_the_network_with_the_pruned_weights_removed():
+    net = _two_layer_net()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+    n_data = 100
+    first, second = net.layers
+    with torch.no_grad():  # the pruned network built by hand: input 1 and hidden unit 2 removed
+        z0, z1 = first.prior.z_mu, second.prior.z_mu
+        w0 = first.weight_mu[[0, 1]][:, [0, 2, 3]]
+        h = F.relu((x[:, [0, 2, 3]] * z0[[0, 2, 3]]) @ w0.t() + first.bias_mu[[0, 1]])
+        logits = (h * z1[[0, 1]]) @ second.weight_mu[:, [0, 1]].t() + second.bias_mu
+        nll = F.cross_entropy(logits, y)
+        kl = (_normal_kl(w0, first.weight_logvar[[0, 1]][:, [0, 2, 3]])
+              + _normal_kl(first.bias_mu[[0, 1]], first.bias_logvar[[0, 1]])
+              + _normal_kl(second.weight_mu[:, [0, 1]], second.weight_logvar[:, [0, 1]])
+              + _normal_kl(second.bias_mu, second.bias_logvar)
+              + _log_uniform_kl(z0, first.prior.z_logvar) + _log_uniform_kl(z1, second.prior.z_logvar))  # scales stay
+        expected = nll + kl / n_data
+        torch.manual_seed(5)
+        masked = NegativeELBO(net, PruningMask(_masks()))(x, y, n_data)
+        torch.manual_seed(5)
+        unmasked = NegativeELBO(net)(x, y, n_data)
+    assert masked.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(unmasked.item() - expected.item()) > 1.0  # the pruned entries would count without the masks
+
+
+def test_masked_weights_get_no_gradient_and_their_kl_leaves_the_elbo():
+    net = _two_layer_net()
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(4)), torch.arange(8) % 2
+    torch.manual_seed(0)
+    NegativeELBO(net, PruningMask(_masks()))(x, y, 8).backward()
+    masks = _masks()
+    for layer, mask in zip(net.layers, masks):
+        for p in (layer.weight_mu, layer.weight_logvar):
+            assert torch.all(p.grad[~mask.weight] == 0)
+            assert torch.all(p.grad[mask.weight] != 0)
+        assert torch.all(layer.bias_mu.grad[~mask.bias] == 0) and torch.all(layer.bias_logvar.grad[~mask.bias] == 0)
+
+
+def _tiny_problem(seed: int = 1):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    net = pyro_bc.bayesianize(dense, "gnj", input_shape=(1, 4, 4))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 1, 4, 4, generator=g)
+    y = x.flatten(1)[:, :3].argmax(1)
+    with torch.no_grad():  # groups with log alpha 5 - log(z_mu^2) > -3: pruned at the default threshold
+        net.layers[0].prior.z_logvar[[3, 5, 7, 9]] = 5.0
+        net.layers[1].prior.z_logvar[[1, 2]] = 5.0
+    return net, (x, y)
+
+
+def test_pruned_weights_stay_exactly_zero_through_steps_and_a_resume_which_is_exact(tmp_path):
+    net, data = _tiny_problem()
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=data, train=data, thresholds=[-3.0, -3.0])
+    start = pyro_bc.pruned_network(net, summary, data)  # what error_pruned measures, fold included
+
+    straight = _tiny_problem()[0]
+    pyro_bc.finetune(straight, summary, data, data, epochs=4, lr=1e-2, out=tmp_path / "a", progress=False)
+    resumed = _tiny_problem()[0]
+    pyro_bc.finetune(resumed, summary, data, data, epochs=0, lr=1e-2, out=tmp_path / "b", progress=False)
+    with torch.no_grad():  # fine-tuning starts at the pruned network (the fold in the biases)
+        torch.testing.assert_close(resumed.posterior_mean_network()(data[0]), start(data[0]))
+    start_mu = {layer.site: layer.weight_mu.clone() for layer in resumed.layers}
+    pyro_bc.finetune(resumed, summary, data, data, epochs=2, lr=1e-2, out=tmp_path / "b", progress=False)
+    pyro_bc.finetune(resumed, None, data, data, epochs=4, out=tmp_path / "b", progress=False, resume=True)
+
+    masks, record = load_masks(tmp_path / "b")
+    assert record["kept_groups"] == {row["name"]: row["kept_groups"] for row in summary["layers"]}
+    moved = 0
+    for a, b, mask in zip(straight.layers, resumed.layers, masks):
+        for name in ("weight_mu", "weight_logvar", "bias_mu", "bias_logvar"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name  # the resume is exact
+        assert torch.all(a.weight_mu[~mask.weight] == 0) and torch.all(a.bias_mu[~mask.bias] == 0)
+        assert torch.all(a.weight_moments()[0][~mask.weight] == 0)
+        moved += int((a.weight_mu[mask.weight] != start_mu[a.site][mask.weight]).sum())
+    assert moved > 0  # the kept weights did train
+
+
+def test_compressing_a_fine_tuned_network_keeps_its_structure(tmp_path):
+    net, data = _tiny_problem()
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=data, train=data, thresholds=[-3.0, -3.0])
+    pyro_bc.finetune(net, summary, data, data, epochs=3, lr=1e-2, out=tmp_path / "ft", progress=False)
+    after = pyro_bc.compress(net, tmp_path / "ft.bcz", val=data, train=data, test=data,
+                             rule=KeptStructure(str(tmp_path / "ft")))
+    assert [r["kept_groups"] for r in after["layers"]] == [r["kept_groups"] for r in summary["layers"]]
+    assert after["threshold_rule"]["name"] == "kept-structure"
+    # the pruned weights are zero and fold nothing: the pruned network is the posterior-mean network
+    mean_error = 100.0 * (net.posterior_mean_network()(data[0]).argmax(1) != data[1]).float().mean().item()
+    assert after["error_pruned"] == pytest.approx(mean_error)
+    # asked for, the thresholds decide; the source's own prune nothing it kept and keep nothing it pruned here
+    again = pyro_bc.compress(net, tmp_path / "again.bcz", val=data, train=data, thresholds=[-3.0, -3.0])
+    assert [r["kept_groups"] for r in again["layers"]] == [r["kept_groups"] for r in summary["layers"]]
+
+
+def test_kept_structure_refuses_when_a_kept_group_crossed_a_pruned_one(tmp_path):
+    net, data = _tiny_problem()
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=data, train=data, thresholds=[-3.0, -3.0])
+    pyro_bc.finetune(net, summary, data, epochs=0, out=tmp_path / "ft", progress=False)
+    with torch.no_grad():
+        net.layers[0].prior.z_logvar[0] = 20.0  # kept group 0 now above every pruned one
+    with pytest.raises(ConfigError, match="moved a kept group"):
+        pyro_bc.compress(net, tmp_path / "x.bcz", val=data, train=data, rule=KeptStructure(str(tmp_path / "ft")))
+
+
+def test_cli_finetune_then_compress_keeps_the_structure_and_records_the_source(run, tmp_path, capsys):
+    source_bcz = tmp_path / "src.bcz"  # thresholds other than the default's (-3), which compress would use again
+    assert main(["compress", str(run), "--out", str(source_bcz), "--thresholds", "-4", "-3.5", "-3.8"]) == 0
+    source = json.loads(source_bcz.with_suffix(".json").read_text())
+    out = tmp_path / "ft"
+    assert main(["finetune", str(run), "--epochs", "1", "--out", str(out), "--lr", "1e-4",
+                 "--thresholds", "-4", "-3.5", "-3.8", "--kl-warmup-epochs", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["finetune"]["source_run"] == str(run) and config["finetune"]["epochs"] == 1
+    assert config["lr"] == 1e-4 and config["epochs"] == 1
+    assert main(["finetune", str(run), "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    # the KL weight after epoch e of a 2-epoch warm-up is e / 2 (its last step's: e S / (2 S))
+    betas = [json.loads(line)["beta"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert betas == [0.5, 1.0]
+    bcz = out / "MODEL.bcz"
+    assert main(["compress", str(out), "--out", str(bcz)]) == 0
+    after = json.loads(bcz.with_suffix(".json").read_text())
+    assert [r["kept_groups"] for r in after["layers"]] == [r["kept_groups"] for r in source["layers"]]
+    assert after["threshold_rule"]["name"] == "kept-structure"
+    assert after["finetuned"]["source_run"] == str(run) and after["finetuned"]["epochs"] == 2
+    assert math.isfinite(after["error_compressed"])
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert f"Fine-tuned for 2 epochs (lr 0.0001) from run `{run}`, pruned to {source['architecture']}" in report
+    capsys.readouterr()
+    assert main(["finetune", str(run), "--epochs", "1", "--out", str(out)]) == 1  # not over an existing run
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--epochs", "3", "--out", str(out), "--resume"]) == 1  # train would drop the masks
+    assert "is a fine-tuning run" in capsys.readouterr().err
+
+
+def test_resume_without_masks_is_a_checkpoint_error(tmp_path):
+    net, data = _tiny_problem()
+    with pytest.raises(CheckpointError, match="no fine-tuning masks"):
+        pyro_bc.finetune(net, None, data, epochs=1, out=tmp_path / "none", resume=True, progress=False)
+
+
+def test_masked_kl_against_the_log_uniform_prior_counts_the_kept_weights_only():
+    """lu: per-weight log-uniform priors, whose KL the ELBO takes elementwise (not the fused sum)."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(3, 2)), "lu", input_shape=(3,))
+    layer = net.layers[0]
+    with torch.no_grad():
+        layer.weight_mu.copy_(torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]]))
+        layer.weight_logvar.fill_(-40.0)
+        layer.weight_logvar[1, 2] = 1.0  # pruned: large and uncertain
+        layer.bias_mu.copy_(torch.tensor([0.2, -0.1]))
+        layer.bias_logvar.fill_(-40.0)
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    keep[1, 2] = False
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 3, generator=g), torch.randint(0, 2, (10,), generator=g)
+    with torch.no_grad():
+        w = torch.where(keep, layer.weight_mu, 0.0)
+        nll = F.cross_entropy(x @ w.t() + layer.bias_mu, y)
+        kl = (_log_uniform_kl(layer.weight_mu[keep], layer.weight_logvar[keep])
+              + _normal_kl(layer.bias_mu, layer.bias_logvar))
+        masks = [LayerMask("0", keep, torch.ones(2, dtype=torch.bool), keep)]
+        loss = NegativeELBO(net, PruningMask(masks))(x, y, 50)
+    assert loss.item() == pytest.approx((nll + kl / 50).item(), rel=1e-5)
+
+
+def test_kl_warmup_epochs_is_trains_warmup_epochs():
+    from pyro_bc.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--out", "r", "--kl-warmup-epochs", "7"])
+    assert args.warmup_epochs == 7
+    assert build_parser().parse_args(["train", "--out", "r", "--warmup-epochs", "3"]).warmup_epochs == 3
+
+
+def test_cli_finetune_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", str(tmp_path / "missing"), "--epochs", "1", "--out", str(out)]) == 1
+    assert "no checkpoint" in capsys.readouterr().err and not out.exists()
+    assert main(["finetune", str(run), "--epochs", "1", "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "must differ from the source run" in err and len(err.strip().splitlines()) == 1
+    assert main(["finetune", str(run), "--epochs", "1", "--out", str(out), "--resume"]) == 1
+    assert "no fine-tuning masks" in capsys.readouterr().err
