@@ -7,6 +7,9 @@ Small widths keep the suite fast; ``analysis/zoo.py`` runs the full-size constru
 folding and writing, which training would not make more certain.
 """
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -17,7 +20,9 @@ import pyro_bc
 from pyro_bc.export import INPUT_NAME, export_module
 
 tv = pytest.importorskip("torchvision")
+sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
 from torchvision.models import efficientnet, regnet, resnet
+from zoo import half_thresholds
 
 
 def _efficientnet() -> nn.Module:
@@ -46,16 +51,6 @@ FAMILIES = {
 SIZE = 32
 
 
-def _half_thresholds(net: pyro_bc.network.BayesianNet) -> list[float]:
-    """Per layer, the midpoint between the two middle log alphas: about half of the groups cut, no ties."""
-    out = []
-    for layer in net.layers:
-        values = layer.log_alpha().detach().flatten().sort().values
-        middle = len(values) // 2
-        out.append(float(values[middle - 1] + values[middle]) / 2 if len(values) > 1 else float(values[0]) + 1.0)
-    return out
-
-
 def _bayesian(family: str) -> pyro_bc.network.BayesianNet:
     torch.manual_seed(0)
     model = FAMILIES[family]()
@@ -81,7 +76,7 @@ def compressed(request, tmp_path_factory):
     x = torch.randn(48, 3, SIZE, SIZE, generator=generator)
     y = torch.randint(0, 10, (48,), generator=generator)
     path = tmp_path_factory.mktemp(request.param) / "model.bcz"
-    summary = pyro_bc.compress(net, path, val=(x, y), train=(x, y), test=(x, y), thresholds=_half_thresholds(net))
+    summary = pyro_bc.compress(net, path, val=(x, y), train=(x, y), test=(x, y), thresholds=half_thresholds(net))
     return request.param, net, summary, path, (x, y)
 
 
