@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from pyro_bc import distributions  # noqa: F401  (registers the KL divergences)
 from pyro_bc.convert import bayesianize
 
-__all__ = ["bayesianize", "compress", "fit", "load"]
+__all__ = ["bayesianize", "compress", "fit", "load", "predictive"]
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,8 +25,8 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
 
 
 def __getattr__(name: str):
-    """``fit`` (:func:`pyro_bc.train.fit`) and ``compress`` (:func:`pyro_bc.compression.compress`), imported on
-    first use so that ``import pyro_bc`` stays light."""
+    """``fit`` (:func:`pyro_bc.train.fit`), ``compress`` (:func:`pyro_bc.compression.compress`) and ``predictive``
+    (:func:`pyro_bc.predict.predictive`), imported on first use so that ``import pyro_bc`` stays light."""
     if name == "fit":
         from pyro_bc.train import fit
 
@@ -35,4 +35,8 @@ def __getattr__(name: str):
         from pyro_bc.compression import compress
 
         return compress
+    if name == "predictive":
+        from pyro_bc.predict import predictive
+
+        return predictive
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
