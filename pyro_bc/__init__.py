@@ -16,12 +16,13 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
-    """The compressed network of a ``.bcz`` file: a plain ``torch.nn.Sequential`` in eval mode
+def load(path: str | os.PathLike[str], bayesian: bool = False) -> nn.Module:
+    """The compressed network of a ``.bcz`` file: a plain ``torch.nn.Sequential`` in eval mode; with ``bayesian``,
+    the compressed Bayesian network, whose forward draws once per call (a file written with ``keep_variance``)
     (:func:`pyro_bc.codec.load`; the codec is imported on the first call, not with the package)."""
     from pyro_bc import codec
 
-    return codec.load(path)
+    return codec.load(path, bayesian)
 
 
 def __getattr__(name: str):

@@ -133,17 +133,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
     summary = compress_run(args.run_dir, args.out, rule=rule, data=args.data, fold=False if args.no_fold else None,
-                           bits_budget=args.bits_budget)
+                           bits_budget=args.bits_budget, predictive_samples=args.predictive_samples)
     print(format_table(summary))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``pyro-bc evaluate``: print a ``.bcz`` file's test error and timings as one JSON object."""
+    """``pyro-bc evaluate``: print a ``.bcz`` file's test error, NLL, Brier score, ECE and timings (and, with
+    ``--samples K``, the compressed Bayesian network's metrics) as one JSON object."""
     from pyro_bc.compression import evaluate_file
 
-    print(json.dumps(evaluate_file(args.model, data=args.data)))
+    print(json.dumps(evaluate_file(args.model, data=args.data, samples=args.samples)))
     return 0
 
 
@@ -201,10 +202,16 @@ def _add_compress_parser(sub) -> None:
     p.add_argument("--no-fold", action="store_true",
                    help="drop pruned weights without moving their average contribution into the biases "
                         "(the default folds it for gnj and ghs, not for lu)")
+    p.add_argument("--predictive-samples", type=_nonnegative_int, default=None, metavar="K",
+                   help="record test error, NLL, Brier score and ECE in MODEL.json: full posterior (K draws), posterior "
+                        "mean, compressed network (K = 0: the deterministic networks only)")
     p.set_defaults(func=cmd_compress)
-    p = sub.add_parser("evaluate", help="test error and speed of a .bcz file")
+    p = sub.add_parser("evaluate", help="test error, NLL, Brier score, ECE and speed of a .bcz file")
     p.add_argument("model", help="a .bcz file")
     p.add_argument("--data", default=None)
+    p.add_argument("--samples", type=_nonnegative_int, default=0, metavar="K",
+                   help="also the compressed Bayesian network's metrics over K draws (a file written with "
+                        "--keep-variance)")
     p.set_defaults(func=cmd_evaluate)
 
 

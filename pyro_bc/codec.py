@@ -207,6 +207,16 @@ def to_module(model: CompressedModel) -> nn.Module:
     return Graph(modules, sources(model)).eval()
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
-    """Read a ``.bcz`` file and rebuild its torch module."""
-    return to_module(read_bcz(path))
+def load(path: str | os.PathLike[str], bayesian: bool = False) -> nn.Module:
+    """Read a ``.bcz`` file and rebuild its torch module: the deterministic network, or with ``bayesian`` the
+    compressed Bayesian network, whose forward draws once per call (a file written with ``keep_variance``;
+    FormatError for any other)."""
+    model = read_bcz(path)
+    if not bayesian:
+        return to_module(model)
+    if getattr(model, "variances", None) is None:
+        raise FormatError(f"{os.fspath(path)}: keeps no posterior variances, so it has no Bayesian network (write it "
+                          "with pyro-bc compress --keep-variance)")
+    from pyro_bc.sampled import to_bayesian_module
+
+    return to_bayesian_module(model)

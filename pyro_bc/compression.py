@@ -29,6 +29,7 @@ from pyro_bc.graph import analyse_network, prune_network
 from pyro_bc.macs import add_macs
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
+from pyro_bc.predict import predictive_summary, scored
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
 
@@ -81,7 +82,7 @@ def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000)
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
                  max_error_increase: float | None = None, data: str | None = None, fold: bool | None = None,
                  rule: ThresholdRule | None = None, bits_budget: float | None = None,
-                 bits_rule: BitsRule | None = None) -> dict:
+                 bits_rule: BitsRule | None = None, *, predictive_samples: int | None = None) -> dict:
     """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary.
 
     Loads the run's network and its data (``data``, or the run's), then runs :func:`compress_network`, which
@@ -97,6 +98,11 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     examples) goes into the biases (:func:`~pyro_bc.posterior.fold_pruned_inputs`). The default folds for
     the group priors (gnj, ghs), whose pruned groups still add their mean, and not for ``lu``, whose
     pruned weights' means are noise (both measured in analysis/RESULTS.md).
+
+    ``predictive_samples``: record the test set's error, NLL, Brier score and ECE in ``MODEL.json`` under
+    ``predictive`` (:func:`~pyro_bc.predict.predictive_summary`; the full posterior with this many draws, 0: only
+    the deterministic networks; None: no record, the default, since 30 draws of LeNet-5 over 10,000 test images
+    take minutes on one CPU thread).
     """
     rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
     _check_out(out)
@@ -106,7 +112,8 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
             "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
             "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
     return compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,
-                            test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule, info=info)
+                            test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule, info=info,
+                            predictive_samples=predictive_samples)
 
 
 def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -114,7 +121,7 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
              *, train: tuple[torch.Tensor, torch.Tensor] | None = None,
              test: tuple[torch.Tensor, torch.Tensor] | None = None, fold: bool | None = None,
              rule: ThresholdRule | None = None, bits_budget: float | None = None, bits_rule: BitsRule | None = None,
-             metadata: dict | None = None) -> dict:
+             metadata: dict | None = None, predictive_samples: int | None = None) -> dict:
     """Compress a trained network from Python (``pyro_bc.compress``): ``out`` (``.bcz``) and ``MODEL.json`` beside
     it, with the keys of ``pyro-bc compress``; returns that summary.
 
@@ -125,6 +132,7 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
     nothing is folded and ``fold_pruned_inputs`` is false). Thresholds and bits as in :func:`compress_run`.
     ``metadata``: keys recorded in the file and the summary over the defaults ``{"model": "python", "prior":
     <the layers' prior>}`` (a ``.bcz`` keeps ``model``, ``prior``, ``thresholds``, ``val_size`` and ``seed``).
+    ``predictive_samples``: as :func:`compress_run`'s (needs ``test``).
     """
     rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
     if val is None:
@@ -145,7 +153,8 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
         return compress_network(net.cpu().eval(), out, (val_split.x.cpu(), val_split.y.cpu()),
                                 train_x=None if train_x is None else train_x.cpu(),
                                 test=None if test_split is None else (test_split.x.cpu(), test_split.y.cpu()),
-                                fold=fold, rule=rule, bits_rule=bits_rule, info=info)
+                                fold=fold, rule=rule, bits_rule=bits_rule, info=info,
+                                predictive_samples=predictive_samples)
     finally:
         net.to(device).train(was_training)
 
@@ -166,14 +175,23 @@ def _check_out(out: str | Path) -> Path:
     return out
 
 
+def _check_predictive_samples(samples: int | None, test) -> None:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0):
+        raise ConfigError(f"predictive_samples must be a whole number >= 0 or None, got {samples!r}")
+    if samples is not None and test is None:
+        raise ConfigError("predictive_samples needs test examples: test=(x, y)")
+
+
 def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor, torch.Tensor], *,
                      train_x: torch.Tensor | None, test: tuple[torch.Tensor, torch.Tensor] | None, fold: bool | None,
-                     rule: ThresholdRule, bits_rule: BitsRule, info: dict) -> dict:
+                     rule: ThresholdRule, bits_rule: BitsRule, info: dict,
+                     predictive_samples: int | None = None) -> dict:
     """The compression of :func:`compress_run` and :func:`compress`: ``net`` pruned by ``rule``, its bits by
     ``bits_rule``, written to ``out`` and ``MODEL.json``. ``val``: the validation examples; ``train_x``: the
     training inputs of the fold (needed when it folds); ``test``: the test examples (None: test errors None);
     ``info``: ``model`` and ``prior`` (recorded in the summary) and the rest of the file's metadata."""
     out = _check_out(out)
+    _check_predictive_samples(predictive_samples, test)
     val_x, val_y = val
     if net.input_shape is None:  # a converted network never trained: its input is the data's
         net.input_shape = tuple(val_x.shape[1:])
@@ -238,6 +256,8 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "prior": info["prior"],
     }
     add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape)
+    if predictive_samples is not None and test is not None:  # calibration before and after compression
+        summary["predictive"] = predictive_summary(net, loaded, test, samples=predictive_samples)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
 
@@ -284,9 +304,14 @@ def _ms_per_batch(module: torch.nn.Module, batch: torch.Tensor, repeats: int = 7
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1000) -> dict:
+def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1000, samples: int = 0) -> dict:
     """Test error of a ``.bcz`` file, and its median time per batch against the dense original network
-    (the unpruned architecture at float32; its weights do not change its speed)."""
+    (the unpruned architecture at float32; its weights do not change its speed); the deterministic network's
+    ``nll``, ``brier`` and ``ece`` (:mod:`pyro_bc.metrics`) and, with ``samples`` > 0, ``sampled``: the metrics of
+    the compressed Bayesian network's predictive over that many draws (a file written with ``keep_variance``)."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ConfigError(f"samples must be a whole number >= 0, got {samples!r}")
+    bayesian = codec.load(path, bayesian=True) if samples else None  # refuses a file without variances first
     model = codec.read_bcz(path)
     meta = model.metadata
     compressed = codec.to_module(model)
@@ -295,9 +320,14 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     original = original_network(meta, model.input_shape)
     ms_compressed = _ms_per_batch(compressed, x[:batch_size])
     ms_original = _ms_per_batch(original, x[:batch_size]) if original is not None else None
-    return {"error": error_percent(compressed, x, y), "n": len(x),
-            "ms_per_batch_compressed": ms_compressed, "ms_per_batch_original": ms_original,
-            "speedup": ms_original / ms_compressed if ms_original is not None else None}
+    deterministic = scored(compressed, x, y, 0, batch_size)
+    result = {"error": error_percent(compressed, x, y), "n": len(x),
+              "ms_per_batch_compressed": ms_compressed, "ms_per_batch_original": ms_original,
+              "speedup": ms_original / ms_compressed if ms_original is not None else None,
+              **{k: deterministic[k] for k in ("nll", "brier", "ece")}}
+    if bayesian is not None:
+        result["sampled"] = {"samples": samples, **scored(bayesian, x, y, samples, batch_size)}
+    return result
 
 
 def original_network(metadata: dict, input_shape: tuple[int, ...] | None = None) -> torch.nn.Module | None:

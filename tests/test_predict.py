@@ -116,5 +116,5 @@ def test_bad_options_raise_one_line(options, message):
 
 
 def test_bad_source_raises_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="not a run directory"):
+    with pytest.raises(ConfigError, match="neither a run directory nor a .bcz file"):
         predictive(tmp_path / "missing", torch.zeros(2, 6))
