@@ -133,7 +133,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
     summary = compress_run(args.run_dir, args.out, rule=rule, data=args.data, fold=False if args.no_fold else None,
-                           bits_budget=args.bits_budget, predictive_samples=args.predictive_samples)
+                           bits_budget=args.bits_budget, predictive_samples=args.predictive_samples,
+                           keep_variance=args.keep_variance)
     print(format_table(summary))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
@@ -202,6 +203,9 @@ def _add_compress_parser(sub) -> None:
     p.add_argument("--no-fold", action="store_true",
                    help="drop pruned weights without moving their average contribution into the biases "
                         "(the default folds it for gnj and ghs, not for lu)")
+    p.add_argument("--keep-variance", action="store_true",
+                   help="also store the kept weights' posterior variances (a version-3 file, loaded with "
+                        "pyro_bc.load(path, bayesian=True)); MODEL.json gives cr_file with and without them")
     p.add_argument("--predictive-samples", type=_nonnegative_int, default=None, metavar="K",
                    help="record test error, NLL, Brier score and ECE in MODEL.json: full posterior (K draws), posterior "
                         "mean, compressed network (K = 0: the deterministic networks only)")

@@ -7,6 +7,7 @@ the function under the module's name, and ``import pyro_bc.compress`` must not t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -31,6 +32,7 @@ from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
 from pyro_bc.predict import predictive_summary, scored
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
+from pyro_bc.sampled import compressed_variances
 from pyro_bc.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
 
 FOLD_EXAMPLES = 10_000  # training examples whose layer inputs give the means that pruned weights are folded with
@@ -82,7 +84,8 @@ def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000)
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
                  max_error_increase: float | None = None, data: str | None = None, fold: bool | None = None,
                  rule: ThresholdRule | None = None, bits_budget: float | None = None,
-                 bits_rule: BitsRule | None = None, *, predictive_samples: int | None = None) -> dict:
+                 bits_rule: BitsRule | None = None, *, predictive_samples: int | None = None,
+                 keep_variance: bool = False) -> dict:
     """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary.
 
     Loads the run's network and its data (``data``, or the run's), then runs :func:`compress_network`, which
@@ -103,6 +106,10 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     ``predictive`` (:func:`~pyro_bc.predict.predictive_summary`; the full posterior with this many draws, 0: only
     the deterministic networks; None: no record, the default, since 30 draws of LeNet-5 over 10,000 test images
     take minutes on one CPU thread).
+
+    ``keep_variance``: the file also keeps the kept weights' posterior variances (and the group scales'), a
+    version-3 ``.bcz`` that ``pyro_bc.load(path, bayesian=True)`` rebuilds as the compressed Bayesian network
+    (:mod:`pyro_bc.sampled`); ``MODEL.json`` adds ``file_bytes_without_variance`` and ``cr_file_without_variance``.
     """
     rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
     _check_out(out)
@@ -113,7 +120,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
             "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
     return compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,
                             test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule, info=info,
-                            predictive_samples=predictive_samples)
+                            predictive_samples=predictive_samples, keep_variance=keep_variance)
 
 
 def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -121,7 +128,7 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
              *, train: tuple[torch.Tensor, torch.Tensor] | None = None,
              test: tuple[torch.Tensor, torch.Tensor] | None = None, fold: bool | None = None,
              rule: ThresholdRule | None = None, bits_budget: float | None = None, bits_rule: BitsRule | None = None,
-             metadata: dict | None = None, predictive_samples: int | None = None) -> dict:
+             metadata: dict | None = None, predictive_samples: int | None = None, keep_variance: bool = False) -> dict:
     """Compress a trained network from Python (``pyro_bc.compress``): ``out`` (``.bcz``) and ``MODEL.json`` beside
     it, with the keys of ``pyro-bc compress``; returns that summary.
 
@@ -132,7 +139,7 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
     nothing is folded and ``fold_pruned_inputs`` is false). Thresholds and bits as in :func:`compress_run`.
     ``metadata``: keys recorded in the file and the summary over the defaults ``{"model": "python", "prior":
     <the layers' prior>}`` (a ``.bcz`` keeps ``model``, ``prior``, ``thresholds``, ``val_size`` and ``seed``).
-    ``predictive_samples``: as :func:`compress_run`'s (needs ``test``).
+    ``predictive_samples`` (needs ``test``) and ``keep_variance``: as :func:`compress_run`'s.
     """
     rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
     if val is None:
@@ -154,7 +161,7 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
                                 train_x=None if train_x is None else train_x.cpu(),
                                 test=None if test_split is None else (test_split.x.cpu(), test_split.y.cpu()),
                                 fold=fold, rule=rule, bits_rule=bits_rule, info=info,
-                                predictive_samples=predictive_samples)
+                                predictive_samples=predictive_samples, keep_variance=keep_variance)
     finally:
         net.to(device).train(was_training)
 
@@ -185,7 +192,7 @@ def _check_predictive_samples(samples: int | None, test) -> None:
 def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor, torch.Tensor], *,
                      train_x: torch.Tensor | None, test: tuple[torch.Tensor, torch.Tensor] | None, fold: bool | None,
                      rule: ThresholdRule, bits_rule: BitsRule, info: dict,
-                     predictive_samples: int | None = None) -> dict:
+                     predictive_samples: int | None = None, keep_variance: bool = False) -> dict:
     """The compression of :func:`compress_run` and :func:`compress`: ``net`` pruned by ``rule``, its bits by
     ``bits_rule``, written to ``out`` and ``MODEL.json``. ``val``: the validation examples; ``train_x``: the
     training inputs of the fold (needed when it folds); ``test``: the test examples (None: test errors None);
@@ -217,6 +224,8 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     metadata = {"model": info["model"], "prior": info["prior"], "thresholds": thresholds, "threshold_method": method,
                 **rest}
     model = file_model(precision, metadata)
+    if keep_variance:  # a version-3 file: the compressed Bayesian network
+        model.variances = compressed_variances(net, layers, model)
     file_bytes = codec.write_bcz(out, model)
     loaded = codec.load(out)
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
@@ -256,8 +265,12 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "prior": info["prior"],
     }
     add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape)
+    if keep_variance:
+        summary["file_bytes_without_variance"] = len(codec.encode(dataclasses.replace(model, variances=None)))
+        summary["cr_file_without_variance"] = original_bytes / summary["file_bytes_without_variance"]
     if predictive_samples is not None and test is not None:  # calibration before and after compression
-        summary["predictive"] = predictive_summary(net, loaded, test, samples=predictive_samples)
+        bayesian = codec.load(out, bayesian=True) if keep_variance else None
+        summary["predictive"] = predictive_summary(net, loaded, test, bayesian, samples=predictive_samples)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
 

@@ -165,6 +165,22 @@ def test_cli_compress_records_predictive_metrics(run, tmp_path):
     assert "predictive" not in json.loads(out.with_suffix(".json").read_text())
 
 
+def test_cli_keep_variance_then_evaluate_the_sampled_network(run, tmp_path, capsys):
+    out = tmp_path / "MODEL.bcz"
+    assert main(["compress", str(run), "--out", str(out), "--keep-variance", "--predictive-samples", "2"]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["file_bytes"] == out.stat().st_size > summary["file_bytes_without_variance"]
+    assert summary["cr_file"] < summary["cr_file_without_variance"]
+    assert set(summary["predictive"]["compressed_bayesian"]) == {"error", "nll", "brier", "ece"}
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--samples", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["error"] == pytest.approx(summary["error_compressed"])
+    assert result["sampled"]["samples"] == 2
+    # the same seeded draws as compress's record (both: seed 0, batches of 1000)
+    assert result["sampled"] == pytest.approx({"samples": 2, **summary["predictive"]["compressed_bayesian"]})
+
+
 # -- report -------------------------------------------------------------------------------------------------
 
 def test_cli_report(compressed_run, capsys):
