@@ -145,7 +145,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ``--samples K``, the compressed Bayesian network's metrics) as one JSON object."""
     from pyro_bc.compression import evaluate_file
 
-    print(json.dumps(evaluate_file(args.model, data=args.data, samples=args.samples)))
+    print(json.dumps(evaluate_file(args.model, data=args.data, samples=args.samples,
+                                   rotation=args.shift == "rotate", ood=args.ood)))
     return 0
 
 
@@ -216,6 +217,10 @@ def _add_compress_parser(sub) -> None:
     p.add_argument("--samples", type=_nonnegative_int, default=0, metavar="K",
                    help="also the compressed Bayesian network's metrics over K draws (a file written with "
                         "--keep-variance)")
+    p.add_argument("--shift", choices=("rotate",), default=None,
+                   help="rotate: error and NLL on the test images rotated by 0, 15, ..., 180 degrees")
+    p.add_argument("--ood", default=None, metavar="DIR",
+                   help="a data folder whose test images are out of distribution: AUROC of the predictive entropy")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -33,6 +33,7 @@ from pyro_bc.posterior import Precision, analyse, choose_precision, compression_
 from pyro_bc.predict import predictive_summary, scored
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.sampled import compressed_variances
+from pyro_bc.shift import fit_images, shift_report
 from pyro_bc.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
 
 FOLD_EXAMPLES = 10_000  # training examples whose layer inputs give the means that pruned weights are folded with
@@ -317,11 +318,14 @@ def _ms_per_batch(module: torch.nn.Module, batch: torch.Tensor, repeats: int = 7
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1000, samples: int = 0) -> dict:
+def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1000, samples: int = 0,
+                  rotation: bool = False, ood: str | None = None) -> dict:
     """Test error of a ``.bcz`` file, and its median time per batch against the dense original network
     (the unpruned architecture at float32; its weights do not change its speed); the deterministic network's
     ``nll``, ``brier`` and ``ece`` (:mod:`pyro_bc.metrics`) and, with ``samples`` > 0, ``sampled``: the metrics of
-    the compressed Bayesian network's predictive over that many draws (a file written with ``keep_variance``)."""
+    the compressed Bayesian network's predictive over that many draws (a file written with ``keep_variance``).
+    Shift (:func:`~pyro_bc.shift.shift_report`, for each network): ``noise_auroc``; with ``rotation`` the error and
+    NLL against rotation; with ``ood`` (a data folder) the entropy AUROC against its test images."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ConfigError(f"samples must be a whole number >= 0, got {samples!r}")
     bayesian = codec.load(path, bayesian=True) if samples else None  # refuses a file without variances first
@@ -333,13 +337,18 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     original = original_network(meta, model.input_shape)
     ms_compressed = _ms_per_batch(compressed, x[:batch_size])
     ms_original = _ms_per_batch(original, x[:batch_size]) if original is not None else None
+    ood_set = None
+    if ood is not None:
+        ood_set = (str(ood), fit_images(load_data(ood, val_size=0).test.x, tuple(x.shape[1:])))
     deterministic = scored(compressed, x, y, 0, batch_size)
     result = {"error": error_percent(compressed, x, y), "n": len(x),
               "ms_per_batch_compressed": ms_compressed, "ms_per_batch_original": ms_original,
               "speedup": ms_original / ms_compressed if ms_original is not None else None,
-              **{k: deterministic[k] for k in ("nll", "brier", "ece")}}
+              **{k: deterministic[k] for k in ("nll", "brier", "ece")},
+              **shift_report(compressed, x, y, 0, rotation, ood_set, batch_size)}
     if bayesian is not None:
-        result["sampled"] = {"samples": samples, **scored(bayesian, x, y, samples, batch_size)}
+        result["sampled"] = {"samples": samples, **scored(bayesian, x, y, samples, batch_size),
+                             **shift_report(bayesian, x, y, samples, rotation, ood_set, batch_size)}
     return result
 
 

@@ -141,6 +141,31 @@ def test_cli_evaluate_reproduces_a_committed_result(capsys):
     assert "sampled" not in result
 
 
+def test_cli_evaluate_shift_and_ood(capsys, tmp_path):
+    from tiny_data import write_cifar
+
+    path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
+    cifar = write_cifar(tmp_path / "cifar", n_test=50)
+    assert main(["evaluate", str(path), "--shift", "rotate", "--ood", str(cifar)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rotation = result["rotation"]
+    assert rotation["degrees"][0] == 0 and rotation["degrees"][-1] == 180
+    assert rotation["error"][0] == pytest.approx(result["error"]) and rotation["nll"][0] == pytest.approx(result["nll"])
+    assert rotation["error"][6] > 50 > rotation["error"][0]  # turned sideways (90 degrees), most digits are misread
+    assert result["ood"] == {"data": str(cifar), "n": 50, "auroc": result["ood"]["auroc"]}
+    assert 0 <= result["ood"]["auroc"] <= 1 and 0 <= result["noise_auroc"] <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ood", "/no/such/folder"], "/no/such/folder"),
+])
+def test_cli_evaluate_bad_ood_is_one_line(capsys, argv, message):
+    path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
+    assert main(["evaluate", str(path), *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
+
+
 def test_cli_evaluate_samples_of_a_file_without_variances_is_one_line(capsys):
     path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
     assert main(["evaluate", str(path), "--samples", "3"]) == 1
@@ -212,6 +237,7 @@ def test_cli_report_missing_json(compressed_run, capsys):
     (["evaluate"], "model"),
     (["evaluate", "M.bcz", "--samples", "-2"], "'-2'"),
     (["evaluate", "M.bcz", "--samples", "two"], "'two'"),
+    (["evaluate", "M.bcz", "--shift", "shear"], "'shear'"),
     (["compress", "R", "--out", "x.bcz", "--predictive-samples", "1.5"], "'1.5'"),
     (["demo", "--epochs", "0"], "'0'"),
     (["nosuchcommand"], "'nosuchcommand'"),
