@@ -250,7 +250,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``pyro-bc report``: write ``RUN_DIR/report.md`` and print its path."""
     from pyro_bc.report import write_report
 
-    print(write_report(args.run_dir, args.compressed))
+    print(write_report(args.run_dir, args.compressed, predictive_samples=args.predictive_samples))
     return 0
 
 
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report.md with figures, the compression table and posterior.nc")
     p.add_argument("run_dir", help="a run directory written by 'pyro-bc train'")
     p.add_argument("--compressed", default=None, help="a .bcz file; its .json gives the table (default RUN_DIR/MODEL.json)")
+    p.add_argument("--predictive-samples", type=_nonnegative_int, default=None, metavar="K",
+                   help="add predictions: metrics, reliability, entropy against noise, NLL under rotation (K draws) "
+                        "and the DataTree's predictions group")
     p.set_defaults(func=cmd_report)
     return parser
 
