@@ -152,10 +152,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_recode(args: argparse.Namespace) -> int:
     """``pyro-bc recode``: rewrite a ``.bcz`` file in the newest format with the same codes."""
-    from pyro_bc.codec import VERSION, recode
+    from pyro_bc.bcz_v2 import VERSION
+    from pyro_bc.bcz_v3 import VERSION as VERSION_WITH_VARIANCES
+    from pyro_bc.codec import read_bcz, recode
 
     size = recode(args.model, args.out, bias=args.bias)
-    print(f"wrote {args.out} (.bcz version {VERSION}, {size} bytes)")
+    version = VERSION if read_bcz(args.out).variances is None else VERSION_WITH_VARIANCES
+    print(f"wrote {args.out} (.bcz version {version}, {size} bytes)")
     return 0
 
 
