@@ -39,11 +39,16 @@ def _codes(log_variance: torch.Tensor, step_bits: int) -> np.ndarray:
 def compressed_variances(net: BayesianNet, layers: list[PrunedLayer], model: CompressedModel,
                          step_bits: int = STEP_BITS) -> Variances:
     """The variances of ``model``'s kept weights (and group scales) under ``net``'s guide; ``layers``: the pruning
-    that made ``model`` (matched to its layer nodes by name)."""
+    that made ``model`` (matched to its layer nodes by name). A layer node that is no Bayesian layer gets the
+    smallest variance, ``exp(-100)``: deterministic in effect."""
     by_name = {layer.post.name: layer for layer in layers}
     bayes = {layer.site: layer for layer in net.layers}
     out = []
     for item in (i for i in model.items if isinstance(i, QuantizedLayer)):
+        if item.name not in by_name or item.name not in bayes:  # not a Bayesian layer (e.g. a BatchNorm kept alone)
+            deterministic = np.full(int(np.count_nonzero(item.weight_codes)), LOG_VARIANCE_RANGE[0])
+            out.append(LayerVariance(_codes(torch.from_numpy(deterministic), step_bits), None, False))
+            continue
         pruned, layer = by_name[item.name], bayes[item.name]
         post = pruned.post
         moments = layer.prior.scale_moments()

@@ -284,3 +284,20 @@ def test_committed_results_still_load():
         assert model.variances is None
         summary = json.loads(path.with_suffix(".json").read_text())
         assert path.stat().st_size == summary["file_bytes"]
+
+
+def test_a_layer_node_that_is_no_bayesian_layer_is_deterministic(compressed):
+    from pyro_bc.sampled import LOG_VARIANCE_RANGE, compressed_variances
+
+    net, folder, _ = compressed
+    model = codec.read_bcz(folder / "plain.bcz")
+    extra = QuantizedLayer("linear", "standalone", np.array([[2, 0, -1, 3]]), 1, None)
+    model.items += [extra]
+    from pyro_bc.graph import analyse_network, prune_network
+    from pyro_bc.posterior import analyse
+
+    posts = analyse_network(net, analyse(net))
+    variances = compressed_variances(net, prune_network(net, posts, [10.0, 10.0], None), model)
+    last = variances.layers[-1]
+    assert last.scale_codes is None and not last.every_weight
+    assert np.all(last.weight_codes * variances.step == LOG_VARIANCE_RANGE[0]) and len(last.weight_codes) == 3
