@@ -301,3 +301,15 @@ def test_a_layer_node_that_is_no_bayesian_layer_is_deterministic(compressed):
     last = variances.layers[-1]
     assert last.scale_codes is None and not last.every_weight
     assert np.all(last.weight_codes * variances.step == LOG_VARIANCE_RANGE[0]) and len(last.weight_codes) == 3
+
+
+def test_predictive_of_a_file(compressed):
+    _, folder, _ = compressed
+    path = folder / "bayes.bcz"
+    x = _data(30, 7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(predictive(path, x, samples=0), torch.softmax(codec.load(path)(x), -1))
+    torch.testing.assert_close(predictive(str(path), x, samples=3, seed=2),
+                               predictive(pyro_bc.load(path, bayesian=True), x, samples=3, seed=2))
+    with pytest.raises(FormatError, match="keeps no posterior variances"):
+        predictive(folder / "plain.bcz", x, samples=3)
