@@ -19,6 +19,7 @@ import copy
 import ctypes
 import functools
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -39,9 +40,10 @@ from pyro_bc import codec
 from pyro_bc.compressed import compressed_model
 from pyro_bc.distributions import K1, K2, K3
 from pyro_bc.export import INPUT_NAME, export_bytes
+from pyro_bc.graph import prune_chain
 from pyro_bc.macs import count_macs
 from pyro_bc.nn import BayesConv2d, BayesLayer
-from pyro_bc.posterior import analyse, choose_precision, prune
+from pyro_bc.posterior import analyse, choose_precision
 from pyro_bc.train import NegativeELBO, svi_step
 
 HERE = Path(__file__).parent
@@ -123,8 +125,9 @@ def plain_loss(net, x, y) -> torch.Tensor:
 
 # -- the three steps ---------------------------------------------------------------------------------
 
-def deterministic_step(dense: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """(a): one fused-Adam step of cross-entropy on the batch ``(x, y)`` for the plain network ``dense``."""
+def deterministic_step(dense: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """(a): one fused-Adam step of cross-entropy on the batch ``(x, y)`` for the plain network ``dense``; the
+    step returns the loss."""
     optimizer = torch.optim.Adam(dense.parameters(), lr=1e-3, fused=True)
 
     def step():
@@ -132,6 +135,7 @@ def deterministic_step(dense: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Ca
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return loss.detach()
 
     return step
 
@@ -167,16 +171,34 @@ def make_steps(model_name: str, prior: str, only: str | None = None, batch: int 
     return steps
 
 
-def time_interleaved(steps: dict, repeats: int, warmup: int = 10) -> dict[str, float]:
+def interleaved_samples(steps: dict[str, Callable[[], object]], rounds: int, per_round: int = 1,
+                        warmup: int = 10) -> dict[str, list[float]]:
+    """Seconds of each call of each step, timed round-robin: ``warmup`` untimed calls of each, then ``rounds``
+    rounds in which each step runs ``per_round`` times in a row, the order rotated by one every round, so that a
+    busier spell of the machine, or following a given step, falls on every step alike."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = steps[name]
+            for _ in range(per_round):
+                started = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile (inclusive: of 1, 2, 3, 4, 5 they are 2, 3, 4)."""
+    return tuple(statistics.quantiles(values, n=4, method="inclusive")) if len(values) > 1 else (values[0],) * 3
+
+
+def time_interleaved(steps: dict, repeats: int, warmup: int = 10) -> dict[str, float]:
+    """The median milliseconds of each step over ``repeats`` interleaved rounds of one call each."""
+    times = interleaved_samples(steps, repeats, 1, warmup)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
@@ -193,10 +215,17 @@ def memory_probe(model_name: str, prior: str, variant: str, steps: int = 20) -> 
     The process's high-water mark is reset after the imports (``/proc/self/clear_refs``), so the
     figure is what training adds, not the ~700 MiB that importing torch and pyro costs.
     """
+    return peak_memory_added_mib(lambda: make_steps(model_name, prior, only=variant)[variant], steps)
+
+
+def peak_memory_added_mib(build: Callable[[], Callable[[], object]], steps: int = 20) -> float:
+    """Peak resident memory, in MiB, that ``build()`` (which returns a step) and ``steps`` calls of its step add
+    to this process (Linux): the high-water mark is reset first (``/proc/self/clear_refs``) and the resident
+    memory at that moment subtracted. Run it in a fresh process, where nothing else has allocated."""
     torch.set_num_threads(1)
     Path("/proc/self/clear_refs").write_text("5")
     baseline = _status_kib("VmRSS")
-    fn = make_steps(model_name, prior, only=variant)[variant]
+    fn = build()
     for _ in range(steps):
         fn()
     return (_status_kib("VmHWM") - baseline) / 1024
@@ -224,7 +253,7 @@ def paper_sized_lenet5() -> tuple[nn.Module, nn.Module, str]:
             # fc1's kept inputs spread over conv2's kept channels (16 inputs each), others the first groups
             kept = torch.linspace(0, 16 * PAPER_GNJ_LENET5[1] - 1, keep).long() if layer.site == "fc1" else slice(keep)
             layer.prior.z_logvar[kept] = -9.0
-    layers = prune(analyse(net), [-3.0] * len(net.layers))
+    layers = prune_chain(analyse(net), [-3.0] * len(net.layers))
     arch = "-".join(str(layer.groups_kept) for layer in layers)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "lenet5.bcz"
@@ -455,6 +484,8 @@ def write_outputs(results: dict, out: Path, distributed: list[str] | None = None
         lines += ["", *training_section(json.loads((out / "bench_train.json").read_text()))]
     if (out / "bench_cnn.json").is_file():
         lines += ["", *cnn_section(json.loads((out / "bench_cnn.json").read_text()))]
+    if (out / "bench_peers.json").is_file():
+        lines += ["", *peers_section(json.loads((out / "bench_peers.json").read_text()))]
     if distributed:
         lines += ["", "## Data-parallel training (`torchrun`, gloo, CPU)", "",
                   ("Produced by `.venv/bin/python analysis/bench_distributed.py` (LeNet-300-100 gnj, 25,600 "
@@ -536,6 +567,91 @@ def cnn_section(r: dict) -> list[str]:
         lines.append(f"{head} {x['ms_deterministic']:.1f} | {x['ms_pyro_bc']:.1f} | {ratio:.2f} | "
                      f"{_verdict(ratio, CNN_TARGET)} |")
     return lines
+
+
+PEER_COLUMNS = {"dense": "dense", "pyro_bc": "pyro-bc (gnj, local reparameterisation)",
+                "bt_reparam": "bayesian-torch, one weight sample per batch", "bt_flipout": "bayesian-torch, Flipout",
+                "tyxe_lrt": "TyXe, local reparameterisation"}
+
+
+#: issue #30: pyro-bc's step at most each peer's on these networks
+PEER_TARGETS = {"bt_reparam": ("lenet300", "lenet5", "resnet18"), "bt_flipout": ("lenet300", "lenet5", "resnet18", "vgg"),
+                "tyxe_lrt": ("lenet300", "lenet5", "resnet18", "vgg")}
+
+
+def peers_section(r: dict) -> list[str]:
+    """pyro-bc's step against bayesian-torch's and TyXe's, from ``analysis/bench_peers.py``."""
+    methods = [m for m in PEER_COLUMNS if any(m in x["methods"] for x in r["networks"])]
+    load = ", ".join(f"{v:.2f}" for v in r["loadavg_start"]) + " at the start, " + ", ".join(
+        f"{v:.2f}" for v in r["loadavg_end"]) + " at the end"
+    lines = ["## Against bayesian-torch and TyXe", "",
+             (f"Produced by `.venv/bin/python {r['command']}` (figures in `bench_peers.json`), one thread, Adam at "
+              f"learning rate {r['lr']:g}, one fixed random batch per network; versions: "
+              + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ". Each method trains its own copy of the "
+              "same network; the methods are timed in interleaved rounds in one process (round-robin, order rotated "
+              "every round, a few steps each), after a warm-up. Cells: median ms per step [interquartile range], "
+              "and the median over pyro-bc's [the interquartile range of that ratio taken round by round: the "
+              "method's median in a round over pyro-bc's in the same round, so that a busy spell of the machine, "
+              "which slows both alike, drops out]. bayesian-torch as its README trains (`dnn_to_bnn`, default prior and "
+              "posterior settings, loss `cross_entropy + get_kl_loss / batch`: each layer's KL is a mean, so its "
+              "loss is not the ELBO); TyXe: `VariationalBNN`, `IIDPrior(Normal(0, 1))` on all but BatchNorm, "
+              "`AutoNormal`, `TraceMeanField_ELBO`, inside `tyxe.poutine.local_reparameterization()`"
+              + (", run with `pyro.util.deep_getattr` put back (Pyro 1.9 removed it; TyXe 0.0.2 calls it)"
+                 if r.get("tyxe_patched") else "") + "."),
+             f"Machine: {r['machine']}; load average (1, 5, 15 min) {load}.",
+             *([f"Conditions: {r['note']}"] if r.get("note") else []), "",
+             "| network (batch) | rounds x steps | " + " | ".join(PEER_COLUMNS[m] for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for x in r["networks"]:
+        cells = []
+        for m in methods:
+            c = x["methods"].get(m)
+            if c is None:
+                cells.append("")
+                continue
+            ratio = ""
+            if "ratio_to_pyro_bc" in c and m != "pyro_bc":
+                ratio = f", {c['ratio_to_pyro_bc']:.2f}x" + (f" [{c['round_ratio_q1']:.2f}-{c['round_ratio_q3']:.2f}]"
+                                                              if "round_ratio_q1" in c else "")
+            cells.append(f"{_ms(c['ms_median'])} [{_ms(c['ms_q1'])}-{_ms(c['ms_q3'])}]{ratio}")
+        lines.append(f"| {x['label']} ({x['batch']}) | {x['rounds']} x {x['per_round']} | " + " | ".join(cells) + " |")
+    targets = [(x, peer) for x in r["networks"] for peer, networks in PEER_TARGETS.items()
+               if x["network"] in networks and {"pyro_bc", peer} <= set(x["methods"])]
+    if targets:
+        lines += ["", ("Targets of issue #30: pyro-bc's median step over the peer's, in the same run, and the "
+                       "interquartile range of that ratio round by round; where 1 lies within that range, the result "
+                       "says so: the verdict is then within the spread."),
+                  "", "| network | against | target | measured | per-round range | result |", "|---|---|---|---|---|---|"]
+        for x, peer in targets:
+            ours, theirs = x["methods"]["pyro_bc"], x["methods"][peer]
+            value = ours["ms_median"] / theirs["ms_median"]
+            spread, note = "", ""
+            if "round_ratios_to_pyro_bc" in theirs:
+                q1, _, q3 = quartiles([1 / v for v in theirs["round_ratios_to_pyro_bc"]])
+                spread, note = f"{q1:.2f}-{q3:.2f}", " (1 within the per-round range)" if q1 <= 1 <= q3 else ""
+            lines.append(f"| {x['label']} | {PEER_COLUMNS[peer]} | <= 1 | {value:.2f} | {spread} | "
+                         f"{_verdict(value, 1.0)}{note} |")
+    if any("peak_mib" in c for x in r["networks"] for c in x["methods"].values()):
+        floor = next((x["methods"]["dense"]["peak_mib"] for x in r["networks"]
+                      if x["network"] == "lenet300" and "peak_mib" in x["methods"].get("dense", {})), None)
+        lines += ["", ("Peak memory, MiB: each method built and run for a few steps in a fresh process; its peak "
+                       "resident memory (VmHWM, reset after the imports) less the resident memory after the "
+                       "imports: the network, optimiser state, activations and allocator caches, and also the "
+                       "code and runtime buffers that a first training step touches, a floor common to all methods"
+                       + (f" (the dense LeNet-300-100's {floor:.0f} MiB is mostly that floor: its weights, "
+                          "gradients and Adam moments are 4 MiB)" if floor else "") + "."), "",
+                  "| network (batch) | " + " | ".join(PEER_COLUMNS[m] for m in methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for x in r["networks"]:
+            cells = [f"{x['methods'][m]['peak_mib']:.0f}" if "peak_mib" in x["methods"].get(m, {}) else ""
+                     for m in methods]
+            lines.append(f"| {x['label']} ({x['batch']}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ms(value: float) -> str:
+    """Milliseconds to three significant figures (trailing zeros kept), whole milliseconds from 100 up."""
+    return f"{value:.{max(0, 2 - math.floor(math.log10(value))) if value > 0 else 2}f}"
 
 
 def inference_variants_section(results: dict) -> list[str]:

@@ -306,6 +306,9 @@ def main() -> None:
     out += time_section()
     if (HERE / "targets_notes.md").is_file():  # written by hand: what was tried where a target is missed
         out += ["", (HERE / "targets_notes.md").read_text().strip()]
+    for notes in ("fold_fix.md", "zoo.md"):  # written by hand / by analysis/zoo.py
+        if (HERE / notes).is_file():
+            out += ["", (HERE / notes).read_text().strip()]
     out += beyond_lenet_section()
     out += fourth_prior_section()
     if (HERE / "bits_rule.md").is_file():  # written by hand from analysis/bits_table.py's output (needs checkpoints)

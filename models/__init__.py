@@ -48,7 +48,7 @@ def build_network(model: str, prior: Prior | str = "gnj", input_shape: tuple[int
         raise ConfigError(f"unknown model {model!r}: choose {', '.join(BUILTIN_MODELS)} or a path to a .py file")
     build = getattr(module, "build", None)
     if not callable(build):
-        raise ConfigError(f"model {model} defines no build(prior) function returning a BayesianNet")
+        raise ConfigError(f"model {model} defines no build() function (returning a BayesianNet or a torch module)")
     parameters = inspect.signature(build).parameters
     arguments = {"prior": prior} if "prior" in parameters else {}
     if input_shape is not None and "input_shape" in parameters:
@@ -59,7 +59,12 @@ def build_network(model: str, prior: Prior | str = "gnj", input_shape: tuple[int
         if not (width > 0 and math.isfinite(width)):
             raise ConfigError(f"width must be a positive number, got {width}")
         arguments["width"] = float(width)
-    net = build(**arguments)
+    try:
+        net = build(**arguments)
+    except ConfigError as e:
+        raise ConfigError(f"model {model}: {e}")
+    except Exception as e:  # noqa: BLE001  (any failure of user code is reported the same way)
+        raise ConfigError(f"model {model}: build() failed: {type(e).__name__}: {e}")
     if isinstance(net, BayesianNet):
         return net
     if isinstance(net, nn.Module):  # a plain PyTorch network: its Linear and Conv2d layers made Bayesian

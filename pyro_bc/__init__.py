@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from pyro_bc import distributions  # noqa: F401  (registers the KL divergences)
 from pyro_bc.convert import bayesianize
 
-__all__ = ["bayesianize", "compress", "fit", "load", "predictive"]
+__all__ = ["bayesianize", "compress", "fit", "load", "predictive", "pruned_network"]
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,8 +26,9 @@ def load(path: str | os.PathLike[str], bayesian: bool = False) -> nn.Module:
 
 
 def __getattr__(name: str):
-    """``fit`` (:func:`pyro_bc.train.fit`), ``compress`` (:func:`pyro_bc.compression.compress`) and ``predictive``
-    (:func:`pyro_bc.predict.predictive`), imported on first use so that ``import pyro_bc`` stays light."""
+    """``fit`` (:func:`pyro_bc.train.fit`), ``compress`` (:func:`pyro_bc.compression.compress`),
+    ``pruned_network`` (:func:`pyro_bc.pruned.pruned_network`) and ``predictive`` (:func:`pyro_bc.predict.predictive`),
+    imported on first use so that ``import pyro_bc`` stays light."""
     if name == "fit":
         from pyro_bc.train import fit
 
@@ -36,6 +37,10 @@ def __getattr__(name: str):
         from pyro_bc.compression import compress
 
         return compress
+    if name == "pruned_network":
+        from pyro_bc.pruned import pruned_network
+
+        return pruned_network
     if name == "predictive":
         from pyro_bc.predict import predictive
 

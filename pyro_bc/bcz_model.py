@@ -13,10 +13,15 @@ from pyro_bc.binary import BadData
 from pyro_bc.code_storage import code_bits
 
 MAGIC = b"BCZ1"  # every version starts with these four bytes, then its uint16 LE version number
+# Every node kind and its byte in a version-2 file, fixed for good: a new kind takes the next free number and no
+# number is ever reused or moved (tests/test_codec.py pins them).
+WIRE_IDS = {"linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6,
+            "avgpool2d": 7, "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13,
+            "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19}
 LAYER_KINDS = ("linear", "conv2d")
-OP_KINDS = ("relu", "tanh", "sigmoid", "flatten", "maxpool2d", "avgpool2d", "select", "add", "cat",
-            "adaptive_avgpool2d")
-MULTI_INPUT = ("add", "cat")
+OP_KINDS = tuple(kind for kind in WIRE_IDS if kind not in LAYER_KINDS)
+POOL_KINDS = ("maxpool2d", "avgpool2d", "maxpool2d_ceil")  # kernel_size, stride, padding
+MULTI_INPUT = ("add", "cat", "mul")  # mul: the product of two inputs, the second broadcast (squeeze-excitation)
 FRAC_BITS_RANGE = (-64, 64)
 MAX_PARAM = 1 << 16  # cap on strides, kernel sizes, groups, ... and on each input_shape entry
 NETWORK_INPUT = -1  # the source index that names the network input
@@ -79,7 +84,8 @@ class QuantizedLayer:
 
 @dataclass
 class Op:
-    """A parameter-free node: activation, flatten, pooling, select, add (sum of its inputs) or cat (along dim 1).
+    """A parameter-free node: activation, flatten, pooling, select, add (sum of its inputs), mul (product of two,
+    broadcast) or cat (along dim 1).
 
     ``inputs``: the nodes it reads (see :class:`CompressedModel`); None reads the previous node.
     """
@@ -92,7 +98,7 @@ class Op:
         params = dict(self.params)
         if self.kind == "flatten":
             params = {"start_dim": int(params.get("start_dim", 1))}
-        elif self.kind in ("maxpool2d", "avgpool2d"):
+        elif self.kind in POOL_KINDS:
             kernel = pair(params["kernel_size"])
             stride = params.get("stride")
             params = {"kernel_size": kernel, "stride": kernel if stride is None else pair(stride),
@@ -177,14 +183,14 @@ def check_op(op: Op) -> None:
     if op.kind not in OP_KINDS:
         raise BadData(f"unknown op kind {op.kind!r}")
     p = op.params
-    expected = {"flatten": {"start_dim"}, "maxpool2d": {"kernel_size", "stride", "padding"},
-                "avgpool2d": {"kernel_size", "stride", "padding"}, "select": {"index"},
-                "adaptive_avgpool2d": {"output_size"}}.get(op.kind, set())
+    pool = {"kernel_size", "stride", "padding"}
+    expected = {"flatten": {"start_dim"}, "select": {"index"}, "adaptive_avgpool2d": {"output_size"},
+                **dict.fromkeys(POOL_KINDS, pool)}.get(op.kind, set())
     if set(p) != expected:
         raise BadData(f"{op.kind} needs exactly the params {sorted(expected)}")
     if op.kind == "flatten" and not -8 <= p["start_dim"] <= 8:
         raise BadData(f"flatten start_dim {p['start_dim']} outside [-8, 8]")
-    if op.kind in ("maxpool2d", "avgpool2d"):
+    if op.kind in POOL_KINDS:
         if not all(1 <= v <= MAX_PARAM for v in p["kernel_size"] + p["stride"]):
             raise BadData(f"{op.kind} kernel_size and stride must be in [1, {MAX_PARAM}]")
         if not all(0 <= pad <= k // 2 for pad, k in zip(p["padding"], p["kernel_size"])):

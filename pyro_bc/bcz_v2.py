@@ -20,7 +20,8 @@ from pyro_bc.bcz_model import (
     MAGIC,
     MAX_PARAM,
     MULTI_INPUT,
-    OP_KINDS,
+    POOL_KINDS,
+    WIRE_IDS,
     CompressedModel,
     Op,
     QuantizedLayer,
@@ -33,7 +34,7 @@ from pyro_bc.binary import BadData, Reader, inflate, svarint, uvarint, uvarints
 from pyro_bc.code_storage import STORAGES, decode_codes, encode_codes
 
 VERSION = 2
-KINDS = LAYER_KINDS + OP_KINDS  # a node's kind is stored as its index in this tuple
+KIND_OF_WIRE_ID = {wire_id: kind for kind, wire_id in WIRE_IDS.items()}
 BIAS_STORAGES = ("none", "float32", "float16", "fixed")
 NONE, FLOAT32, FLOAT16, FIXED = range(4)
 HEADER_CODECS = ("none", "deflate")  # deflate: raw deflate (RFC 1951), zlib.compressobj(9, wbits=-15)
@@ -133,7 +134,7 @@ def _op(op: Op) -> bytes:
     p = op.params
     if op.kind == "flatten":
         return svarint(p["start_dim"])
-    if op.kind in ("maxpool2d", "avgpool2d"):
+    if op.kind in POOL_KINDS:
         return uvarints([*p["kernel_size"], *p["stride"], *p["padding"]])
     if op.kind == "adaptive_avgpool2d":
         return uvarints(p["output_size"])
@@ -155,9 +156,9 @@ def _header(model: CompressedModel) -> tuple[bytes, bytes]:
     head = [uvarint(len(shape)), uvarints(shape), uvarint(len(meta)), meta, uvarint(len(model.items))]
     blocks = []
     for index, (item, wanted) in enumerate(zip(model.items, sources(model))):
-        if not isinstance(item, (QuantizedLayer, Op)) or item.kind not in KINDS:
+        if not isinstance(item, (QuantizedLayer, Op)) or item.kind not in WIRE_IDS:
             raise BadData(f"item {index} is not a QuantizedLayer or an Op of a known kind")
-        head.append(bytes([KINDS.index(item.kind)]))
+        head.append(bytes([WIRE_IDS[item.kind]]))
         if item.kind in MULTI_INPUT:
             head.append(uvarint(len(wanted)))
         head.append(uvarints([index - source for source in wanted]))
@@ -203,7 +204,7 @@ def _read_select(r: Reader, where: str) -> Op:
 def _read_op(r: Reader, kind: str, where: str) -> Op:
     if kind == "flatten":
         return Op(kind, {"start_dim": r.svarint(f"{where}start_dim", -8, 8)})
-    if kind in ("maxpool2d", "avgpool2d"):
+    if kind in POOL_KINDS:
         kh, kw, sh, sw = (r.uvarint(f"{where}{kind} {n}", 1, MAX_PARAM) for n in ("kh", "kw", "sh", "sw"))
         ph, pw = (r.uvarint(f"{where}{kind} {n}", 0, MAX_PARAM) for n in ("ph", "pw"))
         op = Op(kind, {"kernel_size": (kh, kw), "stride": (sh, sw), "padding": (ph, pw)})
@@ -259,7 +260,7 @@ def _parse_header(r: Reader) -> tuple[tuple[int, ...], dict[str, Any], list[Any]
     specs, inputs, codes = [], [], 0
     for index in range(r.uvarint("node count", 0, MAX_NODES)):
         where = f"node {index} "
-        kind = KINDS[r.byte(f"{where}kind", len(KINDS) - 1)]
+        kind = KIND_OF_WIRE_ID[r.byte(f"{where}kind", len(KIND_OF_WIRE_ID) - 1)]  # ids are 0, 1, ... (no gaps)
         arity = r.uvarint(f"{where}input count", 2, MAX_PARAM) if kind in MULTI_INPUT else 1
         inputs.append(tuple(index - r.uvarint(f"{where}input", 1, index + 1) for _ in range(arity)))
         if kind in LAYER_KINDS:

@@ -1,4 +1,4 @@
-"""``pyro-bc``: train, compress, evaluate, report, demo. Thin over the library."""
+"""``pyro-bc``: train, compress, evaluate, export, recode, report, demo. Thin over the library."""
 
 from __future__ import annotations
 
@@ -6,30 +6,42 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from models import BUILTIN_MODELS
+from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
 from pyro_bc.distributed import is_main_process
 from pyro_bc.errors import BCError
 from pyro_bc.priors import PRIORS
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.schedule import SCHEDULES
-from pyro_bc.train import train
+from pyro_bc.train import PYTHON_MODEL, train
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one line, ``pyro-bc COMMAND: error: MESSAGE`` (exit 2), like every
+    other error of the command line; the usage block is for ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def _nonnegative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive_int(text)
+def _int_at_least(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {least}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
 
 
 def _finite_float(text: str) -> float:
@@ -71,8 +83,10 @@ def _layer_clip_var(text: str) -> tuple[str, float | None]:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=_model_name, default="lenet300", help="lenet300, lenet5, vgg, resnet20 or a network file")
-    p.add_argument("--prior", choices=PRIORS, default="gnj")
+    p.add_argument("--model", type=_model_name, default=None,
+                   help="lenet300 (the default), lenet5, vgg, resnet20 or a network file; with --resume, the run's")
+    p.add_argument("--prior", choices=PRIORS, default=None, help="gnj (the default), ghs, lu or rhs; with --resume, "
+                                                                 "the run's")
     p.add_argument("--width", type=_positive_float, default=None, metavar="W",
                    help="channel multiplier of vgg and resnet20 (default 1)")
     p.add_argument("--epochs", type=_nonnegative_int, default=10)
@@ -105,8 +119,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=1)
 
 
+def _model_and_prior(args: argparse.Namespace) -> tuple[str, str]:
+    """``--model`` and ``--prior`` as given; else a resumed run's (from its checkpoint), else the defaults."""
+    if args.resume and (args.model is None or args.prior is None):
+        saved = load_checkpoint(Path(args.out) / CHECKPOINT)["config"]
+        if saved["model"] != PYTHON_MODEL:  # a run of pyro_bc.fit is refused by train, naming the way to resume it
+            return args.model or saved["model"], args.prior or saved["prior"]
+    return args.model or "lenet300", args.prior or "gnj"
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(model=args.model, prior=args.prior, width=args.width, epochs=args.epochs,
+    model, prior = _model_and_prior(args)
+    return TrainConfig(model=model, prior=prior, width=args.width, epochs=args.epochs,
                        batch_size=args.batch_size,
                        lr=args.lr, variance_lr_factor=args.variance_lr_factor, seed=args.seed, data=args.data,
                        subset=args.subset, val_size=args.val_size,
@@ -119,10 +143,11 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``pyro-bc train``: fit the model/guide pair and write the run directory."""
-    last = train(_train_config(args), args.out, resume=args.resume)
+    config = _train_config(args)
+    last = train(config, args.out, resume=args.resume)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
-        print(f"trained {args.model}/{args.prior}: {last.get('epoch', 0)} epochs, val error "
-              f"{last.get('val_error', float('nan')):.2f}%, run directory {args.out}")
+        error = f", val error {last['val_error']:.2f}%" if "val_error" in last else " (initialised only)"
+        print(f"trained {config.model}/{config.prior}: {last.get('epoch', 0)} epochs{error}, run directory {args.out}")
     return 0
 
 
@@ -206,7 +231,7 @@ def _add_compress_parser(sub) -> None:
     p.add_argument("--data", default=None, help="data folder (default: the run's)")
     p.add_argument("--no-fold", action="store_true",
                    help="drop pruned weights without moving their average contribution into the biases "
-                        "(the default folds it for gnj and ghs, not for lu)")
+                        "(the default folds it for gnj, ghs and rhs, not for lu)")
     p.add_argument("--keep-variance", action="store_true",
                    help="also store the kept weights' posterior variances (a version-3 file, loaded with "
                         "pyro_bc.load(path, bayesian=True)); MODEL.json gives cr_file with and without them")
@@ -245,7 +270,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(summary))
     report = write_report(run_dir, model_path)
     print(f"wrote {run_dir / CHECKPOINT}, {run_dir / 'metrics.jsonl'}, {model_path}, "
-          f"{model_path.with_suffix('.json')}, {report}")
+          f"{model_path.with_suffix('.json')}, {report}, {run_dir / 'figures'}, {run_dir / 'posterior.nc'}")
+    print(f"open {report} first; then e.g. pyro-bc evaluate {model_path}" + (f" --data {args.data}" if args.data else ""))
     return 0
 
 
@@ -259,7 +285,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``pyro-bc`` command."""
-    parser = argparse.ArgumentParser(prog="pyro-bc", description="Bayesian compression of neural networks in Pyro")
+    parser = Parser(prog="pyro-bc", description="Bayesian compression of neural networks in Pyro")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fit a model/guide pair by SVI")
     _add_train_args(p)
@@ -282,21 +308,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add predictions: metrics, reliability, entropy against noise, NLL under rotation (K draws) "
                         "and the DataTree's predictions group")
     p.set_defaults(func=cmd_report)
+    parser.commands = sub.choices  # each command's parser, which names the command in its errors
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left: a training's last checkpoint, or (files being written atomically) nothing half-written."""
+    if args.command in ("train", "demo"):
+        checkpoint = Path(args.out) / CHECKPOINT
+        if checkpoint.is_file():
+            return f"interrupted; the last checkpoint {checkpoint} is intact (--resume continues from it)"
+        return "interrupted before the first checkpoint; there is nothing to resume"
+    return "interrupted; nothing was left half-written"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``pyro-bc`` with ``argv``; returns the exit status (argument errors exit 2 from argparse)."""
+    """Run ``pyro-bc`` with ``argv``; returns the exit status (argument errors exit 2 from the parser)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except BCError as e:
-        print(f"pyro-bc {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"pyro-bc {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
-        return 130
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    prefix = f"pyro-bc {args.command}"
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prefix}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warning
+        try:
+            return args.func(args)
+        except BCError as e:
+            print(f"{prefix}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{prefix}: {_interrupted(args)}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

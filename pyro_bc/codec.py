@@ -24,6 +24,7 @@ from pyro_bc.binary import BadData
 from pyro_bc.code_storage import pack_codes, unpack_codes
 from pyro_bc.errors import FormatError
 from pyro_bc.layout import Conv2dChannelsLast
+from pyro_bc.ops import ELEMENTWISE_KINDS, Mul, SpatialMean, elementwise_module
 
 __all__ = [
     "VERSION",
@@ -187,17 +188,20 @@ def _layer_module(layer: QuantizedLayer) -> nn.Module:
 
 def _op_module(op: Op) -> nn.Module:
     """The torch module of a parameter-free op."""
-    simple = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "add": Add, "cat": Cat}
+    simple = {"add": Add, "cat": Cat, "mul": Mul, "spatial_mean": SpatialMean}
     if op.kind in simple:
         return simple[op.kind]()
+    if op.kind in ELEMENTWISE_KINDS:
+        return elementwise_module(op.kind)
     if op.kind == "flatten":
         return nn.Flatten(start_dim=op.params["start_dim"])
     if op.kind == "select":
         return Select(op.params["index"])
     if op.kind == "adaptive_avgpool2d":
         return nn.AdaptiveAvgPool2d(op.params["output_size"])
-    pool = nn.MaxPool2d if op.kind == "maxpool2d" else nn.AvgPool2d
-    return pool(kernel_size=op.params["kernel_size"], stride=op.params["stride"], padding=op.params["padding"])
+    pool = nn.AvgPool2d if op.kind == "avgpool2d" else nn.MaxPool2d
+    ceil = {"ceil_mode": True} if op.kind == "maxpool2d_ceil" else {}
+    return pool(kernel_size=op.params["kernel_size"], stride=op.params["stride"], padding=op.params["padding"], **ceil)
 
 
 def to_module(model: CompressedModel) -> nn.Module:

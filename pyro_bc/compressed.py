@@ -1,22 +1,27 @@
 """From a pruned, quantized posterior to the compressed network: the :class:`~pyro_bc.codec.CompressedModel`
 that the codec writes as a ``.bcz`` file, and the torch module it computes.
 
-:mod:`pyro_bc.posterior` (a flat sequence) and :mod:`pyro_bc.graph` (any other body) decide what is kept and
-at which precision; this module lays the kept weights out as the smaller layers (with ``select`` ops where a
-layer reads only some of its inputs): a chain for a sequence, a graph of nodes naming their inputs otherwise.
+:mod:`pyro_bc.graph` decides what is kept and :mod:`pyro_bc.posterior` at which precision; this module lays the
+kept weights out as the smaller layers, one item per node of the body's graph (with ``select`` ops where a layer
+reads only some of its inputs, and BatchNorm that follows no layer as a depthwise 1x1 convolution). A flat
+sequence's items each read the one before, so the file loads as an ``nn.Sequential``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from pyro_bc import codec
+from pyro_bc.bcz_model import FRAC_BITS_RANGE
 from pyro_bc.codec import CompressedModel, Op, QuantizedLayer
-from pyro_bc.graph import NETWORK_INPUT, BodyGraph, is_sequence, module_op
+from pyro_bc.graph import NETWORK_INPUT, BodyGraph
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLayer
 from pyro_bc.posterior import Precision, PrunedLayer, quantize
+
+AFFINE_BITS = 15  # fractional bits of a standalone BatchNorm's scale below its largest power of two
 
 
 def _select(available: torch.Tensor, keep_in: torch.Tensor, inputs: tuple[int, ...] | None = None) -> Op | None:
@@ -40,29 +45,19 @@ def _layer(i: int, layer: PrunedLayer, precision: Precision | None, inputs: tupl
                           groups, inputs)
 
 
-def _chain(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None) -> list:
-    """The items of a flat sequence's compressed chain."""
-    items: list = []
-    by_layer = iter(enumerate(layers))
-    reaching = None  # bool over the previous layer's outputs that reach the next layer
-    for module in net.body:
-        if not isinstance(module, BayesLayer):
-            items.append(module_op(module))
-            continue
-        i, layer = next(by_layer)
-        available = torch.ones_like(layer.keep_in) if reaching is None else \
-            reaching.repeat_interleave(len(layer.keep_in) // len(reaching))
-        select = _select(available, layer.keep_in)
-        if select is not None:
-            items.append(select)
-        items.append(_layer(i, layer, precision))
-        reaching = layer.keep_out
-    return items
+def _affine(name: str, affine: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
+            inputs: tuple[int, ...]) -> QuantizedLayer:
+    """BatchNorm on its own over the kept channels, as the depthwise 1x1 convolution it is: weight ``scale`` (on a
+    grid of 15 significant bits), bias ``shift``."""
+    scale, shift = (t[keep] for t in affine)
+    frac = min(FRAC_BITS_RANGE[1], AFFINE_BITS - math.ceil(math.log2(max(float(scale.abs().max()), 2.0**-60))))
+    codes = quantize(scale, frac).reshape(-1, 1, 1, 1)
+    return QuantizedLayer("conv2d", name, codes.numpy(), frac, shift.float().numpy(), groups=len(codes),
+                          inputs=inputs)
 
 
-def _graph(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None) -> list:
-    """The items of any other body's compressed graph, one per traced node (plus ``select`` ops)."""
-    graph = BodyGraph(net)
+def _items(graph: BodyGraph, layers: list[PrunedLayer], precision: Precision | None) -> list:
+    """The items of the compressed network, one per node of the body's graph (plus ``select`` ops)."""
     kept = graph.kept_positions(layers)
     items: list = []
     item_of = {NETWORK_INPUT: NETWORK_INPUT}  # node index -> the item computing its output
@@ -72,11 +67,13 @@ def _graph(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | N
         if node.layer is not None:
             layer = layers[node.layer]
             available = every if node.inputs[0] == NETWORK_INPUT else kept[node.inputs[0]]
-            select = None if node.depthwise else _select(available, layer.keep_in, sources)
+            select = None if node.depthwise or node.grouped else _select(available, layer.keep_in, sources)
             if select is not None:
                 items.append(select)
                 sources = (len(items) - 1,)
             items.append(_layer(node.layer, layer, precision, sources, node.depthwise))
+        elif node.affine is not None:
+            items.append(_affine(node.name, node.affine, kept[index], sources))
         else:
             items.append(Op(node.op.kind, node.op.params, sources))
         item_of[index] = len(items) - 1
@@ -84,13 +81,15 @@ def _graph(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | N
 
 
 def compressed_model(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
-                     metadata: dict | None = None) -> CompressedModel:
+                     metadata: dict | None = None, graph: BodyGraph | None = None) -> CompressedModel:
     """The physically pruned network; weights rounded to each layer's grid (``precision``), or, with
-    ``precision=None``, kept at float32 precision (codes on a 2^-40 grid) for the pruned-only error."""
-    items = _chain(net, layers, precision) if is_sequence(net) else _graph(net, layers, precision)
+    ``precision=None``, kept at float32 precision (codes on a 2^-40 grid) for the pruned-only error.
+    ``graph``: ``net``'s, where the caller has built it."""
+    items = _items(graph or BodyGraph(net), layers, precision)
     return CompressedModel(items, net.input_shape, metadata or {})
 
 
-def compressed_module(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None) -> nn.Module:
+def compressed_module(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
+                      graph: BodyGraph | None = None) -> nn.Module:
     """The torch module of :func:`compressed_model` (as :func:`pyro_bc.codec.load` would rebuild it)."""
-    return codec.to_module(compressed_model(net, layers, precision))
+    return codec.to_module(compressed_model(net, layers, precision, graph=graph))

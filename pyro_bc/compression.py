@@ -21,22 +21,21 @@ from pyro_bc import codec
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bits import BitsInputs, BitsRule, bits_rule_from_options
 from pyro_bc.checkpoint import load_checkpoint
-from pyro_bc.compressed import compressed_model, compressed_module
-from pyro_bc.data import load_data
+from pyro_bc.compressed import compressed_model
+from pyro_bc.data import Dataset, load_data, require_shape
 from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.evaluate import error_percent
-from pyro_bc.graph import analyse_network, prune_network
+from pyro_bc.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.macs import add_macs
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
 from pyro_bc.predict import predictive_summary, scored
+from pyro_bc.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.sampled import compressed_variances
 from pyro_bc.shift import fit_images, shift_report
 from pyro_bc.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
-
-FOLD_EXAMPLES = 10_000  # training examples whose layer inputs give the means that pruned weights are folded with
 
 
 def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
@@ -52,34 +51,6 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     if net.input_shape is None:  # a converted plain network: its input shape is the data's
         net.input_shape = tuple(state["input_shape"])
     return net.eval(), config, state
-
-
-@torch.no_grad()
-def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000) -> list[torch.Tensor]:
-    """Mean of every Bayesian layer's input in the posterior-mean network over the examples ``x``: per feature
-    for linear layers; per channel for convolutions, averaged over examples *and* positions (the per-position
-    mean that :func:`~pyro_bc.posterior.fold_pruned_inputs` multiplies by each filter's summed weights). Any body:
-    read by forward pre-hooks."""
-    mean_net = net.posterior_mean_network()
-    sums = [torch.zeros((), dtype=torch.float64) for _ in net.layers]
-    counts = [0] * len(net.layers)
-
-    modules = [mean_net.get_submodule(layer.site) for layer in net.layers]
-    feature_axes = [-1 if isinstance(m, torch.nn.Linear) else 1 for m in modules]
-
-    def add(i: int, h: torch.Tensor) -> None:
-        axis = feature_axes[i] % h.dim()
-        sums[i] = sums[i] + h.double().sum(tuple(d for d in range(h.dim()) if d != axis))
-        counts[i] += h.numel() // h.shape[axis]
-
-    handles = [m.register_forward_pre_hook(lambda _m, args, i=i: add(i, args[0])) for i, m in enumerate(modules)]
-    try:
-        for start in range(0, len(x), batch_size):
-            mean_net(x[start:start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [total / max(count, 1) for total, count in zip(sums, counts)]
 
 
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
@@ -116,6 +87,9 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     _check_out(out)
     net, config, _ = load_run(run_dir)
     dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
+    require_shape(dataset, data or config.data, net.input_shape, f"the network of {run_dir}",
+                  f"give the run's data with --data DIR, or leave --data out to use the run's "
+                  f"({config.data or 'the embedded MNIST'})" if data else "pass the run's data with --data DIR")
     info = {"model": config.model, "prior": config.prior, "run_dir": str(run_dir), "tau0": config.tau0,
             "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
             "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
@@ -203,19 +177,20 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     val_x, val_y = val
     if net.input_shape is None:  # a converted network never trained: its input is the data's
         net.input_shape = tuple(val_x.shape[1:])
-    posts = analyse_network(net, analyse(net))  # BatchNorm folded in
+    graph = BodyGraph(net)  # traced once: every pruning and layout below reads it
+    posts = analyse_network(net, analyse(net), graph)  # BatchNorm folded in
     fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
     means = layer_input_means(net, train_x[:FOLD_EXAMPLES]) if fold else None
-    thresholds = rule.thresholds(ThresholdInputs(net, posts, val_x, val_y, means))
+    thresholds = rule.thresholds(ThresholdInputs(net, posts, val_x, val_y, means, graph))
     method = rule.method(thresholds)
-    layers = prune_network(net, posts, thresholds, means)
+    layers = prune_network(net, posts, thresholds, means, graph)
     empty = [layer.post.name for layer in layers if layer.empty]
     if empty:
         raise ConfigError(f"the thresholds {thresholds} leave {', '.join(empty)} no weight (a .bcz cannot store an "
                           "empty layer): raise their thresholds")
 
     def file_model(precision: Precision, metadata: dict | None = None) -> codec.CompressedModel:
-        return codec.round_biases(compressed_model(net, layers, precision, metadata), "float16")  # RESULTS.md
+        return codec.round_biases(compressed_model(net, layers, precision, metadata, graph), "float16")  # RESULTS.md
 
     variance = choose_precision(layers)
     precision = bits_rule.precision(BitsInputs(layers, variance, lambda p: error_percent(
@@ -231,7 +206,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     loaded = codec.load(out)
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
                              if p is not None)
-    pruned_only = compressed_module(net, layers, None)
+    pruned_only = masked_network(net, layers, graph)  # what pruned_network(net, summary) rebuilds
 
     def test_error(module: torch.nn.Module) -> float | None:
         return None if test is None else error_percent(module, *test)
@@ -265,7 +240,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "model": info["model"],
         "prior": info["prior"],
     }
-    add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape)
+    add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape, _layer_modules(loaded, model, net))
     if keep_variance:
         summary["file_bytes_without_variance"] = len(codec.encode(dataclasses.replace(model, variances=None)))
         summary["cr_file_without_variance"] = original_bytes / summary["file_bytes_without_variance"]
@@ -274,6 +249,15 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         summary["predictive"] = predictive_summary(net, loaded, test, bayesian, samples=predictive_samples)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
+
+
+def _layer_modules(loaded: torch.nn.Module, model: codec.CompressedModel, net: BayesianNet) -> list[torch.nn.Module]:
+    """The modules of ``loaded`` (``model``'s network) that compute ``net``'s Bayesian layers (not the standalone
+    BatchNorm it also stores as convolutions)."""
+    names = set(net.layer_names)
+    nodes = list(loaded.nodes if isinstance(loaded, codec.Graph) else loaded)
+    return [module for module, item in zip(nodes, model.items)
+            if isinstance(item, codec.QuantizedLayer) and item.name in names]
 
 
 def summary_json(summary: dict) -> str:
@@ -332,7 +316,8 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     model = codec.read_bcz(path)
     meta = model.metadata
     compressed = codec.to_module(model)
-    dataset = load_data(data or meta.get("data"), val_size=meta.get("val_size", VAL_SIZE), seed=meta.get("seed", 0))
+    dataset = _evaluation_data(path, meta, data)
+    require_shape(dataset, data, model.input_shape, str(path), "give the data it was trained on with --data DIR")
     x, y = dataset.test.x, dataset.test.y
     original = original_network(meta, model.input_shape)
     ms_compressed = _ms_per_batch(compressed, x[:batch_size])
@@ -350,6 +335,22 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
         result["sampled"] = {"samples": samples, **scored(bayesian, x, y, samples, batch_size),
                              **shift_report(bayesian, x, y, samples, rotation, ood_set, batch_size)}
     return result
+
+
+def _evaluation_data(path: str | Path, meta: dict, data: str | None) -> Dataset:
+    """The data set of a ``.bcz`` file's test error, split and normalised as its training saw it; one line saying
+    what is missing where the file does not record it (a file written by :func:`compress` from tensors)."""
+    from pyro_bc.train import PYTHON_MODEL
+
+    if data is None and meta.get("model") == PYTHON_MODEL:
+        raise ConfigError(f"{path} was written by pyro_bc.compress from tensors, so its data is not recorded: give "
+                          "its data folder with --data DIR (or evaluate pyro_bc.load(path) in Python)")
+    dataset = load_data(data, val_size=meta.get("val_size", VAL_SIZE), seed=meta.get("seed", 0))
+    if dataset.format != "mnist-idx" and not {"val_size", "seed"} <= meta.keys():
+        raise ConfigError(f"{path} does not record the validation split (val_size, seed) on which {data}'s "
+                          "per-channel normalisation depends: write it with pyro_bc.compress(..., "
+                          "metadata={'val_size': V, 'seed': S})")
+    return dataset
 
 
 def original_network(metadata: dict, input_shape: tuple[int, ...] | None = None) -> torch.nn.Module | None:

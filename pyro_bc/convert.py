@@ -33,10 +33,32 @@ def _start_from(layer: BayesLayer, dense: nn.Module, name: str, delta: float | N
         layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(dense.weight.dtype).tiny))
 
 
+@torch.no_grad()
+def _called_layers(module: nn.Module, input_shape: tuple[int, ...]) -> set[str]:
+    """The ``nn.Linear`` / ``nn.Conv2d`` of ``module`` that its forward calls as modules, on one zero example (a
+    layer whose weight the forward reads itself, as Swin's window attention does, is not among them)."""
+    called: set[str] = set()
+    probe = copy.deepcopy(module).eval()
+    handles = [m.register_forward_hook(lambda *_, name=name: called.add(name)) for name, m in probe.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        probe(torch.zeros(1, *input_shape))
+    except Exception as e:  # noqa: BLE001  (whatever the user's forward raises, in one line)
+        raise ConfigError(f"{type(module).__name__} fails on an input of shape {tuple(input_shape)}: "
+                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
+
+
 def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
                 delta: float | None = None, **prior_options) -> BayesianNet:
     """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear`` and ``nn.Conv2d``
-    replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or not).
+    replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or not), except
+    the projections inside ``nn.MultiheadAttention`` and, given ``input_shape``, any layer the forward does not
+    call as a module (it reads the weight itself, as Swin's window attention does): those stay deterministic.
+    A linear layer takes inputs of any leading shape (``(batch, features)``, ``(batch, tokens, features)``, ...).
 
     Everything else (BatchNorm, activations, pooling, residual additions in ``forward``) is kept as it is. The
     dense weights and biases become the posterior means, so ``net.posterior_mean_network()`` computes what
@@ -51,7 +73,12 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         raise ConfigError(f"delta must be a positive number, got {delta}")
     prior = make_prior(prior, **prior_options)
     body = copy.deepcopy(module)
-    targets = [(name, m) for name, m in body.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    called = None if input_shape is None else _called_layers(body, input_shape)
+    # nn.MultiheadAttention (and any module that reads a layer's weight itself) keeps that layer deterministic
+    inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
+    targets = [(name, m) for name, m in body.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and not name.startswith(inside or ("\0",))
+               and (called is None or name in called)]
     if not targets:
         raise ConfigError(f"{type(module).__name__} holds no nn.Linear or nn.Conv2d to make Bayesian")
     for name, dense in targets:

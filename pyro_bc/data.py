@@ -38,6 +38,7 @@ __all__ = [
     "load_data",
     "load_mnist",
     "read_idx",
+    "require_shape",
     "write_idx",
 ]
 
@@ -266,6 +267,17 @@ def load_mnist(
     """:func:`load_data` for a folder of the four MNIST IDX files (``train-images-idx3-ubyte``,
     ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each raw or gzipped)."""
     return _load(data_dir, "mnist-idx", val_size, seed, subset, verify)
+
+
+def require_shape(dataset: Dataset, data_dir: str | os.PathLike | None, input_shape: tuple[int, ...], whose: str,
+                  fix: str) -> None:
+    """Refuse, in one line naming both shapes and ``fix`` (the flag that mends it), a data set whose examples are
+    not the ``input_shape`` that ``whose`` (a network, a file) takes."""
+    shape = tuple(dataset.image_shape)
+    if shape != tuple(input_shape):
+        source = f"data folder {data_dir}" if data_dir is not None else "the embedded MNIST"
+        raise ConfigError(f"{source} holds examples of shape {'x'.join(map(str, shape))}, but {whose} takes "
+                          f"{'x'.join(map(str, input_shape))}: {fix}")
 
 
 def iterate_minibatches(

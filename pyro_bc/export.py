@@ -3,6 +3,7 @@ program (``.pt2``), with the pruned layers' own shapes and a dynamic batch dimen
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -22,8 +23,58 @@ ONNX_OPSET = 17
 EXAMPLE_BATCH = 2  # a batch of 1 would let the tracers specialise the batch dimension
 
 
+class FixedAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` for one input size, as two averaging matrices (``A_h x A_w^T`` per channel): the
+    same numbers, in ops ONNX has for any sizes (its exporter refuses an output size that does not divide the
+    input's, such as VGG's 7x7 pooling of a 2x2 map)."""
+
+    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("rows", _averaging(in_size[0], out_size[0]))
+        self.register_buffer("cols", _averaging(in_size[1], out_size[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.rows, x), self.cols.t())
+
+
+def _averaging(n_in: int, n_out: int) -> torch.Tensor:
+    """Row ``i`` averages the input positions ``[floor(i n_in / n_out), ceil((i + 1) n_in / n_out))``, as
+    adaptive pooling does."""
+    matrix = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        start, stop = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        matrix[i, start:stop] = 1.0 / (stop - start)
+    return matrix
+
+
+def _fixed_pools(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``module`` with every ``nn.AdaptiveAvgPool2d`` replaced by its :class:`FixedAdaptiveAvgPool2d`
+    for the input size it sees on ``example``."""
+    module = copy.deepcopy(module)
+    sizes: dict[str, tuple[int, int]] = {}
+    pools = {name: m for name, m in module.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)}
+    def record(name: str, x: torch.Tensor) -> None:
+        sizes.setdefault(name, tuple(x.shape[-2:]))
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
+               for name, m in pools.items()]
+    with torch.no_grad():
+        module(example)
+    for handle in handles:
+        handle.remove()
+    for name, pool in pools.items():
+        out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+        out = tuple(size if o is None else o for o, size in zip(out, sizes[name]))
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child,
+                FixedAdaptiveAvgPool2d(tuple(sizes[name]), out))
+    return module
+
+
 def _onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
-    """The ONNX model of ``module``; its input and output have a dynamic first (batch) axis."""
+    """The ONNX model of ``module`` (adaptive pools fixed to their sizes); its input and output have a dynamic
+    first (batch) axis."""
+    module = _fixed_pools(module, example)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice: the new one needs onnxscript

@@ -1,4 +1,4 @@
-"""Pruning a network body that is not a flat sequence: residual sums, concatenations, BatchNorm, any module.
+"""Pruning any network body, a flat sequence or a graph: residual sums, concatenations, BatchNorm, any module.
 
 The posterior-mean network is traced with ``torch.fx`` into :class:`BodyGraph`: one node per layer or
 parameter-free op, each naming the nodes it reads, and a *channel variable* for every position along dim 1 of
@@ -12,14 +12,14 @@ share a variable:
   its inputs keep (a producer that pruned a channel others keep outputs it with zero weights).
 
 A variable stays while some layer producing it keeps a weight for it and some layer reading it keeps a weight
-reading it (the network's input and output always stay), iterated to a fixed point as
-:func:`pyro_bc.posterior.prune` does for a sequence. Eval-mode BatchNorm right after a layer is folded into that
-layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before thresholds and bits are chosen.
+reading it (the network's input and output always stay), iterated to a fixed point. Eval-mode BatchNorm right
+after a layer is folded into that layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before thresholds and bits are chosen.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import operator
 
@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from pyro_bc.bcz_model import Op
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLayer
+from pyro_bc.ops import elementwise_of_function, elementwise_of_method, elementwise_of_module
 from pyro_bc.posterior import (
     LayerPosterior,
     PrunedLayer,
@@ -40,38 +40,38 @@ from pyro_bc.posterior import (
     _own_mask,
     check_thresholds,
     fold_pruned_inputs,
-    prune_and_fold,
 )
 
 NETWORK_INPUT = -1  # the node index that names the network input
-_FUNCTION_OPS = {F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
-                 operator.add: "add", torch.add: "add", torch.cat: "cat", torch.flatten: "flatten"}
-_METHOD_OPS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "flatten": "flatten"}
+_FUNCTION_OPS = {operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", torch.cat: "cat",
+                 torch.flatten: "flatten", F.adaptive_avg_pool2d: "adaptive_avgpool2d", torch.mean: "mean",
+                 F.max_pool2d: "maxpool2d", F.avg_pool2d: "avgpool2d"}
+_METHOD_OPS = {"flatten": "flatten", "mul": "mul", "mean": "mean"}
+# the arguments of the functional pools after the input, in order, with their defaults
+_POOL_ARGS = {"maxpool2d": (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
+                            ("ceil_mode", False), ("return_indices", False)),
+              "avgpool2d": (("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+                            ("count_include_pad", True), ("divisor_override", None))}
 _PASS_THROUGH = (nn.Identity, nn.Dropout)  # modules that are the identity in eval mode
 
 
 def module_op(module: nn.Module) -> Op | None:
-    """The ``.bcz`` op of a parameter-free module; None where there is none (ceil-mode or non-padding-counting
+    """The ``.bcz`` op of a parameter-free module; None where there is none (dilated or non-padding-counting
     pools, other modules)."""
-    simple = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-    if type(module) in simple:
-        return Op(simple[type(module)])
+    kind = elementwise_of_module(module)
+    if kind is not None:
+        return Op(kind)
     if isinstance(module, nn.Flatten) and module.end_dim == -1:
         return Op("flatten", {"start_dim": module.start_dim})
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return Op("adaptive_avgpool2d", {"output_size": module.output_size})
-    if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
-        return Op("maxpool2d", {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
+    if isinstance(module, nn.MaxPool2d) and module.dilation in (1, (1, 1)) and not module.return_indices:
+        return Op("maxpool2d_ceil" if module.ceil_mode else "maxpool2d",
+                  {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
     if isinstance(module, nn.AvgPool2d) and not module.ceil_mode and module.count_include_pad and \
             module.divisor_override is None:
         return Op("avgpool2d", {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
     return None
-
-
-def is_sequence(net: BayesianNet) -> bool:
-    """Whether the body is a flat ``nn.Sequential`` of Bayesian layers and ``.bcz`` ops (pyro_bc.posterior's case)."""
-    return isinstance(net.body, nn.Sequential) and all(
-        isinstance(m, BayesLayer) or module_op(m) is not None for m in net.body)
 
 
 @dataclasses.dataclass
@@ -85,6 +85,8 @@ class Node:
     op: Op | None = None
     repeat: int = 1  # flatten: positions per input channel
     depthwise: bool = False  # a depthwise convolution: its outputs are its inputs' variables
+    grouped: bool = False  # a grouped convolution other than depthwise: it keeps all its channels
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None  # BatchNorm on its own: (scale, shift) per channel
 
 
 class _Tracer(fx.Tracer):
@@ -123,9 +125,11 @@ class _Variables:
 
 class BodyGraph:
     """The traced body of ``net`` (which must know its input shape): its nodes in execution order, each
-    layer's input and output variables, and the BatchNorm that follows each layer."""
+    layer's input and output variables, and the BatchNorm that follows each layer. Every pruning decision is taken
+    on one (:meth:`prune`); :meth:`chain` builds one for a bare list of layer posteriors."""
 
     def __init__(self, net: BayesianNet):
+        self._start()
         if net.input_shape is None:
             raise ConfigError("the network's input shape is unknown: train it first or give input_shape")
         mean = net.posterior_mean_network()
@@ -138,9 +142,6 @@ class BodyGraph:
                               f"{(str(e).splitlines() or [''])[0]}")
         self.modules = dict(mean.named_modules())
         self.layer_index = {layer.site: i for i, layer in enumerate(net.layers)}
-        self.nodes: list[Node] = []
-        self.batchnorm: dict[int, nn.Module] = {}
-        self._variables = _Variables()
         position: dict[fx.Node, int] = {}
         for fx_node in module.graph.nodes:
             if fx_node.op == "placeholder":
@@ -150,15 +151,51 @@ class BodyGraph:
                 self._check_output(fx_node, position)
             else:
                 position[fx_node] = self._add(fx_node, position)
+        self._finish(len(net.layers))
+
+    def _start(self) -> None:
+        self.nodes: list[Node] = []
+        self.batchnorm: dict[int, nn.Module] = {}
+        self.batchnorm_names: dict[int, str] = {}  # layer index -> the path of the BatchNorm folded into it
+        self._variables = _Variables()
+
+    def _finish(self, n_layers: int) -> None:
+        """Each layer's node, and the variables renumbered by their representatives."""
         found = {node.layer: i for i, node in enumerate(self.nodes) if node.layer is not None}
-        if set(found) != set(range(len(net.layers))):
+        if set(found) != set(range(n_layers)):
             raise ConfigError("some Bayesian layers are not called in the network's forward")
-        self.layer_nodes = [self.nodes[found[i]] for i in range(len(net.layers))]
+        self.layer_nodes = [self.nodes[found[i]] for i in range(n_layers)]
         roots = self._variables.roots()
         self.input_variables = roots[self.input_variables]
         for node in self.nodes:
             node.variables = roots[node.variables]
         self.n_variables = int(roots.max()) + 1
+
+    @classmethod
+    def chain(cls, posts: list[LayerPosterior]) -> BodyGraph:
+        """The graph of a plain sequence of layers without a network: each layer reads the one before it, through
+        a flatten where it reads a multiple of that layer's outputs (each channel owning consecutive positions)."""
+        graph = cls.__new__(cls)
+        graph._start()
+        groups = [post.conv_args[3] if post.conv_args else 1 for post in posts]
+        graph.input_variables = graph._variables.new(posts[0].mean.shape[1] * groups[0])
+        source = NETWORK_INPUT
+        for i, post in enumerate(posts):
+            inputs, reads = graph.variables(source), post.mean.shape[1] * groups[i]
+            if reads != len(inputs):
+                if reads % len(inputs):
+                    raise ConfigError(f"{post.name} has {reads} inputs, not a multiple of {posts[i - 1].name}'s "
+                                      f"{len(inputs)} outputs: the body is not a plain sequence")
+                repeat = reads // len(inputs)
+                source = graph._append(Node(f"{post.name}.flatten", (source,), inputs.repeat_interleave(repeat),
+                                            op=Op("flatten", {"start_dim": 1}), repeat=repeat))
+                inputs = graph.variables(source)
+            depthwise = groups[i] > 1 and groups[i] == reads == post.mean.shape[0]
+            outputs = inputs if depthwise else graph._variables.new(post.mean.shape[0])
+            source = graph._append(Node(post.name, (source,), outputs, layer=i, depthwise=depthwise,
+                                        grouped=groups[i] > 1 and not depthwise))
+        graph._finish(len(posts))
+        return graph
 
     # -- tracing ---------------------------------------------------------------------------------
 
@@ -180,7 +217,8 @@ class BodyGraph:
     def _add(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> int:
         """Add one traced node; returns the node index its output is (an earlier one for aliases)."""
         sources = [position[a] for a in fx_node.all_input_nodes]
-        what = f"{fx_node.op} {fx_node.target}"
+        what = (f"the tensor method .{fx_node.target}()" if fx_node.op == "call_method" else
+                f"the function {getattr(fx_node.target, '__name__', fx_node.target)}")
         if fx_node.op == "call_module":
             module = self.modules[fx_node.target]
             if fx_node.target in self.layer_index:
@@ -190,19 +228,26 @@ class BodyGraph:
             if isinstance(module, _PASS_THROUGH):
                 return sources[0]
             op = module_op(module)
-            what = f"{type(module).__name__} ({fx_node.target})"
-        elif fx_node.op == "call_function" and fx_node.target in _FUNCTION_OPS:
-            op = self._function_op(_FUNCTION_OPS[fx_node.target], fx_node)
+            what = f"the module {type(module).__name__}"
+        elif fx_node.op == "call_function" and _identity_in_eval(fx_node):
+            return sources[0]
+        elif fx_node.op == "call_function":
+            kind = elementwise_of_function(fx_node.target, fx_node.kwargs) or _FUNCTION_OPS.get(fx_node.target)
+            op = None if kind is None else self._function_op(kind, fx_node)
         elif fx_node.op == "call_method" and fx_node.target == "contiguous":
             return sources[0]
-        elif fx_node.op == "call_method" and fx_node.target in _METHOD_OPS:
-            op = self._function_op(_METHOD_OPS[fx_node.target], fx_node)
+        elif fx_node.op == "call_method":
+            kind = elementwise_of_method(fx_node.target) or _METHOD_OPS.get(fx_node.target)
+            op = None if kind is None else self._function_op(kind, fx_node)
         else:
             op = None
+        if op is not None and op.kind == "identity":
+            return sources[0]
         if op is None:
-            raise ConfigError(f"cannot compress a network using {what}: supported are Bayesian layers, BatchNorm "
-                              "after a layer, ReLU, Tanh, Sigmoid, Flatten, Max/AvgPool2d, AdaptiveAvgPool2d, "
-                              "Identity, Dropout, residual sums and concatenations along channels")
+            raise ConfigError(f"cannot compress {_where(fx_node)}: it uses {what}, which a .bcz file cannot store "
+                              "(supported: Bayesian layers, BatchNorm, the activations of pyro_bc.ops, flatten, "
+                              "pooling, residual sums, products with a per-channel scale, concatenations along "
+                              "channels); replace it by one of these, or keep that part out of the compressed body")
         return self._append(self._op_node(fx_node, op, sources))
 
     def _function_op(self, kind: str, fx_node: fx.Node) -> Op | None:
@@ -211,8 +256,35 @@ class BodyGraph:
             ok = len(args) == 2 and all(isinstance(a, fx.Node) for a in args) and not kwargs and \
                 _shape(args[0]) == _shape(args[1])
             return Op("add") if ok else None
+        if kind == "mul":  # x * s with s one value per channel (or x's shape): their channels are coupled
+            if len(args) != 2 or kwargs or not all(isinstance(a, fx.Node) for a in args):
+                return None
+            shapes = sorted((_shape(a) for a in args), key=math.prod)
+            small, big = shapes
+            per_channel = len(big) == len(small) >= 2 and big[:2] == small[:2] and all(d == 1 for d in small[2:])
+            return Op("mul") if per_channel or big == small else None
+        if kind == "adaptive_avgpool2d":
+            size = args[1] if len(args) > 1 else kwargs.get("output_size")
+            return Op(kind, {"output_size": size}) if size is not None and len(fx_node.all_input_nodes) == 1 else None
+        if kind in _POOL_ARGS:
+            names = _POOL_ARGS[kind]
+            given = {**{name: default for name, default in names}, **dict(zip((n for n, _ in names), args[1:])),
+                     **kwargs}
+            module = (nn.MaxPool2d if kind == "maxpool2d" else nn.AvgPool2d)(**given)
+            return module_op(module) if len(fx_node.all_input_nodes) == 1 else None
+        if kind == "mean":
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            rank = len(_shape(fx_node.all_input_nodes[0]))
+            spatial = dims is not None and rank == 4 and sorted(d % rank for d in (
+                [dims] if isinstance(dims, int) else dims)) == [2, 3]
+            keepdim = (args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+            if not spatial or len(fx_node.all_input_nodes) != 1 or kwargs.keys() - {"dim", "keepdim"}:
+                return None
+            return Op("adaptive_avgpool2d", {"output_size": 1}) if keepdim else Op("spatial_mean")
         if kind == "cat":
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if len(fx_node.all_input_nodes) == 1 and isinstance(args[0], (list, tuple)) and len(args[0]) == 1:
+                return Op("identity")  # a concatenation of one tensor is that tensor
             return Op("cat") if dim in (1, 1 - len(_shape(fx_node))) else None
         if kind == "flatten":
             start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
@@ -223,7 +295,7 @@ class BodyGraph:
     def _op_node(self, fx_node: fx.Node, op: Op, sources: list[int]) -> Node:
         inputs = [self.variables(s) for s in sources]
         repeat = 1
-        if op.kind == "add":
+        if op.kind in ("add", "mul"):
             self._variables.unite(inputs[0], inputs[1])
             variables = inputs[0]
         elif op.kind == "cat":
@@ -251,19 +323,34 @@ class BodyGraph:
             outputs = self._variables.new(module.out_channels)
         elif module.groups == module.in_channels == module.out_channels:
             outputs = inputs  # depthwise: output channel c reads input channel c only
-        else:
-            raise ConfigError(f"{fx_node.target}: grouped convolutions other than depthwise are not supported")
-        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
-        return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise))
+        else:  # grouped: every channel in and out is kept (see prune)
+            outputs = self._variables.new(module.out_channels)
+        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+        grouped = isinstance(module, nn.Conv2d) and module.groups > 1 and not depthwise
+        return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise,
+                                 grouped=grouped))
 
     def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
-        """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node."""
+        """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node.
+        Elsewhere (after a concatenation, pre-activation) it stays, as a per-channel scale and shift node."""
+        if module.running_mean is None:
+            raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must track running statistics")
         producer = fx_node.all_input_nodes[0]
         layer = self.nodes[source].layer if source != NETWORK_INPUT else None
-        if layer is None or len(producer.users) != 1 or layer in self.batchnorm or module.running_mean is None:
-            raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must follow a Bayesian layer that "
-                              "feeds nothing else, and track running statistics")
+        if layer is None or len(producer.users) != 1 or layer in self.batchnorm:
+            if len(_shape(fx_node)) != 4:
+                raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm that does not follow a layer must "
+                                  "read images (batch, channels, height, width)")
+            with torch.no_grad():
+                scale = torch.rsqrt(module.running_var.double().cpu() + module.eps)
+                if module.weight is not None:
+                    scale = scale * module.weight.double().cpu()
+                shift = -module.running_mean.double().cpu() * scale
+                if module.bias is not None:
+                    shift = shift + module.bias.double().cpu()
+            return self._append(Node(str(fx_node.target), (source,), self.variables(source), affine=(scale, shift)))
         self.batchnorm[layer] = module
+        self.batchnorm_names[layer] = str(fx_node.target)
         return source
 
     def _check_output(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> None:
@@ -297,9 +384,14 @@ class BodyGraph:
         """Masks from per-layer thresholds on log alpha, with channel variables kept or removed together (see
         the module's docstring); each layer keeps the positions of its variables that stay."""
         check_thresholds(posts, thresholds)
-        own = [_own_mask(p, t) for p, t in zip(posts, thresholds)]
+        own = [torch.ones_like(p.mean, dtype=torch.bool) if self.layer_nodes[i].grouped else _own_mask(p, t)
+               for i, (p, t) in enumerate(zip(posts, thresholds))]
         fixed = torch.zeros(self.n_variables, dtype=torch.bool)
         fixed[self.input_variables] = fixed[self.nodes[-1].variables] = True  # the network's input and output
+        for i in range(len(posts)):  # a grouped convolution keeps every channel it reads and writes
+            if self.layer_nodes[i].grouped:
+                for variables in self.layer_variables(i):
+                    fixed[variables] = True
         alive = torch.ones_like(fixed)
         while True:
             masks = [self._restrict(i, post, m, alive) for i, (post, m) in enumerate(zip(posts, own))]
@@ -307,7 +399,7 @@ class BodyGraph:
             for i, m in enumerate(masks):
                 inputs, outputs = self.layer_variables(i)
                 produced[outputs[_any_except(m, 0)]] = True
-                if not self.is_depthwise(i):
+                if not self.is_depthwise(i) and not self.layer_nodes[i].grouped:
                     used[inputs[_any_except(m, 1)]] = True
             now = alive & produced & used | fixed
             if torch.equal(now, alive):
@@ -317,12 +409,17 @@ class BodyGraph:
         for i, (post, t, m) in enumerate(zip(posts, thresholds, masks)):
             inputs, outputs = self.layer_variables(i)
             keep_out = alive[outputs]
-            keep_in = keep_out if self.is_depthwise(i) else alive[inputs] & _any_except(m, 1)
+            if self.layer_nodes[i].grouped:
+                keep_in = torch.ones(m.shape[1], dtype=torch.bool)
+            else:
+                keep_in = keep_out if self.is_depthwise(i) else alive[inputs] & _any_except(m, 1)
             layers.append(PrunedLayer(post, float(t), keep_in, keep_out, m))
         return layers
 
     def _restrict(self, i: int, post: LayerPosterior, mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         inputs, outputs = self.layer_variables(i)
+        if self.layer_nodes[i].grouped:
+            return mask
         if self.is_depthwise(i):
             return mask & alive[outputs].reshape(-1, 1, 1, 1)
         return mask & _outer(post, alive[outputs], alive[inputs])
@@ -335,27 +432,53 @@ class BodyGraph:
             inputs = [every if s == NETWORK_INPUT else kept[s] for s in node.inputs]
             if node.layer is not None:
                 kept.append(layers[node.layer].keep_out)
-            elif node.op.kind == "cat":
+            elif node.op is not None and node.op.kind == "cat":
                 kept.append(torch.cat(inputs))
             else:
                 kept.append(inputs[0].repeat_interleave(node.repeat))
         return kept
 
 
+def _identity_in_eval(fx_node: fx.Node) -> bool:
+    """Whether a function call is the identity because it was traced with ``training=False`` (dropout and
+    stochastic depth in eval mode, e.g. ``F.dropout(x, p, training=self.training)``)."""
+    name = getattr(fx_node.target, "__name__", "")
+    if "dropout" not in name and name != "stochastic_depth":
+        return False
+    try:
+        bound = inspect.signature(fx_node.target).bind(*fx_node.args, **fx_node.kwargs)
+    except (TypeError, ValueError):  # no signature, or not these arguments
+        return False
+    return bound.arguments.get("training", True) is False and len(fx_node.all_input_nodes) == 1
+
+
+def _where(fx_node: fx.Node) -> str:
+    """The user's module path a traced node belongs to (``features.3.block``), or the network itself."""
+    if fx_node.op == "call_module":
+        return str(fx_node.target)
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), ("",))[0] if stack else ""
+    return path or "the network's forward"
+
+
 def _shape(fx_node: fx.Node) -> tuple[int, ...]:
     return tuple(fx_node.meta["tensor_meta"].shape)
 
 
-def analyse_network(net: BayesianNet, posts: list[LayerPosterior]) -> list[LayerPosterior]:
-    """``posts`` (:func:`pyro_bc.posterior.analyse`) with BatchNorm folded in, for a body that is not a sequence."""
-    return posts if is_sequence(net) else BodyGraph(net).fold_batchnorm(posts)
+def analyse_network(net: BayesianNet, posts: list[LayerPosterior], graph: BodyGraph | None = None
+                    ) -> list[LayerPosterior]:
+    """``posts`` (:func:`pyro_bc.posterior.analyse`) with BatchNorm folded in (``graph``: ``net``'s, if built)."""
+    return (graph or BodyGraph(net)).fold_batchnorm(posts)
 
 
 def prune_network(net: BayesianNet, posts: list[LayerPosterior], thresholds: list[float],
-                  input_means: list[torch.Tensor] | None) -> list[PrunedLayer]:
-    """:func:`pyro_bc.posterior.prune_and_fold` for a sequence; for any other body, the graph's pruning, then
-    (given the layers' input means) :func:`pyro_bc.posterior.fold_pruned_inputs`."""
-    if is_sequence(net):
-        return prune_and_fold(posts, thresholds, input_means)
-    layers = BodyGraph(net).prune(posts, thresholds)
+                  input_means: list[torch.Tensor] | None, graph: BodyGraph | None = None) -> list[PrunedLayer]:
+    """The pruning of ``net`` (:meth:`BodyGraph.prune` on ``graph``, ``net``'s graph built once by the caller that
+    prunes many times, or here), then, given the layers' input means, :func:`pyro_bc.posterior.fold_pruned_inputs`."""
+    layers = (graph or BodyGraph(net)).prune(posts, thresholds)
     return layers if input_means is None else fold_pruned_inputs(layers, input_means)
+
+
+def prune_chain(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLayer]:
+    """The pruning of a plain sequence of layers given only their posteriors (:meth:`BodyGraph.chain`)."""
+    return BodyGraph.chain(posts).prune(posts, thresholds)

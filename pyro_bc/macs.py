@@ -28,14 +28,16 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def count_macs(network: nn.Module, input_shape: Sequence[int]) -> list[int]:
-    """MACs per example of each ``nn.Linear`` / ``nn.Conv2d`` of ``network``, in the order they run."""
+def count_macs(network: nn.Module, input_shape: Sequence[int], layers: Sequence[nn.Module] | None = None) -> list[int]:
+    """MACs per example of each ``nn.Linear`` / ``nn.Conv2d`` of ``network`` (or of those in ``layers``), in the
+    order they run."""
     counts: list[int] = []
 
     def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         counts.append(layer_macs(module, output))
 
-    handles = [m.register_forward_hook(hook) for m in network.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = [m for m in network.modules() if isinstance(m, (nn.Linear, nn.Conv2d))] if layers is None else layers
+    handles = [m.register_forward_hook(hook) for m in layers]
     try:
         network(torch.zeros(1, *input_shape))
     finally:
@@ -44,11 +46,13 @@ def count_macs(network: nn.Module, input_shape: Sequence[int]) -> list[int]:
     return counts
 
 
-def add_macs(summary: dict, original: nn.Module, compressed: nn.Module, input_shape: Sequence[int]) -> dict:
+def add_macs(summary: dict, original: nn.Module, compressed: nn.Module, input_shape: Sequence[int],
+             compressed_layers: Sequence[nn.Module] | None = None) -> dict:
     """Put ``macs_original`` and ``macs_compressed`` into each entry of ``summary["layers"]`` and their totals
-    at the top level (in place); returns ``summary``. The networks' layers match the entries in order."""
+    at the top level (in place); returns ``summary``. The networks' layers (``compressed_layers``: those of the
+    compressed network that are Bayesian layers, where it has others) match the entries in order."""
     columns = {"macs_original": count_macs(original, input_shape),
-               "macs_compressed": count_macs(compressed, input_shape)}
+               "macs_compressed": count_macs(compressed, input_shape, compressed_layers)}
     for key, counts in columns.items():
         if len(counts) != len(summary["layers"]):
             raise ValueError(f"{key}: {len(counts)} linear/conv layers ran, but the summary has "

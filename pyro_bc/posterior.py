@@ -107,42 +107,6 @@ def check_thresholds(posts: list[LayerPosterior], thresholds: list[float]) -> No
         raise ConfigError(f"thresholds must be finite numbers, got {thresholds}")
 
 
-def prune(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLayer]:
-    """Masks from per-layer thresholds on log alpha, propagated through the network.
-
-    A group survives if its log alpha is below its layer's threshold. A removed output unit of layer
-    l removes the matching inputs of layer l+1 and vice versa; after a flatten, each channel owns
-    ``in_features / channels`` consecutive inputs. The last layer keeps all its outputs.
-    """
-    check_thresholds(posts, thresholds)
-    own = [_own_mask(p, t) for p, t in zip(posts, thresholds)]
-    keep_in = [_any_except(m, 1) for m in own]
-    keep_out = [_any_except(m, 0) for m in own]
-    keep_out[-1] = torch.ones_like(keep_out[-1])
-    for _ in range(len(posts) + 1):  # propagate until nothing changes
-        changed = False
-        for i in range(len(posts) - 1):
-            n_out, n_in = len(keep_out[i]), len(keep_in[i + 1])
-            if n_in % n_out:
-                raise ConfigError(f"{posts[i + 1].name} has {n_in} inputs, not a multiple of {posts[i].name}'s "
-                                  f"{n_out} outputs: the body is not a plain sequence")
-            link = keep_out[i].repeat_interleave(n_in // n_out) & keep_in[i + 1]
-            out = link.reshape(n_out, -1).any(1)
-            changed |= not (torch.equal(link, keep_in[i + 1]) and torch.equal(out, keep_out[i]))
-            keep_in[i + 1], keep_out[i] = link, out
-        masks = [m & _outer(p, o, i) for p, m, o, i in zip(posts, own, keep_out, keep_in)]
-        for i, m in enumerate(masks):  # a unit with no kept weight left is gone too
-            new_in, new_out = keep_in[i] & _any_except(m, 1), keep_out[i] & _any_except(m, 0)
-            if i == len(posts) - 1:
-                new_out = keep_out[i]
-            changed |= not (torch.equal(new_in, keep_in[i]) and torch.equal(new_out, keep_out[i]))
-            keep_in[i], keep_out[i] = new_in, new_out
-        if not changed:
-            break
-    masks = [m & _outer(p, o, i) for p, m, o, i in zip(posts, own, keep_out, keep_in)]
-    return [PrunedLayer(p, float(t), i, o, m) for p, t, i, o, m in zip(posts, thresholds, keep_in, keep_out, masks)]
-
-
 def fold_pruned_inputs(layers: list[PrunedLayer], input_means: list[torch.Tensor]) -> list[PrunedLayer]:
     """Move what the pruned weights add on average into the biases of the units that keep going.
 
@@ -182,13 +146,6 @@ def fold_state(post: LayerPosterior, fold: bool) -> str:
     if post.kind == "conv2d" and any(p != 0 for p in pair(post.conv_args[1])):
         return "off: padded convolution"
     return "on"
-
-
-def prune_and_fold(posts: list[LayerPosterior], thresholds: list[float],
-                   input_means: list[torch.Tensor] | None) -> list[PrunedLayer]:
-    """:func:`prune`, then, given the layers' input means, :func:`fold_pruned_inputs`."""
-    layers = prune(posts, thresholds)
-    return layers if input_means is None else fold_pruned_inputs(layers, input_means)
 
 
 # -- bit precision --------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class LayerOp:
 
 #: The layer kinds: one entry each.
 OPS: dict[str, LayerOp] = {
-    "linear": LayerOp("linear", F.linear, True, lambda x, w, *args: torch.Size((x.shape[0], w.shape[0])),
+    "linear": LayerOp("linear", F.linear, True, lambda x, w, *args: torch.Size((*x.shape[:-1], w.shape[0])),
                       fused.lrt_linear),
     "conv2d": LayerOp("conv2d", F.conv2d, False, _conv_output_shape, _lrt_conv2d_channels_last),
 }
@@ -83,12 +83,18 @@ def _along_dim1(z: torch.Tensor, dim: int) -> torch.Tensor:
     return z.reshape(z.shape + (1,) * (dim - 2)) if z.dim() == 2 else z.reshape((-1,) + (1,) * (dim - 2))
 
 
+def _along_last(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """``z`` of shape ``(G,)`` or ``(N, G)`` shaped to scale the last dimension of a ``dim``-D tensor whose first
+    is the examples' (a linear layer's input of any leading shape: features, or tokens and features)."""
+    return z if z.dim() == 1 else z.reshape(z.shape[:1] + (1,) * (dim - 2) + z.shape[1:])
+
+
 def _bayes_layer(op: LayerOp, x: torch.Tensor, z: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None,
                  *args) -> torch.Tensor:
     if z is None:
         return op.function(x, w, b, *args)
     if op.scales_input:
-        return op.function(x * _along_dim1(z, x.dim()), w, b, *args)
+        return op.function(x * _along_last(z, x.dim()), w, b, *args)
     y = op.function(x, w, b, *args)
     return y * _along_dim1(z, y.dim())
 
@@ -191,6 +197,8 @@ class LocalReparameterization(Messenger):
         if not isinstance(q_w, Normal) or (b is not None and not isinstance(q_b, Normal)) or (z is not None and q_z is None):
             return
         z_n = None if z is None else q_z[0].per_example_scale(q_z[1], x.shape[0], self._noise)
+        if z_n is not None and op.scales_input and x.dim() > 2:  # one scale per example, shared by its positions
+            z_n = _along_last(z_n, x.dim()).expand(x.shape)
         b_mu, b_var = (None, None) if b is None else (q_b.loc, q_b.variance)
         eps = self._noise(op.output_shape(x, w, *args), x)
         y, kl = op.lrt(x, z_n, q_w.loc, _logvar(q_w), b_mu, b_var, eps, *args)

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
@@ -109,3 +111,19 @@ def prepare_run_dir(out: str | Path) -> Path:
     except OSError as e:
         raise ConfigError(f"output directory {run_dir} cannot be written: {e.strerror}")
     return run_dir
+
+
+@contextlib.contextmanager
+def removed_if_refused(run_dir: Path) -> Iterator[None]:
+    """The folders of ``run_dir`` that do not exist yet are removed again (deepest first, while empty) if the block
+    fails, so a training refused for its data, network or options leaves no empty run directory behind."""
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (a training that wrote something), or not ours to remove
+                break
+        raise

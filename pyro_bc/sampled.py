@@ -108,19 +108,23 @@ class SampledLayer(nn.Module):
             return F.linear(x, weight, bias)
         return F.conv2d(x, weight, bias, *self.conv_args)
 
-    def _group_noise(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """Draws of ``z'`` (one per example and group), shaped to scale dimension 1 of ``like``."""
-        z = 1 + self.scale_sd * torch.randn(n, len(self.scale_sd), dtype=like.dtype, device=like.device)
+    def _group_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Draws of ``z'``, one per example and group (shared by an example's positions), shaped to scale ``like``'s
+        features: its last dimension for a linear layer (inputs of any leading shape), dimension 1 for a
+        convolution."""
+        z = 1 + self.scale_sd * torch.randn(len(like), len(self.scale_sd), dtype=like.dtype, device=like.device)
+        if self.kind == "linear":
+            return z.reshape((len(like),) + (1,) * (like.dim() - 2) + (len(self.scale_sd),))
         return z.reshape(z.shape + (1,) * (like.dim() - 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_sd is not None and self.kind == "linear":  # linear groups are inputs
-            x = x * self._group_noise(len(x), x)
+            x = x * self._group_noise(x)
         mean = self._apply_op(x, self.weight, self.bias)
         std = self._apply_op(x * x, self.weight_var, None).clamp_min(0).sqrt()
         y = mean + std * torch.randn_like(mean)
         if self.scale_sd is not None and self.kind == "conv2d":  # convolution groups are output channels
-            y = y * self._group_noise(len(y), y)
+            y = y * self._group_noise(y)
         return y
 
 

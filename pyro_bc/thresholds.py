@@ -25,7 +25,7 @@ import torch
 from pyro_bc.compressed import compressed_module
 from pyro_bc.errors import ConfigError
 from pyro_bc.evaluate import error_percent
-from pyro_bc.graph import prune_network
+from pyro_bc.graph import BodyGraph, prune_network
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import LayerPosterior
 from pyro_bc.rules import RecordedRule
@@ -41,6 +41,7 @@ class ThresholdInputs:
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
     input_means: list[torch.Tensor] | None = None
+    graph: BodyGraph | None = None  # the network's, built once by the caller (else on each pruning)
 
 
 class ThresholdRule(RecordedRule):
@@ -142,7 +143,7 @@ class ValidationBudget(ThresholdRule):
         if self._error(inputs, thresholds) > limit:
             raise ConfigError(f"even the least pruned network exceeds the error budget of {self.max_error_increase} "
                               "points: raise --max-error-increase")
-        governed = governed_weights(net, posts)
+        governed = governed_weights(net, posts, inputs.graph)
         for i in sorted(range(len(posts)), key=lambda k: -governed[k]):
             lo, hi = 0, len(grid) - 1  # grid[hi] is known to be within budget
             while lo < hi:
@@ -159,16 +160,16 @@ class ValidationBudget(ThresholdRule):
     def _error(inputs: ThresholdInputs, thresholds: list[float]) -> float:
         """Validation error (%) of the pruned and folded network at ``thresholds``, unrounded; 100 where a layer
         keeps no weight (a ``.bcz`` cannot store it: even a residual branch pruned away is not within budget)."""
-        layers = prune_network(inputs.net, inputs.posts, thresholds, inputs.input_means)
+        layers = prune_network(inputs.net, inputs.posts, thresholds, inputs.input_means, inputs.graph)
         if any(layer.empty for layer in layers):
             return 100.0
-        return error_percent(compressed_module(inputs.net, layers, None), inputs.val_x, inputs.val_y)
+        return error_percent(compressed_module(inputs.net, layers, None, inputs.graph), inputs.val_x, inputs.val_y)
 
     def method(self, thresholds: list[float]) -> str:
         return f"max validation error increase {self.max_error_increase} points"
 
 
-def governed_weights(net: BayesianNet, posts: list[LayerPosterior]) -> list[float]:
+def governed_weights(net: BayesianNet, posts: list[LayerPosterior], graph: BodyGraph | None = None) -> list[float]:
     """Per layer, the weights its groups govern: its number of groups (weights, for a per-weight prior) times the
     weights that go when its most prunable group goes alone, all else kept. Measured by the pruning itself, so
     it counts what a group takes with it across the graph: its own weights and its neighbours' (an input
@@ -177,7 +178,7 @@ def governed_weights(net: BayesianNet, posts: list[LayerPosterior]) -> list[floa
     keep_all = [top + 1.0 for top in tops]
 
     def weights_kept(thresholds: list[float]) -> int:
-        return sum(int(layer.mask.sum()) for layer in prune_network(net, posts, thresholds, None))
+        return sum(int(layer.mask.sum()) for layer in prune_network(net, posts, thresholds, None, graph))
 
     everything = weights_kept(keep_all)
     governed = []

@@ -38,7 +38,7 @@ from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
 from pyro_bc.evaluate import error_percent, groups_below
 from pyro_bc.network import BayesianNet
 from pyro_bc.reparam import LocalReparameterization
-from pyro_bc.run_dir import CHECKPOINT, CONFIG, METRICS, RunLock, TrainConfig, prepare_run_dir
+from pyro_bc.run_dir import CHECKPOINT, CONFIG, METRICS, RunLock, TrainConfig, prepare_run_dir, removed_if_refused
 from pyro_bc.schedule import epoch_lr
 
 
@@ -117,6 +117,10 @@ def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet
              shard: tuple[int, int] | None = None, clip_grad_norm: float | None = None) -> torch.Tensor:
     """One optimiser step on ``loss`` (a :class:`NegativeELBO`, maybe wrapped), then variance clipping.
 
+    Pyro validates every distribution's arguments by default, which makes this step about half as fast; the
+    training loop (``fit``, ``pyro-bc train``) runs it inside ``pyro.validation_enabled(False)``, and so should a
+    loop of your own once the model runs (``with pyro.validation_enabled(False): ...``).
+
     ``clip_grad_norm``: the gradients' total 2-norm is scaled down to at most this before the step
     (:func:`torch.nn.utils.clip_grad_norm_`; under data parallelism after the all-reduce, so alike in every process).
     """
@@ -148,12 +152,19 @@ def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: 
         net = build_network(config.model, config.prior, input_shape=tuple(data.train.x.shape[1:]),
                             width=config.width, **config.prior_options)
         _set_clip_var(net, config.clip_var)
-        _check_shape(net, data.train.x[:2])
+        try:
+            _check_shape(net, data.train.x[:2])
+        except ConfigError as e:
+            source = config.data or "the embedded MNIST"
+            raise ConfigError(f"{e} ({source}): give data of the network's input shape with --data DIR")
         if config.init_from and state is None:
             try:
                 init_state = torch.load(config.init_from, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001  (any failure of user or file code is reported the same way)
                 raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
+            if not isinstance(init_state, dict):
+                raise ConfigError(f"--init-from {config.init_from}: holds a {type(init_state).__name__}, not a "
+                                  "state_dict (save one with torch.save(model.state_dict(), path))")
             net.init_from(init_state)
         return net, data.train, data.val, {"data_format": data.format, "normalisation": data.normalisation}
 
@@ -168,11 +179,10 @@ def run_training(config: TrainConfig, out: str | Path | None, resume: bool, prog
     config.validate()
     torch.set_num_threads(config.threads)
     with distributed.process_group(config.device) as group:
-        if out is None:
-            run_dir = None
-        else:
-            run_dir = prepare_run_dir(out) if group.is_main else Path(out)
-        with RunLock(run_dir) if group.is_main and run_dir is not None else contextlib.nullcontext():
+        run_dir = None if out is None else Path(out)
+        writes = group.is_main and run_dir is not None
+        with removed_if_refused(run_dir) if writes else contextlib.nullcontext(), \
+                RunLock(prepare_run_dir(run_dir)) if writes else contextlib.nullcontext():
             group.barrier()  # the others start once rank 0 holds the run directory
             # distribution argument checks cost ~20% of a step, and the inputs are ours: off while training only
             with pyro.validation_enabled(False):
@@ -244,6 +254,17 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
     global_batch = config.batch_size * group.world_size
     steps_per_epoch = math.ceil(n_data / global_batch)
     negative_elbo = NegativeELBO(net)
+
+    def save(epoch: int) -> None:
+        save_checkpoint(checkpoint, {
+            "config": dataclasses.asdict(config), "epoch": epoch, "network": net.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}, "metrics": metrics,
+            "input_shape": list(net.input_shape),
+        })
+        atomic_write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+
+    if state is None and config.epochs == 0 and group.is_main and run_dir is not None:
+        save(0)  # an initialised run, not a half-made one: compress, report and --resume work on it
     loss = DistributedDataParallel(negative_elbo) if group.active else negative_elbo
     for epoch in range(start_epoch, config.epochs):
         started, total, net_steps = time.perf_counter(), 0.0, 0
@@ -269,7 +290,8 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
             if not math.isfinite(value) or not math.isfinite(total + value):
                 raise TrainingDiverged(f"non-finite ELBO at epoch {epoch + 1}, step {step + 1} "
                                        f"(first bad value: {_first_nonfinite(net)})" + (
-                                           f"; last good checkpoint {checkpoint} is intact" if checkpoint else ""))
+                                           f"; last good checkpoint {checkpoint} is intact" if checkpoint is not None and checkpoint.is_file()
+                                           else "; no epoch finished, so there is no checkpoint"))
             total, net_steps = total + value, net_steps + 1
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{value:.3f}")
@@ -290,12 +312,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
             record.update(seconds=ended - started, step_seconds=stepped - started, eval_seconds=ended - stepped)
             metrics.append(record)
             if run_dir is not None:
-                save_checkpoint(checkpoint, {
-                    "config": dataclasses.asdict(config), "epoch": epoch + 1, "network": net.state_dict(),
-                    "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}, "metrics": metrics,
-                    "input_shape": list(net.input_shape),
-                })
-                atomic_write_text(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+                save(epoch + 1)
             if progress:
                 kept = "-".join(str(v) for v in record["groups_kept"].values())
                 errors = (f"train err {record['train_error']:.2f}%  " if "train_error" in record else "") + (

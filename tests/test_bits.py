@@ -16,9 +16,10 @@ from pyro_bc.compressed import compressed_module
 from pyro_bc.compression import compress_run, format_table, load_run
 from pyro_bc.errors import ConfigError
 from pyro_bc.evaluate import error_percent
+from pyro_bc.graph import prune_chain
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLinear
-from pyro_bc.posterior import LayerPosterior, analyse, choose_precision, prune
+from pyro_bc.posterior import LayerPosterior, analyse, choose_precision
 from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
@@ -35,7 +36,7 @@ def grid_net():
     means = [torch.randint(-4, 5, (8, 8), generator=g) / 4, torch.randint(-8, 9, (4, 8), generator=g) / 8]
     posts = [LayerPosterior(name, "linear", torch.full((m.shape[1],), -10.0), m, torch.full(m.shape, VAR),
                             torch.zeros(m.shape[0]), 1) for name, m in zip(("fc1", "fc2"), means)]
-    layers = prune(posts, [0.0, 0.0])
+    layers = prune_chain(posts, [0.0, 0.0])
     net = BayesianNet(nn.Sequential(BayesLinear(8, 8), nn.ReLU(), BayesLinear(8, 4)), input_shape=(8,))
     x = torch.randn(2000, 8, generator=g)
     y = torch.relu(x @ means[0].T) @ means[1].T

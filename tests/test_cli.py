@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import masked_reference
 import numpy as np
 import pytest
 import torch
@@ -25,6 +26,7 @@ from pyro_bc import codec
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.cli import main
 from pyro_bc.compression import load_run
+from pyro_bc.data import load_mnist
 from pyro_bc.errors import ConfigError
 from pyro_bc.posterior import analyse
 from pyro_bc.run_dir import CHECKPOINT, LOCK, METRICS, TrainConfig
@@ -103,26 +105,40 @@ def test_cli_run_without_checkpoint_returns_1(tmp_path, capsys):
 
 
 def test_fold_is_the_default_for_group_priors_and_no_fold_turns_it_off(run, tmp_path):
-    medians = [str(float(p.log_alpha.median())) for p in analyse(load_run(run)[0])]  # prunes half of each layer
+    """Both files against the masked reference built here (tests/masked_reference.py): the folded one's biases gain
+    the pruned weights' E[w] times their inputs' means over the first 10,000 training images, the plain one's not."""
+    net, config, _ = load_run(run)
+    thresholds = [masked_reference.unambiguous_threshold(p.log_alpha) for p in analyse(net)]  # keeps about half
+    x = load_mnist(config.data, val_size=config.val_size, seed=config.seed).train.x
+    means = masked_reference.input_means(net, x[:10_000])
     outputs = {}
     for name, extra in (("folded", []), ("plain", ["--no-fold"])):
         path = tmp_path / f"{name}.bcz"
-        assert main(["compress", str(run), "--out", str(path), "--thresholds", *medians, *extra]) == 0
+        assert main(["compress", str(run), "--out", str(path), "--thresholds", *map(repr, thresholds), *extra]) == 0
         outputs[name] = json.loads(path.with_suffix(".json").read_text()), codec.read_bcz(path)
     (folded, folded_file), (plain, plain_file) = outputs["folded"], outputs["plain"]
     assert folded["fold_pruned_inputs"] is True and plain["fold_pruned_inputs"] is False
     assert plain["architecture"] == folded["architecture"]  # the same pruning, other biases
-    biases = [[item.bias for item in f.items if isinstance(item, codec.QuantizedLayer)] for f in (folded_file, plain_file)]
-    assert all(not np.allclose(a, b) for a, b in zip(*biases))
+    for summary, model, fold_means in ((folded, folded_file, means), (plain, plain_file, None)):
+        reference = masked_reference.reference_params(net, summary, fold_means, rounded=True)
+        biases = [item.bias for item in model.items if isinstance(item, codec.QuantizedLayer)]
+        kept_outputs = [row["kept_groups"] for row in summary["layers"][1:]] + [list(range(10))]  # the next inputs
+        for (_, want), got, rows in zip(reference, biases, kept_outputs):
+            np.testing.assert_allclose(got, want[rows].numpy(), rtol=2**-10, atol=2**-24)  # to a float16 step
 
 
 # -- evaluate -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_evaluate_reproduces_a_committed_result(capsys):
     path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
     assert main(["evaluate", str(path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["error"] == pytest.approx(1.13) and result["n"] == 10000
+    test, module = load_mnist().test, codec.load(path)
+    with torch.no_grad():
+        wrong = sum(int((module(test.x[i:i + 1000]).argmax(1) != test.y[i:i + 1000]).sum()) for i in range(0, 10000, 1000))
+    assert result["error"] == 100 * wrong / 10000  # counted here from the loaded file's outputs
     assert result["error"] == json.loads(path.with_suffix(".json").read_text())["error_compressed"]
     assert result["ms_per_batch_compressed"] > 0 and result["ms_per_batch_original"] > 0
     # NLL and Brier score by a second implementation: torch's cross entropy of the logits, the one-hot distance
@@ -262,6 +278,7 @@ def _train_cmd(out: Path) -> list[str]:
             "--subset", "600", "--batch-size", "100", "--val-size", "1000", "--seed", "3", "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     run_a, run_b = tmp_path / "a", tmp_path / "b"
@@ -361,6 +378,7 @@ def test_nan_from_the_first_step_exits_1_naming_epoch_step_and_parameter(poison_
     assert code == 1, err
     assert "epoch 1, step 1" in err
     assert "parameter" in err and "weight_mu" in err
+    assert "no epoch finished, so there is no checkpoint" in err and "intact" not in err  # none was written
     assert "Traceback" not in err
     assert err.replace("\r", "\n").strip().splitlines()[-1].startswith("pyro-bc train: error: ")
     assert not (run / CHECKPOINT).exists() and not (run / LOCK).exists()
@@ -378,6 +396,7 @@ def test_divergence_after_a_good_epoch_keeps_the_last_checkpoint_intact(poison_m
     assert main([*args, "--epochs", "3", "--resume"]) == 1
     err = capsys.readouterr().err
     assert "epoch 2, step 1" in err and "weight_mu" in err, err
+    assert f"last good checkpoint {run / CHECKPOINT} is intact" in err
     assert (run / CHECKPOINT).read_bytes() == before_ckpt
     assert (run / METRICS).read_bytes() == before_metrics
     assert not (run / LOCK).exists()

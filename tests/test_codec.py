@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyro_bc
-from pyro_bc import bcz_v1, bcz_v2, code_storage, codec
+from pyro_bc import bcz_model, bcz_v1, code_storage, codec
 from pyro_bc.binary import Reader, svarint, uvarint, uvarints
 from pyro_bc.codec import CompressedModel, Op, QuantizedLayer, load, read_bcz, to_module, write_bcz
 from pyro_bc.data import load_mnist
@@ -364,10 +364,10 @@ def test_crafted_v2_files(tmp_path: Path) -> None:
     sparse = [(uvarint(7), "sparse count"), (uvarint(1) + uvarint(6), "sparse position"),
               (uvarint(1) + uvarint(0) + bytes([2]), "sparse value storage")]
     cases += [(frame_v2(linear_v2(storage=2, length=len(b)), b), m) for b, m in sparse]
-    select = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_v2.KINDS.index("select")]) + uvarint(1)
+    select = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_model.WIRE_IDS["select"]]) + uvarint(1)
     cases += [(frame_v2(select + bytes([1]) + uvarint(3) + bytes([0b11110000]), b""), "bitmap"),
               (frame_v2(select + bytes([0]) + uvarint(2) + uvarints([2**16, 0]), b""), "select")]
-    pool = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_v2.KINDS.index("maxpool2d")]) + uvarint(1)
+    pool = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_model.WIRE_IDS["maxpool2d"]]) + uvarint(1)
     cases.append((frame_v2(pool + uvarints([2, 2, 2, 2, 2, 0]), b""), "padding"))
     for data, fragment in cases:
         expect_format_error(path, data, fragment)
@@ -401,6 +401,37 @@ def test_a_chain_with_explicit_inputs_is_sequential(tmp_path: Path) -> None:
     write_bcz(tmp_path / "c.bcz", CompressedModel(items, (3,)))
     assert [i.inputs for i in read_bcz(tmp_path / "c.bcz").items] == [None, None]
     assert isinstance(load(tmp_path / "c.bcz"), nn.Sequential)
+
+
+BIASES = [1 / 3, 0.1, -2.5, -0.3, 7.06]
+# worked by hand: "fixed" to multiples of 2^-3 = 0.125 (fc1) and 2^-5 = 0.03125 (fc2), to the nearest; "float16"
+# to the nearest of 2^10 steps per binade: 0.1 in [2^-4, 2^-3) has steps of 2^-14, 0.1 * 2^14 = 1638.4 -> 1638
+ROUNDED = {
+    "float32": (BIASES, BIASES[:2]),
+    "fixed": ([3 / 8, 1 / 8, -20 / 8, -2 / 8, 56 / 8], [11 / 32, 3 / 32]),  # 2.67 0.8 -20 -2.4 56.48; 10.67 3.2
+    "float16": ([1365 / 4096, 0.0999755859375, -2.5, -1229 / 4096, 1807 / 256], [1365 / 4096, 1638 / 2**14]),
+}
+
+
+@pytest.mark.parametrize("rounding", sorted(ROUNDED))
+def test_round_biases_hand_worked(rounding: str) -> None:
+    """Each layer's biases on its own grid (fixed) or to the nearest half-precision value; codes, ops and a layer
+    without a bias unchanged."""
+    rng = np.random.default_rng(0)
+    fc1 = QuantizedLayer("linear", "fc1", rng.integers(-9, 10, (5, 4)), 3, np.array(BIASES, np.float32))
+    fc2 = QuantizedLayer("linear", "fc2", rng.integers(-9, 10, (2, 5)), 5, np.array(BIASES[:2], np.float32))
+    fc3 = QuantizedLayer("linear", "fc3", rng.integers(-9, 10, (3, 2)), 4, None)
+    model = CompressedModel([fc1, Op("relu"), fc2, Op("relu"), fc3], (4,), {})
+    rounded = codec.round_biases(model, rounding)
+    want1, want2 = ROUNDED[rounding]
+    assert rounded.items[0].bias.tolist() == np.array(want1, np.float32).tolist()
+    assert rounded.items[2].bias.tolist() == np.array(want2, np.float32).tolist()
+    assert rounded.items[4].bias is None and rounded.items[1] == Op("relu")
+    for new, old in zip(rounded.items[::2], model.items[::2]):
+        assert np.array_equal(new.weight_codes, old.weight_codes) and new.frac_bits == old.frac_bits
+    assert ROUNDED["float16"][0][1] == 0.0999755859375 and ROUNDED["fixed"][0][0] == 0.375
+    with pytest.raises(ValueError, match="int8"):
+        codec.round_biases(model, "int8")
 
 
 def test_write_unwritable_directory(tmp_path: Path) -> None:
@@ -475,6 +506,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"
 COMMITTED = sorted(RESULTS.rglob("MODEL.bcz"))  # every run's file, seeds and the CNNs included (all on MNIST)
 
 
+@pytest.mark.slow
 def test_importing_the_package_leaves_the_codec_for_load() -> None:
     code = "import sys, pyro_bc; print('pyro_bc.codec' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -486,6 +518,7 @@ def test_load_reports_a_missing_file_as_a_format_error(tmp_path: Path) -> None:
         pyro_bc.load(tmp_path / "missing.bcz")
 
 
+@pytest.mark.slow
 def test_committed_results_load_and_reproduce_their_test_error() -> None:
     test = load_mnist(None).test
     assert len(COMMITTED) >= 20
@@ -494,3 +527,12 @@ def test_committed_results_load_and_reproduce_their_test_error() -> None:
         assert isinstance(net, nn.Module) and not net.training
         recorded = json.loads(path.with_suffix(".json").read_text())["error_compressed"]
         assert error_percent(net, test.x, test.y) == pytest.approx(recorded, abs=1e-9), path
+
+
+def test_wire_ids_are_fixed():
+    """A node's kind byte never moves: these numbers are in files people keep (docs/FORMAT.md lists them)."""
+    assert bcz_model.WIRE_IDS == {
+        "linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6, "avgpool2d": 7,
+        "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13, "silu": 14,
+        "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19}
+    assert sorted(bcz_model.WIRE_IDS.values()) == list(range(len(bcz_model.WIRE_IDS)))  # no gaps (the reader's bound)

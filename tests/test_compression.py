@@ -7,13 +7,17 @@ import math
 import os
 import struct
 
+import masked_reference
 import pytest
 import torch
 
+import models.lenet5
+import pyro_bc
 from pyro_bc.compression import compress_run, evaluate_file, format_table, load_run
 from pyro_bc.data import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
-from pyro_bc.posterior import analyse, prune
+from pyro_bc.graph import prune_chain
+from pyro_bc.posterior import analyse
 from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
 
 LAYER_KEYS = {"name", "groups_total", "groups_kept", "weights_total", "weights_kept", "bits", "exponent_bits",
@@ -66,7 +70,7 @@ def test_given_thresholds(given):
 
 def test_model_json_records_the_kept_groups(run, given):
     path, summary = given
-    pruned = prune(analyse(load_run(run)[0]), [-3.0, -2.0, -1.0])
+    pruned = prune_chain(analyse(load_run(run)[0]), [-3.0, -2.0, -1.0])
     for row, layer in zip(summary["layers"], pruned):
         assert row["kept_groups"] == torch.nonzero(layer.keep_groups).flatten().tolist()
         assert len(row["kept_groups"]) == row["groups_kept"]
@@ -75,10 +79,65 @@ def test_model_json_records_the_kept_groups(run, given):
     assert all(line.rstrip().endswith(("],", "]")) for line in text.splitlines() if '"kept_groups"' in line)
 
 
-def test_evaluate_file_matches_model_json(given):
-    path, summary = given
+@pytest.fixture(scope="module")
+def halved(run, tmp_path_factory):
+    """The run compressed at thresholds that keep 40-60% of each layer's groups and equal no log alpha."""
+    path = tmp_path_factory.mktemp("halved") / "model.bcz"
+    thresholds = [masked_reference.unambiguous_threshold(p.log_alpha) for p in analyse(load_run(run)[0])]
+    return path, compress_run(run, path, thresholds=thresholds)
+
+
+def test_errors_are_those_of_a_masked_network_built_by_hand(run, halved):
+    """The trained LeNet-300-100 pruned to about half of each layer's groups, folded (the gnj default) with the means
+    of the first 10,000 training images, against the masked, folded and rounded reference built from kept_groups."""
+    path, summary = halved
+    net, config, _ = load_run(run)
+    data = load_mnist(config.data, val_size=config.val_size, seed=config.seed)
+    assert summary["fold_pruned_inputs"] is True
+    for row, total in zip(summary["layers"], (784, 300, 100)):
+        assert 0.3 * total < row["groups_kept"] < 0.7 * total  # about half kept, after propagation
+    sets = {"test": (data.test.x, data.test.y), "val": (data.val.x, data.val.y)}
+    errors = masked_reference.assert_matches(path, summary, net, data.train.x[:10_000], sets)
+    assert errors["error_pruned"] != errors["error_posterior_mean"]  # the pruning changes what the network computes
+
+
+def test_lenet5_errors_are_those_of_a_masked_network_built_by_hand(tmp_path):
+    """LeNet-5 with hand-set posteriors (no training): conv1's channels 0-4, conv2's 0-9, fc1's inputs 500-799 and
+    fc2's inputs 0-99 at log alpha 5, the rest at -30. conv2 is unpadded, so it folds conv1's pruned channels with
+    their mean over examples *and* positions; fc1 folds conv2's, fc2 fc1's."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    net = models.lenet5.build("gnj")
+    dropped = [range(5), range(10), range(500, 800), range(100)]
+    with torch.no_grad():
+        for layer, drop, var in zip(net.layers, dropped, (1e-3, 1e-4, 1e-2, 1e-3)):
+            layer.prior.z_mu.copy_(torch.rand(layer.prior.z_mu.shape, generator=g) * 0.2 + 0.9)
+            layer.prior.z_logvar.fill_(-30.0)
+            layer.prior.z_logvar[list(drop)] = 5.0
+            layer.weight_logvar.fill_(math.log(var))
+            layer.bias_mu.copy_(torch.rand(layer.bias_mu.shape, generator=g) - 0.5)
+    data = load_mnist(val_size=200)
+    sets = {"test": (data.test.x[:500], data.test.y[:500]), "val": (data.val.x, data.val.y)}
+    train_x = data.train.x[:500]
+    path = tmp_path / "lenet5.bcz"
+    summary = pyro_bc.compress(net, path, val=sets["val"], train=(train_x, data.train.y[:500]), test=sets["test"],
+                               thresholds=[-3.0] * 4)
+    # fc1's inputs 500-799 are all 16 of conv2's channels 32-49 and 12 of channel 31's: conv2 keeps channels 10-31,
+    # fc1 the 16 inputs of channels 10-30 and 4 of channel 31
+    assert [row["groups_kept"] for row in summary["layers"]] == [15, 22, 21 * 16 + 4, 400]
+    assert [row["fold"] for row in summary["layers"]] == ["on"] * 4
+    errors = masked_reference.assert_matches(path, summary, net, train_x, sets)
+    assert len(set(errors.values())) > 1
+
+
+def test_evaluate_file_matches_model_json(halved):
+    """evaluate's error is MODEL.json's and the one counted here from the loaded file's outputs on the test set."""
+    path, summary = halved
     result = evaluate_file(path)
-    assert result["error"] == summary["error_compressed"]
+    test = load_mnist().test
+    with torch.no_grad():
+        wrong = int((pyro_bc.load(path)(test.x).argmax(1) != test.y).sum())
+    assert result["error"] == summary["error_compressed"] == 100 * wrong / 10000
     assert result["n"] == 10000
     assert result["ms_per_batch_compressed"] > 0
 

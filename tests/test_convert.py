@@ -108,3 +108,60 @@ def test_a_converted_network_trains_with_pyro_svi_and_keeps_batchnorm_statistics
     assert not torch.equal(net.body.bn1.running_mean, before)  # updated in training, as in PyTorch
     mean_net = net.posterior_mean_network()
     assert not mean_net.training and net.body.bn1.training  # the copy's eval mode leaves the network alone
+
+
+class Tokens(nn.Module):
+    """A tiny transformer: a patch embedding, one encoder layer (attention reads its projections' weights itself),
+    a layer that reads another layer's weight directly (as Swin's window attention does) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 8, 4, stride=4)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.mixer = nn.Linear(8, 8)  # used through its weight only
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (N, 4, 8)
+        tokens = self.encoder(tokens)
+        tokens = tokens + torch.nn.functional.linear(tokens, self.mixer.weight)
+        return self.head(tokens.mean(1))
+
+
+def test_attention_projections_and_layers_read_by_weight_stay_deterministic_and_the_rest_trains():
+    torch.manual_seed(0)
+    dense = Tokens().eval()
+    net = pyro_bc.bayesianize(dense, input_shape=(1, 8, 8))
+    assert net.layer_names == ["embed", "encoder.linear1", "encoder.linear2", "head"]
+    assert isinstance(net.body.encoder.self_attn.out_proj, nn.Linear) and isinstance(net.body.mixer, nn.Linear)
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net.posterior_mean_network()(x), dense(x))
+    history = pyro_bc.fit(net, (x, torch.randint(0, 3, (6,))), epochs=2, batch_size=3, progress=False)
+    assert all(torch.isfinite(torch.tensor(h["elbo"])) for h in history)
+
+
+def test_a_linear_layer_on_tokens_draws_one_group_scale_per_example():
+    """Under the local reparameterisation a linear layer on (examples, tokens, features) scales each example's
+    features by one draw of z shared by its tokens: with the weights certain, two equal tokens of an example get
+    equal outputs, and the mean over draws is the posterior-mean layer's output (within its standard error)."""
+    torch.manual_seed(0)
+    layer = BayesLinear(5, 3)
+    with torch.no_grad():
+        layer.weight_logvar.fill_(-40.0)
+        layer.bias_logvar.fill_(-40.0)
+        layer.prior.z_logvar.fill_(-2.0)  # z noise only: sd about 0.37 around 1
+    net = pyro_bc.network.BayesianNet(nn.Sequential(layer), input_shape=(4, 5))
+    token = torch.randn(5)
+    x = torch.stack([torch.stack([token, token, torch.randn(5), token]) for _ in range(2000)])  # (2000, 4, 5)
+    pyro.set_rng_seed(1)
+    with LocalReparameterization(), torch.no_grad():
+        trace = pyro.poutine.trace(net.guide).get_trace()
+        y = pyro.poutine.replay(net.body, trace=trace)(x)
+    assert y.shape == (2000, 4, 3)
+    torch.testing.assert_close(y[:, 0], y[:, 1])
+    torch.testing.assert_close(y[:, 0], y[:, 3])
+    assert not torch.allclose(y[0, 0], y[1, 0])  # another example, another z
+    want = net.posterior_mean_network()(x[:1])[0, 0]
+    spread = y[:, 0].std(0) / 2000**0.5
+    assert ((y[:, 0].mean(0) - want).abs() < 4 * spread).all()

@@ -48,6 +48,7 @@ def _network(run_dir):
     return load_checkpoint(run_dir / "checkpoint.pt")["network"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_doubled_batch(runs):
     root, _ = runs
     two, one = _network(root / "two"), _network(root / "one")
@@ -58,6 +59,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(runs):
     assert moved > 1e-2  # 32 steps did move the parameters, so the agreement is not trivial
 
 
+@pytest.mark.slow
 def test_kl_is_counted_once(runs):
     """The epoch ELBO (likelihood + KL / N) is the one-process value; K copies of the KL would shift it."""
     root, _ = runs
@@ -69,6 +71,7 @@ def test_kl_is_counted_once(runs):
         assert a["train_error"] == pytest.approx(b["train_error"], abs=0.21)  # at most one example of 497
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(runs):
     root, whole = runs
     assert sorted(p.name for p in (root / "two").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
@@ -79,6 +82,7 @@ def test_only_rank_zero_writes(runs):
     assert config["world_size"] == 2 and config["batch_size"] == PER_PROCESS_BATCH
 
 
+@pytest.mark.slow
 def test_resumed_two_process_run_ends_where_an_uninterrupted_one_ends(runs):
     root, _ = runs
     resumed, whole = _network(root / "resumed"), _network(root / "two")

@@ -14,7 +14,7 @@ from torch import nn
 from pyro_bc import codec
 from pyro_bc.cli import main
 from pyro_bc.errors import ConfigError
-from pyro_bc.export import BATCH_DIM, FORMATS, INPUT_NAME, export_module
+from pyro_bc.export import BATCH_DIM, FORMATS, INPUT_NAME, FixedAdaptiveAvgPool2d, export_module
 
 RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"
 FILES = {"lenet300": RESULTS / "lenet300-gnj" / "MODEL.bcz", "lenet5": RESULTS / "lenet5-gnj" / "MODEL.bcz"}
@@ -130,3 +130,16 @@ def test_bad_input_or_path_exits_1_with_one_line(tmp_path, capsys, source, out, 
     err = capsys.readouterr().err
     assert err.startswith("pyro-bc export: error: ") and message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary file left
+
+
+@pytest.mark.parametrize("in_size, out_size", [((2, 2), (7, 7)), ((1, 1), (3, 3)), ((9, 6), (4, 4)), ((8, 8), (2, 2))])
+def test_fixed_adaptive_pooling_is_adaptive_pooling_and_exports_to_onnx(in_size, out_size, tmp_path):
+    """VGG's 7x7 pooling of a small map: ONNX's exporter refuses it; the fixed pool computes the same numbers."""
+    x = torch.randn(3, 4, *in_size, generator=torch.Generator().manual_seed(0))
+    want = nn.functional.adaptive_avg_pool2d(x, out_size)
+    torch.testing.assert_close(FixedAdaptiveAvgPool2d(in_size, out_size)(x), want)
+    module = nn.Sequential(nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(out_size), nn.Flatten())
+    export_module(module, (4, *in_size), tmp_path / "m.onnx", "onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], module(x).numpy(), atol=1e-5)

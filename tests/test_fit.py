@@ -3,8 +3,10 @@ compression (one loop, one compression), with the same results."""
 
 import json
 
+import masked_reference
 import pytest
 import torch
+from masked_reference import unambiguous_threshold
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -106,16 +108,21 @@ def test_fit_refuses_to_resume_a_command_line_run(run):
 
 
 def test_compress_from_python_equals_the_command_line(run, tmp_path):
-    cli_out = tmp_path / "cli.bcz"
-    assert main(["compress", str(run), "--out", str(cli_out)]) == 0
-    cli = json.loads(cli_out.with_suffix(".json").read_text())
+    """Both the same file, and both what the masked reference built by the test (tests/masked_reference.py) computes,
+    at thresholds that keep about half of each layer's groups."""
     net, config, _ = load_run(run)
+    thresholds = [unambiguous_threshold(p.log_alpha) for p in analyse(net)]
+    cli_out = tmp_path / "cli.bcz"
+    assert main(["compress", str(run), "--out", str(cli_out), "--thresholds", *map(repr, thresholds)]) == 0
+    cli = json.loads(cli_out.with_suffix(".json").read_text())
     data = load_data(config.data, val_size=config.val_size, seed=config.seed)
     py_out = tmp_path / "py.bcz"
     summary = pyro_bc.compress(net, py_out, val=(data.val.x, data.val.y), train=(data.train.x, data.train.y),
-                               test=(data.test.x, data.test.y),
+                               test=(data.test.x, data.test.y), thresholds=thresholds,
                                metadata={"model": config.model, "val_size": config.val_size, "seed": config.seed})
     assert py_out.read_bytes() == cli_out.read_bytes()
+    masked_reference.assert_matches(cli_out, cli, net, data.train.x[:10_000],
+                                    {"test": (data.test.x, data.test.y), "val": (data.val.x, data.val.y)})
     assert json.loads(py_out.with_suffix(".json").read_text()) == json.loads(json.dumps(summary))
     for key in ("architecture", "weights_kept_fraction", "cr_prune", "cr_fast", "cr_file", "file_bytes",
                 "error_posterior_mean", "error_pruned", "error_compressed", "val_error_compressed",
@@ -151,7 +158,7 @@ def test_readme_pipeline_bayesianize_fit_compress_load(tmp_path):
 
     net = pyro_bc.bayesianize(model, prior="gnj")
     history = pyro_bc.fit(net, (x, y), val, epochs=2, batch_size=32, lr=1e-2, progress=False)
-    thresholds = [float(layer.log_alpha().detach().median()) for layer in net.layers]  # prunes about half (2 epochs only)
+    thresholds = [unambiguous_threshold(layer.log_alpha().detach()) for layer in net.layers]  # keeps about half
     summary = pyro_bc.compress(net, tmp_path / "model.bcz", val=val, thresholds=thresholds)
     small = pyro_bc.load(tmp_path / "model.bcz")
 

@@ -6,23 +6,26 @@ for a tiny trained ResNet and VGG."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from tiny_data import write_npz
 from torch import nn
 
 import models.resnet
 import models.vgg
+import pyro_bc
+from models import build_network
 from pyro_bc import codec
 from pyro_bc.compressed import compressed_model, compressed_module
-from pyro_bc.compression import compress, compress_run, evaluate_file, load_run
+from pyro_bc.compression import compress, evaluate_file
+from pyro_bc.data import load_data
 from pyro_bc.errors import ConfigError
-from pyro_bc.graph import analyse_network, is_sequence, prune_network
+from pyro_bc.graph import BodyGraph, analyse_network, prune_chain, prune_network
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d, BayesLinear
 from pyro_bc.posterior import analyse
-from pyro_bc.run_dir import TrainConfig
 from pyro_bc.thresholds import ThresholdInputs, ValidationBudget
-from pyro_bc.train import train
 
 KEPT, DROPPED = -30.0, 5.0  # z log-variances: log alpha about -30 (kept) or 5 (dropped) with E[z] near 1
 
@@ -143,7 +146,6 @@ def _coupled(body, dropped):
     g = torch.Generator().manual_seed(3)
     for layer in net.layers:
         _set(layer, dropped.get(layer.site, ()), g)
-    assert not is_sequence(net)
     layers, module = _compress(net, [-3.0] * len(net.layers))
     x = torch.randn(3, 2, 5, 5, generator=g)
     with torch.no_grad():
@@ -184,6 +186,27 @@ def test_a_depthwise_convolution_ties_its_inputs_to_its_outputs():
     assert layers["c"].keep_in.tolist() == tied
     assert _shapes(module) == [(3, 2, 1, 1), (3, 1, 3, 3), (3, 3, 1, 1)]
     assert [m.groups for m in module.modules() if isinstance(m, nn.Conv2d)] == [1, 3, 1]
+
+
+def test_a_channel_exactly_at_the_threshold_is_pruned_across_the_graph():
+    """Kept iff log alpha < threshold: the concatenation's channel whose log alpha equals its layer's threshold goes
+    (with the fc inputs that read it); one float32 step above the threshold, it stays."""
+    torch.manual_seed(0)
+    net = BayesianNet(Concatenation(), input_shape=(2, 5, 5))
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:
+        _set(layer, (), g)
+    with torch.no_grad():
+        net.body.a.prior.z_logvar[1] = -2.0  # log alpha of a's channel 1 near -2; the others near -30
+    posts = analyse_network(net, analyse(net))
+    at = float(posts[0].log_alpha[1])
+    above = float(np.nextafter(np.float32(at), np.float32(np.inf)))
+    graph = BodyGraph(net)
+    a, _, fc = graph.prune(posts, [at, -3.0, -3.0])
+    assert a.keep_out.tolist() == [True, False, True] and not a.mask[1].any()
+    assert fc.keep_in.tolist() == [True, False, True, True, True]
+    a, _, fc = graph.prune(posts, [above, -3.0, -3.0])
+    assert a.keep_out.tolist() == [True] * 3 and a.mask.all() and fc.keep_in.all()
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -228,23 +251,41 @@ def test_the_budget_search_on_a_graph_treats_a_layer_pruned_to_nothing_as_over_b
 
 # -- end to end ----------------------------------------------------------------------------------------
 
-NETWORK_FILE = """
-import models.{module}
-
-def build(prior):
-    return models.{module}.build(prior, width=0.125, input_shape=(1, 28, 28))
-"""
-
-
-@pytest.mark.parametrize("module", ["resnet", "vgg"])
-def test_evaluate_reproduces_compress(tmp_path, module):
-    torch.manual_seed(0)
-    network = tmp_path / f"{module}.py"
-    network.write_text(NETWORK_FILE.format(module=module))
-    run = tmp_path / "run"
-    train(TrainConfig(model=str(network), epochs=1, subset=256, batch_size=64), out=run, progress=False)
-    summary = compress_run(run, tmp_path / "model.bcz", thresholds=[-1.0] * len(load_run(run)[0].layers))
-    assert evaluate_file(tmp_path / "model.bcz")["error"] == summary["error_compressed"]
+@pytest.mark.parametrize("build", [models.resnet.build, models.vgg.build])
+def test_evaluate_reproduces_compress(tmp_path, build):
+    """A ResNet and a VGG with hand-set posteriors (a third of each layer's groups at log alpha 5, no training) on a
+    tiny npz data folder, compressed from Python with the fold: evaluate's error on its test set is MODEL.json's and
+    the one counted here from the loaded file's outputs."""
+    net, _ = _tiny(build, (1, 28, 28))
+    write_npz(tmp_path / "data" / "train.npz", 300, (1, 28, 28))
+    write_npz(tmp_path / "data" / "test.npz", 400, (1, 28, 28), seed=1)
+    data = load_data(tmp_path / "data", val_size=100)
+    path = tmp_path / "model.bcz"
+    summary = compress(net, path, val=(data.val.x, data.val.y), train=(data.train.x, data.train.y),
+                       test=(data.test.x, data.test.y), thresholds=[-3.0] * len(net.layers),
+                       metadata={"val_size": 100, "seed": 0})
+    assert summary["architecture"] != "-".join(str(la.n_groups) for la in net.layers)  # something was pruned
+    with torch.no_grad():
+        wrong = int((pyro_bc.load(path)(data.test.x).argmax(1) != data.test.y).sum())
+    assert evaluate_file(path, data=str(tmp_path / "data"))["error"] == summary["error_compressed"] == 100 * wrong / 400
     folds = {row["name"]: row["fold"] for row in json.loads((tmp_path / "model.json").read_text())["layers"]}
     assert folds["conv1"] == "off: padded convolution"
-    assert folds["fc" if module == "resnet" else "fc2"] == "on"
+    assert folds["fc" if build is models.resnet.build else "fc2"] == "on"
+
+
+@pytest.mark.parametrize("model", ["lenet300", "lenet5"])
+def test_a_traced_sequence_and_its_chain_of_posteriors_prune_alike(model):
+    """One pruning algorithm, two ways to build its graph: traced from the network, or laid out from the layers'
+    posteriors alone (:meth:`BodyGraph.chain`). On a sequence they must keep the same weights."""
+    torch.manual_seed(0)
+    net = build_network(model, "gnj", input_shape=(1, 28, 28))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.prior.z_logvar.copy_(torch.randn(layer.prior.z_logvar.shape, generator=g) * 3 - 3)
+    posts = analyse(net)
+    thresholds = [-3.05, -2.95, -3.1, -2.9][: len(posts)]
+    traced, chained = BodyGraph(net).prune(posts, thresholds), prune_chain(posts, thresholds)
+    for a, b in zip(traced, chained):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.keep_in, b.keep_in) and torch.equal(a.keep_out, b.keep_out)
+    assert 0 < sum(int(a.mask.sum()) for a in traced) < sum(a.mask.numel() for a in traced)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from masked_reference import unambiguous_threshold
 from torch import nn
 
 from models import build_network
@@ -59,8 +60,8 @@ def test_add_macs_needs_one_entry_per_layer():
 def test_compress_records_and_shows_the_macs(tmp_path):
     torch.manual_seed(0)
     train(TrainConfig(epochs=1, subset=200, batch_size=100, val_size=500), out=tmp_path, progress=False)
-    medians = [float(p.log_alpha.median()) for p in analyse(load_run(tmp_path)[0])]  # prunes half of each layer
-    summary = compress_run(tmp_path, tmp_path / "MODEL.bcz", thresholds=medians)
+    thresholds = [unambiguous_threshold(p.log_alpha) for p in analyse(load_run(tmp_path)[0])]  # keeps about half
+    summary = compress_run(tmp_path, tmp_path / "MODEL.bcz", thresholds=thresholds)
     on_disk = json.loads((tmp_path / "MODEL.json").read_text())
     shapes = [item.weight_codes.shape for item in codec.read_bcz(tmp_path / "MODEL.bcz").items
               if isinstance(item, codec.QuantizedLayer)]

@@ -15,6 +15,7 @@ import models.lenet300
 from pyro_bc import codec
 from pyro_bc.compressed import compressed_model
 from pyro_bc.errors import ConfigError
+from pyro_bc.graph import prune_chain
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesConv2d
 from pyro_bc.posterior import (
@@ -26,7 +27,6 @@ from pyro_bc.posterior import (
     exponent_bits_official,
     fold_pruned_inputs,
     mantissa_bits_per_weight,
-    prune,
     quantize,
 )
 
@@ -65,7 +65,7 @@ def test_fc_stack_propagation():
     la3 = torch.full((3,), LOW)
     la3[0] = HIGH  # layer 3's input 0 dropped -> layer 2's row 0 goes
     posts = [fc("l1", 3, 4, la1), fc("l2", 3, 3, la2), fc("l3", 2, 3, la3)]
-    l1, l2, l3 = prune(posts, [0.0, 0.0, 0.0])
+    l1, l2, l3 = prune_chain(posts, [0.0, 0.0, 0.0])
     assert rows_cols(l1.mask) == ({0, 2}, {0, 1, 2})
     assert rows_cols(l2.mask) == ({1, 2}, {0, 2})
     assert rows_cols(l3.mask) == ({0, 1}, {1, 2})
@@ -80,13 +80,13 @@ def test_fc_stack_propagation():
 
 def test_fc_nothing_dropped_keeps_everything():
     posts = [fc("l1", 3, 4), fc("l2", 3, 3), fc("l3", 2, 3)]
-    layers = prune(posts, [0.0, 0.0, 0.0])
+    layers = prune_chain(posts, [0.0, 0.0, 0.0])
     assert all(bool(x.mask.all()) for x in layers)
 
 
 def test_conv_to_conv_propagation():
     posts = [conv("c1", 3, 2, k=3, la=[LOW, HIGH, LOW]), conv("c2", 4, 3, k=3)]
-    c1, c2 = prune(posts, [0.0, 0.0])
+    c1, c2 = prune_chain(posts, [0.0, 0.0])
     assert not c1.mask[1].any() and c1.mask[[0, 2]].all()
     assert not c2.mask[:, 1].any() and c2.mask[:, [0, 2]].all()
     assert c1.keep_out.tolist() == [True, False, True]
@@ -107,7 +107,7 @@ def test_conv_to_conv_compressed_removes_filter_bias_and_input_slice():
             layer.weight_logvar.fill_(math.log(1.3e-3))  # 8 mantissa bits (2 Var in [2^-9, 2^-8))
             layer.bias_mu.uniform_(-1, 1)
         c1.prior.z_logvar[1] = 5.0
-    layers = prune(analyse(net), [-3.0, -3.0])
+    layers = prune_chain(analyse(net), [-3.0, -3.0])
     model = compressed_model(net, layers, choose_precision(layers))
     q1, _, q2 = model.items
     assert q1.weight_codes.shape == (2, 2, 3, 3) and q2.weight_codes.shape == (4, 2, 3, 3)
@@ -133,7 +133,7 @@ def test_conv_to_fc_across_flatten():
     f_la = torch.full((12,), LOW)
     f_la[5] = HIGH  # one input inside channel 1: the channel stays
     f_la[8:12] = HIGH  # all of channel 2's inputs: channel 2 leaves the conv too
-    c, f = prune([conv("c", 3, 1, la=c_la), fc("f", 2, 12, f_la)], [0.0, 0.0])
+    c, f = prune_chain([conv("c", 3, 1, la=c_la), fc("f", 2, 12, f_la)], [0.0, 0.0])
     assert c.keep_out.tolist() == [False, True, False]
     assert c.mask[1].all() and not c.mask[[0, 2]].any()
     assert f.keep_in.tolist() == [False] * 4 + [True, False, True, True] + [False] * 4
@@ -142,7 +142,7 @@ def test_conv_to_fc_across_flatten():
 
 
 def test_conv_to_fc_dropping_channel_removes_its_block():
-    c, f = prune([conv("c", 3, 1, la=[LOW, LOW, HIGH]), fc("f", 2, 12)], [0.0, 0.0])
+    c, f = prune_chain([conv("c", 3, 1, la=[LOW, LOW, HIGH]), fc("f", 2, 12)], [0.0, 0.0])
     assert f.keep_in.tolist() == [True] * 8 + [False] * 4
     assert c.keep_out.tolist() == [True, True, False]
 
@@ -155,7 +155,7 @@ def test_per_weight_masks_dead_neurons_disappear():
     la2 = torch.full((2, 3), LOW)
     la2[:, 2] = HIGH  # hidden neuron 2 feeds nothing
     la2[0, 1] = HIGH
-    l1, l2 = prune([fc("a", 3, 3, la1, per_weight=True), fc("b", 2, 3, la2, per_weight=True)], [0.0, 0.0])
+    l1, l2 = prune_chain([fc("a", 3, 3, la1, per_weight=True), fc("b", 2, 3, la2, per_weight=True)], [0.0, 0.0])
     assert l1.post.per_weight
     expected1 = torch.zeros(3, 3, dtype=torch.bool)
     expected1[1, 1] = True
@@ -166,12 +166,25 @@ def test_per_weight_masks_dead_neurons_disappear():
     assert l2.keep_out.tolist() == [True, True]
 
 
+def test_a_group_exactly_at_the_threshold_is_pruned():
+    """Kept iff log alpha < threshold: at equality the group goes, just below it stays (per group and per weight)."""
+    at, below = -2.5, float(np.nextafter(np.float32(-2.5), np.float32(-np.inf)))
+    [layer] = prune_chain([fc("l", 2, 4, [below, at, at + 1.0, -9.0])], [at])
+    assert layer.keep_in.tolist() == [True, False, False, True]
+    assert rows_cols(layer.mask) == ({0, 1}, {0, 3})
+    c, f = prune_chain([conv("c", 3, 1, la=[at, below, at]), fc("f", 2, 3)], [at, 0.0])
+    assert c.keep_out.tolist() == [False, True, False] and f.keep_in.tolist() == [False, True, False]
+    la = torch.tensor([[below, at], [at, below]])
+    [weights] = prune_chain([fc("w", 2, 2, la, per_weight=True)], [at])
+    assert weights.mask.tolist() == [[True, False], [False, True]]
+
+
 def test_prune_rejects_bad_thresholds():
     posts = [fc("l1", 3, 4), fc("l2", 2, 3)]
     with pytest.raises(ConfigError, match="2 layers"):
-        prune(posts, [0.0])
+        prune_chain(posts, [0.0])
     with pytest.raises(ConfigError, match="finite"):
-        prune(posts, [0.0, float("nan")])
+        prune_chain(posts, [0.0, float("nan")])
 
 
 # -- bit precision ------------------------------------------------------------------------------------
@@ -210,7 +223,7 @@ def _single_layer(mean_values, var_values):
     mean = torch.tensor([mean_values], dtype=torch.float32)
     post = LayerPosterior("l", "linear", torch.full((len(mean_values),), LOW), mean,
                           torch.tensor([var_values], dtype=torch.float32), torch.zeros(1), 1)
-    return prune([post], [0.0])
+    return prune_chain([post], [0.0])
 
 
 @pytest.mark.parametrize("max_abs, official, clamped", [(0.6, 0.0, 1), (0.4, float("nan"), 1), (3.0, 3.0, 3),
@@ -228,7 +241,7 @@ def test_choose_precision_ignores_pruned_weights():
     la = torch.tensor([LOW, HIGH])
     post = LayerPosterior("l", "linear", la, torch.tensor([[0.5, 100.0]]), torch.tensor([[1e-4, 1.0]]),
                           torch.zeros(1), 1)
-    precision = choose_precision(prune([post], [0.0]))
+    precision = choose_precision(prune_chain([post], [0.0]))
     assert precision.mantissa_bits == [12] and precision.exponent_bits == 1
 
 
@@ -258,7 +271,7 @@ def test_compression_rates_hand_built():
     la2[1], la3[0] = HIGH, HIGH
     la1 = torch.full((4,), LOW)
     la1[3] = HIGH
-    layers = prune([fc("l1", 3, 4, la1), fc("l2", 3, 3, la2), fc("l3", 2, 3, la3)], [0.0, 0.0, 0.0])
+    layers = prune_chain([fc("l1", 3, 4, la1), fc("l2", 3, 3, la2), fc("l3", 2, 3, la3)], [0.0, 0.0, 0.0])
     rates = compression_rates(layers, Precision([3, 5, 7], 2, 2.0))
     assert rates["weights_total"] == 27 and rates["weights_kept"] == 14
     assert rates["cr_prune"] == pytest.approx(27 / 14)
@@ -297,7 +310,7 @@ def test_lenet300_compressed_file_matches_masked_rounded_reference(tmp_path):
     _set_layer(fc1, 1.3e-3, slice(0, 100), g)  # pixels 0..99
     _set_layer(fc2, 8e-5, slice(0, 50), g)  # fc1 units 0..49
     _set_layer(fc3, 1e-2, slice(0, 10), g)  # fc2 units 0..9
-    layers = prune(analyse(net), [-3.0, -3.0, -3.0])
+    layers = prune_chain(analyse(net), [-3.0, -3.0, -3.0])
     precision = choose_precision(layers)
     assert precision.mantissa_bits == [8, 12, 5]
     path = tmp_path / "lenet300.bcz"
@@ -338,7 +351,7 @@ def test_lenet5_compressed_file_matches_masked_rounded_reference(tmp_path):
     _set_layer(conv2, 8e-5, slice(0, 10), g)  # conv2 channels 0..9 -> fc1 inputs 0..159
     _set_layer(fc1, 1e-2, fc1_dropped, g)
     _set_layer(fc2, 1.3e-3, slice(0, 100), g)  # fc1 units 0..99
-    layers = prune(analyse(net), [-3.0] * 4)
+    layers = prune_chain(analyse(net), [-3.0] * 4)
     precision = choose_precision(layers)
     bits = [8, 12, 5, 8]
     assert precision.mantissa_bits == bits
@@ -396,7 +409,7 @@ def test_fold_is_exact_for_a_constant_input_of_a_linear_layer():
     post.mean.copy_(torch.randn(3, 4, generator=g))
     post.bias.copy_(torch.randn(3, generator=g))
     mean_in = torch.tensor([0.3, -0.2, -1.0, 0.5])
-    [folded] = fold_pruned_inputs(prune([post], [0.0]), [mean_in])
+    [folded] = fold_pruned_inputs(prune_chain([post], [0.0]), [mean_in])
     x = torch.randn(6, 4, generator=g)
     x[:, 2] = -1.0  # the pruned input never changes (like a background pixel) and equals its mean
     reference = x @ post.mean.T + post.bias
@@ -411,7 +424,7 @@ def test_fold_is_exact_for_a_spatially_constant_channel_of_a_convolution():
     first, second = conv("c1", 2, 1, la=[LOW, HIGH]), conv("c2", 3, 2, k=3)  # c1's channel 1 pruned
     second.mean.copy_(torch.randn(3, 2, 3, 3, generator=g))
     second.bias.copy_(torch.randn(3, generator=g))
-    _, folded = fold_pruned_inputs(prune([first, second], [0.0, 0.0]), [torch.zeros(1), torch.tensor([0.4, 2.5])])
+    _, folded = fold_pruned_inputs(prune_chain([first, second], [0.0, 0.0]), [torch.zeros(1), torch.tensor([0.4, 2.5])])
     x = torch.randn(2, 2, 6, 6, generator=g)
     x[:, 1] = 2.5  # the pruned channel is constant over positions and equals its mean
     reference = F.conv2d(x, second.mean, second.bias)
@@ -420,5 +433,5 @@ def test_fold_is_exact_for_a_spatially_constant_channel_of_a_convolution():
 
 def test_fold_leaves_kept_weights_and_unpruned_layers_alone():
     post = fc("fc", 3, 4)
-    [folded] = fold_pruned_inputs(prune([post], [0.0]), [torch.randn(4)])
+    [folded] = fold_pruned_inputs(prune_chain([post], [0.0]), [torch.randn(4)])
     assert torch.equal(folded.post.bias, post.bias) and torch.equal(folded.mask, torch.ones(3, 4, dtype=torch.bool))

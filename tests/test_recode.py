@@ -33,14 +33,20 @@ def test_recode_v1_to_v2_keeps_the_codes_and_biases(tmp_path, capsys) -> None:
     assert codec.encode(codec.read_bcz(new)) == new.read_bytes()
 
 
+# model()'s biases 0.1, -2.5, 1/3 rounded by hand: to multiples of 2^-3 (0.8 -> 1, -20, 2.67 -> 3 eighths), or to
+# float16 (0.1 in [2^-4, 2^-3) and 1/3 in [2^-2, 2^-1) on steps of 2^-14 and 2^-12: 1638.4 -> 1638, 1365.3 -> 1365)
+ROUNDED = {"fixed": [0.125, -2.5, 0.375], "float16": [0.0999755859375, -2.5, 1365 / 4096]}
+
+
 @pytest.mark.parametrize("rounding", ["float16", "fixed"])
 def test_recode_rounds_biases_when_asked(tmp_path, rounding) -> None:
     old, new = tmp_path / "old.bcz", tmp_path / "new.bcz"
     codec.write_bcz(old, model())
     assert main(["recode", str(old), "--out", str(new), "--bias", rounding]) == 0
     bias = codec.read_bcz(new).items[1].bias
-    expected = codec.round_biases(model(), rounding).items[1].bias
-    assert bias.tobytes() == expected.tobytes() and not np.array_equal(bias, model().items[1].bias)
+    expected = np.array(ROUNDED[rounding] * 6 + [0.0, -0.0], dtype=np.float32)
+    assert bias.tobytes() == expected.tobytes()  # bit for bit, the sign of -0.0 included
+    assert np.array_equal(codec.read_bcz(new).items[1].weight_codes, model().items[1].weight_codes)
     assert new.stat().st_size < old.stat().st_size
 
 

@@ -1,6 +1,7 @@
 """Figures and report.md of tiny trained runs (LeNet-300-100 gnj and ghs, LeNet-5); the report takes its
 pruning decisions from MODEL.json. The command line's cases are in tests/test_cli.py."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -8,12 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tiny_data import write_cifar
 
 from models import build_network
 from pyro_bc import codec, plots
-from pyro_bc.checkpoint import load_checkpoint, save_checkpoint
+from pyro_bc.checkpoint import save_checkpoint
 from pyro_bc.compression import compress_run, original_network
 from pyro_bc.datatree import load_datatree, to_datatree
 from pyro_bc.errors import ConfigError
@@ -144,17 +146,21 @@ def test_bad_kept_groups_are_a_config_error(run_copy, bad):
 
 
 def test_report_of_an_uncompressed_residual_network_prunes_across_the_graph(tmp_path):
-    # ResNet-20 at width 1/4 (4, 8, 16 channels) on a tiny CIFAR folder; then, by hand, channel 0 of blocks.0.conv1
+    # ResNet-20 at width 1/4 (4, 8, 16 channels) on a tiny CIFAR folder; by hand, channel 0 of blocks.0.conv1
     # (read by conv2 only) and of blocks.0.conv2 (summed with the stem's output) get log alpha 5 > -3
+    # (the other groups keep their initial log alpha, near -9); no training: the run directory is written here
     write_cifar(tmp_path / "cifar")
     run = tmp_path / "run"
-    train(TrainConfig(model="resnet20", width=0.25, epochs=1, batch_size=16, val_size=10, data=str(tmp_path / "cifar")),
-          out=run, progress=False)
-    state = load_checkpoint(run / "checkpoint.pt")
+    run.mkdir()
+    torch.manual_seed(0)
+    net = build_network("resnet20", "gnj", input_shape=(3, 8, 8), width=0.25)
+    network = net.state_dict()
     for layer in ("blocks.0.conv1", "blocks.0.conv2"):
-        state["network"][f"body.{layer}.prior.z_mu"][0] = 1.0
-        state["network"][f"body.{layer}.prior.z_logvar"][0] = 5.0
-    save_checkpoint(run / "checkpoint.pt", state)
+        network[f"body.{layer}.prior.z_mu"][0] = 1.0
+        network[f"body.{layer}.prior.z_logvar"][0] = 5.0
+    config = TrainConfig(model="resnet20", width=0.25, epochs=0, val_size=10, data=str(tmp_path / "cifar"))
+    save_checkpoint(run / "checkpoint.pt", {"config": dataclasses.asdict(config), "epoch": 0, "network": network,
+                                            "optimizer": {}, "rng": {}, "metrics": [], "input_shape": [3, 8, 8]})
     text = write_report(run, num_samples=5).read_text()
     # the sum keeps the union: blocks.0.conv2's channel 0 stays, blocks.0.conv1's goes (a flat pruning drops both)
     full = [4] * 7 + [8] * 7 + [16] * 8
@@ -168,6 +174,7 @@ def test_report_of_an_uncompressed_residual_network_prunes_across_the_graph(tmp_
         p.numel() for p in build_network("resnet20", width=0.25).posterior_mean_network().parameters())
 
 
+@pytest.mark.slow
 def test_report_does_not_import_training():
     code = "import sys, pyro_bc.report; print('pyro_bc.train' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

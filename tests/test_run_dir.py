@@ -8,7 +8,7 @@ import pytest
 
 from pyro_bc import defaults
 from pyro_bc.errors import ConfigError
-from pyro_bc.run_dir import CHECKPOINT, CONFIG, LOCK, METRICS, RunLock, TrainConfig, prepare_run_dir
+from pyro_bc.run_dir import CHECKPOINT, CONFIG, LOCK, METRICS, RunLock, TrainConfig, prepare_run_dir, removed_if_refused
 
 
 def test_train_config_defaults_come_from_pyro_bc_defaults():
@@ -79,3 +79,28 @@ def test_prepare_run_dir_on_an_unwritable_path(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(ConfigError, match="cannot be written"):
             prepare_run_dir(locked)
+
+
+def test_a_refused_training_removes_only_the_empty_folders_it_made(tmp_path):
+    run = tmp_path / "a" / "b" / "run"
+    with pytest.raises(ConfigError), removed_if_refused(run):
+        prepare_run_dir(run)
+        raise ConfigError("refused")
+    assert list(tmp_path.iterdir()) == []  # a, a/b and a/b/run were made here, and are gone
+
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ConfigError), removed_if_refused(run):
+        prepare_run_dir(run)
+        (run / CONFIG).write_text("{}")  # written: the folder is the training's record and stays
+        raise ConfigError("diverged")
+    assert (run / CONFIG).read_text() == "{}"
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(ConfigError), removed_if_refused(kept):
+        raise ConfigError("refused")
+    assert kept.is_dir()  # it was there before
+
+    with removed_if_refused(tmp_path / "fine"):
+        prepare_run_dir(tmp_path / "fine")
+    assert (tmp_path / "fine").is_dir()  # no failure: nothing removed

@@ -313,3 +313,16 @@ def test_predictive_of_a_file(compressed):
                                predictive(pyro_bc.load(path, bayesian=True), x, samples=3, seed=2))
     with pytest.raises(FormatError, match="keeps no posterior variances"):
         predictive(folder / "plain.bcz", x, samples=3)
+
+
+def test_sampled_linear_layer_on_token_inputs_shares_the_group_scale_over_positions():
+    """Inputs (N, T, F): z' is drawn per example and input feature and shared by the T positions, so with no weight
+    noise the outputs of one example's positions move together: y_t = (x_t * z') m^T."""
+    layer = QuantizedLayer("linear", "fc", np.array([[1, 2, -1]]), 0, None)
+    module = SampledLayer(layer, np.zeros((1, 3)), np.array([0.5, 0.5, 0.5]))
+    x = torch.ones(2000, 4, 3)
+    torch.manual_seed(0)
+    y = module(x)  # (2000, 4, 1): every position of an example sees the same z'
+    assert y.shape == (2000, 4, 1)
+    torch.testing.assert_close(y, y[:, :1].expand_as(y))
+    assert float(y.var()) == pytest.approx(0.5 * (1 + 4 + 1), rel=0.1)  # Var = r sum m^2 x^2

@@ -37,6 +37,7 @@ def no_validation():
     pyro.enable_validation(True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", ["gnj", "ghs"])
 def test_irrelevant_inputs_are_pruned(prior, no_validation):
     pyro.set_rng_seed(0)

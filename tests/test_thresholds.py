@@ -6,10 +6,13 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import models.lenet5
 import models.lenet300
 from pyro_bc.errors import ConfigError
+from pyro_bc.network import BayesianNet
+from pyro_bc.nn import BayesLinear
 from pyro_bc.posterior import LayerPosterior, analyse
 from pyro_bc.thresholds import (
     RULES,
@@ -44,6 +47,14 @@ def test_gap_rule_hand_built():
     assert gap([-0.5, 0.0, 0.5, 1.0, 1.5, 2.5, 6.0]) == [-3.0]
     # one threshold per layer, in order
     assert gap([-9.0, -8.9, -5.0, 1.0, 1.1], [-6.0, -5.0, -4.0]) == [-2.0, -3.0]
+
+
+def test_gap_rule_boundaries_count_at_equality():
+    # a gap of exactly the minimum 2 nats counts; so does a gap that touches [-6, 2] at one end (then clipped)
+    assert gap([-5.0, -3.0]) == [-4.0]
+    assert gap([-10.0, -6.0]) == [-6.0]
+    assert gap([2.0, 5.0]) == [2.0]
+    assert gap([-5.0, -3.0 - 2**-20]) == [-3.0]  # just under 2 nats: the fallback
 
 
 def test_gap_rule_settings_change_the_rule():
@@ -149,3 +160,28 @@ def test_budget_visits_layers_by_governed_weights_and_stays_within_budget(budget
     changed = [next(i for i, (a, b) in enumerate(zip(before, after)) if a != b)
                for before, after in itertools.pairwise(trials)]
     assert list(dict.fromkeys(changed)) == [1, 3, 2, 0]  # conv2 425,000, fc2 405,000, fc1 400,000, conv1 25,500
+
+
+def _fragile_inputs_net():
+    """One linear layer, 4 inputs (log alpha -20, -5.1, -2.1, 1.9), 2 classes: class 1's score is the sum of the
+    inputs. Of 100 examples of class 1, 95 score 1 on input 0 alone; one scores 1 only with input 3, one only with
+    input 2, three only with input 1. Pruning inputs 3, 2, 1 in turn costs 1, 2, then 5 wrong: 1%, 2%, 5%."""
+    net = BayesianNet(nn.Sequential(BayesLinear(4, 2)), input_shape=(4,))
+    fc = net.layers[0]
+    with torch.no_grad():
+        fc.weight_mu.copy_(torch.tensor([[0.0] * 4, [1.0] * 4]))
+        fc.bias_mu.zero_()
+        fc.prior.z_mu.fill_(1.0)
+        fc.prior.z_logvar.copy_(torch.tensor([-20.0, -5.1, -2.1, 1.9]))
+    x = torch.tensor([[1.0, 0, 0, 0]] * 95 + [[-1.0, 0, 0, 2]] + [[-1.0, 0, 2, 0]] + [[-1.0, 2, 0, 0]] * 3)
+    return ThresholdInputs(net, analyse(net), x, torch.ones(100, dtype=torch.long))
+
+
+@pytest.mark.parametrize("budget, expected", [(0.0, 2.0), (0.5, 2.0), (1.0, -2.0), (1.99, -2.0), (2.0, -5.0),
+                                              (4.99, -5.0), (5.0, -8.0)])
+def test_budget_is_met_at_equality(budget, expected):
+    """An error exactly at the unpruned error plus the budget is within it: with budget 1 the 1% setting counts (the
+    lowest grid point that keeps input 2 is -2.0); with budget 0 the unpruned network's own error is within it."""
+    inputs = _fragile_inputs_net()
+    assert [round(float(la), 4) for la in inputs.posts[0].log_alpha] == [-20.0, -5.1, -2.1, 1.9]
+    assert ValidationBudget(budget).thresholds(inputs) == [expected]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pyro_bc
-from pyro_bc.compression import layer_input_means
+from pyro_bc.pruned import layer_input_means
 
 CONSTANT_BIAS = 0.7  # the pruned channel's bias: it outputs relu(0.7) at every position
 
@@ -87,3 +87,32 @@ def test_padded_convolution_is_not_folded(tmp_path):
         masked[0].bias[1] = 0.0
         want, got = masked(x), pyro_bc.load(tmp_path / "m.bcz")(x)
     assert (got - want).abs().max().item() < 2e-3 * want.abs().max().item()
+
+
+def test_pruned_network_is_the_hand_masked_network_and_the_file_up_to_rounding(tmp_path):
+    net = _network()
+    x, y = _data()
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), train=(x, y), thresholds=[0.0, 100.0, 100.0])
+    pruned = pyro_bc.pruned_network(net, summary, train=(x, y))
+    masked = net.posterior_mean_network()
+    with torch.no_grad():
+        masked[0].weight[1] = 0.0
+        masked[0].bias[1] = 0.0
+        masked[2].bias += CONSTANT_BIAS * masked[2].weight[:, 1].sum((1, 2))
+        want, got, loaded = masked(x), pruned(x), pyro_bc.load(tmp_path / "m.bcz")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (loaded - got).norm() / got.norm() < 2e-3
+    assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in net.posterior_mean_network()
+                                                              .parameters())  # full size
+
+
+def test_pruned_network_needs_the_fold_data_and_the_same_pruning(tmp_path):
+    net = _network()
+    x, y = _data()
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), train=(x, y), thresholds=[0.0, 100.0, 100.0])
+    with pytest.raises(pyro_bc.errors.ConfigError, match="train=\\(x, y\\)"):
+        pyro_bc.pruned_network(net, summary)
+    with torch.no_grad():
+        net.layers[0].prior.z_logvar[1] = -20.0  # now channel 1 is certain: the recorded threshold keeps it
+    with pytest.raises(pyro_bc.errors.ConfigError, match="keeps groups"):
+        pyro_bc.pruned_network(net, summary, train=(x, y))

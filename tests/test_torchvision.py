@@ -1,0 +1,138 @@
+"""torchvision's classifiers, as a user would bring them: bayesianize -> compress (thresholds that cut about half of
+each layer's groups) -> load. The loaded file must compute the full-size pruned network (:func:`pyro_bc.pruned_network`)
+up to quantisation, with fewer parameters, and its ONNX and pt2 exports must compute the loaded module.
+
+Small widths keep the suite fast; ``analysis/zoo.py`` runs the full-size constructors. The posteriors are set by hand
+(seeded random group variances, BatchNorm statistics away from their defaults): what is checked is the pruning,
+folding and writing, which training would not make more certain.
+"""
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+import pyro_bc
+from pyro_bc.export import INPUT_NAME, export_module
+
+tv = pytest.importorskip("torchvision")
+from torchvision.models import efficientnet, regnet, resnet
+
+
+def _efficientnet() -> nn.Module:
+    config = [efficientnet.MBConvConfig(1, 3, 1, 32, 16, 1, 0.25, 1.0),
+              efficientnet.MBConvConfig(6, 3, 2, 16, 24, 2, 0.25, 1.0),
+              efficientnet.MBConvConfig(6, 5, 2, 24, 40, 1, 0.25, 1.0)]
+    return efficientnet.EfficientNet(config, dropout=0.2, num_classes=10)
+
+
+FAMILIES = {
+    "resnet": lambda: resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=10),
+    "mobilenet_v2": lambda: tv.models.mobilenet_v2(weights=None, num_classes=10, width_mult=0.25),
+    "mobilenet_v3": lambda: tv.models.mobilenet_v3_small(weights=None, num_classes=10, width_mult=0.25),
+    "efficientnet": _efficientnet,
+    "squeezenet": lambda: tv.models.squeezenet1_1(weights=None, num_classes=10),
+    "mnasnet": lambda: tv.models.mnasnet0_5(weights=None, num_classes=10),
+    "densenet": lambda: tv.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
+                                           num_classes=10),
+    "resnext": lambda: resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4, num_classes=10),
+    "regnet_x": lambda: regnet.RegNet(regnet.BlockParams.from_init_params(4, 8, 8.0, 2.0, 4), num_classes=10),
+    "regnet_y": lambda: regnet.RegNet(regnet.BlockParams.from_init_params(4, 8, 8.0, 2.0, 4, se_ratio=0.25),
+                                      num_classes=10),
+    "googlenet": lambda: tv.models.GoogLeNet(num_classes=10, aux_logits=False, init_weights=False),
+}
+SIZE = 32
+
+
+def _half_thresholds(net: pyro_bc.network.BayesianNet) -> list[float]:
+    """Per layer, the midpoint between the two middle log alphas: about half of the groups cut, no ties."""
+    out = []
+    for layer in net.layers:
+        values = layer.log_alpha().detach().flatten().sort().values
+        middle = len(values) // 2
+        out.append(float(values[middle - 1] + values[middle]) / 2 if len(values) > 1 else float(values[0]) + 1.0)
+    return out
+
+
+def _bayesian(family: str) -> pyro_bc.network.BayesianNet:
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.uniform_(-0.2, 0.2, generator=generator)
+    net = pyro_bc.bayesianize(model.eval(), "gnj", input_shape=(3, SIZE, SIZE))
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.prior.z_logvar.copy_(torch.randn(layer.prior.z_logvar.shape, generator=generator) * 2 - 4)
+    return net.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def compressed(request, tmp_path_factory):
+    net = _bayesian(request.param)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(48, 3, SIZE, SIZE, generator=generator)
+    y = torch.randint(0, 10, (48,), generator=generator)
+    path = tmp_path_factory.mktemp(request.param) / "model.bcz"
+    summary = pyro_bc.compress(net, path, val=(x, y), train=(x, y), test=(x, y), thresholds=_half_thresholds(net))
+    return request.param, net, summary, path, (x, y)
+
+
+def test_the_file_computes_the_pruned_network(compressed):
+    family, net, summary, path, (x, y) = compressed
+    pruned = pyro_bc.pruned_network(net, summary, train=(x, y))
+    loaded = pyro_bc.load(path)
+    with torch.no_grad():
+        want, got = pruned(x), loaded(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.02, family
+    # errors by the test's own count, against the summary's
+    assert 100 * (got.argmax(1) != y).float().mean().item() == pytest.approx(summary["val_error_compressed"])
+    assert 100 * (want.argmax(1) != y).float().mean().item() == pytest.approx(summary["error_pruned"])
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in pruned.parameters())
+    kept = [row["groups_kept"] / row["groups_total"] for row in summary["layers"]]
+    assert 0.2 < np.mean(kept) < 0.95  # about half cut; coupled channels and grouped convolutions keep more
+
+
+def test_the_file_is_smaller_than_the_float32_weights(compressed):
+    _, _, summary, path, _ = compressed
+    assert path.stat().st_size == summary["file_bytes"] < summary["original_bytes"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_exports_compute_the_loaded_module(compressed, fmt, tmp_path):
+    family, _, _, path, (x, _) = compressed
+    loaded = pyro_bc.load(path)
+    out = tmp_path / f"model.{fmt}"
+    export_module(loaded, (3, SIZE, SIZE), out, fmt)
+    with torch.no_grad():
+        want = loaded(x[:5]).numpy()
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {INPUT_NAME: x[:5].numpy()})[0]
+    else:
+        got = torch.export.load(out).module()(x[:5]).detach().numpy()
+    assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), family
+
+
+def test_an_op_a_file_cannot_store_is_named_by_the_module_path(tmp_path):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.cumsum(self.conv(x), 1)
+
+    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    net = pyro_bc.bayesianize(model, "gnj", input_shape=(3, 8, 8))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
+    with pytest.raises(pyro_bc.errors.ConfigError) as error:
+        pyro_bc.compress(net, tmp_path / "unused.bcz", val=(x, y), thresholds=[0.0, 0.0])
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("cannot compress 0: it uses the function cumsum")
