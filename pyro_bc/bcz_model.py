@@ -17,8 +17,9 @@ MAGIC = b"BCZ1"  # every version starts with these four bytes, then its uint16 L
 # number is ever reused or moved (tests/test_codec.py pins them).
 WIRE_IDS = {"linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6,
             "avgpool2d": 7, "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13,
-            "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19}
-LAYER_KINDS = ("linear", "conv2d")
+            "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20}
+WEIGHT_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4}  # a layer kind's weight: (out, in) or (out, in / groups, *k)
+LAYER_KINDS = tuple(WEIGHT_DIMS)
 OP_KINDS = tuple(kind for kind in WIRE_IDS if kind not in LAYER_KINDS)
 POOL_KINDS = ("maxpool2d", "avgpool2d", "maxpool2d_ceil")  # kernel_size, stride, padding
 MULTI_INPUT = ("add", "cat", "mul")  # mul: the product of two inputs, the second broadcast (squeeze-excitation)
@@ -222,8 +223,8 @@ def check_layer(layer: QuantizedLayer) -> np.ndarray:
 
 def check_shape(kind: str, shape: tuple[int, ...], groups: int) -> None:
     """BadData unless ``shape`` is a sane weight shape for ``kind``."""
-    if len(shape) != (2 if kind == "linear" else 4):
-        raise BadData(f"{kind} weight must be {2 if kind == 'linear' else 4}-D, got shape {list(shape)}")
+    if len(shape) != WEIGHT_DIMS[kind]:
+        raise BadData(f"{kind} weight must be {WEIGHT_DIMS[kind]}-D, got shape {list(shape)}")
     if any(d < 1 for d in shape):
         raise BadData(f"weight shape {list(shape)} has a dimension < 1")
     if not 1 <= groups <= MAX_PARAM or shape[0] % groups:

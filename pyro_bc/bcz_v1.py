@@ -16,7 +16,6 @@ import numpy as np
 
 from pyro_bc.bcz_model import (
     FRAC_BITS_RANGE,
-    LAYER_KINDS,
     MAGIC,
     MAX_PARAM,
     CompressedModel,
@@ -31,6 +30,7 @@ from pyro_bc.code_storage import pack_codes, packed_len, unpack_codes
 
 VERSION = 1
 CODECS = ("none", "zlib", "lzma")
+LAYER_KINDS = ("linear", "conv2d")  # version 1 knows these kinds only
 OP_KINDS = ("relu", "tanh", "sigmoid", "flatten", "maxpool2d", "avgpool2d", "select")
 MAX_PAYLOAD = 1 << 32  # decoded payload cap (4 GiB); anything larger is treated as corrupt
 LZMA_MEMLIMIT = 1 << 28
@@ -44,6 +44,8 @@ _MIN_SIZE = _PREFIX.size + _CRC.size
 
 def _layer_entry(layer: QuantizedLayer, offset: int) -> tuple[dict[str, Any], bytes]:
     """Header entry and payload bytes of one layer, its payload starting at ``offset``."""
+    if layer.kind not in LAYER_KINDS:
+        raise BadData(f"version 1 cannot store a {layer.kind} layer")
     codes = np.asarray(layer.weight_codes).astype(np.int64)
     bits = layer.code_bits
     packed = pack_codes(codes, bits)

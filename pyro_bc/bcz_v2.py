@@ -21,6 +21,7 @@ from pyro_bc.bcz_model import (
     MAX_PARAM,
     MULTI_INPUT,
     POOL_KINDS,
+    WEIGHT_DIMS,
     WIRE_IDS,
     CompressedModel,
     Op,
@@ -110,7 +111,7 @@ def _layer(layer: QuantizedLayer) -> tuple[bytes, bytes]:
     if max(codes.shape) > MAX_DIM:
         raise BadData(f"layer {layer.name!r}: a dimension of {list(codes.shape)} exceeds {MAX_DIM}")
     head = _name(layer.name) + uvarints(codes.shape)
-    if layer.kind == "conv2d":
+    if layer.kind != "linear":  # a convolution's pairs (a 1-D one's: over a height of one)
         head += uvarints([*layer.stride, *layer.padding, *layer.dilation, layer.groups])
     storage, weights = encode_codes(codes)
     bias_storage, bias = _bias_block(layer.bias, layer.frac_bits)
@@ -227,9 +228,9 @@ def _read_layer(r: Reader, kind: str, where: str) -> dict[str, Any]:
         name = bytes(r.take(r.uvarint(f"{where}name length", 0, MAX_NAME), f"{where}name")).decode()
     except UnicodeDecodeError:
         raise BadData(f"header: {where}name is not UTF-8") from None
-    shape = tuple(r.uvarint(f"{where}shape", 1, MAX_DIM) for _ in range(2 if kind == "linear" else 4))
+    shape = tuple(r.uvarint(f"{where}shape", 1, MAX_DIM) for _ in range(WEIGHT_DIMS[kind]))
     spec: dict[str, Any] = {"kind": kind, "name": name, "shape": shape}
-    if kind == "conv2d":
+    if kind != "linear":
         spec["stride"] = tuple(r.uvarint(f"{where}stride", 1, MAX_PARAM) for _ in range(2))
         spec["padding"] = tuple(r.uvarint(f"{where}padding", 0, MAX_PARAM) for _ in range(2))
         spec["dilation"] = tuple(r.uvarint(f"{where}dilation", 1, MAX_PARAM) for _ in range(2))

@@ -23,7 +23,8 @@ from pyro_bc.bcz_v2 import kept_metadata
 from pyro_bc.binary import BadData
 from pyro_bc.code_storage import pack_codes, unpack_codes
 from pyro_bc.errors import FormatError
-from pyro_bc.layout import Conv2dChannelsLast
+from pyro_bc.kinds import KIND
+from pyro_bc.layout import Conv2dChannelsLast  # noqa: F401  (the class of the loaded convolutions, as documented)
 from pyro_bc.ops import ELEMENTWISE_KINDS, Mul, SpatialMean, elementwise_module
 
 __all__ = [
@@ -170,15 +171,11 @@ class Graph(nn.Module):
 
 
 def _layer_module(layer: QuantizedLayer) -> nn.Module:
-    """nn.Linear / nn.Conv2d with the layer's (pruned) shape, weights and bias; no random init."""
-    shape = tuple(layer.weight_codes.shape)
+    """The plain layer of the layer's kind with its (pruned) shape, weights and bias; no random init."""
+    kind = KIND[layer.kind]
     has_bias = layer.bias is not None
-    if layer.kind == "linear":
-        module = nn.utils.skip_init(nn.Linear, shape[1], shape[0], bias=has_bias)
-    else:
-        module = nn.utils.skip_init(Conv2dChannelsLast, shape[1] * layer.groups, shape[0], (shape[2], shape[3]),
-                                    stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                                    groups=layer.groups, bias=has_bias)
+    module = kind.module(tuple(layer.weight_codes.shape), has_bias, *kind.from_pairs(
+        layer.stride, layer.padding, layer.dilation), layer.groups)
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(layer.weight()))
         if has_bias:

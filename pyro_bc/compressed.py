@@ -18,6 +18,7 @@ from pyro_bc import codec
 from pyro_bc.bcz_model import FRAC_BITS_RANGE
 from pyro_bc.codec import CompressedModel, Op, QuantizedLayer
 from pyro_bc.graph import NETWORK_INPUT, BodyGraph
+from pyro_bc.kinds import KIND
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import Precision, PrunedLayer, quantize
 
@@ -40,6 +41,7 @@ def _layer(i: int, layer: PrunedLayer, precision: Precision | None, inputs: tupl
     codes = codes if depthwise else codes[:, layer.keep_in]
     bias = layer.post.bias[layer.keep_out].float().numpy()
     stride, padding, dilation, groups = layer.post.conv_args or (1, 0, 1, 1)
+    stride, padding, dilation = KIND[layer.post.kind].to_pairs(stride, padding, dilation)
     groups = int(layer.keep_out.sum()) if depthwise else groups
     return QuantizedLayer(layer.post.kind, layer.post.name, codes.numpy(), frac, bias, stride, padding, dilation,
                           groups, inputs)

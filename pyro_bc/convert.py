@@ -8,20 +8,10 @@ import torch
 from torch import nn
 
 from pyro_bc.errors import ConfigError
+from pyro_bc.kinds import LAYER_KINDS, dense_layers, kind_of
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLayer, BayesLinear
+from pyro_bc.nn import BAYES_LAYERS, BayesLayer
 from pyro_bc.priors import Prior, make_prior
-
-
-def _bayesian_twin(module: nn.Module, prior: Prior, name: str) -> BayesLayer:
-    """The pyro-bc layer with every argument of ``module`` (an ``nn.Linear`` or ``nn.Conv2d``)."""
-    bias = module.bias is not None
-    if isinstance(module, nn.Linear):
-        return BayesLinear(module.in_features, module.out_features, prior, bias=bias)
-    if module.padding_mode != "zeros":
-        raise ConfigError(f"{name}: padding_mode {module.padding_mode!r} is not supported (only 'zeros')")
-    return BayesConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                       module.dilation, module.groups, prior=prior, bias=bias)
 
 
 @torch.no_grad()
@@ -35,12 +25,12 @@ def _start_from(layer: BayesLayer, dense: nn.Module, name: str, delta: float | N
 
 @torch.no_grad()
 def _called_layers(module: nn.Module, input_shape: tuple[int, ...]) -> set[str]:
-    """The ``nn.Linear`` / ``nn.Conv2d`` of ``module`` that its forward calls as modules, on one zero example (a
-    layer whose weight the forward reads itself, as Swin's window attention does, is not among them)."""
+    """The layers (:data:`~pyro_bc.kinds.LAYER_KINDS`) of ``module`` that its forward calls as modules, on one
+    zero example (a layer whose weight the forward reads itself, as Swin's window attention does, is not among
+    them)."""
     called: set[str] = set()
     probe = copy.deepcopy(module).eval()
-    handles = [m.register_forward_hook(lambda *_, name=name: called.add(name)) for name, m in probe.named_modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [m.register_forward_hook(lambda *_, name=name: called.add(name)) for name, m in dense_layers(probe)]
     try:
         probe(torch.zeros(1, *input_shape))
     except Exception as e:  # noqa: BLE001  (whatever the user's forward raises, in one line)
@@ -54,8 +44,9 @@ def _called_layers(module: nn.Module, input_shape: tuple[int, ...]) -> set[str]:
 
 def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
                 delta: float | None = None, **prior_options) -> BayesianNet:
-    """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear`` and ``nn.Conv2d``
-    replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or not), except
+    """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear``, ``nn.Conv1d`` and
+    ``nn.Conv2d`` replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or
+    not; :data:`pyro_bc.nn.BAYES_LAYERS`), except
     the projections inside ``nn.MultiheadAttention`` and, given ``input_shape``, any layer the forward does not
     call as a module (it reads the weight itself, as Swin's window attention does): those stay deterministic.
     A linear layer takes inputs of any leading shape (``(batch, features)``, ``(batch, tokens, features)``, ...).
@@ -76,13 +67,16 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     called = None if input_shape is None else _called_layers(body, input_shape)
     # nn.MultiheadAttention (and any module that reads a layer's weight itself) keeps that layer deterministic
     inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
-    targets = [(name, m) for name, m in body.named_modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d)) and not name.startswith(inside or ("\0",))
-               and (called is None or name in called)]
+    targets = [(name, m) for name, m in dense_layers(body)
+               if not name.startswith(inside or ("\0",)) and (called is None or name in called)]
     if not targets:
-        raise ConfigError(f"{type(module).__name__} holds no nn.Linear or nn.Conv2d to make Bayesian")
+        names = [f"nn.{kind.dense.__name__}" for kind in LAYER_KINDS]
+        raise ConfigError(f"{type(module).__name__} holds no {', '.join(names[:-1])} or {names[-1]} to make Bayesian")
     for name, dense in targets:
-        layer = _bayesian_twin(dense, prior, name)
+        try:
+            layer = BAYES_LAYERS[kind_of(dense).name].like(dense, prior)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
         _start_from(layer, dense, name, delta)
         parent_name, _, child = name.rpartition(".")
         setattr(body.get_submodule(parent_name) if parent_name else body, child, layer)

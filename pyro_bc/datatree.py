@@ -44,7 +44,7 @@ import torch
 import xarray as xr
 
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLayer
+from pyro_bc.nn import BayesLayer
 
 MAX_W_GROUPS = 16
 MAX_W_UNITS = 16
@@ -57,7 +57,7 @@ def var_prefix(layer: BayesLayer) -> str:
 
 def group_dim(layer: BayesLayer) -> str:
     """``<L>_channel`` for convolutions (output channels), ``<L>_group`` for linear layers (inputs)."""
-    return f"{var_prefix(layer)}_{'channel' if isinstance(layer, BayesConv2d) else 'group'}"
+    return f"{var_prefix(layer)}_{'channel' if layer.kind.is_conv else 'group'}"
 
 
 def group_log_alpha(layer: BayesLayer) -> torch.Tensor:
@@ -119,7 +119,7 @@ def to_datatree(net: BayesianNet, num_samples: int = 200, seed: int = 0) -> xr.D
     dt.attrs.update({
         "layers": ",".join(var_prefix(layer) for layer in net.layers),
         "priors": ",".join(layer.prior.name for layer in net.layers),
-        "kinds": ",".join("conv2d" if isinstance(layer, BayesConv2d) else "linear" for layer in net.layers),
+        "kinds": ",".join(layer.kind.name for layer in net.layers),
         "group_dims": ",".join(group_dim(layer) for layer in net.layers),
         "num_samples": num_samples,
         "seed": seed,

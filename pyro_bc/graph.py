@@ -13,7 +13,8 @@ share a variable:
 
 A variable stays while some layer producing it keeps a weight for it and some layer reading it keeps a weight
 reading it (the network's input and output always stay), iterated to a fixed point. Eval-mode BatchNorm right
-after a layer is folded into that layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before thresholds and bits are chosen.
+after a layer is folded into that layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before
+thresholds and bits are chosen.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from pyro_bc.bcz_model import Op
 from pyro_bc.errors import ConfigError
+from pyro_bc.kinds import kind_of
 from pyro_bc.network import BayesianNet
 from pyro_bc.ops import elementwise_of_function, elementwise_of_method, elementwise_of_module
 from pyro_bc.posterior import (
@@ -93,7 +95,7 @@ class _Tracer(fx.Tracer):
     """Stops at linear, convolution and BatchNorm modules (subclasses included)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)) or \
+        return kind_of(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm) or \
             super().is_leaf_module(m, module_qualified_name)
 
 
@@ -315,7 +317,7 @@ class BodyGraph:
         if any(node.layer == index for node in self.nodes):
             raise ConfigError(f"layer {fx_node.target} is called more than once: shared layers are not supported")
         inputs = self.variables(source)
-        if isinstance(module, nn.Linear):
+        if not kind_of(module).is_conv:
             if len(_shape(fx_node)) != 2:
                 raise ConfigError(f"{fx_node.target}: a linear layer must read (batch, features) inputs")
             outputs = self._variables.new(module.out_features)
@@ -325,8 +327,9 @@ class BodyGraph:
             outputs = inputs  # depthwise: output channel c reads input channel c only
         else:  # grouped: every channel in and out is kept (see prune)
             outputs = self._variables.new(module.out_channels)
-        depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
-        grouped = isinstance(module, nn.Conv2d) and module.groups > 1 and not depthwise
+        conv = kind_of(module).is_conv
+        depthwise = conv and module.groups == module.in_channels == module.out_channels > 1
+        grouped = conv and module.groups > 1 and not depthwise
         return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise,
                                  grouped=grouped))
 

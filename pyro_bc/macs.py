@@ -8,23 +8,20 @@ counted alike. Activations, pooling, selections and biases are not counted.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from pyro_bc.kinds import dense_layers, kind_of
+
 
 def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
-    """MACs of one ``nn.Linear`` or ``nn.Conv2d`` for one example, given its output (batch of one)."""
-    if isinstance(module, nn.Linear):
-        positions = math.prod(output.shape[1:-1])  # 1 for a (batch, features) output
-        return module.in_features * module.out_features * positions
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        out_h, out_w = output.shape[-2:]
-        return module.out_channels * (module.in_channels // module.groups) * kh * kw * out_h * out_w
-    raise TypeError(f"no MAC count for {type(module).__name__}")
+    """MACs of one layer (:data:`~pyro_bc.kinds.LAYER_KINDS`) for one example, given its output (batch of one)."""
+    kind = kind_of(module)
+    if kind is None:
+        raise TypeError(f"no MAC count for {type(module).__name__}")
+    return kind.macs(module, output)
 
 
 @torch.no_grad()
@@ -36,7 +33,7 @@ def count_macs(network: nn.Module, input_shape: Sequence[int], layers: Sequence[
     def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
         counts.append(layer_macs(module, output))
 
-    layers = [m for m in network.modules() if isinstance(m, (nn.Linear, nn.Conv2d))] if layers is None else layers
+    layers = [m for _, m in dense_layers(network)] if layers is None else layers
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
         network(torch.zeros(1, *input_shape))

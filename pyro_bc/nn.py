@@ -18,7 +18,7 @@ from torch import nn
 from pyro_bc import reparam
 from pyro_bc.distributions import NormalLogVar, StandardNormal
 from pyro_bc.errors import ConfigError
-from pyro_bc.layout import Conv2dChannelsLast
+from pyro_bc.kinds import KIND, LayerKind
 from pyro_bc.priors import GroupNormalJeffreys, Prior
 from pyro_bc.priors.base import logvar_init
 from pyro_bc.reparam import LRT_ONLY
@@ -34,6 +34,7 @@ class BayesLayer(nn.Module):
     :param bias: whether the layer has a bias (``L.b``); without one ``bias_mu`` and ``bias_logvar`` are ``None``.
     """
 
+    kind: LayerKind  # what the rest of pyro-bc knows of the layer (pyro_bc.kinds)
     op: reparam.LayerOp
 
     def __init__(self, weight_shape: tuple[int, ...], prior: Prior | None, clip_var: float | None,
@@ -165,6 +166,11 @@ class BayesLayer(nn.Module):
         if bias is not None and self.bias_mu is not None:
             self.bias_mu.copy_(bias if self.op.scales_input else bias / scale)
 
+    def _plain(self, *conv_args) -> nn.Module:
+        """An uninitialised plain layer of this kind and shape, on the parameters' device."""
+        return self.kind.module(tuple(self.weight_mu.shape), self.bias_mu is not None, *conv_args,
+                                device=self.weight_mu.device)
+
     def _filled(self, module: nn.Module) -> nn.Module:
         with torch.no_grad():
             module.weight.copy_(self.weight_moments()[0])
@@ -174,8 +180,10 @@ class BayesLayer(nn.Module):
 
 
 class BayesLinear(BayesLayer):
-    """Fully connected Bayesian layer; one group per input neuron (the columns of ``W``)."""
+    """Fully connected Bayesian layer on inputs of any leading shape (features last); one group per input feature
+    (the columns of ``W``)."""
 
+    kind = KIND["linear"]
     op = reparam.OPS["linear"]
 
     def __init__(self, in_features: int, out_features: int, prior: Prior | None = None,
@@ -185,33 +193,58 @@ class BayesLinear(BayesLayer):
         with torch.no_grad():
             self.weight_mu.normal_(0.0, 1.0 / math.sqrt(in_features))
 
-    def posterior_mean_module(self) -> nn.Linear:
-        return self._filled(nn.utils.skip_init(nn.Linear, self.in_features, self.out_features,  # no RNG draw
-                                               bias=self.bias_mu is not None, device=self.weight_mu.device))
+    @classmethod
+    def like(cls, dense: nn.Linear, prior: Prior) -> BayesLinear:
+        """The Bayesian twin of ``dense``: the same shape and bias or not."""
+        return cls(dense.in_features, dense.out_features, prior, bias=dense.bias is not None)
+
+    def posterior_mean_module(self) -> nn.Module:
+        return self._filled(self._plain())
 
 
-class BayesConv2d(BayesLayer):
-    """2-D convolution; one group per output channel (a whole filter and its bias)."""
+class _BayesConv(BayesLayer):
+    """A convolution over ``kind.spatial_dims`` dimensions; one group per output channel (a whole filter and its
+    bias)."""
 
-    op = reparam.OPS["conv2d"]
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride=1,
-                 padding=0, dilation=1, groups: int = 1, prior: Prior | None = None, clip_var: float | None = None,
-                 bias: bool = True):
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        super().__init__((out_channels, in_channels // groups, kh, kw), prior, clip_var, bias)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, prior: Prior | None = None, clip_var: float | None = None, bias: bool = True):
+        kernel = (kernel_size,) * self.kind.spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__((out_channels, in_channels // groups, *kernel), prior, clip_var, bias)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.conv_args = (stride, padding, dilation, groups)
-        bound = 1.0 / math.sqrt(in_channels // groups * kh * kw)
+        bound = 1.0 / math.sqrt(in_channels // groups * math.prod(kernel))
         with torch.no_grad():
             self.weight_mu.uniform_(-bound, bound)
+
+    @classmethod
+    def like(cls, dense: nn.Module, prior: Prior) -> _BayesConv:
+        """The Bayesian twin of ``dense``: every argument kept (stride, padding, dilation, groups, bias or not)."""
+        if dense.padding_mode != "zeros":
+            raise ConfigError(f"padding_mode {dense.padding_mode!r} is not supported (only 'zeros')")
+        return cls(dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding,
+                   dense.dilation, dense.groups, prior=prior, bias=dense.bias is not None)
 
     def op_args(self) -> tuple:
         return self.conv_args
 
-    def posterior_mean_module(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` (channels-last output: evaluation runs about twice as fast) holding ``E[w]``."""
-        stride, padding, dilation, groups = self.conv_args
-        return self._filled(nn.utils.skip_init(Conv2dChannelsLast, self.in_channels, self.out_channels,  # no RNG
-                                               tuple(self.weight_mu.shape[2:]), stride, padding, dilation, groups,
-                                               bias=self.bias_mu is not None, device=self.weight_mu.device))
+    def posterior_mean_module(self) -> nn.Module:
+        """The plain convolution holding ``E[w]`` (2-D: channels-last output, evaluation runs about twice as fast)."""
+        return self._filled(self._plain(*self.conv_args))
+
+
+class BayesConv1d(_BayesConv):
+    """1-D convolution (sequences, ``(N, C, L)``)."""
+
+    kind = KIND["conv1d"]
+    op = reparam.OPS["conv1d"]
+
+
+class BayesConv2d(_BayesConv):
+    """2-D convolution (images, ``(N, C, H, W)``)."""
+
+    kind = KIND["conv2d"]
+    op = reparam.OPS["conv2d"]
+
+
+#: The Bayesian layer of each kind (:data:`pyro_bc.kinds.LAYER_KINDS`), by the kind's name.
+BAYES_LAYERS: dict[str, type[BayesLayer]] = {cls.kind.name: cls for cls in (BayesLinear, BayesConv1d, BayesConv2d)}

@@ -10,10 +10,8 @@ import math
 import numpy as np
 import torch
 
-from pyro_bc.bcz_model import pair
 from pyro_bc.errors import ConfigError
 from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d
 
 MAX_MANTISSA_BITS = 23
 
@@ -23,7 +21,7 @@ class LayerPosterior:
     """What the guide says about one layer, detached from autograd."""
 
     name: str
-    kind: str  # "linear" or "conv2d"
+    kind: str  # the layer kind's name (pyro_bc.kinds): "linear", "conv1d", "conv2d"
     log_alpha: torch.Tensor  # per group (gnj, ghs) or per weight (lu)
     mean: torch.Tensor  # E[w], weight-shaped
     var: torch.Tensor  # Var[w], weight-shaped
@@ -48,8 +46,8 @@ def analyse(net: BayesianNet) -> list[LayerPosterior]:
     out = []
     for layer in net.layers:
         mean, var = layer.weight_moments()
-        conv = isinstance(layer, BayesConv2d)
-        out.append(LayerPosterior(layer.site, "conv2d" if conv else "linear", layer.log_alpha().detach().cpu(),
+        conv = layer.kind.is_conv
+        out.append(LayerPosterior(layer.site, layer.kind.name, layer.log_alpha().detach().cpu(),
                                   mean.detach().cpu(), var.detach().cpu(), layer.bias_mean().detach().cpu(),
                                   layer.group_axis, layer.conv_args if conv else ()))
     return out
@@ -125,8 +123,8 @@ def fold_pruned_inputs(layers: list[PrunedLayer], input_means: list[torch.Tensor
             out.append(layer)
             continue
         dropped = torch.where(layer.mask, 0.0, post.mean)
-        if post.kind == "conv2d":
-            dropped = dropped.sum((2, 3))
+        if dropped.dim() > 2:  # a convolution's filters summed over their taps
+            dropped = dropped.sum(tuple(range(2, dropped.dim())))
         bias = post.bias + (dropped.double() @ mean_in.double()).to(post.bias.dtype)
         out.append(dataclasses.replace(layer, post=dataclasses.replace(post, bias=bias)))
     return out
@@ -141,11 +139,16 @@ def fold_state(post: LayerPosterior, fold: bool) -> str:
     """
     if not fold:
         return "off"
-    if post.kind == "conv2d" and post.conv_args[3] != 1:
+    if post.conv_args and post.conv_args[3] != 1:
         return "off: grouped convolution"
-    if post.kind == "conv2d" and any(p != 0 for p in pair(post.conv_args[1])):
+    if post.conv_args and _padded(post.conv_args[1]):
         return "off: padded convolution"
     return "on"
+
+
+def _padded(padding) -> bool:
+    return padding != "valid" and (isinstance(padding, str) or any(p != 0 for p in (
+        (padding,) if isinstance(padding, int) else padding)))
 
 
 # -- bit precision --------------------------------------------------------------------------------

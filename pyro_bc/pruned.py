@@ -30,7 +30,7 @@ def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000)
     counts = [0] * len(net.layers)
 
     modules = [mean_net.get_submodule(layer.site) for layer in net.layers]
-    feature_axes = [-1 if isinstance(m, torch.nn.Linear) else 1 for m in modules]
+    feature_axes = [layer.kind.feature_axis for layer in net.layers]
 
     def add(i: int, h: torch.Tensor) -> None:
         axis = feature_axes[i] % h.dim()

@@ -34,7 +34,6 @@ from pyro.poutine.runtime import effectful
 
 from pyro_bc import fused
 from pyro_bc.distributions import NormalLogVar
-from pyro_bc.fused import as_pair
 
 #: ``infer`` of a guide site whose value feeds only ops that this handler replaces: under the handler the
 #: site is not drawn (its value is the distribution's median), which saves a weight-sized draw per step.
@@ -45,8 +44,13 @@ def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=
     if padding == "same":  # PyTorch allows it with stride 1 only
         return torch.Size((x.shape[0], weight.shape[0], *x.shape[2:]))
     padding = 0 if padding == "valid" else padding
+    n = x.dim() - 2
+
+    def per_dim(v) -> tuple[int, ...]:
+        return (v,) * n if isinstance(v, int) else tuple(v)
+
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-               zip(x.shape[2:], weight.shape[2:], as_pair(stride), as_pair(padding), as_pair(dilation))]
+               zip(x.shape[2:], weight.shape[2:], per_dim(stride), per_dim(padding), per_dim(dilation))]
     return torch.Size((x.shape[0], weight.shape[0], *spatial))
 
 
@@ -54,6 +58,19 @@ def _lrt_conv2d_channels_last(*args) -> fused.LRTOutput:
     # channels-last from here on: pooling and the next convolution run several times faster on it
     y, kl = fused.lrt_conv2d(*args)
     return y.contiguous(memory_format=torch.channels_last), kl
+
+
+def _single(value) -> int | str:
+    return value if isinstance(value, (int, str)) else value[0]
+
+
+def _lrt_conv1d(x, z, mu, logvar, b_mu, b_var, eps, stride=1, padding=0, dilation=1, groups=1) -> fused.LRTOutput:
+    """A 1-D convolution's LRT draw as the 2-D one's over a height of one (the same sums, one fused op)."""
+    padding = _single(padding)
+    y, kl = fused.lrt_conv2d(x.unsqueeze(2), z, mu.unsqueeze(2), logvar.unsqueeze(2), b_mu, b_var, eps.unsqueeze(2),
+                             (1, _single(stride)), padding if isinstance(padding, str) else (0, padding),
+                             (1, _single(dilation)), groups)
+    return y.squeeze(2), kl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +91,7 @@ class LayerOp:
 OPS: dict[str, LayerOp] = {
     "linear": LayerOp("linear", F.linear, True, lambda x, w, *args: torch.Size((*x.shape[:-1], w.shape[0])),
                       fused.lrt_linear),
+    "conv1d": LayerOp("conv1d", F.conv1d, False, _conv_output_shape, _lrt_conv1d),
     "conv2d": LayerOp("conv2d", F.conv2d, False, _conv_output_shape, _lrt_conv2d_channels_last),
 }
 

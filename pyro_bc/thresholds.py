@@ -16,6 +16,7 @@ A new rule is a subclass plus one entry in :data:`RULES`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import abstractmethod
 from typing import ClassVar
 
@@ -158,11 +159,12 @@ class ValidationBudget(ThresholdRule):
 
     @staticmethod
     def _error(inputs: ThresholdInputs, thresholds: list[float]) -> float:
-        """Validation error (%) of the pruned and folded network at ``thresholds``, unrounded; 100 where a layer
-        keeps no weight (a ``.bcz`` cannot store it: even a residual branch pruned away is not within budget)."""
+        """Validation error (%) of the pruned and folded network at ``thresholds``, unrounded; infinite where a layer
+        keeps no weight (a ``.bcz`` cannot store it: even a residual branch pruned away is over any budget, 100 points
+        included)."""
         layers = prune_network(inputs.net, inputs.posts, thresholds, inputs.input_means, inputs.graph)
         if any(layer.empty for layer in layers):
-            return 100.0
+            return math.inf
         return error_percent(compressed_module(inputs.net, layers, None, inputs.graph), inputs.val_x, inputs.val_y)
 
     def method(self, thresholds: list[float]) -> str:
@@ -184,7 +186,7 @@ def governed_weights(net: BayesianNet, posts: list[LayerPosterior], graph: BodyG
     governed = []
     for i, (post, top) in enumerate(zip(posts, tops)):
         below = float(np.nextafter(np.float32(top), np.float32(-np.inf)))
-        pruned = int((post.log_alpha > below).sum())  # the top group, and any that tie with it
+        pruned = int((post.log_alpha >= below).sum())  # what the threshold ``below`` prunes: the top group and ties
         removed = everything - weights_kept(keep_all[:i] + [below] + keep_all[i + 1:])
         governed.append(post.log_alpha.numel() * removed / pruned)
     return governed

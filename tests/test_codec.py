@@ -534,5 +534,5 @@ def test_wire_ids_are_fixed():
     assert bcz_model.WIRE_IDS == {
         "linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6, "avgpool2d": 7,
         "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13, "silu": 14,
-        "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19}
+        "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20}
     assert sorted(bcz_model.WIRE_IDS.values()) == list(range(len(bcz_model.WIRE_IDS)))  # no gaps (the reader's bound)

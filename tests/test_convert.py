@@ -86,7 +86,7 @@ def test_moped_variances_and_bad_options():
     torch.testing.assert_close(layer.weight_logvar.exp(), 0.01 * dense.head[2].weight.detach() ** 2)
     with pytest.raises(ConfigError, match="delta must be a positive number"):
         pyro_bc.bayesianize(dense, delta=0.0)
-    with pytest.raises(ConfigError, match="holds no nn.Linear or nn.Conv2d"):
+    with pytest.raises(ConfigError, match="holds no nn.Linear, nn.Conv1d or nn.Conv2d"):
         pyro_bc.bayesianize(nn.Sequential(nn.ReLU()))
     with pytest.raises(ConfigError, match="padding_mode 'reflect'"):
         pyro_bc.bayesianize(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")))

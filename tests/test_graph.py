@@ -235,7 +235,7 @@ def test_the_budget_search_on_a_graph_treats_a_layer_pruned_to_nothing_as_over_b
     with torch.no_grad():
         y = net.posterior_mean_network()(x).argmax(-1)  # the unpruned network is right on every example
     inputs = ThresholdInputs(net, analyse_network(net, analyse(net)), x, y)
-    assert ValidationBudget._error(inputs, [-35.0] * len(net.layers)) == 100.0  # everything pruned: no network
+    assert ValidationBudget._error(inputs, [-35.0] * len(net.layers)) == math.inf  # everything pruned: no network
     # within a budget of 100 points, each search ends at the grid's lowest, -8, which prunes the third only
     assert ValidationBudget(100.0).thresholds(inputs) == [-8.0] * len(net.layers)
     # conv2 loses every channel: the chain has no path left, so every layer is empty, which a .bcz cannot
@@ -244,7 +244,7 @@ def test_the_budget_search_on_a_graph_treats_a_layer_pruned_to_nothing_as_over_b
     inputs = ThresholdInputs(net, analyse_network(net, analyse(net)), x, y)
     layers = prune_network(net, inputs.posts, [-3.0] * len(net.layers), None)
     assert {"conv2", "conv3"} <= {la.post.name for la in layers if la.empty}
-    assert ValidationBudget._error(inputs, [-3.0] * len(net.layers)) == 100.0
+    assert ValidationBudget._error(inputs, [-3.0] * len(net.layers)) == math.inf
     with pytest.raises(ConfigError, match=r"leave conv1, conv2, conv3, .*fc2 no weight"):  # every layer goes
         compress(net, tmp_path / "m.bcz", val=(x, y), thresholds=[-3.0] * len(net.layers))
 

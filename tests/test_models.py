@@ -103,7 +103,7 @@ def test_a_user_file_returning_a_plain_network_is_converted(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ("def build(prior):\n    return 42\n", "build\\(\\) returned int, not a torch module or a BayesianNet"),
-    ("def build():\n    import torch\n    return torch.nn.ReLU()\n", "holds no nn.Linear or nn.Conv2d"),
+    ("def build():\n    import torch\n    return torch.nn.ReLU()\n", "holds no nn.Linear, nn.Conv1d or nn.Conv2d"),
     ("def build():\n    return 1 / 0\n", "build\\(\\) failed: ZeroDivisionError: division by zero"),
     ("x = 1\n", "defines no build\\(\\) function"),
     ("build = 3\n", "defines no build\\(\\) function"),

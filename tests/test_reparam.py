@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 
-from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.nn import BayesConv1d, BayesConv2d, BayesLinear
 from pyro_bc.priors import make_prior
 from pyro_bc.reparam import LocalReparameterization
 
@@ -43,14 +43,15 @@ def _set_params(layer):
 
 def _make(kind, prior):
     prior = make_prior(prior, tau0=TAU0)
-    layer = BayesLinear(5, 3, prior) if kind == "linear" else BayesConv2d(2, 3, 3, prior=prior)
+    layer = {"linear": lambda: BayesLinear(5, 3, prior), "conv": lambda: BayesConv2d(2, 3, 3, prior=prior),
+             "conv1d": lambda: BayesConv1d(2, 3, 3, prior=prior)}[kind]()
     _set_params(layer)
     return layer
 
 
 def _input(kind):
     g = torch.Generator().manual_seed(3)
-    return torch.randn((1, 5) if kind == "linear" else (1, 2, 5, 5), generator=g)
+    return torch.randn({"linear": (1, 5), "conv": (1, 2, 5, 5), "conv1d": (1, 2, 7)}[kind], generator=g)
 
 
 def _normal(mu, logvar, n):
@@ -85,7 +86,8 @@ def _hand_output(kind, x, z, w, b):
     if kind == "linear":
         xz = x[0].expand(n, -1) if z is None else x[0] * z
         return torch.einsum("si,soi->so", xz, w) + b
-    patches = F.unfold(x, kernel_size=3)[0]  # (2*3*3, 9 positions)
+    # (in * kernel taps, positions): a 1-D input as an image of height one
+    patches = F.unfold(x, kernel_size=3)[0] if x.dim() == 4 else F.unfold(x[:, :, None], kernel_size=(1, 3))[0]
     y = torch.einsum("sok,kp->sop", w.reshape(n, w.shape[1], -1), patches) + b[:, :, None]
     if z is not None:
         y = y * z[:, :, None]
@@ -101,7 +103,7 @@ def _moments(y):
 
 
 @pytest.mark.parametrize("prior", ["gnj", "ghs", "lu", "rhs"])
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
 def test_lrt_matches_explicit_sampling_moments(kind, prior):
     pyro.set_rng_seed(0)
     layer, x = _make(kind, prior), _input(kind)
@@ -119,7 +121,7 @@ def test_lrt_matches_explicit_sampling_moments(kind, prior):
 
 
 @pytest.mark.parametrize("prior", ["gnj", "ghs", "lu", "rhs"])
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
 def test_handler_off_is_explicit_sampling(kind, prior):
     pyro.set_rng_seed(1)
     layer = _make(kind, prior)

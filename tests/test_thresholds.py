@@ -4,6 +4,7 @@ from the command line's options and from MODEL.json's record back to a rule."""
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -99,10 +100,19 @@ def test_every_rule_is_registered_under_its_name():
 
 
 def test_bad_records_are_config_errors():
-    with pytest.raises(ConfigError, match="unknown threshold rule 'median'"):
+    with pytest.raises(ConfigError, match="unknown threshold rule 'median': choose one of given, gap, "
+                                          "max-error-increase, prior-default$"):
         rule_from_record({"name": "median", "settings": {}})
-    with pytest.raises(ConfigError, match="bad settings"):
+    with pytest.raises(ConfigError, match=r"threshold rule gap: bad settings \{'width': 3\} \("):
         rule_from_record({"name": "gap", "settings": {"width": 3}})
+    for record in ("gap", None, ["gap"]):
+        with pytest.raises(ConfigError, match="unknown threshold rule None"):
+            rule_from_record(record)
+
+
+def test_a_record_without_settings_is_the_rule_with_its_defaults():
+    assert isinstance(rule_from_record({"name": "prior-default"}), PriorDefault)
+    assert rule_from_record({"name": "gap"}).settings == GapRule().settings
 
 
 def test_rule_from_options_follows_the_command_lines_precedence():
@@ -111,7 +121,7 @@ def test_rule_from_options_follows_the_command_lines_precedence():
     assert isinstance(rule_from_options(auto="gap"), GapRule)
     assert rule_from_options(max_error_increase=0.25).settings == {"max_error_increase": 0.25}
     assert isinstance(rule_from_options(thresholds=[0.0], auto="gap", max_error_increase=1.0), GivenThresholds)
-    with pytest.raises(ConfigError, match="'median'"):
+    with pytest.raises(ConfigError, match="unknown automatic threshold rule 'median': choose gap$"):
         rule_from_options(auto="median")
 
 
@@ -133,7 +143,7 @@ def test_budget_needs_validation_data(budget_inputs):
 
 
 def test_budget_that_even_the_least_pruned_network_exceeds(budget_inputs):
-    with pytest.raises(ConfigError, match="even the least pruned"):
+    with pytest.raises(ConfigError, match="even the least pruned .* points: raise --max-error-increase$"):
         ValidationBudget(-1.0).thresholds(budget_inputs)
 
 
@@ -162,26 +172,56 @@ def test_budget_visits_layers_by_governed_weights_and_stays_within_budget(budget
     assert list(dict.fromkeys(changed)) == [1, 3, 2, 0]  # conv2 425,000, fc2 405,000, fc1 400,000, conv1 25,500
 
 
-def _fragile_inputs_net():
-    """One linear layer, 4 inputs (log alpha -20, -5.1, -2.1, 1.9), 2 classes: class 1's score is the sum of the
+def _fragile_inputs_net(input_means=None):
+    """One linear layer, 4 inputs (log alpha -7.9, -5.1, -2.1, 5.9), 2 classes: class 1's score is the sum of the
     inputs. Of 100 examples of class 1, 95 score 1 on input 0 alone; one scores 1 only with input 3, one only with
-    input 2, three only with input 1. Pruning inputs 3, 2, 1 in turn costs 1, 2, then 5 wrong: 1%, 2%, 5%."""
+    input 2, three only with input 1. Pruning inputs 3, 2, 1 in turn costs 1, 2, then 5 wrong: 1%, 2%, 5%; pruning
+    input 0 too (at the grid's lowest, -8) leaves the layer nothing."""
     net = BayesianNet(nn.Sequential(BayesLinear(4, 2)), input_shape=(4,))
     fc = net.layers[0]
     with torch.no_grad():
         fc.weight_mu.copy_(torch.tensor([[0.0] * 4, [1.0] * 4]))
         fc.bias_mu.zero_()
         fc.prior.z_mu.fill_(1.0)
-        fc.prior.z_logvar.copy_(torch.tensor([-20.0, -5.1, -2.1, 1.9]))
+        fc.prior.z_logvar.copy_(torch.tensor([-7.9, -5.1, -2.1, 5.9]))
     x = torch.tensor([[1.0, 0, 0, 0]] * 95 + [[-1.0, 0, 0, 2]] + [[-1.0, 0, 2, 0]] + [[-1.0, 2, 0, 0]] * 3)
-    return ThresholdInputs(net, analyse(net), x, torch.ones(100, dtype=torch.long))
+    inputs = ThresholdInputs(net, analyse(net), x, torch.ones(100, dtype=torch.long), input_means)
+    assert [round(float(la), 4) for la in inputs.posts[0].log_alpha] == [-7.9, -5.1, -2.1, 5.9]
+    return inputs
 
 
-@pytest.mark.parametrize("budget, expected", [(0.0, 2.0), (0.5, 2.0), (1.0, -2.0), (1.99, -2.0), (2.0, -5.0),
-                                              (4.99, -5.0), (5.0, -8.0)])
+@pytest.mark.parametrize("budget, expected", [(0.0, 6.0), (0.5, 6.0), (1.0, -2.0), (1.99, -2.0), (2.0, -5.0),
+                                              (4.99, -5.0), (5.0, -7.75), (100.0, -7.75)])
 def test_budget_is_met_at_equality(budget, expected):
     """An error exactly at the unpruned error plus the budget is within it: with budget 1 the 1% setting counts (the
-    lowest grid point that keeps input 2 is -2.0); with budget 0 the unpruned network's own error is within it."""
+    lowest grid point that keeps input 2 is -2.0); with budget 0 the unpruned network's own error is within it, and
+    only the grid's top, 6.0, keeps input 3. A layer left nothing is over any budget, 100 points included."""
+    assert ValidationBudget(budget).thresholds(_fragile_inputs_net()) == [expected]
+
+
+def test_budget_errors_are_those_of_the_folded_network():
+    """With input 3's mean at 2, the fold adds 2 to class 1's score once input 3 is pruned, which rescues every
+    fragile example: within a budget of 0 everything but input 0 goes."""
+    inputs = _fragile_inputs_net([torch.tensor([0.0, 0.0, 0.0, 2.0])])
+    assert ValidationBudget(0.0).thresholds(inputs) == [-7.75]
+
+
+def test_budget_needs_both_validation_inputs_and_labels():
     inputs = _fragile_inputs_net()
-    assert [round(float(la), 4) for la in inputs.posts[0].log_alpha] == [-20.0, -5.1, -2.1, 1.9]
-    assert ValidationBudget(budget).thresholds(inputs) == [expected]
+    for x, y in ((inputs.val_x, None), (None, inputs.val_y)):
+        with pytest.raises(ConfigError, match="the max-error-increase rule needs a validation set"):
+            ValidationBudget(1.0).thresholds(ThresholdInputs(inputs.net, inputs.posts, x, y))
+
+
+@pytest.mark.parametrize("second", [1.0, float(np.nextafter(np.float32(1.0), np.float32(-np.inf)))])
+def test_governed_weights_divide_by_the_groups_the_top_threshold_prunes(second):
+    """Three inputs of a 2-output layer, log alpha 1, ``second`` and -20: the threshold just under the top prunes
+    the inputs at 1 and at ``second`` (a tie, or one float32 step below: not below the threshold either), 4 weights,
+    2 per group: the layer's 3 groups govern 3 x 2 weights."""
+    net = BayesianNet(nn.Sequential(BayesLinear(3, 2)), input_shape=(3,))
+    with torch.no_grad():
+        net.layers[0].prior.z_mu.fill_(1.0)
+        net.layers[0].prior.z_logvar.copy_(torch.tensor([1.0, second, -20.0]))
+    posts = analyse(net)
+    assert posts[0].log_alpha.tolist() == [1.0, second, -20.0]
+    assert governed_weights(net, posts) == [6.0]

@@ -1,0 +1,77 @@
+"""The layer-kind table (pyro_bc.kinds): each kind's MACs against hand counts, the file's pairs of a 1-D convolution,
+and a 1-D convolutional network (the kind added through the table) through bayesianize -> fit -> compress -> load ->
+ONNX, against the network masked by hand."""
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+import pyro_bc
+from pyro_bc.export import INPUT_NAME, export_module
+from pyro_bc.kinds import KIND, LAYER_KINDS, kind_of
+from pyro_bc.nn import BAYES_LAYERS
+
+
+def test_every_kind_has_a_bayesian_layer_a_reparameterisation_and_a_wire_id():
+    from pyro_bc.bcz_model import WEIGHT_DIMS, WIRE_IDS
+    from pyro_bc.reparam import OPS
+
+    for kind in LAYER_KINDS:
+        assert BAYES_LAYERS[kind.name].kind is kind and OPS[kind.name].name == kind.name
+        assert kind.name in WIRE_IDS and WEIGHT_DIMS[kind.name] == kind.weight_dims
+
+
+@pytest.mark.parametrize("module, shape, macs", [
+    (nn.Linear(6, 4), (6,), 24),
+    (nn.Linear(6, 4), (5, 6), 5 * 24),  # applied at each of 5 tokens
+    (nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2), (4, 9), 6 * 2 * 3 * 5),
+    (nn.Conv2d(4, 6, (3, 2), dilation=(1, 2)), (4, 7, 8), 6 * 4 * 3 * 2 * 5 * 6),
+])
+def test_macs_against_hand_counts(module, shape, macs):
+    with torch.no_grad():
+        output = module(torch.zeros(1, *shape))
+    assert kind_of(module).macs(module, output) == macs
+
+
+def test_a_1d_convolution_is_stored_as_a_2d_one_over_a_height_of_one():
+    conv1d = KIND["conv1d"]
+    assert conv1d.to_pairs((2,), (1,), (3,)) == ((1, 2), (0, 1), (1, 3))
+    assert conv1d.from_pairs((1, 2), (0, 1), (1, 3)) == [(2,), (1,), (3,)]
+    assert KIND["conv2d"].to_pairs(2, (1, 0), 1) == ((2, 2), (1, 0), (1, 1))
+
+
+def test_a_1d_convolutional_network_compresses_and_equals_the_hand_masked_network(tmp_path):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv1d(2, 6, 5, padding=2), nn.ReLU(), nn.Conv1d(6, 4, 3, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 7, 3))
+    net = pyro_bc.bayesianize(dense, "gnj", input_shape=(2, 16))
+    assert [type(layer).__name__ for layer in net.layers] == ["BayesConv1d", "BayesConv1d", "BayesLinear"]
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 2, 16, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+    pyro_bc.fit(net, (x, y), epochs=1, batch_size=16, progress=False)
+    with torch.no_grad():  # conv1's channels 1 and 4 and conv2's channel 0 certain to go, the rest to stay
+        for layer, dropped in zip(net.layers, ([1, 4], [0], [])):
+            layer.prior.z_logvar.fill_(-20.0)
+            layer.prior.z_logvar[dropped] = 10.0
+    summary = pyro_bc.compress(net.eval(), tmp_path / "m.bcz", val=(x, y), thresholds=[0.0, 0.0, 0.0])
+    assert [row["kept_groups"] for row in summary["layers"][:2]] == [[0, 2, 3, 5], [1, 2, 3]]
+    assert summary["fold_pruned_inputs"] is False  # no training examples given: nothing folded
+
+    masked = net.posterior_mean_network()  # by hand: the dropped channels' filters, biases and readers zeroed
+    with torch.no_grad():
+        masked[0].weight[[1, 4]] = 0.0
+        masked[0].bias[[1, 4]] = 0.0
+        masked[2].weight[0] = 0.0
+        masked[2].bias[0] = 0.0
+        masked[5].weight.view(3, 4, 7)[:, 0] = 0.0
+        want = masked(x)
+    loaded = pyro_bc.load(tmp_path / "m.bcz")
+    with torch.no_grad():
+        got = loaded(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.02
+    assert [m.weight.shape for m in loaded.modules() if isinstance(m, nn.Conv1d)] == [(4, 2, 5), (3, 4, 3)]
+    export_module(loaded, (2, 16), tmp_path / "m.onnx", "onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], got.numpy(), atol=1e-4)
