@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from pyro_bc import distributions  # noqa: F401  (registers the KL divergences)
 from pyro_bc.convert import bayesianize
 
-__all__ = ["bayesianize", "compress", "finetune", "fit", "load", "pruned_network"]
+__all__ = ["bayesianize", "compress", "finetune", "fit", "load", "predictive", "pruned_network"]
 
 if TYPE_CHECKING:
     from torch import nn
@@ -16,19 +16,20 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
-    """The compressed network of a ``.bcz`` file: a plain ``torch.nn.Sequential`` in eval mode
+def load(path: str | os.PathLike[str], bayesian: bool = False) -> nn.Module:
+    """The compressed network of a ``.bcz`` file: a plain ``torch.nn.Sequential`` in eval mode; with ``bayesian``,
+    the compressed Bayesian network, whose forward draws once per call (a file written with ``keep_variance``)
     (:func:`pyro_bc.codec.load`; the codec is imported on the first call, not with the package)."""
     from pyro_bc import codec
 
-    return codec.load(path)
+    return codec.load(path, bayesian)
 
 
 def __getattr__(name: str):
     """``fit`` (:func:`pyro_bc.train.fit`), ``finetune`` (:func:`pyro_bc.finetuning.finetune`), ``compress``
-    (:func:`pyro_bc.compression.compress`) and
-    ``pruned_network`` (:func:`pyro_bc.pruned.pruned_network`), imported on first use so that ``import pyro_bc``
-    stays light."""
+    (:func:`pyro_bc.compression.compress`), ``pruned_network`` (:func:`pyro_bc.pruned.pruned_network`) and
+    ``predictive`` (:func:`pyro_bc.predict.predictive`), imported on first use so that ``import pyro_bc`` stays
+    light."""
     if name == "fit":
         from pyro_bc.train import fit
 
@@ -45,4 +46,8 @@ def __getattr__(name: str):
         from pyro_bc.pruned import pruned_network
 
         return pruned_network
+    if name == "predictive":
+        from pyro_bc.predict import predictive
+
+        return predictive
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -117,6 +117,35 @@ Node = QuantizedLayer | Op
 
 
 @dataclass
+class LayerVariance:
+    """A quantized layer's posterior variances as integer codes of natural-log values (step: :class:`Variances`).
+
+    ``weight_codes``: the log-variance of each weight given its group scale, in row-major order: one per weight
+    where ``every_weight``, else one per non-zero weight code (the zero codes are pruned weights, exactly zero:
+    a layer pruned weight by weight). ``scale_codes``: one per group (a linear layer's inputs, a convolution's
+    output channels), the log of the group scale's relative variance ``Var[z] / E[z]^2``; None for a layer
+    without group scales."""
+
+    weight_codes: np.ndarray
+    scale_codes: np.ndarray | None = None
+    every_weight: bool = True
+
+
+@dataclass
+class Variances:
+    """The posterior variances of every quantized layer of a model, in node order; log-variances are their codes
+    times ``2**-step_bits`` nats."""
+
+    step_bits: int
+    layers: list[LayerVariance]
+
+    @property
+    def step(self) -> float:
+        """The quantisation step of the log-variances, in nats."""
+        return 2.0 ** -self.step_bits
+
+
+@dataclass
 class CompressedModel:
     """A network of quantized layers and ops, plus free-form JSON metadata.
 
@@ -128,6 +157,7 @@ class CompressedModel:
     items: list[Node]
     input_shape: tuple[int, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
+    variances: Variances | None = None  # the posterior variances (a version-3 file); None: a deterministic network
 
 
 def sources(model: CompressedModel) -> list[tuple[int, ...]]:

@@ -159,26 +159,32 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # no threshold option: the priors' defaults, or for a fine-tuning run the structure it was given
     summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
                            max_error_increase=args.max_error_increase, data=args.data,
-                           fold=False if args.no_fold else None, bits_budget=args.bits_budget)
+                           fold=False if args.no_fold else None, bits_budget=args.bits_budget,
+                           predictive_samples=args.predictive_samples, keep_variance=args.keep_variance)
     print(format_table(summary))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``pyro-bc evaluate``: print a ``.bcz`` file's test error and timings as one JSON object."""
+    """``pyro-bc evaluate``: print a ``.bcz`` file's test error, NLL, Brier score, ECE and timings (and, with
+    ``--samples K``, the compressed Bayesian network's metrics) as one JSON object."""
     from pyro_bc.compression import evaluate_file
 
-    print(json.dumps(evaluate_file(args.model, data=args.data)))
+    print(json.dumps(evaluate_file(args.model, data=args.data, samples=args.samples,
+                                   rotation=args.shift == "rotate", ood=args.ood)))
     return 0
 
 
 def cmd_recode(args: argparse.Namespace) -> int:
     """``pyro-bc recode``: rewrite a ``.bcz`` file in the newest format with the same codes."""
-    from pyro_bc.codec import VERSION, recode
+    from pyro_bc.bcz_v2 import VERSION
+    from pyro_bc.bcz_v3 import VERSION as VERSION_WITH_VARIANCES
+    from pyro_bc.codec import read_bcz, recode
 
     size = recode(args.model, args.out, bias=args.bias)
-    print(f"wrote {args.out} (.bcz version {VERSION}, {size} bytes)")
+    version = VERSION if read_bcz(args.out).variances is None else VERSION_WITH_VARIANCES
+    print(f"wrote {args.out} (.bcz version {version}, {size} bytes)")
     return 0
 
 
@@ -264,10 +270,23 @@ def _add_compress_parser(sub) -> None:
     p.add_argument("--no-fold", action="store_true",
                    help="drop pruned weights without moving their average contribution into the biases "
                         "(the default folds it for gnj, ghs and rhs, not for lu)")
+    p.add_argument("--keep-variance", action="store_true",
+                   help="also store the kept weights' posterior variances (a version-3 file, loaded with "
+                        "pyro_bc.load(path, bayesian=True)); MODEL.json gives cr_file with and without them")
+    p.add_argument("--predictive-samples", type=_nonnegative_int, default=None, metavar="K",
+                   help="record test error, NLL, Brier score and ECE in MODEL.json: full posterior (K draws), posterior "
+                        "mean, compressed network (K = 0: the deterministic networks only)")
     p.set_defaults(func=cmd_compress)
-    p = sub.add_parser("evaluate", help="test error and speed of a .bcz file")
+    p = sub.add_parser("evaluate", help="test error, NLL, Brier score, ECE and speed of a .bcz file")
     p.add_argument("model", help="a .bcz file")
     p.add_argument("--data", default=None)
+    p.add_argument("--samples", type=_nonnegative_int, default=0, metavar="K",
+                   help="also the compressed Bayesian network's metrics over K draws (a file written with "
+                        "--keep-variance)")
+    p.add_argument("--shift", choices=("rotate",), default=None,
+                   help="rotate: error and NLL on the test images rotated by 0, 15, ..., 180 degrees")
+    p.add_argument("--ood", default=None, metavar="DIR",
+                   help="a data folder whose test images are out of distribution: AUROC of the predictive entropy")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -298,7 +317,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``pyro-bc report``: write ``RUN_DIR/report.md`` and print its path."""
     from pyro_bc.report import write_report
 
-    print(write_report(args.run_dir, args.compressed))
+    print(write_report(args.run_dir, args.compressed, predictive_samples=args.predictive_samples))
     return 0
 
 
@@ -324,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report.md with figures, the compression table and posterior.nc")
     p.add_argument("run_dir", help="a run directory written by 'pyro-bc train'")
     p.add_argument("--compressed", default=None, help="a .bcz file; its .json gives the table (default RUN_DIR/MODEL.json)")
+    p.add_argument("--predictive-samples", type=_nonnegative_int, default=None, metavar="K",
+                   help="add predictions: metrics, reliability, entropy against noise, NLL under rotation (K draws) "
+                        "and the DataTree's predictions group")
     p.set_defaults(func=cmd_report)
     parser.commands = sub.choices  # each command's parser, which names the command in its errors
     return parser

@@ -1,6 +1,7 @@
 """The ``.bcz`` compressed-model format: write, read, recode and rebuild a pruned, quantized network.
 
-Writers write version 2 (:mod:`pyro_bc.bcz_v2`); version 1 files (:mod:`pyro_bc.bcz_v1`) are still read. The
+Writers write version 2 (:mod:`pyro_bc.bcz_v2`), or version 3 (:mod:`pyro_bc.bcz_v3`: version 2 plus the posterior
+variances) for a model that keeps variances; version 1 files (:mod:`pyro_bc.bcz_v1`) are still read. The
 byte layouts are specified in ``docs/FORMAT.md``. Every problem with a file (unreadable, truncated, corrupt,
 inconsistent, unknown version) raises :class:`pyro_bc.errors.FormatError` with a one-line message that names
 the path.
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyro_bc import bcz_v1, bcz_v2
+from pyro_bc import bcz_v1, bcz_v2, bcz_v3
 from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.bcz_model import MAGIC, CompressedModel, Op, QuantizedLayer, is_chain, sources
 from pyro_bc.bcz_v2 import kept_metadata
@@ -44,15 +45,16 @@ __all__ = [
     "write_bcz",
 ]
 
-VERSION = bcz_v2.VERSION  # the version writers write
-READERS = {1: bcz_v1.decode, 2: bcz_v2.decode}
+VERSION = bcz_v2.VERSION  # the version writers write (bcz_v3.VERSION for a model with variances)
+READERS = {1: bcz_v1.decode, 2: bcz_v2.decode, 3: bcz_v3.decode}
 BIAS_ROUNDING = ("float32", "float16", "fixed")
 _MAGIC_VERSION = struct.Struct("<4sH")
 
 
 def encode(model: CompressedModel) -> bytes:
-    """The complete ``.bcz`` bytes of ``model`` in the newest version (BadData if it cannot be stored)."""
-    return bcz_v2.encode(model)
+    """The complete ``.bcz`` bytes of ``model`` in the newest version, 3 where it keeps variances (BadData if it
+    cannot be stored)."""
+    return bcz_v2.encode(model) if model.variances is None else bcz_v3.encode(model)
 
 
 def decode(data: bytes) -> CompressedModel:
@@ -112,7 +114,7 @@ def round_biases(model: CompressedModel, rounding: str) -> CompressedModel:
             item = QuantizedLayer(item.kind, item.name, item.weight_codes, item.frac_bits, bias, item.stride,
                                   item.padding, item.dilation, item.groups, item.inputs)
         items.append(item)
-    return CompressedModel(items, model.input_shape, model.metadata)
+    return CompressedModel(items, model.input_shape, model.metadata, model.variances)
 
 
 def recode(old: str | os.PathLike[str], new: str | os.PathLike[str], bias: str = "float32") -> int:
@@ -208,6 +210,16 @@ def to_module(model: CompressedModel) -> nn.Module:
     return Graph(modules, sources(model)).eval()
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
-    """Read a ``.bcz`` file and rebuild its torch module."""
-    return to_module(read_bcz(path))
+def load(path: str | os.PathLike[str], bayesian: bool = False) -> nn.Module:
+    """Read a ``.bcz`` file and rebuild its torch module: the deterministic network, or with ``bayesian`` the
+    compressed Bayesian network, whose forward draws once per call (a file written with ``keep_variance``;
+    FormatError for any other)."""
+    model = read_bcz(path)
+    if not bayesian:
+        return to_module(model)
+    if model.variances is None:
+        raise FormatError(f"{os.fspath(path)}: keeps no posterior variances, so it has no Bayesian network (write it "
+                          "with pyro-bc compress --keep-variance)")
+    from pyro_bc.sampled import to_bayesian_module
+
+    return to_bayesian_module(model)

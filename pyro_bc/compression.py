@@ -7,6 +7,7 @@ the function under the module's name, and ``import pyro_bc.compress`` must not t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -29,8 +30,11 @@ from pyro_bc.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.macs import add_macs
 from pyro_bc.network import BayesianNet
 from pyro_bc.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
+from pyro_bc.predict import predictive_summary, scored
 from pyro_bc.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
 from pyro_bc.run_dir import CHECKPOINT, FINETUNE_FILE, TrainConfig
+from pyro_bc.sampled import compressed_variances
+from pyro_bc.shift import fit_images, shift_report
 from pyro_bc.thresholds import KeptStructure, ThresholdInputs, ThresholdRule, rule_from_options
 
 
@@ -52,7 +56,8 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
                  max_error_increase: float | None = None, data: str | None = None, fold: bool | None = None,
                  rule: ThresholdRule | None = None, bits_budget: float | None = None,
-                 bits_rule: BitsRule | None = None) -> dict:
+                 bits_rule: BitsRule | None = None, *, predictive_samples: int | None = None,
+                 keep_variance: bool = False) -> dict:
     """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary.
 
     Loads the run's network and its data (``data``, or the run's), then runs :func:`compress_network`, which
@@ -68,6 +73,15 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     examples) goes into the biases (:func:`~pyro_bc.posterior.fold_pruned_inputs`). The default folds for
     the group priors (gnj, ghs), whose pruned groups still add their mean, and not for ``lu``, whose
     pruned weights' means are noise (both measured in analysis/RESULTS.md).
+
+    ``predictive_samples``: record the test set's error, NLL, Brier score and ECE in ``MODEL.json`` under
+    ``predictive`` (:func:`~pyro_bc.predict.predictive_summary`; the full posterior with this many draws, 0: only
+    the deterministic networks; None: no record, the default, since 30 draws of LeNet-5 over 10,000 test images
+    take minutes on one CPU thread).
+
+    ``keep_variance``: the file also keeps the kept weights' posterior variances (and the group scales'), a
+    version-3 ``.bcz`` that ``pyro_bc.load(path, bayesian=True)`` rebuilds as the compressed Bayesian network
+    (:mod:`pyro_bc.sampled`); ``MODEL.json`` adds ``file_bytes_without_variance`` and ``cr_file_without_variance``.
     """
     finetuned = (Path(run_dir) / FINETUNE_FILE).is_file()
     if finetuned and rule is None and (thresholds, auto, max_error_increase) == (None, None, None):
@@ -84,7 +98,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
             "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
     summary = compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,
                                test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule,
-                               info=info)
+                               info=info, predictive_samples=predictive_samples, keep_variance=keep_variance)
     if finetuned:  # MODEL.json says where the network came from
         from pyro_bc.finetuning import load_masks
 
@@ -100,7 +114,7 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
              *, train: tuple[torch.Tensor, torch.Tensor] | None = None,
              test: tuple[torch.Tensor, torch.Tensor] | None = None, fold: bool | None = None,
              rule: ThresholdRule | None = None, bits_budget: float | None = None, bits_rule: BitsRule | None = None,
-             metadata: dict | None = None) -> dict:
+             metadata: dict | None = None, predictive_samples: int | None = None, keep_variance: bool = False) -> dict:
     """Compress a trained network from Python (``pyro_bc.compress``): ``out`` (``.bcz``) and ``MODEL.json`` beside
     it, with the keys of ``pyro-bc compress``; returns that summary.
 
@@ -111,6 +125,7 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
     nothing is folded and ``fold_pruned_inputs`` is false). Thresholds and bits as in :func:`compress_run`.
     ``metadata``: keys recorded in the file and the summary over the defaults ``{"model": "python", "prior":
     <the layers' prior>}`` (a ``.bcz`` keeps ``model``, ``prior``, ``thresholds``, ``val_size`` and ``seed``).
+    ``predictive_samples`` (needs ``test``) and ``keep_variance``: as :func:`compress_run`'s.
     """
     rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
     if val is None:
@@ -131,7 +146,8 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
         return compress_network(net.cpu().eval(), out, (val_split.x.cpu(), val_split.y.cpu()),
                                 train_x=None if train_x is None else train_x.cpu(),
                                 test=None if test_split is None else (test_split.x.cpu(), test_split.y.cpu()),
-                                fold=fold, rule=rule, bits_rule=bits_rule, info=info)
+                                fold=fold, rule=rule, bits_rule=bits_rule, info=info,
+                                predictive_samples=predictive_samples, keep_variance=keep_variance)
     finally:
         net.to(device).train(was_training)
 
@@ -152,14 +168,23 @@ def _check_out(out: str | Path) -> Path:
     return out
 
 
+def _check_predictive_samples(samples: int | None, test) -> None:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0):
+        raise ConfigError(f"predictive_samples must be a whole number >= 0 or None, got {samples!r}")
+    if samples is not None and test is None:
+        raise ConfigError("predictive_samples needs test examples: test=(x, y)")
+
+
 def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor, torch.Tensor], *,
                      train_x: torch.Tensor | None, test: tuple[torch.Tensor, torch.Tensor] | None, fold: bool | None,
-                     rule: ThresholdRule, bits_rule: BitsRule, info: dict) -> dict:
+                     rule: ThresholdRule, bits_rule: BitsRule, info: dict,
+                     predictive_samples: int | None = None, keep_variance: bool = False) -> dict:
     """The compression of :func:`compress_run` and :func:`compress`: ``net`` pruned by ``rule``, its bits by
     ``bits_rule``, written to ``out`` and ``MODEL.json``. ``val``: the validation examples; ``train_x``: the
     training inputs of the fold (needed when it folds); ``test``: the test examples (None: test errors None);
     ``info``: ``model`` and ``prior`` (recorded in the summary) and the rest of the file's metadata."""
     out = _check_out(out)
+    _check_predictive_samples(predictive_samples, test)
     val_x, val_y = val
     if net.input_shape is None:  # a converted network never trained: its input is the data's
         net.input_shape = tuple(val_x.shape[1:])
@@ -186,6 +211,8 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     metadata = {"model": info["model"], "prior": info["prior"], "thresholds": thresholds, "threshold_method": method,
                 **rest}
     model = file_model(precision, metadata)
+    if keep_variance:  # a version-3 file: the compressed Bayesian network
+        model.variances = compressed_variances(net, layers, model)
     file_bytes = codec.write_bcz(out, model)
     loaded = codec.load(out)
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
@@ -225,6 +252,12 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "prior": info["prior"],
     }
     add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape, _layer_modules(loaded, model, net))
+    if keep_variance:
+        summary["file_bytes_without_variance"] = len(codec.encode(dataclasses.replace(model, variances=None)))
+        summary["cr_file_without_variance"] = original_bytes / summary["file_bytes_without_variance"]
+    if predictive_samples is not None and test is not None:  # calibration before and after compression
+        bayesian = codec.load(out, bayesian=True) if keep_variance else None
+        summary["predictive"] = predictive_summary(net, loaded, test, bayesian, samples=predictive_samples)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
 
@@ -280,9 +313,17 @@ def _ms_per_batch(module: torch.nn.Module, batch: torch.Tensor, repeats: int = 7
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1000) -> dict:
+def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1000, samples: int = 0,
+                  rotation: bool = False, ood: str | None = None) -> dict:
     """Test error of a ``.bcz`` file, and its median time per batch against the dense original network
-    (the unpruned architecture at float32; its weights do not change its speed)."""
+    (the unpruned architecture at float32; its weights do not change its speed); the deterministic network's
+    ``nll``, ``brier`` and ``ece`` (:mod:`pyro_bc.metrics`) and, with ``samples`` > 0, ``sampled``: the metrics of
+    the compressed Bayesian network's predictive over that many draws (a file written with ``keep_variance``).
+    Shift (:func:`~pyro_bc.shift.shift_report`, for each network): ``noise_auroc``; with ``rotation`` the error and
+    NLL against rotation; with ``ood`` (a data folder) the entropy AUROC against its test images."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ConfigError(f"samples must be a whole number >= 0, got {samples!r}")
+    bayesian = codec.load(path, bayesian=True) if samples else None  # refuses a file without variances first
     model = codec.read_bcz(path)
     meta = model.metadata
     compressed = codec.to_module(model)
@@ -292,9 +333,19 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     original = original_network(meta, model.input_shape)
     ms_compressed = _ms_per_batch(compressed, x[:batch_size])
     ms_original = _ms_per_batch(original, x[:batch_size]) if original is not None else None
-    return {"error": error_percent(compressed, x, y), "n": len(x),
-            "ms_per_batch_compressed": ms_compressed, "ms_per_batch_original": ms_original,
-            "speedup": ms_original / ms_compressed if ms_original is not None else None}
+    ood_set = None
+    if ood is not None:
+        ood_set = (str(ood), fit_images(load_data(ood, val_size=0).test.x, tuple(x.shape[1:])))
+    deterministic = scored(compressed, x, y, 0, batch_size)
+    result = {"error": error_percent(compressed, x, y), "n": len(x),
+              "ms_per_batch_compressed": ms_compressed, "ms_per_batch_original": ms_original,
+              "speedup": ms_original / ms_compressed if ms_original is not None else None,
+              **{k: deterministic[k] for k in ("nll", "brier", "ece")},
+              **shift_report(compressed, x, y, 0, rotation, ood_set, batch_size)}
+    if bayesian is not None:
+        result["sampled"] = {"samples": samples, **scored(bayesian, x, y, samples, batch_size),
+                             **shift_report(bayesian, x, y, samples, rotation, ood_set, batch_size)}
+    return result
 
 
 def _evaluation_data(path: str | Path, meta: dict, data: str | None) -> Dataset:

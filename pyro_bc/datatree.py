@@ -22,6 +22,15 @@ leading ``(chain, draw)`` dimensions (one chain):
 
 The group dimension of a layer is ``L_group`` for linear layers (input neurons) and ``L_channel`` for
 convolutions (output channels), with one integer coordinate per group.
+
+:func:`predictions_datatree` (and :func:`with_predictions`, which adds it to a tree) holds the predictions:
+
+``predictions`` group
+    ``class_probs``  draws of the class probabilities of a fixed subset of test examples, dims ``(example, class)``:
+                     one posterior draw each (the local reparameterisation, :func:`pyro_bc.predict.predictive` with
+                     one sample and seed ``seed + draw``), so ArviZ's summaries and plots apply to them.
+``predictions_constant_data`` group
+    ``label``        the examples' labels; ``example_index`` their indices in the test set.
 """
 
 from __future__ import annotations
@@ -121,6 +130,36 @@ def to_datatree(net: BayesianNet, num_samples: int = 200, seed: int = 0) -> xr.D
                 "<L>_w holds draws of w = z w~ for the first <=16 groups x <=16 units only.",
     })
     return dt
+
+
+PREDICTION_EXAMPLES = 100  # the first examples of the test set whose predictions the tree holds
+
+
+@torch.no_grad()
+def predictions_datatree(source, x: torch.Tensor, y: torch.Tensor, num_samples: int = 100, seed: int = 0,
+                         n_examples: int = PREDICTION_EXAMPLES) -> xr.DataTree:
+    """``num_samples`` draws of the class probabilities of the first ``n_examples`` examples of ``x`` as the
+    ``predictions`` and ``predictions_constant_data`` groups (``source``: as :func:`pyro_bc.predict.predictive`'s)."""
+    from pyro_bc.predict import predictive
+
+    x, y = x[:n_examples], y[:n_examples]
+    draws = torch.stack([predictive(source, x, samples=1, seed=seed + i).cpu() for i in range(num_samples)])
+    n, classes = draws.shape[1:]
+    return az.from_dict({"predictions": {"class_probs": draws.numpy()[None]},
+                         "predictions_constant_data": {"label": y.numpy(), "example_index": np.arange(n)}},
+                        pred_dims={"class_probs": ["example", "class"], "label": ["example"],
+                                   "example_index": ["example"]},
+                        pred_coords={"example": np.arange(n), "class": np.arange(classes)})
+
+
+def with_predictions(dt: xr.DataTree, source, x: torch.Tensor, y: torch.Tensor, num_samples: int = 100,
+                     seed: int = 0) -> xr.DataTree:
+    """A copy of ``dt`` with the groups of :func:`predictions_datatree`."""
+    out = dt.copy()
+    predictions = predictions_datatree(source, x, y, num_samples, seed)
+    for group in ("predictions", "predictions_constant_data"):
+        out[group] = predictions[group]
+    return out
 
 
 def save_datatree(dt: xr.DataTree, path: str | Path) -> Path:

@@ -5,6 +5,12 @@
 * :func:`plot_input_mask`    input pixels the first linear layer keeps, or the first convolution's filters
 * :func:`plot_compression`   groups kept / total and bits per layer, from ``MODEL.json``
 * :func:`plot_training`      ELBO, train / validation error and groups kept per layer, per epoch
+* :func:`plot_reliability`   reliability diagram: accuracy against confidence in the ECE's 15 bins, per network
+* :func:`plot_entropy`       predictive entropy histograms, test images against noise images, per network
+* :func:`plot_rotation`      NLL against the test images' rotation, per network
+
+The last three use matplotlib: ArviZ 1.x has no view of class-probability calibration, entropy against an OOD set
+or a metric against a shift (its predictive checks compare draws with observed data, not these).
 """
 
 from __future__ import annotations
@@ -235,4 +241,52 @@ def plot_training(metrics: list[dict], path: str | Path, totals: dict[str, int] 
         if len(epochs) < 10:
             ax.set_xticks(epochs)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+# -- (f) predictions ----------------------------------------------------------------------------------
+
+def plot_reliability(probs: dict[str, torch.Tensor], labels: torch.Tensor, path: str | Path) -> Path:
+    """Per network (``{name: [N, K] probabilities}``): accuracy against mean confidence in each non-empty bin of
+    :func:`pyro_bc.metrics.ece` (15 equal-width bins of the top-class probability), with the diagonal."""
+    from pyro_bc.metrics import ECE_BINS, ece
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for name, p in probs.items():
+        confidence, predicted = p.double().max(-1)
+        index = (torch.ceil(confidence * ECE_BINS).long() - 1).clamp(0, ECE_BINS - 1)
+        xs, ys = [], []
+        for b in range(ECE_BINS):
+            chosen = index == b
+            if chosen.any():
+                xs.append(float(confidence[chosen].mean()))
+                ys.append(float((predicted[chosen] == labels[chosen]).double().mean()))
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{name} (ECE {ece(p, labels):.4f})")
+    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title="Reliability")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_entropy(entropies: dict[str, dict[str, np.ndarray]], path: str | Path) -> Path:
+    """Per network (``{name: {"test": ..., "noise": ..., ...}}``): histograms of the predictive entropy (nats)."""
+    fig, axes = _subplots(len(entropies), width=4.0, height=3.0, cols=len(entropies))
+    for ax, (name, sets) in zip(axes, entropies.items()):
+        top = max(float(np.max(v)) for v in sets.values()) or 1.0
+        for label, values in sets.items():
+            ax.hist(values, bins=40, range=(0, top), alpha=0.5, density=True, label=label)
+        ax.set(title=name, xlabel="predictive entropy (nats)", ylabel="density")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_rotation(curves: dict[str, dict], path: str | Path) -> Path:
+    """Per network (``{name: pyro_bc.shift.rotation_curve(...)}``): NLL against the rotation in degrees."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, curve in curves.items():
+        ax.plot(curve["degrees"], curve["nll"], marker="o", markersize=3,
+                label=f"{name} (mean {curve['nll_area']:.2f})")
+    ax.set(xlabel="rotation (degrees)", ylabel="test NLL (nats)", title="NLL under rotation")
+    ax.legend(fontsize=7)
     return _save(fig, path)

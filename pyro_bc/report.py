@@ -24,7 +24,7 @@ import torch
 from pyro_bc import plots
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.compression import load_run
-from pyro_bc.datatree import save_datatree, to_datatree, var_prefix
+from pyro_bc.datatree import save_datatree, to_datatree, var_prefix, with_predictions
 from pyro_bc.errors import ConfigError
 from pyro_bc.finetuning import load_masks
 from pyro_bc.graph import analyse_network, prune_network
@@ -128,9 +128,53 @@ def _finetune_line(record: dict, epochs: int, lr: float) -> str:
             + "): the pruned weights held at zero, SVI on the kept ones.")
 
 
+def _predictions_section(net: BayesianNet, config, compressed: str | Path | None, samples: int, figdir: Path,
+                         rel) -> tuple[list[str], tuple]:
+    """The report's predictions: metrics, reliability, entropy (test against noise) and NLL under rotation of the
+    full posterior (``samples`` draws), its posterior mean and, where ``compressed`` keeps variances, the compressed
+    Bayesian (``samples`` draws) and deterministic networks; and the test set, for the DataTree."""
+    from pyro_bc import codec
+    from pyro_bc.data import load_data
+    from pyro_bc.metrics import classification_metrics
+    from pyro_bc.predict import predictive
+    from pyro_bc.shift import auroc, entropy, noise_images, rotation_curve
+
+    test = load_data(config.data, val_size=config.val_size, seed=config.seed).test
+    sources = {"full posterior": (net, samples), "posterior mean": (net, 0)}
+    if compressed is not None and Path(compressed).is_file():
+        if codec.read_bcz(compressed).variances is not None:
+            sources["compressed Bayesian"] = (codec.load(compressed, bayesian=True), samples)
+        sources["compressed deterministic"] = (codec.load(compressed), 0)
+    noise = noise_images(test.x)
+    probs, entropies, curves, rows = {}, {}, {}, []
+    for name, (source, k) in sources.items():
+        probs[name] = predictive(source, test.x, k).cpu()
+        entropies[name] = {"test": entropy(probs[name]).numpy(),
+                           "noise": entropy(predictive(source, noise, k, seed=1).cpu()).numpy()}
+        curves[name] = rotation_curve(source, test.x, test.y, k)
+        m = classification_metrics(probs[name], test.y)
+        noise_auroc = auroc(*(torch.from_numpy(entropies[name][s]) for s in ("test", "noise")))
+        rows.append(f"| {name} | {k or '-'} | {m['error']:.2f} | {m['nll']:.4f} | {m['brier']:.4f} | {m['ece']:.4f} "
+                    f"| {curves[name]['nll_area']:.3f} | {noise_auroc:.3f} |")
+    lines = ["## Predictions", "", (f"On the {len(test)} test images; sampled networks average {samples} draws of the "
+             "local reparameterisation (seed 0). Rotation NLL: the mean over 0-180 degrees; noise AUROC: the "
+             "predictive entropy's, against as many uniform-noise images."), "",
+             "| network | draws | error % | NLL | Brier | ECE | rotation NLL | noise AUROC |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    for title, path in (("Reliability", plots.plot_reliability(probs, test.y, figdir / "reliability.png")),
+                        ("Predictive entropy", plots.plot_entropy(entropies, figdir / "entropy.png")),
+                        ("NLL under rotation", plots.plot_rotation(curves, figdir / "rotation.png"))):
+        lines += [f"### {title}", "", f"![{title.lower()}]({rel(path)})", ""]
+    return lines, (test.x, test.y)
+
+
 def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_samples: int = 200,
-                 seed: int = 0) -> Path:
-    """Write ``RUN_DIR/report.md`` (with ``figures/`` and ``posterior.nc``); returns its path."""
+                 seed: int = 0, predictive_samples: int | None = None) -> Path:
+    """Write ``RUN_DIR/report.md`` (with ``figures/`` and ``posterior.nc``); returns its path.
+
+    ``predictive_samples``: also a predictions section (:func:`_predictions_section`; the full posterior and the
+    compressed Bayesian network with that many draws) and the DataTree's ``predictions`` group (the first 100 test
+    images, ``num_samples`` draws); None, the default: neither (they evaluate the test set many times over)."""
     run_dir = Path(run_dir)
     net, config, _ = load_run(run_dir)
     summary_path = _summary_path(run_dir, compressed)
@@ -140,15 +184,21 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     figdir = run_dir / FIGURES
     figdir.mkdir(exist_ok=True)
 
+    def rel(path: Path) -> str:
+        return path.relative_to(run_dir).as_posix()
+
     dt = to_datatree(net, num_samples=num_samples, seed=seed)
+    predictions = []
+    if predictive_samples is not None:
+        predictions, (test_x, test_y) = _predictions_section(
+            net, config, compressed if compressed is not None else run_dir / "MODEL.bcz", predictive_samples, figdir,
+            rel)
+        dt = with_predictions(dt, net, test_x, test_y, num_samples=num_samples, seed=seed)
     nc_note = f"The posterior draws are in [`{POSTERIOR_NC}`]({POSTERIOR_NC}) (an ArviZ DataTree, NetCDF-4)."
     try:
         save_datatree(dt, run_dir / POSTERIOR_NC)
     except (ImportError, ValueError, OSError) as e:
         nc_note = f"`{POSTERIOR_NC}` could not be written ({type(e).__name__}: {e})."
-
-    def rel(path: Path) -> str:
-        return path.relative_to(run_dir).as_posix()
 
     metrics = _read_metrics(run_dir / METRICS)
     last = metrics[-1] if metrics else {}
@@ -195,6 +245,7 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
         path = plots.plot_group_scales(dt, name, figdir / f"scales_{name}.png")
         lines += [f"![{name} group scales]({rel(path)})", ""]
 
+    lines += predictions
     lines += ["## Posterior (DataTree)", "", nc_note, "", "| group | variable | dims | shape |", "|---|---|---|---|"]
     for group in dt.children:
         for var_name, var in dt[group].data_vars.items():

@@ -141,6 +141,87 @@ def test_cli_evaluate_reproduces_a_committed_result(capsys):
     assert result["error"] == 100 * wrong / 10000  # counted here from the loaded file's outputs
     assert result["error"] == json.loads(path.with_suffix(".json").read_text())["error_compressed"]
     assert result["ms_per_batch_compressed"] > 0 and result["ms_per_batch_original"] > 0
+    # NLL and Brier score by a second implementation: torch's cross entropy of the logits, the one-hot distance
+    from pyro_bc.data import load_data
+    from pyro_bc.metrics import ece
+
+    test = load_data(None).test
+    with torch.no_grad():
+        logits = codec.load(path)(test.x)
+    probs = torch.softmax(logits.double(), -1)
+    assert result["nll"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits.double(), test.y)), rel=1e-5)
+    one_hot = torch.nn.functional.one_hot(test.y, 10).double()
+    assert result["brier"] == pytest.approx(float(((probs - one_hot) ** 2).sum(-1).mean()), rel=1e-5)
+    assert result["ece"] == pytest.approx(ece(probs, test.y), abs=1e-6)
+    assert 0 < result["ece"] < result["brier"] < 2 * result["nll"]
+    assert "sampled" not in result
+
+
+def test_cli_evaluate_shift_and_ood(capsys, tmp_path):
+    from tiny_data import write_cifar
+
+    path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
+    cifar = write_cifar(tmp_path / "cifar", n_test=50)
+    assert main(["evaluate", str(path), "--shift", "rotate", "--ood", str(cifar)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rotation = result["rotation"]
+    assert rotation["degrees"][0] == 0 and rotation["degrees"][-1] == 180
+    assert rotation["error"][0] == pytest.approx(result["error"]) and rotation["nll"][0] == pytest.approx(result["nll"])
+    assert rotation["error"][6] > 50 > rotation["error"][0]  # turned sideways (90 degrees), most digits are misread
+    assert result["ood"] == {"data": str(cifar), "n": 50, "auroc": result["ood"]["auroc"]}
+    assert 0 <= result["ood"]["auroc"] <= 1 and 0 <= result["noise_auroc"] <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ood", "/no/such/folder"], "/no/such/folder"),
+])
+def test_cli_evaluate_bad_ood_is_one_line(capsys, argv, message):
+    path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
+    assert main(["evaluate", str(path), *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
+
+
+def test_cli_evaluate_samples_of_a_file_without_variances_is_one_line(capsys):
+    path = REPO / "analysis" / "results" / "lenet5-gnj" / "MODEL.bcz"
+    assert main(["evaluate", str(path), "--samples", "3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "keeps no posterior variances" in err and "--keep-variance" in err
+
+
+def test_cli_compress_records_predictive_metrics(run, tmp_path):
+    out = tmp_path / "MODEL.bcz"
+    assert main(["compress", str(run), "--out", str(out), "--predictive-samples", "2"]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    record = summary["predictive"]
+    assert record["samples"] == 2
+    assert set(record) == {"samples", "full_posterior", "posterior_mean", "compressed_deterministic"}
+    # the deterministic networks' errors are the summary's own (computed from logits by pyro_bc.evaluate)
+    assert record["posterior_mean"]["error"] == pytest.approx(summary["error_posterior_mean"])
+    assert record["compressed_deterministic"]["error"] == pytest.approx(summary["error_compressed"])
+    for metrics in record.values():
+        if isinstance(metrics, dict):
+            assert set(metrics) == {"error", "nll", "brier", "ece"} and all(np.isfinite(list(metrics.values())))
+    assert main(["compress", str(run), "--out", str(out)]) == 0  # without the option: no record
+    assert "predictive" not in json.loads(out.with_suffix(".json").read_text())
+
+
+def test_cli_keep_variance_then_evaluate_the_sampled_network(run, tmp_path, capsys):
+    out = tmp_path / "MODEL.bcz"
+    assert main(["compress", str(run), "--out", str(out), "--keep-variance", "--predictive-samples", "2"]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["file_bytes"] == out.stat().st_size > summary["file_bytes_without_variance"]
+    assert summary["cr_file"] < summary["cr_file_without_variance"]
+    assert set(summary["predictive"]["compressed_bayesian"]) == {"error", "nll", "brier", "ece"}
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--samples", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["error"] == pytest.approx(summary["error_compressed"])
+    assert result["sampled"]["samples"] == 2
+    # the same seeded draws as compress's record (both: seed 0, batches of 1000)
+    sampled = {k: v for k, v in result["sampled"].items() if k != "noise_auroc"}
+    assert sampled == pytest.approx({"samples": 2, **summary["predictive"]["compressed_bayesian"]})
+    assert 0 <= result["sampled"]["noise_auroc"] <= 1
 
 
 # -- report -------------------------------------------------------------------------------------------------
@@ -172,6 +253,10 @@ def test_cli_report_missing_json(compressed_run, capsys):
     (["compress", "R", "--out", "x.bcz", "--max-error-increase", "-1"], "'-1'"),
     (["compress", "R", "--out", "x.bcz", "--auto", "gap", "--thresholds", "1"], "--thresholds"),
     (["evaluate"], "model"),
+    (["evaluate", "M.bcz", "--samples", "-2"], "'-2'"),
+    (["evaluate", "M.bcz", "--samples", "two"], "'two'"),
+    (["evaluate", "M.bcz", "--shift", "shear"], "'shear'"),
+    (["compress", "R", "--out", "x.bcz", "--predictive-samples", "1.5"], "'1.5'"),
     (["demo", "--epochs", "0"], "'0'"),
     (["nosuchcommand"], "'nosuchcommand'"),
 ])

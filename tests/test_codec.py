@@ -251,7 +251,7 @@ def test_single_bit_flip(tmp_path: Path, good_bytes: bytes, data: st.DataObject)
 
 def test_bad_magic_and_version(tmp_path: Path, good_bytes: bytes) -> None:
     expect_format_error(tmp_path / "m.bcz", b"PK\x03\x04" + good_bytes[4:], "magic")
-    expect_format_error(tmp_path / "v.bcz", good_bytes[:4] + struct.pack("<H", 3) + good_bytes[6:], "version")
+    expect_format_error(tmp_path / "v.bcz", good_bytes[:4] + struct.pack("<H", 4) + good_bytes[6:], "version")
     expect_format_error(tmp_path / "c.bcz", good_bytes[:-1] + bytes([good_bytes[-1] ^ 1]), "corrupt")
     if good_bytes[4] == 1:
         lying = good_bytes[:6] + struct.pack("<I", 2**32 - 1) + good_bytes[10:]

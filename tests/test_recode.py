@@ -69,3 +69,13 @@ def test_recode_errors_are_one_line_and_leave_the_target(tmp_path, capsys) -> No
     with pytest.raises(SystemExit) as info:
         main(["recode", str(good), "--out", str(out), "--bias", "int8"])
     assert info.value.code == 2
+
+
+def test_recode_keeps_the_variances_of_a_version_3_file(tmp_path, capsys) -> None:
+    from test_sampled import _model
+
+    old, new = tmp_path / "v3.bcz", tmp_path / "new.bcz"
+    size = codec.write_bcz(old, _model())
+    assert main(["recode", str(old), "--out", str(new)]) == 0
+    assert f"(.bcz version 3, {size} bytes)" in capsys.readouterr().out
+    assert new.read_bytes() == old.read_bytes()

@@ -179,3 +179,23 @@ def test_report_does_not_import_training():
     code = "import sys, pyro_bc.report; print('pyro_bc.train' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_report_with_predictions(lenet300_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lenet300_run[0], run)
+    summary = compress_run(run, run / "BAYES.bcz", keep_variance=True)
+    report = write_report(run, run / "BAYES.bcz", num_samples=5, predictive_samples=1)
+    text = report.read_text()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and line.count(" | ") == 7}
+    assert set(rows) >= {"full posterior", "posterior mean", "compressed Bayesian", "compressed deterministic"}
+    # errors from the probabilities against those compress measured from the logits
+    assert rows["posterior mean"][2] == f"{summary['error_posterior_mean']:.2f}"
+    assert rows["compressed deterministic"][2] == f"{summary['error_compressed']:.2f}"
+    for name in ("reliability", "entropy", "rotation"):
+        _assert_png(run / "figures" / f"{name}.png")
+        assert f"(figures/{name}.png)" in text
+    dt = load_datatree(run / "posterior.nc")
+    assert dt["predictions"]["class_probs"].shape == (1, 5, 100, 10)
+    assert "| predictions | class_probs | chain, draw, example, class | 1x5x100x10 |" in text
