@@ -270,8 +270,9 @@ class BodyGraph:
     def _add(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> int:
         """Add one traced node; returns the node index its output is (an earlier one for aliases)."""
         sources = [position[a] for a in fx_node.all_input_nodes]
-        what = (f"the tensor method .{fx_node.target}()" if fx_node.op == "call_method" else
-                f"the function {getattr(fx_node.target, '__name__', fx_node.target)}")
+        what = {"call_method": f"the tensor method .{fx_node.target}()",
+                "get_attr": f"its tensor {str(fx_node.target).rpartition('.')[2]} outside a layer"}.get(
+            fx_node.op, f"the function {getattr(fx_node.target, '__name__', fx_node.target)}")
         if fx_node.op == "call_module":
             module = self.modules[fx_node.target]
             if fx_node.target in self.layer_index:
@@ -554,6 +555,8 @@ def _where(fx_node: fx.Node) -> str:
     """The user's module path a traced node belongs to (``features.3.block``), or the network itself."""
     if fx_node.op == "call_module":
         return str(fx_node.target)
+    if fx_node.op == "get_attr":  # a parameter or buffer: its module's path
+        return str(fx_node.target).rpartition(".")[0] or "the network"
     stack = fx_node.meta.get("nn_module_stack") or {}
     path = next(reversed(stack.values()), ("",))[0] if stack else ""
     return path or "the network's forward"

@@ -132,3 +132,22 @@ def test_an_op_a_file_cannot_store_is_named_by_the_module_path(tmp_path):
         pyro_bc.compress(net, tmp_path / "unused.bcz", val=(x, y), thresholds=[0.0, 0.0])
     message = str(error.value)
     assert "\n" not in message and message.startswith("cannot compress 0: it uses the function cumsum")
+
+
+def test_a_parameter_used_outside_a_layer_is_named_by_its_module(tmp_path):
+    """ConvNeXt's layer scale: a learned per-channel factor read in the forward, not a layer of its own."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.gamma = nn.Parameter(torch.ones(4, 1, 1))
+
+        def forward(self, x):
+            return self.gamma * self.conv(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Scaled(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    net = pyro_bc.bayesianize(model, "gnj", input_shape=(3, 8, 8))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
+    with pytest.raises(pyro_bc.errors.ConfigError, match=r"^cannot compress 1: it uses its tensor gamma outside a layer"):
+        pyro_bc.compress(net, tmp_path / "unused.bcz", val=(x, y), thresholds=[0.0, 0.0, 0.0])
+    assert not (tmp_path / "unused.bcz").exists()
