@@ -103,7 +103,7 @@ def test_every_rule_is_registered_under_its_name():
 
 def test_bad_records_are_config_errors():
     with pytest.raises(ConfigError, match="unknown threshold rule 'median': choose one of given, gap, "
-                                          "max-error-increase, prior-default$"):
+                                          "max-error-increase, prior-default, kept-structure$"):
         rule_from_record({"name": "median", "settings": {}})
     with pytest.raises(ConfigError, match=r"threshold rule gap: bad settings \{'width': 3\} \("):
         rule_from_record({"name": "gap", "settings": {"width": 3}})
