@@ -144,29 +144,33 @@ def main() -> int:
     parser.add_argument("models", nargs="*", help=f"constructor names (default: all {len(FAMILIES)})")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the step timing")
     parser.add_argument("--out", type=Path, default=HERE / "zoo.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace these models' rows in --out and keep the others (each row keeps its command)")
     args = parser.parse_args()
     unknown = sorted(set(args.models) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(FAMILIES)}")
     torch.set_num_threads(1)
-    rows = []
+    command = shlex.join([".venv/bin/python", "analysis/zoo.py", *sys.argv[1:]])
+    earlier = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {"rows": []}
+    rows = {row["model"]: {"command": earlier.get("command", command), **row} for row in earlier["rows"]}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models or FAMILIES:
-            rows.append(run_family(name, Path(folder), args.repeats))
-            print(json.dumps(rows[-1]), flush=True)
-            record = {"command": shlex.join([".venv/bin/python", "analysis/zoo.py", *sys.argv[1:]]),
-                      "torch": torch.__version__, "torchvision": torchvision.__version__, "rows": rows}
+            rows[name] = {**run_family(name, Path(folder), args.repeats), "command": command}
+            print(json.dumps(rows[name]), flush=True)
+            ordered = [rows[n] for n in FAMILIES if n in rows]
+            record = {"torch": torch.__version__, "torchvision": torchvision.__version__, "rows": ordered}
             atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")  # a row at a time: nothing lost
-    command = shlex.join([".venv/bin/python", "analysis/zoo.py", *sys.argv[1:]])
+    commands = sorted({row.get("command", command) for row in ordered})
     intro = (
-        f"`{command}` (torch {torch.__version__}, torchvision {torchvision.__version__}, one thread, on a machine "
-        "shared with other work: the step ratios are of one interleaved run each). Each network is built with "
-        "`weights=None, num_classes=10`, made Bayesian (gnj), fitted one epoch on 64 random images, compressed at "
-        "per-layer thresholds between its two middle log alphas (about half of each layer's groups), loaded, and "
-        "exported; docs/NETWORKS.md says what the graph supports.")
-    text = "\n".join(["## torchvision's classifiers at full size (issue 28)", "", intro, "", table(rows)])
+        f"{' and '.join(f'`{c}`' for c in commands)} (torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, one thread, on a machine shared with other work: the step ratios are of one "
+        "interleaved run each). Each network is built with `weights=None, num_classes=10`, made Bayesian (gnj), fitted "
+        "one epoch on 64 random images, compressed at per-layer thresholds between its two middle log alphas (about "
+        "half of each layer's groups), loaded, and exported; docs/NETWORKS.md says what the graph supports.")
+    text = "\n".join(["## torchvision's classifiers at full size (issue 28)", "", intro, "", table(ordered)])
     atomic_write_text(HERE / "zoo.md", text + "\n")
-    print(table(rows))
+    print(table(ordered))
     return 0
 
 
