@@ -5,11 +5,16 @@ parameter-free op, each naming the nodes it reads, and a *channel variable* for 
 every node's output (a channel, or a feature after a flatten). Positions that must be kept or removed together
 share a variable:
 
-* a layer's outputs are new variables; a depthwise convolution's are its inputs' (it ties them);
-* activations, pooling and BatchNorm keep their input's variables; a flatten repeats each channel's variable
-  over its positions; a concatenation joins its inputs' lists (so their indices are offset);
-* a residual sum unites its inputs' variables position by position, so a sum keeps the union of the channels
-  its inputs keep (a producer that pruned a channel others keep outputs it with zero weights).
+* a layer's outputs are new variables; a depthwise convolution's are its inputs' (it ties them); a grouped
+  convolution keeps every variable it reads and writes;
+* activations (:mod:`pyro_bc.ops`), pooling and BatchNorm keep their input's variables (BatchNorm that follows no
+  layer alone stays as a per-channel scale and shift node); a flatten repeats each channel's variable over its
+  positions; a concatenation joins its inputs' lists (so their indices are offset);
+* a residual sum, and a product with a per-channel scale (squeeze-excitation), unite their inputs' variables
+  position by position, so a sum keeps the union of the channels its inputs keep (a producer that pruned a
+  channel others keep outputs it with zero weights);
+* shape queries (``x.size()``) touch nothing; reshapes, transposes, chunks and indexing are followed position by
+  position and become a ``gather`` node where they reorder or select whole channels (ShuffleNet's channel shuffle).
 
 A variable stays while some layer producing it keeps a weight for it and some layer reading it keeps a weight
 reading it (the network's input and output always stay), iterated to a fixed point. Eval-mode BatchNorm right
@@ -269,7 +274,8 @@ class BodyGraph:
 
     def _add(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> int:
         """Add one traced node; returns the node index its output is (an earlier one for aliases)."""
-        sources = [position[a] for a in fx_node.all_input_nodes]
+        sizes = any("concrete" in a.meta for a in fx_node.all_input_nodes)  # an op on tensors and sizes at once
+        sources = [position[a] for a in fx_node.all_input_nodes if "concrete" not in a.meta]
         what = {"call_method": f"the tensor method .{fx_node.target}()",
                 "get_attr": f"its tensor {str(fx_node.target).rpartition('.')[2]} outside a layer"}.get(
             fx_node.op, f"the function {getattr(fx_node.target, '__name__', fx_node.target)}")
@@ -285,6 +291,8 @@ class BodyGraph:
             what = f"the module {type(module).__name__}"
         elif fx_node.op == "call_function" and _identity_in_eval(fx_node):
             return sources[0]
+        elif sizes:
+            op = None
         elif fx_node.op == "call_function":
             kind = elementwise_of_function(fx_node.target, fx_node.kwargs) or _FUNCTION_OPS.get(fx_node.target)
             op = None if kind is None else self._function_op(kind, fx_node)
