@@ -248,6 +248,9 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "threshold_rule": rule.record(),
         "bits_rule": bits_rule.record(),
         "fold_pruned_inputs": fold,
+        # BatchNorm that follows no layer alone: deterministic, stored as a depthwise 1x1 convolution
+        "deterministic_modules": [{"name": node.name, "stored_as": "per-channel scale (15 significant bits) and "
+                                   "shift (float16)"} for node in graph.nodes if node.affine is not None],
         "model": info["model"],
         "prior": info["prior"],
     }

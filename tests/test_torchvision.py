@@ -95,6 +95,15 @@ def test_the_file_computes_the_pruned_network(compressed):
     assert 0.2 < np.mean(kept) < 0.95  # about half cut; coupled channels and grouped convolutions keep more
 
 
+def test_batchnorm_that_follows_no_layer_is_listed_as_deterministic(compressed):
+    family, _, summary, _, _ = compressed
+    listed = {row["name"] for row in summary["deterministic_modules"]}
+    if family == "densenet":  # pre-activation: every dense layer's first BatchNorm reads a concatenation
+        assert "features.denseblock1.denselayer1.norm1" in listed and "features.norm0" not in listed
+    else:
+        assert listed == set(), family
+
+
 def test_the_file_is_smaller_than_the_float32_weights(compressed):
     _, _, summary, path, _ = compressed
     assert path.stat().st_size == summary["file_bytes"] < summary["original_bytes"]
