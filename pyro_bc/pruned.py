@@ -114,11 +114,7 @@ def pruned_network(net: BayesianNet, summary: dict,
                    train: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None) -> nn.Module:
     """The network ``error_pruned`` measures: ``net``'s posterior-mean network with exactly ``summary``'s pruning
     (``MODEL.json``, or what :func:`pyro_bc.compress` returned for ``net``) applied, at full size and float32
-    (:func:`masked_network`).
-
-    Where the summary folded pruned inputs into the biases, the fold's means come from the first
-    :data:`FOLD_EXAMPLES` of ``train`` (``(x, y)`` or ``x``: the training examples the compression was given),
-    which is then required. ConfigError if the summary's thresholds keep other groups in ``net`` than it records.
-    """
+    (:func:`masked_network`). ``train``: the training examples the compression was given, needed where it folded
+    (:func:`summary_pruning`)."""
     layers, graph = summary_pruning(net, summary, train)
     return masked_network(net, layers, graph)
