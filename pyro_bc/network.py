@@ -92,14 +92,15 @@ class BayesianNet(nn.Module):
         """Set weight (and bias) means from a deterministic network's ``state_dict``.
 
         ``<layer>.weight`` goes to the Bayesian layer of that name (its path in the body, e.g. ``conv1``); where
-        the names do not all match, the state's 2-D and 4-D ``*.weight`` tensors are matched to the layers in
-        order, with a warning. A ``*.bias`` beside a weight sets the bias mean.
+        the names do not all match, the state's ``*.weight`` tensors of the layers' dimensions are matched to the
+        layers in order, with a warning. A ``*.bias`` beside a weight sets the bias mean.
         """
         by_name = [f"{layer.site}.weight" for layer in self.layers]
         if all(key in state for key in by_name):
             keys = by_name
         else:
-            keys = [k for k in state if k.endswith("weight") and state[k].dim() in (2, 4)]
+            dims = {layer.weight_mu.dim() for layer in self.layers}  # the layer kinds' weights (2-D, 3-D, 4-D)
+            keys = [k for k in state if k.endswith("weight") and state[k].dim() in dims]
             if len(keys) != len(self.layers):
                 raise ConfigError(f"init state has {len(keys)} weight tensors and names that do not match the "
                                   f"network's layers ({', '.join(self.layer_names)})")
