@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_bc.bits import BitsInputs, ValidationBitsBudget, VarianceRule, bits_rule_from_options
+from pyro_bc.bits import TOLERANCE, BitsInputs, ValidationBitsBudget, VarianceRule, bits_rule_from_options
 from pyro_bc.cli import main
 from pyro_bc.compressed import compressed_module
 from pyro_bc.compression import compress_run, format_table, load_run
@@ -19,7 +19,7 @@ from pyro_bc.evaluate import error_percent
 from pyro_bc.graph import prune_chain
 from pyro_bc.network import BayesianNet
 from pyro_bc.nn import BayesLinear
-from pyro_bc.posterior import LayerPosterior, analyse, choose_precision
+from pyro_bc.posterior import LayerPosterior, Precision, PrunedLayer, analyse, choose_precision
 from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
@@ -67,6 +67,58 @@ def test_hand_built_grids_give_the_known_bits(grid_net):
     # the variance rule's network first, then fc1 (64 kept weights) down to its refusal, then fc2 (32)
     assert trials == [[8, 8], *([m, 8] for m in range(7, 0, -1)), *([2, m] for m in range(7, 1, -1))]
 
+
+
+def _kept(counts: list[int]) -> list[PrunedLayer]:
+    """One linear layer per count, keeping exactly that many of its 4 x 4 weights (the search reads only the counts)."""
+    layers = []
+    for i, n in enumerate(counts):
+        mask = torch.arange(16).reshape(4, 4) < n
+        post = LayerPosterior(f"fc{i}", "linear", torch.zeros(4), torch.ones(4, 4), torch.ones(4, 4), torch.zeros(4), 1)
+        layers.append(PrunedLayer(post, 0.0, mask.any(0), mask.any(1), mask))
+    return layers
+
+
+def _search(counts, start, error, budget=0.0):
+    """The budget rule's bits and every setting it evaluated, for a hand-written error of the mantissa bits."""
+    trials = []
+
+    def measured(precision):
+        bits = list(precision.mantissa_bits)
+        assert min(bits) >= 0, f"a negative mantissa width was evaluated: {bits}"
+        trials.append(bits)
+        return error(bits)
+
+    variance = Precision(list(start), 4, 4.0)
+    chosen = ValidationBitsBudget(budget).precision(BitsInputs(_kept(counts), variance, measured))
+    return chosen.mantissa_bits, trials
+
+
+def test_budget_search_opens_only_layers_with_bits_and_kept_weights():
+    """Kept weights [1, 2, 0, 3] at [1, 0, 3, 2] bits, every setting free: the layer keeping 3 weights goes first (2
+    steps), then the one keeping 1 (1 bit to 0); the layer already at 0 bits and the layer keeping nothing are never
+    tried (nothing to lower, nothing to save): 1 + 3 evaluations."""
+    bits, trials = _search([1, 2, 0, 3], [1, 0, 3, 2], lambda bits: 0.0)
+    assert bits == [0, 0, 3, 0]
+    assert trials == [[1, 0, 3, 2], [1, 0, 3, 1], [1, 0, 3, 0], [0, 0, 3, 0]]
+
+
+def test_budget_search_breaks_ties_towards_the_earlier_layer():
+    """Two layers keeping 3 weights each at 2 bits, and an error that allows one bit removed in all: the earlier
+    layer takes it, then each layer's next step is refused and closes it."""
+    bits, trials = _search([3, 3], [2, 2], lambda bits: 0.0 if sum(bits) >= 3 else 10.0)
+    assert bits == [1, 2]
+    assert trials == [[2, 2], [1, 2], [0, 2], [1, 1]]
+
+
+def test_budget_search_keeps_a_setting_exactly_at_the_limit():
+    """The limit is the start's error plus the budget plus TOLERANCE; a setting whose error equals it is kept, one
+    float step above it is refused."""
+    limit = 0.0 + 1.0 + TOLERANCE
+    at, _ = _search([2], [3], lambda bits: 0.0 if bits == [3] else limit, budget=1.0)
+    assert at == [0]
+    above, _ = _search([2], [3], lambda bits: 0.0 if bits == [3] else math.nextafter(limit, math.inf), budget=1.0)
+    assert above == [3]
 
 def test_large_budget_lowers_every_layer_to_zero_bits(grid_net):
     inputs, _ = grid_net

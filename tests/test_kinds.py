@@ -2,10 +2,13 @@
 and a 1-D convolutional network (the kind added through the table) through bayesianize -> fit -> compress -> load ->
 ONNX, against the network masked by hand."""
 
+import json
+
 import numpy as np
 import onnxruntime
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pyro_bc
@@ -75,3 +78,40 @@ def test_a_1d_convolutional_network_compresses_and_equals_the_hand_masked_networ
     export_module(loaded, (2, 16), tmp_path / "m.onnx", "onnx")
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], got.numpy(), atol=1e-4)
+
+
+def test_macs_are_exact_integers_for_the_summary():
+    """A grouped convolution's count is an integer (180, not 180.0) in the summary's JSON."""
+    module = nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2)
+    with torch.no_grad():
+        output = module(torch.zeros(1, 4, 9))
+    assert json.dumps(KIND["conv1d"].macs(module, output)) == "180"
+
+
+@pytest.mark.parametrize("name, weight_shape, options, reference", [
+    ("linear", (3, 4), {}, lambda x, w, b: x @ w.T + (0.0 if b is None else b)),
+    ("conv1d", (4, 3, 3), {}, lambda x, w, b: F.conv1d(x, w, b)),
+    ("conv1d", (4, 2, 3), {"stride": 2, "padding": 1, "dilation": 2, "groups": 2},
+     lambda x, w, b: F.conv1d(x, w, b, stride=2, padding=1, dilation=2, groups=2)),
+    ("conv2d", (4, 3, 3, 3), {}, lambda x, w, b: F.conv2d(x, w, b)),
+    ("conv2d", (4, 2, 3, 3), {"stride": 2, "padding": 1, "dilation": 2, "groups": 2},
+     lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, dilation=2, groups=2)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_kinds_plain_module_computes_the_functional_layer(name, weight_shape, options, reference, bias):
+    """The stored layer's module, given the weight (and bias), computes torch's functional layer with those
+    arguments (the defaults: stride 1, no padding, no dilation, one group); without a bias it has none."""
+    g = torch.Generator().manual_seed(4)
+    kind = KIND[name]
+    in_features = weight_shape[1] * options.get("groups", 1)
+    x = torch.randn(2, in_features, *(9,) * kind.spatial_dims, generator=g)
+    w, b = torch.randn(weight_shape, generator=g), torch.randn(weight_shape[0], generator=g)
+    module = kind.module(weight_shape, bias, **options)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        if bias:
+            module.bias.copy_(b)
+        got = module(x)
+    assert (module.bias is None) is not bias
+    torch.testing.assert_close(got, reference(x, w, b if bias else None))
+    assert kind.module(weight_shape, bias, device=torch.device("meta"), **options).weight.is_meta

@@ -2,7 +2,9 @@
 (:mod:`pyro_bc.compressed`), checked against hand-built cases with known answers (never against the
 code's own formulas)."""
 
+import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -21,11 +23,13 @@ from pyro_bc.nn import BayesConv2d
 from pyro_bc.posterior import (
     LayerPosterior,
     Precision,
+    PrunedLayer,
     analyse,
     choose_precision,
     compression_rates,
     exponent_bits_official,
     fold_pruned_inputs,
+    fold_state,
     mantissa_bits_per_weight,
     quantize,
 )
@@ -435,3 +439,85 @@ def test_fold_leaves_kept_weights_and_unpruned_layers_alone():
     post = fc("fc", 3, 4)
     [folded] = fold_pruned_inputs(prune_chain([post], [0.0]), [torch.randn(4)])
     assert torch.equal(folded.post.bias, post.bias) and torch.equal(folded.mask, torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_fold_skips_an_unfoldable_layer_and_folds_the_next():
+    """c1 is padded (its fold is off) and handed back as it was; c2 after it is still folded, exactly."""
+    g = torch.Generator().manual_seed(2)
+    first = dataclasses.replace(conv("c1", 2, 1, la=[LOW, HIGH]), conv_args=(1, 1, 1, 1))
+    second = conv("c2", 3, 2, k=3)
+    second.mean.copy_(torch.randn(3, 2, 3, 3, generator=g))
+    layers = prune_chain([first, second], [0.0, 0.0])
+    out = fold_pruned_inputs(layers, [torch.tensor([5.0]), torch.tensor([0.4, 2.5])])
+    assert len(out) == 2 and out[0] is layers[0]
+    torch.testing.assert_close(out[1].post.bias, 2.5 * second.mean[:, 1].sum((1, 2)))
+
+
+def test_fold_is_exact_for_a_spatially_constant_channel_of_a_1d_convolution():
+    """A 3-tap conv1d: the pruned channel's constant times each filter's summed taps goes into the bias."""
+    g = torch.Generator().manual_seed(3)
+    first = LayerPosterior("c1", "conv1d", torch.tensor([LOW, HIGH]), torch.ones(2, 1, 1), torch.full((2, 1, 1), 1e-3),
+                           torch.zeros(2), 0, (1, 0, 1, 1))
+    second = LayerPosterior("c2", "conv1d", torch.full((3,), LOW), torch.randn(3, 2, 3, generator=g),
+                            torch.full((3, 2, 3), 1e-3), torch.randn(3, generator=g), 0, (1, 0, 1, 1))
+    _, folded = fold_pruned_inputs(prune_chain([first, second], [0.0, 0.0]), [torch.zeros(1), torch.tensor([0.4, -1.5])])
+    x = torch.randn(4, 2, 9, generator=g)
+    x[:, 1] = -1.5
+    reference = F.conv1d(x, second.mean, second.bias)
+    torch.testing.assert_close(F.conv1d(x[:, :1], second.mean[:, :1], folded.post.bias), reference)
+
+
+@pytest.mark.parametrize("padding, groups, state", [
+    (0, 1, "on"), ((0, 0), 1, "on"), ("valid", 1, "on"), (1, 1, "off: padded convolution"),
+    ((0, 1), 1, "off: padded convolution"), ("same", 1, "off: padded convolution"),
+    (0, 2, "off: grouped convolution")])
+def test_fold_state_of_convolutions(padding, groups, state):
+    post = dataclasses.replace(conv("c", 2, 2), conv_args=(1, padding, 1, groups))
+    assert fold_state(post, True) == state
+    assert fold_state(post, False) == "off"
+    assert fold_state(fc("fc", 2, 2), True) == "on"
+
+
+def test_prune_names_the_layers_when_thresholds_are_missing():
+    with pytest.raises(ConfigError, match=r"^1 thresholds given for 2 layers \(l1, l2\)$"):
+        prune_chain([fc("l1", 3, 4), fc("l2", 2, 3)], [0.0])
+
+
+def test_mantissa_bits_of_a_nan_variance_is_zero():
+    """No t satisfies 2 Var < 2^-t for a NaN variance: 0 bits."""
+    assert mantissa_bits_per_weight(torch.tensor([float("nan"), 1e-3])).tolist() == [0, 8]
+
+
+def test_exponent_bits_official_is_silent_for_tiny_and_zero_weights():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(exponent_bits_official(0.0)) and math.isnan(exponent_bits_official(0.1))
+
+
+def test_choose_precision_of_layers_keeping_nothing():
+    """A layer keeping no weight has 0 mantissa bits; when no layer keeps one, the official exponent is NaN
+    (log2 of log2 0) and the exponent is clamped to 1."""
+    one = _single_layer([0.5, -3.0], [1e-2, 1e-3])[0]
+    empty = dataclasses.replace(one, mask=torch.zeros_like(one.mask))
+    precision = choose_precision([empty, one])
+    assert precision.mantissa_bits == [0, 7] and precision.exponent_bits_official == 3.0
+    nothing = choose_precision([empty])
+    assert nothing.mantissa_bits == [0] and nothing.exponent_bits == 1 and math.isnan(nothing.exponent_bits_official)
+
+
+def test_compression_rates_at_the_official_exponent():
+    """Kept 2 of 12 and 3 of 8 weights at mantissa 3 and 5 bits: exponent 2 gives 2 * 6 + 3 * 8 = 36 bits, the
+    official 2.5 gives 2 * 6.5 + 3 * 8.5 = 38.5 bits."""
+    def layer(n_out, n_in, kept):
+        post = fc("l", n_out, n_in)
+        mask = (torch.arange(n_out * n_in) < kept).reshape(n_out, n_in)
+        return PrunedLayer(post, 0.0, mask.any(0), mask.any(1), mask)
+
+    rates = compression_rates([layer(3, 4, 2), layer(2, 4, 3)], Precision([3, 5], 2, 2.5))
+    assert rates["cr_prune"] == pytest.approx(20 / 5) and rates["cr_fast"] == pytest.approx(640 / 36)
+    assert rates["cr_fast_official_exponent"] == pytest.approx(640 / 38.5)
+    assert compression_rates([layer(3, 4, 2)], Precision([3], 2, math.nan))["cr_fast_official_exponent"] is None
+    # one kept weight at official exponent 0 and 0 mantissa bits: 1 bit in all
+    assert compression_rates([layer(3, 4, 1)], Precision([0], 1, 0.0))["cr_fast_official_exponent"] == 32 * 12
+    nothing = compression_rates([layer(3, 4, 0)], Precision([0], 1, 1.0))
+    assert nothing["cr_prune"] == 12 and nothing["cr_fast"] == 32 * 12 and nothing["cr_fast_official_exponent"] is None

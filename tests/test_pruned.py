@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import pyro_bc
-from pyro_bc.pruned import layer_input_means
+from pyro_bc.graph import analyse_network
+from pyro_bc.posterior import analyse
+from pyro_bc.pruned import check_pruning, layer_input_means, summary_pruning
 
 CONSTANT_BIAS = 0.7  # the pruned channel's bias: it outputs relu(0.7) at every position
 
@@ -89,11 +91,13 @@ def test_padded_convolution_is_not_folded(tmp_path):
     assert (got - want).abs().max().item() < 2e-3 * want.abs().max().item()
 
 
-def test_pruned_network_is_the_hand_masked_network_and_the_file_up_to_rounding(tmp_path):
+@pytest.mark.parametrize("examples_only", [False, True])
+def test_pruned_network_is_the_hand_masked_network_and_the_file_up_to_rounding(tmp_path, examples_only):
+    """The fold's examples given as (x, y) or as x alone."""
     net = _network()
     x, y = _data()
     summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), train=(x, y), thresholds=[0.0, 100.0, 100.0])
-    pruned = pyro_bc.pruned_network(net, summary, train=(x, y))
+    pruned = pyro_bc.pruned_network(net, summary, train=x if examples_only else (x, y))
     masked = net.posterior_mean_network()
     with torch.no_grad():
         masked[0].weight[1] = 0.0
@@ -110,9 +114,49 @@ def test_pruned_network_needs_the_fold_data_and_the_same_pruning(tmp_path):
     net = _network()
     x, y = _data()
     summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), train=(x, y), thresholds=[0.0, 100.0, 100.0])
-    with pytest.raises(pyro_bc.errors.ConfigError, match="train=\\(x, y\\)"):
+    with pytest.raises(pyro_bc.errors.ConfigError, match=r"^the summary folded pruned inputs into the biases: give "
+                       r"the training examples the compression was given, train=\(x, y\)$"):
         pyro_bc.pruned_network(net, summary)
+    with pytest.raises(pyro_bc.errors.ConfigError, match=r"^the summary has 0 layers, the network 3$"):
+        pyro_bc.pruned_network(net, {})
+    renamed = dict(summary, layers=[dict(summary["layers"][0], name="a"), *summary["layers"][1:]])
+    with pytest.raises(pyro_bc.errors.ConfigError, match=r"^the summary's layers \(a, 2, 5\) are not the network's "
+                                                         r"\(0, 2, 5\)$"):
+        pyro_bc.pruned_network(net, renamed, train=(x, y))
+    layers, _ = summary_pruning(net, summary, (x, y))
+    with pytest.raises(pyro_bc.errors.ConfigError, match=r"^the summary's layers \(\) are not the network's "):
+        check_pruning(layers, {})
     with torch.no_grad():
         net.layers[0].prior.z_logvar[1] = -20.0  # now channel 1 is certain: the recorded threshold keeps it
-    with pytest.raises(pyro_bc.errors.ConfigError, match="keeps groups"):
+    with pytest.raises(pyro_bc.errors.ConfigError, match=r"^0: the summary keeps groups \[0, 2\] but its threshold "
+                       r"keeps \[0, 1, 2\] in this network: is it the network that was compressed\?$"):
         pyro_bc.pruned_network(net, summary, train=(x, y))
+    net.input_shape = None
+    with pytest.raises(pyro_bc.errors.ConfigError, match=r"^the network's input shape is unknown: train it or "
+                                                         r"compress it first$"):
+        pyro_bc.pruned_network(net, summary, train=(x, y))
+
+
+def test_pruned_network_without_a_fold_is_the_hand_masked_network(tmp_path):
+    """Compressed without training examples nothing is folded: the pruned network needs none and is the network
+    with conv1's channel 1 masked out, conv2's bias as it was."""
+    net = _network()
+    x, y = _data()
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), thresholds=[0.0, 100.0, 100.0])
+    assert summary["fold_pruned_inputs"] is False
+    masked = net.posterior_mean_network()
+    with torch.no_grad():
+        masked[0].weight[1] = 0.0
+        masked[0].bias[1] = 0.0
+        torch.testing.assert_close(pyro_bc.pruned_network(net, summary)(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_summary_pruning_gives_the_networks_graph(tmp_path):
+    """The graph handed back (finetune checks and reuses it) prunes the network as the summary's layers do."""
+    net = _network()
+    x, y = _data()
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), thresholds=[0.0, 100.0, 100.0])
+    layers, graph = summary_pruning(net, summary)
+    again = graph.prune(analyse_network(net, analyse(net), graph), [0.0, 100.0, 100.0])
+    assert [layer.keep_groups.nonzero().flatten().tolist() for layer in again] == [[0, 2], [0, 1, 2, 3], list(range(4 * 36))]
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(again, layers))
