@@ -118,7 +118,8 @@ def run_family(name: str, folder: Path, repeats: int) -> dict:
         row["rel_pt2"] = relative(torch.export.load(folder / f"{name}.pt2").module()(x[:8]).detach().numpy(), got)
     except Exception as e:  # noqa: BLE001  (a row records the first failure of any kind and the run goes on)
         row["failed"] = f"{stage}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-        row["where"] = traceback.format_exc().splitlines()[-3].strip()[:200]
+        where = traceback.format_exc().splitlines()[-3].strip()
+        row["where"] = where.replace(f'"{HERE.parent}/', '"')[:200]  # paths relative to the repository
     return row
 
 
