@@ -218,6 +218,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
                              if p is not None)
     pruned_only = masked_network(net, layers, graph)  # what pruned_network(net, summary) rebuilds
+    mean_network = net.posterior_mean_network()
 
     def test_error(module: torch.nn.Module) -> float | None:
         return None if test is None else error_percent(module, *test)
@@ -237,7 +238,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "cr_file": original_bytes / file_bytes,
         "file_bytes": file_bytes,
         "original_bytes": original_bytes,
-        "error_posterior_mean": test_error(net.posterior_mean_network()),
+        "error_posterior_mean": test_error(mean_network),
         "error_pruned": test_error(pruned_only),
         "error_compressed": test_error(loaded),
         "val_error_compressed": error_percent(loaded, val_x, val_y),
@@ -254,7 +255,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "model": info["model"],
         "prior": info["prior"],
     }
-    add_macs(summary, net.posterior_mean_network(), loaded, net.input_shape, _layer_modules(loaded, model, net))
+    add_macs(summary, mean_network, loaded, net.input_shape, _layer_modules(loaded, model, net))
     if keep_variance:
         summary["file_bytes_without_variance"] = len(codec.encode(dataclasses.replace(model, variances=None)))
         summary["cr_file_without_variance"] = original_bytes / summary["file_bytes_without_variance"]
