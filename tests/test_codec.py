@@ -217,10 +217,63 @@ def residual(seed: int = 0) -> CompressedModel:
     return CompressedModel(items, (1, 8, 8), {"model": "toy", "prior": "gnj", "thresholds": [-3.0], "run": "x"})
 
 
-@pytest.fixture(scope="module", params=["v2-chain", "v2-graph", "v1"])
+def newer_kinds(seed: int = 0) -> CompressedModel:
+    """A graph of the kinds with wire ids 12-21: a 1-D convolution, the newer activations, a gather (a channel
+    shuffle), ceil-mode pooling, a per-channel product and a spatial mean."""
+    rng = np.random.default_rng(seed)
+    items = [
+        QuantizedLayer("conv1d", "seq", rng.integers(-9, 10, size=(4, 2, 3)), 4, rng.normal(size=4).astype(np.float32),
+                       padding=(0, 1)),                                 # 0: (4, 6), stored over a height of one
+        Op("gelu"),                                                    # 1
+        Op("gather", {"index": [3, 0, 2, 1, 0]}),                      # 2: (5, 6), a reordering with a repeat
+        Op("relu6"),                                                   # 3
+        Op("hardswish"),                                               # 4
+        Op("silu"),                                                    # 5
+        Op("hardsigmoid", inputs=(5,)),                                # 6
+        Op("mul", inputs=(5, 6)),                                      # 7
+        Op("flatten"),                                                 # 8
+        QuantizedLayer("linear", "fc", rng.integers(-50, 50, size=(3, 30)), 6, None),  # 9
+    ]
+    return CompressedModel(items, (2, 6), {"model": "toy", "prior": "gnj"})
+
+
+def pooled_kinds(seed: int = 0) -> CompressedModel:
+    """Ceil-mode max pooling and a spatial mean on images."""
+    rng = np.random.default_rng(seed)
+    items = [QuantizedLayer("conv2d", "c", rng.integers(-9, 10, size=(3, 1, 3, 3)), 4, None),  # (3, 5, 5)
+             Op("maxpool2d_ceil", {"kernel_size": 2, "stride": 2}),    # (3, 3, 3): the ceil keeps the edge
+             Op("spatial_mean"),                                       # (3,)
+             QuantizedLayer("linear", "fc", rng.integers(-50, 50, size=(2, 3)), 5, None)]
+    return CompressedModel(items, (1, 7, 7), {})
+
+
+def test_the_newer_kinds_round_trip_and_compute_what_torch_does() -> None:
+    for model, x in ((newer_kinds(), torch.randn(4, 2, 6)), (pooled_kinds(), torch.randn(4, 1, 7, 7))):
+        again = codec.decode(codec.encode(model))
+        assert [i.kind for i in again.items] == [i.kind for i in model.items]
+        assert [i.params for i in again.items if isinstance(i, Op)] == [i.params for i in model.items if isinstance(i, Op)]
+        with torch.no_grad():
+            torch.testing.assert_close(to_module(again)(x), to_module(model)(x))
+    # by hand, the 1-D graph: conv1d, GELU, channels 3 0 2 1 0, ReLU6, Hardswish, SiLU * hardsigmoid(SiLU), linear
+    model, x = newer_kinds(), torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(1))
+    conv, fc = model.items[0], model.items[9]
+    h = nn.functional.conv1d(x, torch.from_numpy(conv.weight()), torch.from_numpy(conv.bias), padding=1)
+    h = nn.functional.gelu(h)[:, [3, 0, 2, 1, 0]]
+    h = nn.functional.silu(nn.functional.hardswish(nn.functional.relu6(h)))
+    h = (h * nn.functional.hardsigmoid(h)).flatten(1)
+    with torch.no_grad():
+        torch.testing.assert_close(to_module(model)(x), h @ torch.from_numpy(fc.weight()).t())
+        pooled, images = pooled_kinds(), torch.randn(2, 1, 7, 7)
+        y = nn.functional.conv2d(images, torch.from_numpy(pooled.items[0].weight()))
+        y = nn.functional.max_pool2d(y, 2, 2, ceil_mode=True).mean((2, 3))
+        torch.testing.assert_close(to_module(pooled)(images), y @ torch.from_numpy(pooled.items[3].weight()).t())
+
+
+@pytest.fixture(scope="module", params=["v2-chain", "v2-graph", "v2-newer-kinds", "v1"])
 def good_bytes(request: pytest.FixtureRequest) -> bytes:
-    """Valid files: version 2 of a chain and of a graph, and version 1 of the chain."""
+    """Valid files: version 2 of a chain, of a graph and of the newer kinds, and version 1 of the chain."""
     return {"v2-chain": lambda: codec.encode(lenet()), "v2-graph": lambda: codec.encode(residual()),
+            "v2-newer-kinds": lambda: codec.encode(newer_kinds()),
             "v1": lambda: bcz_v1.encode(lenet())}[request.param]()
 
 
