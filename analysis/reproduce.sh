@@ -5,6 +5,8 @@
 #   bash analysis/reproduce.sh lenet300-rhs-30      (the fourth prior against gnj after 30 epochs: lenet300-{gnj,rhs}-30)
 #   bash analysis/reproduce.sh lenet5-gnj-fast      (the fast recipes: a pretrained start, --variance-lr-factor, cosine;
 #                                                    lenet300-gnj-fast, lenet5-{gnj,ghs,lu}-fast; RESULTS.md, time to the rows)
+#   bash analysis/reproduce.sh lenet300-gnj-fast-ft (a fast recipe, then fine-tuned: its run in NAME/source, pruned as
+#                                                    the recipe prunes, SVI on over the kept weights into NAME; any *-fast-ft)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 # Every hyperparameter is written here; each run's config.json and MODEL.json record them too.
@@ -20,6 +22,8 @@ main() {
   eval_every=5   # posterior-mean errors every 5 epochs and at the end: evaluation draws nothing, training is the same
   extra=()       # further training options of a recipe
   pretrain=0     # epochs of plain-PyTorch pretraining for --init-from (analysis/pretrain.py), 0: none
+  finetune=()    # fine-tuning after pruning (pyro-bc finetune), empty: none
+  case "$name" in *-fast-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
   base=${name%-30}; [ "$base" != "$name" ] && epochs=30
   base=${base%-fast}
   model=${base%-*}; prior=${base##*-}
@@ -43,7 +47,9 @@ main() {
     *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
   esac
   [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
-  out=analysis/results/$name; [ "$seed" != 0 ] && out=$out/seeds/$seed
+  out=analysis/results/$name; [ ${#finetune[@]} != 0 ] && out=$out-ft
+  [ "$seed" != 0 ] && out=$out/seeds/$seed
+  final=$out; [ ${#finetune[@]} != 0 ] && out=$out/source   # the recipe's run; the fine-tuned run is $final
   mkdir -p "$out"
   if [ "$pretrain" != 0 ] && [ ! -f "$out/checkpoint.pt" ]; then
     .venv/bin/python analysis/pretrain.py --model "$model" --epochs $pretrain --seed "$seed" --out "$out/pretrained.pt"
@@ -53,6 +59,15 @@ main() {
   .venv/bin/pyro-bc train --model "$model" --prior "$prior" --epochs $epochs --batch-size $batch --lr $lr \
       --warmup-epochs $warmup --eval-every $eval_every --seed "$seed" "${extra[@]}" --out "$out" "${resume[@]}"
   .venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" "${compress[@]}"
+  if [ ${#finetune[@]} != 0 ]; then   # the same pruning, then SVI over the kept weights; compressed at its thresholds
+    ft_epochs=20; [ "$model" = lenet5 ] && ft_epochs=5
+    ft_resume=(); [ -f "$final/checkpoint.pt" ] && ft_resume=(--resume)
+    .venv/bin/pyro-bc finetune "$out" --epochs $ft_epochs "${compress[@]}" "${finetune[@]}" --out "$final" "${ft_resume[@]}"
+    read -r -a source_thresholds < <(.venv/bin/python -c \
+      'import json, sys; print(*(layer["threshold"] for layer in json.load(open(sys.argv[1]))["layers"]))' "$out/MODEL.json")
+    out=$final
+    .venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" --thresholds "${source_thresholds[@]}"
+  fi
   .venv/bin/pyro-bc report "$out" --compressed "$out/MODEL.bcz"
   .venv/bin/pyro-bc evaluate "$out/MODEL.bcz"
 }
