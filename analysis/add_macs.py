@@ -3,7 +3,7 @@
     .venv/bin/python analysis/add_macs.py analysis/results/*/MODEL.bcz
 
 Each layer entry gets ``macs_original`` and ``macs_compressed`` and the top level their totals, counted by
-:mod:`pyro_bc.macs` from the file's pruned shapes and from the dense network its metadata names, as
+:mod:`pyro_bc.compression.macs` from the file's pruned shapes and from the dense network its metadata names, as
 ``pyro-bc compress`` records them. Prints one line per file.
 """
 
@@ -13,10 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from pyro_bc import codec
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compression import original_network, summary_json
-from pyro_bc.macs import add_macs
+from pyro_bc.bcz import codec
+from pyro_bc.compression.macs import add_macs
+from pyro_bc.compression.pipeline import original_network, summary_json
 
 
 def add_macs_to_file(path: Path) -> dict:

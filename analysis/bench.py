@@ -36,15 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_network
-from pyro_bc import codec
-from pyro_bc.compressed import compressed_model
-from pyro_bc.distributions import K1, K2, K3
-from pyro_bc.export import INPUT_NAME, export_bytes
-from pyro_bc.graph import prune_chain
-from pyro_bc.macs import count_macs
-from pyro_bc.nn import BayesConv2d, BayesLayer
-from pyro_bc.posterior import analyse, choose_precision
-from pyro_bc.train import NegativeELBO, svi_step
+from pyro_bc.bcz import codec
+from pyro_bc.bcz.export import INPUT_NAME, export_bytes
+from pyro_bc.compression.compressed import compressed_model
+from pyro_bc.compression.graph import prune_chain
+from pyro_bc.compression.macs import count_macs
+from pyro_bc.compression.posterior import analyse, choose_precision
+from pyro_bc.infer.distributions import K1, K2, K3
+from pyro_bc.nn.layers import BayesConv2d, BayesLayer
+from pyro_bc.train.loop import NegativeELBO, svi_step
 
 HERE = Path(__file__).parent
 OVERHEAD_NET = str(HERE / "overhead_net.py")  # LeNet-300-100's structure at widths 8-8: bookkeeping only
@@ -666,7 +666,7 @@ def inference_variants_section(results: dict) -> list[str]:
               "folds the weights into the graph as constants and prepacks them for oneDNN; `TorchScript frozen "
               "+ optimize_for_inference` does the same through TorchScript (deprecated in PyTorch, shown as a "
               f"reference), and its chunked row runs {CHUNK} examples at a time; onnxruntime runs the file "
-              "`pyro-bc export --format onnx` writes. MACs per example (`pyro_bc.macs`): dense "
+              "`pyro-bc export --format onnx` writes. MACs per example (`pyro_bc.compression.macs`): dense "
               f"{macs['dense']:,}, compressed {macs['compressed']:,} ({ratio_text(macs)} fewer)."),
              *([f"Measured on its own (`--only inference`): {results['inference_note']}"]
                if results.get("inference_note") else []), "",

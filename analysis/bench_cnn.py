@@ -32,7 +32,7 @@ import pyro
 import torch
 
 from models import build_network
-from pyro_bc.train import NegativeELBO, make_optimizer, svi_step
+from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 
 HERE = Path(__file__).parent
 MODELS = ("vgg", "resnet20")

@@ -1,4 +1,4 @@
-"""Benchmark: the fused LRT ops of :mod:`pyro_bc.fused` against their plain-autograd references.
+"""Benchmark: the fused LRT ops of :mod:`pyro_bc.infer.fused` against their plain-autograd references.
 
 Times forward + backward of both outputs, the draw and the weight KL against ``N(0, 1)`` (gradients of every
 input that a training step differentiates: the layer's input unless it is the data, the scales ``z``, the
@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 
-from pyro_bc.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference
+from pyro_bc.infer.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference
 
 BATCH = 128
 N_DATA = 55_000  # the ELBO weighs the KL by 1 / N against the batch's mean log-likelihood

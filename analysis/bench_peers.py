@@ -61,8 +61,8 @@ from torch import nn
 from models import build_network
 from pyro_bc import bayesianize
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.network import BayesianNet
-from pyro_bc.train import NegativeELBO, make_optimizer, svi_step
+from pyro_bc.nn.network import BayesianNet
+from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 
 HERE = Path(__file__).parent
 LR = 1e-3

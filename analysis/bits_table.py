@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pyro_bc.compression import compress_run
+from pyro_bc.compression.pipeline import compress_run
+from pyro_bc.compression.thresholds import GapRule, ThresholdRule, rule_from_record
 from pyro_bc.errors import BCError
-from pyro_bc.run_dir import CHECKPOINT
-from pyro_bc.thresholds import GapRule, ThresholdRule, rule_from_record
+from pyro_bc.train.run_dir import CHECKPOINT
 
 BUDGET = 0.1  # percentage points of validation error
 HEADER = ["| run | rule | bits per layer (mantissa) | cr_fast | cr_file | test error % | val error % | command |",

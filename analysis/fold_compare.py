@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from pyro_bc import compression, pruned
+from pyro_bc.compression import pipeline as compression
+from pyro_bc.compression import pruned
 
 KEYS = ("architecture", "weights_kept_fraction", "error_posterior_mean", "error_pruned", "error_compressed",
         "val_error_compressed")

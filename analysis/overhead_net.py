@@ -6,7 +6,7 @@ of the full-size gap between a ``pyro_bc`` step and plain PyTorch that bookkeepi
 """
 
 from models import lenet300
-from pyro_bc.network import BayesianNet
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import Prior
 
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from models import BUILTIN_MODELS, build_network
 from pyro_bc.atomic import atomic_write_bytes, atomic_write_text
-from pyro_bc.data import iterate_minibatches, load_mnist
+from pyro_bc.data.datasets import iterate_minibatches, load_mnist
 from pyro_bc.defaults import VAL_SIZE
-from pyro_bc.evaluate import error_percent
+from pyro_bc.metrics.evaluate import error_percent
 
 
 def pretrain(model: str, epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,

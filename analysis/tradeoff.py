@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compression import compress_run, load_run
+from pyro_bc.compression.pipeline import compress_run, load_run
+from pyro_bc.compression.thresholds import GivenThresholds, PriorDefault, ValidationBudget
 from pyro_bc.errors import ConfigError
-from pyro_bc.run_dir import FINETUNE_FILE
-from pyro_bc.thresholds import GivenThresholds, PriorDefault, ValidationBudget
+from pyro_bc.train.run_dir import FINETUNE_FILE
 
 #: Table 1 of the paper: (model, prior) -> (test error %, weights kept %, maximum CR).
 PAPER = {("lenet300", "gnj"): (1.8, 10.8, 58), ("lenet300", "ghs"): (1.8, 10.6, 59),

@@ -33,8 +33,8 @@ from torch import nn
 
 import pyro_bc
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.export import INPUT_NAME, export_module
-from pyro_bc.train import NegativeELBO, make_optimizer, svi_step
+from pyro_bc.bcz.export import INPUT_NAME, export_module
+from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 
 HERE = Path(__file__).parent
 FAMILIES = {  # constructor name -> input size (Inception needs 75 pixels at least)
@@ -53,7 +53,7 @@ def build(name: str) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None, num_classes=10, **EXTRA.get(name, {}))
 
 
-def half_thresholds(net: pyro_bc.network.BayesianNet) -> list[float]:
+def half_thresholds(net: pyro_bc.nn.network.BayesianNet) -> list[float]:
     """Per layer, the midpoint between its two middle log alphas (about half of its groups cut, no ties)."""
     out = []
     for layer in net.layers:
@@ -67,7 +67,7 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def step_ratio(dense: nn.Module, net: pyro_bc.network.BayesianNet, x: torch.Tensor, y: torch.Tensor,
+def step_ratio(dense: nn.Module, net: pyro_bc.nn.network.BayesianNet, x: torch.Tensor, y: torch.Tensor,
                repeats: int) -> dict:
     """Median dense and Bayesian training steps (ms) on one batch, interleaved, and their ratio."""
     pyro.enable_validation(False)

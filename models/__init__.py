@@ -11,9 +11,9 @@ from pathlib import Path
 
 from torch import nn
 
-from pyro_bc.convert import bayesianize
 from pyro_bc.errors import ConfigError
-from pyro_bc.network import BayesianNet
+from pyro_bc.nn.convert import bayesianize
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import Prior, make_prior
 
 MODULES = {"lenet300": "lenet300", "lenet5": "lenet5", "vgg": "vgg", "resnet20": "resnet"}  # name: file

@@ -7,8 +7,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLinear
+from pyro_bc.nn.layers import BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import Prior, make_prior
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import nn
 
 from models.vgg import scaled
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import Prior, make_prior
 
 STAGES = (16, 32, 64)

@@ -14,8 +14,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import Prior, make_prior
 
 CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

@@ -10,14 +10,14 @@ import warnings
 from pathlib import Path
 
 from models import BUILTIN_MODELS
-from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
-from pyro_bc.distributed import is_main_process
 from pyro_bc.errors import BCError
 from pyro_bc.priors import PRIORS
-from pyro_bc.run_dir import CHECKPOINT, TrainConfig
-from pyro_bc.schedule import SCHEDULES
-from pyro_bc.train import PYTHON_MODEL, train
+from pyro_bc.train.checkpoint import load_checkpoint
+from pyro_bc.train.distributed import is_main_process
+from pyro_bc.train.loop import PYTHON_MODEL, train
+from pyro_bc.train.run_dir import CHECKPOINT, TrainConfig
+from pyro_bc.train.schedule import SCHEDULES
 
 
 class Parser(argparse.ArgumentParser):
@@ -154,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """``pyro-bc compress``: prune by the chosen threshold rule, write the ``.bcz`` and ``MODEL.json``."""
-    from pyro_bc.compression import compress_run, format_table
+    from pyro_bc.compression.pipeline import compress_run, format_table
 
     # no threshold option: the priors' defaults, or for a fine-tuning run the structure it was given
     summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
@@ -169,7 +169,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``pyro-bc evaluate``: print a ``.bcz`` file's test error, NLL, Brier score, ECE and timings (and, with
     ``--samples K``, the compressed Bayesian network's metrics) as one JSON object."""
-    from pyro_bc.compression import evaluate_file
+    from pyro_bc.compression.pipeline import evaluate_file
 
     print(json.dumps(evaluate_file(args.model, data=args.data, samples=args.samples,
                                    rotation=args.shift == "rotate", ood=args.ood)))
@@ -178,9 +178,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_recode(args: argparse.Namespace) -> int:
     """``pyro-bc recode``: rewrite a ``.bcz`` file in the newest format with the same codes."""
-    from pyro_bc.bcz_v2 import VERSION
-    from pyro_bc.bcz_v3 import VERSION as VERSION_WITH_VARIANCES
-    from pyro_bc.codec import read_bcz, recode
+    from pyro_bc.bcz.codec import read_bcz, recode
+    from pyro_bc.bcz.v2 import VERSION
+    from pyro_bc.bcz.v3 import VERSION as VERSION_WITH_VARIANCES
 
     size = recode(args.model, args.out, bias=args.bias)
     version = VERSION if read_bcz(args.out).variances is None else VERSION_WITH_VARIANCES
@@ -189,7 +189,7 @@ def cmd_recode(args: argparse.Namespace) -> int:
 
 
 def _add_recode_parser(sub) -> None:
-    from pyro_bc.codec import BIAS_ROUNDING
+    from pyro_bc.bcz.codec import BIAS_ROUNDING
 
     p = sub.add_parser("recode", help="rewrite a .bcz file in the newest format with the same codes")
     p.add_argument("model", help="a .bcz file of any supported version")
@@ -201,7 +201,7 @@ def _add_recode_parser(sub) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``pyro-bc export``: write a ``.bcz`` file's network as ONNX or a ``torch.export`` program."""
-    from pyro_bc.export import export_bcz
+    from pyro_bc.bcz.export import export_bcz
 
     size = export_bcz(args.model, args.out, args.format)
     print(f"wrote {args.out} ({args.format}, {size} bytes, dynamic batch dimension)")
@@ -209,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export_parser(sub) -> None:
-    from pyro_bc.export import FORMATS
+    from pyro_bc.bcz.export import FORMATS
 
     p = sub.add_parser("export", help="write a .bcz file's network as ONNX or a torch.export program (.pt2)")
     p.add_argument("model", help="a .bcz file")
@@ -220,8 +220,8 @@ def _add_export_parser(sub) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``pyro-bc finetune``: compress a run's network by the chosen rule, then train its kept weights further."""
-    from pyro_bc.finetuning import finetune_run
-    from pyro_bc.thresholds import rule_from_options
+    from pyro_bc.compression.finetuning import finetune_run
+    from pyro_bc.compression.thresholds import rule_from_options
 
     rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
     last = finetune_run(args.run_dir, args.out, epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule,
@@ -295,9 +295,9 @@ DEMO_THRESHOLDS = [-2.8, -3.0, -5.0]  # the official LeNet-300-100 thresholds (d
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``pyro-bc demo``: train LeNet-300-100 (gnj), compress it at the official thresholds, write the report."""
-    from pyro_bc.compression import compress_run, format_table
-    from pyro_bc.report import write_report
-    from pyro_bc.thresholds import GivenThresholds
+    from pyro_bc.compression.pipeline import compress_run, format_table
+    from pyro_bc.compression.thresholds import GivenThresholds
+    from pyro_bc.report.write import write_report
 
     run_dir = Path(args.out)
     config = TrainConfig(model="lenet300", prior="gnj", epochs=args.epochs, data=args.data, threads=args.threads)
@@ -315,7 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``pyro-bc report``: write ``RUN_DIR/report.md`` and print its path."""
-    from pyro_bc.report import write_report
+    from pyro_bc.report.write import write_report
 
     print(write_report(args.run_dir, args.compressed, predictive_samples=args.predictive_samples))
     return 0

@@ -11,8 +11,8 @@ torch.set_num_threads(1)
 
 import pytest
 
-from pyro_bc.run_dir import TrainConfig
-from pyro_bc.train import train
+from pyro_bc.train.loop import train
+from pyro_bc.train.run_dir import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import pyro_bc
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLayer
+from pyro_bc.nn.layers import BayesConv2d, BayesLayer
+from pyro_bc.nn.network import BayesianNet
 
 
 def posterior_means(layer: BayesLayer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Bit rules (:mod:`pyro_bc.bits`): the variance rule and the validation error budget on a hand-built posterior
+"""Bit rules (:mod:`pyro_bc.compression.bits`): the variance rule and the validation error budget on a hand-built posterior
 whose answer is known, then through ``compress_run``, the command line and ``analysis/bits_table.py``."""
 
 import json
@@ -10,17 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_bc.bits import TOLERANCE, BitsInputs, ValidationBitsBudget, VarianceRule, bits_rule_from_options
 from pyro_bc.cli import main
-from pyro_bc.compressed import compressed_module
-from pyro_bc.compression import compress_run, format_table, load_run
+from pyro_bc.compression.bits import TOLERANCE, BitsInputs, ValidationBitsBudget, VarianceRule, bits_rule_from_options
+from pyro_bc.compression.compressed import compressed_module
+from pyro_bc.compression.graph import prune_chain
+from pyro_bc.compression.pipeline import compress_run, format_table, load_run
+from pyro_bc.compression.posterior import LayerPosterior, Precision, PrunedLayer, analyse, choose_precision
+from pyro_bc.compression.thresholds import GapRule, GivenThresholds, ThresholdInputs
 from pyro_bc.errors import ConfigError
-from pyro_bc.evaluate import error_percent
-from pyro_bc.graph import prune_chain
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLinear
-from pyro_bc.posterior import LayerPosterior, Precision, PrunedLayer, analyse, choose_precision
-from pyro_bc.thresholds import GapRule, GivenThresholds, ThresholdInputs
+from pyro_bc.metrics.evaluate import error_percent
+from pyro_bc.nn.layers import BayesLinear
+from pyro_bc.nn.network import BayesianNet
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
 import bits_table

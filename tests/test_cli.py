@@ -22,15 +22,15 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_bc import codec
-from pyro_bc.checkpoint import load_checkpoint
+from pyro_bc.bcz import codec
 from pyro_bc.cli import main
-from pyro_bc.compression import load_run
-from pyro_bc.data import load_mnist
+from pyro_bc.compression.pipeline import load_run
+from pyro_bc.compression.posterior import analyse
+from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import ConfigError
-from pyro_bc.posterior import analyse
-from pyro_bc.run_dir import CHECKPOINT, LOCK, METRICS, TrainConfig
-from pyro_bc.train import train
+from pyro_bc.train.checkpoint import load_checkpoint
+from pyro_bc.train.loop import train
+from pyro_bc.train.run_dir import CHECKPOINT, LOCK, METRICS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--subset", "200", "--batch-size", "100", "--val-size", "500", "--seed", "1"]
@@ -142,8 +142,8 @@ def test_cli_evaluate_reproduces_a_committed_result(capsys):
     assert result["error"] == json.loads(path.with_suffix(".json").read_text())["error_compressed"]
     assert result["ms_per_batch_compressed"] > 0 and result["ms_per_batch_original"] > 0
     # NLL and Brier score by a second implementation: torch's cross entropy of the logits, the one-hot distance
-    from pyro_bc.data import load_data
-    from pyro_bc.metrics import ece
+    from pyro_bc.data.datasets import load_data
+    from pyro_bc.metrics.scores import ece
 
     test = load_data(None).test
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_cli_compress_records_predictive_metrics(run, tmp_path):
     record = summary["predictive"]
     assert record["samples"] == 2
     assert set(record) == {"samples", "full_posterior", "posterior_mean", "compressed_deterministic"}
-    # the deterministic networks' errors are the summary's own (computed from logits by pyro_bc.evaluate)
+    # the deterministic networks' errors are the summary's own (computed from logits by pyro_bc.metrics.evaluate)
     assert record["posterior_mean"]["error"] == pytest.approx(summary["error_posterior_mean"])
     assert record["compressed_deterministic"]["error"] == pytest.approx(summary["error_compressed"])
     for metrics in record.values():
@@ -340,7 +340,7 @@ POISON_MODEL = textwrap.dedent(f"""
     import torch
 
     from models.lenet300 import build as build_lenet300
-    from pyro_bc.network import BayesianNet
+    from pyro_bc.nn.network import BayesianNet
 
 
     class PoisonedNet(BayesianNet):

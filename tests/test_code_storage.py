@@ -1,4 +1,4 @@
-"""The three storages of a code array (pyro_bc.code_storage) and the varints under them (pyro_bc.binary):
+"""The three storages of a code array (pyro_bc.bcz.code_storage) and the varints under them (pyro_bc.bcz.binary):
 decoding gives back every code bit for bit, and a block is refused unless it is exactly one valid block."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyro_bc.binary import BadData, Reader, svarint, uvarint, uvarints
-from pyro_bc.code_storage import CODED, PACKED, SPARSE, STORAGES, decode_codes, encode_as, encode_codes
+from pyro_bc.bcz.binary import BadData, Reader, svarint, uvarint, uvarints
+from pyro_bc.bcz.code_storage import CODED, PACKED, SPARSE, STORAGES, decode_codes, encode_as, encode_codes
 
 INT64 = (-(2**63), 2**63 - 1)
 

@@ -1,4 +1,4 @@
-"""Tests of the ``.bcz`` compressed-model format (pyro_bc.codec: version 2 written, versions 1 and 2 read) and of
+"""Tests of the ``.bcz`` compressed-model format (pyro_bc.bcz.codec: version 2 written, versions 1 and 2 read) and of
 ``pyro_bc.load``: round trips, rebuilt modules, and fuzzed files of both versions (truncations, bit flips,
 lying sizes) that must each give one FormatError line naming the path."""
 
@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyro_bc
-from pyro_bc import bcz_model, bcz_v1, code_storage, codec
-from pyro_bc.binary import Reader, svarint, uvarint, uvarints
-from pyro_bc.codec import CompressedModel, Op, QuantizedLayer, load, read_bcz, to_module, write_bcz
-from pyro_bc.data import load_mnist
+from pyro_bc.bcz import code_storage, codec
+from pyro_bc.bcz import model as bcz_model
+from pyro_bc.bcz import v1 as bcz_v1
+from pyro_bc.bcz.binary import Reader, svarint, uvarint, uvarints
+from pyro_bc.bcz.codec import CompressedModel, Op, QuantizedLayer, load, read_bcz, to_module, write_bcz
+from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import FormatError
-from pyro_bc.evaluate import error_percent
+from pyro_bc.metrics.evaluate import error_percent
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -561,7 +563,7 @@ COMMITTED = sorted(RESULTS.rglob("MODEL.bcz"))  # every run's file, seeds and th
 
 @pytest.mark.slow
 def test_importing_the_package_leaves_the_codec_for_load() -> None:
-    code = "import sys, pyro_bc; print('pyro_bc.codec' in sys.modules)"
+    code = "import sys, pyro_bc; print('pyro_bc.bcz.codec' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

@@ -8,8 +8,8 @@ from torch import nn
 
 import pyro_bc
 from pyro_bc.errors import ConfigError
-from pyro_bc.nn import BayesConv2d, BayesLinear
-from pyro_bc.reparam import LocalReparameterization
+from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
 
 
 class Residual(nn.Module):
@@ -151,7 +151,7 @@ def test_a_linear_layer_on_tokens_draws_one_group_scale_per_example():
         layer.weight_logvar.fill_(-40.0)
         layer.bias_logvar.fill_(-40.0)
         layer.prior.z_logvar.fill_(-2.0)  # z noise only: sd about 0.37 around 1
-    net = pyro_bc.network.BayesianNet(nn.Sequential(layer), input_shape=(4, 5))
+    net = pyro_bc.nn.network.BayesianNet(nn.Sequential(layer), input_shape=(4, 5))
     token = torch.randn(5)
     x = torch.stack([torch.stack([token, token, torch.randn(5), token]) for _ in range(2000)])  # (2000, 4, 5)
     pyro.set_rng_seed(1)

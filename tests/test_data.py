@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pyro_bc.data import (
+from pyro_bc.data.datasets import (
     DEFAULT_DATA_DIR,
     MNIST_FILES,
     Split,

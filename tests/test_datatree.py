@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from models import lenet5, lenet300
-from pyro_bc.datatree import load_datatree, save_datatree, to_datatree
+from pyro_bc.report.datatree import load_datatree, save_datatree, to_datatree
 
 
 @pytest.mark.parametrize("prior", ["gnj", "ghs", "lu"])
@@ -70,8 +70,8 @@ def test_predictions_group_holds_draws_of_the_predictive(tmp_path):
     import arviz as az
     import torch
 
-    from pyro_bc.datatree import predictions_datatree, with_predictions
-    from pyro_bc.predict import predictive
+    from pyro_bc.metrics.predict import predictive
+    from pyro_bc.report.datatree import predictions_datatree, with_predictions
 
     torch.manual_seed(0)
     net = lenet300.build(prior="gnj")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from models import build_network
-from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.cli import main
-from pyro_bc.distributed import ProcessGroup, backend_for, from_environment
 from pyro_bc.errors import ConfigError
-from pyro_bc.run_dir import TrainConfig
-from pyro_bc.train import NegativeELBO, train
+from pyro_bc.train.checkpoint import load_checkpoint
+from pyro_bc.train.distributed import ProcessGroup, backend_for, from_environment
+from pyro_bc.train.loop import NegativeELBO, train
+from pyro_bc.train.run_dir import TrainConfig
 
 # 497 examples: 15 global batches of 32 and a last one of 17, split 8 / 9 between the two processes
 SUBSET, PER_PROCESS_BATCH, EPOCHS = 497, 16, 2

@@ -1,4 +1,4 @@
-"""Tests for :mod:`pyro_bc.distributions`: priors, KL rules and their dispatch, checked against independent numerics."""
+"""Tests for :mod:`pyro_bc.infer.distributions`: priors, KL rules and their dispatch, checked against independent numerics."""
 
 import math
 
@@ -12,7 +12,7 @@ from pyro.infer import Predictive, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 from torch.distributions.kl import _dispatch_kl
 
-from pyro_bc.distributions import (
+from pyro_bc.infer.distributions import (
     LogNormalLogVar,
     LogUniform,
     NormalLogVar,
@@ -273,7 +273,7 @@ def test_mean_field_elbo_uses_registered_kls() -> None:
 def test_normal_logvar_matches_normal_and_its_kl():
     """NormalLogVar is Normal(loc, exp(logvar/2)); its fast KL equals torch's generic Normal rule."""
     torch.manual_seed(11)
-    from pyro_bc.distributions import NormalLogVar
+    from pyro_bc.infer.distributions import NormalLogVar
 
     loc, logvar = torch.randn(4, 5), torch.randn(4, 5) - 2
     p, ref = NormalLogVar(loc, logvar), dist.Normal(loc, (0.5 * logvar).exp())

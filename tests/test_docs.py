@@ -34,18 +34,18 @@ from pathlib import Path
 import pyro
 import pytest
 
-from pyro_bc import reparam
 from pyro_bc.cli import build_parser, main
-from pyro_bc.data import DEFAULT_DATA_DIR
-from pyro_bc.idx import write_idx
-from pyro_bc.mnist import MNIST_FILES, read_mnist
+from pyro_bc.data.datasets import DEFAULT_DATA_DIR
+from pyro_bc.data.idx import write_idx
+from pyro_bc.data.mnist import MNIST_FILES, read_mnist
+from pyro_bc.infer import reparam
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 OPEN = "<!-- docs-test:"
 #: names the docs mention on purpose although they no longer exist
-FORMER_NAMES = {"pyro_bc.inspect": "the former name of pyro_bc.datatree, given as such"}
+FORMER_NAMES = {"pyro_bc.inspect": "the former name of pyro_bc.report.datatree, given as such"}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Evaluation helpers (pyro_bc.evaluate): classification error and groups below a log alpha cut."""
+"""Evaluation helpers (pyro_bc.metrics.evaluate): classification error and groups below a log alpha cut."""
 
 import math
 from collections import OrderedDict
@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from pyro_bc.defaults import KEPT_LOG_ALPHA
-from pyro_bc.evaluate import error_percent, groups_below
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.metrics.evaluate import error_percent, groups_below
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_bc import codec
+from pyro_bc.bcz import codec
+from pyro_bc.bcz.export import BATCH_DIM, FORMATS, INPUT_NAME, FixedAdaptiveAvgPool2d, export_module
 from pyro_bc.cli import main
 from pyro_bc.errors import ConfigError
-from pyro_bc.export import BATCH_DIM, FORMATS, INPUT_NAME, FixedAdaptiveAvgPool2d, export_module
 
 RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"
 FILES = {"lenet300": RESULTS / "lenet300-gnj" / "MODEL.bcz", "lenet5": RESULTS / "lenet5-gnj" / "MODEL.bcz"}

@@ -11,16 +11,16 @@ from torch import nn
 
 import pyro_bc
 from pyro_bc.cli import main
+from pyro_bc.compression.finetuning import LayerMask, PruningMask, load_masks
+from pyro_bc.compression.thresholds import KeptStructure
 from pyro_bc.errors import CheckpointError, ConfigError
-from pyro_bc.finetuning import LayerMask, PruningMask, load_masks
-from pyro_bc.thresholds import KeptStructure
-from pyro_bc.train import NegativeELBO
+from pyro_bc.train.loop import NegativeELBO
 
 # Molchanov et al. (2017), eq. 14: KL(N(mu, s^2) || LogUniform) ~= K1 - K1 sigmoid(K2 + K3 log a) + softplus(-log a)/2
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
 
-def _two_layer_net() -> pyro_bc.network.BayesianNet:
+def _two_layer_net() -> pyro_bc.nn.network.BayesianNet:
     """4 inputs -> 3 hidden (ReLU) -> 2 classes, gnj; every kept quantity near-certain (variance e^-40), the entries
     the masks prune wildly uncertain and large, so that counting them would change the loss."""
     torch.manual_seed(0)

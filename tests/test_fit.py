@@ -11,13 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
-from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.cli import main
-from pyro_bc.compression import load_run
-from pyro_bc.data import load_data
+from pyro_bc.compression.graph import analyse_network, prune_network
+from pyro_bc.compression.pipeline import load_run
+from pyro_bc.compression.posterior import analyse
+from pyro_bc.data.datasets import load_data
 from pyro_bc.errors import CheckpointError, ConfigError
-from pyro_bc.graph import analyse_network, prune_network
-from pyro_bc.posterior import analyse
+from pyro_bc.train.checkpoint import load_checkpoint
 
 
 def _synthetic(n: int = 192, seed: int = 0, shape=(1, 4, 4), classes: int = 3):
@@ -27,7 +27,7 @@ def _synthetic(n: int = 192, seed: int = 0, shape=(1, 4, 4), classes: int = 3):
     return x, y
 
 
-def _tiny_net() -> pyro_bc.network.BayesianNet:
+def _tiny_net() -> pyro_bc.nn.network.BayesianNet:
     torch.manual_seed(0)
     return pyro_bc.bayesianize(nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)))
 

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_data import SIDE, cifar_batch, write_cifar, write_npz
 
-from pyro_bc.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, read_batch
-from pyro_bc.data import MNIST_FILES, channel_stats, detect_format, load_data, load_mnist, write_idx
+from pyro_bc.data.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, read_batch
+from pyro_bc.data.datasets import MNIST_FILES, channel_stats, detect_format, load_data, load_mnist, write_idx
+from pyro_bc.data.npz import read_npz
+from pyro_bc.data.safe_pickle import load_pickle
 from pyro_bc.errors import ConfigError, DataError
-from pyro_bc.npz import read_npz
-from pyro_bc.safe_pickle import load_pickle
 
 
 def _raw_cifar(d):

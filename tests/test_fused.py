@@ -1,4 +1,4 @@
-"""The fused LRT ops (:mod:`pyro_bc.fused`), both outputs (the draw and the weight KL), against their
+"""The fused LRT ops (:mod:`pyro_bc.infer.fused`), both outputs (the draw and the weight KL), against their
 plain-autograd references."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from models import build_network
-from pyro_bc import reparam
-from pyro_bc.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference
-from pyro_bc.nn import BayesConv2d, BayesLinear
-from pyro_bc.train import NegativeELBO, make_optimizer, svi_step
+from pyro_bc.infer import reparam
+from pyro_bc.infer.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 
 NAMES = ("x", "z", "mu", "logvar", "b_mu", "b_var")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

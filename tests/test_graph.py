@@ -1,4 +1,4 @@
-"""Compression of bodies that are not flat sequences (pyro_bc.graph): BatchNorm folded exactly, channels coupled
+"""Compression of bodies that are not flat sequences (pyro_bc.compression.graph): BatchNorm folded exactly, channels coupled
 through residual sums, concatenations and depthwise convolutions (hand-set log alphas, known kept channels), the
 compressed graph written, loaded and equal to the masked posterior-mean network, and compress against evaluate
 for a tiny trained ResNet and VGG."""
@@ -16,16 +16,16 @@ import models.resnet
 import models.vgg
 import pyro_bc
 from models import build_network
-from pyro_bc import codec
-from pyro_bc.compressed import compressed_model, compressed_module
-from pyro_bc.compression import compress, evaluate_file
-from pyro_bc.data import load_data
+from pyro_bc.bcz import codec
+from pyro_bc.compression.compressed import compressed_model, compressed_module
+from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_chain, prune_network
+from pyro_bc.compression.pipeline import compress, evaluate_file
+from pyro_bc.compression.posterior import analyse
+from pyro_bc.compression.thresholds import ThresholdInputs, ValidationBudget
+from pyro_bc.data.datasets import load_data
 from pyro_bc.errors import ConfigError
-from pyro_bc.graph import BodyGraph, analyse_network, prune_chain, prune_network
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
-from pyro_bc.posterior import analyse
-from pyro_bc.thresholds import ThresholdInputs, ValidationBudget
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 
 KEPT, DROPPED = -30.0, 5.0  # z log-variances: log alpha about -30 (kept) or 5 (dropped) with E[z] near 1
 

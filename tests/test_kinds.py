@@ -1,4 +1,4 @@
-"""The layer-kind table (pyro_bc.kinds): each kind's MACs against hand counts, the file's pairs of a 1-D convolution,
+"""The layer-kind table (pyro_bc.nn.kinds): each kind's MACs against hand counts, the file's pairs of a 1-D convolution,
 and a 1-D convolutional network (the kind added through the table) through bayesianize -> fit -> compress -> load ->
 ONNX, against the network masked by hand."""
 
@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyro_bc
-from pyro_bc.export import INPUT_NAME, export_module
-from pyro_bc.kinds import KIND, LAYER_KINDS, kind_of
-from pyro_bc.nn import BAYES_LAYERS
+from pyro_bc.bcz.export import INPUT_NAME, export_module
+from pyro_bc.nn.kinds import KIND, LAYER_KINDS, kind_of
+from pyro_bc.nn.layers import BAYES_LAYERS
 
 
 def test_every_kind_has_a_bayesian_layer_a_reparameterisation_and_a_wire_id():
-    from pyro_bc.bcz_model import WEIGHT_DIMS, WIRE_IDS
-    from pyro_bc.reparam import OPS
+    from pyro_bc.bcz.model import WEIGHT_DIMS, WIRE_IDS
+    from pyro_bc.infer.reparam import OPS
 
     for kind in LAYER_KINDS:
         assert BAYES_LAYERS[kind.name].kind is kind and OPS[kind.name].name == kind.name

@@ -11,13 +11,13 @@ from masked_reference import unambiguous_threshold
 from torch import nn
 
 from models import build_network
-from pyro_bc import codec
-from pyro_bc.compression import compress_run, format_table, load_run
-from pyro_bc.macs import add_macs, count_macs
-from pyro_bc.posterior import analyse
-from pyro_bc.report import _compression_section
-from pyro_bc.run_dir import TrainConfig
-from pyro_bc.train import train
+from pyro_bc.bcz import codec
+from pyro_bc.compression.macs import add_macs, count_macs
+from pyro_bc.compression.pipeline import compress_run, format_table, load_run
+from pyro_bc.compression.posterior import analyse
+from pyro_bc.report.write import _compression_section
+from pyro_bc.train.loop import train
+from pyro_bc.train.run_dir import TrainConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"
 # conv1 20*1*5*5 * 24*24, conv2 50*20*5*5 * 8*8, fc1 800*500, fc2 500*10

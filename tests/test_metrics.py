@@ -1,4 +1,4 @@
-"""Metrics of class probabilities (pyro_bc.metrics) against cases worked by hand."""
+"""Metrics of class probabilities (pyro_bc.metrics.scores) against cases worked by hand."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_bc.errors import ConfigError
-from pyro_bc.metrics import ECE_BINS, brier, classification_metrics, ece, error, nll
+from pyro_bc.metrics.scores import ECE_BINS, brier, classification_metrics, ece, error, nll
 
 # Four examples of three classes; every top-class probability lies inside a bin of width 1/15 (no edge).
 PROBS = torch.tensor([[0.70, 0.20, 0.10],    # label 0: right, confidence 0.70 (bin 10)

@@ -11,10 +11,10 @@ import models.resnet
 import models.vgg
 from models import BUILTIN_MODELS, build_network
 from pyro_bc.errors import ConfigError
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import PRIORS, GroupHorseshoe
-from pyro_bc.reparam import LocalReparameterization
 
 LAYOUT = {  # layer names, kinds, groups per layer, weights in all
     "lenet300": (["fc1", "fc2", "fc3"], [BayesLinear] * 3, [784, 300, 100], 266_200),
@@ -67,8 +67,8 @@ def _write(tmp_path, text: str) -> str:
 
 USER_NET = """
 from torch import nn
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLinear
+from pyro_bc.nn.network import BayesianNet
+from pyro_bc.nn.layers import BayesLinear
 
 def build(prior):
     return BayesianNet(nn.Sequential(nn.Flatten(), BayesLinear(784, 10, prior)), input_shape=(1, 28, 28))

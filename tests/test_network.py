@@ -1,4 +1,4 @@
-"""BayesianNet (pyro_bc.network): site names and order, Pyro's tools on the model, parameters in Pyro's param store,
+"""BayesianNet (pyro_bc.nn.network): site names and order, Pyro's tools on the model, parameters in Pyro's param store,
 the posterior-mean network and initialisation from a deterministic network."""
 
 import math
@@ -14,12 +14,12 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 
-from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.errors import ConfigError
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.infer.elbo import MeanFieldELBO
+from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
-from pyro_bc.reparam import LocalReparameterization
 
 PRIORS = ["gnj", "ghs", "lu", "rhs"]
 SCALE_SITES = {"gnj": ["z"], "ghs": ["s_a", "s_b", "z_a", "z_b"], "rhs": ["s_a", "s_b", "z_a", "z_b"], "lu": []}
@@ -121,7 +121,7 @@ def test_register_params_replaces_a_stale_entry_of_another_network():
 @pytest.mark.parametrize("prior", PRIORS)
 def test_pyro_svi_trains_the_network(prior, elbo, validate):
     """Pyro's own SVI and optimiser, one local-reparameterisation handler per step. Pyro's validation is set
-    either way explicitly: pyro_bc.train.train turns it off for the rest of the process."""
+    either way explicitly: pyro_bc.train.loop.train turns it off for the rest of the process."""
     pyro.set_rng_seed(3)
     net = _net(prior)
     x, y = _data(32)

@@ -1,4 +1,4 @@
-"""Bayesian layers (pyro_bc.nn): prior distributions, groups, weight moments, posterior-mean modules, clipping."""
+"""Bayesian layers (pyro_bc.nn.layers): prior distributions, groups, weight moments, posterior-mean modules, clipping."""
 
 import math
 
@@ -8,13 +8,13 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyro_bc.distributions import LogUniform, StandardNormal
-from pyro_bc.elbo import MeanFieldELBO
 from pyro_bc.errors import ConfigError
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.infer.distributions import LogUniform, StandardNormal
+from pyro_bc.infer.elbo import MeanFieldELBO
+from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import GroupNormalJeffreys, make_prior
-from pyro_bc.reparam import LocalReparameterization
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
 """Posterior analysis, pruning with propagation, bit precision and the compressed network
-(:mod:`pyro_bc.compressed`), checked against hand-built cases with known answers (never against the
+(:mod:`pyro_bc.compression.compressed`), checked against hand-built cases with known answers (never against the
 code's own formulas)."""
 
 import dataclasses
@@ -14,13 +14,10 @@ from torch import nn
 
 import models.lenet5
 import models.lenet300
-from pyro_bc import codec
-from pyro_bc.compressed import compressed_model
-from pyro_bc.errors import ConfigError
-from pyro_bc.graph import prune_chain
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d
-from pyro_bc.posterior import (
+from pyro_bc.bcz import codec
+from pyro_bc.compression.compressed import compressed_model
+from pyro_bc.compression.graph import prune_chain
+from pyro_bc.compression.posterior import (
     LayerPosterior,
     Precision,
     PrunedLayer,
@@ -33,6 +30,9 @@ from pyro_bc.posterior import (
     mantissa_bits_per_weight,
     quantize,
 )
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn.layers import BayesConv2d
+from pyro_bc.nn.network import BayesianNet
 
 LOW, HIGH = -10.0, 10.0  # log alpha of a kept / a dropped group; thresholds at 0
 

@@ -1,4 +1,4 @@
-"""The posterior predictive (pyro_bc.predict): local-reparameterisation draws against explicit weight
+"""The posterior predictive (pyro_bc.metrics.predict): local-reparameterisation draws against explicit weight
 sampling (Monte Carlo, seeded, compared within standard errors), the posterior mean, seeding, sources."""
 
 from collections import OrderedDict
@@ -11,9 +11,9 @@ from torch import nn
 
 import pyro_bc
 from pyro_bc.errors import ConfigError
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLinear
-from pyro_bc.predict import predictive
+from pyro_bc.metrics.predict import predictive
+from pyro_bc.nn.layers import BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
 
 
@@ -96,7 +96,7 @@ def test_seeded_batched_and_leaves_global_state_alone():
 
 
 def test_run_directory_and_package_export(run):
-    from pyro_bc.compression import load_run
+    from pyro_bc.compression.pipeline import load_run
 
     net = load_run(run)[0]
     x = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))

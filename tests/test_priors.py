@@ -16,10 +16,11 @@ from pyro import poutine
 from pyro.distributions import LogNormal
 from torch import nn
 
-from pyro_bc.distributions import LogNormalLogVar, StandardNormal
 from pyro_bc.errors import ConfigError
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
+from pyro_bc.infer.distributions import LogNormalLogVar, StandardNormal
+from pyro_bc.infer.reparam import LRT_ONLY, group_scale
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import (
     PRIORS,
     GroupHorseshoe,
@@ -30,8 +31,7 @@ from pyro_bc.priors import (
     make_prior,
 )
 from pyro_bc.priors.base import Noise, logvar_init, normal_init
-from pyro_bc.reparam import LRT_ONLY, group_scale
-from pyro_bc.train import NegativeELBO, svi_step
+from pyro_bc.train.loop import NegativeELBO, svi_step
 
 N_DRAWS = 200_000
 GROUPS = 4

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 import pyro_bc
-from pyro_bc.graph import analyse_network
-from pyro_bc.posterior import analyse
-from pyro_bc.pruned import check_pruning, layer_input_means, summary_pruning
+from pyro_bc.compression.graph import analyse_network
+from pyro_bc.compression.posterior import analyse
+from pyro_bc.compression.pruned import check_pruning, layer_input_means, summary_pruning
 
 CONSTANT_BIAS = 0.7  # the pruned channel's bias: it outputs relu(0.7) at every position
 
 
-def _network(padding: int = 0) -> pyro_bc.network.BayesianNet:
+def _network(padding: int = 0) -> pyro_bc.nn.network.BayesianNet:
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=padding), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * (6 + 2 * padding) ** 2, 5))

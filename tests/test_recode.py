@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyro_bc import bcz_v1, codec
+from pyro_bc.bcz import codec
+from pyro_bc.bcz import v1 as bcz_v1
+from pyro_bc.bcz.codec import CompressedModel, Op, QuantizedLayer
 from pyro_bc.cli import main
-from pyro_bc.codec import CompressedModel, Op, QuantizedLayer
 
 
 def model() -> CompressedModel:

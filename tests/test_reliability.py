@@ -16,9 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyro_bc.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.errors import CheckpointError
-from pyro_bc.run_dir import CHECKPOINT
+from pyro_bc.train.checkpoint import load_checkpoint, save_checkpoint
+from pyro_bc.train.run_dir import CHECKPOINT
 
 # Fuzzed checkpoint loader ------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The local reparameterisation (LRT) path agrees in distribution with explicit weight sampling.
 
 Reference: weights drawn directly from the guide's Normal/LogNormal factors in one batch and the
-outputs computed by hand (einsum over input patches), independent of ``pyro_bc.reparam``.
+outputs computed by hand (einsum over input patches), independent of ``pyro_bc.infer.reparam``.
 """
 
 import math
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 
-from pyro_bc.nn import BayesConv1d, BayesConv2d, BayesLinear
+from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.nn.layers import BayesConv1d, BayesConv2d, BayesLinear
 from pyro_bc.priors import make_prior
-from pyro_bc.reparam import LocalReparameterization
 
 S = 50000
 TAU0 = 1e-3

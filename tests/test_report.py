@@ -14,14 +14,15 @@ from PIL import Image
 from tiny_data import write_cifar
 
 from models import build_network
-from pyro_bc import codec, plots
-from pyro_bc.checkpoint import save_checkpoint
-from pyro_bc.compression import compress_run, original_network
-from pyro_bc.datatree import load_datatree, to_datatree
+from pyro_bc.bcz import codec
+from pyro_bc.compression.pipeline import compress_run, original_network
 from pyro_bc.errors import ConfigError
-from pyro_bc.report import write_report
-from pyro_bc.run_dir import TrainConfig
-from pyro_bc.train import train
+from pyro_bc.report import plots
+from pyro_bc.report.datatree import load_datatree, to_datatree
+from pyro_bc.report.write import write_report
+from pyro_bc.train.checkpoint import save_checkpoint
+from pyro_bc.train.loop import train
+from pyro_bc.train.run_dir import TrainConfig
 
 
 def _assert_png(path):
@@ -116,7 +117,7 @@ def test_report_takes_the_kept_groups_from_model_json_without_pruning(run_copy, 
     def no_pruning(*args, **kwargs):
         raise AssertionError("the report pruned again")
 
-    monkeypatch.setattr("pyro_bc.report.prune_network", no_pruning)
+    monkeypatch.setattr("pyro_bc.report.write.prune_network", no_pruning)
     calls = _input_mask_spy(monkeypatch)
     text = write_report(run_copy, run_copy / "EDITED.bcz", num_samples=20).read_text()
     ((name, keep, threshold),) = calls
@@ -176,7 +177,7 @@ def test_report_of_an_uncompressed_residual_network_prunes_across_the_graph(tmp_
 
 @pytest.mark.slow
 def test_report_does_not_import_training():
-    code = "import sys, pyro_bc.report; print('pyro_bc.train' in sys.modules)"
+    code = "import sys, pyro_bc.report.write; print('pyro_bc.train.loop' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

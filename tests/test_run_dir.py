@@ -1,4 +1,4 @@
-"""Run directories (pyro_bc.run_dir): the training configuration's defaults, the lock, the writability check."""
+"""Run directories (pyro_bc.train.run_dir): the training configuration's defaults, the lock, the writability check."""
 
 import dataclasses
 import os
@@ -8,7 +8,16 @@ import pytest
 
 from pyro_bc import defaults
 from pyro_bc.errors import ConfigError
-from pyro_bc.run_dir import CHECKPOINT, CONFIG, LOCK, METRICS, RunLock, TrainConfig, prepare_run_dir, removed_if_refused
+from pyro_bc.train.run_dir import (
+    CHECKPOINT,
+    CONFIG,
+    LOCK,
+    METRICS,
+    RunLock,
+    TrainConfig,
+    prepare_run_dir,
+    removed_if_refused,
+)
 
 
 def test_train_config_defaults_come_from_pyro_bc_defaults():

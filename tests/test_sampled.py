@@ -1,4 +1,4 @@
-"""The compressed Bayesian network (pyro_bc.sampled) and its version-3 ``.bcz`` file (pyro_bc.bcz_v3): stored
+"""The compressed Bayesian network (pyro_bc.compression.sampled) and its version-3 ``.bcz`` file (pyro_bc.bcz.v3): stored
 variances against the guide's, the draws' moments against closed forms (Monte Carlo within standard errors),
 zero variances against the deterministic network, the file's bytes against version 2, and broken files."""
 
@@ -17,17 +17,19 @@ import torch
 from torch import nn
 
 import pyro_bc
-from pyro_bc import bcz_v2, bcz_v3, codec
-from pyro_bc.bcz_model import CompressedModel, LayerVariance, Op, QuantizedLayer, Variances
-from pyro_bc.bits import BitsInputs, BitsRule
-from pyro_bc.compression import compress
+from pyro_bc.bcz import codec
+from pyro_bc.bcz import v2 as bcz_v2
+from pyro_bc.bcz import v3 as bcz_v3
+from pyro_bc.bcz.model import CompressedModel, LayerVariance, Op, QuantizedLayer, Variances
+from pyro_bc.compression.bits import BitsInputs, BitsRule
+from pyro_bc.compression.pipeline import compress
+from pyro_bc.compression.posterior import Precision
+from pyro_bc.compression.sampled import CompressedBayesianNet, SampledLayer, to_bayesian_module
 from pyro_bc.errors import FormatError
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesConv2d, BayesLinear
-from pyro_bc.posterior import Precision
-from pyro_bc.predict import predictive
+from pyro_bc.metrics.predict import predictive
+from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
-from pyro_bc.sampled import CompressedBayesianNet, SampledLayer, to_bayesian_module
 
 RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"
 
@@ -287,14 +289,14 @@ def test_committed_results_still_load():
 
 
 def test_a_layer_node_that_is_no_bayesian_layer_is_deterministic(compressed):
-    from pyro_bc.sampled import LOG_VARIANCE_RANGE, compressed_variances
+    from pyro_bc.compression.sampled import LOG_VARIANCE_RANGE, compressed_variances
 
     net, folder, _ = compressed
     model = codec.read_bcz(folder / "plain.bcz")
     extra = QuantizedLayer("linear", "standalone", np.array([[2, 0, -1, 3]]), 1, None)
     model.items += [extra]
-    from pyro_bc.graph import analyse_network, prune_network
-    from pyro_bc.posterior import analyse
+    from pyro_bc.compression.graph import analyse_network, prune_network
+    from pyro_bc.compression.posterior import analyse
 
     posts = analyse_network(net, analyse(net))
     variances = compressed_variances(net, prune_network(net, posts, [10.0, 10.0], None), model)

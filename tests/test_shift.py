@@ -1,4 +1,4 @@
-"""Shift without new data (pyro_bc.shift): rotations against exact pixel permutations, entropy and AUROC against
+"""Shift without new data (pyro_bc.metrics.shift): rotations against exact pixel permutations, entropy and AUROC against
 closed forms and a brute-force count, image fitting, noise, the rotation curve of a constant network."""
 
 import math
@@ -8,7 +8,16 @@ import torch
 from torch import nn
 
 from pyro_bc.errors import ConfigError
-from pyro_bc.shift import ROTATIONS, auroc, entropy, fit_images, noise_images, rotate, rotation_curve, shift_report
+from pyro_bc.metrics.shift import (
+    ROTATIONS,
+    auroc,
+    entropy,
+    fit_images,
+    noise_images,
+    rotate,
+    rotation_curve,
+    shift_report,
+)
 
 
 def test_right_angles_permute_pixels_exactly():

@@ -7,11 +7,11 @@ from pyro import poutine
 from pyro.infer import Predictive
 from torch import nn
 
-from pyro_bc.elbo import MeanFieldELBO
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLinear
+from pyro_bc.infer.elbo import MeanFieldELBO
+from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.nn.layers import BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
-from pyro_bc.reparam import LocalReparameterization
 
 N, D = 1000, 20
 RELEVANT = [0, 1, 2]

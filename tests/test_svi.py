@@ -8,9 +8,9 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from models import build_network
-from pyro_bc.elbo import MeanFieldELBO
-from pyro_bc.reparam import LocalReparameterization
-from pyro_bc.train import NegativeELBO, make_optimizer, svi_step
+from pyro_bc.infer.elbo import MeanFieldELBO
+from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 
 N_DATA = 1000
 

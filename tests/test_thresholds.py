@@ -11,11 +11,8 @@ from torch import nn
 
 import models.lenet5
 import models.lenet300
-from pyro_bc.errors import ConfigError
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLinear
-from pyro_bc.posterior import LayerPosterior, analyse
-from pyro_bc.thresholds import (
+from pyro_bc.compression.posterior import LayerPosterior, analyse
+from pyro_bc.compression.thresholds import (
     RULES,
     GapRule,
     GivenThresholds,
@@ -28,6 +25,9 @@ from pyro_bc.thresholds import (
     rule_from_options,
     rule_from_record,
 )
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn.layers import BayesLinear
+from pyro_bc.nn.network import BayesianNet
 
 
 def post(values):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import pyro_bc
-from pyro_bc.export import INPUT_NAME, export_module
+from pyro_bc.bcz.export import INPUT_NAME, export_module
 
 tv = pytest.importorskip("torchvision")
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
@@ -51,7 +51,7 @@ FAMILIES = {
 SIZE = 32
 
 
-def _bayesian(family: str) -> pyro_bc.network.BayesianNet:
+def _bayesian(family: str) -> pyro_bc.nn.network.BayesianNet:
     torch.manual_seed(0)
     model = FAMILIES[family]()
     generator = torch.Generator().manual_seed(1)

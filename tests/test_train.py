@@ -13,16 +13,16 @@ from tiny_data import PLAIN_NET_3x8x8, write_cifar
 from torch import nn
 
 from models import build_network
-from pyro_bc.augment import augment, augment_generator
-from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.cli import main
+from pyro_bc.data.augment import augment, augment_generator
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLinear
+from pyro_bc.nn.layers import BayesLinear
+from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
-from pyro_bc.run_dir import TrainConfig
-from pyro_bc.schedule import epoch_lr
-from pyro_bc.train import NegativeELBO, make_optimizer, svi_step, train
+from pyro_bc.train.checkpoint import load_checkpoint
+from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step, train
+from pyro_bc.train.run_dir import TrainConfig
+from pyro_bc.train.schedule import epoch_lr
 
 
 def _cfg(**kw):
@@ -126,8 +126,8 @@ POISON = """
 import torch
 from torch import nn
 
-from pyro_bc.network import BayesianNet
-from pyro_bc.nn import BayesLinear
+from pyro_bc.nn.network import BayesianNet
+from pyro_bc.nn.layers import BayesLinear
 
 
 class Poison(nn.Module):
@@ -183,7 +183,7 @@ def test_init_from_a_state_file(tmp_path):
 def test_data_that_does_not_fit_the_network(tmp_path):
     model_file = tmp_path / "small.py"
     model_file.write_text(
-        "from torch import nn\nfrom pyro_bc.network import BayesianNet\nfrom pyro_bc.nn import BayesLinear\n"
+        "from torch import nn\nfrom pyro_bc.nn.network import BayesianNet\nfrom pyro_bc.nn.layers import BayesLinear\n"
         "def build(prior):\n"
         "    return BayesianNet(nn.Sequential(nn.Flatten(), BayesLinear(400, 10, prior)), input_shape=(1, 20, 20))\n")
     with pytest.raises(ConfigError, match=r"shape \(1, 28, 28\).*expects \(1, 20, 20\)"):
@@ -286,7 +286,7 @@ def build():
 
 
 def test_a_plain_network_file_trains_and_compresses(tmp_path):
-    from pyro_bc.compression import compress_run
+    from pyro_bc.compression.pipeline import compress_run
 
     path = tmp_path / "plain.py"
     path.write_text(PLAIN_CONV_NET)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyro_bc.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES
+from pyro_bc.data.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES
 
 SIDE = 8  # images are 3 x SIDE x SIDE
 

@@ -10,9 +10,9 @@ import torch
 from pyro.distributions import Gamma, InverseGamma
 
 from pyro_bc.defaults import TAU0
-from pyro_bc.distributions import LogNormalLogVar, StandardNormal, log_moments
+from pyro_bc.infer.distributions import LogNormalLogVar, StandardNormal, log_moments
+from pyro_bc.infer.reparam import LRT_ONLY, group_scale
 from pyro_bc.priors.base import Noise, Prior, logvar_init, normal_init
-from pyro_bc.reparam import LRT_ONLY, group_scale
 
 SITES = ("s_a", "s_b", "z_a", "z_b")
 

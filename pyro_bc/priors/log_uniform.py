@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pyro_bc.distributions import LogUniform, log_alpha
+from pyro_bc.infer.distributions import LogUniform, log_alpha
 from pyro_bc.priors.base import Prior
 
 

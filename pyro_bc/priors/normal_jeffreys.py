@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyro
 import torch
 
-from pyro_bc.distributions import LogUniform, NormalLogVar, StandardNormal, log_alpha
+from pyro_bc.infer.distributions import LogUniform, NormalLogVar, StandardNormal, log_alpha
+from pyro_bc.infer.reparam import LRT_ONLY, group_scale
 from pyro_bc.priors.base import Noise, Prior, logvar_init, normal_init
-from pyro_bc.reparam import LRT_ONLY, group_scale
 
 
 class GroupNormalJeffreys(Prior):

@@ -1,0 +1,102 @@
+"""From a pruned, quantized posterior to the compressed network: the :class:`~pyro_bc.bcz.codec.CompressedModel`
+that the codec writes as a ``.bcz`` file, and the torch module it computes.
+
+:mod:`pyro_bc.compression.graph` decides what is kept and :mod:`pyro_bc.compression.posterior` at which precision; this module lays the
+kept weights out as the smaller layers, one item per node of the body's graph (with ``select`` ops where a layer
+reads only some of its inputs, and BatchNorm that follows no layer as a depthwise 1x1 convolution). A flat
+sequence's items each read the one before, so the file loads as an ``nn.Sequential``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pyro_bc.bcz import codec
+from pyro_bc.bcz.codec import CompressedModel, Op, QuantizedLayer
+from pyro_bc.bcz.model import FRAC_BITS_RANGE
+from pyro_bc.compression.graph import NETWORK_INPUT, BodyGraph
+from pyro_bc.compression.posterior import Precision, PrunedLayer, quantize
+from pyro_bc.nn.kinds import KIND
+from pyro_bc.nn.network import BayesianNet
+
+AFFINE_BITS = 15  # fractional bits of a standalone BatchNorm's scale below its largest power of two
+
+
+def _select(available: torch.Tensor, keep_in: torch.Tensor, inputs: tuple[int, ...] | None = None) -> Op | None:
+    """The ``select`` op keeping positions ``keep_in`` of those ``available`` (None if it keeps them all)."""
+    if torch.equal(keep_in, available):
+        return None
+    position = torch.cumsum(available.long(), 0) - 1
+    return Op("select", {"index": position[keep_in].tolist()}, inputs)
+
+
+def _layer(i: int, layer: PrunedLayer, precision: Precision | None, inputs: tuple[int, ...] | None = None,
+           depthwise: bool = False) -> QuantizedLayer:
+    """Layer ``i``'s kept weights on its grid (``precision``; None: float32 precision, a 2^-40 grid)."""
+    frac = precision.mantissa_bits[i] if precision else 40
+    codes = torch.where(layer.mask, quantize(layer.post.mean, frac), 0)[layer.keep_out]
+    codes = codes if depthwise else codes[:, layer.keep_in]
+    bias = layer.post.bias[layer.keep_out].float().numpy()
+    stride, padding, dilation, groups = layer.post.conv_args or (1, 0, 1, 1)
+    stride, padding, dilation = KIND[layer.post.kind].to_pairs(stride, padding, dilation)
+    groups = int(layer.keep_out.sum()) if depthwise else groups
+    return QuantizedLayer(layer.post.kind, layer.post.name, codes.numpy(), frac, bias, stride, padding, dilation,
+                          groups, inputs)
+
+
+def _affine(name: str, affine: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
+            inputs: tuple[int, ...]) -> QuantizedLayer:
+    """BatchNorm on its own over the kept channels, as the depthwise 1x1 convolution it is: weight ``scale`` (on a
+    grid of 15 significant bits), bias ``shift``."""
+    scale, shift = (t[keep] for t in affine)
+    frac = min(FRAC_BITS_RANGE[1], AFFINE_BITS - math.ceil(math.log2(max(float(scale.abs().max()), 2.0**-60))))
+    codes = quantize(scale, frac).reshape(-1, 1, 1, 1)
+    return QuantizedLayer("conv2d", name, codes.numpy(), frac, shift.float().numpy(), groups=len(codes),
+                          inputs=inputs)
+
+
+def _items(graph: BodyGraph, layers: list[PrunedLayer], precision: Precision | None) -> list:
+    """The items of the compressed network, one per node of the body's graph (plus ``select`` ops)."""
+    kept = graph.kept_positions(layers)
+    items: list = []
+    item_of = {NETWORK_INPUT: NETWORK_INPUT}  # node index -> the item computing its output
+    every = torch.ones(len(graph.input_variables), dtype=torch.bool)
+    for index, node in enumerate(graph.nodes):
+        sources = tuple(item_of[s] for s in node.inputs)
+        if node.layer is not None:
+            layer = layers[node.layer]
+            available = every if node.inputs[0] == NETWORK_INPUT else kept[node.inputs[0]]
+            select = None if node.depthwise or node.grouped else _select(available, layer.keep_in, sources)
+            if select is not None:
+                items.append(select)
+                sources = (len(items) - 1,)
+            items.append(_layer(node.layer, layer, precision, sources, node.depthwise))
+        elif node.op is not None and node.op.kind == "gather":  # the kept positions, renumbered among the kept
+            rank = torch.cumsum(kept[node.inputs[0]].long(), 0) - 1 if node.inputs[0] != NETWORK_INPUT else \
+                torch.arange(len(graph.input_variables))
+            reads = torch.tensor(node.op.params["index"])[kept[index]]
+            items.append(Op("gather", {"index": rank[reads].tolist()}, sources))
+        elif node.affine is not None:
+            items.append(_affine(node.name, node.affine, kept[index], sources))
+        else:
+            items.append(Op(node.op.kind, node.op.params, sources))
+        item_of[index] = len(items) - 1
+    return items
+
+
+def compressed_model(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
+                     metadata: dict | None = None, graph: BodyGraph | None = None) -> CompressedModel:
+    """The physically pruned network; weights rounded to each layer's grid (``precision``), or, with
+    ``precision=None``, kept at float32 precision (codes on a 2^-40 grid) for the pruned-only error.
+    ``graph``: ``net``'s, where the caller has built it."""
+    items = _items(graph or BodyGraph(net), layers, precision)
+    return CompressedModel(items, net.input_shape, metadata or {})
+
+
+def compressed_module(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
+                      graph: BodyGraph | None = None) -> nn.Module:
+    """The torch module of :func:`compressed_model` (as :func:`pyro_bc.bcz.codec.load` would rebuild it)."""
+    return codec.to_module(compressed_model(net, layers, precision, graph=graph))

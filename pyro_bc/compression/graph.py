@@ -1,0 +1,593 @@
+"""Pruning any network body, a flat sequence or a graph: residual sums, concatenations, BatchNorm, any module.
+
+The posterior-mean network is traced with ``torch.fx`` into :class:`BodyGraph`: one node per layer or
+parameter-free op, each naming the nodes it reads, and a *channel variable* for every position along dim 1 of
+every node's output (a channel, or a feature after a flatten). Positions that must be kept or removed together
+share a variable:
+
+* a layer's outputs are new variables; a depthwise convolution's are its inputs' (it ties them); a grouped
+  convolution keeps every variable it reads and writes;
+* activations (:mod:`pyro_bc.nn.ops`), pooling and BatchNorm keep their input's variables (BatchNorm that follows no
+  layer alone stays as a per-channel scale and shift node); a flatten repeats each channel's variable over its
+  positions; a concatenation joins its inputs' lists (so their indices are offset);
+* a residual sum, and a product with a per-channel scale (squeeze-excitation), unite their inputs' variables
+  position by position, so a sum keeps the union of the channels its inputs keep (a producer that pruned a
+  channel others keep outputs it with zero weights);
+* shape queries (``x.size()``) touch nothing; reshapes, transposes, chunks and indexing are followed position by
+  position and become a ``gather`` node where they reorder or select whole channels (ShuffleNet's channel shuffle).
+
+A variable stays while some layer producing it keeps a weight for it and some layer reading it keeps a weight
+reading it (the network's input and output always stay), iterated to a fixed point. Eval-mode BatchNorm right
+after a layer is folded into that layer's ``E[w]``, ``Var[w]`` and bias (:meth:`BodyGraph.fold_batchnorm`) before
+thresholds and bits are chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from pyro_bc.bcz.model import Op
+from pyro_bc.compression.posterior import (
+    LayerPosterior,
+    PrunedLayer,
+    _any_except,
+    _outer,
+    _own_mask,
+    check_thresholds,
+    fold_pruned_inputs,
+)
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn.kinds import kind_of
+from pyro_bc.nn.network import BayesianNet
+from pyro_bc.nn.ops import elementwise_of_function, elementwise_of_method, elementwise_of_module
+
+NETWORK_INPUT = -1  # the node index that names the network input
+_FUNCTION_OPS = {operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", torch.cat: "cat",
+                 torch.flatten: "flatten", F.adaptive_avg_pool2d: "adaptive_avgpool2d", torch.mean: "mean",
+                 F.max_pool2d: "maxpool2d", F.avg_pool2d: "avgpool2d"}
+_METHOD_OPS = {"flatten": "flatten", "mul": "mul", "mean": "mean"}
+# the arguments of the functional pools after the input, in order, with their defaults
+_POOL_ARGS = {"maxpool2d": (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
+                            ("ceil_mode", False), ("return_indices", False)),
+              "avgpool2d": (("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+                            ("count_include_pad", True), ("divisor_override", None))}
+_PASS_THROUGH = (nn.Identity, nn.Dropout)  # modules that are the identity in eval mode
+
+
+def module_op(module: nn.Module) -> Op | None:
+    """The ``.bcz`` op of a parameter-free module; None where there is none (dilated or non-padding-counting
+    pools, other modules)."""
+    kind = elementwise_of_module(module)
+    if kind is not None:
+        return Op(kind)
+    if isinstance(module, nn.Flatten) and module.end_dim == -1:
+        return Op("flatten", {"start_dim": module.start_dim})
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return Op("adaptive_avgpool2d", {"output_size": module.output_size})
+    if isinstance(module, nn.MaxPool2d) and module.dilation in (1, (1, 1)) and not module.return_indices:
+        return Op("maxpool2d_ceil" if module.ceil_mode else "maxpool2d",
+                  {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
+    if isinstance(module, nn.AvgPool2d) and not module.ceil_mode and module.count_include_pad and \
+            module.divisor_override is None:
+        return Op("avgpool2d", {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding})
+    return None
+
+
+@dataclasses.dataclass
+class Node:
+    """One node of the traced body: a Bayesian layer (``layer``: its index in ``net.layers``) or an op."""
+
+    name: str
+    inputs: tuple[int, ...]  # node indices, NETWORK_INPUT for the input
+    variables: torch.Tensor  # channel variable of each position along dim 1 of the output
+    layer: int | None = None
+    op: Op | None = None
+    repeat: int = 1  # flatten: positions per input channel
+    depthwise: bool = False  # a depthwise convolution: its outputs are its inputs' variables
+    grouped: bool = False  # a grouped convolution other than depthwise: it keeps all its channels
+    affine: tuple[torch.Tensor, torch.Tensor] | None = None  # BatchNorm on its own: (scale, shift) per channel
+
+
+class _Tracer(fx.Tracer):
+    """Stops at linear, convolution and BatchNorm modules (subclasses included)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return kind_of(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm) or \
+            super().is_leaf_module(m, module_qualified_name)
+
+
+class _Variables:
+    """Channel variables with union-find."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> torch.Tensor:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return torch.arange(start, start + n)
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def unite(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        for i, j in zip(a.tolist(), b.tolist()):
+            self.parent[self.find(i)] = self.find(j)
+
+    def roots(self) -> torch.Tensor:
+        """Every variable's representative, numbered 0, 1, ..."""
+        return torch.unique(torch.tensor([self.find(i) for i in range(len(self.parent))]), return_inverse=True)[1]
+
+
+class BodyGraph:
+    """The traced body of ``net`` (which must know its input shape): its nodes in execution order, each
+    layer's input and output variables, and the BatchNorm that follows each layer. Every pruning decision is taken
+    on one (:meth:`prune`); :meth:`chain` builds one for a bare list of layer posteriors."""
+
+    def __init__(self, net: BayesianNet):
+        self._start()
+        if net.input_shape is None:
+            raise ConfigError("the network's input shape is unknown: train it first or give input_shape")
+        mean = net.posterior_mean_network()
+        try:
+            module = fx.GraphModule(mean, _Tracer().trace(mean))
+            device = net.layers[0].weight_mu.device
+            _ShapeProp(module).propagate(torch.zeros(1, *net.input_shape, device=device))
+        except Exception as e:  # noqa: BLE001  (whatever a user's forward does, the cause is reported)
+            raise ConfigError(f"cannot trace the network with torch.fx: {type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}")
+        self.modules = dict(mean.named_modules())
+        self.layer_index = {layer.site: i for i, layer in enumerate(net.layers)}
+        position: dict[fx.Node, int] = {}
+        self._pending: dict[fx.Node, tuple[int, object]] = {}  # shape ops not yet resolved: (base node, positions)
+        for fx_node in module.graph.nodes:
+            if fx_node.op == "placeholder":
+                position[fx_node] = NETWORK_INPUT
+                self.input_variables = self._variables.new(_shape(fx_node)[1])
+                self._shapes = {NETWORK_INPUT: _shape(fx_node)}  # each node's output shape, batch 1
+            elif fx_node.op == "output":
+                self._resolve(fx_node, position)
+                self._check_output(fx_node, position)
+            elif "concrete" in fx_node.meta:  # a shape query (x.size(), arithmetic on sizes): no tensor, no node
+                continue
+            elif _is_shape_op(fx_node, self._pending):
+                self._pending[fx_node] = self._shape_op(fx_node, position)
+            else:
+                self._resolve(fx_node, position)
+                position[fx_node] = self._add(fx_node, position)
+                self._shapes.setdefault(position[fx_node], _shape(fx_node))
+        self._finish(len(net.layers))
+
+    def _start(self) -> None:
+        self.nodes: list[Node] = []
+        self.batchnorm: dict[int, nn.Module] = {}
+        self.batchnorm_names: dict[int, str] = {}  # layer index -> the path of the BatchNorm folded into it
+        self._variables = _Variables()
+
+    def _finish(self, n_layers: int) -> None:
+        """Each layer's node, and the variables renumbered by their representatives."""
+        found = {node.layer: i for i, node in enumerate(self.nodes) if node.layer is not None}
+        if set(found) != set(range(n_layers)):
+            raise ConfigError("some Bayesian layers are not called in the network's forward")
+        self.layer_nodes = [self.nodes[found[i]] for i in range(n_layers)]
+        roots = self._variables.roots()
+        self.input_variables = roots[self.input_variables]
+        for node in self.nodes:
+            node.variables = roots[node.variables]
+        self.n_variables = int(roots.max()) + 1
+
+    @classmethod
+    def chain(cls, posts: list[LayerPosterior]) -> BodyGraph:
+        """The graph of a plain sequence of layers without a network: each layer reads the one before it, through
+        a flatten where it reads a multiple of that layer's outputs (each channel owning consecutive positions)."""
+        graph = cls.__new__(cls)
+        graph._start()
+        groups = [post.conv_args[3] if post.conv_args else 1 for post in posts]
+        graph.input_variables = graph._variables.new(posts[0].mean.shape[1] * groups[0])
+        source = NETWORK_INPUT
+        for i, post in enumerate(posts):
+            inputs, reads = graph.variables(source), post.mean.shape[1] * groups[i]
+            if reads != len(inputs):
+                if reads % len(inputs):
+                    raise ConfigError(f"{post.name} has {reads} inputs, not a multiple of {posts[i - 1].name}'s "
+                                      f"{len(inputs)} outputs: the body is not a plain sequence")
+                repeat = reads // len(inputs)
+                source = graph._append(Node(f"{post.name}.flatten", (source,), inputs.repeat_interleave(repeat),
+                                            op=Op("flatten", {"start_dim": 1}), repeat=repeat))
+                inputs = graph.variables(source)
+            depthwise = groups[i] > 1 and groups[i] == reads == post.mean.shape[0]
+            outputs = inputs if depthwise else graph._variables.new(post.mean.shape[0])
+            source = graph._append(Node(post.name, (source,), outputs, layer=i, depthwise=depthwise,
+                                        grouped=groups[i] > 1 and not depthwise))
+        graph._finish(len(posts))
+        return graph
+
+    # -- tracing ---------------------------------------------------------------------------------
+
+    def _shape_op(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> tuple[int, object]:
+        """A reshape, transpose, chunk, ... applied to the positions of the one tensor it moves: each position of
+        that tensor's output carries ``channel * P + spatial index`` (``P`` positions per channel)."""
+        bases = {self._pending[a][0] if a in self._pending else position[a] for a in fx_node.all_input_nodes
+                 if "concrete" not in a.meta}
+        if len(bases) != 1:
+            raise ConfigError(f"cannot compress {_where(fx_node)}: {fx_node.target} moves several tensors at once")
+        (base,) = bases
+
+        def value(a: fx.Node):
+            if "concrete" in a.meta:
+                return a.meta["concrete"]
+            if a in self._pending:
+                return self._pending[a][1]
+            shape = _shape(a)
+            spatial = math.prod(shape[2:])
+            return (torch.arange(shape[1]).reshape(-1, *[1] * (len(shape) - 2)) * spatial +
+                    torch.arange(spatial).reshape(1, *shape[2:])).reshape(1, *shape[1:])
+
+        args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), value)
+        if fx_node.op == "call_method":
+            return base, getattr(args[0], fx_node.target)(*args[1:], **kwargs)
+        return base, fx_node.target(*args, **kwargs)
+
+    def _resolve(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> None:
+        """Every pending shape op ``fx_node`` reads becomes a node: a ``gather`` of its base's positions along
+        dimension 1, where it only reorders or selects whole channels (a channel shuffle, a chunk)."""
+        for a in fx_node.all_input_nodes:
+            if a not in self._pending:
+                continue
+            base, moved = self._pending.pop(a)
+            index = _channel_gather(moved, self._shapes[base])
+            if index is None:
+                raise ConfigError(f"cannot compress {_where(a)}: its reshape mixes channels with positions (a .bcz "
+                                  "file stores reorderings and selections of whole channels only)")
+            inputs = self.variables(base)
+            if torch.equal(index, torch.arange(len(inputs))):
+                position[a] = base
+                continue
+            position[a] = self._append(Node(str(a.name), (base,), inputs[index],
+                                            op=Op("gather", {"index": index.tolist()})))
+
+    def variables(self, source: int) -> torch.Tensor:
+        return self.input_variables if source == NETWORK_INPUT else self.nodes[source].variables
+
+    def layer_variables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The variables of a layer's input positions and of its output positions."""
+        node = self.layer_nodes[layer]
+        return self.variables(node.inputs[0]), node.variables
+
+    def is_depthwise(self, layer: int) -> bool:
+        return self.layer_nodes[layer].depthwise
+
+    def _append(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def _add(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> int:
+        """Add one traced node; returns the node index its output is (an earlier one for aliases)."""
+        sizes = any("concrete" in a.meta for a in fx_node.all_input_nodes)  # an op on tensors and sizes at once
+        sources = [position[a] for a in fx_node.all_input_nodes if "concrete" not in a.meta]
+        what = {"call_method": f"the tensor method .{fx_node.target}()",
+                "get_attr": f"its tensor {str(fx_node.target).rpartition('.')[2]} outside a layer"}.get(
+            fx_node.op, f"the function {getattr(fx_node.target, '__name__', fx_node.target)}")
+        if fx_node.op == "call_module":
+            module = self.modules[fx_node.target]
+            if fx_node.target in self.layer_index:
+                return self._add_layer(fx_node, module, sources[0])
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                return self._fold_target(fx_node, module, sources[0])
+            if isinstance(module, _PASS_THROUGH):
+                return sources[0]
+            op = module_op(module)
+            what = f"the module {type(module).__name__}"
+        elif fx_node.op == "call_function" and _identity_in_eval(fx_node):
+            return sources[0]
+        elif sizes:
+            op = None
+        elif fx_node.op == "call_function":
+            kind = elementwise_of_function(fx_node.target, fx_node.kwargs) or _FUNCTION_OPS.get(fx_node.target)
+            op = None if kind is None else self._function_op(kind, fx_node)
+        elif fx_node.op == "call_method" and fx_node.target == "contiguous":
+            return sources[0]
+        elif fx_node.op == "call_method":
+            kind = elementwise_of_method(fx_node.target) or _METHOD_OPS.get(fx_node.target)
+            op = None if kind is None else self._function_op(kind, fx_node)
+        else:
+            op = None
+        if op is not None and op.kind == "identity":
+            return sources[0]
+        if op is None:
+            raise ConfigError(f"cannot compress {_where(fx_node)}: it uses {what}, which a .bcz file cannot store "
+                              "(supported: Bayesian layers, BatchNorm, the activations of pyro_bc.nn.ops, flatten, "
+                              "pooling, residual sums, products with a per-channel scale, concatenations along "
+                              "channels); replace it by one of these, or keep that part out of the compressed body")
+        return self._append(self._op_node(fx_node, op, sources))
+
+    def _function_op(self, kind: str, fx_node: fx.Node) -> Op | None:
+        args, kwargs = fx_node.args, fx_node.kwargs
+        if kind == "add":
+            ok = len(args) == 2 and all(isinstance(a, fx.Node) for a in args) and not kwargs and \
+                _shape(args[0]) == _shape(args[1])
+            return Op("add") if ok else None
+        if kind == "mul":  # x * s with s one value per channel (or x's shape): their channels are coupled
+            if len(args) != 2 or kwargs or not all(isinstance(a, fx.Node) for a in args):
+                return None
+            shapes = sorted((_shape(a) for a in args), key=math.prod)
+            small, big = shapes
+            per_channel = len(big) == len(small) >= 2 and big[:2] == small[:2] and all(d == 1 for d in small[2:])
+            return Op("mul") if per_channel or big == small else None
+        if kind == "adaptive_avgpool2d":
+            size = args[1] if len(args) > 1 else kwargs.get("output_size")
+            return Op(kind, {"output_size": size}) if size is not None and len(fx_node.all_input_nodes) == 1 else None
+        if kind in _POOL_ARGS:
+            names = _POOL_ARGS[kind]
+            given = {**{name: default for name, default in names}, **dict(zip((n for n, _ in names), args[1:])),
+                     **kwargs}
+            module = (nn.MaxPool2d if kind == "maxpool2d" else nn.AvgPool2d)(**given)
+            return module_op(module) if len(fx_node.all_input_nodes) == 1 else None
+        if kind == "mean":
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            rank = len(_shape(fx_node.all_input_nodes[0]))
+            spatial = dims is not None and rank == 4 and sorted(d % rank for d in (
+                [dims] if isinstance(dims, int) else dims)) == [2, 3]
+            keepdim = (args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+            if not spatial or len(fx_node.all_input_nodes) != 1 or kwargs.keys() - {"dim", "keepdim"}:
+                return None
+            return Op("adaptive_avgpool2d", {"output_size": 1}) if keepdim else Op("spatial_mean")
+        if kind == "cat":
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if len(fx_node.all_input_nodes) == 1 and isinstance(args[0], (list, tuple)) and len(args[0]) == 1:
+                return Op("identity")  # a concatenation of one tensor is that tensor
+            return Op("cat") if dim in (1, 1 - len(_shape(fx_node))) else None
+        if kind == "flatten":
+            start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+            return Op("flatten", {"start_dim": start}) if start == 1 and end == -1 else None
+        return Op(kind) if len(fx_node.all_input_nodes) == 1 else None
+
+    def _op_node(self, fx_node: fx.Node, op: Op, sources: list[int]) -> Node:
+        inputs = [self.variables(s) for s in sources]
+        repeat = 1
+        if op.kind in ("add", "mul"):
+            self._variables.unite(inputs[0], inputs[1])
+            variables = inputs[0]
+        elif op.kind == "cat":
+            variables = torch.cat(inputs)
+        elif op.kind == "flatten":
+            shape = _shape(fx_node.all_input_nodes[0])
+            if op.params["start_dim"] != 1 and len(shape) > 2:
+                raise ConfigError(f"{fx_node.target}: only flattening from dim 1 is supported")
+            repeat = math.prod(shape[2:])
+            variables = inputs[0].repeat_interleave(repeat)
+        else:
+            variables = inputs[0]
+        return Node(str(fx_node.name), tuple(sources), variables, op=op, repeat=repeat)
+
+    def _add_layer(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
+        index = self.layer_index[fx_node.target]
+        if any(node.layer == index for node in self.nodes):
+            raise ConfigError(f"layer {fx_node.target} is called more than once: shared layers are not supported")
+        inputs = self.variables(source)
+        if not kind_of(module).is_conv:
+            if len(_shape(fx_node)) != 2:
+                raise ConfigError(f"{fx_node.target}: a linear layer must read (batch, features) inputs")
+            outputs = self._variables.new(module.out_features)
+        elif module.groups == 1:
+            outputs = self._variables.new(module.out_channels)
+        elif module.groups == module.in_channels == module.out_channels:
+            outputs = inputs  # depthwise: output channel c reads input channel c only
+        else:  # grouped: every channel in and out is kept (see prune)
+            outputs = self._variables.new(module.out_channels)
+        conv = kind_of(module).is_conv
+        depthwise = conv and module.groups == module.in_channels == module.out_channels > 1
+        grouped = conv and module.groups > 1 and not depthwise
+        return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise,
+                                 grouped=grouped))
+
+    def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
+        """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node.
+        Elsewhere (after a concatenation, pre-activation) it stays, as a per-channel scale and shift node."""
+        if module.running_mean is None:
+            raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must track running statistics")
+        producer = fx_node.all_input_nodes[0]
+        layer = self.nodes[source].layer if source != NETWORK_INPUT else None
+        if layer is None or len(producer.users) != 1 or layer in self.batchnorm:
+            if len(_shape(fx_node)) != 4:
+                raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm that does not follow a layer must "
+                                  "read images (batch, channels, height, width)")
+            with torch.no_grad():
+                scale = torch.rsqrt(module.running_var.double().cpu() + module.eps)
+                if module.weight is not None:
+                    scale = scale * module.weight.double().cpu()
+                shift = -module.running_mean.double().cpu() * scale
+                if module.bias is not None:
+                    shift = shift + module.bias.double().cpu()
+            return self._append(Node(str(fx_node.target), (source,), self.variables(source), affine=(scale, shift)))
+        self.batchnorm[layer] = module
+        self.batchnorm_names[layer] = str(fx_node.target)
+        return source
+
+    def _check_output(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> None:
+        result = fx_node.args[0]
+        if not isinstance(result, fx.Node) or position[result] != len(self.nodes) - 1:
+            raise ConfigError("the network's output must be one tensor, the last one computed")
+
+    # -- BatchNorm -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold_batchnorm(self, posts: list[LayerPosterior]) -> list[LayerPosterior]:
+        """Each layer followed by eval-mode BatchNorm with ``scale = gamma / sqrt(running_var + eps)``: ``E[w]``
+        times ``scale``, ``Var[w]`` times ``scale^2``, bias ``(b - running_mean) scale + beta`` per output."""
+        out = list(posts)
+        for i, bn in self.batchnorm.items():
+            post = posts[i]
+            scale = torch.rsqrt(bn.running_var.double().cpu() + bn.eps)
+            shift = torch.zeros_like(scale) if bn.bias is None else bn.bias.double().cpu()
+            if bn.weight is not None:
+                scale = scale * bn.weight.double().cpu()
+            along = scale.reshape((-1,) + (1,) * (post.mean.dim() - 1))
+            bias = (post.bias.double() - bn.running_mean.double().cpu()) * scale + shift
+            out[i] = dataclasses.replace(post, mean=(post.mean.double() * along).to(post.mean.dtype),
+                                         var=(post.var.double() * along**2).to(post.var.dtype),
+                                         bias=bias.to(post.bias.dtype))
+        return out
+
+    # -- pruning ---------------------------------------------------------------------------------
+
+    def prune(self, posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLayer]:
+        """Masks from per-layer thresholds on log alpha, with channel variables kept or removed together (see
+        the module's docstring); each layer keeps the positions of its variables that stay."""
+        check_thresholds(posts, thresholds)
+        own = [torch.ones_like(p.mean, dtype=torch.bool) if self.layer_nodes[i].grouped else _own_mask(p, t)
+               for i, (p, t) in enumerate(zip(posts, thresholds))]
+        fixed = torch.zeros(self.n_variables, dtype=torch.bool)
+        fixed[self.input_variables] = fixed[self.nodes[-1].variables] = True  # the network's input and output
+        for i in range(len(posts)):  # a grouped convolution keeps every channel it reads and writes
+            if self.layer_nodes[i].grouped:
+                for variables in self.layer_variables(i):
+                    fixed[variables] = True
+        alive = torch.ones_like(fixed)
+        while True:
+            masks = [self._restrict(i, post, m, alive) for i, (post, m) in enumerate(zip(posts, own))]
+            produced, used = fixed.clone(), fixed.clone()
+            for i, m in enumerate(masks):
+                inputs, outputs = self.layer_variables(i)
+                produced[outputs[_any_except(m, 0)]] = True
+                if not self.is_depthwise(i) and not self.layer_nodes[i].grouped:
+                    used[inputs[_any_except(m, 1)]] = True
+            now = alive & produced & used | fixed
+            if torch.equal(now, alive):
+                break
+            alive = now
+        layers = []
+        for i, (post, t, m) in enumerate(zip(posts, thresholds, masks)):
+            inputs, outputs = self.layer_variables(i)
+            keep_out = alive[outputs]
+            if self.layer_nodes[i].grouped:
+                keep_in = torch.ones(m.shape[1], dtype=torch.bool)
+            else:
+                keep_in = keep_out if self.is_depthwise(i) else alive[inputs] & _any_except(m, 1)
+            layers.append(PrunedLayer(post, float(t), keep_in, keep_out, m))
+        return layers
+
+    def _restrict(self, i: int, post: LayerPosterior, mask: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        inputs, outputs = self.layer_variables(i)
+        if self.layer_nodes[i].grouped:
+            return mask
+        if self.is_depthwise(i):
+            return mask & alive[outputs].reshape(-1, 1, 1, 1)
+        return mask & _outer(post, alive[outputs], alive[inputs])
+
+    def kept_positions(self, layers: list[PrunedLayer]) -> list[torch.Tensor]:
+        """Bool over dim 1 of every node's output: the positions the compressed network computes."""
+        kept: list[torch.Tensor] = []
+        every = torch.ones(len(self.input_variables), dtype=torch.bool)
+        for node in self.nodes:
+            inputs = [every if s == NETWORK_INPUT else kept[s] for s in node.inputs]
+            if node.layer is not None:
+                kept.append(layers[node.layer].keep_out)
+            elif node.op is not None and node.op.kind == "cat":
+                kept.append(torch.cat(inputs))
+            elif node.op is not None and node.op.kind == "gather":
+                kept.append(inputs[0][torch.tensor(node.op.params["index"])])
+            else:
+                kept.append(inputs[0].repeat_interleave(node.repeat))
+        return kept
+
+
+def _identity_in_eval(fx_node: fx.Node) -> bool:
+    """Whether a function call is the identity because it was traced with ``training=False`` (dropout and
+    stochastic depth in eval mode, e.g. ``F.dropout(x, p, training=self.training)``)."""
+    name = getattr(fx_node.target, "__name__", "")
+    if "dropout" not in name and name != "stochastic_depth":
+        return False
+    try:
+        bound = inspect.signature(fx_node.target).bind(*fx_node.args, **fx_node.kwargs)
+    except (TypeError, ValueError):  # no signature, or not these arguments
+        return False
+    return bound.arguments.get("training", True) is False and len(fx_node.all_input_nodes) == 1
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that also keeps what non-tensor nodes compute (``x.size()`` and arithmetic on sizes) as
+    ``meta["concrete"]``, and marks the tensor nodes that depend on no input that way too."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n.op != "placeholder" and not isinstance(result, torch.Tensor) and not (
+                isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result)):
+            n.meta["concrete"] = result
+        return result
+
+
+_SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "chunk", "split", "contiguous", "unsqueeze", "squeeze"}
+_SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.chunk, torch.split, torch.squeeze,
+                    torch.unsqueeze}
+
+
+def _is_shape_op(fx_node: fx.Node, pending: dict) -> bool:
+    """Whether ``fx_node`` only moves positions (a reshape, transpose, chunk, or an item of a chunk)."""
+    if fx_node.op == "call_method":
+        return fx_node.target in _SHAPE_METHODS and fx_node.target != "contiguous" or \
+            fx_node.target == "contiguous" and fx_node.args[0] in pending
+    if fx_node.op == "call_function":
+        return fx_node.target in _SHAPE_FUNCTIONS or fx_node.target is operator.getitem and (
+            fx_node.args[0] in pending or "concrete" not in fx_node.args[0].meta)
+    return False
+
+
+def _channel_gather(moved, base_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The channel of the base that each channel of ``moved`` (positions ``channel * P + spatial index``) is, where
+    each of its channels is one whole channel of the base with its positions in place; else None."""
+    if not isinstance(moved, torch.Tensor) or moved.dim() != len(base_shape) or moved.shape[2:] != base_shape[2:]:
+        return None
+    spatial = math.prod(base_shape[2:])
+    flat = moved.reshape(moved.shape[1], spatial)
+    channels, places = flat // spatial, flat % spatial
+    if not torch.equal(places, torch.arange(spatial).expand_as(places)) or \
+            not bool((channels == channels[:, :1]).all()):
+        return None
+    return channels[:, 0]
+
+
+def _where(fx_node: fx.Node) -> str:
+    """The user's module path a traced node belongs to (``features.3.block``), or the network itself."""
+    if fx_node.op == "call_module":
+        return str(fx_node.target)
+    if fx_node.op == "get_attr":  # a parameter or buffer: its module's path
+        return str(fx_node.target).rpartition(".")[0] or "the network"
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), ("",))[0] if stack else ""
+    return path or "the network's forward"
+
+
+def _shape(fx_node: fx.Node) -> tuple[int, ...]:
+    return tuple(fx_node.meta["tensor_meta"].shape)
+
+
+def analyse_network(net: BayesianNet, posts: list[LayerPosterior], graph: BodyGraph | None = None
+                    ) -> list[LayerPosterior]:
+    """``posts`` (:func:`pyro_bc.compression.posterior.analyse`) with BatchNorm folded in (``graph``: ``net``'s, if built)."""
+    return (graph or BodyGraph(net)).fold_batchnorm(posts)
+
+
+def prune_network(net: BayesianNet, posts: list[LayerPosterior], thresholds: list[float],
+                  input_means: list[torch.Tensor] | None, graph: BodyGraph | None = None) -> list[PrunedLayer]:
+    """The pruning of ``net`` (:meth:`BodyGraph.prune` on ``graph``, ``net``'s graph built once by the caller that
+    prunes many times, or here), then, given the layers' input means, :func:`pyro_bc.compression.posterior.fold_pruned_inputs`."""
+    layers = (graph or BodyGraph(net)).prune(posts, thresholds)
+    return layers if input_means is None else fold_pruned_inputs(layers, input_means)
+
+
+def prune_chain(posts: list[LayerPosterior], thresholds: list[float]) -> list[PrunedLayer]:
+    """The pruning of a plain sequence of layers given only their posteriors (:meth:`BodyGraph.chain`)."""
+    return BodyGraph.chain(posts).prune(posts, thresholds)

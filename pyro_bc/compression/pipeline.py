@@ -1,0 +1,378 @@
+"""From a run directory (:func:`compress_run`) or a network in Python (:func:`compress`) to a ``.bcz`` file and
+``MODEL.json``: thresholds, pruning, bits, rates, errors.
+
+The module itself is callable: ``pyro_bc.compress(net, out, val=...)`` is :func:`compress` (the package exports
+the function under the module's name, and ``import pyro_bc.compress`` must not take it away).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from models import build_network
+from pyro_bc.atomic import atomic_write_text
+from pyro_bc.bcz import codec
+from pyro_bc.compression.bits import BitsInputs, BitsRule, bits_rule_from_options
+from pyro_bc.compression.compressed import compressed_model
+from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_network
+from pyro_bc.compression.macs import add_macs
+from pyro_bc.compression.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
+from pyro_bc.compression.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
+from pyro_bc.compression.sampled import compressed_variances
+from pyro_bc.compression.thresholds import KeptStructure, ThresholdInputs, ThresholdRule, rule_from_options
+from pyro_bc.data.datasets import Dataset, load_data, require_shape
+from pyro_bc.defaults import VAL_SIZE
+from pyro_bc.errors import CheckpointError, ConfigError
+from pyro_bc.metrics.evaluate import error_percent
+from pyro_bc.metrics.predict import predictive_summary, scored
+from pyro_bc.metrics.shift import fit_images, shift_report
+from pyro_bc.nn.network import BayesianNet
+from pyro_bc.train.checkpoint import load_checkpoint
+from pyro_bc.train.run_dir import CHECKPOINT, FINETUNE_FILE, TrainConfig
+
+
+def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
+    """The trained network of a run directory (from its checkpoint), its config and the checkpoint."""
+    state = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    config = TrainConfig(**state["config"])
+    if config.model == "python":  # pyro_bc.train.loop.PYTHON_MODEL
+        raise CheckpointError(f"{Path(run_dir) / CHECKPOINT} is a run of pyro_bc.fit from Python (its network is not "
+                              f"in the config): compress the network with pyro_bc.compress(net, ...)")
+    net = build_network(config.model, config.prior, input_shape=state.get("input_shape"), width=config.width,
+                        **config.prior_options)
+    net.load_state_dict(state["network"])
+    if net.input_shape is None:  # a converted plain network: its input shape is the data's
+        net.input_shape = tuple(state["input_shape"])
+    return net.eval(), config, state
+
+
+def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,
+                 max_error_increase: float | None = None, data: str | None = None, fold: bool | None = None,
+                 rule: ThresholdRule | None = None, bits_budget: float | None = None,
+                 bits_rule: BitsRule | None = None, *, predictive_samples: int | None = None,
+                 keep_variance: bool = False) -> dict:
+    """Compress a finished run into ``out`` (``.bcz``) and ``MODEL.json`` beside it; returns the summary.
+
+    Loads the run's network and its data (``data``, or the run's), then runs :func:`compress_network`, which
+    :func:`compress` (the Python entry point) runs too.
+
+    The thresholds come from ``rule`` (a :class:`~pyro_bc.compression.thresholds.ThresholdRule`), or from the
+    command line's options ``thresholds``, ``auto`` and ``max_error_increase``
+    (:func:`~pyro_bc.compression.thresholds.rule_from_options`; by default, each layer's prior's default).
+    Then, with the layers pruned, the mantissa bits come from ``bits_rule`` (a :class:`~pyro_bc.compression.bits.BitsRule`),
+    or from ``bits_budget`` (:func:`~pyro_bc.compression.bits.bits_rule_from_options`; by default, the variance rule).
+
+    With ``fold``, what the pruned weights add on average (over the first :data:`FOLD_EXAMPLES` training
+    examples) goes into the biases (:func:`~pyro_bc.compression.posterior.fold_pruned_inputs`). The default folds for
+    the group priors (gnj, ghs), whose pruned groups still add their mean, and not for ``lu``, whose
+    pruned weights' means are noise (both measured in analysis/RESULTS.md).
+
+    ``predictive_samples``: record the test set's error, NLL, Brier score and ECE in ``MODEL.json`` under
+    ``predictive`` (:func:`~pyro_bc.metrics.predict.predictive_summary`; the full posterior with this many draws, 0: only
+    the deterministic networks; None: no record, the default, since 30 draws of LeNet-5 over 10,000 test images
+    take minutes on one CPU thread).
+
+    ``keep_variance``: the file also keeps the kept weights' posterior variances (and the group scales'), a
+    version-3 ``.bcz`` that ``pyro_bc.load(path, bayesian=True)`` rebuilds as the compressed Bayesian network
+    (:mod:`pyro_bc.compression.sampled`); ``MODEL.json`` adds ``file_bytes_without_variance`` and ``cr_file_without_variance``.
+    """
+    finetuned = (Path(run_dir) / FINETUNE_FILE).is_file()
+    if finetuned and rule is None and (thresholds, auto, max_error_increase) == (None, None, None):
+        rule = KeptStructure(str(run_dir))  # a fine-tuned run keeps its structure unless thresholds are asked for
+    rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
+    _check_out(out)
+    net, config, state = load_run(run_dir)
+    dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
+    require_shape(dataset, data or config.data, net.input_shape, f"the network of {run_dir}",
+                  f"give the run's data with --data DIR, or leave --data out to use the run's "
+                  f"({config.data or 'the embedded MNIST'})" if data else "pass the run's data with --data DIR")
+    info = {"model": config.model, "prior": config.prior, "run_dir": str(run_dir), "tau0": config.tau0,
+            "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
+            "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
+    summary = compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,
+                               test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule,
+                               info=info, predictive_samples=predictive_samples, keep_variance=keep_variance)
+    if finetuned:  # MODEL.json says where the network came from
+        from pyro_bc.compression.finetuning import load_masks
+
+        record = load_masks(run_dir)[1]  # its kept groups are the layers' (kept-structure) or were pruned further
+        summary["finetuned"] = {**{k: v for k, v in record.items() if k != "kept_groups"},
+                                "epochs": len(state["metrics"])}
+        atomic_write_text(Path(out).with_suffix(".json"), summary_json(summary))
+    return summary
+
+
+def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.Tensor, torch.Tensor] | None = None,
+             thresholds: list[float] | None = None, auto: str | None = None, max_error_increase: float | None = None,
+             *, train: tuple[torch.Tensor, torch.Tensor] | None = None,
+             test: tuple[torch.Tensor, torch.Tensor] | None = None, fold: bool | None = None,
+             rule: ThresholdRule | None = None, bits_budget: float | None = None, bits_rule: BitsRule | None = None,
+             metadata: dict | None = None, predictive_samples: int | None = None, keep_variance: bool = False) -> dict:
+    """Compress a trained network from Python (``pyro_bc.compress``): ``out`` (``.bcz``) and ``MODEL.json`` beside
+    it, with the keys of ``pyro-bc compress``; returns that summary.
+
+    ``val = (x, y)``: the validation examples, for the error-budget rules and ``val_error_compressed`` (required).
+    ``test = (x, y)``: optional; without it ``error_posterior_mean``, ``error_pruned`` and ``error_compressed`` are
+    None. ``train = (x, y)``: optional training examples, whose first :data:`FOLD_EXAMPLES` give the means with
+    which pruned inputs are folded into the biases (``fold``: as :func:`compress_run`'s, but without ``train``
+    nothing is folded and ``fold_pruned_inputs`` is false). Thresholds and bits as in :func:`compress_run`.
+    ``metadata``: keys recorded in the file and the summary over the defaults ``{"model": "python", "prior":
+    <the layers' prior>}`` (a ``.bcz`` keeps ``model``, ``prior``, ``thresholds``, ``val_size`` and ``seed``).
+    ``predictive_samples`` (needs ``test``) and ``keep_variance``: as :func:`compress_run`'s.
+    """
+    rule, bits_rule = _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
+    if val is None:
+        raise ConfigError("compress needs validation examples: val=(x, y)")
+    from pyro_bc.train.loop import PYTHON_MODEL, as_split
+
+    val_split = as_split(val, "val")
+    test_split = None if test is None else as_split(test, "test")
+    if train is None:
+        if fold:
+            raise ConfigError("fold=True needs training examples: train=(x, y)")
+        fold = False
+    train_x = None if train is None else as_split(train, "train").x[:FOLD_EXAMPLES]
+    info = {"model": PYTHON_MODEL, "prior": "+".join(sorted({layer.prior.name for layer in net.layers})),
+            **(metadata or {})}
+    was_training, device = net.training, next(net.parameters()).device
+    try:  # on the CPU, in eval mode; the network goes back to its device and mode afterwards
+        return compress_network(net.cpu().eval(), out, (val_split.x.cpu(), val_split.y.cpu()),
+                                train_x=None if train_x is None else train_x.cpu(),
+                                test=None if test_split is None else (test_split.x.cpu(), test_split.y.cpu()),
+                                fold=fold, rule=rule, bits_rule=bits_rule, info=info,
+                                predictive_samples=predictive_samples, keep_variance=keep_variance)
+    finally:
+        net.to(device).train(was_training)
+
+
+def _rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule) -> tuple[ThresholdRule, BitsRule]:
+    if rule is not None and (thresholds, auto, max_error_increase) != (None, None, None):
+        raise ConfigError("give either a threshold rule or thresholds / auto / max_error_increase, not both")
+    rule = rule or rule_from_options(thresholds, auto, max_error_increase)
+    if bits_rule is not None and bits_budget is not None:
+        raise ConfigError("give either a bits rule or bits_budget, not both")
+    return rule, bits_rule or bits_rule_from_options(bits_budget)
+
+
+def _check_out(out: str | Path) -> Path:
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"output folder {out.parent} does not exist")
+    return out
+
+
+def _check_predictive_samples(samples: int | None, test) -> None:
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0):
+        raise ConfigError(f"predictive_samples must be a whole number >= 0 or None, got {samples!r}")
+    if samples is not None and test is None:
+        raise ConfigError("predictive_samples needs test examples: test=(x, y)")
+
+
+def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor, torch.Tensor], *,
+                     train_x: torch.Tensor | None, test: tuple[torch.Tensor, torch.Tensor] | None, fold: bool | None,
+                     rule: ThresholdRule, bits_rule: BitsRule, info: dict,
+                     predictive_samples: int | None = None, keep_variance: bool = False) -> dict:
+    """The compression of :func:`compress_run` and :func:`compress`: ``net`` pruned by ``rule``, its bits by
+    ``bits_rule``, written to ``out`` and ``MODEL.json``. ``val``: the validation examples; ``train_x``: the
+    training inputs of the fold (needed when it folds); ``test``: the test examples (None: test errors None);
+    ``info``: ``model`` and ``prior`` (recorded in the summary) and the rest of the file's metadata."""
+    out = _check_out(out)
+    _check_predictive_samples(predictive_samples, test)
+    val_x, val_y = val
+    if net.input_shape is None:  # a converted network never trained: its input is the data's
+        net.input_shape = tuple(val_x.shape[1:])
+    graph = BodyGraph(net)  # traced once: every pruning and layout below reads it
+    posts = analyse_network(net, analyse(net), graph)  # BatchNorm folded in
+    fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
+    means = layer_input_means(net, train_x[:FOLD_EXAMPLES]) if fold else None
+    thresholds = rule.thresholds(ThresholdInputs(net, posts, val_x, val_y, means, graph))
+    method = rule.method(thresholds)
+    layers = prune_network(net, posts, thresholds, means, graph)
+    empty = [layer.post.name for layer in layers if layer.empty]
+    if empty:
+        raise ConfigError(f"the thresholds {thresholds} leave {', '.join(empty)} no weight (a .bcz cannot store an "
+                          "empty layer): raise their thresholds")
+
+    def file_model(precision: Precision, metadata: dict | None = None) -> codec.CompressedModel:
+        return codec.round_biases(compressed_model(net, layers, precision, metadata, graph), "float16")  # RESULTS.md
+
+    variance = choose_precision(layers)
+    precision = bits_rule.precision(BitsInputs(layers, variance, lambda p: error_percent(
+        codec.to_module(file_model(p)), val_x, val_y)))
+    rates = compression_rates(layers, precision)
+    rest = {k: v for k, v in info.items() if k not in ("model", "prior")}
+    metadata = {"model": info["model"], "prior": info["prior"], "thresholds": thresholds, "threshold_method": method,
+                **rest}
+    model = file_model(precision, metadata)
+    if keep_variance:  # a version-3 file: the compressed Bayesian network
+        model.variances = compressed_variances(net, layers, model)
+    file_bytes = codec.write_bcz(out, model)
+    loaded = codec.load(out)
+    original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
+                             if p is not None)
+    pruned_only = masked_network(net, layers, graph)  # what pruned_network(net, summary) rebuilds
+    mean_network = net.posterior_mean_network()
+
+    def test_error(module: torch.nn.Module) -> float | None:
+        return None if test is None else error_percent(module, *test)
+
+    summary = {
+        "layers": [{
+            "name": layer.post.name, "groups_total": layer.post.n_groups, "groups_kept": layer.groups_kept,
+            "weights_total": layer.mask.numel(), "weights_kept": int(layer.mask.sum()), "bits": precision.bits(i),
+            "exponent_bits": precision.exponent_bits, "mantissa_bits": precision.mantissa_bits[i],
+            "mantissa_bits_variance_rule": variance.mantissa_bits[i], "threshold": layer.threshold,
+            "kept_groups": torch.nonzero(layer.keep_groups).flatten().tolist(), "fold": fold_state(layer.post, fold),
+        } for i, layer in enumerate(layers)],
+        "architecture": "-".join(str(layer.groups_kept) for layer in layers),
+        "weights_kept_fraction": rates["weights_kept_fraction"],
+        "cr_prune": rates["cr_prune"],
+        "cr_fast": rates["cr_fast"],
+        "cr_file": original_bytes / file_bytes,
+        "file_bytes": file_bytes,
+        "original_bytes": original_bytes,
+        "error_posterior_mean": test_error(mean_network),
+        "error_pruned": test_error(pruned_only),
+        "error_compressed": test_error(loaded),
+        "val_error_compressed": error_percent(loaded, val_x, val_y),
+        "exponent_bits_official": precision.exponent_bits_official if math.isfinite(
+            precision.exponent_bits_official) else None,
+        "cr_fast_official_exponent": rates["cr_fast_official_exponent"],
+        "threshold_method": method,
+        "threshold_rule": rule.record(),
+        "bits_rule": bits_rule.record(),
+        "fold_pruned_inputs": fold,
+        # BatchNorm that follows no layer alone: deterministic, stored as a depthwise 1x1 convolution
+        "deterministic_modules": [{"name": node.name, "stored_as": "per-channel scale (15 significant bits) and "
+                                   "shift (float16)"} for node in graph.nodes if node.affine is not None],
+        "model": info["model"],
+        "prior": info["prior"],
+    }
+    add_macs(summary, mean_network, loaded, net.input_shape, _layer_modules(loaded, model, net))
+    if keep_variance:
+        summary["file_bytes_without_variance"] = len(codec.encode(dataclasses.replace(model, variances=None)))
+        summary["cr_file_without_variance"] = original_bytes / summary["file_bytes_without_variance"]
+    if predictive_samples is not None and test is not None:  # calibration before and after compression
+        bayesian = codec.load(out, bayesian=True) if keep_variance else None
+        summary["predictive"] = predictive_summary(net, loaded, test, bayesian, samples=predictive_samples)
+    atomic_write_text(out.with_suffix(".json"), summary_json(summary))
+    return summary
+
+
+def _layer_modules(loaded: torch.nn.Module, model: codec.CompressedModel, net: BayesianNet) -> list[torch.nn.Module]:
+    """The modules of ``loaded`` (``model``'s network) that compute ``net``'s Bayesian layers (not the standalone
+    BatchNorm it also stores as convolutions)."""
+    names = set(net.layer_names)
+    nodes = list(loaded.nodes if isinstance(loaded, codec.Graph) else loaded)
+    return [module for module, item in zip(nodes, model.items)
+            if isinstance(item, codec.QuantizedLayer) and item.name in names]
+
+
+def summary_json(summary: dict) -> str:
+    """``MODEL.json``'s text: indented, with each layer's ``kept_groups`` on one line."""
+    text = json.dumps(summary, indent=2)
+    return re.sub(r'("kept_groups": )(\[[\d,\s]*\])', lambda m: m[1] + json.dumps(json.loads(m[2])), text) + "\n"
+
+
+def format_table(summary: dict) -> str:
+    """The per-layer table and the rates, as printed by ``pyro-bc compress``."""
+    rows = [(f"{'layer':<10} {'groups kept':>12} {'weights kept':>16} {'bits':>5} {'(e+m)':>6} {'threshold':>9} "
+             f"{'MACs kept':>19}")]
+    for layer in summary["layers"]:
+        rows.append(f"{layer['name']:<10} {layer['groups_kept']:>5}/{layer['groups_total']:<6} "
+                    f"{layer['weights_kept']:>7}/{layer['weights_total']:<8} {layer['bits']:>5} "
+                    f"{layer['exponent_bits']:>2}+{layer['mantissa_bits']:<3} {layer['threshold']:>9.2f} "
+                    f"{layer['macs_compressed']:>9}/{layer['macs_original']}")
+    rows.append(f"architecture {summary['architecture']}, {100 * summary['weights_kept_fraction']:.2f}% of weights "
+                f"kept; cr_prune {summary['cr_prune']:.1f}, cr_fast {summary['cr_fast']:.1f}, "
+                f"cr_file {summary['cr_file']:.1f} ({summary['file_bytes']} of {summary['original_bytes']} bytes)")
+    bits_rule = summary.get("bits_rule", {"name": "variance"})
+    if bits_rule["name"] != "variance":
+        rows.append(f"mantissa bits by the {bits_rule['name']} rule {bits_rule.get('settings', {})}: "
+                    f"{'-'.join(str(la['mantissa_bits']) for la in summary['layers'])} (variance rule: "
+                    f"{'-'.join(str(la['mantissa_bits_variance_rule']) for la in summary['layers'])})")
+    rows.append(f"MACs per example: {summary['macs_compressed']:,} of {summary['macs_original']:,} "
+                f"({summary['macs_original'] / summary['macs_compressed']:.1f}x fewer)")
+    rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "
+                f"{summary['error_pruned']:.2f}%, compressed {summary['error_compressed']:.2f}% "
+                f"(validation {summary['val_error_compressed']:.2f}%)")
+    return "\n".join(rows)
+
+
+def _ms_per_batch(module: torch.nn.Module, batch: torch.Tensor, repeats: int = 7) -> float:
+    times = []
+    with torch.no_grad():
+        module(batch)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            module(batch)
+            times.append(time.perf_counter() - started)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1000, samples: int = 0,
+                  rotation: bool = False, ood: str | None = None) -> dict:
+    """Test error of a ``.bcz`` file, and its median time per batch against the dense original network
+    (the unpruned architecture at float32; its weights do not change its speed); the deterministic network's
+    ``nll``, ``brier`` and ``ece`` (:mod:`pyro_bc.metrics.scores`) and, with ``samples`` > 0, ``sampled``: the metrics of
+    the compressed Bayesian network's predictive over that many draws (a file written with ``keep_variance``).
+    Shift (:func:`~pyro_bc.metrics.shift.shift_report`, for each network): ``noise_auroc``; with ``rotation`` the error and
+    NLL against rotation; with ``ood`` (a data folder) the entropy AUROC against its test images."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ConfigError(f"samples must be a whole number >= 0, got {samples!r}")
+    bayesian = codec.load(path, bayesian=True) if samples else None  # refuses a file without variances first
+    model = codec.read_bcz(path)
+    meta = model.metadata
+    compressed = codec.to_module(model)
+    dataset = _evaluation_data(path, meta, data)
+    require_shape(dataset, data, model.input_shape, str(path), "give the data it was trained on with --data DIR")
+    x, y = dataset.test.x, dataset.test.y
+    original = original_network(meta, model.input_shape)
+    ms_compressed = _ms_per_batch(compressed, x[:batch_size])
+    ms_original = _ms_per_batch(original, x[:batch_size]) if original is not None else None
+    ood_set = None
+    if ood is not None:
+        ood_set = (str(ood), fit_images(load_data(ood, val_size=0).test.x, tuple(x.shape[1:])))
+    deterministic = scored(compressed, x, y, 0, batch_size)
+    result = {"error": error_percent(compressed, x, y), "n": len(x),
+              "ms_per_batch_compressed": ms_compressed, "ms_per_batch_original": ms_original,
+              "speedup": ms_original / ms_compressed if ms_original is not None else None,
+              **{k: deterministic[k] for k in ("nll", "brier", "ece")},
+              **shift_report(compressed, x, y, 0, rotation, ood_set, batch_size)}
+    if bayesian is not None:
+        result["sampled"] = {"samples": samples, **scored(bayesian, x, y, samples, batch_size),
+                             **shift_report(bayesian, x, y, samples, rotation, ood_set, batch_size)}
+    return result
+
+
+def _evaluation_data(path: str | Path, meta: dict, data: str | None) -> Dataset:
+    """The data set of a ``.bcz`` file's test error, split and normalised as its training saw it; one line saying
+    what is missing where the file does not record it (a file written by :func:`compress` from tensors)."""
+    from pyro_bc.train.loop import PYTHON_MODEL
+
+    if data is None and meta.get("model") == PYTHON_MODEL:
+        raise ConfigError(f"{path} was written by pyro_bc.compress from tensors, so its data is not recorded: give "
+                          "its data folder with --data DIR (or evaluate pyro_bc.load(path) in Python)")
+    dataset = load_data(data, val_size=meta.get("val_size", VAL_SIZE), seed=meta.get("seed", 0))
+    if dataset.format != "mnist-idx" and not {"val_size", "seed"} <= meta.keys():
+        raise ConfigError(f"{path} does not record the validation split (val_size, seed) on which {data}'s "
+                          "per-channel normalisation depends: write it with pyro_bc.compress(..., "
+                          "metadata={'val_size': V, 'seed': S})")
+    return dataset
+
+
+def original_network(metadata: dict, input_shape: tuple[int, ...] | None = None) -> torch.nn.Module | None:
+    """The dense original network (posterior means of a fresh build, for inputs of ``input_shape``) of a
+    ``.bcz`` file's metadata; None where the metadata does not name a buildable model."""
+    try:
+        return build_network(metadata["model"], metadata["prior"], input_shape=input_shape,
+                             width=metadata.get("width"), **metadata.get("prior_options", {})).posterior_mean_network()
+    except (KeyError, ConfigError):
+        return None

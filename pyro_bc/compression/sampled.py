@@ -1,0 +1,160 @@
+"""The compressed *Bayesian* network: the kept weights' posterior variances from a fitted guide, quantised for a
+``.bcz`` file (:func:`compressed_variances`), and the torch modules that draw from them (:func:`to_bayesian_module`).
+
+A kept weight is ``w = z' w'`` with ``w' ~ N(m, c)`` per weight (``m`` the file's weight, ``c`` its variance given the
+group scale) and ``z' = z / E[z] ~ N(1, r)`` per group (``r = Var[z] / E[z]^2``): the same mean and variance as the
+guide's ``w = z w~`` (``Var[w] = c (1 + r) + r m^2``), and for ``gnj``, whose ``z`` is normal, the same distribution;
+for ``ghs`` and ``rhs`` the log-normal ``z`` is replaced by the normal of its moments. Biases keep their means, and
+a weight pruned on its own (``lu``) stays zero. A
+forward draws once per call by the local reparameterisation, every example its own noise (Kingma et al. 2015):
+``z'`` per example and group, then the pre-activation from its Gaussian.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyro_bc.bcz import codec
+from pyro_bc.bcz.model import CompressedModel, LayerVariance, QuantizedLayer, Variances, is_chain, sources
+from pyro_bc.compression.posterior import PrunedLayer
+from pyro_bc.nn.network import BayesianNet
+
+#: Log-variances are stored in steps of 2**-STEP_BITS nats: a decoded standard deviation is within a factor
+#: exp(step / 4) (about 1.13) of the guide's.
+STEP_BITS = 1
+LOG_VARIANCE_RANGE = (-100.0, 20.0)  # log-variances are clamped to this range (nats) before quantisation
+
+
+def _codes(log_variance: torch.Tensor, step_bits: int) -> np.ndarray:
+    clamped = log_variance.double().clamp(*LOG_VARIANCE_RANGE)
+    return torch.round(clamped * 2.0**step_bits).long().numpy()
+
+
+@torch.no_grad()
+def compressed_variances(net: BayesianNet, layers: list[PrunedLayer], model: CompressedModel,
+                         step_bits: int = STEP_BITS) -> Variances:
+    """The variances of ``model``'s kept weights (and group scales) under ``net``'s guide; ``layers``: the pruning
+    that made ``model`` (matched to its layer nodes by name). A layer node that is no Bayesian layer gets the
+    smallest variance, ``exp(-100)``: deterministic in effect."""
+    by_name = {layer.post.name: layer for layer in layers}
+    bayes = {layer.site: layer for layer in net.layers}
+    out = []
+    for item in (i for i in model.items if isinstance(i, QuantizedLayer)):
+        if item.name not in by_name or item.name not in bayes:  # not a Bayesian layer (e.g. a BatchNorm kept alone)
+            deterministic = np.full(int(np.count_nonzero(item.weight_codes)), LOG_VARIANCE_RANGE[0])
+            out.append(LayerVariance(_codes(torch.from_numpy(deterministic), step_bits), None, False))
+            continue
+        pruned, layer = by_name[item.name], bayes[item.name]
+        post = pruned.post
+        moments = layer.prior.scale_moments()
+        shape = [1] * post.mean.dim()
+        shape[post.group_axis] = -1
+        if moments is None:
+            r = torch.zeros(post.n_groups, dtype=torch.float64)
+        else:
+            r = (moments[1].double() / moments[0].double() ** 2).cpu()
+        r_w = r.reshape(shape)
+        conditional = (post.var.double() - r_w * post.mean.double() ** 2) / (1 + r_w)  # c from Var[w] = c(1+r) + r m^2
+        conditional = conditional.clamp_min(math.exp(LOG_VARIANCE_RANGE[0]))[pruned.keep_out]
+        if conditional.shape[1:] != item.weight_codes.shape[1:]:  # not depthwise: only the kept inputs
+            conditional = conditional[:, pruned.keep_in]
+        mask = pruned.mask[pruned.keep_out]
+        mask = mask if mask.shape[1:] == item.weight_codes.shape[1:] else mask[:, pruned.keep_in]
+        every = bool(mask.all())  # else pruned weight by weight: the zero codes are the pruned weights
+        chosen = conditional.log() if every else conditional.log()[torch.from_numpy(np.asarray(item.weight_codes) != 0)]
+        weight = _codes(chosen.flatten(), step_bits)
+        scale = None
+        if moments is not None:
+            kept = pruned.keep_in if post.group_axis == 1 else pruned.keep_out
+            scale = _codes(r[kept].clamp_min(math.exp(LOG_VARIANCE_RANGE[0])).log(), step_bits)
+        out.append(LayerVariance(weight, scale, every))
+    return Variances(step_bits, out)
+
+
+def layer_variances(layer: QuantizedLayer, variance: LayerVariance, step: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """A layer's decoded weight variances (weight-shaped; 0 at pruned weights) and group-scale relative variances."""
+    codes = np.asarray(layer.weight_codes)
+    weight = np.zeros(codes.shape, dtype=np.float64)
+    stored = np.exp(np.asarray(variance.weight_codes, dtype=np.float64) * step)
+    if variance.every_weight:
+        weight[...] = stored.reshape(codes.shape)
+    else:
+        weight[codes != 0] = stored
+    scale = None if variance.scale_codes is None else np.exp(np.asarray(variance.scale_codes, dtype=np.float64) * step)
+    return weight, scale
+
+
+class SampledLayer(nn.Module):
+    """A linear or convolutional layer whose forward draws its output for weights ``z' w'`` (see the module)."""
+
+    def __init__(self, layer: QuantizedLayer, weight_var: np.ndarray, scale_var: np.ndarray | None):
+        super().__init__()
+        self.kind = layer.kind
+        self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        self.register_buffer("weight", torch.from_numpy(layer.weight()))
+        self.register_buffer("weight_var", torch.from_numpy(weight_var.astype(np.float32)))
+        self.register_buffer("bias", None if layer.bias is None else
+                             torch.from_numpy(np.asarray(layer.bias, dtype=np.float32)))
+        self.register_buffer("scale_sd", None if scale_var is None else
+                             torch.from_numpy(np.sqrt(scale_var).astype(np.float32)))
+
+    def _apply_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight, bias, *self.conv_args)
+
+    def _group_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Draws of ``z'``, one per example and group (shared by an example's positions), shaped to scale ``like``'s
+        features: its last dimension for a linear layer (inputs of any leading shape), dimension 1 for a
+        convolution."""
+        z = 1 + self.scale_sd * torch.randn(len(like), len(self.scale_sd), dtype=like.dtype, device=like.device)
+        if self.kind == "linear":
+            return z.reshape((len(like),) + (1,) * (like.dim() - 2) + (len(self.scale_sd),))
+        return z.reshape(z.shape + (1,) * (like.dim() - 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_sd is not None and self.kind == "linear":  # linear groups are inputs
+            x = x * self._group_noise(x)
+        mean = self._apply_op(x, self.weight, self.bias)
+        std = self._apply_op(x * x, self.weight_var, None).clamp_min(0).sqrt()
+        y = mean + std * torch.randn_like(mean)
+        if self.scale_sd is not None and self.kind == "conv2d":  # convolution groups are output channels
+            y = y * self._group_noise(y)
+        return y
+
+
+class CompressedBayesianNet(nn.Module):
+    """The compressed Bayesian network of a ``.bcz`` file that keeps variances: ``forward`` draws once per call;
+    :meth:`posterior_mean_network` is the file's deterministic network."""
+
+    def __init__(self, model: CompressedModel):
+        super().__init__()
+        if model.variances is None:
+            raise ValueError("the model keeps no variances")
+        self.model = model
+        variances = iter(model.variances.layers)
+        modules = []
+        for item in model.items:
+            if isinstance(item, QuantizedLayer):
+                modules.append(SampledLayer(item, *layer_variances(item, next(variances), model.variances.step)))
+            else:
+                modules.append(codec._op_module(item))
+        self.net = nn.Sequential(*modules) if is_chain(model) else codec.Graph(modules, sources(model))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def posterior_mean_network(self) -> nn.Module:
+        """The deterministic network (the weights' means), as :func:`pyro_bc.load` rebuilds it."""
+        return codec.to_module(self.model)
+
+
+def to_bayesian_module(model: CompressedModel) -> CompressedBayesianNet:
+    """The module drawing from ``model``'s compressed Bayesian network (``model.variances`` must be set)."""
+    return CompressedBayesianNet(model)

@@ -1,0 +1,282 @@
+"""Threshold rules: the ways ``compress`` chooses one log alpha threshold per Bayesian layer.
+
+Each rule is a small object with a :attr:`~ThresholdRule.name`, its :attr:`~ThresholdRule.settings`
+(a JSON-able dict of its constructor's arguments, recorded in ``MODEL.json`` as ``threshold_rule``) and
+:meth:`~ThresholdRule.thresholds`, which returns the thresholds for a fitted network:
+
+* :class:`GivenThresholds`   the thresholds given (``--thresholds T1 T2 ...``);
+* :class:`GapRule`           per layer, the middle of the widest gap in the sorted log alpha values (``--auto gap``);
+* :class:`ValidationBudget`  the most compressing thresholds within a validation error budget
+  (``--max-error-increase P``);
+* :class:`PriorDefault`      each layer's prior's default cut (``layer.prior.default_threshold``);
+* :class:`KeptStructure`     the structure a fine-tuning run was given (the default for such a run).
+
+A new rule is a subclass plus one entry in :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import abstractmethod
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from pyro_bc.compression.compressed import compressed_module
+from pyro_bc.compression.graph import BodyGraph, prune_network
+from pyro_bc.compression.posterior import LayerPosterior
+from pyro_bc.compression.rules import RecordedRule
+from pyro_bc.errors import ConfigError
+from pyro_bc.metrics.evaluate import error_percent
+from pyro_bc.nn.network import BayesianNet
+
+
+@dataclasses.dataclass
+class ThresholdInputs:
+    """What a rule may look at: the network and its posterior, and, for rules that measure errors, the
+    validation set and the layers' input means that pruned weights are folded with (``None``: no fold)."""
+
+    net: BayesianNet
+    posts: list[LayerPosterior]
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    input_means: list[torch.Tensor] | None = None
+    graph: BodyGraph | None = None  # the network's, built once by the caller (else on each pruning)
+
+
+class ThresholdRule(RecordedRule):
+    """A way of choosing one log alpha threshold per Bayesian layer."""
+
+    @abstractmethod
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        """One threshold per Bayesian layer of ``inputs.net``, in the network's order."""
+
+    @abstractmethod
+    def method(self, thresholds: list[float]) -> str:
+        """The one-line description ``MODEL.json`` keeps as ``threshold_method``, given the chosen thresholds."""
+
+
+class GivenThresholds(ThresholdRule):
+    """The thresholds given, one per layer (their number and finiteness are checked when pruning)."""
+
+    name = "given"
+
+    def __init__(self, thresholds: list[float]):
+        self.values = [float(t) for t in thresholds]
+
+    @property
+    def settings(self) -> dict:
+        return {"thresholds": list(self.values)}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        return list(self.values)
+
+    def method(self, thresholds: list[float]) -> str:
+        return "given"
+
+
+class GapRule(ThresholdRule):
+    """Per layer, the middle of the widest gap between sorted log alpha values that overlaps [lo, hi],
+    clipped to [lo, hi]; ``fallback`` where no gap of at least ``min_gap`` nats is found (docs/METHOD.md 11).
+
+    Between 20 or 50 values spread over a continuum, gaps of one nat occur by chance, while the two modes of a
+    layer that has separated lie several nats apart: hence the 2-nat minimum (the measurements behind it are in
+    analysis/results/lenet5-gnj/NOTES.md).
+    """
+
+    name = "gap"
+
+    def __init__(self, lo: float = -6.0, hi: float = 2.0, min_gap: float = 2.0, fallback: float = -3.0):
+        self.lo, self.hi, self.min_gap, self.fallback = float(lo), float(hi), float(min_gap), float(fallback)
+
+    @property
+    def settings(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "min_gap": self.min_gap, "fallback": self.fallback}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        return [self.layer_threshold(post.log_alpha) for post in inputs.posts]
+
+    def layer_threshold(self, log_alpha: torch.Tensor) -> float:
+        """The threshold of one layer from its log alpha values."""
+        values = np.sort(log_alpha.flatten().double().numpy())
+        left, right = values[:-1], values[1:]
+        widths = right - left
+        ok = (right >= self.lo) & (left <= self.hi) & (widths >= self.min_gap)
+        if not ok.any():
+            return self.fallback
+        best = np.flatnonzero(ok)[np.argmax(widths[ok])]
+        return float(np.clip((left[best] + right[best]) / 2, self.lo, self.hi))
+
+    def method(self, thresholds: list[float]) -> str:
+        return "auto gap"
+
+
+class ValidationBudget(ThresholdRule):
+    """The most compressing per-layer thresholds whose pruned (and folded) network's **validation** error stays
+    within ``max_error_increase`` percentage points of the unpruned posterior-mean network's.
+
+    Layers are visited in the order of the weights their groups govern, most first (:func:`governed_weights`:
+    fc2's groups of LeNet-5 are fc1's outputs, so they govern fc1's rows too); for each, a binary search over
+    :attr:`GRID` finds the lowest threshold that keeps the error within budget with the others fixed. Every
+    accepted setting was evaluated, so the budget holds for the result. The errors are those before rounding:
+    the bits are another rule's (``--bits-budget`` bounds what rounding costs). Rounding an unpruned layer is
+    the costliest case (its pruned-to-be groups' large variances ask for few bits), so including it would make
+    the least pruned network the worst, not the best.
+    """
+
+    name = "max-error-increase"
+    GRID: ClassVar[np.ndarray] = np.round(np.arange(-8.0, 6.01, 0.25), 2)
+
+    def __init__(self, max_error_increase: float):
+        self.max_error_increase = max_error_increase
+
+    @property
+    def settings(self) -> dict:
+        return {"max_error_increase": self.max_error_increase}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        if inputs.val_x is None or inputs.val_y is None:
+            raise ConfigError(f"the {self.name} rule needs a validation set")
+        net, posts, grid = inputs.net, inputs.posts, self.GRID
+        limit = error_percent(net.posterior_mean_network(), inputs.val_x, inputs.val_y) + self.max_error_increase
+        thresholds = [float(grid[-1])] * len(posts)
+        if self._error(inputs, thresholds) > limit:
+            raise ConfigError(f"even the least pruned network exceeds the error budget of {self.max_error_increase} "
+                              "points: raise --max-error-increase")
+        governed = governed_weights(net, posts, inputs.graph)
+        for i in sorted(range(len(posts)), key=lambda k: -governed[k]):
+            lo, hi = 0, len(grid) - 1  # grid[hi] is known to be within budget
+            while lo < hi:
+                mid = (lo + hi) // 2
+                trial = thresholds[:i] + [float(grid[mid])] + thresholds[i + 1:]
+                if self._error(inputs, trial) <= limit:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            thresholds[i] = float(grid[hi])
+        return thresholds
+
+    @staticmethod
+    def _error(inputs: ThresholdInputs, thresholds: list[float]) -> float:
+        """Validation error (%) of the pruned and folded network at ``thresholds``, unrounded; infinite where a layer
+        keeps no weight (a ``.bcz`` cannot store it: even a residual branch pruned away is over any budget, 100 points
+        included)."""
+        layers = prune_network(inputs.net, inputs.posts, thresholds, inputs.input_means, inputs.graph)
+        if any(layer.empty for layer in layers):
+            return math.inf
+        return error_percent(compressed_module(inputs.net, layers, None, inputs.graph), inputs.val_x, inputs.val_y)
+
+    def method(self, thresholds: list[float]) -> str:
+        return f"max validation error increase {self.max_error_increase} points"
+
+
+def governed_weights(net: BayesianNet, posts: list[LayerPosterior], graph: BodyGraph | None = None) -> list[float]:
+    """Per layer, the weights its groups govern: its number of groups (weights, for a per-weight prior) times the
+    weights that go when its most prunable group goes alone, all else kept. Measured by the pruning itself, so
+    it counts what a group takes with it across the graph: its own weights and its neighbours' (an input
+    neuron's column and the row that produced it)."""
+    tops = [float(post.log_alpha.max()) for post in posts]
+    keep_all = [top + 1.0 for top in tops]
+
+    def weights_kept(thresholds: list[float]) -> int:
+        return sum(int(layer.mask.sum()) for layer in prune_network(net, posts, thresholds, None, graph))
+
+    everything = weights_kept(keep_all)
+    governed = []
+    for i, (post, top) in enumerate(zip(posts, tops)):
+        below = float(np.nextafter(np.float32(top), np.float32(-np.inf)))
+        pruned = int((post.log_alpha >= below).sum())  # what the threshold ``below`` prunes: the top group and ties
+        removed = everything - weights_kept(keep_all[:i] + [below] + keep_all[i + 1:])
+        governed.append(post.log_alpha.numel() * removed / pruned)
+    return governed
+
+
+class PriorDefault(ThresholdRule):
+    """Each layer's prior's default cut (``layer.prior.default_threshold``: -3 per group, 3 per weight for ``lu``)."""
+
+    name = "prior-default"
+
+    @property
+    def settings(self) -> dict:
+        return {}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        return [float(layer.prior.default_threshold) for layer in inputs.net.layers]
+
+    def method(self, thresholds: list[float]) -> str:
+        return "default " + ", ".join(f"{t:g}" for t in dict.fromkeys(thresholds))
+
+
+class KeptStructure(ThresholdRule):
+    """The structure a fine-tuning run (``pyro-bc finetune``) was given: per layer, the middle between the largest
+    log alpha of the groups (weights, for ``lu``) its own threshold kept and the smallest of those it pruned, so
+    that the pruning of ``RUN_DIR/finetune.pt`` is reproduced exactly and nothing new is pruned. ConfigError where
+    fine-tuning moved a kept group's log alpha to or above a pruned one's (then give thresholds)."""
+
+    name = "kept-structure"
+
+    def __init__(self, run_dir: str):
+        self.run_dir = str(run_dir)
+
+    @property
+    def settings(self) -> dict:
+        return {"run_dir": self.run_dir}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        from pyro_bc.compression.finetuning import load_masks
+
+        masks, _ = load_masks(self.run_dir)
+        if len(masks) != len(inputs.posts):
+            raise ConfigError(f"{self.run_dir}: masks of {len(masks)} layers for a network of {len(inputs.posts)}")
+        out = []
+        for post, mask in zip(inputs.posts, masks):
+            log_alpha, own = post.log_alpha.flatten().double(), mask.own.flatten()
+            if log_alpha.shape != own.shape:
+                raise ConfigError(f"{post.name}: the fine-tuning masks do not fit the network's log alpha")
+            kept, pruned = log_alpha[own], log_alpha[~own]
+            if not len(pruned):
+                out.append(float(kept.max()) + 1.0)
+            elif not len(kept):
+                out.append(float(pruned.min()) - 1.0)
+            elif kept.max() < pruned.min():
+                out.append(float((kept.max() + pruned.min()) / 2))
+            else:
+                raise ConfigError(f"{post.name}: fine-tuning moved a kept group's log alpha ({float(kept.max()):.3g}) "
+                                  f"to or above a pruned one's ({float(pruned.min()):.3g}): give --thresholds")
+        return out
+
+    def method(self, thresholds: list[float]) -> str:
+        return "the structure fine-tuning was given"
+
+
+RULES: dict[str, type[ThresholdRule]] = {rule.name: rule for rule in
+                                         (GivenThresholds, GapRule, ValidationBudget, PriorDefault, KeptStructure)}
+AUTO_RULES: dict[str, type[ThresholdRule]] = {"gap": GapRule}  # ``--auto NAME``
+
+
+def rule_from_options(thresholds: list[float] | None = None, auto: str | None = None,
+                      max_error_increase: float | None = None) -> ThresholdRule:
+    """The rule the command line's options name: ``--thresholds``, else ``--auto``, else
+    ``--max-error-increase``, else the priors' defaults."""
+    if thresholds is not None:
+        return GivenThresholds(thresholds)
+    if auto is not None:
+        if auto not in AUTO_RULES:
+            raise ConfigError(f"unknown automatic threshold rule {auto!r}: choose {', '.join(AUTO_RULES)}")
+        return AUTO_RULES[auto]()
+    if max_error_increase is not None:
+        return ValidationBudget(max_error_increase)
+    return PriorDefault()
+
+
+def rule_from_record(record: dict) -> ThresholdRule:
+    """The rule that :meth:`ThresholdRule.record` (``MODEL.json``'s ``threshold_rule``) describes."""
+    name = record.get("name") if isinstance(record, dict) else None
+    if name not in RULES:
+        raise ConfigError(f"unknown threshold rule {name!r}: choose one of {', '.join(RULES)}")
+    try:
+        return RULES[name](**record.get("settings", {}))
+    except TypeError as e:
+        raise ConfigError(f"threshold rule {name}: bad settings {record.get('settings')!r} ({e})")

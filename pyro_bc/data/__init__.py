@@ -1,0 +1,1 @@
+"""Data in: the readers of MNIST (IDX), NumPy archives and CIFAR batches, splits, minibatches, augmentation."""

@@ -1,0 +1,255 @@
+"""Fused local-reparameterisation (LRT) ops for linear and 2-D convolutional layers.
+
+Under the local reparameterisation trick (Kingma et al. 2015) a Bayesian layer draws its
+pre-activation rather than its weights: with weight means ``mu`` and variances ``var``,
+
+* linear: ``xs = x z``, ``y = xs mu^T + b_mu + sqrt(xs^2 var^T + b_var) eps`` (``z`` scales the inputs);
+* conv2d: ``y = (conv(x, mu) + b_mu + sqrt(conv(x^2, var) + b_var) eps) z`` (``z`` scales the output
+  channels, bias included).
+
+This is the training hot path. Composed from autograd primitives the op records about ten nodes, each
+with its own output-sized buffer; :func:`lrt_linear` and :func:`lrt_conv2d` are single
+:class:`torch.autograd.Function` s that work in place where they can (``sqrt(v)``, then
+``eps / sqrt(v)`` in ``v``'s buffer, the mean turned into the output), save only what the backward
+reads, fold the ``1/2`` of ``d sqrt(v) / dv`` into the smallest tensor it multiplies, and skip every
+gradient that no input asks for. Fresh output-sized buffers matter: with glibc's default allocator each
+one is mapped and page-faulted anew, which costs more than the arithmetic of LeNet-5's first
+convolution. The matrix products and convolutions themselves are those of the reference, so layers
+whose cost is arithmetic gain little (``analysis/bench_fused.py`` measures both). The ``*_reference``
+functions are the plain-autograd composition of the same maths, used by the tests and the benchmark.
+
+The ops take the weight *log*-variances and return, beside the draw, the summed KL of the weights
+against ``N(0, 1)`` (:func:`standard_normal_kl`), the weight term of the ELBO: ``var = exp(logvar)`` is
+computed once and used by the forward pass, the KL and the backward pass, and the KL's gradient is folded
+into the backward's weight gradients (``d KL / d mu = mu``, ``d KL / d logvar = (var - 1) / 2``): one
+in-place pass for the means and one for the log-variances beside the matrix products, instead of
+autograd's separate ``exp``, ``sum`` and ``dot`` nodes and the accumulation of their gradients.
+(:class:`~pyro_bc.infer.reparam.LocalReparameterization` hands the KL to the ELBO through the guide's
+distribution, see :func:`~pyro_bc.infer.distributions.summed_kl`.) The bias variances are passed exponentiated.
+
+Without a bias variance ``v`` can be exactly zero (an all-zero input row) where ``sqrt`` has an infinite
+derivative; both the fused and the reference ops then clamp ``v`` from below at the dtype's smallest
+normal number (``torch.finfo(dtype).tiny``), which changes the output by at most ``sqrt(tiny)`` (about
+1e-19 in float32) and keeps every gradient finite. With a bias variance (always positive) nothing is
+clamped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = ["lrt_conv2d", "lrt_conv2d_reference", "lrt_linear", "lrt_linear_reference", "standard_normal_kl"]
+
+IntPair = int | tuple[int, int]
+
+
+def as_pair(v: IntPair) -> list[int]:
+    """``[v, v]`` for an int, else the two values as ints (a convolution's stride, padding or dilation)."""
+    return [v, v] if isinstance(v, int) else [int(v[0]), int(v[1])]
+
+
+def _sqrt_variance(v: torch.Tensor, clamp: bool) -> torch.Tensor:
+    """``sqrt(v)`` in place, ``v`` first clamped at ``tiny`` when there is no bias variance."""
+    if clamp:
+        v.clamp_min_(torch.finfo(v.dtype).tiny)
+    return v.sqrt_()
+
+
+def standard_normal_kl(mu: torch.Tensor, logvar: torch.Tensor, var: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum KL(N(mu, exp(logvar)) || N(0, 1)) = (sum(var) + sum(mu^2) - sum(logvar) - n) / 2``: three
+    reductions, no weight-sized temporary (``var``: ``exp(logvar)`` where the caller has it)."""
+    var = logvar.exp() if var is None else var
+    flat = mu.reshape(-1)
+    return 0.5 * (var.sum() + torch.dot(flat, flat) - logvar.sum() - mu.numel())
+
+
+def _grad_mu(grad: torch.Tensor, mu: torch.Tensor, g_kl: float) -> torch.Tensor:
+    """``grad + g_kl mu`` in ``grad``'s buffer: the mean gradient with the KL's folded in.
+
+    (One pass; ``addmm(mu, ..., beta=g_kl)`` measures slower on CPU: it copies ``mu`` first.)"""
+    return grad.add_(mu, alpha=g_kl) if g_kl else grad
+
+
+def _grad_logvar(grad_var: torch.Tensor, var: torch.Tensor, g_kl: float) -> torch.Tensor:
+    """``(grad_var + g_kl / 2) var - g_kl / 2`` in ``grad_var``'s buffer: the log-variance gradient, through
+    ``d var / d logvar = var``, with the KL's folded in. One pass: it is ``lerp(-g_kl / 2, grad_var, var)``
+    (``add_`` then ``addcmul`` measured slower)."""
+    if not g_kl:
+        return grad_var.mul_(var)
+    return torch.lerp(grad_var.new_full((), -0.5 * g_kl), grad_var, var, out=grad_var)
+
+
+def _tracked(*inputs: torch.Tensor | None) -> bool:
+    """Whether autograd will record the op: only then does the forward keep anything for the backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+
+class _LRTLinear(torch.autograd.Function):
+    """``y = xs mu^T + b_mu + sqrt(xs^2 var^T + b_var) eps``, ``xs = x z``, on 2-D ``x``, and the weight KL."""
+
+    @staticmethod
+    def forward(ctx, x, z, mu, logvar, b_mu, b_var, eps, track):
+        var = logvar.exp()
+        kl = standard_normal_kl(mu, logvar, var)
+        xs = x if z is None else x * z
+        mean = xs @ mu.t() if b_mu is None else torch.addmm(b_mu, xs, mu.t())
+        xs2 = xs * xs
+        v = xs2 @ var.t() if b_var is None else torch.addmm(b_var, xs2, var.t())
+        s = _sqrt_variance(v, b_var is None)
+        y = mean.addcmul_(s, eps)
+        if track:
+            r = torch.div(eps, s, out=s).mul_(0.5)  # d y / d v = eps / (2 sqrt(v)), in the buffer of sqrt(v)
+            ctx.save_for_backward(x, z, xs, xs2, mu, var, r)
+        return y, kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, g_kl):
+        x, z, xs, xs2, mu, var, r = ctx.saved_tensors
+        need_x, need_z, need_mu, need_logvar, need_bmu, need_bvar = ctx.needs_input_grad[:6]
+        g_kl = float(g_kl)  # zero when the KL output is unused (on CUDA: one host sync per layer)
+        gv = g * r  # gradient w.r.t. the variance v
+        grad_x = grad_z = grad_mu = grad_logvar = grad_bmu = grad_bvar = None
+        if need_x or need_z:
+            grad_xs = (g @ mu).addcmul_(xs, gv @ var, value=2.0)
+            if z is None:
+                grad_x = grad_xs
+            else:
+                grad_x = grad_xs * z if need_x else None
+                grad_z = grad_xs.mul_(x) if need_z else None
+        if need_mu:
+            grad_mu = _grad_mu(g.t() @ xs, mu, g_kl)
+        if need_logvar:
+            grad_logvar = _grad_logvar(gv.t() @ xs2, var, g_kl)
+        if need_bmu:
+            grad_bmu = g.sum(0)
+        if need_bvar:
+            grad_bvar = gv.sum(0)
+        return grad_x, grad_z, grad_mu, grad_logvar, grad_bmu, grad_bvar, None, None
+
+
+class _LRTConv2d(torch.autograd.Function):
+    """``y = (conv(x, mu) + b_mu + sqrt(conv(x^2, var) + b_var) eps) z`` and the weight KL."""
+
+    @staticmethod
+    def forward(ctx, x, z, mu, logvar, b_mu, b_var, eps, stride, padding, dilation, groups, track):
+        var = logvar.exp()
+        kl = standard_normal_kl(mu, logvar, var)
+        mean = F.conv2d(x, mu, b_mu, stride, padding, dilation, groups)
+        x2 = x * x
+        v = F.conv2d(x2, var, b_var, stride, padding, dilation, groups)
+        s = _sqrt_variance(v, b_var is None)
+        y = mean.addcmul_(s, eps)  # y0, before the scales
+        # Output-sized buffers are the cost here (the first layer's convolutions are cheap): reuse them.
+        keep_y0 = track and z is not None and ctx.needs_input_grad[1]
+        if z is not None:
+            y = y * z[:, :, None, None] if keep_y0 else y.mul_(z[:, :, None, None])
+        if track:
+            r = torch.div(eps, s, out=s)  # 2 d y0 / d v = eps / sqrt(v); the 1/2 is applied to the small gradients
+            ctx.conv = (stride, padding, dilation, groups)
+            ctx.bias_sizes = [mu.shape[0]]
+            ctx.save_for_backward(x, x2, z, mu, var, r, mean if keep_y0 else None)
+        return y, kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, g_kl):
+        x, x2, z, mu, var, r, y0 = ctx.saved_tensors
+        need_x, need_z, need_mu, need_logvar, need_bmu, need_bvar = ctx.needs_input_grad[:6]
+        g_kl = float(g_kl)  # zero when the KL output is unused (on CUDA: one host sync per layer)
+        stride, padding, dilation, groups = ctx.conv
+        grad_z = None
+        if z is not None:  # g becomes the gradient w.r.t. y0 (and the mean)
+            if need_z:
+                buf = g * y0
+                grad_z = buf.sum((2, 3))
+                g = torch.mul(g, z[:, :, None, None], out=buf)
+            else:
+                g = g * z[:, :, None, None]
+        gv = g * r  # twice the gradient w.r.t. the variance
+
+        def back(grad, inp, weight, need_w, need_b):
+            return torch.ops.aten.convolution_backward(
+                grad, inp, weight, ctx.bias_sizes if need_b else None, stride, padding, dilation, False, [0, 0],
+                groups, [need_x, need_w, need_b])
+
+        grad_x = grad_mu = grad_logvar = grad_bmu = grad_bvar = None
+        if need_x or need_mu or need_bmu:
+            grad_x, grad_mu, grad_bmu = back(g, x, mu, need_mu, need_bmu)
+            grad_mu = None if grad_mu is None else _grad_mu(grad_mu, mu, g_kl)
+        if need_x or need_logvar or need_bvar:
+            grad_x2, grad_var, grad_bvar = back(gv, x2, var, need_logvar, need_bvar)
+            if need_x:
+                grad_x = grad_x.addcmul_(x, grad_x2)  # d(x^2)/dx = 2x, times the halved gv
+            grad_logvar = None if grad_var is None else _grad_logvar(grad_var.mul_(0.5), var, g_kl)
+            grad_bvar = None if grad_bvar is None else grad_bvar.mul_(0.5)
+        return grad_x, grad_z, grad_mu, grad_logvar, grad_bmu, grad_bvar, None, None, None, None, None, None
+
+
+LRTOutput = tuple[torch.Tensor, torch.Tensor]
+
+
+def lrt_linear(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor,
+               b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor) -> LRTOutput:
+    """LRT draw of a linear layer's pre-activation and the weight KL (:func:`standard_normal_kl`), fused (see
+    the module docstring).
+
+    :param x: inputs ``(N, in)`` (or ``(..., in)``); ``z``: per-example input scales of ``x``'s shape, or ``None``.
+    :param mu: weight means ``(out, in)``; ``logvar``: weight log-variances, same shape.
+    :param b_mu: bias means ``(out,)`` or ``None``; ``b_var``: bias variances ``(out,)`` or ``None``.
+    :param eps: standard-normal noise ``(N, out)`` (or ``(..., out)``); it gets no gradient.
+    """
+    track = _tracked(x, z, mu, logvar, b_mu, b_var)
+    if x.dim() == 2:
+        return _LRTLinear.apply(x, z, mu, logvar, b_mu, b_var, eps, track)
+    lead = x.shape[:-1]
+    z2 = None if z is None else z.reshape(-1, z.shape[-1])
+    y, kl = _LRTLinear.apply(x.reshape(-1, x.shape[-1]), z2, mu, logvar, b_mu, b_var,
+                             eps.reshape(-1, eps.shape[-1]), track)
+    return y.reshape(*lead, y.shape[-1]), kl
+
+
+def lrt_conv2d(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor,
+               b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor, stride: IntPair = 1,
+               padding: IntPair | str = 0, dilation: IntPair = 1, groups: int = 1) -> LRTOutput:
+    """LRT draw of a 2-D convolution's output and the weight KL, fused (see the module docstring).
+
+    :param x: inputs ``(N, C_in, H, W)``; ``z``: per-example output-channel scales ``(N, C_out)`` or ``None``.
+    :param mu: weight means ``(C_out, C_in / groups, kh, kw)``; ``logvar``: weight log-variances, same shape.
+    :param b_mu: bias means ``(C_out,)`` or ``None``; ``b_var``: bias variances ``(C_out,)`` or ``None``.
+    :param eps: standard-normal noise of the output's shape; it gets no gradient.
+    :param padding: ints as for :func:`torch.nn.functional.conv2d`; a string (``"same"``) falls back to
+        :func:`lrt_conv2d_reference`.
+    """
+    if isinstance(padding, str):
+        return lrt_conv2d_reference(x, z, mu, logvar, b_mu, b_var, eps, stride, padding, dilation, groups)
+    return _LRTConv2d.apply(x, z, mu, logvar, b_mu, b_var, eps, as_pair(stride), as_pair(padding), as_pair(dilation),
+                            int(groups), _tracked(x, z, mu, logvar, b_mu, b_var))
+
+
+def _reference_sqrt(v: torch.Tensor, clamp: bool) -> torch.Tensor:
+    return (v.clamp_min(torch.finfo(v.dtype).tiny) if clamp else v).sqrt()
+
+
+def lrt_linear_reference(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor,
+                         b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor) -> LRTOutput:
+    """:func:`lrt_linear` composed from autograd primitives (unfused)."""
+    var = logvar.exp()
+    xs = x if z is None else x * z
+    mean = F.linear(xs, mu, b_mu)
+    v = F.linear(xs * xs, var, b_var)
+    return mean + _reference_sqrt(v, b_var is None) * eps, standard_normal_kl(mu, logvar, var)
+
+
+def lrt_conv2d_reference(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor,
+                         b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor,
+                         stride: IntPair = 1, padding: IntPair | str = 0, dilation: IntPair = 1,
+                         groups: int = 1) -> LRTOutput:
+    """:func:`lrt_conv2d` composed from autograd primitives (unfused)."""
+    var = logvar.exp()
+    mean = F.conv2d(x, mu, b_mu, stride, padding, dilation, groups)
+    v = F.conv2d(x * x, var, b_var, stride, padding, dilation, groups)
+    y = mean + _reference_sqrt(v, b_var is None) * eps
+    return y if z is None else y * z[:, :, None, None], standard_normal_kl(mu, logvar, var)

@@ -1,0 +1,26 @@
+"""Evaluation of a network on data: classification error, groups kept."""
+
+from __future__ import annotations
+
+import torch
+
+from pyro_bc.defaults import KEPT_LOG_ALPHA
+from pyro_bc.nn.network import BayesianNet
+
+
+@torch.no_grad()
+def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
+    """Classification error of ``module`` on ``(x, y)``, in percent.
+
+    Batches of 250: a LeNet-5 evaluates 1.5 times faster than in batches of 1000, whose activations glibc's
+    malloc maps and page-faults afresh on every call (measured, analysis/BENCHMARKS.md).
+    """
+    wrong = sum(int((module(x[i:i + batch_size]).argmax(-1) != y[i:i + batch_size]).sum())
+                for i in range(0, len(x), batch_size))
+    return 100.0 * wrong / max(len(x), 1)
+
+
+def groups_below(net: BayesianNet, threshold: float = KEPT_LOG_ALPHA) -> dict[str, int]:
+    """Number of groups (weights, for ``lu``) per layer with log alpha below ``threshold``."""
+    with torch.no_grad():
+        return {layer.site: int((layer.log_alpha() < threshold).sum()) for layer in net.layers}

@@ -1,0 +1,1 @@
+"""Bayesian layers, the layer-kind and graph-op tables, the network that holds them, and bayesianize."""

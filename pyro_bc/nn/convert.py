@@ -1,0 +1,82 @@
+"""A plain PyTorch network made Bayesian in one call: :func:`bayesianize`."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn.kinds import LAYER_KINDS, dense_layers, kind_of
+from pyro_bc.nn.layers import BAYES_LAYERS, BayesLayer
+from pyro_bc.nn.network import BayesianNet
+from pyro_bc.priors import Prior, make_prior
+
+
+@torch.no_grad()
+def _start_from(layer: BayesLayer, dense: nn.Module, name: str, delta: float | None) -> None:
+    """Means such that the posterior-mean layer is ``dense`` (:meth:`BayesLayer.init_from`); with ``delta``,
+    log-variances ``log(delta mu^2)`` (MOPED)."""
+    layer.init_from(dense.weight, dense.bias, f"{name}.weight")
+    if delta is not None:
+        layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(dense.weight.dtype).tiny))
+
+
+@torch.no_grad()
+def _called_layers(module: nn.Module, input_shape: tuple[int, ...]) -> set[str] | None:
+    """The layers (:data:`~pyro_bc.nn.kinds.LAYER_KINDS`) of ``module`` that its forward calls as modules, on one
+    zero example (a layer whose weight the forward reads itself, as Swin's window attention does, is not among
+    them); None where the forward fails on that shape (then every layer is converted)."""
+    called: set[str] = set()
+    probe = copy.deepcopy(module).eval()
+    handles = [m.register_forward_hook(lambda *_, name=name: called.add(name)) for name, m in dense_layers(probe)]
+    try:
+        probe(torch.zeros(1, *input_shape))
+    except Exception:  # noqa: BLE001  (the network does not run on this shape: training will say so, with its fix)
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
+
+
+def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
+                delta: float | None = None, **prior_options) -> BayesianNet:
+    """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear``, ``nn.Conv1d`` and
+    ``nn.Conv2d`` replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or
+    not; :data:`pyro_bc.nn.layers.BAYES_LAYERS`), except
+    the projections inside ``nn.MultiheadAttention`` and, given ``input_shape``, any layer the forward does not
+    call as a module (it reads the weight itself, as Swin's window attention does): those stay deterministic.
+    A linear layer takes inputs of any leading shape (``(batch, features)``, ``(batch, tokens, features)``, ...).
+
+    Everything else (BatchNorm, activations, pooling, residual additions in ``forward``) is kept as it is. The
+    dense weights and biases become the posterior means, so ``net.posterior_mean_network()`` computes what
+    ``module`` computes. ``delta`` sets the initial weight variances from the weights (MOPED:
+    ``log-variance = log(delta * w^2)``). ``module`` itself is not changed.
+
+    :param prior: the sparsity prior, a :class:`~pyro_bc.priors.Prior` or a name (``gnj``, ``ghs``, ``lu``,
+        ``rhs``) with ``prior_options`` (``tau0``, ``slab_scale``).
+    :param input_shape: one example's shape, e.g. ``(3, 32, 32)``; ``None`` lets training take it from the data.
+    """
+    if delta is not None and not delta > 0:
+        raise ConfigError(f"delta must be a positive number, got {delta}")
+    prior = make_prior(prior, **prior_options)
+    body = copy.deepcopy(module)
+    called = None if input_shape is None else _called_layers(body, input_shape)
+    # nn.MultiheadAttention (and any module that reads a layer's weight itself) keeps that layer deterministic
+    inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
+    targets = [(name, m) for name, m in dense_layers(body)
+               if not name.startswith(inside or ("\0",)) and (called is None or name in called)]
+    if not targets:
+        names = [f"nn.{kind.dense.__name__}" for kind in LAYER_KINDS]
+        raise ConfigError(f"{type(module).__name__} holds no {', '.join(names[:-1])} or {names[-1]} to make Bayesian")
+    for name, dense in targets:
+        try:
+            layer = BAYES_LAYERS[kind_of(dense).name].like(dense, prior)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        _start_from(layer, dense, name, delta)
+        parent_name, _, child = name.rpartition(".")
+        setattr(body.get_submodule(parent_name) if parent_name else body, child, layer)
+    return BayesianNet(body, input_shape=input_shape)

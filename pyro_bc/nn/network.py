@@ -1,0 +1,110 @@
+"""A Bayesian network: a body of pyro-bc layers and plain modules, plus a likelihood.
+
+``model(x, y)`` runs the body (each Bayesian layer samples its prior sites) and observes ``y`` inside
+``pyro.plate("data", n_data)``, so a minibatch's log-likelihood is scaled to the whole data set.
+``guide()`` registers the network's parameters with Pyro's param store (as ``pyro.module`` does, under
+:attr:`BayesianNet.pyro_name`) and samples every layer's guide sites in the same order, so Pyro's own
+``SVI`` with a ``pyro.optim`` optimiser trains the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pyro
+import torch
+from pyro.distributions import Categorical, Normal
+from torch import nn
+
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn.layers import BayesLayer
+
+LIKELIHOODS = ("categorical", "normal")
+
+
+class BayesianNet(nn.Module):
+    """:param body: any module holding :class:`~pyro_bc.nn.layers.BayesLayer` s; ``compress`` takes an ``nn.Sequential``
+        of them and parameter-free modules.
+    :param input_shape: shape of one input example, e.g. ``(1, 28, 28)``; ``None``: set by training from the data.
+    :param likelihood: ``"categorical"`` (logits) or ``"normal"`` (regression, fixed ``noise_scale``).
+    """
+
+    def __init__(self, body: nn.Module, input_shape: tuple[int, ...] | None, likelihood: str = "categorical",
+                 noise_scale: float = 1.0):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ConfigError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
+        self.body, self.input_shape = body, None if input_shape is None else tuple(input_shape)
+        self.pyro_name = "bc"  # the parameters' prefix in Pyro's param store
+        self.likelihood, self.noise_scale = likelihood, noise_scale
+        for name, module in body.named_modules():
+            if isinstance(module, BayesLayer):
+                module.site = name
+        self.layers: list[BayesLayer] = [m for m in body.modules() if isinstance(m, BayesLayer)]
+        if not self.layers:
+            raise ConfigError("the network's body holds no pyro_bc Bayesian layer")
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.site for layer in self.layers]
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, n_data: int | None = None) -> torch.Tensor:
+        out = self.body(x)
+        with pyro.plate("data", n_data or len(x), subsample=torch.arange(len(x), device=x.device)):
+            if self.likelihood == "categorical":
+                pyro.sample("y", Categorical(logits=out), obs=y)
+            else:
+                pyro.sample("y", Normal(out.squeeze(-1), self.noise_scale), obs=y)
+        return out
+
+    def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, n_data: int | None = None) -> None:
+        """Register the parameters with Pyro (:meth:`register_params`), then sample every layer's guide sites."""
+        self.register_params()
+        for layer in self.layers:
+            layer.guide()
+
+    def register_params(self) -> None:
+        """``pyro.module(pyro_name, self)``, with this network's tensors in the param store.
+
+        ``pyro.module`` keeps a tensor already stored under a name; a store left from another network of the
+        same layout would then be optimised in this one's place. Such stale entries are replaced first.
+        """
+        store = pyro.get_param_store()
+        for name, param in self.named_parameters():
+            full = f"{self.pyro_name}$$${name}"
+            if full in store and store.get_param(full) is not param:
+                del store[full]
+        pyro.module(self.pyro_name, self)
+
+    def clip_variances(self) -> None:
+        for layer in self.layers:
+            layer.clip_variances()
+
+    def posterior_mean_network(self) -> nn.Module:
+        """A deterministic copy of the body, in eval mode, each Bayesian layer replaced by the plain layer holding
+        its posterior-mean weights (``E[z] * mu_W``); the other modules are copies (BatchNorm with its running
+        statistics), so nothing done to the copy touches the network."""
+        memo = {id(layer): layer.posterior_mean_module() for layer in self.layers}
+        return copy.deepcopy(self.body, memo).eval()
+
+    def init_from(self, state: dict[str, torch.Tensor]) -> None:
+        """Set weight (and bias) means from a deterministic network's ``state_dict``.
+
+        ``<layer>.weight`` goes to the Bayesian layer of that name (its path in the body, e.g. ``conv1``); where
+        the names do not all match, the state's ``*.weight`` tensors of the layers' dimensions are matched to the
+        layers in order, with a warning. A ``*.bias`` beside a weight sets the bias mean.
+        """
+        by_name = [f"{layer.site}.weight" for layer in self.layers]
+        if all(key in state for key in by_name):
+            keys = by_name
+        else:
+            dims = {layer.weight_mu.dim() for layer in self.layers}  # the layer kinds' weights (2-D, 3-D, 4-D)
+            keys = [k for k in state if k.endswith("weight") and state[k].dim() in dims]
+            if len(keys) != len(self.layers):
+                raise ConfigError(f"init state has {len(keys)} weight tensors and names that do not match the "
+                                  f"network's layers ({', '.join(self.layer_names)})")
+            warnings.warn(f"init state's weight names do not match the layers ({', '.join(self.layer_names)}): "
+                          "matched in order", stacklevel=2)
+        for key, layer in zip(keys, self.layers):
+            layer.init_from(state[key], state.get(key[: -len("weight")] + "bias"), key)

@@ -1,0 +1,1 @@
+"""A run's report: the ArviZ DataTree, the plots, and report.md."""

@@ -1,0 +1,131 @@
+"""A run directory: its training configuration, its lock, and the names of the files in it.
+
+``RUN_DIR/checkpoint.pt`` (every epoch, atomically), ``RUN_DIR/metrics.jsonl`` (one line per epoch),
+``RUN_DIR/config.json``, ``RUN_DIR/finetune.pt`` for a fine-tuning run (:mod:`pyro_bc.compression.finetuning`) and, while
+a training runs, ``RUN_DIR/.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
+from pyro_bc.errors import ConfigError
+from pyro_bc.train.schedule import SCHEDULES
+
+CHECKPOINT, METRICS, CONFIG, LOCK = "checkpoint.pt", "metrics.jsonl", "config.json", ".lock"
+FINETUNE_FILE = "finetune.pt"  # a fine-tuning run's pruning masks and record (pyro_bc.compression.finetuning)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "lenet300"
+    prior: str = "gnj"
+    width: float | None = None  # channel multiplier of vgg and resnet20 (None: the network's own, 1)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    variance_lr_factor: float = 1.0  # the log-variances' and group scales' learning rate is lr times this
+    seed: int = 0
+    data: str | None = None
+    subset: int | None = None
+    val_size: int = VAL_SIZE
+    warmup_epochs: int = 0
+    tau0: float = TAU0
+    slab_scale: float = SLAB_SCALE
+    init_from: str | None = None
+    device: str = "cpu"
+    threads: int = 1
+    eval_every: int = 1  # epochs between evaluations of the posterior-mean network (the last epoch always)
+    augment: bool = False  # random 4-pixel-padded crops and horizontal flips of the training images
+    lr_schedule: str = "constant"  # one of pyro_bc.train.schedule.SCHEDULES
+    clip_grad_norm: float | None = None  # clip the gradients' total norm to this before each optimiser step
+    clip_var: dict[str, float | None] = dataclasses.field(default_factory=dict)  # per layer name; None: no clip
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first option out of range (layer names are checked by training)."""
+        if self.epochs < 0 or self.batch_size < 1 or not (self.lr > 0 and math.isfinite(self.lr)) \
+                or self.eval_every < 1:
+            raise ConfigError("epochs must be >= 0, batch size and eval_every >= 1 and the learning rate a positive "
+                              "number")
+        if not (self.variance_lr_factor > 0 and math.isfinite(self.variance_lr_factor)):
+            raise ConfigError(f"variance_lr_factor must be a positive number, got {self.variance_lr_factor}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule {self.lr_schedule!r}: choose one of "
+                              f"{', '.join(SCHEDULES)}")
+        if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
+            raise ConfigError(f"clip_grad_norm must be a positive number, got {self.clip_grad_norm}")
+        for name, value in self.clip_var.items():
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"clip_var of layer {name!r} must be a positive number or None, got {value}")
+
+    @property
+    def prior_options(self) -> dict:
+        """The options of the prior (each prior takes those its constructor names)."""
+        return {"tau0": self.tau0, "slab_scale": self.slab_scale}
+
+
+class RunLock:
+    """A lock file so that two trainings never write into the same run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = self.path.read_text().strip()
+            if pid.isdigit() and _alive(int(pid)):
+                raise ConfigError(f"{self.path.parent}: a training (pid {pid}) is already running in this directory")
+            self.path.unlink(missing_ok=True)  # stale lock from a killed run
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_run_dir(out: str | Path) -> Path:
+    run_dir = Path(out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output directory {run_dir} cannot be written: {e.strerror}")
+    return run_dir
+
+
+@contextlib.contextmanager
+def removed_if_refused(run_dir: Path) -> Iterator[None]:
+    """The folders of ``run_dir`` that do not exist yet are removed again (deepest first, while empty) if the block
+    fails, so a training refused for its data, network or options leaves no empty run directory behind."""
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (a training that wrote something), or not ours to remove
+                break
+        raise
