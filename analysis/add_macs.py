@@ -16,7 +16,8 @@ from pathlib import Path
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bcz import codec
 from pyro_bc.compression.macs import add_macs
-from pyro_bc.compression.pipeline import original_network, summary_json
+from pyro_bc.compression.pipeline import summary_json
+from pyro_bc.runs.load import original_network
 
 
 def add_macs_to_file(path: Path) -> dict:

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import load_checkpoint, save_checkpoint
-from pyro_bc.train.loop import train
 from pyro_bc.train.run_dir import CHECKPOINT, METRICS, TrainConfig
 
 HERE = Path(__file__).parent

@@ -15,9 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pyro_bc.compression.pipeline import compress_run
 from pyro_bc.compression.thresholds import GapRule, ThresholdRule, rule_from_record
 from pyro_bc.errors import BCError
+from pyro_bc.runs.compressing import compress_run
 from pyro_bc.train.run_dir import CHECKPOINT
 
 BUDGET = 0.1  # percentage points of validation error

@@ -23,10 +23,10 @@ import torch
 from models import build_network
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bcz import codec
-from pyro_bc.compression.pipeline import load_run
 from pyro_bc.data.datasets import load_data
 from pyro_bc.metrics.predict import scored
 from pyro_bc.metrics.shift import noise_images, ood_auroc, rotation_curve
+from pyro_bc.runs.load import load_run
 
 
 def measure(name: str, source, samples: int, x: torch.Tensor, y: torch.Tensor, file_bytes: int | None) -> dict:

@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compression.pipeline import compress_run, load_run
 from pyro_bc.compression.thresholds import GivenThresholds, PriorDefault, ValidationBudget
 from pyro_bc.errors import ConfigError
+from pyro_bc.runs.compressing import compress_run
+from pyro_bc.runs.load import load_run
 from pyro_bc.train.run_dir import FINETUNE_FILE
 
 #: Table 1 of the paper: (model, prior) -> (test error %, weights kept %, maximum CR).

@@ -28,7 +28,7 @@ def load(path: str | os.PathLike[str], bayesian: bool = False) -> nn.Module:
 def __getattr__(name: str):
     """``fit`` (:func:`pyro_bc.train.loop.fit`), ``finetune`` (:func:`pyro_bc.compression.finetuning.finetune`), ``compress``
     (:func:`pyro_bc.compression.pipeline.compress`), ``pruned_network`` (:func:`pyro_bc.compression.pruned.pruned_network`) and
-    ``predictive`` (:func:`pyro_bc.metrics.predict.predictive`), imported on first use so that ``import pyro_bc`` stays
+    ``predictive`` (:func:`pyro_bc.runs.load.predictive`), imported on first use so that ``import pyro_bc`` stays
     light."""
     if name == "fit":
         from pyro_bc.train.loop import fit
@@ -47,7 +47,7 @@ def __getattr__(name: str):
 
         return pruned_network
     if name == "predictive":
-        from pyro_bc.metrics.predict import predictive
+        from pyro_bc.runs.load import predictive
 
         return predictive
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,9 +13,10 @@ from models import BUILTIN_MODELS
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
 from pyro_bc.errors import BCError
 from pyro_bc.priors import PRIORS
+from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import load_checkpoint
 from pyro_bc.train.distributed import is_main_process
-from pyro_bc.train.loop import PYTHON_MODEL, train
+from pyro_bc.train.loop import PYTHON_MODEL
 from pyro_bc.train.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.train.schedule import SCHEDULES
 
@@ -154,9 +155,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """``pyro-bc compress``: prune by the chosen threshold rule, write the ``.bcz`` and ``MODEL.json``."""
-    from pyro_bc.compression.pipeline import compress_run, format_table
+    from pyro_bc.compression.pipeline import format_table
 
     # no threshold option: the priors' defaults, or for a fine-tuning run the structure it was given
+    from pyro_bc.runs.compressing import compress_run
     summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
                            max_error_increase=args.max_error_increase, data=args.data,
                            fold=False if args.no_fold else None, bits_budget=args.bits_budget,
@@ -169,7 +171,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``pyro-bc evaluate``: print a ``.bcz`` file's test error, NLL, Brier score, ECE and timings (and, with
     ``--samples K``, the compressed Bayesian network's metrics) as one JSON object."""
-    from pyro_bc.compression.pipeline import evaluate_file
+    from pyro_bc.runs.compressing import evaluate_file
 
     print(json.dumps(evaluate_file(args.model, data=args.data, samples=args.samples,
                                    rotation=args.shift == "rotate", ood=args.ood)))
@@ -220,8 +222,8 @@ def _add_export_parser(sub) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``pyro-bc finetune``: compress a run's network by the chosen rule, then train its kept weights further."""
-    from pyro_bc.compression.finetuning import finetune_run
     from pyro_bc.compression.thresholds import rule_from_options
+    from pyro_bc.runs.training import finetune_run
 
     rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
     last = finetune_run(args.run_dir, args.out, epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule,
@@ -295,9 +297,10 @@ DEMO_THRESHOLDS = [-2.8, -3.0, -5.0]  # the official LeNet-300-100 thresholds (d
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``pyro-bc demo``: train LeNet-300-100 (gnj), compress it at the official thresholds, write the report."""
-    from pyro_bc.compression.pipeline import compress_run, format_table
+    from pyro_bc.compression.pipeline import format_table
     from pyro_bc.compression.thresholds import GivenThresholds
-    from pyro_bc.report.write import write_report
+    from pyro_bc.runs.compressing import compress_run
+    from pyro_bc.runs.report import write_report
 
     run_dir = Path(args.out)
     config = TrainConfig(model="lenet300", prior="gnj", epochs=args.epochs, data=args.data, threads=args.threads)
@@ -315,7 +318,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``pyro-bc report``: write ``RUN_DIR/report.md`` and print its path."""
-    from pyro_bc.report.write import write_report
+    from pyro_bc.runs.report import write_report
 
     print(write_report(args.run_dir, args.compressed, predictive_samples=args.predictive_samples))
     return 0

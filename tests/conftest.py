@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 
 import pytest
 
-from pyro_bc.train.loop import train
+from pyro_bc.runs.training import train
 from pyro_bc.train.run_dir import TrainConfig
 
 

@@ -14,13 +14,15 @@ from pyro_bc.cli import main
 from pyro_bc.compression.bits import TOLERANCE, BitsInputs, ValidationBitsBudget, VarianceRule, bits_rule_from_options
 from pyro_bc.compression.compressed import compressed_module
 from pyro_bc.compression.graph import prune_chain
-from pyro_bc.compression.pipeline import compress_run, format_table, load_run
+from pyro_bc.compression.pipeline import format_table
 from pyro_bc.compression.posterior import LayerPosterior, Precision, PrunedLayer, analyse, choose_precision
 from pyro_bc.compression.thresholds import GapRule, GivenThresholds, ThresholdInputs
 from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.evaluate import error_percent
 from pyro_bc.nn.layers import BayesLinear
 from pyro_bc.nn.network import BayesianNet
+from pyro_bc.runs.compressing import compress_run
+from pyro_bc.runs.load import load_run
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
 import bits_table

@@ -24,12 +24,12 @@ import torch
 
 from pyro_bc.bcz import codec
 from pyro_bc.cli import main
-from pyro_bc.compression.pipeline import load_run
 from pyro_bc.compression.posterior import analyse
 from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import ConfigError
+from pyro_bc.runs.load import load_run
+from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import load_checkpoint
-from pyro_bc.train.loop import train
 from pyro_bc.train.run_dir import CHECKPOINT, LOCK, METRICS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ from torch import nn
 
 import pyro_bc
 from pyro_bc.cli import main
-from pyro_bc.compression.pipeline import evaluate_file
 from pyro_bc.data.datasets import DEFAULT_DATA_DIR
 from pyro_bc.errors import ConfigError
-from pyro_bc.train.loop import train
+from pyro_bc.runs.compressing import evaluate_file
+from pyro_bc.runs.training import train
 from pyro_bc.train.run_dir import CHECKPOINT, TrainConfig
 
 SMALL = ["--subset", "200", "--batch-size", "100", "--val-size", "500", "--seed", "1"]

@@ -15,11 +15,13 @@ import torch
 import models.lenet5
 import pyro_bc
 from pyro_bc.bcz import codec
-from pyro_bc.compression.pipeline import compress_run, evaluate_file, format_table, load_run
+from pyro_bc.compression.pipeline import format_table
 from pyro_bc.compression.posterior import analyse
 from pyro_bc.compression.thresholds import GapRule, GivenThresholds, ThresholdInputs
 from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
+from pyro_bc.runs.compressing import compress_run, evaluate_file
+from pyro_bc.runs.load import load_run
 
 LAYER_KEYS = {"name", "groups_total", "groups_kept", "weights_total", "weights_kept", "bits", "exponent_bits",
               "mantissa_bits", "threshold"}

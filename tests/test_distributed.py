@@ -11,9 +11,10 @@ import torch
 from models import build_network
 from pyro_bc.cli import main
 from pyro_bc.errors import ConfigError
+from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import load_checkpoint
 from pyro_bc.train.distributed import ProcessGroup, backend_for, from_environment
-from pyro_bc.train.loop import NegativeELBO, train
+from pyro_bc.train.loop import NegativeELBO
 from pyro_bc.train.run_dir import TrainConfig
 
 # 497 examples: 15 global batches of 32 and a last one of 17, split 8 / 9 between the two processes

@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import pyro_bc
 from pyro_bc.cli import main
 from pyro_bc.compression.graph import analyse_network, prune_network
-from pyro_bc.compression.pipeline import load_run
 from pyro_bc.compression.posterior import analyse
 from pyro_bc.data.datasets import load_data
 from pyro_bc.errors import CheckpointError, ConfigError
+from pyro_bc.runs.load import load_run
 from pyro_bc.train.checkpoint import load_checkpoint
 
 

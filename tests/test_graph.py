@@ -19,13 +19,14 @@ from models import build_network
 from pyro_bc.bcz import codec
 from pyro_bc.compression.compressed import compressed_model, compressed_module
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_chain, prune_network
-from pyro_bc.compression.pipeline import compress, evaluate_file
+from pyro_bc.compression.pipeline import compress
 from pyro_bc.compression.posterior import analyse
 from pyro_bc.compression.thresholds import ThresholdInputs, ValidationBudget
 from pyro_bc.data.datasets import load_data
 from pyro_bc.errors import ConfigError
 from pyro_bc.nn.layers import BayesConv2d, BayesLinear
 from pyro_bc.nn.network import BayesianNet
+from pyro_bc.runs.compressing import evaluate_file
 
 KEPT, DROPPED = -30.0, 5.0  # z log-variances: log alpha about -30 (kept) or 5 (dropped) with E[z] near 1
 

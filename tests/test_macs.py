@@ -13,10 +13,12 @@ from torch import nn
 from models import build_network
 from pyro_bc.bcz import codec
 from pyro_bc.compression.macs import add_macs, count_macs
-from pyro_bc.compression.pipeline import compress_run, format_table, load_run
+from pyro_bc.compression.pipeline import format_table
 from pyro_bc.compression.posterior import analyse
-from pyro_bc.report.write import _compression_section
-from pyro_bc.train.loop import train
+from pyro_bc.runs.compressing import compress_run
+from pyro_bc.runs.load import load_run
+from pyro_bc.runs.report import _compression_section
+from pyro_bc.runs.training import train
 from pyro_bc.train.run_dir import TrainConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"

@@ -121,7 +121,7 @@ def test_register_params_replaces_a_stale_entry_of_another_network():
 @pytest.mark.parametrize("prior", PRIORS)
 def test_pyro_svi_trains_the_network(prior, elbo, validate):
     """Pyro's own SVI and optimiser, one local-reparameterisation handler per step. Pyro's validation is set
-    either way explicitly: pyro_bc.train.loop.train turns it off for the rest of the process."""
+    either way explicitly: pyro_bc.runs.training.train turns it off for the rest of the process."""
     pyro.set_rng_seed(3)
     net = _net(prior)
     x, y = _data(32)

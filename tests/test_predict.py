@@ -96,11 +96,11 @@ def test_seeded_batched_and_leaves_global_state_alone():
 
 
 def test_run_directory_and_package_export(run):
-    from pyro_bc.compression.pipeline import load_run
+    from pyro_bc.runs import load
 
-    net = load_run(run)[0]
+    net = load.load_run(run)[0]
     x = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    assert pyro_bc.predictive is predictive
+    assert pyro_bc.predictive is load.predictive
     torch.testing.assert_close(pyro_bc.predictive(run, x, samples=0), predictive(net, x, samples=0))
     torch.testing.assert_close(pyro_bc.predictive(str(run), x, samples=2, seed=1), predictive(net, x, samples=2, seed=1))
 
@@ -117,4 +117,6 @@ def test_bad_options_raise_one_line(options, message):
 
 def test_bad_source_raises_one_line(tmp_path):
     with pytest.raises(ConfigError, match="neither a run directory nor a .bcz file"):
+        pyro_bc.predictive(tmp_path / "missing", torch.zeros(2, 6))
+    with pytest.raises(ConfigError, match="^predictive needs a torch module, got PosixPath"):
         predictive(tmp_path / "missing", torch.zeros(2, 6))

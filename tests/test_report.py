@@ -15,13 +15,14 @@ from tiny_data import write_cifar
 
 from models import build_network
 from pyro_bc.bcz import codec
-from pyro_bc.compression.pipeline import compress_run, original_network
 from pyro_bc.errors import ConfigError
 from pyro_bc.report import plots
 from pyro_bc.report.datatree import load_datatree, to_datatree
-from pyro_bc.report.write import write_report
+from pyro_bc.runs.compressing import compress_run
+from pyro_bc.runs.load import original_network
+from pyro_bc.runs.report import write_report
+from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import save_checkpoint
-from pyro_bc.train.loop import train
 from pyro_bc.train.run_dir import TrainConfig
 
 
@@ -117,7 +118,7 @@ def test_report_takes_the_kept_groups_from_model_json_without_pruning(run_copy, 
     def no_pruning(*args, **kwargs):
         raise AssertionError("the report pruned again")
 
-    monkeypatch.setattr("pyro_bc.report.write.prune_network", no_pruning)
+    monkeypatch.setattr("pyro_bc.runs.report.prune_network", no_pruning)
     calls = _input_mask_spy(monkeypatch)
     text = write_report(run_copy, run_copy / "EDITED.bcz", num_samples=20).read_text()
     ((name, keep, threshold),) = calls
@@ -177,7 +178,7 @@ def test_report_of_an_uncompressed_residual_network_prunes_across_the_graph(tmp_
 
 @pytest.mark.slow
 def test_report_does_not_import_training():
-    code = "import sys, pyro_bc.report.write; print('pyro_bc.train.loop' in sys.modules)"
+    code = "import sys, pyro_bc.runs.report; print('pyro_bc.train.loop' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

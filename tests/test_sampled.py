@@ -1,4 +1,4 @@
-"""The compressed Bayesian network (pyro_bc.compression.sampled) and its version-3 ``.bcz`` file (pyro_bc.bcz.v3): stored
+"""The compressed Bayesian network (pyro_bc.bcz.bayesian, written by pyro_bc.compression.variances) and its version-3 ``.bcz`` file (pyro_bc.bcz.v3): stored
 variances against the guide's, the draws' moments against closed forms (Monte Carlo within standard errors),
 zero variances against the deterministic network, the file's bytes against version 2, and broken files."""
 
@@ -20,16 +20,16 @@ import pyro_bc
 from pyro_bc.bcz import codec
 from pyro_bc.bcz import v2 as bcz_v2
 from pyro_bc.bcz import v3 as bcz_v3
+from pyro_bc.bcz.bayesian import CompressedBayesianNet, SampledLayer, to_bayesian_module
 from pyro_bc.bcz.model import CompressedModel, LayerVariance, Op, QuantizedLayer, Variances
 from pyro_bc.compression.bits import BitsInputs, BitsRule
 from pyro_bc.compression.pipeline import compress
 from pyro_bc.compression.posterior import Precision
-from pyro_bc.compression.sampled import CompressedBayesianNet, SampledLayer, to_bayesian_module
 from pyro_bc.errors import FormatError
-from pyro_bc.metrics.predict import predictive
 from pyro_bc.nn.layers import BayesConv2d, BayesLinear
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
+from pyro_bc.runs.load import predictive
 
 RESULTS = Path(__file__).resolve().parents[1] / "analysis" / "results"
 
@@ -289,7 +289,8 @@ def test_committed_results_still_load():
 
 
 def test_a_layer_node_that_is_no_bayesian_layer_is_deterministic(compressed):
-    from pyro_bc.compression.sampled import LOG_VARIANCE_RANGE, compressed_variances
+    from pyro_bc.bcz.bayesian import LOG_VARIANCE_RANGE
+    from pyro_bc.compression.variances import compressed_variances
 
     net, folder, _ = compressed
     model = codec.read_bcz(folder / "plain.bcz")

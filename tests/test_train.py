@@ -19,8 +19,9 @@ from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
 from pyro_bc.nn.layers import BayesLinear
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
+from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import load_checkpoint
-from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step, train
+from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 from pyro_bc.train.run_dir import TrainConfig
 from pyro_bc.train.schedule import epoch_lr
 
@@ -286,7 +287,7 @@ def build():
 
 
 def test_a_plain_network_file_trains_and_compresses(tmp_path):
-    from pyro_bc.compression.pipeline import compress_run
+    from pyro_bc.runs.compressing import compress_run
 
     path = tmp_path / "plain.py"
     path.write_text(PLAIN_CONV_NET)

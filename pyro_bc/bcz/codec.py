@@ -222,6 +222,6 @@ def load(path: str | os.PathLike[str], bayesian: bool = False) -> nn.Module:
     if model.variances is None:
         raise FormatError(f"{os.fspath(path)}: keeps no posterior variances, so it has no Bayesian network (write it "
                           "with pyro-bc compress --keep-variance)")
-    from pyro_bc.compression.sampled import to_bayesian_module
+    from pyro_bc.bcz.bayesian import to_bayesian_module
 
     return to_bayesian_module(model)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,10 +31,10 @@ from pyro_bc.compression.pruned import summary_pruning
 from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.infer.distributions import LogUniform, NormalLogVar, kl_normal_log_uniform
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.train.run_dir import CHECKPOINT, FINETUNE_FILE, TrainConfig
+from pyro_bc.train.run_dir import FINETUNE_FILE
 
 __all__ = ["MASKED_LOGVAR", "LayerMask", "MaskedNormalLogVar", "PruningMask", "apply_pruning", "check_masks",
-           "finetune", "finetune_run", "load_masks", "pruning_masks"]
+           "check_supported", "finetune", "finetune_record", "load_masks", "pruning_masks"]
 
 #: Log-variance the guide gives a pruned weight: ``exp`` of it is exactly 0 in float32 and float64.
 MASKED_LOGVAR = -1.0e4
@@ -150,7 +149,7 @@ def apply_pruning(net: BayesianNet, layers: list[PrunedLayer]) -> None:
         layer.bias_mu.copy_(torch.where(keep_out, target, torch.zeros((), dtype=target.dtype)))
 
 
-def _check_supported(graph) -> None:
+def check_supported(graph) -> None:
     if graph.batchnorm_names:
         raise ConfigError("finetune: networks with BatchNorm after a Bayesian layer are not supported yet (a pruned "
                           "channel's BatchNorm output is not zero)")
@@ -177,7 +176,7 @@ def load_masks(run_dir: str | Path) -> tuple[list[LayerMask], dict]:
         raise CheckpointError(f"{path}: not readable fine-tuning masks ({type(e).__name__})")
 
 
-def _record(source: str, summary: dict, epochs: int) -> dict:
+def finetune_record(source: str, summary: dict, epochs: int) -> dict:
     keys = ("architecture", "weights_kept_fraction", "cr_file", "error_pruned", "error_compressed", "threshold_method",
             "fold_pruned_inputs")
     return {"source_run": source, "epochs": epochs, "thresholds": [row["threshold"] for row in summary["layers"]],
@@ -222,8 +221,8 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
         if summary is None:
             raise ConfigError("finetune needs the compression summary whose pruning it keeps (MODEL.json)")
         layers, graph = summary_pruning(net, summary, as_split(train, "train").x)
-        _check_supported(graph)
-        masks, record = pruning_masks(layers), _record(source, summary, epochs)
+        check_supported(graph)
+        masks, record = pruning_masks(layers), finetune_record(source, summary, epochs)
         apply_pruning(net, layers)
         if out is not None:
             from pyro_bc.train.run_dir import prepare_run_dir
@@ -235,51 +234,3 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
                     **options)
 
 
-def finetune_run(source: str | Path, out: str | Path, *, epochs: int, lr: float = 1e-4, lr_schedule: str = "constant",
-                 warmup_epochs: int = 0, eval_every: int = 1, threads: int = 1, device: str = "cpu",
-                 rule=None, fold: bool | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """``pyro-bc finetune``: compress run ``source`` by ``rule`` (a threshold rule; the priors' defaults when None)
-    into a temporary folder, then fine-tune that decision into the new run directory ``out``: the source's config
-    (data, split, seed, batch size, clipping) with these epochs, learning rate, schedule and KL warm-up. Returns the
-    last epoch's metrics. ``resume=True`` continues ``out`` from its checkpoint and masks (``source`` unused)."""
-    from pyro_bc.compression.pipeline import compress_run, load_run
-    from pyro_bc.data.datasets import load_data
-    from pyro_bc.train.checkpoint import load_checkpoint
-    from pyro_bc.train.loop import run_training, setup_from_config
-
-    out = Path(out)
-    layers, source_state = None, None
-    if resume:
-        masks, record = load_masks(out)
-        config = dataclasses.replace(TrainConfig(**load_checkpoint(out / CHECKPOINT)["config"]), epochs=epochs,
-                                     threads=threads, device=device, eval_every=eval_every)
-    else:
-        if Path(source).resolve() == out.resolve():
-            raise ConfigError("finetune writes a new run directory: --out must differ from the source run")
-        if (out / CHECKPOINT).exists() or (out / FINETUNE_FILE).exists():
-            raise ConfigError(f"{out} already holds a run: give a new --out, or add --resume to continue it")
-        net, source_config, _ = load_run(source)
-        with tempfile.TemporaryDirectory() as tmp:
-            summary = compress_run(source, Path(tmp) / "MODEL.bcz", rule=rule, fold=fold)
-        data = load_data(source_config.data, val_size=source_config.val_size, seed=source_config.seed,
-                         subset=source_config.subset)
-        layers, graph = summary_pruning(net, summary, data.train.x)
-        _check_supported(graph)
-        masks, record = pruning_masks(layers), _record(str(source), summary, epochs)
-        config = dataclasses.replace(source_config, epochs=epochs, lr=lr, lr_schedule=lr_schedule,
-                                     warmup_epochs=warmup_epochs, eval_every=eval_every, threads=threads,
-                                     device=device, init_from=None)
-        source_state = net.state_dict()
-    record = {**record, "epochs": epochs}
-
-    def setup(state: dict | None, config: TrainConfig) -> tuple:
-        net, train_split, val_split, extras = setup_from_config(state, config)
-        check_masks(net, masks)
-        if state is None:
-            net.load_state_dict(source_state)
-            apply_pruning(net, layers)
-            save_masks(out / FINETUNE_FILE, masks, record)  # inside the run directory's lock, once it is set up
-        return net, train_split, val_split, {**extras, "finetune": record}
-
-    metrics = run_training(config, out, resume, progress, setup, handler=PruningMask(masks))
-    return metrics[-1] if metrics else {}

@@ -11,9 +11,6 @@ posterior-mean network's probabilities.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pyro
 import torch
 from pyro import poutine
@@ -22,8 +19,6 @@ from pyro_bc.errors import ConfigError
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.metrics.scores import classification_metrics
 from pyro_bc.nn.network import BayesianNet
-
-Source = BayesianNet | torch.nn.Module | str | os.PathLike[str]
 
 
 def draw_logits(net: BayesianNet, x: torch.Tensor) -> torch.Tensor:
@@ -34,31 +29,14 @@ def draw_logits(net: BayesianNet, x: torch.Tensor) -> torch.Tensor:
         return poutine.replay(net.body, trace=guide_trace)(x)
 
 
-def _network(source: Source, samples: int) -> torch.nn.Module:
-    """``source`` as a module: a network as it is, a run directory's trained network, a ``.bcz`` file's compressed
-    Bayesian network (its deterministic one for ``samples=0``)."""
-    if isinstance(source, torch.nn.Module):
-        return source
-    path = Path(source)
-    if path.is_dir():
-        from pyro_bc.compression.pipeline import load_run
-
-        return load_run(path)[0]
-    if path.is_file():
-        from pyro_bc.bcz.codec import load
-
-        return load(path, bayesian=samples > 0)
-    raise ConfigError(f"{path}: neither a run directory nor a .bcz file")
-
-
 @torch.no_grad()
-def predictive(source: Source, x: torch.Tensor, samples: int = 30, batch_size: int = 1000,
+def predictive(net: torch.nn.Module, x: torch.Tensor, samples: int = 30, batch_size: int = 1000,
                seed: int = 0) -> torch.Tensor:
     """Class probabilities ``[N, classes]`` of the examples ``x``, averaged over ``samples`` posterior draws.
 
-    ``source``: a :class:`~pyro_bc.nn.network.BayesianNet`, a run directory of ``pyro-bc train``, a ``.bcz`` file
-    written with ``keep_variance``, or any module whose forward draws once per call (e.g.
-    ``pyro_bc.load(path, bayesian=True)``); a plain module gives its own probabilities for every ``samples``.
+    ``net``: a :class:`~pyro_bc.nn.network.BayesianNet`, or any module whose forward draws once per call (e.g.
+    ``pyro_bc.load(path, bayesian=True)``); a plain module gives its own probabilities for every ``samples``
+    (``pyro_bc.predictive`` also takes a run directory or a ``.bcz`` file, :func:`pyro_bc.runs.load.predictive`).
     ``samples=0``: the deterministic network (a source's ``posterior_mean_network()`` where it has one).
     ``seed`` seeds the draws; torch's global random state is left as it was. Computed on the network's device,
     in eval mode (restored afterwards).
@@ -67,7 +45,9 @@ def predictive(source: Source, x: torch.Tensor, samples: int = 30, batch_size: i
         raise ConfigError(f"samples must be a whole number >= 0, got {samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    net = _network(source, samples)
+    if not isinstance(net, torch.nn.Module):
+        raise ConfigError(f"predictive needs a torch module, got {type(net).__name__} (pyro_bc.predictive also takes "
+                          "a run directory or a .bcz path)")
     if isinstance(net, BayesianNet) and net.likelihood != "categorical":
         raise ConfigError(f"the predictive is of class probabilities: the network's likelihood is {net.likelihood!r}")
     parameter = next(net.parameters(), None)
@@ -98,10 +78,10 @@ def _batched(fn, x: torch.Tensor, batch_size: int, device: torch.device) -> torc
 SUMMARY_SAMPLES = 30
 
 
-def scored(source: Source, x: torch.Tensor, y: torch.Tensor, samples: int = 30, batch_size: int = 1000,
+def scored(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int = 30, batch_size: int = 1000,
            seed: int = 0) -> dict[str, float]:
     """Error (percent), NLL, Brier score and ECE (:mod:`pyro_bc.metrics.scores`) of :func:`predictive`'s probabilities."""
-    return classification_metrics(predictive(source, x, samples, batch_size, seed).cpu(), y.cpu())
+    return classification_metrics(predictive(net, x, samples, batch_size, seed).cpu(), y.cpu())
 
 
 def predictive_summary(net: BayesianNet, compressed: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor],

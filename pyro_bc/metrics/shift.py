@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_bc.errors import ConfigError
-from pyro_bc.metrics.predict import Source, predictive
+from pyro_bc.metrics.predict import predictive
 from pyro_bc.metrics.scores import error, nll
 
 ROTATIONS = tuple(range(0, 181, 15))  # degrees
@@ -82,7 +82,7 @@ def noise_images(like: torch.Tensor, seed: int = NOISE_SEED) -> torch.Tensor:
     return low + (high - low) * torch.rand(like.shape, generator=g, dtype=like.dtype)
 
 
-def rotation_curve(source: Source, x: torch.Tensor, y: torch.Tensor, samples: int = 0,
+def rotation_curve(source: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int = 0,
                    degrees: tuple[float, ...] = ROTATIONS, batch_size: int = 1000) -> dict:
     """``{"degrees": [...], "error": [...], "nll": [...], "nll_area": mean NLL over the range}`` of
     :func:`~pyro_bc.metrics.predict.predictive`'s probabilities on the rotated images (each angle with the same seed)."""
@@ -97,14 +97,14 @@ def rotation_curve(source: Source, x: torch.Tensor, y: torch.Tensor, samples: in
     return {"degrees": list(degrees), "error": errors, "nll": nlls, "nll_area": area}
 
 
-def ood_auroc(source: Source, x: torch.Tensor, x_ood: torch.Tensor, samples: int = 0, batch_size: int = 1000) -> float:
+def ood_auroc(source: torch.nn.Module, x: torch.Tensor, x_ood: torch.Tensor, samples: int = 0, batch_size: int = 1000) -> float:
     """AUROC of the predictive entropy separating ``x_ood`` (out of distribution) from ``x``."""
     inside = entropy(predictive(source, x, samples, batch_size).cpu())
     outside = entropy(predictive(source, x_ood, samples, batch_size, seed=1).cpu())
     return auroc(inside, outside)
 
 
-def shift_report(source: Source, x: torch.Tensor, y: torch.Tensor, samples: int = 0, rotation: bool = False,
+def shift_report(source: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int = 0, rotation: bool = False,
                  ood: tuple[str, torch.Tensor] | None = None, batch_size: int = 1000) -> dict:
     """What ``pyro-bc evaluate`` adds for one network: ``noise_auroc`` (against :func:`noise_images`), with
     ``rotation`` the :func:`rotation_curve`, with ``ood = (name, images)`` ``{"data": name, "n": ..., "auroc": ...}``."""

@@ -139,7 +139,7 @@ PREDICTION_EXAMPLES = 100  # the first examples of the test set whose prediction
 def predictions_datatree(source, x: torch.Tensor, y: torch.Tensor, num_samples: int = 100, seed: int = 0,
                          n_examples: int = PREDICTION_EXAMPLES) -> xr.DataTree:
     """``num_samples`` draws of the class probabilities of the first ``n_examples`` examples of ``x`` as the
-    ``predictions`` and ``predictions_constant_data`` groups (``source``: as :func:`pyro_bc.metrics.predict.predictive`'s)."""
+    ``predictions`` and ``predictions_constant_data`` groups (``source``: a network, as :func:`pyro_bc.metrics.predict.predictive` takes)."""
     from pyro_bc.metrics.predict import predictive
 
     x, y = x[:n_examples], y[:n_examples]

@@ -28,10 +28,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from models import build_network
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.data.augment import augment, augment_generator
-from pyro_bc.data.datasets import Split, iterate_minibatches, load_data
+from pyro_bc.data.datasets import Split, iterate_minibatches
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
 from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.reparam import LocalReparameterization
@@ -42,7 +41,6 @@ from pyro_bc.train.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.train.run_dir import (
     CHECKPOINT,
     CONFIG,
-    FINETUNE_FILE,
     METRICS,
     RunLock,
     TrainConfig,
@@ -52,7 +50,7 @@ from pyro_bc.train.run_dir import (
 from pyro_bc.train.schedule import epoch_lr
 
 
-def _check_shape(net: BayesianNet, x: torch.Tensor) -> None:
+def check_shape(net: BayesianNet, x: torch.Tensor) -> None:
     if net.input_shape is None:  # a converted network: its input is the data's
         net.input_shape = tuple(x.shape[1:])
     if tuple(x.shape[1:]) != net.input_shape:
@@ -64,7 +62,7 @@ def _check_shape(net: BayesianNet, x: torch.Tensor) -> None:
         raise ConfigError(f"data does not fit the network: {(str(e).splitlines() or [""])[0]}")
 
 
-def _set_clip_var(net: BayesianNet, clip_var: dict[str, float | None]) -> None:
+def set_clip_var(net: BayesianNet, clip_var: dict[str, float | None]) -> None:
     """Override the variance clipping of the named layers (``None``: no clipping)."""
     layers = dict(zip(net.layer_names, net.layers))
     for name, value in clip_var.items():
@@ -145,48 +143,7 @@ def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet
     return value.detach()
 
 
-def setup_from_config(state: dict | None, config: TrainConfig) -> tuple:
-    """The command line's set-up of a run (see :func:`run_training`): the config's data, the network it names
-    (seeded, shape-checked, started from ``init_from`` when not resumed) and the config's extras."""
-    data = load_data(config.data, val_size=config.val_size, seed=config.seed, subset=config.subset)  # numpy's RNG
-    pyro.set_rng_seed(config.seed)  # the same stream in every process (see pyro_bc.train.distributed)
-    net = build_network(config.model, config.prior, input_shape=tuple(data.train.x.shape[1:]),
-                        width=config.width, **config.prior_options)
-    _set_clip_var(net, config.clip_var)
-    try:
-        _check_shape(net, data.train.x[:2])
-    except ConfigError as e:
-        source = config.data or "the embedded MNIST"
-        raise ConfigError(f"{e} ({source}): give data of the network's input shape with --data DIR")
-    if config.init_from and state is None:
-        try:
-            init_state = torch.load(config.init_from, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  (any failure of user or file code is reported the same way)
-            raise ConfigError(f"--init-from {config.init_from}: not a readable state_dict ({type(e).__name__})")
-        if not isinstance(init_state, dict):
-            raise ConfigError(f"--init-from {config.init_from}: holds a {type(init_state).__name__}, not a "
-                              "state_dict (save one with torch.save(model.state_dict(), path))")
-        net.init_from(init_state)
-    return net, data.train, data.val, {"data_format": data.format, "normalisation": data.normalisation}
-
-
 PYTHON_MODEL = "python"  # the model field of the config of a run trained by :func:`pyro_bc.fit`
-
-
-def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``config`` into run directory ``out``; returns the last epoch's metrics.
-
-    Builds the network and loads the data the config names, then runs the one training loop
-    (:func:`run_training`, which :func:`pyro_bc.fit` also runs). Under ``torchrun`` this is one process of a
-    data-parallel run (:mod:`pyro_bc.train.distributed`): ``config.batch_size`` is then the batch of each process,
-    and only rank 0 writes.
-    """
-
-    if resume and out is not None and (Path(out) / FINETUNE_FILE).is_file():
-        raise ConfigError(f"{out} is a fine-tuning run: resume it with pyro-bc finetune SOURCE_RUN --out {out} "
-                          "--resume")
-    metrics = run_training(config, out, resume, progress, setup_from_config)
-    return metrics[-1] if metrics else {}
 
 
 def run_training(config: TrainConfig, out: str | Path | None, resume: bool, progress: bool, setup,
@@ -434,9 +391,9 @@ def fit_with(net: BayesianNet, train, val=None, *, epochs: int, batch_size: int 
 
     def setup(state: dict | None, config: TrainConfig) -> tuple:
         pyro.set_rng_seed(config.seed)  # after the data were read: a DataLoader draws from torch's generator
-        _set_clip_var(net, config.clip_var)
+        set_clip_var(net, config.clip_var)
         net.cpu()  # as a built network is (a fit before may have left it on a GPU); the loop moves it to the device
-        _check_shape(net, train_split.x[:2].cpu())
+        check_shape(net, train_split.x[:2].cpu())
         net.train()
         return net, train_split, val_split, {"data_format": PYTHON_MODEL, "normalisation": None, **(extras or {})}
 

@@ -24,13 +24,13 @@ import torch
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.compression.finetuning import load_masks
 from pyro_bc.compression.graph import analyse_network, prune_network
-from pyro_bc.compression.pipeline import load_run
 from pyro_bc.compression.posterior import LayerPosterior, analyse
 from pyro_bc.compression.thresholds import PriorDefault, ThresholdInputs
 from pyro_bc.errors import ConfigError
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.report import plots
 from pyro_bc.report.datatree import save_datatree, to_datatree, var_prefix, with_predictions
+from pyro_bc.runs.load import load_run
 from pyro_bc.train.run_dir import FINETUNE_FILE, METRICS
 
 REPORT, FIGURES, POSTERIOR_NC = "report.md", "figures", "posterior.nc"
