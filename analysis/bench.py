@@ -44,6 +44,7 @@ from pyro_bc.compression.macs import count_macs
 from pyro_bc.compression.posterior import analyse, choose_precision
 from pyro_bc.infer.distributions import K1, K2, K3
 from pyro_bc.nn.layers import BayesConv2d, BayesLayer
+from pyro_bc.nn.layout import Conv2dChannelsLast
 from pyro_bc.train.loop import NegativeELBO, svi_step
 
 HERE = Path(__file__).parent
@@ -273,7 +274,7 @@ def _with_conv_class(net: nn.Module, new: type) -> nn.Module:
 
 def channels_last_copy(net: nn.Module) -> nn.Module:
     """The network with the loader's channels-last convolutions: what the layout alone is worth."""
-    return _with_conv_class(net, codec.Conv2dChannelsLast)
+    return _with_conv_class(net, Conv2dChannelsLast)
 
 
 def default_layout_copy(net: nn.Module) -> nn.Module:
@@ -466,7 +467,7 @@ def write_outputs(results: dict, out: Path, distributed: list[str] | None = None
         lines.append(f"| {r['prior']} | {r['ms_deterministic']:.2f} | {r['ms_plain']:.2f} | {r['ms_pyro_bc']:.2f} | "
                      f"{r['ms_pyro_bc'] - r['ms_plain']:.2f} |")
     lines += ["", "## Inference: dense posterior-mean LeNet-5 against the loaded compressed network", "",
-              ("The loaded `.bcz` network's convolutions return channels-last tensors (`codec.Conv2dChannelsLast`); "
+              ("The loaded `.bcz` network's convolutions return channels-last tensors (`pyro_bc.nn.layout.Conv2dChannelsLast`); "
                "the dense network is a plain `nn.Sequential` in PyTorch's default layout, and the dense "
                "channels-last column gives it the same layout, so the last column is what compression alone "
                "is worth. Allocator `default`: glibc malloc as a process starts; `kept`: after "

@@ -1,6 +1,11 @@
 """The project's own error types: every bad input ends in one of these, with a one-line message."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message on one line (its type's name where it has none), for a message of ours."""
+    return (str(error).strip().splitlines() or [""])[0] or type(error).__name__
+
+
 class BCError(Exception):
     """Base class: the CLI prints ``str(error)`` on one line and exits non-zero."""
 

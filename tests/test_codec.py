@@ -25,9 +25,11 @@ from pyro_bc.bcz import model as bcz_model
 from pyro_bc.bcz import v1 as bcz_v1
 from pyro_bc.bcz.binary import Reader, svarint, uvarint, uvarints
 from pyro_bc.bcz.codec import CompressedModel, Op, QuantizedLayer, load, read_bcz, to_module, write_bcz
+from pyro_bc.bcz.v2 import kept_metadata
 from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import FormatError
 from pyro_bc.metrics.evaluate import error_percent
+from pyro_bc.nn import layout
 
 torch.set_num_threads(1)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -60,7 +62,7 @@ def lenet(seed: int = 0) -> CompressedModel:
 
 def assert_same(a: CompressedModel, b: CompressedModel) -> None:
     """Models equal item by item, codes and biases bit for bit."""
-    assert a.input_shape == b.input_shape and codec.kept_metadata(a.metadata) == b.metadata
+    assert a.input_shape == b.input_shape and kept_metadata(a.metadata) == b.metadata
     assert len(a.items) == len(b.items)
     for x, y in zip(a.items, b.items):
         assert type(x) is type(y) and x.inputs == y.inputs
@@ -157,7 +159,7 @@ def test_to_module_conv_params_and_ops() -> None:
 def test_loaded_convolution_is_channels_last_with_the_same_values(channels: int) -> None:
     """The loader's convolutions return channels-last tensors equal to ``F.conv2d`` on the default layout."""
     g = torch.Generator().manual_seed(3)
-    conv = codec.Conv2dChannelsLast(channels, 4, 3, padding=1)
+    conv = layout.Conv2dChannelsLast(channels, 4, 3, padding=1)
     x = torch.randn(5, channels, 9, 9, generator=g)
     with torch.no_grad():
         out = conv(x)

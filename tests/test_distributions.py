@@ -122,8 +122,8 @@ def test_lognormal_inverse_gamma_vs_monte_carlo(mu: float, s: float, a: float, b
 
 def test_kl_dispatch_through_to_event() -> None:
     p = dist.LogNormal(torch.tensor([0.1, -0.3, 0.2]), torch.tensor([0.3, 0.5, 0.7]))
-    ig = half_cauchy_inverse_gamma([3])
-    ga = half_cauchy_gamma(0.3, [3])
+    ig = half_cauchy_inverse_gamma(p.loc, [3])
+    ga = half_cauchy_gamma(0.3, p.loc, [3])
     assert isinstance(ig, dist.InverseGamma) and ig.batch_shape == (3,)
     assert isinstance(ga, dist.Gamma) and ga.batch_shape == (3,)
     torch.testing.assert_close(kl_divergence(p.to_event(1), ig.to_event(1)), kl_lognormal_inverse_gamma(p, ig).sum())
@@ -184,7 +184,8 @@ def test_gamma_inverse_gamma_gives_half_cauchy(tau: float) -> None:
     qs = np.array([0.1, 0.25, 0.5, 0.75, 0.9])
     np.testing.assert_allclose(np.quantile(s, qs), tau * np.tan(np.pi * qs / 2), rtol=0.01)
     # The helpers use exactly this parametrisation.
-    ga, ig = half_cauchy_gamma(tau), half_cauchy_inverse_gamma()
+    like = torch.zeros(())
+    ga, ig = half_cauchy_gamma(tau, like), half_cauchy_inverse_gamma(like)
     torch.testing.assert_close(ga.concentration, torch.tensor(0.5))
     torch.testing.assert_close(ga.rate, torch.tensor(tau**-2, dtype=torch.float32))
     torch.testing.assert_close((ig.concentration, ig.rate), (torch.tensor(0.5), torch.tensor(1.0)))
@@ -235,8 +236,8 @@ def test_mean_field_elbo_uses_registered_kls() -> None:
 
     def model() -> None:
         w = pyro.sample("w", LogUniform().expand([3]).to_event(1))
-        s_a = pyro.sample("s_a", half_cauchy_gamma(tau0))
-        s_b = pyro.sample("s_b", half_cauchy_inverse_gamma())
+        s_a = pyro.sample("s_a", half_cauchy_gamma(tau0, torch.zeros(())))
+        s_b = pyro.sample("s_b", half_cauchy_inverse_gamma(torch.zeros(())))
         pyro.sample("y", dist.Normal(w * torch.sqrt(s_a * s_b), 1.0).to_event(1), obs=y)
 
     def guide() -> None:

@@ -21,12 +21,9 @@ from pyro_bc.bcz import v1 as bcz_v1
 from pyro_bc.bcz import v2 as bcz_v2
 from pyro_bc.bcz import v3 as bcz_v3
 from pyro_bc.bcz.binary import BadData
-from pyro_bc.bcz.code_storage import pack_codes, unpack_codes
 from pyro_bc.bcz.model import MAGIC, CompressedModel, Op, QuantizedLayer, is_chain, sources
-from pyro_bc.bcz.v2 import kept_metadata
 from pyro_bc.errors import FormatError
 from pyro_bc.nn.kinds import KIND
-from pyro_bc.nn.layout import Conv2dChannelsLast  # noqa: F401  (the class of the loaded convolutions, as documented)
 from pyro_bc.nn.ops import ELEMENTWISE_KINDS, Mul, SpatialMean, elementwise_module
 
 __all__ = [
@@ -36,14 +33,11 @@ __all__ = [
     "QuantizedLayer",
     "decode",
     "encode",
-    "kept_metadata",
     "load",
-    "pack_codes",
     "read_bcz",
     "recode",
     "round_biases",
     "to_module",
-    "unpack_codes",
     "write_bcz",
 ]
 

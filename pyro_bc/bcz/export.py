@@ -15,7 +15,7 @@ from torch import nn
 
 from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.bcz import codec
-from pyro_bc.errors import ConfigError
+from pyro_bc.errors import ConfigError, first_line
 
 FORMATS = ("onnx", "pt2")
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "output", "batch"
@@ -101,8 +101,7 @@ def export_bytes(module: nn.Module, input_shape: Sequence[int], fmt: str) -> byt
     try:
         return (_onnx_bytes if fmt == "onnx" else _pt2_bytes)(module.eval(), example)
     except Exception as exc:  # the exporters raise many types; one line naming the cause
-        first_line = str(exc).strip().split("\n", 1)[0]
-        raise ConfigError(f"cannot export to {fmt}: {type(exc).__name__}: {first_line}") from exc
+        raise ConfigError(f"cannot export to {fmt}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def export_module(module: nn.Module, input_shape: Sequence[int], out: str | os.PathLike[str], fmt: str) -> int:

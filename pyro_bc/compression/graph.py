@@ -44,7 +44,7 @@ from pyro_bc.compression.posterior import (
     check_thresholds,
     fold_pruned_inputs,
 )
-from pyro_bc.errors import ConfigError
+from pyro_bc.errors import ConfigError, first_line
 from pyro_bc.nn.kinds import kind_of
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.nn.ops import elementwise_of_function, elementwise_of_method, elementwise_of_module
@@ -146,7 +146,7 @@ class BodyGraph:
             _ShapeProp(module).propagate(torch.zeros(1, *net.input_shape, device=device))
         except Exception as e:  # noqa: BLE001  (whatever a user's forward does, the cause is reported)
             raise ConfigError(f"cannot trace the network with torch.fx: {type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0]}")
+                              f"{first_line(e)}")
         self.modules = dict(mean.named_modules())
         self.layer_index = {layer.site: i for i, layer in enumerate(net.layers)}
         position: dict[fx.Node, int] = {}

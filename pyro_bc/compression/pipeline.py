@@ -1,9 +1,6 @@
-"""From a run directory (:func:`compress_run`) or a network in Python (:func:`compress`) to a ``.bcz`` file and
-``MODEL.json``: thresholds, pruning, bits, rates, errors.
-
-The module itself is callable: ``pyro_bc.compress(net, out, val=...)`` is :func:`compress` (the package exports
-the function under the module's name, and ``import pyro_bc.compress`` must not take it away).
-"""
+"""A network in memory to a ``.bcz`` file and its summary (``MODEL.json``): :func:`compress` (``pyro_bc.compress``)
+and :func:`compress_network`, which :func:`pyro_bc.runs.compressing.compress_run` runs for a run directory:
+thresholds, pruning, bits, rates, errors."""
 
 from __future__ import annotations
 

@@ -48,11 +48,6 @@ def require_file(path: Path) -> int:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def first_line(error: BaseException) -> str:
-    """An exception's message on one line (its type's name where it has none)."""
-    return (str(error).splitlines() or [""])[0] or type(error).__name__
-
-
 def check_labels(labels: np.ndarray, n_images: int, where: str, images: str) -> None:
     """``labels`` must be 1-D integers in 0..255, one per image; ``where`` prefixes messages, ``images`` names the
     images' file."""

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from pyro_bc.atomic import atomic_write_bytes
-from pyro_bc.data.datafile import CHUNK, MAX_DEFLATE_RATIO, first_line, require_file
-from pyro_bc.errors import DataError
+from pyro_bc.data.datafile import CHUNK, MAX_DEFLATE_RATIO, require_file
+from pyro_bc.errors import DataError, first_line
 
 __all__ = ["read_idx", "write_idx"]
 

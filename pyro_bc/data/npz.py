@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy
 
-from pyro_bc.data.datafile import MAX_DEFLATE_RATIO, MAX_FILE_BYTES, RawData, check_labels, first_line, require_file
-from pyro_bc.errors import DataError
+from pyro_bc.data.datafile import MAX_DEFLATE_RATIO, MAX_FILE_BYTES, RawData, check_labels, require_file
+from pyro_bc.errors import DataError, first_line
 
 __all__ = ["NPZ_FILES", "TEST_FILE", "TRAIN_FILE", "read_npz", "read_npz_pair"]
 

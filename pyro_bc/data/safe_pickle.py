@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pyro_bc.data.datafile import MAX_FILE_BYTES, first_line, require_file
-from pyro_bc.errors import DataError
+from pyro_bc.data.datafile import MAX_FILE_BYTES, require_file
+from pyro_bc.errors import DataError, first_line
 
 __all__ = ["RestrictedUnpickler", "load_pickle"]
 

@@ -295,23 +295,19 @@ def kl_lognormal_inverse_gamma(p: _TorchLogNormal, q: _TorchInverseGamma) -> tor
     return _expand_to(const - _log_scale(p) + a * mu + b * torch.exp(0.5 * var - mu), q)
 
 
-def half_cauchy_gamma(tau0: float | torch.Tensor, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.Gamma:
-    """Gamma factor ``s_a ~ Gamma(1/2, rate=1/tau0^2)`` of a half-Cauchy scale ``s ~ C+(0, tau0)``.
+def half_cauchy_gamma(tau0: float, like: torch.Tensor, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.Gamma:
+    """Gamma factor ``s_a ~ Gamma(1/2, rate=1/tau0^2)`` of a half-Cauchy scale ``s ~ C+(0, tau0)``, on ``like``'s
+    dtype and device.
 
     With ``s_b ~ InverseGamma(1/2, 1)`` (:func:`half_cauchy_inverse_gamma`), ``s = sqrt(s_a * s_b)`` is
     ``C+(0, tau0)``. The rate is ``tau0^-2`` (scale ``tau0^2``); transcriptions that use ``tau0`` or
     ``tau0^-1`` as the rate give a different global scale and are wrong for this model.
-
-    :param tau0: Half-Cauchy scale ``tau0 > 0``.
-    :param batch_shape: Batch shape the distribution is expanded to.
     """
-    tau0 = torch.as_tensor(tau0, dtype=torch.get_default_dtype())
-    return dist.Gamma(torch.full_like(tau0, 0.5), tau0.pow(-2)).expand(torch.Size(batch_shape))
+    one = like.new_ones(())
+    return dist.Gamma(one / 2, one / tau0**2).expand(torch.Size(batch_shape))
 
 
-def half_cauchy_inverse_gamma(batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.InverseGamma:
-    """Inverse-gamma factor ``s_b ~ InverseGamma(1/2, 1)`` of a half-Cauchy scale (see :func:`half_cauchy_gamma`).
-
-    :param batch_shape: Batch shape the distribution is expanded to.
-    """
-    return dist.InverseGamma(torch.tensor(0.5), torch.tensor(1.0)).expand(torch.Size(batch_shape))
+def half_cauchy_inverse_gamma(like: torch.Tensor, batch_shape: torch.Size | tuple[int, ...] = ()) -> dist.InverseGamma:
+    """Inverse-gamma factor ``s_b ~ InverseGamma(1/2, 1)`` of a half-Cauchy scale (see :func:`half_cauchy_gamma`)."""
+    one = like.new_ones(())
+    return dist.InverseGamma(one / 2, one).expand(torch.Size(batch_shape))

@@ -7,10 +7,15 @@ import math
 import numpy as np
 import pyro
 import torch
-from pyro.distributions import Gamma, InverseGamma
 
 from pyro_bc.defaults import TAU0
-from pyro_bc.infer.distributions import LogNormalLogVar, StandardNormal, log_moments
+from pyro_bc.infer.distributions import (
+    LogNormalLogVar,
+    StandardNormal,
+    half_cauchy_gamma,
+    half_cauchy_inverse_gamma,
+    log_moments,
+)
 from pyro_bc.infer.reparam import LRT_ONLY, group_scale
 from pyro_bc.priors.base import Noise, Prior, logvar_init, normal_init
 
@@ -61,11 +66,9 @@ class GroupHorseshoe(Prior):
         return StandardNormal(like)
 
     def site_priors(self, like):
-        one = like.new_ones(())
-        half = one / 2
-        return {"s_a": Gamma(half, one / self.tau0**2), "s_b": InverseGamma(half, one),
-                "z_a": Gamma(half, one).expand([self.n_groups]).to_event(1),
-                "z_b": InverseGamma(half, one).expand([self.n_groups]).to_event(1)}
+        return {"s_a": half_cauchy_gamma(self.tau0, like), "s_b": half_cauchy_inverse_gamma(like),
+                "z_a": half_cauchy_gamma(1.0, like, [self.n_groups]).to_event(1),
+                "z_b": half_cauchy_inverse_gamma(like, [self.n_groups]).to_event(1)}
 
     def _guides(self) -> list[LogNormalLogVar]:
         return [LogNormalLogVar(self.sa_mu, self.sa_logvar), LogNormalLogVar(self.sb_mu, self.sb_logvar),

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pyro_bc.atomic import atomic_write_bytes
-from pyro_bc.errors import CheckpointError
+from pyro_bc.errors import CheckpointError, first_line
 
 #: The parameter layout of the networks a checkpoint holds; 2 since priors became modules of their layers.
 LAYOUT_VERSION = 2
@@ -31,8 +31,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many types for corrupt archives)
-        first_line = (str(e).splitlines() or [""])[0]  # some (EOFError on an empty file) have no message
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})")
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})")
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a pyro-bc checkpoint (missing keys)")
     if state.get("layout_version") != LAYOUT_VERSION:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.data.augment import augment, augment_generator
 from pyro_bc.data.datasets import Split, iterate_minibatches
-from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged
+from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.metrics.evaluate import error_percent, groups_below
@@ -59,7 +59,7 @@ def check_shape(net: BayesianNet, x: torch.Tensor) -> None:
         with torch.no_grad():
             net.posterior_mean_network()(x[:2])
     except RuntimeError as e:
-        raise ConfigError(f"data does not fit the network: {(str(e).splitlines() or [""])[0]}")
+        raise ConfigError(f"data does not fit the network: {first_line(e)}")
 
 
 def set_clip_var(net: BayesianNet, clip_var: dict[str, float | None]) -> None:
@@ -216,7 +216,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
             net.load_state_dict(state["network"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{checkpoint} does not fit the network: {(str(e).splitlines() or [""])[0]}")
+            raise CheckpointError(f"{checkpoint} does not fit the network: {first_line(e)}")
         torch.set_rng_state(state["rng"]["torch"])
         metrics = state["metrics"]
     start_epoch = state["epoch"] if state is not None else 0
