@@ -43,7 +43,7 @@ def fc(name, n_out, n_in, la=None, var=1e-3, per_weight=False):
         la = torch.full(shape if per_weight else (n_in,), LOW)
     return LayerPosterior(name, "linear", torch.as_tensor(la, dtype=torch.float32),
                           torch.linspace(-0.5, 0.5, n_out * n_in).reshape(shape),
-                          torch.full(shape, var), torch.zeros(n_out), 1)
+                          torch.full(shape, var), torch.zeros(n_out), 1, per_weight=per_weight)
 
 
 def conv(name, n_out, n_in, k=1, la=None):

@@ -375,3 +375,27 @@ def test_a_prior_written_against_the_interface_trains_a_network():
     assert (mean_net(x).argmax(-1) == y).float().mean() > 0.95
     la = net.layers[0].log_alpha()
     assert la.shape == (4,) and torch.isfinite(la).all()
+
+
+def test_the_prior_contract_is_an_abstract_base():
+    class Incomplete(Prior):
+        name = "incomplete"
+
+        def weight_prior(self, like):
+            return StandardNormal(like)
+
+    with pytest.raises(TypeError, match="abstract method.*log_alpha"):
+        Incomplete()
+
+
+def test_what_a_group_is_comes_from_the_prior_not_from_a_shape():
+    from pyro_bc.compression.posterior import LayerPosterior, analyse
+
+    for name, per_weight in (("lu", True), ("gnj", False)):
+        torch.manual_seed(0)
+        net = BayesianNet(nn.Sequential(nn.Flatten(), BayesLinear(3, 3, make_prior(name))), (3,))
+        [post] = analyse(net)  # a 3 x 3 layer: per-group and per-weight log alpha are told apart by the prior
+        assert post.per_weight is per_weight and post.log_alpha.shape == ((3, 3) if per_weight else (3,))
+    with pytest.raises(ValueError, match=r"^l: log alpha of shape \(3,\), expected \(3, 3\) \(per weight\)"):
+        LayerPosterior("l", "linear", torch.zeros(3), torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3), 1,
+                       per_weight=True)

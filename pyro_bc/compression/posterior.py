@@ -28,11 +28,13 @@ class LayerPosterior:
     bias: torch.Tensor  # posterior-mean bias as the network applies it
     group_axis: int
     conv_args: tuple = ()
+    per_weight: bool = False  # log alpha per weight (the prior says so: ``lu``) rather than per group
 
-    @property
-    def per_weight(self) -> bool:
-        """Whether log alpha is per weight (``lu``) rather than per group."""
-        return self.log_alpha.shape == self.mean.shape
+    def __post_init__(self):
+        expected = tuple(self.mean.shape) if self.per_weight else (self.mean.shape[self.group_axis],)
+        if tuple(self.log_alpha.shape) != expected:
+            raise ValueError(f"{self.name}: log alpha of shape {tuple(self.log_alpha.shape)}, expected {expected} "
+                             f"({'per weight' if self.per_weight else 'per group'})")
 
     @property
     def n_groups(self) -> int:
@@ -49,7 +51,7 @@ def analyse(net: BayesianNet) -> list[LayerPosterior]:
         conv = layer.kind.is_conv
         out.append(LayerPosterior(layer.site, layer.kind.name, layer.log_alpha().detach().cpu(),
                                   mean.detach().cpu(), var.detach().cpu(), layer.bias_mean().detach().cpu(),
-                                  layer.group_axis, layer.conv_args if conv else ()))
+                                  layer.group_axis, layer.conv_args if conv else (), layer.prior.per_weight))
     return out
 
 

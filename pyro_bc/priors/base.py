@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -25,7 +26,7 @@ def logvar_init(shape) -> nn.Parameter:
     return normal_init(shape, INIT_LOGVAR)
 
 
-class Prior(nn.Module):
+class Prior(nn.Module, metaclass=ABCMeta):
     """A layer's sparsity prior on its weights ``w = z w~`` and the matching guide.
 
     The object a user makes, e.g. ``GroupHorseshoe(tau0=1e-5)``, holds only hyperparameters and serves
@@ -34,8 +35,10 @@ class Prior(nn.Module):
     owns the weights ``w~`` and the bias, asks the prior for the prior of ``w~``, and delegates every
     summary (``E[z]``, ``Var[z]``, log alpha) to it.
 
-    A subclass sets :attr:`name` (the command line's name) and implements the abstract methods;
-    registering it is one line in :mod:`pyro_bc.priors`.
+    A subclass sets :attr:`name` (the command line's name) and implements the abstract methods
+    (:meth:`weight_prior` and :meth:`log_alpha`; a prior with group scales also its sites, :meth:`model`,
+    :meth:`guide`, :meth:`per_example_scale` and :meth:`scale_moments`); registering it is one line in
+    :mod:`pyro_bc.priors`.
     """
 
     name: ClassVar[str]
@@ -70,9 +73,9 @@ class Prior(nn.Module):
     def reset_parameters(self) -> None:
         """Create the variational parameters of the ``n_groups`` scales (none for per-weight priors)."""
 
+    @abstractmethod
     def weight_prior(self, like: torch.Tensor) -> torch.distributions.Distribution:
         """The elementwise prior of the weights ``w~`` (a scalar distribution the layer expands)."""
-        raise NotImplementedError
 
     def site_priors(self, like: torch.Tensor) -> dict[str, torch.distributions.Distribution]:
         """The priors of the scale sites, by site suffix; constants (see :meth:`priors`)."""
@@ -93,15 +96,15 @@ class Prior(nn.Module):
     def per_example_scale(self, guides: list, n: int, noise: Noise) -> torch.Tensor:
         """Draws ``(n, groups)`` of ``z``, one per example, from the guide distributions of the scale sites
         (the local reparameterisation's group-scale noise, docs/METHOD.md 5)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no group scales to draw")
 
     def scale_moments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(E[z], Var[z])`` per group under the guide; ``None`` without group scales."""
         return None
 
+    @abstractmethod
     def log_alpha(self, weight_mu: torch.Tensor, weight_logvar: torch.Tensor) -> torch.Tensor:
         """Log dropout rate ``log Var/E^2``: per group, or per weight where :attr:`per_weight`."""
-        raise NotImplementedError
 
     def posterior_draws(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Guide draws for the DataTree, float64: ``z`` ``(n, groups)`` and any other named scale ``(n,)``."""
