@@ -83,6 +83,18 @@ def _layer_clip_var(text: str) -> tuple[str, float | None]:
     return name, None if value.strip().lower() == "none" else _positive_float(value)
 
 
+def _prior_option(text: str) -> tuple[str, float]:
+    """``NAME=VALUE``: an option of the prior and its number (the prior checks both)."""
+    name, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or not name.strip() or number is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=NUMBER (e.g. tau0=1e-5)")
+    return name.strip(), number
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=_model_name, default=None,
                    help="lenet300 (the default), lenet5, vgg, resnet20 or a network file; with --resume, the run's")
@@ -113,9 +125,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="clip LAYER's weight and bias variances at V after each step (none: no clip); repeatable")
     p.add_argument("--eval-every", type=_positive_int, default=1,
                    help="epochs between evaluations of the posterior-mean network (the last epoch always)")
-    p.add_argument("--tau0", type=_positive_float, default=TAU0, help="horseshoe global scale (ghs, rhs)")
-    p.add_argument("--slab-scale", type=_positive_float, default=SLAB_SCALE,
-                   help="regularised horseshoe slab width (rhs)")
+    p.add_argument("--prior-option", type=_prior_option, action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the prior (tau0 for ghs and rhs, slab_scale for rhs; gnj and lu take none); "
+                        "repeatable; the prior refuses one it does not take")
+    p.add_argument("--tau0", type=_positive_float, default=None,
+                   help=f"horseshoe global scale (ghs, rhs; default {TAU0:g}): --prior-option tau0=T")
+    p.add_argument("--slab-scale", type=_positive_float, default=None,
+                   help=f"regularised horseshoe slab width (rhs; default {SLAB_SCALE:g}): --prior-option slab_scale=C")
     p.add_argument("--init-from", default=None, help="deterministic network state_dict to start the means from")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=_positive_int, default=1)
@@ -130,14 +146,22 @@ def _model_and_prior(args: argparse.Namespace) -> tuple[str, str]:
     return args.model or "lenet300", args.prior or "gnj"
 
 
+def _prior_options(args: argparse.Namespace) -> dict[str, float]:
+    """``--prior-option`` and its aliases ``--tau0``, ``--slab-scale``, as one mapping for the prior to check."""
+    options = dict(args.prior_option)
+    options.update({name: value for name, value in (("tau0", args.tau0), ("slab_scale", args.slab_scale))
+                    if value is not None})
+    return options
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     model, prior = _model_and_prior(args)
     return TrainConfig(model=model, prior=prior, width=args.width, epochs=args.epochs,
                        batch_size=args.batch_size,
                        lr=args.lr, variance_lr_factor=args.variance_lr_factor, seed=args.seed, data=args.data,
                        subset=args.subset, val_size=args.val_size,
-                       warmup_epochs=args.warmup_epochs, eval_every=args.eval_every, tau0=args.tau0,
-                       slab_scale=args.slab_scale,
+                       warmup_epochs=args.warmup_epochs, eval_every=args.eval_every,
+                       prior_options=_prior_options(args),
                        init_from=args.init_from,
                        device=args.device, threads=args.threads, augment=args.augment,
                        lr_schedule=args.lr_schedule, clip_grad_norm=args.clip_grad_norm, clip_var=dict(args.clip_var))

@@ -13,13 +13,13 @@ from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.nn.layers import BayesLinear
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.priors import make_prior
+from pyro_bc.priors import known_options, make_prior
 
 
 def _net(prior, likelihood="categorical"):
     pyro.set_rng_seed(11)
     n_out = 3 if likelihood == "categorical" else 1
-    prior = make_prior(prior, tau0=1e-2)
+    prior = make_prior(prior, **known_options(prior, {"tau0": 1e-2}))
     body = nn.Sequential(BayesLinear(4, 5, prior), nn.ReLU(), BayesLinear(5, n_out, prior))
     net = BayesianNet(body, input_shape=(4,), likelihood=likelihood, noise_scale=0.5)
     with torch.no_grad():  # non-trivial guide: visible variances, so draws differ from the means

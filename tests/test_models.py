@@ -32,7 +32,8 @@ def _seed():
 @pytest.mark.parametrize("model", list(LAYOUT))
 def test_builtin_networks_with_every_prior(model, prior):
     torch.manual_seed(0)
-    net = build_network(model, prior, tau0=2e-4, slab_scale=3.0)
+    options = {"gnj": {}, "lu": {}, "ghs": {"tau0": 2e-4}, "rhs": {"tau0": 2e-4, "slab_scale": 3.0}}[prior]
+    net = build_network(model, prior, **options)
     names, kinds, groups, weights = LAYOUT[model]
     assert isinstance(net, BayesianNet) and net.input_shape == (1, 28, 28)
     assert net.layer_names == names
@@ -41,8 +42,7 @@ def test_builtin_networks_with_every_prior(model, prior):
     assert sum(layer.weight_mu.numel() for layer in net.layers) == weights
     assert all(type(layer.prior) is PRIORS[prior] for layer in net.layers)
     assert [layer.prior.n_groups for layer in net.layers] == groups
-    expected = {"gnj": {}, "lu": {}, "ghs": {"tau0": 2e-4}, "rhs": {"tau0": 2e-4, "slab_scale": 3.0}}[prior]
-    assert all(layer.prior.options() == expected for layer in net.layers)
+    assert all(layer.prior.options() == options for layer in net.layers)
     with torch.no_grad():
         assert net.posterior_mean_network()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
@@ -54,9 +54,11 @@ def test_lenet300_clips_fc1_variances_only():
 
 def test_a_prior_object_is_used_as_the_template():
     template = GroupHorseshoe(tau0=7e-4)
-    net = build_network("lenet5", template, tau0=1.0)  # options go with names, not objects
+    net = build_network("lenet5", template)
     assert all(layer.prior.tau0 == 7e-4 and layer.prior is not template for layer in net.layers)
     assert list(template.parameters()) == []
+    with pytest.raises(ConfigError, match="^options tau0 given with a GroupHorseshoe object: set them on the object$"):
+        build_network("lenet5", template, tau0=1.0)  # options go with names, not objects
 
 
 def _write(tmp_path, text: str) -> str:
@@ -77,7 +79,7 @@ def build(prior):
 
 @pytest.mark.parametrize("prior", list(PRIORS))
 def test_a_user_network_file(tmp_path, prior):
-    net = build_network(_write(tmp_path, USER_NET), prior, tau0=1e-3)
+    net = build_network(_write(tmp_path, USER_NET), prior, **({"tau0": 1e-3} if prior in ("ghs", "rhs") else {}))
     assert net.layer_names == ["1"] and type(net.layers[0].prior) is PRIORS[prior]
 
 
@@ -161,7 +163,7 @@ def test_full_width_sizes():
 @pytest.mark.parametrize("build", list(CNN_LAYERS))
 def test_cnns_forward_and_one_svi_step(build, prior, shape):
     torch.manual_seed(0)
-    net = build(prior, width=0.25, input_shape=shape, tau0=1e-3)
+    net = build(prior, width=0.25, input_shape=shape, **({"tau0": 1e-3} if prior in ("ghs", "rhs") else {}))
     assert len(net.layers) == CNN_LAYERS[build] and net.input_shape == shape
     x, y = torch.randn(4, *shape), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():

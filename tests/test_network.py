@@ -19,7 +19,7 @@ from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.nn.layers import BayesConv2d, BayesLinear
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.priors import make_prior
+from pyro_bc.priors import known_options, make_prior
 
 PRIORS = ["gnj", "ghs", "lu", "rhs"]
 SCALE_SITES = {"gnj": ["z"], "ghs": ["s_a", "s_b", "z_a", "z_b"], "rhs": ["s_a", "s_b", "z_a", "z_b"], "lu": []}
@@ -35,7 +35,7 @@ def _clean_param_store():
 
 def _net(prior: str, seed: int = 0) -> BayesianNet:
     torch.manual_seed(seed)
-    p = make_prior(prior, tau0=1e-2)
+    p = make_prior(prior, **known_options(prior, {"tau0": 1e-2}))
     body = nn.Sequential(OrderedDict(conv=BayesConv2d(1, 3, 3, prior=p), relu=nn.ReLU(), flat=nn.Flatten(),
                                      fc=BayesLinear(3 * 4 * 4, 5, p)))
     return BayesianNet(body, input_shape=(1, 6, 6))

@@ -14,7 +14,7 @@ from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.nn.layers import BayesConv2d, BayesLinear
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.priors import GroupNormalJeffreys, make_prior
+from pyro_bc.priors import GroupNormalJeffreys, known_options, make_prior
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def _seed():
 @pytest.mark.parametrize("prior", ["gnj", "ghs", "lu", "rhs"])
 def test_priors_are_built_once_per_dtype_and_used_by_the_model(prior):
     pyro.set_rng_seed(0)
-    layer = BayesLinear(4, 3, make_prior(prior, tau0=1e-2))
+    layer = BayesLinear(4, 3, make_prior(prior, **known_options(prior, {"tau0": 1e-2})))
     net = BayesianNet(nn.Sequential(layer), input_shape=(4,))
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     priors = layer.priors()
@@ -49,7 +49,7 @@ def test_priors_are_built_once_per_dtype_and_used_by_the_model(prior):
 def test_weight_moments_against_monte_carlo_of_z_times_w(prior):
     """E[w] and Var[w] of w = z w~ (docs/METHOD.md 7.1) against 2e5 draws of z (the prior's) times w~ (Normal)."""
     torch.manual_seed(0)
-    layer = BayesConv2d(2, 3, 1, prior=make_prior(prior, tau0=1.0)).double()
+    layer = BayesConv2d(2, 3, 1, prior=make_prior(prior, **known_options(prior, {"tau0": 1.0}))).double()
     with torch.no_grad():
         layer.weight_logvar.fill_(math.log(0.2))
         for name, p in layer.prior.named_parameters():

@@ -28,7 +28,9 @@ from pyro_bc.priors import (
     LogUniformWeights,
     Prior,
     RegularizedHorseshoe,
+    known_options,
     make_prior,
+    option_names,
 )
 from pyro_bc.priors.base import Noise, logvar_init, normal_init
 from pyro_bc.train.loop import NegativeELBO, svi_step
@@ -236,7 +238,7 @@ def test_rhs_prior_draws_are_the_slab_of_the_horseshoe():
 
 @pytest.mark.parametrize("name", ["gnj", "ghs", "rhs"])
 def test_attach_gives_each_layer_its_own_parameters(name):
-    template = make_prior(name, tau0=1e-3)
+    template = make_prior(name, **known_options(name, {"tau0": 1e-3}))
     assert list(template.parameters()) == [] and template.n_groups == 0
     template.priors(torch.zeros(()))  # a cached prior of the template must not leak into the copies
     a, b = BayesLinear(4, 3, template), BayesLinear(4, 3, template)
@@ -290,16 +292,19 @@ def test_make_prior_bad_option(name, option):
     assert message.startswith(f"prior {name}: ") and str(value) in message
 
 
-def test_make_prior_ignores_options_a_prior_does_not_take_and_passes_objects_through():
-    assert isinstance(make_prior("gnj", tau0=-1.0, slab_scale=0.0), GroupNormalJeffreys)
+def test_make_prior_refuses_options_a_prior_does_not_take_and_passes_objects_through():
+    with pytest.raises(ConfigError, match=r"^prior gnj has no option 'slab_scale' \(it takes none\)$"):
+        make_prior("gnj", tau0=-1.0, slab_scale=0.0)
+    assert option_names("rhs") == ("tau0", "slab_scale") and option_names("lu") == ()
+    assert known_options("ghs", {"tau0": 1.0, "slab_scale": 2.0}) == {"tau0": 1.0}
     prior = GroupHorseshoe(tau0=2e-4)
-    assert make_prior(prior, tau0=1.0) is prior
+    assert make_prior(prior) is prior
 
 
 @pytest.mark.parametrize("name", list(PRIORS))
 def test_options_round_trip_through_make_prior(name):
-    prior = make_prior(name, tau0=3e-4, slab_scale=2.5)
     expected = {"gnj": {}, "lu": {}, "ghs": {"tau0": 3e-4}, "rhs": {"tau0": 3e-4, "slab_scale": 2.5}}[name]
+    prior = make_prior(name, **expected)
     assert prior.options() == expected
     again = make_prior(prior.name, **prior.options())
     assert type(again) is type(prior) and again.options() == prior.options()

@@ -14,7 +14,7 @@ from pyro import poutine
 
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.nn.layers import BayesConv1d, BayesConv2d, BayesLinear
-from pyro_bc.priors import make_prior
+from pyro_bc.priors import known_options, make_prior
 
 S = 50000
 TAU0 = 1e-3
@@ -42,7 +42,7 @@ def _set_params(layer):
 
 
 def _make(kind, prior):
-    prior = make_prior(prior, tau0=TAU0)
+    prior = make_prior(prior, **known_options(prior, {"tau0": TAU0}))
     layer = {"linear": lambda: BayesLinear(5, 3, prior), "conv": lambda: BayesConv2d(2, 3, 3, prior=prior),
              "conv1d": lambda: BayesConv1d(2, 3, 3, prior=prior)}[kind]()
     _set_params(layer)

@@ -22,16 +22,32 @@ from pyro_bc.train.run_dir import (
 
 def test_train_config_defaults_come_from_pyro_bc_defaults():
     config = TrainConfig()
-    assert (config.tau0, config.slab_scale, config.val_size) == (defaults.TAU0, defaults.SLAB_SCALE,
-                                                                 defaults.VAL_SIZE)
+    assert (config.prior_options, config.val_size) == ({}, defaults.VAL_SIZE)  # the prior's own defaults
     assert (config.model, config.prior, config.epochs, config.batch_size, config.lr, config.seed) == \
         ("lenet300", "gnj", 10, 128, 1e-3, 0)
     assert (config.device, config.threads, config.warmup_epochs) == ("cpu", 1, 0)
     assert config.data is config.subset is config.init_from is None
-    assert config.prior_options == {"tau0": defaults.TAU0, "slab_scale": defaults.SLAB_SCALE}
-    assert TrainConfig(tau0=3e-4, slab_scale=2.0).prior_options == {"tau0": 3e-4, "slab_scale": 2.0}
-    # a checkpoint stores asdict(config); TrainConfig(**saved) rebuilds it
-    assert TrainConfig(**dataclasses.asdict(config)) == config
+    # a checkpoint stores asdict(config); TrainConfig.from_dict rebuilds it
+    rhs = TrainConfig(prior="rhs", prior_options={"tau0": 3e-4, "slab_scale": 2.0})
+    assert TrainConfig.from_dict(dataclasses.asdict(rhs)) == rhs
+
+
+def test_a_config_written_with_tau0_and_slab_scale_fields_gets_the_options_its_prior_takes():
+    old = {**dataclasses.asdict(TrainConfig()), "tau0": 3e-4, "slab_scale": 2.0}
+    del old["prior_options"]
+    assert TrainConfig.from_dict({**old, "prior": "gnj"}).prior_options == {}
+    assert TrainConfig.from_dict({**old, "prior": "ghs"}).prior_options == {"tau0": 3e-4}
+    assert TrainConfig.from_dict({**old, "prior": "rhs"}).prior_options == {"tau0": 3e-4, "slab_scale": 2.0}
+
+
+@pytest.mark.parametrize(("prior", "options", "message"), [
+    ("gnj", {"tau0": 1e-5}, r"^prior gnj has no option 'tau0' \(it takes none\)$"),
+    ("ghs", {"slab_scale": 2.0}, r"^prior ghs has no option 'slab_scale' \(its options: tau0\)$"),
+    ("rhs", {"tau0": -1.0}, r"^prior rhs: tau0 must be a positive number, got -1.0$"),
+])
+def test_the_prior_validates_its_options(prior, options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(prior=prior, prior_options=options).validate()
 
 
 def test_file_names():

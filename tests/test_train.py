@@ -196,7 +196,7 @@ def test_data_that_does_not_fit_the_network(tmp_path):
 
 def _small_net(prior: str, clip_var=None) -> BayesianNet:
     torch.manual_seed(0)
-    p = make_prior(prior, tau0=1e-2)
+    p = make_prior(prior, **({"tau0": 1e-2} if prior in ("ghs", "rhs") else {}))
     body = nn.Sequential(OrderedDict(fc1=BayesLinear(4, 6, p, clip_var=clip_var), relu=nn.ReLU(),
                                      fc2=BayesLinear(6, 3, p)))
     return BayesianNet(body, input_shape=(4,))

@@ -64,7 +64,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     require_shape(dataset, data or config.data, net.input_shape, f"the network of {run_dir}",
                   f"give the run's data with --data DIR, or leave --data out to use the run's "
                   f"({config.data or 'the embedded MNIST'})" if data else "pass the run's data with --data DIR")
-    info = {"model": config.model, "prior": config.prior, "run_dir": str(run_dir), "tau0": config.tau0,
+    info = {"model": config.model, "prior": config.prior, "run_dir": str(run_dir),
             "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
             "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
     summary = compress_network(net, out, (dataset.val.x, dataset.val.y), train_x=dataset.train.x,

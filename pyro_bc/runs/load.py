@@ -13,6 +13,7 @@ from pyro_bc.bcz import codec
 from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.metrics import predict
 from pyro_bc.nn.network import BayesianNet
+from pyro_bc.priors import known_options
 from pyro_bc.train.checkpoint import load_checkpoint
 from pyro_bc.train.run_dir import CHECKPOINT, TrainConfig
 
@@ -22,7 +23,7 @@ Source = BayesianNet | torch.nn.Module | str | os.PathLike[str]
 def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     """The trained network of a run directory (from its checkpoint), its config and the checkpoint."""
     state = load_checkpoint(Path(run_dir) / CHECKPOINT)
-    config = TrainConfig(**state["config"])
+    config = TrainConfig.from_dict(state["config"])
     if config.model == "python":  # pyro_bc.train.loop.PYTHON_MODEL
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINT} is a run of pyro_bc.fit from Python (its network is not "
                               f"in the config): compress the network with pyro_bc.compress(net, ...)")
@@ -38,8 +39,9 @@ def original_network(metadata: dict, input_shape: tuple[int, ...] | None = None)
     """The dense original network (posterior means of a fresh build, for inputs of ``input_shape``) of a
     ``.bcz`` file's metadata; None where the metadata does not name a buildable model."""
     try:
+        options = known_options(metadata["prior"], metadata.get("prior_options", {}))  # older files: every option
         return build_network(metadata["model"], metadata["prior"], input_shape=input_shape,
-                             width=metadata.get("width"), **metadata.get("prior_options", {})).posterior_mean_network()
+                             width=metadata.get("width"), **options).posterior_mean_network()
     except (KeyError, ConfigError):
         return None
 

@@ -82,7 +82,7 @@ def finetune_run(source: str | Path, out: str | Path, *, epochs: int, lr: float 
     layers, source_state = None, None
     if resume:
         masks, record = load_masks(out)
-        config = dataclasses.replace(TrainConfig(**load_checkpoint(out / CHECKPOINT)["config"]), epochs=epochs,
+        config = dataclasses.replace(TrainConfig.from_dict(load_checkpoint(out / CHECKPOINT)["config"]), epochs=epochs,
                                      threads=threads, device=device, eval_every=eval_every)
     else:
         if Path(source).resolve() == out.resolve():

@@ -186,7 +186,7 @@ def _resumed_config(config: TrainConfig, state: dict | None, run_dir: Path | Non
     if (saved["model"], saved["prior"]) != (config.model, config.prior):
         raise CheckpointError(f"{path} is a {saved['model']}/{saved['prior']} run, "
                               f"not {config.model}/{config.prior}")
-    return dataclasses.replace(TrainConfig(**saved), epochs=config.epochs, threads=config.threads,
+    return dataclasses.replace(TrainConfig.from_dict(saved), epochs=config.epochs, threads=config.threads,
                                device=config.device, eval_every=config.eval_every)
 
 

@@ -14,8 +14,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
+from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.errors import ConfigError
+from pyro_bc.priors import PRIORS, known_options, make_prior
 from pyro_bc.train.schedule import SCHEDULES
 
 CHECKPOINT, METRICS, CONFIG, LOCK = "checkpoint.pt", "metrics.jsonl", "config.json", ".lock"
@@ -36,8 +37,7 @@ class TrainConfig:
     subset: int | None = None
     val_size: int = VAL_SIZE
     warmup_epochs: int = 0
-    tau0: float = TAU0
-    slab_scale: float = SLAB_SCALE
+    prior_options: dict[str, float] = dataclasses.field(default_factory=dict)  # the prior's (validated by it)
     init_from: str | None = None
     device: str = "cpu"
     threads: int = 1
@@ -60,14 +60,23 @@ class TrainConfig:
                               f"{', '.join(SCHEDULES)}")
         if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
             raise ConfigError(f"clip_grad_norm must be a positive number, got {self.clip_grad_norm}")
+        if self.prior in PRIORS:  # a network of pyro_bc.fit names its priors joined by "+", with no options
+            make_prior(self.prior, **self.prior_options)
+        elif self.prior_options:
+            raise ConfigError(f"prior options {self.prior_options} for a network of several priors ({self.prior})")
         for name, value in self.clip_var.items():
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"clip_var of layer {name!r} must be a positive number or None, got {value}")
 
-    @property
-    def prior_options(self) -> dict:
-        """The options of the prior (each prior takes those its constructor names)."""
-        return {"tau0": self.tau0, "slab_scale": self.slab_scale}
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainConfig:
+        """The config a checkpoint or ``config.json`` stored (``dataclasses.asdict``). One written before prior
+        options were a mapping holds ``tau0`` and ``slab_scale`` as fields: it gets those its prior takes."""
+        saved = dict(saved)
+        legacy = {name: saved.pop(name) for name in ("tau0", "slab_scale") if name in saved}
+        if legacy and "prior_options" not in saved:
+            saved["prior_options"] = known_options(saved.get("prior", ""), legacy)
+        return cls(**saved)
 
 
 class RunLock:
