@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -271,11 +272,12 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     return summary
 
 
-def choose_deterministic_precision(model: CompressedModel, error) -> dict | None:
+def choose_deterministic_precision(model: CompressedModel, error: Callable[[CompressedModel], float]) -> dict | None:
     """The precision of the deterministic modules' tensors (all together): ``float16`` where the validation error
-    (``error``, of a compressed model) with them rounded to float16 (:func:`~pyro_bc.codec.half_deterministic`) is
-    not above the error with them at float32 (up to :data:`~pyro_bc.bits.TOLERANCE`, as the bits rule compares),
-    else ``float32``; both errors are recorded. None for a model without deterministic modules."""
+    (``error``, of a compressed model) with them rounded to float16
+    (:func:`~pyro_bc.bcz.codec.half_deterministic`) is not above the error with them at float32 (up to
+    :data:`~pyro_bc.compression.bits.TOLERANCE`, as the bits rule compares), else ``float32``; both errors are
+    recorded. None for a model without deterministic modules."""
     if not any(isinstance(item, DETERMINISTIC) for item in model.items):
         return None
     errors = {"float32": error(model), "float16": error(codec.half_deterministic(model))}
