@@ -24,7 +24,17 @@ from pyro_bc.bcz import code_storage, codec
 from pyro_bc.bcz import model as bcz_model
 from pyro_bc.bcz import v1 as bcz_v1
 from pyro_bc.bcz.binary import Reader, svarint, uvarint, uvarints
-from pyro_bc.bcz.codec import CompressedModel, Op, QuantizedLayer, load, read_bcz, to_module, write_bcz
+from pyro_bc.bcz.codec import (
+    CompressedModel,
+    FloatLayer,
+    NormLayer,
+    Op,
+    QuantizedLayer,
+    load,
+    read_bcz,
+    to_module,
+    write_bcz,
+)
 from pyro_bc.bcz.v2 import kept_metadata
 from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import FormatError
@@ -273,11 +283,31 @@ def test_the_newer_kinds_round_trip_and_compute_what_torch_does() -> None:
         torch.testing.assert_close(to_module(pooled)(images), y @ torch.from_numpy(pooled.items[3].weight()).t())
 
 
-@pytest.fixture(scope="module", params=["v2-chain", "v2-graph", "v2-newer-kinds", "v1"])
+def deterministic_kinds(seed: int = 0) -> CompressedModel:
+    """Deterministic nodes among quantized ones: float layers (weights at float32, and at float16 where exact), a
+    standalone BatchNorm as a depthwise 1x1 convolution, a layer_norm with and one without its affine tensors."""
+    rng = np.random.default_rng(seed)
+    halves = lambda *shape: rng.normal(size=shape).astype(np.float16).astype(np.float32)
+    items = [
+        QuantizedLayer("conv2d", "c", rng.integers(-9, 10, size=(3, 2, 3, 3)), 4, None, padding=1),   # 0: (3, 5, 5)
+        FloatLayer("conv2d", "bn", halves(3, 1, 1, 1), halves(3), groups=3),                          # 1
+        NormLayer("ln2d", (3, 5, 5), 1e-5, rng.normal(size=(3, 5, 5)), halves(3, 5, 5)),             # 2
+        Op("relu"),                                                                                   # 3
+        Op("flatten"),                                                                                # 4
+        FloatLayer("linear", "head", rng.normal(size=(6, 75)), rng.normal(size=6)),                   # 5: float32
+        NormLayer("ln", (6,), 0.25),                                                                  # 6: no affine
+        QuantizedLayer("linear", "fc", rng.integers(-50, 50, size=(4, 6)), 5, rng.normal(size=4).astype(np.float32)),
+    ]
+    return CompressedModel(items, (2, 5, 5), {"model": "toy"})
+
+
+@pytest.fixture(scope="module", params=["v2-chain", "v2-graph", "v2-newer-kinds", "v2-deterministic", "v1"])
 def good_bytes(request: pytest.FixtureRequest) -> bytes:
-    """Valid files: version 2 of a chain, of a graph and of the newer kinds, and version 1 of the chain."""
+    """Valid files: version 2 of a chain, of a graph, of the newer kinds and of deterministic nodes, and version 1
+    of the chain."""
     return {"v2-chain": lambda: codec.encode(lenet()), "v2-graph": lambda: codec.encode(residual()),
             "v2-newer-kinds": lambda: codec.encode(newer_kinds()),
+            "v2-deterministic": lambda: codec.encode(deterministic_kinds()),
             "v1": lambda: bcz_v1.encode(lenet())}[request.param]()
 
 
@@ -373,11 +403,19 @@ def frame_v2(header: bytes, payload: bytes, deflate: bool = False, size: int | N
 
 
 def linear_v2(shape: tuple[int, int] = (2, 3), storage: int = 0, length: int = 4, bias: int = 0,
-              bias_length: int = 0, kind: int = 0, back: int = 1, meta: bytes = b"") -> bytes:
+              bias_length: int = 0, kind: int = 0, back: int = 1, meta: bytes = b"", frac: int = 0) -> bytes:
     """The decoded header of one linear layer reading the input (3,)."""
     return (uvarint(1) + uvarint(3) + uvarint(len(meta)) + meta + uvarint(1) + bytes([kind]) + uvarint(back)
-            + uvarint(2) + b"fc" + uvarints(shape) + svarint(0) + bytes([storage]) + uvarint(length)
+            + uvarint(2) + b"fc" + uvarints(shape) + svarint(frac) + bytes([storage]) + uvarint(length)
             + bytes([bias]) + uvarint(bias_length))
+
+
+def norm_v2(shape: tuple[int, ...] = (3,), eps: float = 0.5, weight: tuple[int, int] = (2, 6),
+            bias: tuple[int, int] = (0, 0)) -> bytes:
+    """The decoded header of one layer_norm node reading the input (3,): weight and bias (storage, length)."""
+    return (uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([22]) + uvarint(1) + uvarint(2) + b"ln"
+            + uvarint(len(shape)) + uvarints(shape) + struct.pack("<d", eps) + bytes([weight[0]]) + uvarint(weight[1])
+            + bytes([bias[0]]) + uvarint(bias[1]))
 
 
 PACKED_BLOCK = bytes([4, 0x12, 0x34, 0x56])  # 4-bit codes 1 2 3 4 5 6
@@ -399,7 +437,10 @@ def test_crafted_v2_files(tmp_path: Path) -> None:
         (frame_v2(linear_v2(), bytes([0]) + PACKED_BLOCK[1:]), "packed code bits"),
         (frame_v2(linear_v2(back=2), PACKED_BLOCK), "input"),
         (frame_v2(linear_v2(kind=99), PACKED_BLOCK), "kind"),
-        (frame_v2(linear_v2(storage=3), PACKED_BLOCK), "weight storage"),
+        (frame_v2(linear_v2(storage=5), PACKED_BLOCK), "weight storage"),
+        (frame_v2(linear_v2(storage=3), PACKED_BLOCK), "float32 weights need frac_bits 0 and length 24"),
+        (frame_v2(linear_v2(storage=4, length=12, frac=1), b"\0" * 12), "float16 weights need frac_bits 0"),
+        (frame_v2(linear_v2(storage=4, length=12), b"\0" * 11), "payload bytes"),
         (frame_v2(linear_v2(bias=1, bias_length=4), PACKED_BLOCK + b"\0" * 4), "bias length"),
         (frame_v2(linear_v2(meta=b"[1]"), PACKED_BLOCK), "metadata"),
         (frame_v2(linear_v2(meta=b"{bad"), PACKED_BLOCK), "JSON"),
@@ -426,6 +467,20 @@ def test_crafted_v2_files(tmp_path: Path) -> None:
               (frame_v2(select + bytes([0]) + uvarint(2) + uvarints([2**16, 0]), b""), "select")]
     pool = uvarint(1) + uvarint(3) + uvarint(0) + uvarint(1) + bytes([bcz_model.WIRE_IDS["maxpool2d"]]) + uvarint(1)
     cases.append((frame_v2(pool + uvarints([2, 2, 2, 2, 2, 0]), b""), "padding"))
+    cases += [
+        (frame_v2(norm_v2(shape=()), b"\0" * 6), "layer_norm rank"),
+        (frame_v2(norm_v2(shape=(1,) * 9), b"\0" * 6), "layer_norm rank"),
+        (frame_v2(norm_v2(shape=(0,)), b"\0" * 6), "normalized_shape"),
+        (frame_v2(norm_v2(shape=(2**14, 2**14, 2)), b"\0" * 6), "weight length"),
+        (frame_v2(norm_v2(shape=(2**14, 2**14, 2), weight=(2, 2**30)), b"\0" * 6), "larger than this reader accepts"),
+        (frame_v2(norm_v2(eps=float("nan")), b"\0" * 6), "eps"),
+        (frame_v2(norm_v2(eps=-1.0), b"\0" * 6), "eps"),
+        (frame_v2(norm_v2(weight=(3, 6)), b"\0" * 6), "weight storage"),
+        (frame_v2(norm_v2(weight=(1, 6)), b"\0" * 6), "weight length 6 does not match float32"),
+        (frame_v2(norm_v2(weight=(0, 0), bias=(2, 6)), b"\0" * 6), "a bias but no weight"),
+        (frame_v2(norm_v2(), b"\0" * 5), "payload bytes"),
+        (frame_v2(norm_v2()[:-12], b""), "eps"),
+    ]
     for data, fragment in cases:
         expect_format_error(path, data, fragment)
 
@@ -491,6 +546,83 @@ def test_round_biases_hand_worked(rounding: str) -> None:
         codec.round_biases(model, "int8")
 
 
+def test_a_float_layer_and_a_layer_norm_by_hand(tmp_path: Path) -> None:
+    """The bytes of a float layer (weights exactly float16: storage 4) and a layer_norm, written out by hand from
+    docs/FORMAT.md; the module they load as computes the layer and the normalisation worked out here."""
+    layer = FloatLayer("linear", "d", [[1.5, -2.0], [0.5, 3.0]], [0.25, 1 / 3])  # 1/3: not a float16, float32 bias
+    norm = NormLayer("ln", (2,), 0.5, [2.0, -1.0])                             # a weight (float16), no bias
+    model = CompressedModel([layer, norm], (2,), {})
+    header = (uvarint(1) + uvarint(2) + uvarint(0) + uvarint(2)
+              + bytes([0]) + uvarint(1) + uvarint(1) + b"d" + uvarints([2, 2]) + svarint(0) + bytes([4]) + uvarint(8)
+              + bytes([1]) + uvarint(8)
+              + bytes([22]) + uvarint(1) + uvarint(2) + b"ln" + uvarint(1) + uvarint(2) + struct.pack("<d", 0.5)
+              + bytes([2]) + uvarint(4) + bytes([0]) + uvarint(0))
+    payload = (np.array([1.5, -2.0, 0.5, 3.0], "<f2").tobytes() + np.array([0.25, 1 / 3], "<f4").tobytes()
+               + np.array([2.0, -1.0], "<f2").tobytes())
+    assert codec.encode(model) == frame_v2(header, payload, deflate=True)  # the header deflates smaller
+    back = codec.decode(frame_v2(header, payload))
+    assert [type(i) for i in back.items] == [FloatLayer, NormLayer] and back.items[1].bias is None
+    assert back.items[0].weight.tolist() == [[1.5, -2.0], [0.5, 3.0]] and back.items[1].eps == 0.5
+    assert back.items[0].bias.tobytes() == np.array([0.25, 1 / 3], np.float32).tobytes()
+    x = np.array([[1.0, 2.0], [-1.0, 0.5]])
+    h = x @ np.array([[1.5, -2.0], [0.5, 3.0]]).T + np.array([0.25, np.float32(1 / 3)])  # [-2.25, 6.83], ...
+    normalised = (h - h.mean(1, keepdims=True)) / np.sqrt(h.var(1, keepdims=True) + 0.5) * [2.0, -1.0]
+    with torch.no_grad():
+        got = to_module(back)(torch.tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(got, normalised, rtol=1e-5)
+
+
+def payload_bytes(data: bytes) -> int:
+    """The layer blocks' bytes of a version-2 file: what follows the stored header, less the checksum."""
+    reader = Reader(data, 7)
+    reader.uvarint("header length")
+    reader.take(reader.uvarint("stored header length"), "header")
+    return len(data) - 4 - reader.pos
+
+
+def test_deterministic_nodes_round_trip_at_their_precision(tmp_path: Path) -> None:
+    """Float tensors come back bit for bit; each is stored at float16 exactly where its values are float16 values
+    (the file is then smaller by two bytes a value); the loaded module computes what the nodes compute."""
+    model = deterministic_kinds()
+    back = codec.decode(codec.encode(model))
+    for a, b in zip(model.items, back.items):
+        assert type(a) is type(b) and a.kind == b.kind and a.inputs == b.inputs
+        if isinstance(a, (FloatLayer, NormLayer)):
+            for x, y in ((a.weight, b.weight), (a.bias, b.bias)):
+                assert (x is None and y is None) or x.tobytes() == y.tobytes()
+    assert back.items[6].weight is None and back.items[6].eps == 0.25 and back.items[2].normalized_shape == (3, 5, 5)
+    halved = codec.half_deterministic(model)
+    floats = [t for i in model.items if isinstance(i, (FloatLayer, NormLayer)) for t in (i.weight, i.bias)
+              if t is not None and not codec.float16_exact(t)]
+    assert [t.size for t in floats] == [75, 6 * 75, 6]  # ln2d's weight, the head's weight and bias
+    assert payload_bytes(codec.encode(model)) - payload_bytes(codec.encode(halved)) == 2 * (75 + 6 * 75 + 6)
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    conv, bn, ln2d, head, fc = (model.items[i] for i in (0, 1, 2, 5, 7))
+    t = torch.from_numpy
+    h = nn.functional.conv2d(x, t(conv.weight()), padding=1) * t(bn.weight).reshape(1, 3, 1, 1) + \
+        t(bn.bias).reshape(1, 3, 1, 1)
+    mean, var = h.mean((1, 2, 3), keepdim=True), h.var((1, 2, 3), unbiased=False, keepdim=True)
+    h = torch.relu((h - mean) / torch.sqrt(var + 1e-5) * t(ln2d.weight) + t(ln2d.bias)).flatten(1)
+    h = h @ t(head.weight).T + t(head.bias)
+    h = (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, unbiased=False, keepdim=True) + 0.25)
+    with torch.no_grad():
+        torch.testing.assert_close(to_module(back)(x), h @ t(fc.weight()).T + t(fc.bias))
+
+
+def test_half_deterministic_hand_worked() -> None:
+    """Float tensors to the nearest float16 (0.1 -> 1638 * 2^-14, 1/3 -> 1365 * 2^-12), a tensor with a value beyond
+    float16's range (70000 > 65504) unchanged; quantized layers and their biases unchanged."""
+    fc = QuantizedLayer("linear", "fc", np.ones((1, 2), np.int64), 3, np.array([0.1], np.float32))
+    dense = FloatLayer("linear", "d", [[0.1, 1 / 3]], [70000.0])
+    norm = NormLayer("ln", (2,), 1e-5, [1 / 3, -2.5], [0.1, 0.0])
+    halved = codec.half_deterministic(CompressedModel([dense, norm, fc], (2,)))
+    d, n, q = halved.items
+    assert d.weight.tolist() == [[np.float32(1638 / 2**14), np.float32(1365 / 4096)]]
+    assert d.bias.tolist() == [70000.0] and not codec.float16_exact(d.bias)
+    assert n.weight.tolist() == [np.float32(1365 / 4096), -2.5] and n.bias.tolist() == [np.float32(1638 / 2**14), 0]
+    assert q is fc and q.bias.tolist() == [np.float32(0.1)]
+
+
 def test_write_unwritable_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -522,6 +654,12 @@ def test_write_rejects_bad_models(tmp_path: Path) -> None:
         QuantizedLayer("linear", "f", np.ones((2, 3), np.int64), 0, np.zeros(3, np.float32)),
         QuantizedLayer("conv2d", "c", np.ones((3, 1, 1, 1), np.int64), 0, groups=2),
         QuantizedLayer("linear", "f", np.ones((2, 3), np.int64), 99),
+        FloatLayer("linear", "f", np.ones((2, 3)), np.zeros(3)),
+        FloatLayer("conv2d", "f", np.ones((2, 3))),
+        NormLayer("n", (), 1e-5),
+        NormLayer("n", (3,), -1.0),
+        NormLayer("n", (3,), 1e-5, np.ones(2)),
+        NormLayer("n", (3,), 1e-5, None, np.ones(3)),
     ]
     for layer in bad:
         with pytest.raises(FormatError, match="cannot write"):
@@ -592,5 +730,5 @@ def test_wire_ids_are_fixed():
         "linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6, "avgpool2d": 7,
         "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13, "silu": 14,
         "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20,
-        "gather": 21}
+        "gather": 21, "layer_norm": 22}
     assert sorted(bcz_model.WIRE_IDS.values()) == list(range(len(bcz_model.WIRE_IDS)))  # no gaps (the reader's bound)

@@ -11,15 +11,19 @@ import masked_reference
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import models.lenet5
 import pyro_bc
 from pyro_bc.bcz import codec
-from pyro_bc.compression.pipeline import format_table
+from pyro_bc.compression.pipeline import choose_deterministic_precision, format_table
 from pyro_bc.compression.posterior import analyse
 from pyro_bc.compression.thresholds import GapRule, GivenThresholds, ThresholdInputs
 from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import CheckpointError, ConfigError, FormatError
+from pyro_bc.nn.layers import BayesConv2d
+from pyro_bc.nn.network import BayesianNet
+from pyro_bc.priors import make_prior
 from pyro_bc.runs.compressing import compress_run, evaluate_file
 from pyro_bc.runs.load import load_run
 
@@ -245,3 +249,108 @@ def test_evaluate_rejects_corrupt_files(given, tmp_path, how, match):
     with pytest.raises(FormatError, match=match) as info:
         evaluate_file(bad)
     assert str(bad) in str(info.value)
+
+
+# -- deterministic modules ---------------------------------------------------------------------------------------
+
+def _with_deterministic_modules(head_bias: list[float] | None = None) -> BayesianNet:
+    """Bayesian conv a -> ReLU -> BatchNorm (it follows no layer, so it stays) -> Bayesian conv b -> ReLU -> flatten
+    -> LayerNorm -> a plain linear head (deterministic); a's channel 1 and b's channel 2 dropped (log alpha about 5,
+    the rest about -30); BatchNorm and LayerNorm random. ``head_bias``: the head's weights zero, its bias this."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    prior = make_prior("gnj")
+    body = nn.Sequential(BayesConv2d(2, 4, 3, prior=prior), nn.ReLU(), nn.BatchNorm2d(4),
+                         BayesConv2d(4, 4, 3, prior=prior), nn.ReLU(), nn.Flatten(), nn.LayerNorm(16), nn.Linear(16, 3))
+    with torch.no_grad():
+        bn, norm, head = body[2], body[6], body[7]
+        for tensor, low, high in ((bn.running_mean, -1, 1), (bn.running_var, 0.5, 2), (bn.weight, 0.5, 1.5),
+                                  (bn.bias, -1, 1), (norm.weight, 0.5, 1.5), (norm.bias, -0.5, 0.5)):
+            tensor.uniform_(low, high, generator=g)
+        for layer, dropped in ((body[0], 1), (body[3], 2)):
+            layer.prior.z_mu.copy_(torch.rand(4, generator=g) * 0.2 + 0.9)
+            layer.prior.z_logvar.fill_(-30.0)
+            layer.prior.z_logvar[dropped] = 5.0
+            layer.bias_mu.uniform_(-0.5, 0.5, generator=g)
+        if head_bias is not None:
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor(head_bias))
+    return BayesianNet(body, input_shape=(2, 6, 6)).eval()
+
+
+def _error(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100 * (module(x).argmax(1) != y).float().mean().item()
+
+
+def test_deterministic_modules_are_stored_at_float16_where_that_keeps_the_validation_error(tmp_path):
+    net = _with_deterministic_modules()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 2, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    path = tmp_path / "m.bcz"
+    summary = pyro_bc.compress(net, path, val=(x, y), test=(x, y), thresholds=[-3.0, -3.0])
+    rows = [tuple(row.values()) for row in summary["deterministic_modules"]]
+    assert rows == [("2", "BatchNorm2d", "depthwise 1x1 conv2d (scale, shift per kept channel)", 8, 6, "float16"),
+                    ("6", "LayerNorm", "layer_norm", 32, 32, "float16"), ("7", "Linear", "linear", 51, 51, "float16")]
+    assert summary["original_bytes"] == 4 * (4 * 2 * 9 + 4 + 4 * 4 * 9 + 4 + 8 + 32 + 51)  # deterministic ones too
+    assert "deterministic: 2 (BatchNorm2d, 6 values at float16), 6 (LayerNorm, 32 values" in format_table(summary)
+    # the stored values: float16(float32 of the original), BatchNorm over a's kept channels 0, 2, 3
+    bn, norm, head = (net.body[i] for i in (2, 6, 7))
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.double() - bn.running_mean.double() * scale
+
+    def half(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().float().half().float()
+
+    loaded = pyro_bc.load(path)
+    stored_bn = next(m for m in loaded if isinstance(m, nn.Conv2d) and m.groups > 1)
+    assert torch.equal(stored_bn.weight.flatten(), half(scale)[[0, 2, 3]])
+    assert torch.equal(stored_bn.bias, half(shift)[[0, 2, 3]])
+    stored_norm, stored_head = next(m for m in loaded if isinstance(m, nn.LayerNorm)), loaded[-1]
+    for got, original in ((stored_norm.weight, norm.weight), (stored_norm.bias, norm.bias),
+                          (stored_head.weight, head.weight), (stored_head.bias, head.bias)):
+        assert torch.equal(got, half(original)) and not torch.equal(got, original.detach())
+    # the file computes the full-size pruned network up to rounding; the errors are the summary's, by own count
+    with torch.no_grad():
+        want = pyro_bc.pruned_network(net, summary)(x)
+        assert ((loaded(x) - want).norm() / want.norm()).item() < 0.01
+    choice = summary["deterministic_precision"]
+    assert choice["chosen"] == "float16" and choice["val_error_float16"] <= choice["val_error_float32"]
+    assert _error(loaded, x, y) == pytest.approx(summary["val_error_compressed"]) == choice["val_error_float16"]
+    with torch.no_grad():  # the same file with the deterministic tensors at float32
+        stored_bn.weight.copy_(scale.float()[[0, 2, 3]].reshape(-1, 1, 1, 1))
+        stored_bn.bias.copy_(shift.float()[[0, 2, 3]])
+        for got, original in ((stored_norm.weight, norm.weight), (stored_norm.bias, norm.bias),
+                              (stored_head.weight, head.weight), (stored_head.bias, head.bias)):
+            got.copy_(original)
+    assert _error(loaded, x, y) == pytest.approx(choice["val_error_float32"])
+
+
+def test_deterministic_modules_stay_float32_where_float16_costs_validation_error(tmp_path):
+    """The head's bias 1 + 2^-12 for class 1 is 1 at float16 (its step near 1 is 2^-10), a tie that class 0 wins:
+    every label is 1, so float16 would make the validation error 100% instead of 0%."""
+    net = _with_deterministic_modules(head_bias=[1.0, 1.0 + 2**-12, 0.0])
+    x, y = torch.randn(16, 2, 6, 6, generator=torch.Generator().manual_seed(2)), torch.ones(16, dtype=torch.long)
+    path = tmp_path / "m.bcz"
+    summary = pyro_bc.compress(net, path, val=(x, y), thresholds=[-3.0, -3.0])
+    assert summary["deterministic_precision"] == {"chosen": "float32", "val_error_float32": 0.0,
+                                                  "val_error_float16": 100.0}
+    assert [row["precision"] for row in summary["deterministic_modules"]] == ["float32"] * 3
+    loaded = pyro_bc.load(path)
+    assert torch.equal(loaded[-1].bias, net.body[7].bias.detach()) and summary["val_error_compressed"] == 0.0
+
+
+def test_the_deterministic_precision_rule_compares_within_the_bits_tolerance():
+    """float16 unless its error is above float32's by more than the bits rule's 1e-9 points; no deterministic
+    node: no choice, and no error evaluated."""
+    dense = codec.FloatLayer("linear", "d", [[0.1, 0.2]])
+    model = codec.CompressedModel([dense], (2,))
+
+    def rule(float32: float, float16: float) -> str:
+        return choose_deterministic_precision(model, lambda m: float16 if codec.float16_exact(m.items[0].weight)
+                                              else float32)["chosen"]
+
+    assert rule(5.0, 5.0) == rule(5.0, 5.0 + 1e-10) == rule(5.0, 4.0) == "float16"
+    assert rule(5.0, 5.0 + 1e-6) == "float32"
+    quantized = codec.CompressedModel([codec.QuantizedLayer("linear", "q", np.ones((1, 2), np.int64), 0)], (2,))
+    assert choose_deterministic_precision(quantized, lambda m: pytest.fail("evaluated")) is None

@@ -86,6 +86,20 @@ def test_a_graph_module_exports_alike(tmp_path, fmt):
     _assert_same_outputs(path, fmt, graph, seed=1)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_deterministic_nodes_export_alike(tmp_path, fmt):
+    """A file with float layers (a standalone BatchNorm's depthwise 1x1 convolution, a plain head) and a layer_norm."""
+    rng = np.random.default_rng(0)
+    items = [codec.QuantizedLayer("conv2d", "c", rng.integers(-9, 10, (2, 1, 5, 5)), 4, None, stride=4),  # (2, 6, 6)
+             codec.FloatLayer("conv2d", "bn", rng.normal(size=(2, 1, 1, 1)), rng.normal(size=2), groups=2),
+             codec.NormLayer("ln", (2, 6, 6), 1e-5, rng.normal(size=(2, 6, 6)), rng.normal(size=(2, 6, 6))),
+             codec.Op("relu"), codec.Op("flatten"), codec.FloatLayer("linear", "head", rng.normal(size=(3, 72)))]
+    source, path = tmp_path / "m.bcz", tmp_path / f"m.{fmt}"
+    codec.write_bcz(source, codec.CompressedModel(items, (1, 28, 28)))
+    assert main(["export", str(source), "--format", fmt, "--out", str(path)]) == 0
+    _assert_same_outputs(path, fmt, codec.load(source))
+
+
 class _Broken(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("no forward here\nsecond line")

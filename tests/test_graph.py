@@ -189,6 +189,55 @@ def test_a_depthwise_convolution_ties_its_inputs_to_its_outputs():
     assert [m.groups for m in module.modules() if isinstance(m, nn.Conv2d)] == [1, 3, 1]
 
 
+class Normalised(nn.Module):
+    """a -> LayerNorm over ``shape`` (the last dimensions of (4, 5, 5)) -> ReLU -> c; the norm's affine tensors
+    random."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.a, self.norm, self.c = BayesConv2d(2, 4, 1), nn.LayerNorm(shape), BayesConv2d(4, 3, 1)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.norm(self.a(x))))
+
+
+class PlainMiddle(nn.Module):
+    """a -> a plain (deterministic) 1x1 convolution -> ReLU -> c."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.plain, self.c = BayesConv2d(2, 4, 1), nn.Conv2d(4, 5, 1), BayesConv2d(5, 3, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.plain(self.a(x))))
+
+
+def test_a_layer_norm_across_channels_keeps_them_all_and_one_within_them_lets_them_go():
+    torch.manual_seed(0)
+    layers, module = _coupled(Normalised((4, 5, 5)), {"a": [0, 1]})  # normalises over channels too: all stay
+    assert layers["a"].keep_out.all() and not layers["a"].mask[:2].any() and layers["c"].keep_in.all()
+    norm = [m for m in module.modules() if isinstance(m, nn.LayerNorm)]
+    assert [m.normalized_shape for m in norm] == [(4, 5, 5)]
+    layers, module = _coupled(Normalised((5,)), {"a": [0, 1]})  # over the width only: channels 0 and 1 go
+    assert layers["a"].keep_out.tolist() == [False, False, True, True] and layers["c"].keep_in.tolist() == [
+        False, False, True, True]
+    assert _shapes(module) == [(2, 2, 1, 1), (3, 2, 1, 1)]
+
+
+def test_a_plain_layer_stays_deterministic_and_keeps_every_channel_it_reads_and_writes():
+    torch.manual_seed(0)
+    layers, module = _coupled(PlainMiddle(), {"a": [0, 1], "c": [2]})
+    assert layers["a"].keep_out.all() and not layers["a"].mask[:2].any()  # read by the plain layer: kept, zero
+    assert layers["c"].keep_in.all()  # written by the plain layer
+    assert _shapes(module) == [(4, 2, 1, 1), (5, 4, 1, 1), (3, 5, 1, 1)]
+    graph = BodyGraph(BayesianNet(PlainMiddle(), input_shape=(2, 5, 5)))
+    assert [(n.name, n.layer, type(n.module).__name__) for n in graph.nodes if n.layer is None] == [
+        ("plain", None, "Conv2d"), ("relu", None, "NoneType")]
+
+
 def test_a_channel_exactly_at_the_threshold_is_pruned_across_the_graph():
     """Kept iff log alpha < threshold: the concatenation's channel whose log alpha equals its layer's threshold goes
     (with the fc inputs that read it); one float32 step above the threshold, it stays."""

@@ -61,6 +61,21 @@ def test_report_of_compressed_run(lenet300_run):
     assert dt["posterior"].sizes["fc1_group"] == 784
 
 
+def test_the_compression_section_lists_deterministic_modules(lenet300_run):
+    """Where MODEL.json lists deterministic modules, a table of them after the rates, with the chosen precision."""
+    from pyro_bc.report.write import _compression_section
+
+    _, summary = lenet300_run
+    assert summary["deterministic_modules"] == [] and summary["deterministic_precision"] is None
+    assert not any("Deterministic" in line for line in _compression_section(summary, "MODEL.json"))
+    rows = [{"name": "norm", "module": "LayerNorm", "stored_as": "layer_norm", "parameters_original": 32,
+             "parameters": 32, "precision": "float16"}]
+    choice = {"chosen": "float16", "val_error_float32": 1.25, "val_error_float16": 1.0}
+    lines = _compression_section({**summary, "deterministic_modules": rows, "deterministic_precision": choice}, "x")
+    assert lines[-6].endswith("; at float16 (validation error 1.00% at float16, 1.25% at float32):")
+    assert lines[-2] == "| norm | LayerNorm | layer_norm | 32 / 32 | float16 |"
+
+
 def test_ghs_figures(tmp_path):
     from models import lenet300
 

@@ -21,7 +21,7 @@ from pyro_bc.bcz import codec
 from pyro_bc.bcz import v2 as bcz_v2
 from pyro_bc.bcz import v3 as bcz_v3
 from pyro_bc.bcz.bayesian import CompressedBayesianNet, SampledLayer, to_bayesian_module
-from pyro_bc.bcz.model import CompressedModel, LayerVariance, Op, QuantizedLayer, Variances
+from pyro_bc.bcz.model import CompressedModel, FloatLayer, LayerVariance, NormLayer, Op, QuantizedLayer, Variances
 from pyro_bc.compression.bits import BitsInputs, BitsRule
 from pyro_bc.compression.pipeline import compress
 from pyro_bc.compression.posterior import Precision
@@ -241,6 +241,22 @@ def test_version_3_round_trip(tmp_path):
     zero = torch.from_numpy(model.items[4].weight_codes == 0)
     assert torch.all(fc.weight_var[zero] == 0) and torch.all(fc.weight_var[~zero] > 0)  # pruned weights stay zero
     assert codec.recode(tmp_path / "m.bcz", tmp_path / "r.bcz") == size  # recode keeps the variances
+
+
+def test_deterministic_nodes_have_no_variance_entry_and_draw_nothing(tmp_path):
+    """A float layer and a layer_norm (deterministic) in a version-3 file: the variance section holds one entry per
+    quantized layer only, and the Bayesian module computes them as the deterministic network does."""
+    rng = np.random.default_rng(0)
+    fc = QuantizedLayer("linear", "fc", rng.integers(-9, 10, (3, 4)), 3, None)
+    model = CompressedModel([FloatLayer("linear", "head", rng.normal(size=(4, 4))), NormLayer("ln", (4,), 1e-5),
+                             Op("relu"), fc], (4,), {},
+                            Variances(1, [LayerVariance(np.full(12, -200), None, True)]))  # variances e^-100
+    back = codec.decode(codec.encode(model))
+    assert [type(i) for i in back.items] == [FloatLayer, NormLayer, Op, QuantizedLayer]
+    assert len(back.variances.layers) == 1 and back.variances.layers[0].weight_codes.tolist() == [-200] * 12
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(to_bayesian_module(back)(x), codec.to_module(back)(x))
 
 
 def test_version_3_writer_refuses_inconsistent_variances(tmp_path):

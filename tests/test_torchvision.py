@@ -96,12 +96,17 @@ def test_the_file_computes_the_pruned_network(compressed):
 
 
 def test_batchnorm_that_follows_no_layer_is_listed_as_deterministic(compressed):
-    family, _, summary, _, _ = compressed
+    family, net, summary, _, _ = compressed
     listed = {row["name"] for row in summary["deterministic_modules"]}
     if family == "densenet":  # pre-activation: every dense layer's first BatchNorm reads a concatenation
         assert "features.denseblock1.denselayer1.norm1" in listed and "features.norm0" not in listed
+        chosen = summary["deterministic_precision"]["chosen"]
+        for row in summary["deterministic_modules"]:  # a scale and a shift per kept channel, at the chosen precision
+            channels = net.body.get_submodule(row["name"]).num_features
+            assert row["module"] == "BatchNorm2d" and row["parameters_original"] == 2 * channels
+            assert row["parameters"] % 2 == 0 and 0 < row["parameters"] <= 2 * channels and row["precision"] == chosen
     else:
-        assert listed == set(), family
+        assert listed == set() and summary["deterministic_precision"] is None, family
 
 
 def test_the_file_is_smaller_than_the_float32_weights(compressed):

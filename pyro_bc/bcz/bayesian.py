@@ -86,7 +86,7 @@ class CompressedBayesianNet(nn.Module):
             if isinstance(item, QuantizedLayer):
                 modules.append(SampledLayer(item, *layer_variances(item, next(variances), model.variances.step)))
             else:
-                modules.append(codec._op_module(item))
+                modules.append(codec.node_module(item))  # an op, or a deterministic layer: as the file's
         self.net = nn.Sequential(*modules) if is_chain(model) else codec.Graph(modules, sources(model))
         self.eval()
 

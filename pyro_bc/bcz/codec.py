@@ -9,6 +9,7 @@ the path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
@@ -21,7 +22,18 @@ from pyro_bc.bcz import v1 as bcz_v1
 from pyro_bc.bcz import v2 as bcz_v2
 from pyro_bc.bcz import v3 as bcz_v3
 from pyro_bc.bcz.binary import BadData
-from pyro_bc.bcz.model import MAGIC, CompressedModel, Op, QuantizedLayer, is_chain, sources
+from pyro_bc.bcz.model import (
+    DETERMINISTIC,
+    MAGIC,
+    CompressedModel,
+    FloatLayer,
+    NormLayer,
+    Op,
+    QuantizedLayer,
+    float16_exact,
+    is_chain,
+    sources,
+)
 from pyro_bc.errors import FormatError
 from pyro_bc.nn.kinds import KIND
 from pyro_bc.nn.ops import ELEMENTWISE_KINDS, Mul, SpatialMean, elementwise_module
@@ -29,10 +41,14 @@ from pyro_bc.nn.ops import ELEMENTWISE_KINDS, Mul, SpatialMean, elementwise_modu
 __all__ = [
     "VERSION",
     "CompressedModel",
+    "FloatLayer",
+    "NormLayer",
     "Op",
     "QuantizedLayer",
     "decode",
     "encode",
+    "float16_exact",
+    "half_deterministic",
     "load",
     "read_bcz",
     "recode",
@@ -113,6 +129,24 @@ def round_biases(model: CompressedModel, rounding: str) -> CompressedModel:
     return CompressedModel(items, model.input_shape, model.metadata, model.variances)
 
 
+def _half(values: np.ndarray | None) -> np.ndarray | None:
+    """float32 values rounded to the nearest float16 values; unchanged where one would leave float16's range."""
+    if values is None:
+        return None
+    with np.errstate(over="ignore"):
+        half = np.asarray(values, dtype=np.float32).astype(np.float16).astype(np.float32)
+    return half if np.array_equal(np.isfinite(half), np.isfinite(values)) else values
+
+
+def half_deterministic(model: CompressedModel) -> CompressedModel:
+    """``model`` with the tensors of its deterministic nodes (:class:`FloatLayer`, :class:`NormLayer`) rounded to
+    the nearest float16 values, which the writer then stores at float16 (a tensor with a value beyond float16's
+    range stays as it is, at float32). Quantized layers are unchanged."""
+    items = [dataclasses.replace(item, weight=_half(item.weight), bias=_half(item.bias))
+             if isinstance(item, DETERMINISTIC) else item for item in model.items]
+    return CompressedModel(items, model.input_shape, model.metadata, model.variances)
+
+
 def recode(old: str | os.PathLike[str], new: str | os.PathLike[str], bias: str = "float32") -> int:
     """Rewrite the ``.bcz`` file ``old`` as ``new`` in the newest version with the same codes (biases rounded
     as :func:`round_biases` says; ``float32`` keeps them); atomic; returns the bytes written."""
@@ -179,6 +213,40 @@ def _layer_module(layer: QuantizedLayer) -> nn.Module:
     return module
 
 
+def _float_layer_module(layer: FloatLayer) -> nn.Module:
+    """The plain layer of a float layer's kind, with its weight and bias."""
+    kind = KIND[layer.kind]
+    module = kind.module(tuple(layer.weight.shape), layer.bias is not None, *kind.from_pairs(
+        layer.stride, layer.padding, layer.dilation), layer.groups)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(layer.weight))
+        if layer.bias is not None:
+            module.bias.copy_(torch.from_numpy(layer.bias))
+    return module
+
+
+def _norm_module(norm: NormLayer) -> nn.Module:
+    """``nn.LayerNorm`` with the node's shape, eps, weight and bias."""
+    module = nn.LayerNorm(norm.normalized_shape, norm.eps, elementwise_affine=norm.weight is not None,
+                          bias=norm.bias is not None)
+    with torch.no_grad():
+        for param, values in ((module.weight, norm.weight), (module.bias, norm.bias)):
+            if values is not None:
+                param.copy_(torch.from_numpy(values))
+    return module.eval()
+
+
+def node_module(item: QuantizedLayer | FloatLayer | NormLayer | Op) -> nn.Module:
+    """The torch module of one node of a compressed model."""
+    if isinstance(item, QuantizedLayer):
+        return _layer_module(item)
+    if isinstance(item, FloatLayer):
+        return _float_layer_module(item)
+    if isinstance(item, NormLayer):
+        return _norm_module(item)
+    return _op_module(item)
+
+
 def _op_module(op: Op) -> nn.Module:
     """The torch module of a parameter-free op."""
     simple = {"add": Add, "cat": Cat, "mul": Mul, "spatial_mean": SpatialMean}
@@ -200,7 +268,7 @@ def _op_module(op: Op) -> nn.Module:
 def to_module(model: CompressedModel) -> nn.Module:
     """A plain float32 module in eval mode computing the compressed network: an ``nn.Sequential`` for a chain,
     else a :class:`Graph`."""
-    modules = [_layer_module(i) if isinstance(i, QuantizedLayer) else _op_module(i) for i in model.items]
+    modules = [node_module(i) for i in model.items]
     if is_chain(model):
         return nn.Sequential(*modules).eval()
     return Graph(modules, sources(model)).eval()

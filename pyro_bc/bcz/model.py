@@ -18,14 +18,16 @@ MAGIC = b"BCZ1"  # every version starts with these four bytes, then its uint16 L
 WIRE_IDS = {"linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6,
             "avgpool2d": 7, "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13,
             "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20,
-            "gather": 21}
+            "gather": 21, "layer_norm": 22}
 WEIGHT_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4}  # a layer kind's weight: (out, in) or (out, in / groups, *k)
 LAYER_KINDS = tuple(WEIGHT_DIMS)
-OP_KINDS = tuple(kind for kind in WIRE_IDS if kind not in LAYER_KINDS)
+NORM_KINDS = ("layer_norm",)  # deterministic nodes with float tensors of their own shape
+OP_KINDS = tuple(kind for kind in WIRE_IDS if kind not in LAYER_KINDS + NORM_KINDS)
 POOL_KINDS = ("maxpool2d", "avgpool2d", "maxpool2d_ceil")  # kernel_size, stride, padding
 MULTI_INPUT = ("add", "cat", "mul")  # mul: the product of two inputs, the second broadcast (squeeze-excitation)
 FRAC_BITS_RANGE = (-64, 64)
 MAX_PARAM = 1 << 16  # cap on strides, kernel sizes, groups, ... and on each input_shape entry
+MAX_NORM_RANK = 8  # dimensions a layer_norm normalises over
 NETWORK_INPUT = -1  # the source index that names the network input
 
 Pair = tuple[int, int]
@@ -113,7 +115,81 @@ class Op:
         self.inputs = _inputs(self.inputs)
 
 
-Node = QuantizedLayer | Op
+def float16_exact(values: np.ndarray | None) -> bool:
+    """Whether float32 ``values`` are float16 values, each given back bit for bit by a float16 (the writer then
+    stores them at float16); True for None."""
+    if values is None:
+        return True
+    b32 = np.ascontiguousarray(values, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        back = b32.astype(np.float16).astype(np.float32)
+    return bool(np.array_equal(back.view(np.uint32), b32.view(np.uint32)))
+
+
+def _floats(values: Any) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=np.float32)
+
+
+@dataclass
+class FloatLayer:
+    """A deterministic layer that is not quantized: a plain linear or convolution of the network, or BatchNorm on
+    its own as the depthwise 1x1 convolution it is. ``weight`` and ``bias`` hold float32 values; the writer stores
+    each at float16 where that gives them back bit for bit (:func:`float16_exact`), else at float32.
+
+    ``inputs``: as :class:`QuantizedLayer`'s.
+    """
+
+    kind: str
+    name: str
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    stride: Pair = (1, 1)
+    padding: Pair = (0, 0)
+    dilation: Pair = (1, 1)
+    groups: int = 1
+    inputs: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.weight, self.bias = _floats(self.weight), _floats(self.bias)
+        self.stride = pair(self.stride)
+        self.padding = pair(self.padding)
+        self.dilation = pair(self.dilation)
+        self.groups = int(self.groups)
+        self.inputs = _inputs(self.inputs)
+
+    @property
+    def out_features(self) -> int:
+        """Number of output units / channels (first weight dimension)."""
+        return int(self.weight.shape[0])
+
+
+@dataclass
+class NormLayer:
+    """``nn.LayerNorm`` over the last ``len(normalized_shape)`` dimensions: deterministic, with its elementwise
+    ``weight`` and ``bias`` (float32 values of ``normalized_shape``, None where the module has none; stored as
+    :class:`FloatLayer`'s are).
+
+    ``inputs``: as :class:`QuantizedLayer`'s.
+    """
+
+    name: str
+    normalized_shape: tuple[int, ...]
+    eps: float
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    inputs: tuple[int, ...] | None = None
+
+    kind = "layer_norm"
+
+    def __post_init__(self) -> None:
+        self.normalized_shape = tuple(int(d) for d in self.normalized_shape)
+        self.eps = float(self.eps)
+        self.weight, self.bias = _floats(self.weight), _floats(self.bias)
+        self.inputs = _inputs(self.inputs)
+
+
+Node = QuantizedLayer | FloatLayer | NormLayer | Op
+DETERMINISTIC = (FloatLayer, NormLayer)  # the nodes whose tensors are floats, kept as the network had them
 
 
 @dataclass
@@ -222,6 +298,30 @@ def check_layer(layer: QuantizedLayer) -> np.ndarray:
     if layer.bias is not None and np.shape(layer.bias) != (codes.shape[0],):
         raise BadData(f"layer {layer.name!r}: bias shape {np.shape(layer.bias)} != ({codes.shape[0]},)")
     return codes.astype(np.int64)
+
+
+def check_float_layer(layer: FloatLayer) -> None:
+    """BadData unless the float layer can be stored."""
+    if layer.kind not in LAYER_KINDS:
+        raise BadData(f"layer {layer.name!r}: unknown kind {layer.kind!r}")
+    check_shape(layer.kind, tuple(layer.weight.shape), layer.groups)
+    if layer.bias is not None and layer.bias.shape != (layer.weight.shape[0],):
+        raise BadData(f"layer {layer.name!r}: bias shape {list(layer.bias.shape)} != [{layer.weight.shape[0]}]")
+
+
+def check_norm(norm: NormLayer) -> None:
+    """BadData unless the layer_norm node can be stored."""
+    shape = norm.normalized_shape
+    if not 1 <= len(shape) <= MAX_NORM_RANK or any(d < 1 for d in shape):
+        raise BadData(f"layer_norm {norm.name!r}: normalized_shape {list(shape)} must have 1 to {MAX_NORM_RANK} "
+                      "entries >= 1")
+    if not (np.isfinite(norm.eps) and norm.eps >= 0):
+        raise BadData(f"layer_norm {norm.name!r}: eps {norm.eps} must be finite and >= 0")
+    for what, values in (("weight", norm.weight), ("bias", norm.bias)):
+        if values is not None and values.shape != shape:
+            raise BadData(f"layer_norm {norm.name!r}: {what} shape {list(values.shape)} != {list(shape)}")
+    if norm.bias is not None and norm.weight is None:
+        raise BadData(f"layer_norm {norm.name!r}: a bias needs a weight (as nn.LayerNorm has)")
 
 
 def check_shape(kind: str, shape: tuple[int, ...], groups: int) -> None:

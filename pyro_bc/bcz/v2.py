@@ -1,7 +1,9 @@
 """Version 2 of the ``.bcz`` format (``docs/FORMAT.md``): a compact binary header (raw-deflated when that is
 smaller) describing a graph of nodes, then one block per layer holding its codes in the smallest of three
 storages (:mod:`pyro_bc.bcz.code_storage`) and its bias (float32, float16 or fixed-point codes, whichever is the
-smallest that keeps the bias exactly).
+smallest that keeps the bias exactly). A deterministic layer (:class:`~pyro_bc.bcz.model.FloatLayer`) stores its
+weights as floats instead of codes, and a ``layer_norm`` node its weight and bias, each at float16 where that keeps
+them exactly, else at float32.
 """
 
 from __future__ import annotations
@@ -20,17 +22,23 @@ from pyro_bc.bcz.model import (
     FRAC_BITS_RANGE,
     LAYER_KINDS,
     MAGIC,
+    MAX_NORM_RANK,
     MAX_PARAM,
     MULTI_INPUT,
     POOL_KINDS,
     WEIGHT_DIMS,
     WIRE_IDS,
     CompressedModel,
+    FloatLayer,
+    NormLayer,
     Op,
     QuantizedLayer,
+    check_float_layer,
     check_layer,
+    check_norm,
     check_op,
     check_shape,
+    float16_exact,
     sources,
 )
 
@@ -38,6 +46,10 @@ VERSION = 2
 KIND_OF_WIRE_ID = {wire_id: kind for kind, wire_id in WIRE_IDS.items()}
 BIAS_STORAGES = ("none", "float32", "float16", "fixed")
 NONE, FLOAT32, FLOAT16, FIXED = range(4)
+WEIGHT_STORAGES = (*STORAGES, "float32", "float16")  # the code storages, then a FloatLayer's weights as floats
+FLOAT32_WEIGHTS, FLOAT16_WEIGHTS = len(STORAGES), len(STORAGES) + 1
+FLOAT_BYTES = {FLOAT32: 4, FLOAT16: 2}  # a float tensor's storage id (the bias storages') -> bytes per value
+_EPS = struct.Struct("<d")  # a layer_norm's eps
 HEADER_CODECS = ("none", "deflate")  # deflate: raw deflate (RFC 1951), zlib.compressobj(9, wbits=-15)
 MAX_HEADER = 1 << 24  # decoded header bytes
 MAX_NODES = 1 << 16
@@ -98,6 +110,15 @@ def _bias_block(bias: np.ndarray | None, frac_bits: int) -> tuple[int, bytes]:
     return min(options, key=lambda option: len(option[1]))
 
 
+def _float_block(values: np.ndarray | None) -> tuple[int, bytes]:
+    """A float tensor at float16 where that keeps it bit for bit, else float32: (storage id, block)."""
+    if values is None:
+        return NONE, b""
+    if float16_exact(values):
+        return FLOAT16, np.ascontiguousarray(values, dtype=np.float32).astype("<f2").tobytes()
+    return FLOAT32, np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
 def _name(name: str) -> bytes:
     raw = name.encode()
     if len(raw) > MAX_NAME:
@@ -118,6 +139,36 @@ def _layer(layer: QuantizedLayer) -> tuple[bytes, bytes]:
     head += (svarint(layer.frac_bits) + bytes([storage]) + uvarint(len(weights)) + bytes([bias_storage])
              + uvarint(len(bias)))
     return head, weights + bias
+
+
+def _float_layer(layer: FloatLayer) -> tuple[bytes, bytes]:
+    """A float layer's header fields (frac_bits 0, a float weight storage) and its payload block."""
+    check_float_layer(layer)
+    shape = layer.weight.shape
+    if max(shape) > MAX_DIM:
+        raise BadData(f"layer {layer.name!r}: a dimension of {list(shape)} exceeds {MAX_DIM}")
+    head = _name(layer.name) + uvarints(shape)
+    if layer.kind != "linear":
+        head += uvarints([*layer.stride, *layer.padding, *layer.dilation, layer.groups])
+    storage, weights = _float_block(layer.weight)
+    bias_storage, bias = _bias_block(layer.bias, 0)
+    head += (svarint(0) + bytes([FLOAT16_WEIGHTS if storage == FLOAT16 else FLOAT32_WEIGHTS]) + uvarint(len(weights))
+             + bytes([bias_storage]) + uvarint(len(bias)))
+    return head, weights + bias
+
+
+def _norm(norm: NormLayer) -> tuple[bytes, bytes]:
+    """A layer_norm node's header fields and its payload block (weight, then bias)."""
+    check_norm(norm)
+    if max(norm.normalized_shape) > MAX_DIM:
+        raise BadData(f"layer_norm {norm.name!r}: a dimension of {list(norm.normalized_shape)} exceeds {MAX_DIM}")
+    head = [_name(norm.name), uvarint(len(norm.normalized_shape)), uvarints(norm.normalized_shape), _EPS.pack(norm.eps)]
+    blocks = []
+    for values in (norm.weight, norm.bias):
+        storage, block = _float_block(values)
+        head += [bytes([storage]), uvarint(len(block))]
+        blocks.append(block)
+    return b"".join(head), b"".join(blocks)
 
 
 def _select(index: list[int]) -> bytes:
@@ -159,14 +210,15 @@ def _header(model: CompressedModel) -> tuple[bytes, bytes]:
     head = [uvarint(len(shape)), uvarints(shape), uvarint(len(meta)), meta, uvarint(len(model.items))]
     blocks = []
     for index, (item, wanted) in enumerate(zip(model.items, sources(model))):
-        if not isinstance(item, (QuantizedLayer, Op)) or item.kind not in WIRE_IDS:
-            raise BadData(f"item {index} is not a QuantizedLayer or an Op of a known kind")
+        if not isinstance(item, (QuantizedLayer, FloatLayer, NormLayer, Op)) or item.kind not in WIRE_IDS:
+            raise BadData(f"item {index} is not a QuantizedLayer, FloatLayer, NormLayer or an Op of a known kind")
         head.append(bytes([WIRE_IDS[item.kind]]))
         if item.kind in MULTI_INPUT:
             head.append(uvarint(len(wanted)))
         head.append(uvarints([index - source for source in wanted]))
-        if isinstance(item, QuantizedLayer):
-            fields, block = _layer(item)
+        if isinstance(item, (QuantizedLayer, FloatLayer, NormLayer)):
+            fields, block = (_layer if isinstance(item, QuantizedLayer) else
+                             _float_layer if isinstance(item, FloatLayer) else _norm)(item)
             head.append(fields)
             blocks.append(block)
         else:
@@ -242,14 +294,46 @@ def _read_layer(r: Reader, kind: str, where: str) -> dict[str, Any]:
         spec["groups"] = r.uvarint(f"{where}groups", 1, MAX_PARAM)
         check_shape(kind, shape, spec["groups"])
     spec["frac_bits"] = r.svarint(f"{where}frac_bits", *FRAC_BITS_RANGE)
-    spec["storage"] = r.byte(f"{where}weight storage", len(STORAGES) - 1)
+    spec["storage"] = r.byte(f"{where}weight storage", len(WEIGHT_STORAGES) - 1)
     spec["weights_length"] = r.uvarint(f"{where}weights length", 1, MAX_BLOCK)
+    if spec["storage"] >= FLOAT32_WEIGHTS:  # weights as floats: a deterministic layer
+        expected = (4 if spec["storage"] == FLOAT32_WEIGHTS else 2) * math.prod(shape)
+        if spec["frac_bits"] != 0 or spec["weights_length"] != expected:
+            raise BadData(f"header: {where}{WEIGHT_STORAGES[spec['storage']]} weights need frac_bits 0 and length "
+                          f"{expected}, not {spec['frac_bits']} and {spec['weights_length']}")
     spec["bias_storage"] = r.byte(f"{where}bias storage", len(BIAS_STORAGES) - 1)
     spec["bias_length"] = r.uvarint(f"{where}bias length", 0, MAX_BLOCK)
     expected = {NONE: 0, FLOAT32: 4 * shape[0], FLOAT16: 2 * shape[0]}.get(spec["bias_storage"])
     if expected is not None and spec["bias_length"] != expected:
         raise BadData(f"header: {where}bias length {spec['bias_length']} does not match "
                       f"{BIAS_STORAGES[spec['bias_storage']]} for {shape[0]} outputs (expected {expected})")
+    return spec
+
+
+def _read_norm(r: Reader, where: str) -> dict[str, Any]:
+    """A layer_norm node's validated header fields (no arrays yet)."""
+    try:
+        name = bytes(r.take(r.uvarint(f"{where}name length", 0, MAX_NAME), f"{where}name")).decode()
+    except UnicodeDecodeError:
+        raise BadData(f"header: {where}name is not UTF-8") from None
+    rank = r.uvarint(f"{where}layer_norm rank", 1, MAX_NORM_RANK)
+    shape = tuple(r.uvarint(f"{where}normalized_shape", 1, MAX_DIM) for _ in range(rank))
+    (eps,) = _EPS.unpack(r.take(_EPS.size, f"{where}eps"))
+    if not (math.isfinite(eps) and eps >= 0):
+        raise BadData(f"header: {where}layer_norm eps {eps} must be finite and >= 0")
+    spec: dict[str, Any] = {"kind": "layer_norm", "name": name, "shape": shape, "eps": eps}
+    for part in ("weight", "bias"):
+        storage = r.byte(f"{where}{part} storage", FLOAT16)
+        length = r.uvarint(f"{where}{part} length", 0, MAX_BLOCK)
+        expected = FLOAT_BYTES.get(storage, 0) * math.prod(shape)
+        if length != expected:
+            raise BadData(f"header: {where}{part} length {length} does not match {BIAS_STORAGES[storage]} for "
+                          f"normalized_shape {list(shape)} (expected {expected})")
+        spec[f"{part}_storage"] = storage
+    if spec["bias_storage"] != NONE and spec["weight_storage"] == NONE:
+        raise BadData(f"header: {where}layer_norm has a bias but no weight")
+    spec["weights_length"] = FLOAT_BYTES.get(spec["weight_storage"], 0) * math.prod(shape)
+    spec["bias_length"] = FLOAT_BYTES.get(spec["bias_storage"], 0) * math.prod(shape)
     return spec
 
 
@@ -269,8 +353,8 @@ def _parse_header(r: Reader) -> tuple[tuple[int, ...], dict[str, Any], list[Any]
         kind = KIND_OF_WIRE_ID[r.byte(f"{where}kind", len(KIND_OF_WIRE_ID) - 1)]  # ids are 0, 1, ... (no gaps)
         arity = r.uvarint(f"{where}input count", 2, MAX_PARAM) if kind in MULTI_INPUT else 1
         inputs.append(tuple(index - r.uvarint(f"{where}input", 1, index + 1) for _ in range(arity)))
-        if kind in LAYER_KINDS:
-            spec = _read_layer(r, kind, where)
+        if kind in LAYER_KINDS or kind == "layer_norm":
+            spec = _read_layer(r, kind, where) if kind in LAYER_KINDS else _read_norm(r, where)
             codes += math.prod(spec["shape"])
             if codes > MAX_CODES:
                 raise BadData(f"header: the layers hold more than {MAX_CODES} codes, larger than this reader accepts")
@@ -281,13 +365,33 @@ def _parse_header(r: Reader) -> tuple[tuple[int, ...], dict[str, Any], list[Any]
     return input_shape, metadata, specs, inputs
 
 
-def _build_layer(spec: dict[str, Any], payload: Reader) -> QuantizedLayer:
+def _floats(data: memoryview, storage: int, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 values of a float block (float32 or float16 little-endian)."""
+    return np.frombuffer(data, dtype="<f4" if storage == FLOAT32 else "<f2").astype(np.float32).reshape(shape)
+
+
+def _build_norm(spec: dict[str, Any], payload: Reader) -> NormLayer:
+    """The layer_norm node of a validated spec, its block read from ``payload``."""
+    where = f"layer_norm {spec['name']!r} "
+    weight, bias = (None if spec[f"{part}_storage"] == NONE else
+                    _floats(payload.take(spec[f"{key}_length"], f"{where}{part}"), spec[f"{part}_storage"], spec["shape"])
+                    for part, key in (("weight", "weights"), ("bias", "bias")))
+    return NormLayer(spec["name"], spec["shape"], spec["eps"], weight, bias)
+
+
+def _build_layer(spec: dict[str, Any], payload: Reader) -> QuantizedLayer | FloatLayer | NormLayer:
     """The layer of a validated spec, its block read from ``payload``."""
+    if spec["kind"] == "layer_norm":
+        return _build_norm(spec, payload)
     shape = spec["shape"]
     where = f"layer {spec['name']!r} "
-    block = Reader(payload.data, payload.pos, payload.pos + spec["weights_length"], f"{where}weights")
-    codes = decode_codes(spec["storage"], block, math.prod(shape)).reshape(shape)
-    payload.pos = block.end
+    if spec["storage"] >= FLOAT32_WEIGHTS:
+        weight = _floats(payload.take(spec["weights_length"], f"{where}weights"),
+                         FLOAT32 if spec["storage"] == FLOAT32_WEIGHTS else FLOAT16, shape)
+    else:
+        block = Reader(payload.data, payload.pos, payload.pos + spec["weights_length"], f"{where}weights")
+        codes = decode_codes(spec["storage"], block, math.prod(shape)).reshape(shape)
+        payload.pos = block.end
     bias_bytes = payload.take(spec["bias_length"], f"{where}bias")
     bias = None
     if spec["bias_storage"] == FLOAT32:
@@ -299,6 +403,8 @@ def _build_layer(spec: dict[str, Any], payload: Reader) -> QuantizedLayer:
         storage = r.byte("bias code storage", len(STORAGES) - 1)
         bias = _fixed_bias(decode_codes(storage, r, shape[0]), spec["frac_bits"])
     conv = {k: spec[k] for k in ("stride", "padding", "dilation", "groups") if k in spec}
+    if spec["storage"] >= FLOAT32_WEIGHTS:
+        return FloatLayer(spec["kind"], spec["name"], weight, bias, **conv)
     return QuantizedLayer(spec["kind"], spec["name"], codes, spec["frac_bits"], bias, **conv)
 
 

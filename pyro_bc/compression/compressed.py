@@ -3,26 +3,23 @@ that the codec writes as a ``.bcz`` file, and the torch module it computes.
 
 :mod:`pyro_bc.compression.graph` decides what is kept and :mod:`pyro_bc.compression.posterior` at which precision; this module lays the
 kept weights out as the smaller layers, one item per node of the body's graph (with ``select`` ops where a layer
-reads only some of its inputs, and BatchNorm that follows no layer as a depthwise 1x1 convolution). A flat
+reads only some of its inputs). Deterministic modules become float nodes at float32: BatchNorm that follows no layer
+as a depthwise 1x1 convolution, a plain layer as itself, ``nn.LayerNorm`` as a ``layer_norm`` node. A flat
 sequence's items each read the one before, so the file loads as an ``nn.Sequential``.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from pyro_bc.bcz import codec
-from pyro_bc.bcz.codec import CompressedModel, Op, QuantizedLayer
-from pyro_bc.bcz.model import FRAC_BITS_RANGE
-from pyro_bc.compression.graph import NETWORK_INPUT, BodyGraph
+from pyro_bc.bcz.codec import CompressedModel, FloatLayer, NormLayer, Op, QuantizedLayer
+from pyro_bc.compression.graph import NETWORK_INPUT, BodyGraph, Node
 from pyro_bc.compression.posterior import Precision, PrunedLayer, quantize
-from pyro_bc.nn.kinds import KIND
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn.kinds import KIND, kind_of
 from pyro_bc.nn.network import BayesianNet
-
-AFFINE_BITS = 15  # fractional bits of a standalone BatchNorm's scale below its largest power of two
 
 
 def _select(available: torch.Tensor, keep_in: torch.Tensor, inputs: tuple[int, ...] | None = None) -> Op | None:
@@ -48,14 +45,33 @@ def _layer(i: int, layer: PrunedLayer, precision: Precision | None, inputs: tupl
 
 
 def _affine(name: str, affine: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
-            inputs: tuple[int, ...]) -> QuantizedLayer:
-    """BatchNorm on its own over the kept channels, as the depthwise 1x1 convolution it is: weight ``scale`` (on a
-    grid of 15 significant bits), bias ``shift``."""
-    scale, shift = (t[keep] for t in affine)
-    frac = min(FRAC_BITS_RANGE[1], AFFINE_BITS - math.ceil(math.log2(max(float(scale.abs().max()), 2.0**-60))))
-    codes = quantize(scale, frac).reshape(-1, 1, 1, 1)
-    return QuantizedLayer("conv2d", name, codes.numpy(), frac, shift.float().numpy(), groups=len(codes),
-                          inputs=inputs)
+            inputs: tuple[int, ...]) -> FloatLayer:
+    """BatchNorm on its own over the kept channels, as the depthwise 1x1 convolution it is: weight ``scale``, bias
+    ``shift`` (float32)."""
+    scale, shift = (t[keep].float().numpy() for t in affine)
+    return FloatLayer("conv2d", name, scale.reshape(-1, 1, 1, 1), shift, groups=len(scale), inputs=inputs)
+
+
+@torch.no_grad()
+def _deterministic(node: Node, inputs: tuple[int, ...]) -> FloatLayer | NormLayer:
+    """A deterministic module of the network, whole, at float32: a plain layer, or LayerNorm."""
+    module = node.module
+
+    def values(tensor: torch.Tensor | None):
+        return None if tensor is None else tensor.detach().float().cpu().numpy()
+
+    kind = kind_of(module)
+    if kind is None:
+        return NormLayer(node.name, module.normalized_shape, module.eps, values(module.weight), values(module.bias),
+                         inputs)
+    conv = {}
+    if kind.is_conv:
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ConfigError(f"cannot compress {node.name}: a convolution with padding {module.padding!r} "
+                              f"({module.padding_mode}) has no .bcz node; give it numeric zero padding")
+        stride, padding, dilation = kind.to_pairs(module.stride, module.padding, module.dilation)
+        conv = {"stride": stride, "padding": padding, "dilation": dilation, "groups": module.groups}
+    return FloatLayer(kind.name, node.name, values(module.weight), values(module.bias), inputs=inputs, **conv)
 
 
 def _items(graph: BodyGraph, layers: list[PrunedLayer], precision: Precision | None) -> list:
@@ -81,6 +97,8 @@ def _items(graph: BodyGraph, layers: list[PrunedLayer], precision: Precision | N
             items.append(Op("gather", {"index": rank[reads].tolist()}, sources))
         elif node.affine is not None:
             items.append(_affine(node.name, node.affine, kept[index], sources))
+        elif node.module is not None:
+            items.append(_deterministic(node, sources))
         else:
             items.append(Op(node.op.kind, node.op.params, sources))
         item_of[index] = len(items) - 1

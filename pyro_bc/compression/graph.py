@@ -10,6 +10,9 @@ share a variable:
 * activations (:mod:`pyro_bc.nn.ops`), pooling and BatchNorm keep their input's variables (BatchNorm that follows no
   layer alone stays as a per-channel scale and shift node); a flatten repeats each channel's variable over its
   positions; a concatenation joins its inputs' lists (so their indices are offset);
+* deterministic modules stay as they are and keep every channel they mix: a plain linear layer or convolution the
+  network did not make Bayesian keeps every variable it reads and writes; ``nn.LayerNorm`` keeps its input's
+  variables, all of them where it normalises across dim 1;
 * a residual sum, and a product with a per-channel scale (squeeze-excitation), unite their inputs' variables
   position by position, so a sum keeps the union of the channels its inputs keep (a producer that pruned a
   channel others keep outputs it with zero weights);
@@ -94,13 +97,17 @@ class Node:
     depthwise: bool = False  # a depthwise convolution: its outputs are its inputs' variables
     grouped: bool = False  # a grouped convolution other than depthwise: it keeps all its channels
     affine: tuple[torch.Tensor, torch.Tensor] | None = None  # BatchNorm on its own: (scale, shift) per channel
+    module: nn.Module | None = None  # a deterministic module kept as it is: a plain layer, a LayerNorm
+    keeps_all: bool = False  # every variable it reads and writes stays (it mixes channels)
 
 
 class _Tracer(fx.Tracer):
-    """Stops at linear, convolution and BatchNorm modules (subclasses included)."""
+    """Stops at linear, convolution and BatchNorm modules (subclasses included) and at LayerNorm modules (subclasses
+    that keep its forward)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return kind_of(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm) or \
+            isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward or \
             super().is_leaf_module(m, module_qualified_name)
 
 
@@ -285,6 +292,8 @@ class BodyGraph:
                 return self._add_layer(fx_node, module, sources[0])
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 return self._fold_target(fx_node, module, sources[0])
+            if kind_of(module) is not None or isinstance(module, nn.LayerNorm):
+                return self._add_deterministic(fx_node, module, sources[0])
             if isinstance(module, _PASS_THROUGH):
                 return sources[0]
             op = module_op(module)
@@ -393,6 +402,18 @@ class BodyGraph:
         return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise,
                                  grouped=grouped))
 
+    def _add_deterministic(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
+        """A module the network keeps deterministic: a plain layer (new output variables; it keeps every channel it
+        reads and writes) or a LayerNorm (its input's variables; all kept where it normalises across dim 1)."""
+        inputs, rank = self.variables(source), len(_shape(fx_node))
+        if isinstance(module, nn.LayerNorm):
+            across = len(module.normalized_shape) >= rank - 1  # the normalised dimensions include dim 1
+            return self._append(Node(str(fx_node.target), (source,), inputs, module=module, keeps_all=across))
+        if not kind_of(module).is_conv and rank != 2:
+            raise ConfigError(f"{fx_node.target}: a linear layer must read (batch, features) inputs")
+        outputs = self._variables.new(_shape(fx_node)[1])
+        return self._append(Node(str(fx_node.target), (source,), outputs, module=module, keeps_all=True))
+
     def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
         """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node.
         Elsewhere (after a concatenation, pre-activation) it stays, as a per-channel scale and shift node."""
@@ -455,6 +476,11 @@ class BodyGraph:
             if self.layer_nodes[i].grouped:
                 for variables in self.layer_variables(i):
                     fixed[variables] = True
+        for node in self.nodes:  # so does a deterministic module that mixes channels
+            if node.keeps_all:
+                fixed[node.variables] = True
+                for source in node.inputs:
+                    fixed[self.variables(source)] = True
         alive = torch.ones_like(fixed)
         while True:
             masks = [self._restrict(i, post, m, alive) for i, (post, m) in enumerate(zip(posts, own))]
@@ -495,6 +521,8 @@ class BodyGraph:
             inputs = [every if s == NETWORK_INPUT else kept[s] for s in node.inputs]
             if node.layer is not None:
                 kept.append(layers[node.layer].keep_out)
+            elif node.module is not None and kind_of(node.module) is not None:  # a plain layer: all its outputs
+                kept.append(torch.ones(len(node.variables), dtype=torch.bool))
             elif node.op is not None and node.op.kind == "cat":
                 kept.append(torch.cat(inputs))
             elif node.op is not None and node.op.kind == "gather":

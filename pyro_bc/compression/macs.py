@@ -44,11 +44,12 @@ def count_macs(network: nn.Module, input_shape: Sequence[int], layers: Sequence[
 
 
 def add_macs(summary: dict, original: nn.Module, compressed: nn.Module, input_shape: Sequence[int],
-             compressed_layers: Sequence[nn.Module] | None = None) -> dict:
+             compressed_layers: Sequence[nn.Module] | None = None,
+             original_layers: Sequence[nn.Module] | None = None) -> dict:
     """Put ``macs_original`` and ``macs_compressed`` into each entry of ``summary["layers"]`` and their totals
-    at the top level (in place); returns ``summary``. The networks' layers (``compressed_layers``: those of the
-    compressed network that are Bayesian layers, where it has others) match the entries in order."""
-    columns = {"macs_original": count_macs(original, input_shape),
+    at the top level (in place); returns ``summary``. The networks' layers (``compressed_layers``,
+    ``original_layers``: those that are Bayesian layers, where a network has others) match the entries in order."""
+    columns = {"macs_original": count_macs(original, input_shape, original_layers),
                "macs_compressed": count_macs(compressed, input_shape, compressed_layers)}
     for key, counts in columns.items():
         if len(counts) != len(summary["layers"]):

@@ -8,13 +8,15 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bcz import codec
-from pyro_bc.compression.bits import BitsInputs, BitsRule, bits_rule_from_options
+from pyro_bc.bcz.model import DETERMINISTIC, CompressedModel, FloatLayer, float16_exact
+from pyro_bc.compression.bits import TOLERANCE, BitsInputs, BitsRule, bits_rule_from_options
 from pyro_bc.compression.compressed import compressed_model
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.compression.macs import add_macs
@@ -119,23 +121,27 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         raise ConfigError(f"the thresholds {thresholds} leave {', '.join(empty)} no weight (a .bcz cannot store an "
                           "empty layer): raise their thresholds")
 
-    def file_model(precision: Precision, metadata: dict | None = None) -> codec.CompressedModel:
-        return codec.round_biases(compressed_model(net, layers, precision, metadata, graph), "float16")  # RESULTS.md
+    def file_model(precision: Precision, metadata: dict | None = None, half: bool = False) -> codec.CompressedModel:
+        model = codec.round_biases(compressed_model(net, layers, precision, metadata, graph), "float16")  # RESULTS.md
+        return codec.half_deterministic(model) if half else model
 
     variance = choose_precision(layers)
     precision = bits_rule.precision(BitsInputs(layers, variance, lambda p: error_percent(
         codec.to_module(file_model(p)), val_x, val_y)))
+    deterministic_precision = choose_deterministic_precision(
+        file_model(precision), lambda m: error_percent(codec.to_module(m), val_x, val_y))
     rates = compression_rates(layers, precision)
     rest = {k: v for k, v in info.items() if k not in ("model", "prior")}
     metadata = {"model": info["model"], "prior": info["prior"], "thresholds": thresholds, "threshold_method": method,
                 **rest}
-    model = file_model(precision, metadata)
+    model = file_model(precision, metadata, half=(deterministic_precision or {}).get("chosen") == "float16")
     if keep_variance:  # a version-3 file: the compressed Bayesian network
         model.variances = compressed_variances(net, layers, model)
     file_bytes = codec.write_bcz(out, model)
     loaded = codec.load(out)
-    original_bytes = 4 * sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
-                             if p is not None)
+    deterministic = deterministic_modules(model, graph)
+    original_bytes = 4 * (sum(p.numel() for layer in net.layers for p in (layer.weight_mu, layer.bias_mu)
+                              if p is not None) + sum(row["parameters_original"] for row in deterministic))
     pruned_only = masked_network(net, layers, graph)  # what pruned_network(net, summary) rebuilds
     mean_network = net.posterior_mean_network()
 
@@ -168,13 +174,13 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "threshold_rule": rule.record(),
         "bits_rule": bits_rule.record(),
         "fold_pruned_inputs": fold,
-        # BatchNorm that follows no layer alone: deterministic, stored as a depthwise 1x1 convolution
-        "deterministic_modules": [{"name": node.name, "stored_as": "per-channel scale (15 significant bits) and "
-                                   "shift (float16)"} for node in graph.nodes if node.affine is not None],
+        "deterministic_modules": deterministic,
+        "deterministic_precision": deterministic_precision,
         "model": info["model"],
         "prior": info["prior"],
     }
-    add_macs(summary, mean_network, loaded, net.input_shape, _layer_modules(loaded, model, net))
+    add_macs(summary, mean_network, loaded, net.input_shape, _layer_modules(loaded, model, net),
+             [mean_network.get_submodule(name) for name in net.layer_names])
     if keep_variance:
         summary["file_bytes_without_variance"] = len(codec.encode(dataclasses.replace(model, variances=None)))
         summary["cr_file_without_variance"] = original_bytes / summary["file_bytes_without_variance"]
@@ -183,6 +189,38 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         summary["predictive"] = predictive_summary(net, loaded, test, bayesian, samples=predictive_samples)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
+
+
+def choose_deterministic_precision(model: CompressedModel, error: Callable[[CompressedModel], float]) -> dict | None:
+    """The precision of the deterministic modules' tensors (all together): ``float16`` where the validation error
+    (``error``, of a compressed model) with them rounded to float16
+    (:func:`~pyro_bc.bcz.codec.half_deterministic`) is not above the error with them at float32 (up to
+    :data:`~pyro_bc.compression.bits.TOLERANCE`, as the bits rule compares), else ``float32``; both errors are
+    recorded. None for a model without deterministic modules."""
+    if not any(isinstance(item, DETERMINISTIC) for item in model.items):
+        return None
+    errors = {"float32": error(model), "float16": error(codec.half_deterministic(model))}
+    chosen = "float16" if errors["float16"] <= errors["float32"] + TOLERANCE else "float32"
+    return {"chosen": chosen, "val_error_float32": errors["float32"], "val_error_float16": errors["float16"]}
+
+
+def deterministic_modules(model: CompressedModel, graph: BodyGraph) -> list[dict]:
+    """``MODEL.json``'s row for each deterministic node of ``model`` (the network's modules that are not Bayesian,
+    :attr:`BodyGraph.modules` by name): its module's class, how it is stored, its parameters in the network and the
+    values the file stores, and their precision (``float16`` where every one is a float16 value)."""
+    rows = []
+    for item in (i for i in model.items if isinstance(i, DETERMINISTIC)):
+        module = graph.modules[item.name]
+        batchnorm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        tensors = [t for t in (item.weight, item.bias) if t is not None]
+        rows.append({
+            "name": item.name, "module": type(module).__name__,
+            "stored_as": "depthwise 1x1 conv2d (scale, shift per kept channel)" if batchnorm else
+            item.kind if isinstance(item, FloatLayer) else "layer_norm",
+            "parameters_original": sum(p.numel() for p in module.parameters()),
+            "parameters": sum(t.size for t in tensors),
+            "precision": None if not tensors else "float16" if all(float16_exact(t) for t in tensors) else "float32"})
+    return rows
 
 
 def _layer_modules(loaded: torch.nn.Module, model: codec.CompressedModel, net: BayesianNet) -> list[torch.nn.Module]:
@@ -217,6 +255,9 @@ def format_table(summary: dict) -> str:
         rows.append(f"mantissa bits by the {bits_rule['name']} rule {bits_rule.get('settings', {})}: "
                     f"{'-'.join(str(la['mantissa_bits']) for la in summary['layers'])} (variance rule: "
                     f"{'-'.join(str(la['mantissa_bits_variance_rule']) for la in summary['layers'])})")
+    if summary.get("deterministic_modules"):
+        rows.append("deterministic: " + ", ".join(f"{row['name']} ({row['module']}, {row['parameters']} values at "
+                                                  f"{row['precision']})" for row in summary["deterministic_modules"]))
     rows.append(f"MACs per example: {summary['macs_compressed']:,} of {summary['macs_original']:,} "
                 f"({summary['macs_original'] / summary['macs_compressed']:.1f}x fewer)")
     rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "

@@ -115,6 +115,21 @@ def _compression_section(summary: dict, source: str) -> list[str]:
               f"| validation error, compressed | {summary['val_error_compressed']:.2f}% |"]
     if summary.get("threshold_method"):
         lines.append(f"| thresholds | {summary['threshold_method']} |")
+    return lines + [""] + _deterministic_section(summary)
+
+
+def _deterministic_section(summary: dict) -> list[str]:
+    """The modules the file keeps deterministic (MODEL.json's ``deterministic_modules``), with the precision chosen
+    for them and the validation errors it was chosen on; nothing where there are none."""
+    rows, choice = summary.get("deterministic_modules"), summary.get("deterministic_precision")
+    if not rows:
+        return []
+    lines = ["Deterministic modules (not Bayesian: stored as the network has them, not pruned by log alpha)"
+             + (f"; at {choice['chosen']} (validation error {choice['val_error_float16']:.2f}% at float16, "
+                f"{choice['val_error_float32']:.2f}% at float32):" if choice else ":"), "",
+             "| module | class | stored as | parameters (network / file) | precision |", "|---|---|---|---:|---|"]
+    lines += [f"| {r['name']} | {r['module']} | {r['stored_as']} | {r['parameters_original']} / {r['parameters']} "
+              f"| {r['precision']} |" for r in rows]
     return lines + [""]
 
 
