@@ -10,6 +10,7 @@ import pyro_bc
 from pyro_bc.errors import ConfigError
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.priors import known_options
 
 
 class Residual(nn.Module):
@@ -46,7 +47,7 @@ def _dense() -> Residual:
 @pytest.mark.parametrize("prior", ["gnj", "ghs", "lu", "rhs"])
 def test_posterior_mean_outputs_equal_the_dense_network(prior):
     dense = _dense()
-    net = pyro_bc.bayesianize(dense, prior, tau0=1e-3)
+    net = pyro_bc.bayesianize(dense, prior, **known_options(prior, {"tau0": 1e-3}))
     x = torch.randn(5, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(net.posterior_mean_network()(x), dense(x), rtol=1e-5, atol=1e-5)

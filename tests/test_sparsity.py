@@ -11,7 +11,7 @@ from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.nn.layers import BayesLinear
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.priors import make_prior
+from pyro_bc.priors import known_options, make_prior
 
 N, D = 1000, 20
 RELEVANT = [0, 1, 2]
@@ -26,7 +26,7 @@ def _data():
 
 
 def _net(prior, tau0=1e-5):
-    layer = BayesLinear(D, 1, make_prior(prior, tau0=tau0))
+    layer = BayesLinear(D, 1, make_prior(prior, **known_options(prior, {"tau0": tau0})))
     return layer, BayesianNet(nn.Sequential(layer), input_shape=(D,), likelihood="normal", noise_scale=0.1)
 
 

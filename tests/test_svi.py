@@ -10,6 +10,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from models import build_network
 from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.priors import known_options
 from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 
 N_DATA = 1000
@@ -22,9 +23,9 @@ def _batch():
 
 def _twins(model: str, prior: str):
     pyro.set_rng_seed(0)
-    a = build_network(model, prior, tau0=1e-2)
+    a = build_network(model, prior, **known_options(prior, {"tau0": 1e-2}))
     pyro.set_rng_seed(0)
-    b = build_network(model, prior, tau0=1e-2)
+    b = build_network(model, prior, **known_options(prior, {"tau0": 1e-2}))
     return a, b
 
 

@@ -26,13 +26,6 @@ from pyro_bc.infer.distributions import summed_kl
 class MeanFieldELBO(TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` with lazy log densities; one particle, no enumeration."""
 
-    def _get_trace(self, model, guide, args, kwargs):
-        if is_validation_enabled():
-            return super()._get_trace(model, guide, args, kwargs)
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
-
     def loss(self, model, guide, *args, **kwargs) -> float:
         """``-ELBO`` as a number (what ``SVI.evaluate_loss`` reads)."""
         with torch.no_grad():
@@ -46,8 +39,14 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         return loss.item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """``-ELBO`` from one draw of the guide, differentiable."""
-        model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+        """``-ELBO`` from one draw of the guide, differentiable. With Pyro's validation on (its default outside
+        ``fit``), Pyro's own ``TraceMeanField_ELBO`` computes it, with its checks of the model against the guide:
+        the same value, at Pyro's cost."""
+        if is_validation_enabled():
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
         elbo = 0.0
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
