@@ -20,7 +20,14 @@ from pyro_bc.compression.bits import TOLERANCE, BitsInputs, BitsRule, bits_rule_
 from pyro_bc.compression.compressed import compressed_model
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.compression.macs import add_macs
-from pyro_bc.compression.posterior import Precision, analyse, choose_precision, compression_rates, fold_state
+from pyro_bc.compression.posterior import (
+    Precision,
+    PrunedLayer,
+    analyse,
+    choose_precision,
+    compression_rates,
+    fold_state,
+)
 from pyro_bc.compression.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
 from pyro_bc.compression.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
 from pyro_bc.compression.variances import compressed_variances
@@ -110,16 +117,9 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     if net.input_shape is None:  # a converted network never trained: its input is the data's
         net.input_shape = tuple(val_x.shape[1:])
     graph = BodyGraph(net)  # traced once: every pruning and layout below reads it
-    posts = analyse_network(net, analyse(net), graph)  # BatchNorm folded in
     fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
-    means = layer_input_means(net, train_x[:FOLD_EXAMPLES]) if fold else None
-    thresholds = rule.thresholds(ThresholdInputs(net, posts, val_x, val_y, means, graph))
+    layers, thresholds = _pruned_layers(net, graph, rule, val, train_x[:FOLD_EXAMPLES] if fold else None)
     method = rule.method(thresholds)
-    layers = prune_network(net, posts, thresholds, means, graph)
-    empty = [layer.post.name for layer in layers if layer.empty]
-    if empty:
-        raise ConfigError(f"the thresholds {thresholds} leave {', '.join(empty)} no weight (a .bcz cannot store an "
-                          "empty layer): raise their thresholds")
 
     def file_model(precision: Precision, metadata: dict | None = None, half: bool = False) -> codec.CompressedModel:
         model = codec.round_biases(compressed_model(net, layers, precision, metadata, graph), "float16")  # RESULTS.md
@@ -149,13 +149,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         return None if test is None else error_percent(module, *test)
 
     summary = {
-        "layers": [{
-            "name": layer.post.name, "groups_total": layer.post.n_groups, "groups_kept": layer.groups_kept,
-            "weights_total": layer.mask.numel(), "weights_kept": int(layer.mask.sum()), "bits": precision.bits(i),
-            "exponent_bits": precision.exponent_bits, "mantissa_bits": precision.mantissa_bits[i],
-            "mantissa_bits_variance_rule": variance.mantissa_bits[i], "threshold": layer.threshold,
-            "kept_groups": torch.nonzero(layer.keep_groups).flatten().tolist(), "fold": fold_state(layer.post, fold),
-        } for i, layer in enumerate(layers)],
+        "layers": _layer_rows(layers, precision, variance, fold),
         "architecture": "-".join(str(layer.groups_kept) for layer in layers),
         "weights_kept_fraction": rates["weights_kept_fraction"],
         "cr_prune": rates["cr_prune"],
@@ -189,6 +183,32 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         summary["predictive"] = predictive_summary(net, loaded, test, bayesian, samples=predictive_samples)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
+
+
+def _pruned_layers(net: BayesianNet, graph: BodyGraph, rule: ThresholdRule, val: tuple[torch.Tensor, torch.Tensor],
+                   fold_x: torch.Tensor | None) -> tuple[list[PrunedLayer], list[float]]:
+    """``net``'s layers pruned at the thresholds ``rule`` chooses on the validation examples ``val``, with the fold
+    of pruned inputs measured on ``fold_x`` (None: no fold); ConfigError where a layer would keep no weight."""
+    posts = analyse_network(net, analyse(net), graph)  # BatchNorm folded in
+    means = layer_input_means(net, fold_x) if fold_x is not None else None
+    thresholds = rule.thresholds(ThresholdInputs(net, posts, *val, means, graph))
+    layers = prune_network(net, posts, thresholds, means, graph)
+    empty = [layer.post.name for layer in layers if layer.empty]
+    if empty:
+        raise ConfigError(f"the thresholds {thresholds} leave {', '.join(empty)} no weight (a .bcz cannot store an "
+                          "empty layer): raise their thresholds")
+    return layers, thresholds
+
+
+def _layer_rows(layers: list[PrunedLayer], precision: Precision, variance: Precision, fold: bool) -> list[dict]:
+    """``MODEL.json``'s row per layer: groups and weights kept, bits, threshold, kept groups, fold."""
+    return [{
+        "name": layer.post.name, "groups_total": layer.post.n_groups, "groups_kept": layer.groups_kept,
+        "weights_total": layer.mask.numel(), "weights_kept": int(layer.mask.sum()), "bits": precision.bits(i),
+        "exponent_bits": precision.exponent_bits, "mantissa_bits": precision.mantissa_bits[i],
+        "mantissa_bits_variance_rule": variance.mantissa_bits[i], "threshold": layer.threshold,
+        "kept_groups": torch.nonzero(layer.keep_groups).flatten().tolist(), "fold": fold_state(layer.post, fold),
+    } for i, layer in enumerate(layers)]
 
 
 def choose_deterministic_precision(model: CompressedModel, error: Callable[[CompressedModel], float]) -> dict | None:
