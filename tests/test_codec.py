@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -23,7 +24,9 @@ import pyro_bc
 from pyro_bc.bcz import code_storage, codec
 from pyro_bc.bcz import model as bcz_model
 from pyro_bc.bcz import v1 as bcz_v1
-from pyro_bc.bcz.binary import Reader, svarint, uvarint, uvarints
+from pyro_bc.bcz import v2 as bcz_v2
+from pyro_bc.bcz.bayesian import CompressedBayesianNet
+from pyro_bc.bcz.binary import BadData, Reader, svarint, uvarint, uvarints
 from pyro_bc.bcz.codec import (
     CompressedModel,
     FloatLayer,
@@ -35,6 +38,7 @@ from pyro_bc.bcz.codec import (
     to_module,
     write_bcz,
 )
+from pyro_bc.bcz.model import LayerVariance, Variances
 from pyro_bc.bcz.v2 import kept_metadata
 from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import FormatError
@@ -732,3 +736,98 @@ def test_wire_ids_are_fixed():
         "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20,
         "gather": 21, "layer_norm": 22}
     assert sorted(bcz_model.WIRE_IDS.values()) == list(range(len(bcz_model.WIRE_IDS)))  # no gaps (the reader's bound)
+
+
+# ---------------------------------------------------------------- codec's own paths, one by one
+
+
+def _with_variances() -> CompressedModel:
+    """A two-layer chain keeping posterior variances (one log-variance code per weight, one per group)."""
+    rng = np.random.default_rng(0)
+    fc1 = QuantizedLayer("linear", "fc1", rng.integers(-8, 8, (3, 4)), 3, np.ones(3, np.float32))
+    fc2 = QuantizedLayer("linear", "fc2", rng.integers(-8, 8, (2, 3)), 3, None)
+    variances = Variances(2, [LayerVariance(rng.integers(-30, 0, 12), rng.integers(-20, -5, 4)),
+                              LayerVariance(rng.integers(-30, 0, 6), rng.integers(-20, -5, 3))])
+    return CompressedModel([fc1, Op("relu"), fc2], (4,), {}, variances)
+
+
+def test_a_model_with_variances_is_written_as_version_3_and_loads_bayesian(tmp_path: Path) -> None:
+    model = _with_variances()
+    data = codec.encode(model)
+    assert struct.unpack_from("<H", data, 4) == (3,)
+    back = codec.decode(data).variances
+    assert back.step_bits == 2 and all(np.array_equal(a.weight_codes, b.weight_codes) and
+                                       np.array_equal(a.scale_codes, b.scale_codes)
+                                       for a, b in zip(model.variances.layers, back.layers))
+    write_bcz(tmp_path / "v.bcz", model)
+    assert isinstance(load(tmp_path / "v.bcz", bayesian=True), CompressedBayesianNet)
+    plain = tmp_path / "p.bcz"
+    write_bcz(plain, CompressedModel(model.items, model.input_shape))
+    message = (f"{plain}: keeps no posterior variances, so it has no Bayesian network (write it with pyro-bc "
+               "compress --keep-variance)")
+    with pytest.raises(FormatError, match=f"^{re.escape(message)}$"):
+        load(plain, bayesian=True)
+
+
+def test_decode_from_the_smallest_size_on_names_the_magic_or_the_version() -> None:
+    """A file of exactly the smallest size is read as far as its magic and version; one byte less is too short."""
+    n = bcz_v2.MIN_SIZE
+    with pytest.raises(BadData, match=rf"^file too short \({n - 1} bytes; a .bcz file has at least {n}\)$"):
+        codec.decode(bytes(n - 1))
+    with pytest.raises(BadData, match=re.escape("bad magic b'ABCD' (expected b'BCZ1'): not a .bcz file")):
+        codec.decode(b"ABCD" + bytes(n - 4))
+    with pytest.raises(BadData, match=re.escape("unsupported .bcz version 9 (this reader supports [1, 2, 3])")):
+        codec.decode(b"BCZ1" + struct.pack("<H", 9) + bytes(n - 6))
+
+
+def test_read_and_write_errors_give_the_systems_reason(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "m.bcz"
+    with pytest.raises(FormatError, match=f"^{re.escape(str(missing))}: cannot read: No such file or directory$"):
+        read_bcz(missing)
+    with pytest.raises(FormatError, match=f"^{re.escape(str(missing))}: cannot write: No such file or directory$"):
+        write_bcz(missing, lenet())
+
+
+@pytest.mark.parametrize("rounding", ["float16", "fixed"])
+def test_round_biases_keeps_everything_but_the_biases(rounding: str) -> None:
+    """Graph inputs, names, kinds, the input shape, the metadata and the variances are kept; the rounded biases are
+    float32, as a file's are, and a float64 bias is rounded from its float32 value: ``1/128 + 1e-12`` is
+    ``1/128`` in float32, half a step of ``2**-6``, which rounds to the even multiple 0 (fixed), and is a
+    half-precision number (float16)."""
+    model = residual()
+    model.metadata, model.variances = {"model": "toy"}, _with_variances().variances
+    model.items[0].bias = np.array([1 / 128 + 1e-12, 0.5, -0.25, 1.0])  # float64; frac_bits 6
+    rounded = codec.round_biases(model, rounding)
+    assert rounded.items[0].bias.dtype == np.float32
+    assert rounded.items[0].bias.tolist() == [0.0 if rounding == "fixed" else 1 / 128, 0.5, -0.25, 1.0]
+    assert (rounded.input_shape, rounded.metadata, rounded.variances) == (model.input_shape, model.metadata,
+                                                                          model.variances)
+    for new, old in zip(rounded.items, model.items):
+        assert type(new) is type(old) and new.inputs == old.inputs
+        if isinstance(old, QuantizedLayer):
+            assert (new.kind, new.name, new.stride, new.padding, new.dilation, new.groups) == (
+                old.kind, old.name, old.stride, old.padding, old.dilation, old.groups)
+            assert new.bias is None or new.bias.dtype == np.float32
+    with pytest.raises(ValueError, match=re.escape("unknown bias rounding 'int8': choose float32, float16, fixed")):
+        codec.round_biases(model, "int8")
+
+
+def test_recode_keeps_the_codes_and_rounds_the_biases_as_asked(tmp_path: Path) -> None:
+    old, same, half = tmp_path / "old.bcz", tmp_path / "same.bcz", tmp_path / "half.bcz"
+    model = lenet()
+    write_bcz(old, model)
+    assert codec.recode(old, same) == same.stat().st_size
+    assert_same(model, read_bcz(same))
+    codec.recode(old, half, "float16")
+    for a, b in zip(model.items, read_bcz(half).items):
+        if isinstance(a, QuantizedLayer):
+            assert np.array_equal(a.weight_codes, b.weight_codes)
+            assert (a.bias is None and b.bias is None) or b.bias.tolist() == a.bias.astype(np.float16).tolist()
+
+
+def test_select_and_an_empty_graph_compute_what_they_say() -> None:
+    codes = np.arange(12).reshape(3, 4) - 6
+    net = to_module(CompressedModel([QuantizedLayer("linear", "fc", codes, 1), Op("select", {"index": [0, 2]})], (4,)))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(net(x), (x @ torch.tensor(codes, dtype=torch.float32).T / 2)[:, [0, 2]])
+    assert codec.Graph([], [])(x) is x

@@ -327,3 +327,109 @@ def test_summed_kl_declines_what_it_cannot_sum():
     assert summed_kl(q.to_event(2), dist.Normal(0.0, 1.0).expand([3, 4]).to_event(1)) is None  # event dims differ
     assert summed_kl(dist.Normal(mu, 1.0), dist.Normal(0.0, 1.0).expand([3, 4])) is None  # not a NormalLogVar
     assert summed_kl(q, LogUniform().expand([3, 4])) is None
+
+
+def _validating_kinds(validate: bool):
+    """Each of the module's distributions built with ``validate_args=validate``, and a value outside its support."""
+    nan = torch.tensor(math.nan)
+    return [
+        (LogUniform((2,), validate_args=validate), nan),
+        (LogUniform(validate_args=validate).expand((2,)), nan),  # expand keeps the setting
+        (NormalLogVar(torch.zeros(2), torch.zeros(2), validate_args=validate), nan),
+        (LogNormalLogVar(torch.zeros(2), torch.zeros(2), validate_args=validate), torch.tensor(-1.0)),
+        (StandardNormal(torch.zeros(2), validate_args=validate).expand((2,)), nan),
+    ]
+
+
+def test_validate_args_is_honoured_both_ways():
+    """``validate_args=False`` scores a value outside the support (NaN); ``True`` refuses it, whatever the default."""
+    for d, bad in _validating_kinds(False):
+        assert torch.isnan(d.log_prob(bad)).all(), type(d).__name__
+    for d, bad in _validating_kinds(True):
+        with pytest.raises(ValueError, match="support"):
+            d.log_prob(bad)
+
+
+@pytest.mark.parametrize("base", [LogUniform, NormalLogVar, LogNormalLogVar, StandardNormal])
+def test_subclasses_extend_expand_through_the_instance_argument(base):
+    """torch's ``expand(batch_shape, _instance)`` protocol: a subclass with its own ``__init__`` and state
+    passes its instance down, and each class fills that instance rather than making one of its own type."""
+
+    class Tagged(base):
+        def __init__(self, *args, tag: str = "", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tag = tag
+
+        def expand(self, batch_shape, _instance=None):
+            new = self._get_checked_instance(Tagged, _instance)
+            new.tag = self.tag
+            return super().expand(batch_shape, _instance=new)
+
+    args = {LogUniform: ((2,),), StandardNormal: (torch.zeros(()),)}.get(base, (torch.zeros(2), torch.zeros(2)))
+    wide = Tagged(*args, tag="t").expand((3, 2))
+    assert type(wide) is Tagged and wide.tag == "t" and wide.batch_shape == (3, 2)
+    x = torch.tensor([0.5, 2.0])
+    standard = -0.5 * x**2 - 0.5 * math.log(2 * math.pi)  # N(0, 1); LogNormal(0, 1): N(0, 1) of log x, over x
+    lognormal = -0.5 * x.log() ** 2 - 0.5 * math.log(2 * math.pi) - x.log()
+    expected = {LogUniform: -x.log(), LogNormalLogVar: lognormal}.get(base, standard)
+    torch.testing.assert_close(wide.log_prob(x), expected.expand(3, 2))
+
+
+def test_log_uniform_log_prob_sums_only_the_event_dims_and_fills_the_batch():
+    """Rows of a batch of events keep their own sums; a scalar value fills the batch; expand keeps the event."""
+    z = torch.tensor([[0.5, 2.0, 4.0], [1.0, 3.0, 0.25]])
+    rows = torch.tensor([-math.log(4.0), math.log(4.0 / 3.0)])  # -(log 0.5 + log 2 + log 4), -(0 + log 3 + log 0.25)
+    torch.testing.assert_close(LogUniform((2,), (3,)).log_prob(z), rows)
+    expanded = LogUniform(event_shape=(3,)).expand((2,))
+    assert expanded.batch_shape == (2,) and expanded.event_shape == (3,)
+    torch.testing.assert_close(expanded.log_prob(z), rows)
+    torch.testing.assert_close(LogUniform((2, 3)).log_prob(torch.tensor(2.0)), torch.full((2, 3), -math.log(2.0)))
+    assert torch.equal(LogUniform((2,)).rsample((4,)), torch.ones(4, 2))
+
+
+def test_summed_kl_declines_when_only_one_side_is_independent():
+    q = NormalLogVar(torch.zeros(3), torch.zeros(3))
+    prior = dist.Normal(0.0, 1.0).expand([3])
+    assert summed_kl(q.to_event(1), prior) is None
+    assert summed_kl(q, prior.to_event(1)) is None
+
+
+def test_log_alpha_of_a_zero_mean_is_finite():
+    """``eps`` is added to the squared mean: a zero mean gives ``logvar - log eps``."""
+    torch.testing.assert_close(log_alpha(torch.tensor(-1.0), torch.tensor(0.0), eps=1e-6),
+                               torch.tensor(-1.0 - math.log(1e-6)))
+
+
+@pytest.mark.parametrize("prior", ["gamma", "inverse_gamma"])
+def test_lognormal_logvar_kl_stays_finite_below_float32_variances(prior):
+    """A log-variance of -220 has a scale ``exp(-110)`` that float32 rounds to 0; the KL uses ``logvar / 2``
+    instead of ``log(scale)``, so it is the closed form ``lgamma(a) - a log b - log(2 pi e) / 2 + 110 + b``
+    (``mu = 0``, ``exp(s^2 / 2) = 1``)."""
+    p = LogNormalLogVar(torch.zeros(2), torch.full((2,), -220.0), validate_args=False)  # (its scale 0 is not > 0)
+    a, b = 0.5, 3.0
+    q = dist.Gamma(a, b) if prior == "gamma" else dist.InverseGamma(a, b)
+    expected = math.lgamma(a) - a * math.log(b) - 0.5 * math.log(2 * math.pi * math.e) + 110.0 + b
+    torch.testing.assert_close(kl_divergence(p, q.expand([2])), torch.full((2,), expected))
+
+
+def test_gamma_prior_constant_is_computed_once_for_a_constant_prior(monkeypatch):
+    """The prior's ``lgamma`` term is computed on the first KL of a constant prior only, every time for a learnt one."""
+    calls = []
+    lgamma = torch.lgamma
+    monkeypatch.setattr(torch, "lgamma", lambda t: calls.append(1) or lgamma(t))
+    p = LogNormalLogVar(torch.zeros(3), torch.full((3,), -1.0))
+    fixed = dist.Gamma(torch.tensor(0.5), torch.tensor(4.0)).expand([3])
+    first, second = kl_divergence(p, fixed), kl_divergence(p, fixed)
+    assert len(calls) == 1
+    torch.testing.assert_close(second, first)
+    learnt = dist.InverseGamma(torch.tensor(0.5), torch.tensor(4.0, requires_grad=True))
+    kl_divergence(p, learnt), kl_divergence(p, learnt)
+    assert len(calls) == 3
+
+
+def test_half_cauchy_gamma_takes_an_integer_scale():
+    """``tau0 = 2`` (an int) is ``Gamma(1/2, rate=1/4)`` in ``like``'s float type, as ``tau0 = 2.0`` is."""
+    ga = half_cauchy_gamma(2, torch.zeros(()))
+    assert ga.rate.dtype == torch.get_default_dtype()
+    assert half_cauchy_gamma(2, torch.zeros((), dtype=torch.float64)).rate.dtype == torch.float64
+    torch.testing.assert_close((ga.concentration, ga.rate), (torch.tensor(0.5), torch.tensor(0.25)))
