@@ -35,10 +35,10 @@ from pyro_bc.bcz.codec import (
     QuantizedLayer,
     load,
     read_bcz,
-    to_module,
     write_bcz,
 )
 from pyro_bc.bcz.model import LayerVariance, Variances
+from pyro_bc.bcz.modules import Graph, to_module
 from pyro_bc.bcz.v2 import kept_metadata
 from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import FormatError
@@ -498,7 +498,7 @@ def test_graphs_round_trip_and_run_their_nodes(tmp_path: Path) -> None:
     assert_same(model, back)
     assert back.metadata == {"model": "toy", "prior": "gnj", "thresholds": [-3.0]}  # "run" is not kept
     net = load(path)
-    assert isinstance(net, codec.Graph) and not net.training
+    assert isinstance(net, Graph) and not net.training
     stem, _, a, _, _, b, _, _, _, _, fc = net.nodes
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -830,4 +830,4 @@ def test_select_and_an_empty_graph_compute_what_they_say() -> None:
     net = to_module(CompressedModel([QuantizedLayer("linear", "fc", codes, 1), Op("select", {"index": [0, 2]})], (4,)))
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(net(x), (x @ torch.tensor(codes, dtype=torch.float32).T / 2)[:, [0, 2]])
-    assert codec.Graph([], [])(x) is x
+    assert Graph([], [])(x) is x

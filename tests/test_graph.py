@@ -17,6 +17,7 @@ import models.vgg
 import pyro_bc
 from models import build_network
 from pyro_bc.bcz import codec
+from pyro_bc.bcz.modules import Graph
 from pyro_bc.compression.compressed import compressed_model, compressed_module
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_chain, prune_network
 from pyro_bc.compression.pipeline import compress
@@ -262,7 +263,7 @@ def test_a_channel_exactly_at_the_threshold_is_pruned_across_the_graph():
 # -- files ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prior", ["gnj", "lu"])
-@pytest.mark.parametrize("build, kind", [(models.resnet.build, codec.Graph), (models.vgg.build, nn.Sequential)])
+@pytest.mark.parametrize("build, kind", [(models.resnet.build, Graph), (models.vgg.build, nn.Sequential)])
 def test_a_compressed_graph_written_and_loaded_equals_the_masked_network(tmp_path, build, kind, prior):
     net, g = _tiny(build, (1, 28, 28), prior)
     thresholds = [3.0 if prior == "lu" else -3.0] * len(net.layers)

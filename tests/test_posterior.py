@@ -15,6 +15,7 @@ from torch import nn
 import models.lenet5
 import models.lenet300
 from pyro_bc.bcz import codec
+from pyro_bc.bcz.modules import to_module
 from pyro_bc.compression.compressed import compressed_model
 from pyro_bc.compression.graph import prune_chain
 from pyro_bc.compression.posterior import (
@@ -129,7 +130,7 @@ def test_conv_to_conv_compressed_removes_filter_bias_and_input_slice():
     ref = nn.functional.conv2d(torch.relu(nn.functional.conv2d(x.double(), w1, c1.prior.z_mu.detach().double() *
                                                                c1.bias_mu.detach().double())),
                                w2_full, (c2.prior.z_mu * c2.bias_mu).detach().double())
-    torch.testing.assert_close(codec.to_module(model)(x).double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(to_module(model)(x).double(), ref, atol=1e-5, rtol=0)
 
 
 def test_conv_to_fc_across_flatten():

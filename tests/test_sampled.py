@@ -22,6 +22,7 @@ from pyro_bc.bcz import v2 as bcz_v2
 from pyro_bc.bcz import v3 as bcz_v3
 from pyro_bc.bcz.bayesian import CompressedBayesianNet, SampledLayer, to_bayesian_module
 from pyro_bc.bcz.model import CompressedModel, FloatLayer, LayerVariance, NormLayer, Op, QuantizedLayer, Variances
+from pyro_bc.bcz.modules import to_module
 from pyro_bc.compression.bits import BitsInputs, BitsRule
 from pyro_bc.compression.pipeline import compress
 from pyro_bc.compression.posterior import Precision
@@ -256,7 +257,7 @@ def test_deterministic_nodes_have_no_variance_entry_and_draw_nothing(tmp_path):
     assert len(back.variances.layers) == 1 and back.variances.layers[0].weight_codes.tolist() == [-200] * 12
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(to_bayesian_module(back)(x), codec.to_module(back)(x))
+        torch.testing.assert_close(to_bayesian_module(back)(x), to_module(back)(x))
 
 
 def test_version_3_writer_refuses_inconsistent_variances(tmp_path):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyro_bc.bcz import codec
 from pyro_bc.bcz.model import CompressedModel, LayerVariance, QuantizedLayer, is_chain, sources
+from pyro_bc.bcz.modules import Graph, node_module, to_module
 
 LOG_VARIANCE_RANGE = (-100.0, 20.0)  # log-variances are clamped to this range (nats) before quantisation
 
@@ -86,8 +86,8 @@ class CompressedBayesianNet(nn.Module):
             if isinstance(item, QuantizedLayer):
                 modules.append(SampledLayer(item, *layer_variances(item, next(variances), model.variances.step)))
             else:
-                modules.append(codec.node_module(item))  # an op, or a deterministic layer: as the file's
-        self.net = nn.Sequential(*modules) if is_chain(model) else codec.Graph(modules, sources(model))
+                modules.append(node_module(item))  # an op, or a deterministic layer: as the file's
+        self.net = nn.Sequential(*modules) if is_chain(model) else Graph(modules, sources(model))
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class CompressedBayesianNet(nn.Module):
 
     def posterior_mean_network(self) -> nn.Module:
         """The deterministic network (the weights' means), as :func:`pyro_bc.load` rebuilds it."""
-        return codec.to_module(self.model)
+        return to_module(self.model)
 
 
 def to_bayesian_module(model: CompressedModel) -> CompressedBayesianNet:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyro_bc.bcz import codec
 from pyro_bc.bcz.codec import CompressedModel, FloatLayer, NormLayer, Op, QuantizedLayer
+from pyro_bc.bcz.modules import to_module
 from pyro_bc.compression.graph import NETWORK_INPUT, BodyGraph, Node
 from pyro_bc.compression.posterior import Precision, PrunedLayer, quantize
 from pyro_bc.errors import ConfigError
@@ -117,4 +117,4 @@ def compressed_model(net: BayesianNet, layers: list[PrunedLayer], precision: Pre
 def compressed_module(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,
                       graph: BodyGraph | None = None) -> nn.Module:
     """The torch module of :func:`compressed_model` (as :func:`pyro_bc.bcz.codec.load` would rebuild it)."""
-    return codec.to_module(compressed_model(net, layers, precision, graph=graph))
+    return to_module(compressed_model(net, layers, precision, graph=graph))

@@ -28,10 +28,12 @@ from torch.distributions import register_kl
 from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.compression.posterior import PrunedLayer
 from pyro_bc.compression.pruned import summary_pruning
+from pyro_bc.data.datasets import as_split
 from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.infer.distributions import LogUniform, NormalLogVar, kl_normal_log_uniform
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.train.run_dir import FINETUNE_FILE
+from pyro_bc.train.loop import fit_with
+from pyro_bc.train.run_dir import FINETUNE_FILE, prepare_run_dir
 
 __all__ = ["MASKED_LOGVAR", "LayerMask", "MaskedNormalLogVar", "PruningMask", "apply_pruning", "check_masks",
            "check_supported", "finetune", "finetune_record", "load_masks", "pruning_masks"]
@@ -209,8 +211,6 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
     ``resume=True`` continues it exactly (``summary`` is then not needed: the masks are the run's); and
     ``pyro_bc.compress(net, ..., rule=KeptStructure(out))`` compresses it with the structure it was given.
     """
-    from pyro_bc.train.loop import as_split, fit_with
-
     if not isinstance(net, BayesianNet):
         raise ConfigError(f"finetune takes a BayesianNet, got {type(net).__name__}")
     if resume:
@@ -225,8 +225,6 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
         masks, record = pruning_masks(layers), finetune_record(source, summary, epochs)
         apply_pruning(net, layers)
         if out is not None:
-            from pyro_bc.train.run_dir import prepare_run_dir
-
             save_masks(prepare_run_dir(out) / FINETUNE_FILE, masks, record)
     check_masks(net, masks)
     return fit_with(net, train, val, epochs=epochs, batch_size=batch_size, lr=lr, out=out, resume=resume,

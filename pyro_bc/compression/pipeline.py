@@ -16,6 +16,7 @@ import torch
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bcz import codec
 from pyro_bc.bcz.model import DETERMINISTIC, CompressedModel, FloatLayer, float16_exact
+from pyro_bc.bcz.modules import Graph, to_module
 from pyro_bc.compression.bits import TOLERANCE, BitsInputs, BitsRule, bits_rule_from_options
 from pyro_bc.compression.compressed import compressed_model
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_network
@@ -31,10 +32,12 @@ from pyro_bc.compression.posterior import (
 from pyro_bc.compression.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
 from pyro_bc.compression.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
 from pyro_bc.compression.variances import compressed_variances
+from pyro_bc.data.datasets import as_split
 from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.evaluate import error_percent
 from pyro_bc.metrics.predict import predictive_summary
 from pyro_bc.nn.network import BayesianNet
+from pyro_bc.train.loop import PYTHON_MODEL
 
 
 def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -58,8 +61,6 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
     rule, bits_rule = resolve_rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
     if val is None:
         raise ConfigError("compress needs validation examples: val=(x, y)")
-    from pyro_bc.train.loop import PYTHON_MODEL, as_split
-
     val_split = as_split(val, "val")
     test_split = None if test is None else as_split(test, "test")
     if train is None:
@@ -127,9 +128,9 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
 
     variance = choose_precision(layers)
     precision = bits_rule.precision(BitsInputs(layers, variance, lambda p: error_percent(
-        codec.to_module(file_model(p)), val_x, val_y)))
+        to_module(file_model(p)), val_x, val_y)))
     deterministic_precision = choose_deterministic_precision(
-        file_model(precision), lambda m: error_percent(codec.to_module(m), val_x, val_y))
+        file_model(precision), lambda m: error_percent(to_module(m), val_x, val_y))
     rates = compression_rates(layers, precision)
     rest = {k: v for k, v in info.items() if k not in ("model", "prior")}
     metadata = {"model": info["model"], "prior": info["prior"], "thresholds": thresholds, "threshold_method": method,
@@ -247,7 +248,7 @@ def _layer_modules(loaded: torch.nn.Module, model: codec.CompressedModel, net: B
     """The modules of ``loaded`` (``model``'s network) that compute ``net``'s Bayesian layers (not the standalone
     BatchNorm it also stores as convolutions)."""
     names = set(net.layer_names)
-    nodes = list(loaded.nodes if isinstance(loaded, codec.Graph) else loaded)
+    nodes = list(loaded.nodes if isinstance(loaded, Graph) else loaded)
     return [module for module, item in zip(nodes, model.items)
             if isinstance(item, codec.QuantizedLayer) and item.name in names]
 

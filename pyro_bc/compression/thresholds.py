@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pyro_bc.compression.compressed import compressed_module
+from pyro_bc.compression.finetuning import load_masks
 from pyro_bc.compression.graph import BodyGraph, prune_network
 from pyro_bc.compression.posterior import LayerPosterior
 from pyro_bc.compression.rules import RecordedRule
@@ -225,8 +226,6 @@ class KeptStructure(ThresholdRule):
         return {"run_dir": self.run_dir}
 
     def thresholds(self, inputs: ThresholdInputs) -> list[float]:
-        from pyro_bc.compression.finetuning import load_masks
-
         masks, _ = load_masks(self.run_dir)
         if len(masks) != len(inputs.posts):
             raise ConfigError(f"{self.run_dir}: masks of {len(masks)} layers for a network of {len(inputs.posts)}")

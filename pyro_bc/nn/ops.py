@@ -1,6 +1,6 @@
 """The parameter-free ops a compressed network is made of, on the torch side: which modules, functions and methods
 each ``.bcz`` op kind stands for (read by the graph tracer, :mod:`pyro_bc.compression.graph`) and the module that computes it
-(built by the codec, :func:`pyro_bc.bcz.codec.to_module`).
+(built by the codec, :func:`pyro_bc.bcz.modules.to_module`).
 
 An elementwise op (an activation) acts on each position alone, so channels pass through it unchanged: adding one is
 one entry of :data:`ELEMENTWISE` and one wire id in :data:`pyro_bc.bcz.model.WIRE_IDS`.

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from pyro_bc.metrics.predict import predictive
 from pyro_bc.nn.layers import BayesLayer
 from pyro_bc.nn.network import BayesianNet
 
@@ -140,8 +141,6 @@ def predictions_datatree(source, x: torch.Tensor, y: torch.Tensor, num_samples: 
                          n_examples: int = PREDICTION_EXAMPLES) -> xr.DataTree:
     """``num_samples`` draws of the class probabilities of the first ``n_examples`` examples of ``x`` as the
     ``predictions`` and ``predictions_constant_data`` groups (``source``: a network, as :func:`pyro_bc.metrics.predict.predictive` takes)."""
-    from pyro_bc.metrics.predict import predictive
-
     x, y = x[:n_examples], y[:n_examples]
     draws = torch.stack([predictive(source, x, samples=1, seed=seed + i).cpu() for i in range(num_samples)])
     n, classes = draws.shape[1:]

@@ -29,6 +29,7 @@ import torch
 import xarray as xr
 
 from pyro_bc.compression.posterior import LayerPosterior
+from pyro_bc.metrics.scores import ECE_BINS, ece
 
 MAX_FOREST_ROWS = 40
 DPI = 100
@@ -249,8 +250,6 @@ def plot_training(metrics: list[dict], path: str | Path, totals: dict[str, int] 
 def plot_reliability(probs: dict[str, torch.Tensor], labels: torch.Tensor, path: str | Path) -> Path:
     """Per network (``{name: [N, K] probabilities}``): accuracy against mean confidence in each non-empty bin of
     :func:`pyro_bc.metrics.scores.ece` (15 equal-width bins of the top-class probability), with the diagonal."""
-    from pyro_bc.metrics.scores import ECE_BINS, ece
-
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
     for name, p in probs.items():

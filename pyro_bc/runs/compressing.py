@@ -9,6 +9,7 @@ import torch
 
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bcz import codec
+from pyro_bc.bcz.modules import to_module
 from pyro_bc.compression.bits import BitsRule
 from pyro_bc.compression.finetuning import load_masks
 from pyro_bc.compression.pipeline import checked_out, compress_network, resolve_rules, summary_json
@@ -102,7 +103,7 @@ def evaluate_file(path: str | Path, data: str | None = None, batch_size: int = 1
     bayesian = codec.load(path, bayesian=True) if samples else None  # refuses a file without variances first
     model = codec.read_bcz(path)
     meta = model.metadata
-    compressed = codec.to_module(model)
+    compressed = to_module(model)
     dataset = _evaluation_data(path, meta, data)
     require_shape(dataset, data, model.input_shape, str(path), "give the data it was trained on with --data DIR")
     x, y = dataset.test.x, dataset.test.y

@@ -22,11 +22,16 @@ from pathlib import Path
 import torch
 
 from pyro_bc.atomic import atomic_write_text
+from pyro_bc.bcz import codec
 from pyro_bc.compression.finetuning import load_masks
 from pyro_bc.compression.graph import analyse_network, prune_network
 from pyro_bc.compression.posterior import LayerPosterior, analyse
 from pyro_bc.compression.thresholds import PriorDefault, ThresholdInputs
+from pyro_bc.data.datasets import load_data
 from pyro_bc.errors import ConfigError
+from pyro_bc.metrics.predict import predictive
+from pyro_bc.metrics.scores import classification_metrics
+from pyro_bc.metrics.shift import auroc, entropy, noise_images, rotation_curve
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.report import plots
 from pyro_bc.report.datatree import save_datatree, to_datatree, var_prefix, with_predictions
@@ -148,12 +153,6 @@ def _predictions_section(net: BayesianNet, config, compressed: str | Path | None
     """The report's predictions: metrics, reliability, entropy (test against noise) and NLL under rotation of the
     full posterior (``samples`` draws), its posterior mean and, where ``compressed`` keeps variances, the compressed
     Bayesian (``samples`` draws) and deterministic networks; and the test set, for the DataTree."""
-    from pyro_bc.bcz import codec
-    from pyro_bc.data.datasets import load_data
-    from pyro_bc.metrics.predict import predictive
-    from pyro_bc.metrics.scores import classification_metrics
-    from pyro_bc.metrics.shift import auroc, entropy, noise_images, rotation_curve
-
     test = load_data(config.data, val_size=config.val_size, seed=config.seed).test
     sources = {"full posterior": (net, samples), "posterior mean": (net, 0)}
     if compressed is not None and Path(compressed).is_file():

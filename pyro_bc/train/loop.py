@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.data.augment import augment, augment_generator
-from pyro_bc.data.datasets import Split, iterate_minibatches
+from pyro_bc.data.datasets import Split, as_split, iterate_minibatches
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.reparam import LocalReparameterization
@@ -303,45 +303,6 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
 #: The options of :func:`fit` beyond its named arguments: the :class:`TrainConfig` fields that concern a given network.
 FIT_OPTIONS = ("seed", "warmup_epochs", "eval_every", "clip_grad_norm", "lr_schedule", "threads", "device", "augment",
                "clip_var", "variance_lr_factor")
-_MATERIALISE_BATCH = 1024  # examples per batch while a Dataset or DataLoader is read into tensors
-
-
-def as_split(data, what: str = "data") -> Split:
-    """``data`` as one :class:`Split` held in memory: an ``(x, y)`` pair of tensors as it is, a
-    ``torch.utils.data.Dataset`` or ``DataLoader`` read once, in the dataset's order (a map-style dataset through
-    a DataLoader with the loader's ``collate_fn`` and no shuffling, so that its sampler does not reorder it; an
-    iterable one as the loader yields it). Each item or batch must be an ``(x, y)`` pair; integer labels become int64."""
-    from torch.utils.data import DataLoader, IterableDataset
-    from torch.utils.data import Dataset as TorchDataset
-
-    if isinstance(data, Split):
-        x, y = data.x, data.y
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-    elif isinstance(data, (DataLoader, TorchDataset)):
-        dataset = data.dataset if isinstance(data, DataLoader) else data
-        if isinstance(data, DataLoader) and isinstance(dataset, IterableDataset):
-            batches = data
-        else:
-            collate = data.collate_fn if isinstance(data, DataLoader) else None
-            batches = DataLoader(dataset, batch_size=_MATERIALISE_BATCH, shuffle=False, collate_fn=collate)
-        xs, ys = [], []
-        for batch in batches:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ConfigError(f"{what}: each batch must be an (x, y) pair, got {type(batch).__name__}")
-            xs.append(torch.as_tensor(batch[0]))
-            ys.append(torch.as_tensor(batch[1]))
-        if not xs:
-            raise ConfigError(f"{what}: no examples")
-        x, y = torch.cat(xs), torch.cat(ys)
-    else:
-        raise ConfigError(f"{what} must be an (x, y) pair of tensors, a torch Dataset or a DataLoader, "
-                          f"got {type(data).__name__}")
-    if len(x) != len(y):
-        raise ConfigError(f"{what}: {len(x)} inputs but {len(y)} labels")
-    if not y.is_floating_point():
-        y = y.long()
-    return Split(x, y)
 
 
 def _prior_name(net: BayesianNet) -> str:
