@@ -63,7 +63,7 @@ def test_report_of_compressed_run(lenet300_run):
 
 def test_the_compression_section_lists_deterministic_modules(lenet300_run):
     """Where MODEL.json lists deterministic modules, a table of them after the rates, with the chosen precision."""
-    from pyro_bc.report.write import _compression_section
+    from pyro_bc.runs.report import _compression_section
 
     _, summary = lenet300_run
     assert summary["deterministic_modules"] == [] and summary["deterministic_precision"] is None
