@@ -13,7 +13,9 @@ from models import BUILTIN_MODELS
 from pyro_bc.checkpoint import load_checkpoint
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
 from pyro_bc.distributed import is_main_process
-from pyro_bc.errors import BCError
+from pyro_bc.errors import BCError, ConfigError
+from pyro_bc.estimators import DEFAULT as DEFAULT_ESTIMATOR
+from pyro_bc.estimators import ESTIMATORS, EstimatorChoice
 from pyro_bc.priors import PRIORS
 from pyro_bc.run_dir import CHECKPOINT, TrainConfig
 from pyro_bc.schedule import SCHEDULES
@@ -82,6 +84,14 @@ def _layer_clip_var(text: str) -> tuple[str, float | None]:
     return name, None if value.strip().lower() == "none" else _positive_float(value)
 
 
+def _estimator(text: str) -> str:
+    """An estimator choice (``flipout``, ``conv2d=flipout,linear=lrt``) in its canonical form."""
+    try:
+        return str(EstimatorChoice.parse(text))
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=_model_name, default=None,
                    help="lenet300 (the default), lenet5, vgg, resnet20 or a network file; with --resume, the run's")
@@ -95,6 +105,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variance-lr-factor", type=_positive_float, default=1.0, metavar="F",
                    help="learning rate of the log-variances and group scales: lr times F (they set the pace of "
                         "pruning)")
+    p.add_argument("--estimator", type=_estimator, default=DEFAULT_ESTIMATOR, metavar="NAME|KIND=NAME,...",
+                   help=f"gradient estimator of every layer ({', '.join(ESTIMATORS)}; default {DEFAULT_ESTIMATOR}), or "
+                        "per layer kind, e.g. conv2d=flipout,linear=lrt; with --resume, the run's")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--data", default=None, help="folder with MNIST IDX files, CIFAR-10 python batches or "
                                                 "train.npz and test.npz (default: the embedded MNIST)")
@@ -139,7 +152,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                        slab_scale=args.slab_scale,
                        init_from=args.init_from,
                        device=args.device, threads=args.threads, augment=args.augment,
-                       lr_schedule=args.lr_schedule, clip_grad_norm=args.clip_grad_norm, clip_var=dict(args.clip_var))
+                       lr_schedule=args.lr_schedule, clip_grad_norm=args.clip_grad_norm, clip_var=dict(args.clip_var),
+                       estimator=args.estimator)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

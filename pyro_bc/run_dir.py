@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
 from pyro_bc.errors import ConfigError
+from pyro_bc.estimators import DEFAULT as DEFAULT_ESTIMATOR
+from pyro_bc.estimators import EstimatorChoice
 from pyro_bc.schedule import SCHEDULES
 
 CHECKPOINT, METRICS, CONFIG, LOCK = "checkpoint.pt", "metrics.jsonl", "config.json", ".lock"
@@ -46,6 +48,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # one of pyro_bc.schedule.SCHEDULES
     clip_grad_norm: float | None = None  # clip the gradients' total norm to this before each optimiser step
     clip_var: dict[str, float | None] = dataclasses.field(default_factory=dict)  # per layer name; None: no clip
+    estimator: str = DEFAULT_ESTIMATOR  # the gradient estimator per layer kind (pyro_bc.estimators.EstimatorChoice)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first option out of range (layer names are checked by training)."""
@@ -60,6 +63,7 @@ class TrainConfig:
                               f"{', '.join(SCHEDULES)}")
         if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
             raise ConfigError(f"clip_grad_norm must be a positive number, got {self.clip_grad_norm}")
+        EstimatorChoice.parse(self.estimator)
         for name, value in self.clip_var.items():
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"clip_var of layer {name!r} must be a positive number or None, got {value}")
