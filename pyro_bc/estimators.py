@@ -96,17 +96,26 @@ def _normal_draw(q: Normal) -> torch.Tensor:
     return torch.addcmul(q.loc, q.scale, torch.randn_like(q.loc))
 
 
+def _to_channels_last(y: torch.Tensor) -> torch.Tensor:
+    # as the LRT's conv2d: pooling and the next convolution run several times faster on it
+    return y.contiguous(memory_format=torch.channels_last)
+
+
 class SharedDraw(Estimator):
     """One draw of the group scales, the weights and the bias per batch, shared by its examples; the layer's dense
     op (the op table's ``function``) computes the output."""
 
     name = "shared"
+    #: the memory layout each kind's output is given, where it is not the op's own (as the LRT gives it)
+    layouts: ClassVar[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {"conv2d": _to_channels_last}
 
     def __call__(self, op, x, scales, q_w, q_b, draws, *args):
         z = None if scales is None else scales[0].per_example_scale(scales[1], 1, _shared_noise)[0]
         w = _normal_draw(q_w)
         b = None if q_b is None else _normal_draw(q_b)
-        return _bayes_layer(op, x, z, w, b, *args), None
+        y = _bayes_layer(op, x, z, w, b, *args)
+        layout = self.layouts.get(op.name)
+        return (y if layout is None else layout(y)), None
 
 
 def flipout_linear(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, delta: torch.Tensor,
@@ -135,8 +144,7 @@ def _flipout_conv(function: Callable[..., torch.Tensor]):
 
 def _channels_last(forward):
     def on_channels_last(*args) -> torch.Tensor:
-        # as the LRT's conv2d: pooling and the next convolution run several times faster on it
-        return forward(*args).contiguous(memory_format=torch.channels_last)
+        return _to_channels_last(forward(*args))
     return on_channels_last
 
 
