@@ -590,6 +590,9 @@ def _seconds(r: dict) -> str:
     return f"{reached['seconds']:.0f} s, {reached['epochs']:g} epochs{ratio}"
 
 
+_ESTIMATOR_NAMES = ("lrt", "shared", "flipout")
+
+
 def estimators_section(r: dict) -> list[str]:
     """The ``BENCHMARKS.md`` section of ``bench_estimators.json``."""
     load = ", ".join(f"{v:.2f}" for v in r["loadavg_start"]) + " at the start, " + ", ".join(
@@ -627,10 +630,25 @@ def estimators_section(r: dict) -> list[str]:
                       if name == names[0] else "")
             lines.append(f"| {x['model']}{target} | {name} | {step} | {s['ratio_to_lrt']:.2f} | {tte} | "
                          f"{variances[0]} | {variances[1]} |")
-    lines += ["", "Absolute gradient variances (LRT), dense start and after its run: " + "; ".join(
-        f"{x['model']} " + ", ".join(f"{g} {x['gradient_variance'][w]['lrt'][g]:.3g}"
-                                      for w in ("dense start", "after the LRT's run")
-                                      for g in ("means", "log-variances")) for x in r["networks"]) + "."]
+    lines += ["", ("Other targets, from the same runs' evaluations: seconds (epochs) of each estimator's steps to the first "
+                   "evaluation at or below the error with at most the groups kept; the targets are the run's own, 0.2 "
+                   "and 0.4 points looser in error, and 5/3 of its groups (a run stopped once it reached the run's "
+                   "target, so only looser ones can be read off it)."), "",
+              "| network | error <= % | groups <= | " + " | ".join(_ESTIMATOR_NAMES) + " |",
+              "|---|---|---|" + "---|" * len(_ESTIMATOR_NAMES)]
+    for x in r["networks"]:
+        for groups in (x["max_groups"], round(x["max_groups"] * 5 / 3)):
+            for error in (x["target"], x["target"] + 0.2, x["target"] + 0.4):
+                cells = []
+                for name in _ESTIMATOR_NAMES:
+                    hit = next((e for e in x["time_to_error"][name]["evaluations"] if e["val_error"] <= error + 1e-9
+                                and sum(e["groups_kept"].values()) <= groups), None)
+                    cells.append("-" if hit is None else f"{hit['seconds']:.0f} ({hit['epochs']:g})")
+                lines.append(f"| {x['model']} | {error:.1f} | {groups} | " + " | ".join(cells) + " |")
+    lines += ["", "The LRT's gradient variances themselves: " + "; ".join(
+        f"{x['model']}, " + ", ".join(f"{w}: means {x['gradient_variance'][w]['lrt']['means']:.3g}, log-variances "
+                                      f"{x['gradient_variance'][w]['lrt']['log-variances']:.3g}"
+                                      for w in ("dense start", "after the LRT's run")) for x in r["networks"]) + "."]
     return lines
 
 

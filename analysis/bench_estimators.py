@@ -38,6 +38,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -214,7 +215,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     pyro.enable_validation(False)
-    results = {"command": "analysis/bench_estimators.py " + " ".join(sys.argv[1:]),
+    results = {"command": shlex.join(["analysis/bench_estimators.py", *sys.argv[1:]]),
                "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, "
                           f"torch {torch.__version__}, pyro {pyro.__version__}, 1 thread",
                "note": args.note, "loadavg_start": list(os.getloadavg()), "batch": BATCH, "networks": []}
