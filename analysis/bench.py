@@ -487,6 +487,8 @@ def write_outputs(results: dict, out: Path, distributed: list[str] | None = None
         lines += ["", *cnn_section(json.loads((out / "bench_cnn.json").read_text()))]
     if (out / "bench_peers.json").is_file():
         lines += ["", *peers_section(json.loads((out / "bench_peers.json").read_text()))]
+    if (out / "bench_estimators.json").is_file():
+        lines += ["", *estimators_section(json.loads((out / "bench_estimators.json").read_text()))]
     if distributed:
         lines += ["", "## Data-parallel training (`torchrun`, gloo, CPU)", "",
                   ("Produced by `.venv/bin/python analysis/bench_distributed.py` (LeNet-300-100 gnj, 25,600 "
@@ -578,6 +580,77 @@ PEER_COLUMNS = {"dense": "dense", "pyro_bc": "pyro-bc (gnj, local reparameterisa
 #: issue #30: pyro-bc's step at most each peer's on these networks
 PEER_TARGETS = {"bt_reparam": ("lenet300", "lenet5", "resnet18"), "bt_flipout": ("lenet300", "lenet5", "resnet18", "vgg"),
                 "tyxe_lrt": ("lenet300", "lenet5", "resnet18", "vgg")}
+
+
+def _seconds(r: dict) -> str:
+    reached = r["reached"]
+    if reached is None:
+        best = r.get("best_val_error_within_groups")
+        return "not reached" + ("" if best is None else f" (best {best:.2f}% within the groups)")
+    ratio = f", {r['seconds_ratio_to_lrt']:.2f}x" if "seconds_ratio_to_lrt" in r else ""
+    return f"{reached['seconds']:.0f} s, {reached['epochs']:g} epochs{ratio}"
+
+
+_ESTIMATOR_NAMES = ("lrt", "shared", "flipout")
+
+
+def estimators_section(r: dict) -> list[str]:
+    """The ``BENCHMARKS.md`` section of ``bench_estimators.json``."""
+    load = ", ".join(f"{v:.2f}" for v in r["loadavg_start"]) + " at the start, " + ", ".join(
+        f"{v:.2f}" for v in r["loadavg_end"]) + " at the end"
+    lines = ["## Gradient estimators", "",
+             (f"Produced by `.venv/bin/python {r['command']}` (figures in `bench_estimators.json`; the method is in the "
+              "script's docstring): gnj prior, batch 128, the estimators of `pyro_bc.infer.estimators` in one process. "
+              "Step: median ms [interquartile range] of interleaved rounds on one fixed batch, and the median over "
+              "the LRT's; `lrt, LocalReparameterization` is the default path as it was before (the handler entered "
+              "directly), against which `lrt` (through `Estimation`) shows the cost of choosing per kind. Time to "
+              "error: from the dense start with the fast recipe's settings but a cosine schedule over fewer epochs "
+              "(in the network column), the three trainings advanced in turns "
+              "(one step each), the seconds of each estimator's own steps until its posterior mean's validation "
+              "error first reached the target with at most the target's groups kept (log alpha < -3; evaluated every "
+              "quarter epoch), and their ratio to the LRT's. "
+              "Gradient variance: the summed per-coordinate variance of repeated gradients of -ELBO/N on one fixed "
+              "batch at fixed parameters, over the LRT's."),
+             f"Machine: {r['machine']}; load average (1, 5, 15 min) {load}.",
+             *([f"Conditions: {r['note']}"] if r.get("note") else []), "",
+             ("| network | estimator | step ms | step / lrt | time to error | grad. var. / lrt, dense start: means, "
+              "log-variances, scales | after the LRT's run |"), "|---|---|---|---|---|---|---|"]
+    for x in r["networks"]:
+        names = [n for n in x["steps"] if n in x["time_to_error"]] + [n for n in x["steps"]
+                                                                       if n not in x["time_to_error"]]
+        for name in names:
+            s = x["steps"][name]
+            step = f"{s['ms_median']:.2f} [{s['ms_q1']:.2f}-{s['ms_q3']:.2f}]"
+            tte = _seconds(x["time_to_error"][name]) if name in x["time_to_error"] else ""
+            variances = []
+            for where in ("dense start", "after the LRT's run"):
+                v = x["gradient_variance"].get(where, {}).get(name)
+                variances.append("" if v is None else ", ".join(
+                    f"{v[g + '_ratio_to_lrt']:.2f}" for g in ("means", "log-variances", "scales")))
+            target = (f" to {x['target']:g}%, <= {x['max_groups']} groups (cosine over {x['epochs']} epochs)"
+                      if name == names[0] else "")
+            lines.append(f"| {x['model']}{target} | {name} | {step} | {s['ratio_to_lrt']:.2f} | {tte} | "
+                         f"{variances[0]} | {variances[1]} |")
+    lines += ["", ("Other targets, from the same runs' evaluations: seconds (epochs) of each estimator's steps to the first "
+                   "evaluation at or below the error with at most the groups kept; the targets are the run's own, 0.2 "
+                   "and 0.4 points looser in error, and 5/3 of its groups (a run stopped once it reached the run's "
+                   "target, so only looser ones can be read off it)."), "",
+              "| network | error <= % | groups <= | " + " | ".join(_ESTIMATOR_NAMES) + " |",
+              "|---|---|---|" + "---|" * len(_ESTIMATOR_NAMES)]
+    for x in r["networks"]:
+        for groups in (x["max_groups"], round(x["max_groups"] * 5 / 3)):
+            for error in (x["target"], x["target"] + 0.2, x["target"] + 0.4):
+                cells = []
+                for name in _ESTIMATOR_NAMES:
+                    hit = next((e for e in x["time_to_error"][name]["evaluations"] if e["val_error"] <= error + 1e-9
+                                and sum(e["groups_kept"].values()) <= groups), None)
+                    cells.append("-" if hit is None else f"{hit['seconds']:.0f} ({hit['epochs']:g})")
+                lines.append(f"| {x['model']} | {error:.1f} | {groups} | " + " | ".join(cells) + " |")
+    lines += ["", "The LRT's gradient variances themselves: " + "; ".join(
+        f"{x['model']}, " + ", ".join(f"{w}: means {x['gradient_variance'][w]['lrt']['means']:.3g}, log-variances "
+                                      f"{x['gradient_variance'][w]['lrt']['log-variances']:.3g}"
+                                      for w in ("dense start", "after the LRT's run")) for x in r["networks"]) + "."]
+    return lines
 
 
 def peers_section(r: dict) -> list[str]:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from models import BUILTIN_MODELS
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
-from pyro_bc.errors import BCError
+from pyro_bc.errors import BCError, ConfigError
+from pyro_bc.infer.estimators import DEFAULT as DEFAULT_ESTIMATOR
+from pyro_bc.infer.estimators import ESTIMATORS, EstimatorChoice
 from pyro_bc.priors import PRIORS
 from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import load_checkpoint
@@ -95,6 +97,14 @@ def _prior_option(text: str) -> tuple[str, float]:
     return name.strip(), number
 
 
+def _estimator(text: str) -> str:
+    """An estimator choice (``flipout``, ``conv2d=flipout,linear=lrt``) in its canonical form."""
+    try:
+        return str(EstimatorChoice.parse(text))
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=_model_name, default=None,
                    help="lenet300 (the default), lenet5, vgg, resnet20 or a network file; with --resume, the run's")
@@ -108,6 +118,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variance-lr-factor", type=_positive_float, default=1.0, metavar="F",
                    help="learning rate of the log-variances and group scales: lr times F (they set the pace of "
                         "pruning)")
+    p.add_argument("--estimator", type=_estimator, default=DEFAULT_ESTIMATOR, metavar="NAME|KIND=NAME,...",
+                   help=f"gradient estimator of every layer ({', '.join(ESTIMATORS)}; default {DEFAULT_ESTIMATOR}), or "
+                        "per layer kind, e.g. conv2d=flipout,linear=lrt; with --resume, the run's")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--data", default=None, help="folder with MNIST IDX files, CIFAR-10 python batches or "
                                                 "train.npz and test.npz (default: the embedded MNIST)")
@@ -164,7 +177,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                        prior_options=_prior_options(args),
                        init_from=args.init_from,
                        device=args.device, threads=args.threads, augment=args.augment,
-                       lr_schedule=args.lr_schedule, clip_grad_norm=args.clip_grad_norm, clip_var=dict(args.clip_var))
+                       lr_schedule=args.lr_schedule, clip_grad_norm=args.clip_grad_norm, clip_var=dict(args.clip_var),
+                       estimator=args.estimator)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

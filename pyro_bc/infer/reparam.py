@@ -12,7 +12,9 @@ Every layer kind is one entry of :data:`OPS`: its deterministic function, whethe
 multiply its inputs or its outputs, and its local-reparameterisation op. The handler's body is the
 same for all of them. The op also returns the weights' KL against ``N(0, 1)`` (:mod:`pyro_bc.infer.fused`);
 the handler leaves it on the guide's weight distribution, where the ELBO's
-:func:`~pyro_bc.infer.distributions.summed_kl` takes it instead of computing it again.
+:func:`~pyro_bc.infer.distributions.summed_kl` takes it instead of computing it again. :class:`LayerDraws` is the
+handler's skeleton; the other gradient estimators (one weight draw per batch, Flipout) fill it in
+:mod:`pyro_bc.infer.estimators`.
 
 Example::
 
@@ -138,20 +140,18 @@ def _base(fn):
     return fn
 
 
-class LocalReparameterization(Messenger):
-    """Replace explicit weight sampling in :func:`bayes_layer` by the local reparameterisation.
-
-    Records the guide distribution of every sampled value (by identity of the tensor, which Pyro's
-    replay passes unchanged from guide to model) and, at each layer, draws the pre-activation from its
-    Gaussian through the op's ``lrt`` (e.g. ``mean = (x z) M^T + mu_b``, ``var = (x z)^2 S^T + s_b^2``
-    for linear layers), ``z`` drawn per example by the prior (:meth:`Prior.per_example_scale`). Guide
-    sites marked :data:`LRT_ONLY` are not drawn. The guide must sample ``w`` (and ``b``) from a Normal;
-    anything else falls back to explicit sampling. The op's weight KL is left on a :class:`NormalLogVar`
-    ``w`` guide (:attr:`~NormalLogVar.standard_normal_kl`) for the ELBO.
+class LayerDraws(Messenger):
+    """The handler's skeleton shared by every gradient estimator: records the guide distribution of every sampled
+    value (by identity of the tensor, which Pyro's replay passes unchanged from guide to model), leaves guide sites
+    marked :data:`LRT_ONLY` undrawn, and at each :func:`bayes_layer` hands the guide distributions to :meth:`draw`,
+    whose output replaces the op's. The guide must sample ``w`` (and ``b``) from a Normal; anything else falls back
+    to explicit sampling. A weight KL that the draw returns is left on a :class:`NormalLogVar` ``w`` guide
+    (:attr:`~NormalLogVar.standard_normal_kl`) for the ELBO.
 
     :param shard: ``(start, total)``: the batch is rows ``start, start + 1, ...`` of a batch of ``total``
-        rows. The per-example noise is drawn for all ``total`` rows and these rows are kept, so that the
-        processes of a data-parallel run together draw what one process would (``None``: the whole batch).
+        rows. The per-example draws (:meth:`noise`, :meth:`signs`) are made for all ``total`` rows and these rows
+        are kept, so that the processes of a data-parallel run together draw what one process would (``None``: the
+        whole batch).
     """
 
     def __init__(self, shard: tuple[int, int] | None = None):
@@ -160,13 +160,23 @@ class LocalReparameterization(Messenger):
         self._q: dict[int, tuple[torch.Tensor, object]] = {}  # guide distributions of sampled values
         self._scales: dict[int, tuple[torch.Tensor, object]] = {}  # (prior, guide distributions) of group scales
 
-    def _noise(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    def _rows(self, full: torch.Tensor, n: int) -> torch.Tensor:
+        start = self.shard[0]
+        return full[start:start + n]
+
+    def noise(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
         """Standard-normal per-example noise of ``shape`` (examples first), honouring :attr:`shard`."""
         if self.shard is None:
             return torch.randn(shape, dtype=like.dtype, device=like.device)
-        start, total = self.shard
-        full = torch.randn((total, *shape[1:]), dtype=like.dtype, device=like.device)
-        return full[start:start + shape[0]]
+        full = torch.randn((self.shard[1], *shape[1:]), dtype=like.dtype, device=like.device)
+        return self._rows(full, shape[0])
+
+
+    def signs(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+        """Independent random signs (+1 or -1, each with probability 1/2) per example, honouring :attr:`shard`."""
+        rows = shape[0] if self.shard is None else self.shard[1]
+        full = torch.randint(0, 2, (rows, *shape[1:]), dtype=like.dtype, device=like.device).mul_(2).sub_(1)
+        return full if self.shard is None else self._rows(full, shape[0])
 
     def __enter__(self):
         self._q.clear()
@@ -214,15 +224,56 @@ class LocalReparameterization(Messenger):
         q_w, q_b, q_z = self._lookup(w, self._q), self._lookup(b, self._q), self._lookup(z, self._scales)
         if not isinstance(q_w, Normal) or (b is not None and not isinstance(q_b, Normal)) or (z is not None and q_z is None):
             return
-        z_n = None if z is None else q_z[0].per_example_scale(q_z[1], x.shape[0], self._noise)
-        if z_n is not None and op.scales_input and x.dim() > 2:  # one scale per example, shared by its positions
-            z_n = _along_last(z_n, x.dim()).expand(x.shape)
-        b_mu, b_var = (None, None) if b is None else (q_b.loc, q_b.variance)
-        eps = self._noise(op.output_shape(x, w, *args), x)
-        y, kl = op.lrt(x, z_n, q_w.loc, _logvar(q_w), b_mu, b_var, eps, *args)
-        if isinstance(q_w, NormalLogVar):  # counted by the ELBO through summed_kl, its gradient fused
+        y, kl = self.draw(op, x, q_z, q_w, q_b, *args)
+        if kl is not None and isinstance(q_w, NormalLogVar):  # counted by the ELBO through summed_kl
             q_w.standard_normal_kl = kl
         msg["value"], msg["done"] = y, True
+
+    def draw(self, op: LayerOp, x: torch.Tensor, scales: tuple | None, q_w: Normal, q_b: Normal | None,
+             *args) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output drawn from the guide distributions: ``scales`` the prior and the guide distributions
+        of its scale sites (``None`` without group scales), ``q_w`` and ``q_b`` those of the weights and the bias;
+        returns the output and the weights' KL against ``N(0, 1)`` where the draw computed it (else ``None``)."""
+        raise NotImplementedError
+
+
+def per_example_scales(op: LayerOp, x: torch.Tensor, scales: tuple | None, noise) -> torch.Tensor | None:
+    """The group scales drawn once per example, ``(N, groups)`` (the prior's :meth:`Prior.per_example_scale`);
+    expanded to ``x``'s shape where they scale the inputs of a linear layer on more than 2-D inputs (one scale per
+    example, shared by its positions)."""
+    if scales is None:
+        return None
+    prior, guides = scales
+    z_n = prior.per_example_scale(guides, x.shape[0], noise)
+    if op.scales_input and x.dim() > 2:
+        z_n = _along_last(z_n, x.dim()).expand(x.shape)
+    return z_n
+
+
+def lrt_draw(op: LayerOp, x: torch.Tensor, scales: tuple | None, q_w: Normal, q_b: Normal | None, draws: LayerDraws,
+             *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local reparameterisation's draw of a layer's output through the op's ``lrt`` (Kingma et al. 2015): the
+    pre-activation from its Gaussian given the group scales, which are drawn per example; per-example noise from
+    ``draws`` (the handler)."""
+    z_n = per_example_scales(op, x, scales, draws.noise)
+    b_mu, b_var = (None, None) if q_b is None else (q_b.loc, q_b.variance)
+    eps = draws.noise(op.output_shape(x, q_w.loc, *args), x)
+    return op.lrt(x, z_n, q_w.loc, _logvar(q_w), b_mu, b_var, eps, *args)
+
+
+class LocalReparameterization(LayerDraws):
+    """Replace explicit weight sampling in :func:`bayes_layer` by the local reparameterisation.
+
+    At each layer, draws the pre-activation from its Gaussian through the op's ``lrt`` (:func:`lrt_draw`; e.g.
+    ``mean = (x z) M^T + mu_b``, ``var = (x z)^2 S^T + s_b^2`` for linear layers), ``z`` drawn per example by
+    the prior (:meth:`Prior.per_example_scale`). Guide sites marked :data:`LRT_ONLY` are not drawn. The other
+    gradient estimators, and a choice per layer kind, are :class:`pyro_bc.infer.estimators.Estimation`.
+
+    :param shard: see :class:`LayerDraws`.
+    """
+
+    def draw(self, op, x, scales, q_w, q_b, *args):
+        return lrt_draw(op, x, scales, q_w, q_b, self, *args)
 
 
 def local_reparameterization(fn: Callable | None = None, shard: tuple[int, int] | None = None):

@@ -33,7 +33,7 @@ from pyro_bc.data.augment import augment, augment_generator
 from pyro_bc.data.datasets import Split, as_split, iterate_minibatches
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged, first_line
 from pyro_bc.infer.elbo import MeanFieldELBO
-from pyro_bc.infer.reparam import LocalReparameterization
+from pyro_bc.infer.estimators import DEFAULT, Estimation, EstimatorChoice
 from pyro_bc.metrics.evaluate import error_percent, groups_below
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.train import distributed
@@ -81,25 +81,29 @@ def _first_nonfinite(net: BayesianNet) -> str:
 class NegativeELBO(nn.Module):
     """``-ELBO / N`` of a minibatch (KL weighted by ``beta``) as a module over the network's parameters.
 
-    Being an ``nn.Module`` lets ``DistributedDataParallel`` wrap it. ``handler``: an effect handler applied
-    inside the local reparameterisation (fine-tuning's :class:`~pyro_bc.compression.finetuning.PruningMask`). ``weight``
+    Being an ``nn.Module`` lets ``DistributedDataParallel`` wrap it. ``estimators``: the gradient estimator of each
+    layer kind (:class:`~pyro_bc.infer.estimators.EstimatorChoice` or its text; the local reparameterisation by default).
+    ``handler``: an effect handler applied inside the estimators' (fine-tuning's
+    :class:`~pyro_bc.compression.finetuning.PruningMask`). ``weight``
     multiplies the whole loss: a data-parallel rank holding ``b`` of a global batch's ``B`` rows uses ``K b / B``,
     so that the ranks' averaged gradient is the gradient of the global batch, KL counted once (``0`` for a
     rank with no rows: a zero loss over every parameter, so that the gradient all-reduce still runs).
     """
 
-    def __init__(self, net: BayesianNet, handler: Messenger | None = None):
+    def __init__(self, net: BayesianNet, handler: Messenger | None = None,
+                 estimators: str | EstimatorChoice = DEFAULT):
         super().__init__()
         self.net, self.elbo, self.handler = net, MeanFieldELBO(), handler
+        self.estimators = EstimatorChoice.parse(estimators)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, n_data: int, beta: float = 1.0, weight: float = 1.0,
                 shard: tuple[int, int] | None = None) -> torch.Tensor:
-        """``shard``: the rows of a data-parallel global batch that ``x`` is (see :class:`LocalReparameterization`)."""
+        """``shard``: the rows of a data-parallel global batch that ``x`` is (see :class:`~pyro_bc.reparam.LayerDraws`)."""
         if weight == 0:  # an empty shard (a last global batch smaller than the world): zero gradients
             return sum(p.sum() for p in self.parameters()) * 0.0
         model = poutine.scale(self.net.model, scale=weight / n_data)
         guide = poutine.scale(self.net.guide, scale=weight * beta / n_data)
-        with LocalReparameterization(shard), self.handler or contextlib.nullcontext():  # the handler inside
+        with Estimation(self.estimators, shard), self.handler or contextlib.nullcontext():  # the handler inside
             return self.elbo.differentiable_loss(model, guide, x, y, n_data)
 
 
@@ -230,7 +234,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
     n_data = len(train_x)
     global_batch = config.batch_size * group.world_size
     steps_per_epoch = math.ceil(n_data / global_batch)
-    negative_elbo = NegativeELBO(net, handler)
+    negative_elbo = NegativeELBO(net, handler, config.estimator)
 
     def save(epoch: int) -> None:
         save_checkpoint(checkpoint, {
@@ -302,7 +306,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
 
 #: The options of :func:`fit` beyond its named arguments: the :class:`TrainConfig` fields that concern a given network.
 FIT_OPTIONS = ("seed", "warmup_epochs", "eval_every", "clip_grad_norm", "lr_schedule", "threads", "device", "augment",
-               "clip_var", "variance_lr_factor")
+               "clip_var", "variance_lr_factor", "estimator")
 
 
 def _prior_name(net: BayesianNet) -> str:
@@ -321,7 +325,8 @@ def fit(net: BayesianNet, train, val=None, *, epochs: int, batch_size: int = 128
 
     ``options``: :data:`FIT_OPTIONS` (``seed`` 0, ``warmup_epochs``, ``eval_every``, ``clip_grad_norm``,
     ``lr_schedule``, ``threads`` (default: torch's current number), ``device``, ``augment``, ``clip_var``,
-    ``variance_lr_factor``), as
+    ``variance_lr_factor``, ``estimator``: the gradient estimator per layer kind, text such as ``"flipout"`` or
+    ``"conv2d=flipout,linear=lrt"``, see :class:`~pyro_bc.infer.estimators.EstimatorChoice`), as
     :class:`TrainConfig` has them. With ``out``, the run directory is written as by ``pyro-bc train``
     (``checkpoint.pt``, ``metrics.jsonl``, ``config.json``, the lock; the config's ``model`` is ``"python"``) and
     ``resume=True`` continues from its checkpoint exactly (the checkpoint's options, this call's ``epochs``,
@@ -344,6 +349,8 @@ def fit_with(net: BayesianNet, train, val=None, *, epochs: int, batch_size: int 
         raise ConfigError(f"fit trains a BayesianNet (see pyro_bc.bayesianize), got {type(net).__name__}")
     if options.get("threads") is None:
         options["threads"] = torch.get_num_threads()
+    if "estimator" in options:  # recorded in its canonical form
+        options["estimator"] = str(EstimatorChoice.parse(options["estimator"]))
     train_split = as_split(train, "train")
     val_split = None if val is None else as_split(val, "val")
     config = TrainConfig(model=PYTHON_MODEL, prior=_prior_name(net), epochs=epochs, batch_size=batch_size, lr=lr,

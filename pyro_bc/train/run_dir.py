@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pyro_bc.defaults import VAL_SIZE
 from pyro_bc.errors import ConfigError
+from pyro_bc.infer.estimators import DEFAULT as DEFAULT_ESTIMATOR
+from pyro_bc.infer.estimators import EstimatorChoice
 from pyro_bc.priors import PRIORS, known_options, make_prior
 from pyro_bc.train.schedule import SCHEDULES
 
@@ -46,6 +48,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # one of pyro_bc.train.schedule.SCHEDULES
     clip_grad_norm: float | None = None  # clip the gradients' total norm to this before each optimiser step
     clip_var: dict[str, float | None] = dataclasses.field(default_factory=dict)  # per layer name; None: no clip
+    estimator: str = DEFAULT_ESTIMATOR  # the gradient estimator per layer kind (pyro_bc.infer.estimators.EstimatorChoice)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first option out of range (layer names are checked by training)."""
@@ -64,6 +67,7 @@ class TrainConfig:
             make_prior(self.prior, **self.prior_options)
         elif self.prior_options:
             raise ConfigError(f"prior options {self.prior_options} for a network of several priors ({self.prior})")
+        EstimatorChoice.parse(self.estimator)
         for name, value in self.clip_var.items():
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"clip_var of layer {name!r} must be a positive number or None, got {value}")
