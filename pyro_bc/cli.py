@@ -18,8 +18,7 @@ from pyro_bc.priors import PRIORS
 from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import load_checkpoint
 from pyro_bc.train.distributed import is_main_process
-from pyro_bc.train.loop import PYTHON_MODEL
-from pyro_bc.train.run_dir import CHECKPOINT, TrainConfig
+from pyro_bc.train.run_dir import CHECKPOINT, PYTHON_MODEL, TrainConfig
 from pyro_bc.train.schedule import SCHEDULES
 
 

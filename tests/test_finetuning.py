@@ -4,6 +4,7 @@ zero through steps and a resume, and the compression of a fine-tuned run keeping
 import json
 import math
 
+import pyro
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,12 +83,14 @@ def test_masked_elbo_equals_the_elbo_of_the_network_with_the_pruned_weights_remo
               + _normal_kl(second.bias_mu, second.bias_logvar)
               + _log_uniform_kl(z0, first.prior.z_logvar) + _log_uniform_kl(z1, second.prior.z_logvar))  # scales stay
         expected = nll + kl / n_data
-        torch.manual_seed(5)
-        masked = NegativeELBO(net, PruningMask(_masks()))(x, y, n_data)
-        torch.manual_seed(5)
-        unmasked = NegativeELBO(net)(x, y, n_data)
-    assert masked.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert abs(unmasked.item() - expected.item()) > 1.0  # the pruned entries would count without the masks
+        for validate in (False, True):  # pyro-bc's ELBO, and Pyro's own (with its checks) under validation
+            with pyro.validation_enabled(validate):
+                torch.manual_seed(5)
+                masked = NegativeELBO(net, PruningMask(_masks()))(x, y, n_data)
+                torch.manual_seed(5)
+                unmasked = NegativeELBO(net)(x, y, n_data)
+            assert masked.item() == pytest.approx(expected.item(), rel=1e-5), validate
+            assert abs(unmasked.item() - expected.item()) > 1.0  # the pruned entries would count without the masks
 
 
 def test_masked_weights_get_no_gradient_and_their_kl_leaves_the_elbo():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from pyro.poutine.messenger import Messenger
+from torch.distributions import Normal as TorchNormal
 from torch.distributions import register_kl
 
 from pyro_bc.atomic import atomic_write_bytes
@@ -30,9 +31,8 @@ from pyro_bc.compression.posterior import PrunedLayer
 from pyro_bc.compression.pruned import summary_pruning
 from pyro_bc.data.datasets import as_split
 from pyro_bc.errors import CheckpointError, ConfigError
-from pyro_bc.infer.distributions import LogUniform, NormalLogVar, kl_normal_log_uniform
+from pyro_bc.infer.distributions import LogUniform, NormalLogVar, kl_normal_log_uniform, kl_normal_logvar_normal
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.train.loop import fit_with
 from pyro_bc.train.run_dir import FINETUNE_FILE, prepare_run_dir
 
 __all__ = ["MASKED_LOGVAR", "LayerMask", "MaskedNormalLogVar", "PruningMask", "apply_pruning", "check_masks",
@@ -94,6 +94,14 @@ class MaskedNormalLogVar(NormalLogVar):
 @register_kl(MaskedNormalLogVar, LogUniform)
 def _kl_masked_log_uniform(p: MaskedNormalLogVar, q: LogUniform) -> torch.Tensor:
     kl = kl_normal_log_uniform(NormalLogVar(p.raw_loc, p.raw_logvar), q)
+    return torch.where(p.keep, kl, kl.new_zeros(()))
+
+
+@register_kl(MaskedNormalLogVar, TorchNormal)
+def _kl_masked_normal(p: MaskedNormalLogVar, q: TorchNormal) -> torch.Tensor:
+    """The kept entries' KL against a normal prior, zero at the pruned ones: what Pyro's own ELBO (with validation
+    on) takes, the same sum as :attr:`MaskedNormalLogVar.standard_normal_kl` against ``N(0, 1)``."""
+    kl = kl_normal_logvar_normal(NormalLogVar(p.raw_loc, p.raw_logvar), q)
     return torch.where(p.keep, kl, kl.new_zeros(()))
 
 
@@ -211,6 +219,8 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
     ``resume=True`` continues it exactly (``summary`` is then not needed: the masks are the run's); and
     ``pyro_bc.compress(net, ..., rule=KeptStructure(out))`` compresses it with the structure it was given.
     """
+    from pyro_bc.train.loop import fit_with  # on use: compress and the report never load the training loop
+
     if not isinstance(net, BayesianNet):
         raise ConfigError(f"finetune takes a BayesianNet, got {type(net).__name__}")
     if resume:

@@ -37,7 +37,7 @@ from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.evaluate import error_percent
 from pyro_bc.metrics.predict import predictive_summary
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.train.loop import PYTHON_MODEL
+from pyro_bc.train.run_dir import PYTHON_MODEL
 
 
 def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -21,8 +21,7 @@ from pyro_bc.metrics.evaluate import error_percent
 from pyro_bc.metrics.predict import scored
 from pyro_bc.metrics.shift import fit_images, shift_report
 from pyro_bc.runs.load import load_run, original_network
-from pyro_bc.train.loop import PYTHON_MODEL
-from pyro_bc.train.run_dir import FINETUNE_FILE
+from pyro_bc.train.run_dir import FINETUNE_FILE, PYTHON_MODEL
 
 
 def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] | None = None, auto: str | None = None,

@@ -15,7 +15,7 @@ from pyro_bc.metrics import predict
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import known_options
 from pyro_bc.train.checkpoint import load_checkpoint
-from pyro_bc.train.run_dir import CHECKPOINT, TrainConfig
+from pyro_bc.train.run_dir import CHECKPOINT, PYTHON_MODEL, TrainConfig
 
 Source = BayesianNet | torch.nn.Module | str | os.PathLike[str]
 
@@ -24,7 +24,7 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     """The trained network of a run directory (from its checkpoint), its config and the checkpoint."""
     state = load_checkpoint(Path(run_dir) / CHECKPOINT)
     config = TrainConfig.from_dict(state["config"])
-    if config.model == "python":  # pyro_bc.train.loop.PYTHON_MODEL
+    if config.model == PYTHON_MODEL:
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINT} is a run of pyro_bc.fit from Python (its network is not "
                               f"in the config): compress the network with pyro_bc.compress(net, ...)")
     net = build_network(config.model, config.prior, input_shape=state.get("input_shape"), width=config.width,

@@ -42,6 +42,7 @@ from pyro_bc.train.run_dir import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    PYTHON_MODEL,
     RunLock,
     TrainConfig,
     prepare_run_dir,
@@ -147,7 +148,6 @@ def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet
     return value.detach()
 
 
-PYTHON_MODEL = "python"  # the model field of the config of a run trained by :func:`pyro_bc.fit`
 
 
 def run_training(config: TrainConfig, out: str | Path | None, resume: bool, progress: bool, setup,

@@ -22,6 +22,7 @@ from pyro_bc.priors import PRIORS, known_options, make_prior
 from pyro_bc.train.schedule import SCHEDULES
 
 CHECKPOINT, METRICS, CONFIG, LOCK = "checkpoint.pt", "metrics.jsonl", "config.json", ".lock"
+PYTHON_MODEL = "python"  # the model field of the config of a run trained by :func:`pyro_bc.fit`
 FINETUNE_FILE = "finetune.pt"  # a fine-tuning run's pruning masks and record (pyro_bc.compression.finetuning)
 
 
