@@ -1,4 +1,4 @@
-"""The compressed Bayesian network (pyro_bc.bcz.bayesian, written by pyro_bc.compression.pipeline.variances) and its version-3 ``.bcz`` file (pyro_bc.bcz.v3): stored
+"""The compressed Bayesian network (pyro_bc.bcz.bayesian, written by pyro_bc.compression.variances) and its version-3 ``.bcz`` file (pyro_bc.bcz.v3): stored
 variances against the guide's, the draws' moments against closed forms (Monte Carlo within standard errors),
 zero variances against the deterministic network, the file's bytes against version 2, and broken files."""
 
@@ -306,7 +306,7 @@ def test_committed_results_still_load():
 
 
 def test_a_layer_node_that_is_no_bayesian_layer_is_deterministic(compressed):
-    from pyro_bc.compression.pipeline.variances import compressed_variances
+    from pyro_bc.compression.variances import compressed_variances
 
     from pyro_bc.bcz.bayesian import LOG_VARIANCE_RANGE
 

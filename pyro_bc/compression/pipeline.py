@@ -21,7 +21,7 @@ from pyro_bc.compression.bits import TOLERANCE, BitsInputs, BitsRule, bits_rule_
 from pyro_bc.compression.compressed import compressed_model
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.compression.macs import add_macs
-from pyro_bc.compression.pipeline.variances import compressed_variances
+from pyro_bc.compression.variances import compressed_variances
 from pyro_bc.compression.posterior import (
     Precision,
     PrunedLayer,
