@@ -28,8 +28,9 @@ from pyro_bc.infer.reparam import LayerDraws, LayerOp, LocalReparameterization
 from pyro_bc.nn.layers import BayesConv1d, BayesConv2d, BayesLinear
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import known_options, make_prior
+from pyro_bc.runs.training import train
 from pyro_bc.train.checkpoint import load_checkpoint
-from pyro_bc.train.loop import NegativeELBO, train
+from pyro_bc.train.loop import NegativeELBO
 from pyro_bc.train.run_dir import TrainConfig
 
 CALLS, COPIES = 300, 20  # independent handler calls; copies of the batch in each call

@@ -322,7 +322,7 @@ def test_values_not_from_the_guide_fall_back_to_the_explicit_layer():
 def test_noise_follows_the_inputs_dtype_and_device():
     like = torch.empty(0, dtype=torch.float64, device="meta")
     for handler in (LocalReparameterization(), LocalReparameterization((1, 5))):
-        eps = handler._noise(torch.Size((3, 2)), like)
+        eps = handler.noise(torch.Size((3, 2)), like)
         assert eps.shape == (3, 2) and eps.dtype == torch.float64 and eps.device.type == "meta"
 
 

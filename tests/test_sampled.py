@@ -306,9 +306,8 @@ def test_committed_results_still_load():
 
 
 def test_a_layer_node_that_is_no_bayesian_layer_is_deterministic(compressed):
-    from pyro_bc.compression.variances import compressed_variances
-
     from pyro_bc.bcz.bayesian import LOG_VARIANCE_RANGE
+    from pyro_bc.compression.variances import compressed_variances
 
     net, folder, _ = compressed
     model = codec.read_bcz(folder / "plain.bcz")

@@ -21,7 +21,6 @@ from pyro_bc.compression.bits import TOLERANCE, BitsInputs, BitsRule, bits_rule_
 from pyro_bc.compression.compressed import compressed_model
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.compression.macs import add_macs
-from pyro_bc.compression.variances import compressed_variances
 from pyro_bc.compression.posterior import (
     Precision,
     PrunedLayer,
@@ -32,6 +31,7 @@ from pyro_bc.compression.posterior import (
 )
 from pyro_bc.compression.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
 from pyro_bc.compression.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
+from pyro_bc.compression.variances import compressed_variances
 from pyro_bc.data.datasets import as_split
 from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.evaluate import error_percent
