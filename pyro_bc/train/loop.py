@@ -204,6 +204,25 @@ def _device(config: TrainConfig, group: distributed.ProcessGroup) -> torch.devic
     return device
 
 
+def _restored(net: BayesianNet, optimizer: torch.optim.Optimizer, state: dict, checkpoint: Path | None) -> list[dict]:
+    """The network, the optimiser and torch's random state as the checkpoint ``state`` left them; its metrics."""
+    try:
+        net.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{checkpoint} does not fit the network: {first_line(e)}")
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["metrics"]
+
+
+def _epoch_line(record: dict) -> str:
+    """The progress line of an epoch's record: ELBO per example, errors where evaluated, groups kept, seconds."""
+    kept = "-".join(str(v) for v in record["groups_kept"].values())
+    errors = (f"train err {record['train_error']:.2f}%  " if "train_error" in record else "") + (
+        f"val err {record['val_error']:.2f}%  " if "val_error" in record else "")
+    return f"epoch {record['epoch']}: elbo/N {record['elbo']:.4f}  {errors}log alpha<-3: {kept}  ({record['seconds']:.1f}s)"
+
+
 def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfig, run_dir: Path | None,
            state: dict | None, progress: bool, group: distributed.ProcessGroup, extras: dict,
            handler: Messenger | None = None) -> list[dict]:
@@ -214,15 +233,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
     checkpoint = run_dir / CHECKPOINT if run_dir is not None else None
     net.to(device)
     optimizer = make_optimizer(net, config.lr, config.variance_lr_factor)
-    metrics: list[dict] = []
-    if state is not None:
-        try:
-            net.load_state_dict(state["network"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{checkpoint} does not fit the network: {first_line(e)}")
-        torch.set_rng_state(state["rng"]["torch"])
-        metrics = state["metrics"]
+    metrics = _restored(net, optimizer, state, checkpoint) if state is not None else []
     start_epoch = state["epoch"] if state is not None else 0
     run_config = {**dataclasses.asdict(config), "world_size": group.world_size, **extras,
                   "layer_clip_var": {name: layer.clip_var for name, layer in zip(net.layer_names, net.layers)}}
@@ -295,11 +306,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
             if run_dir is not None:
                 save(epoch + 1)
             if progress:
-                kept = "-".join(str(v) for v in record["groups_kept"].values())
-                errors = (f"train err {record['train_error']:.2f}%  " if "train_error" in record else "") + (
-                    f"val err {record['val_error']:.2f}%  " if "val_error" in record else "")
-                tqdm.write(f"epoch {epoch + 1}: elbo/N {record['elbo']:.4f}  {errors}log alpha<-3: {kept}  "
-                           f"({record['seconds']:.1f}s)")
+                tqdm.write(_epoch_line(record))
         group.barrier()  # nobody runs ahead of the checkpoint
     return metrics
 
