@@ -892,6 +892,8 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
     (v2_file(v2_header(meta=b"\xff")), "header: metadata is not valid JSON (UnicodeDecodeError)"),
     (v2_file(v2_header(meta=b"{")), "header: metadata is not valid JSON (JSONDecodeError)"),
     (v2_file(v2_header(meta=b"[1]")), "header: metadata is not a JSON object"),
+    (v2_file(v2_header(meta=b"[" * 10**5)), "header: metadata is not valid JSON (RecursionError)"),
+    (v2_file(norm_v2(eps=float("inf"))), N0 + "layer_norm eps inf must be finite and >= 0"),
     (v2_file(uvarint(1) + uvarint(3) + uvarint(0) + uvarint(2**16 + 1)), "header: node count=65537 outside [0, 65536]"),
     (v2_file(v2_header(bytes([23, 1]))), "header: node 0 kind=23 outside [0, 22]"),
     (v2_file(v2_header(v2_node("relu"), v2_node("add", back=(1,)))), "header: node 1 input count=1 outside [2, 65536]"),
@@ -1019,11 +1021,12 @@ def test_v2_reader_accepts_each_bound() -> None:
         v2_node("select", bytes([0]) + uvarint(3) + uvarints([1, 0, 2])),
         v2_node("select", bytes([1]) + uvarint(6) + bytes([0b01100100])),
         v2_node("select", bytes([1]) + uvarint(2**16 + 1) + bytes(8192) + bytes([0x80])),
-        v2_node("relu", back=(13,)),
+        v2_node("select", bytes([1]) + uvarint(8) + bytes([0b00000001])),
+        v2_node("relu", back=(14,)),
     ]
     half = np.array([0.5, -3.0], "<f2").tobytes()
     model = bcz_v2.decode(v2_file(v2_header(*nodes), PACKED_BLOCK * 2 + half + PACKED_BLOCK + bytes([0, 3, 0x30])))
-    conv2d, lin, add, fixed, f1, f2, pool, adaptive, gather, s0, s1, s2, relu = model.items
+    conv2d, lin, add, fixed, f1, f2, pool, adaptive, gather, s0, s1, s2, s3, relu = model.items
     assert (conv2d.name, conv2d.stride, conv2d.padding, conv2d.dilation, conv2d.groups) == (
         name, (2, 3), (0, 2**16), (2**16, 1), 2)
     assert conv2d.frac_bits == 64 and conv2d.weight_codes.tolist() == [[[[1, 2, 3]]], [[[4, 5, 6]]]]
@@ -1036,10 +1039,12 @@ def test_v2_reader_accepts_each_bound() -> None:
     assert adaptive.params == {"output_size": (1, 2**16)}
     assert gather.params == {"index": [2, 0, 2**16]}
     assert s0.params == s1.params == {"index": [1, 2, 5]} and s2.params == {"index": [2**16]}
+    assert s3.params == {"index": [7]}  # a bitmap of 8 bits is one byte
     assert relu.kind == "relu" and relu.inputs == (-1,)
     norm = bcz_v2.decode(v2_file(norm_v2(bias=(1, 12)), bytes(6) + np.array([1, 2, 3], "<f4").tobytes())).items[0]
     assert norm.eps == 0.5 and norm.weight.tolist() == [0, 0, 0] and norm.bias.tolist() == [1, 2, 3]
     assert bcz_v2.decode(v2_file(norm_v2(weight=(0, 0)))).items[0].weight is None
+    assert bcz_v2.decode(v2_file(norm_v2(eps=0.0), bytes(6))).items[0].eps == 0.0
 
 
 def v2_decoded_header(data: bytes) -> bytes:
@@ -1089,7 +1094,8 @@ def test_v2_writer_header_bytes_by_hand() -> None:
              Op("gather", {"index": [2, 0, 2]}), Op("flatten", {"start_dim": -1}),
              Op("maxpool2d", {"kernel_size": (3, 2), "stride": (1, 2), "padding": (1, 0)}),
              Op("adaptive_avgpool2d", {"output_size": (1, 4)}), Op("add", inputs=(6, -1)), Op("relu", inputs=(-1,))]
-    model = CompressedModel(items, (1,) * 7 + (2**16,), {"seed": 1, "run": "x", "model": "a" * 81})
+    meta = {"seed": 1, "run": "x", "model": "a" * 79, "prior": "b" * 78, "thresholds": [float("nan")], "width": {1}}
+    model = CompressedModel(items, (1,) * 7 + (2**16,), meta)  # kept: seed, and prior (80 bytes of JSON, not 81)
     nodes = [v2_node("select", bytes([1]) + uvarint(6) + bytes([0b01100100])),  # 3 bytes; the list takes 5
              v2_node("select", bytes([0]) + uvarint(2) + uvarints([0, 99])),  # 4 bytes; the bitmap takes 15
              v2_node("select", bytes([0]) + uvarint(1) + uvarint(0)),  # 3 bytes, the bitmap too
@@ -1097,15 +1103,24 @@ def test_v2_writer_header_bytes_by_hand() -> None:
              v2_node("maxpool2d", uvarints([3, 2, 1, 2, 1, 0])), v2_node("adaptive_avgpool2d", uvarints([1, 4])),
              v2_node("add", back=(1, 8)), v2_node("relu", back=(9,))]
     data = bcz_v2.encode(model)
-    assert v2_decoded_header(data) == v2_header(*nodes, shape=(1,) * 7 + (2**16,), meta=b'{"seed":1}')
+    kept = b'{"prior":"' + b"b" * 78 + b'","seed":1}'
+    assert v2_decoded_header(data) == v2_header(*nodes, shape=(1,) * 7 + (2**16,), meta=kept)
     assert bcz_v2.decode(data).items == items
     assert v2_decoded_header(bcz_v2.encode(CompressedModel([], (3,), {}))) == v2_header()
+    header = v2_header(meta=b'{"seed":1111}')  # raw deflate makes it no shorter (17 bytes): kept as it is
+    assert len(zlib.compress(header, 9)) - 6 == len(header) == 17
+    assert bcz_v2.encode(CompressedModel([], (3,), {"seed": 1111})) == v2_file(header)
 
 
 def test_v2_writer_refuses_what_the_format_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each writer bound, one past its end, refused in one line; its end written. (The node cap lowered to 3:
     65536 nodes take seconds.)"""
     monkeypatch.setattr(bcz_v2, "MAX_NODES", 3)
+    monkeypatch.setattr(bcz_v2, "MAX_DIM", 3)  # as for the weight dimensions (2**28: a 2 GiB array of codes)
+    fits = [QuantizedLayer("linear", "q", np.ones((3, 3), np.int64), 0), FloatLayer("linear", "f", np.ones((3, 3))),
+            NormLayer("n", (3, 3), 0.5)]
+    assert [type(i) for i in bcz_v2.decode(bcz_v2.encode(CompressedModel(fits, (3,)))).items] == [
+        QuantizedLayer, FloatLayer, NormLayer]
     relus = [Op("relu")] * 3
     assert len(bcz_v2.decode(bcz_v2.encode(CompressedModel(relus, (3,)))).items) == 3
     name = "é" * 127 + "x"  # 255 UTF-8 bytes
@@ -1123,6 +1138,10 @@ def test_v2_writer_refuses_what_the_format_cannot_hold(monkeypatch: pytest.Monke
          "item 0 is not a QuantizedLayer, FloatLayer, NormLayer or an Op of a known kind"),
         (CompressedModel([QuantizedLayer("linear", "é" * 128, np.ones((1, 1), np.int64), 0)], (1,)),
          f"layer name {'é' * 20!r}... is longer than 255 bytes"),
+        (CompressedModel([QuantizedLayer("linear", "q", np.ones((1, 4), np.int64), 0)], (1,)),
+         "layer 'q': a dimension of [1, 4] exceeds 3"),
+        (CompressedModel([FloatLayer("linear", "f", np.ones((4, 1)))], (1,)), "layer 'f': a dimension of [4, 1] exceeds 3"),
+        (CompressedModel([NormLayer("n", (1, 4), 0.5)], (1,)), "layer_norm 'n': a dimension of [1, 4] exceeds 3"),
     ]
     for model, message in cases:
         with pytest.raises(BadData) as info:
