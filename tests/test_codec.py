@@ -948,6 +948,10 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
      "layer 'fc' weights: 2 packed bytes for 6 codes of 4 bits (expected 3)"),
     (v2_file(norm_v2(shape=())), N0 + "layer_norm rank=0 outside [1, 8]"),
     (v2_file(norm_v2(shape=(0,))), N0 + "normalized_shape=0 outside [1, 268435456]"),
+    (v2_file(norm_v2(shape=(2**28 + 1,))), N0 + "normalized_shape=268435457 outside [1, 268435456]"),
+    (v2_file(norm_v2().replace(b"\x02ln", uvarint(256) + b"n" * 256)), N0 + "name length=256 outside [0, 255]"),
+    (v2_file(norm_v2().replace(b"\x02ln", b"\x02\xffn")), N0 + "name is not UTF-8"),
+    (v2_file(norm_v2()[:8]), N0 + "name needs 2 bytes but only 1 are left"),
     (v2_file(norm_v2()[:-8]), N0 + "eps needs 8 bytes but only 4 are left"),
     (v2_file(norm_v2(eps=float("nan"))), N0 + "layer_norm eps nan must be finite and >= 0"),
     (v2_file(norm_v2(weight=(3, 6))), N0 + "weight storage=3 outside [0, 2]"),
@@ -1042,9 +1046,11 @@ def test_v2_reader_accepts_each_bound() -> None:
     assert s3.params == {"index": [7]}  # a bitmap of 8 bits is one byte
     assert relu.kind == "relu" and relu.inputs == (-1,)
     norm = bcz_v2.decode(v2_file(norm_v2(bias=(1, 12)), bytes(6) + np.array([1, 2, 3], "<f4").tobytes())).items[0]
-    assert norm.eps == 0.5 and norm.weight.tolist() == [0, 0, 0] and norm.bias.tolist() == [1, 2, 3]
+    assert norm.name == "ln" and norm.eps == 0.5 and norm.weight.tolist() == [0, 0, 0] and norm.bias.tolist() == [1, 2, 3]
     assert bcz_v2.decode(v2_file(norm_v2(weight=(0, 0)))).items[0].weight is None
     assert bcz_v2.decode(v2_file(norm_v2(eps=0.0), bytes(6))).items[0].eps == 0.0
+    unnamed = bcz_v2.decode(v2_file(norm_v2(shape=(1,), weight=(2, 2)).replace(b"\x02ln", b"\x00"), bytes(2)))
+    assert unnamed.items[0].name == "" and unnamed.items[0].normalized_shape == (1,)
 
 
 def v2_decoded_header(data: bytes) -> bytes:
@@ -1117,10 +1123,11 @@ def test_v2_writer_refuses_what_the_format_cannot_hold(monkeypatch: pytest.Monke
     65536 nodes take seconds.)"""
     monkeypatch.setattr(bcz_v2, "MAX_NODES", 3)
     monkeypatch.setattr(bcz_v2, "MAX_DIM", 3)  # as for the weight dimensions (2**28: a 2 GiB array of codes)
-    fits = [QuantizedLayer("linear", "q", np.ones((3, 3), np.int64), 0), FloatLayer("linear", "f", np.ones((3, 3))),
+    fits = [QuantizedLayer("linear", "q", np.ones((3, 3), np.int64), 0),
+            FloatLayer("linear", "f", np.ones((3, 3)), [0.5] * 3),  # a float layer's bias on the grid of frac_bits 0
             NormLayer("n", (3, 3), 0.5)]
-    assert [type(i) for i in bcz_v2.decode(bcz_v2.encode(CompressedModel(fits, (3,)))).items] == [
-        QuantizedLayer, FloatLayer, NormLayer]
+    back = bcz_v2.decode(bcz_v2.encode(CompressedModel(fits, (3,)))).items
+    assert [type(i) for i in back] == [QuantizedLayer, FloatLayer, NormLayer] and back[1].bias.tolist() == [0.5] * 3
     relus = [Op("relu")] * 3
     assert len(bcz_v2.decode(bcz_v2.encode(CompressedModel(relus, (3,)))).items) == 3
     name = "é" * 127 + "x"  # 255 UTF-8 bytes
