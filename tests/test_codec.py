@@ -897,6 +897,7 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
     (v2_file(uvarint(1) + uvarint(3) + uvarint(0) + uvarint(2**16 + 1)), "header: node count=65537 outside [0, 65536]"),
     (v2_file(v2_header(bytes([23, 1]))), "header: node 0 kind=23 outside [0, 22]"),
     (v2_file(v2_header(v2_node("relu"), v2_node("add", back=(1,)))), "header: node 1 input count=1 outside [2, 65536]"),
+    (v2_file(v2_header(v2_node("relu"), bytes([9]) + uvarint(2**16 + 1))), "header: node 1 input count=65537 outside [2, 65536]"),
     (v2_file(v2_header(v2_node("relu", back=(0,)))), "header: node 0 input=0 outside [1, 1]"),
     (v2_file(v2_header(v2_node("relu"), v2_node("relu", back=(3,)))), "header: node 1 input=3 outside [1, 2]"),
     (v2_file(v2_header(v2_node("linear", v2_layer((2**14, 2**13))), v2_node("linear", v2_layer((2**14, 2**13 + 1))))),
@@ -911,6 +912,10 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
     (v2_file(v2_header(v2_node("linear", v2_layer((2, 2**28 + 1))))), N0 + "shape=268435457 outside [1, 268435456]"),
     (v2_file(v2_header(v2_node("conv2d", v2_layer((2, 1, 1, 3), conv=(0, 1, 0, 0, 1, 1, 1))))),
      N0 + "stride=0 outside [1, 65536]"),
+    (v2_file(v2_header(v2_node("conv2d", v2_layer((2, 1, 1, 3), conv=(1, 2**16 + 1, 0, 0, 1, 1, 1))))),
+     N0 + "stride=65537 outside [1, 65536]"),
+    (v2_file(v2_header(v2_node("conv2d", v2_layer((2, 1, 1, 3), conv=(1, 1, 0, 0, 2**16 + 1, 1, 1))))),
+     N0 + "dilation=65537 outside [1, 65536]"),
     (v2_file(v2_header(v2_node("conv2d", v2_layer((2, 1, 1, 3), conv=(1, 1, 0, 2**16 + 1, 1, 1, 1))))),
      N0 + "padding=65537 outside [0, 65536]"),
     (v2_file(v2_header(v2_node("conv2d", v2_layer((2, 1, 1, 3), conv=(1, 1, 0, 0, 1, 0, 1))))),
@@ -973,6 +978,8 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
     (v2_file(v2_header(v2_node("maxpool2d", uvarints([2, 2, 2, 2, 0, 2])))),
      N0 + "maxpool2d padding (0, 2) must be in [0, kernel_size // 2]"),
     (v2_file(v2_header(v2_node("adaptive_avgpool2d", uvarints([1, 0])))), N0 + "output size=0 outside [1, 65536]"),
+    (v2_file(v2_header(v2_node("adaptive_avgpool2d", uvarints([2**16 + 1, 1])))),
+     N0 + "output size=65537 outside [1, 65536]"),
     (v2_file(v2_header(v2_node("gather", uvarint(0)))), N0 + "gather count=0 outside [1, 65537]"),
     (v2_file(v2_header(v2_node("gather", uvarint(2**16 + 2)))), N0 + "gather count=65538 outside [1, 65537]"),
     (v2_file(v2_header(v2_node("gather", uvarint(1) + uvarint(2**16 + 1)))),
@@ -1026,11 +1033,13 @@ def test_v2_reader_accepts_each_bound() -> None:
         v2_node("select", bytes([1]) + uvarint(6) + bytes([0b01100100])),
         v2_node("select", bytes([1]) + uvarint(2**16 + 1) + bytes(8192) + bytes([0x80])),
         v2_node("select", bytes([1]) + uvarint(8) + bytes([0b00000001])),
-        v2_node("relu", back=(14,)),
+        v2_node("select", bytes([0]) + uvarint(2**16 + 1) + bytes(2**16 + 1)),  # 0, 1, ..., 65536
+        v2_node("gather", uvarint(2**16 + 1) + bytes(2**16 + 1)),
+        v2_node("relu", back=(16,)),
     ]
     half = np.array([0.5, -3.0], "<f2").tobytes()
     model = bcz_v2.decode(v2_file(v2_header(*nodes), PACKED_BLOCK * 2 + half + PACKED_BLOCK + bytes([0, 3, 0x30])))
-    conv2d, lin, add, fixed, f1, f2, pool, adaptive, gather, s0, s1, s2, s3, relu = model.items
+    conv2d, lin, add, fixed, f1, f2, pool, adaptive, gather, s0, s1, s2, s3, s4, g1, relu = model.items
     assert (conv2d.name, conv2d.stride, conv2d.padding, conv2d.dilation, conv2d.groups) == (
         name, (2, 3), (0, 2**16), (2**16, 1), 2)
     assert conv2d.frac_bits == 64 and conv2d.weight_codes.tolist() == [[[[1, 2, 3]]], [[[4, 5, 6]]]]
@@ -1044,6 +1053,7 @@ def test_v2_reader_accepts_each_bound() -> None:
     assert gather.params == {"index": [2, 0, 2**16]}
     assert s0.params == s1.params == {"index": [1, 2, 5]} and s2.params == {"index": [2**16]}
     assert s3.params == {"index": [7]}  # a bitmap of 8 bits is one byte
+    assert s4.params == {"index": list(range(2**16 + 1))} and g1.params == {"index": [0] * (2**16 + 1)}
     assert relu.kind == "relu" and relu.inputs == (-1,)
     norm = bcz_v2.decode(v2_file(norm_v2(bias=(1, 12)), bytes(6) + np.array([1, 2, 3], "<f4").tobytes())).items[0]
     assert norm.name == "ln" and norm.eps == 0.5 and norm.weight.tolist() == [0, 0, 0] and norm.bias.tolist() == [1, 2, 3]
