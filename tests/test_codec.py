@@ -1045,6 +1045,7 @@ def test_v2_reader_accepts_each_bound() -> None:
     assert conv2d.frac_bits == 64 and conv2d.weight_codes.tolist() == [[[[1, 2, 3]]], [[[4, 5, 6]]]]
     assert conv2d.bias is None and conv2d.inputs is None
     assert lin.frac_bits == -64 and lin.inputs == (-1,) and lin.bias.tolist() == [0.5, -3.0]
+    assert lin.bias.dtype == np.float32  # a float16 bias widened
     assert add.inputs == (1, 0) and fixed.inputs is None
     assert fixed.bias.dtype == np.float32 and fixed.bias.tolist() == [0.25, -1.0]  # codes 1, -4 times 2**-2
     assert [f1.params, f2.params] == [{"start_dim": -8}, {"start_dim": 8}]
