@@ -881,6 +881,7 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
     (v2_file(v2_header(), size=2**24 + 1), "file: header length=16777217 outside [0, 16777216]"),
     (v2_file(v2_header(), size=2**24), "uncompressed header of 4 bytes but header length 16777216"),
     (v2_file(v2_header(), stored_length=5), "file: header needs 5 bytes but only 4 are left"),
+    (v2_file(v2_header(), stored_length=2**20), "file: stored header length=1048576 outside [0, 7]"),  # 3 + 4 bytes
     (v2_file(v2_header(LIN), PACKED_BLOCK, codec=1, size=len(v2_header(LIN)) + 1),
      f"header is truncated: {len(v2_header(LIN))} of {len(v2_header(LIN)) + 1} bytes"),
     (v2_file(v2_header(LIN), PACKED_BLOCK + b"\0"), "layer blocks need 4 payload bytes but the file holds 5"),
@@ -1072,15 +1073,19 @@ def v2_decoded_header(data: bytes) -> bytes:
     return zlib.decompress(stored, -15) if data[6] else stored
 
 
-def fc(bias: list[float] | None, frac: int = 2, codes: list[list[int]] | None = None) -> CompressedModel:
+def fc(bias: list[float] | None, frac: int = 2, codes: list[list[int]] | None = None,
+       dtype: type = np.float32) -> CompressedModel:
     codes = [[1, 2, 3], [4, 5, 6]] if codes is None else codes
-    bias = None if bias is None else np.array(bias, np.float32)
+    bias = None if bias is None else np.array(bias, dtype)
     return CompressedModel([QuantizedLayer("linear", "fc", np.array(codes), frac, bias)], (3,))
 
 
 @pytest.mark.parametrize("model, tail, bias_block", [  # the layer tail's (frac_bits, bias storage), the bias block
     (fc([0.25, -1.0]), (2, 3), bytes([0, 3, 0b001_100_00])),        # fixed: codes 1, -4 (2**-2 steps) as 3 bits
     (fc([8.0, -16.0], frac=-2), (-2, 3), bytes([0, 3, 0b010_100_00])),  # fixed: codes 2, -4 (2**2 steps)
+    (fc([0.25, -1.0], dtype=np.float64), (2, 3), bytes([0, 3, 0b001_100_00])),  # a float64 bias: as its float32
+    (fc([64.0, -64.0, 64.0, 64.0], frac=1, codes=[[1], [2], [3], [4]]), (1, 3),  # codes 128, -128: 9 bits each
+     bytes([0, 9]) + int("010000000" "110000000" "010000000" "010000000" "0000", 2).to_bytes(5, "big")),
     (fc([0.5, -3.0], frac=0), (0, 2), np.array([0.5, -3.0], "<f2").tobytes()),  # not whole numbers: float16
     (fc([0.1, 0.2]), (2, 1), np.array([0.1, 0.2], "<f4").tobytes()),  # neither float16 nor on the grid: float32
     (fc([70000.0, 0.1]), (2, 1), np.array([70000.0, 0.1], "<f4").tobytes()),  # beyond float16, not on the grid
@@ -1101,7 +1106,7 @@ def test_v2_writer_layer_bytes_by_hand(model: CompressedModel, tail: tuple[int, 
     assert data == v2_file(v2_header(v2_node("linear", layer)), packed + bias_block)
     back = bcz_v2.decode(data).items[0]
     bias = model.items[0].bias
-    assert (back.bias is None and bias is None) or back.bias.tobytes() == bias.tobytes()
+    assert (back.bias is None and bias is None) or back.bias.tobytes() == bias.astype(np.float32).tobytes()
 
 
 def test_v2_writer_header_bytes_by_hand() -> None:
@@ -1139,6 +1144,7 @@ def test_v2_writer_refuses_what_the_format_cannot_hold(monkeypatch: pytest.Monke
             NormLayer("n", (3, 3), 0.5)]
     back = bcz_v2.decode(bcz_v2.encode(CompressedModel(fits, (3,)))).items
     assert [type(i) for i in back] == [QuantizedLayer, FloatLayer, NormLayer] and back[1].bias.tolist() == [0.5] * 3
+    assert [i.name for i in back] == ["q", "f", "n"]
     relus = [Op("relu")] * 3
     assert len(bcz_v2.decode(bcz_v2.encode(CompressedModel(relus, (3,)))).items) == 3
     name = "é" * 127 + "x"  # 255 UTF-8 bytes
