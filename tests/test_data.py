@@ -324,6 +324,9 @@ def _u1(n: int, data: bytes) -> bytes:
     (True, b"\x00\x00\x0d\x01" + (2).to_bytes(4, "big") + bytes(7),
      "truncated: header declares shape (2,) (8 data bytes) but the file holds 7 data bytes"),
     (False, b"\x00\x00\x07\x01" + (3).to_bytes(4, "big") + b"abc", "wrong magic 00000701: unknown IDX type byte 0x07"),
+    (False, b"\x00\x00\x08\x03" + bytes(2), "truncated: header declares 3 dimensions but the file ends inside them"),
+    (False, b"\x00\x00\x08\x02" + (1).to_bytes(4, "big") + (2**24).to_bytes(4, "big"),  # a size's top byte set
+     "truncated: header declares shape (1, 16777216) (16777216 data bytes) but the file holds 0 data bytes"),
 ])
 def test_idx_reader_names_the_file_the_sizes_and_the_problem(tmp_path, gz, content, message):
     p = tmp_path / "x"
@@ -432,3 +435,17 @@ def test_idx_writer_refuses_with_whole_messages(tmp_path):
             write_idx(p, array)
         assert str(info.value) == message
     assert not p.exists()
+
+
+@pytest.mark.parametrize("error, reason", [(OSError(5, "Input/output error"), "Input/output error"), (OSError("boom"), "boom")])
+def test_idx_read_error_gives_the_systems_reason(tmp_path, monkeypatch, error, reason):
+    p = tmp_path / "x"
+    p.write_bytes(_u1(1, b"a"))
+
+    def fail(path):
+        raise error
+
+    monkeypatch.setattr(idx, "_read_raw", fail)
+    with pytest.raises(DataError) as info:
+        read_idx(p)
+    assert str(info.value) == f"{p}: cannot read: {reason}"
