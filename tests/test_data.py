@@ -386,7 +386,8 @@ def test_idx_gzip_reads_at_most_one_byte_past_the_declared_size(tmp_path, monkey
 
 
 def test_idx_raw_file_shorter_when_read_than_when_measured(tmp_path, monkeypatch):
-    """A file that shrinks between its size check and its read: the bytes read are counted, not the size seen."""
+    """A file that changes between its size check and its read: the bytes read are counted, not the size seen, and
+    no more than the declared bytes are read."""
     p, shrunk = tmp_path / "grows", tmp_path / "shrunk"
     p.write_bytes(_u1(10, bytes(10)))
     shrunk.write_bytes(_u1(10, bytes(6)))
@@ -394,6 +395,8 @@ def test_idx_raw_file_shorter_when_read_than_when_measured(tmp_path, monkeypatch
     with pytest.raises(DataError) as info:
         read_idx(p)
     assert str(info.value) == f"{p}: truncated: header declares shape (10,) (10 data bytes) but the file holds 6 data bytes"
+    shrunk.write_bytes(_u1(10, bytes(range(14))))  # grown instead: the declared 10 values are read, no more
+    assert read_idx(p).tolist() == list(range(10))
 
 
 def test_idx_gz_name_means_gzip_and_corrupt_gzip_names_zlibs_reason(tmp_path):
