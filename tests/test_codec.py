@@ -890,6 +890,7 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
     (v2_file(v2_header(shape=(0,))), "header: input_shape=0 outside [1, 65536]"),
     (v2_file(v2_header(shape=(2**16 + 1,))), "header: input_shape=65537 outside [1, 65536]"),
     (v2_file(uvarint(1) + uvarint(3) + uvarint(3) + b"{}"), "header: metadata needs 3 bytes but only 2 are left"),
+    (v2_file(uvarint(1) + uvarint(3) + uvarint(2**20)), "header: metadata length=1048576 outside [0, 3]"),  # 3 bytes
     (v2_file(v2_header(meta=b"\xff")), "header: metadata is not valid JSON (UnicodeDecodeError)"),
     (v2_file(v2_header(meta=b"{")), "header: metadata is not valid JSON (JSONDecodeError)"),
     (v2_file(v2_header(meta=b"[1]")), "header: metadata is not a JSON object"),
