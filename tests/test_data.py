@@ -324,6 +324,7 @@ def _u1(n: int, data: bytes) -> bytes:
     (True, b"\x00\x00\x0d\x01" + (2).to_bytes(4, "big") + bytes(7),
      "truncated: header declares shape (2,) (8 data bytes) but the file holds 7 data bytes"),
     (False, b"\x00\x00\x07\x01" + (3).to_bytes(4, "big") + b"abc", "wrong magic 00000701: unknown IDX type byte 0x07"),
+    (False, b"\x00\x00\x08\x00", "wrong magic 00000800: zero dimensions"),
     (False, b"\x00\x00\x08\x03" + bytes(2), "truncated: header declares 3 dimensions but the file ends inside them"),
     (False, b"\x00\x00\x08\x02" + (1).to_bytes(4, "big") + (2**24).to_bytes(4, "big"),  # a size's top byte set
      "truncated: header declares shape (1, 16777216) (16777216 data bytes) but the file holds 0 data bytes"),
