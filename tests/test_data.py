@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from pyro_bc.data import idx
+from pyro_bc.data.datafile import CHUNK, MAX_DEFLATE_RATIO
 from pyro_bc.data.datasets import (
     DEFAULT_DATA_DIR,
     MNIST_FILES,
@@ -303,3 +305,151 @@ def test_fuzz_truncation_and_bit_flips(tmp_path, gz, cut, flips):
         assert "\n" not in str(e) and str(p) in str(e)
     else:
         assert isinstance(arr, np.ndarray)
+
+
+# ------------------------------------------------------------- IDX bytes by hand, whole messages (analysis/MUTATION.md)
+def _u1(n: int, data: bytes) -> bytes:
+    """A one-dimensional uint8 IDX file declaring ``n`` values, followed by ``data``."""
+    return b"\x00\x00\x08\x01" + n.to_bytes(4, "big") + data
+
+
+@pytest.mark.parametrize("gz, content, message", [
+    (False, _u1(10, bytes(5)), "truncated: header declares shape (10,) (10 data bytes) but the file holds 5 data bytes"),
+    (False, _u1(3, bytes(5)), "size mismatch: header declares shape (3,) (3 data bytes) but the file holds 5 data bytes"),
+    (False, b"\x00\x00\x0b\x02" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes(11),
+     "truncated: header declares shape (2, 3) (12 data bytes) but the file holds 11 data bytes"),
+    (True, _u1(10, bytes(5)), "truncated: header declares shape (10,) (10 data bytes) but the file holds 5 data bytes"),
+    (True, _u1(3, bytes(5)),  # gzip: never decompressed past 3 + 1 bytes, so "more than"
+     "size mismatch: header declares shape (3,) (3 data bytes) but the file holds more than 3 data bytes"),
+    (True, b"\x00\x00\x0d\x01" + (2).to_bytes(4, "big") + bytes(7),
+     "truncated: header declares shape (2,) (8 data bytes) but the file holds 7 data bytes"),
+    (False, b"\x00\x00\x07\x01" + (3).to_bytes(4, "big") + b"abc", "wrong magic 00000701: unknown IDX type byte 0x07"),
+    (False, b"\x00\x00\x08\x00", "wrong magic 00000800: zero dimensions"),
+    (False, b"\x00\x00\x08\x03" + bytes(2), "truncated: header declares 3 dimensions but the file ends inside them"),
+    (False, b"\x00\x00\x08\x02" + (1).to_bytes(4, "big") + (2**24).to_bytes(4, "big"),  # a size's top byte set
+     "truncated: header declares shape (1, 16777216) (16777216 data bytes) but the file holds 0 data bytes"),
+])
+def test_idx_reader_names_the_file_the_sizes_and_the_problem(tmp_path, gz, content, message):
+    p = tmp_path / "x"
+    p.write_bytes(gzip.compress(content) if gz else content)
+    with pytest.raises(DataError) as info:
+        read_idx(p)
+    assert str(info.value) == f"{p}: {message}"
+
+
+def test_idx_gzip_size_cap_is_the_deflate_ratio(tmp_path):
+    """A gzip file declaring more than (its size + 1024) * MAX_DEFLATE_RATIO bytes is refused before decompressing;
+    exactly that many are decompressed (and found missing)."""
+    p = tmp_path / "cap.gz"
+    for extra, refused in ((0, False), (1, True)):
+        n = 1
+        for _ in range(5):  # the file's size depends (a little) on the declared count: settle it
+            data = gzip.compress(_u1(n, bytes(4)), mtime=0)
+            n = (len(data) + 1024) * MAX_DEFLATE_RATIO + extra
+        data = gzip.compress(_u1(n, bytes(4)), mtime=0)
+        assert n == (len(data) + 1024) * MAX_DEFLATE_RATIO + extra
+        p.write_bytes(data)
+        with pytest.raises(DataError) as info:
+            read_idx(p)
+        cap = f"more than a {len(data)}-byte gzip file can hold"
+        held = f"{p}: truncated: header declares shape ({n},) ({n} data bytes) but the file holds 4 data bytes"
+        assert str(info.value) == (f"{p}: size mismatch: header declares shape ({n},) ({n} data bytes), {cap}"
+                                   if refused else held)
+
+
+def test_idx_gzip_reads_at_most_one_byte_past_the_declared_size(tmp_path, monkeypatch):
+    """Docstring of read_idx: decompression never goes more than one byte past the declared size (here two chunks
+    more are present)."""
+    p = tmp_path / "long.gz"
+    p.write_bytes(gzip.compress(_u1(CHUNK + 1, bytes(3 * CHUNK)), mtime=0))
+    got = []
+    real_open = gzip.open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def read(self, n=-1):
+            out = self.f.read(n)
+            got.append(len(out))
+            return out
+
+    monkeypatch.setattr(idx.gzip, "open", lambda *a, **k: Counting(real_open(*a, **k)))
+    with pytest.raises(DataError, match="more than"):
+        read_idx(p)
+    assert sum(got) == 8 + CHUNK + 2
+
+
+def test_idx_raw_file_shorter_when_read_than_when_measured(tmp_path, monkeypatch):
+    """A file that changes between its size check and its read: the bytes read are counted, not the size seen, and
+    no more than the declared bytes are read."""
+    p, shrunk = tmp_path / "grows", tmp_path / "shrunk"
+    p.write_bytes(_u1(10, bytes(10)))
+    shrunk.write_bytes(_u1(10, bytes(6)))
+    monkeypatch.setattr(idx, "open", lambda path, mode: shrunk.open(mode), raising=False)  # idx closes it
+    with pytest.raises(DataError) as info:
+        read_idx(p)
+    assert str(info.value) == f"{p}: truncated: header declares shape (10,) (10 data bytes) but the file holds 6 data bytes"
+    shrunk.write_bytes(_u1(10, bytes(range(14))))  # grown instead: the declared 10 values are read, no more
+    assert read_idx(p).tolist() == list(range(10))
+
+
+def test_idx_gz_name_means_gzip_and_corrupt_gzip_names_zlibs_reason(tmp_path):
+    p = tmp_path / "a.idx.gz"
+    p.write_bytes(_u1(3, b"abc"))  # a raw IDX file under a .gz name is read as gzip
+    try:
+        gzip.decompress(_u1(3, b"abc"))
+    except OSError as exc:
+        reason = str(exc).splitlines()[0]
+    with pytest.raises(DataError) as info:
+        read_idx(p)
+    assert str(info.value) == f"{p}: corrupt gzip: {reason}"
+
+
+def test_idx_writer_bytes_by_hand(tmp_path):
+    """The header and big-endian values of docs' IDX layout; a gzip member with MTIME 0 (RFC 1952), so the same array
+    gives the same file."""
+    arr = np.array([[1, -2, 3], [256, 5, -32768]], dtype=np.int16)
+    expected = (b"\x00\x00\x0b\x02" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
+                + b"".join(int(v).to_bytes(2, "big", signed=True) for v in arr.ravel()))
+    write_idx(tmp_path / "a", arr)
+    assert (tmp_path / "a").read_bytes() == expected
+    write_idx(tmp_path / "a.gz", arr)
+    data = (tmp_path / "a.gz").read_bytes()
+    assert data[:4] == b"\x1f\x8b\x08\x00" and data[4:8] == bytes(4) and gzip.decompress(data) == expected
+
+
+def test_idx_writer_refuses_with_whole_messages(tmp_path):
+    p = tmp_path / "w"
+    huge = np.broadcast_to(np.uint8(0), (2**32,))  # no memory: one value seen 2**32 times
+    cases = [
+        (np.zeros(3, np.complex64),
+         "cannot write dtype complex64 as IDX (supported: uint8, int8, int16, int32, float32, float64)"),
+        (np.uint8(7), f"{p}: cannot write a 0-dimensional array as IDX (1 to 255 dimensions)"),
+        (huge, f"{p}: cannot write shape (4294967296,) as IDX (each size must be < 2**32)"),
+    ]
+    for array, message in cases:
+        with pytest.raises(DataError) as info:
+            write_idx(p, array)
+        assert str(info.value) == message
+    assert not p.exists()
+
+
+@pytest.mark.parametrize("error, reason", [(OSError(5, "Input/output error"), "Input/output error"), (OSError("boom"), "boom")])
+def test_idx_read_error_gives_the_systems_reason(tmp_path, monkeypatch, error, reason):
+    p = tmp_path / "x"
+    p.write_bytes(_u1(1, b"a"))
+
+    def fail(path):
+        raise error
+
+    monkeypatch.setattr(idx, "_read_raw", fail)
+    with pytest.raises(DataError) as info:
+        read_idx(p)
+    assert str(info.value) == f"{p}: cannot read: {reason}"

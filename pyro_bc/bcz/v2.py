@@ -252,7 +252,10 @@ def _read_select(r: Reader, where: str) -> Op:
             raise BadData(f"header: {where}select bitmap must end with its last set bit")
         index = np.flatnonzero(bits)
     op = Op("select", {"index": index.tolist()})
-    check_op(op)
+    try:
+        check_op(op)
+    except BadData as exc:
+        raise BadData(f"header: {where}{exc}") from None
     return op
 
 
@@ -292,7 +295,10 @@ def _read_layer(r: Reader, kind: str, where: str) -> dict[str, Any]:
         spec["padding"] = tuple(r.uvarint(f"{where}padding", 0, MAX_PARAM) for _ in range(2))
         spec["dilation"] = tuple(r.uvarint(f"{where}dilation", 1, MAX_PARAM) for _ in range(2))
         spec["groups"] = r.uvarint(f"{where}groups", 1, MAX_PARAM)
-        check_shape(kind, shape, spec["groups"])
+        try:
+            check_shape(kind, shape, spec["groups"])
+        except BadData as exc:
+            raise BadData(f"header: {where}{exc}") from None
     spec["frac_bits"] = r.svarint(f"{where}frac_bits", *FRAC_BITS_RANGE)
     spec["storage"] = r.byte(f"{where}weight storage", len(WEIGHT_STORAGES) - 1)
     spec["weights_length"] = r.uvarint(f"{where}weights length", 1, MAX_BLOCK)
