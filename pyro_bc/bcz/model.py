@@ -41,6 +41,13 @@ def pair(value: Any) -> Pair:
     return (int(a), int(b))
 
 
+def _normalise_geometry(layer) -> None:
+    """A layer node's stride, padding and dilation as pairs, groups as an int, inputs as a tuple (or None)."""
+    layer.stride, layer.padding, layer.dilation = pair(layer.stride), pair(layer.padding), pair(layer.dilation)
+    layer.groups = int(layer.groups)
+    layer.inputs = _inputs(layer.inputs)
+
+
 def _inputs(value: Any) -> tuple[int, ...] | None:
     return None if value is None else tuple(int(i) for i in value)
 
@@ -64,12 +71,8 @@ class QuantizedLayer:
     inputs: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        self.stride = pair(self.stride)
-        self.padding = pair(self.padding)
-        self.dilation = pair(self.dilation)
-        self.groups = int(self.groups)
+        _normalise_geometry(self)
         self.frac_bits = int(self.frac_bits)
-        self.inputs = _inputs(self.inputs)
 
     @property
     def out_features(self) -> int:
@@ -151,11 +154,7 @@ class FloatLayer:
 
     def __post_init__(self) -> None:
         self.weight, self.bias = _floats(self.weight), _floats(self.bias)
-        self.stride = pair(self.stride)
-        self.padding = pair(self.padding)
-        self.dilation = pair(self.dilation)
-        self.groups = int(self.groups)
-        self.inputs = _inputs(self.inputs)
+        _normalise_geometry(self)
 
     @property
     def out_features(self) -> int:
