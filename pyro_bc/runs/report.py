@@ -182,6 +182,37 @@ def _predictions_section(net: BayesianNet, config, compressed: str | Path | None
     return lines, (test.x, test.y)
 
 
+def _figures_section(net: BayesianNet, posts: list[LayerPosterior], thresholds: list[float], kept: list[torch.Tensor],
+                     decided_by: str, summary: dict | None, metrics: list[dict], dt, figdir: Path, rel) -> list[str]:
+    """The report's figures, drawn into ``figdir``: training curves, groups kept and bits, log alpha against the
+    thresholds, the first layer's kept inputs, the group scales; ``rel`` makes a figure's path relative to the run."""
+    lines = ["## Figures", ""]
+    if metrics:
+        totals = {layer.site: layer.n_groups for layer in net.layers}
+        path = plots.plot_training(metrics, figdir / "training.png", totals)
+        lines += ["### Training", "", f"![training curves]({rel(path)})", ""]
+    if summary:
+        path = plots.plot_compression(summary, figdir / "compression.png")
+        lines += ["### Groups kept and bits per layer", "", f"![compression]({rel(path)})", ""]
+    unit = "weights" if posts[0].per_weight else "groups"
+    log_alphas = {p.name: p.log_alpha.numpy() for p in posts}
+    path = plots.plot_log_alpha(log_alphas, thresholds, figdir / "log_alpha.png", unit)
+    lines += [f"### log alpha per {unit[:-1]}", "",
+              f"{unit.capitalize()} left of the dashed threshold are kept (thresholds from {decided_by}).", "",
+              f"![log alpha]({rel(path)})", ""]
+    path = plots.plot_input_mask(posts[0], kept[0], thresholds[0], net.input_shape, figdir / "input_mask.png")
+    if path is not None:
+        title = "Input pixels kept" if posts[0].kind == "linear" else "First convolution's filters"
+        lines += [f"### {title}", "", f"What is kept comes from {decided_by}.", "",
+                  f"![{title.lower()}]({rel(path)})", ""]
+    lines += ["### Group scales", ""]
+    for layer in net.layers:
+        name = var_prefix(layer)
+        path = plots.plot_group_scales(dt, name, figdir / f"scales_{name}.png")
+        lines += [f"![{name} group scales]({rel(path)})", ""]
+    return lines
+
+
 def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_samples: int = 200,
                  seed: int = 0, predictive_samples: int | None = None) -> Path:
     """Write ``RUN_DIR/report.md`` (with ``figures/`` and ``posterior.nc``); returns its path.
@@ -234,31 +265,7 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
                   f"{run_dir}/MODEL.bcz`. At the priors' default thresholds ({defaults}) the groups kept would be "
                   f"{counts}."), ""]
 
-    lines += ["## Figures", ""]
-    if metrics:
-        totals = {layer.site: layer.n_groups for layer in net.layers}
-        path = plots.plot_training(metrics, figdir / "training.png", totals)
-        lines += ["### Training", "", f"![training curves]({rel(path)})", ""]
-    if summary:
-        path = plots.plot_compression(summary, figdir / "compression.png")
-        lines += ["### Groups kept and bits per layer", "", f"![compression]({rel(path)})", ""]
-    unit = "weights" if posts[0].per_weight else "groups"
-    log_alphas = {p.name: p.log_alpha.numpy() for p in posts}
-    path = plots.plot_log_alpha(log_alphas, thresholds, figdir / "log_alpha.png", unit)
-    lines += [f"### log alpha per {unit[:-1]}", "",
-              f"{unit.capitalize()} left of the dashed threshold are kept (thresholds from {decided_by}).", "",
-              f"![log alpha]({rel(path)})", ""]
-    path = plots.plot_input_mask(posts[0], kept[0], thresholds[0], net.input_shape, figdir / "input_mask.png")
-    if path is not None:
-        title = "Input pixels kept" if posts[0].kind == "linear" else "First convolution's filters"
-        lines += [f"### {title}", "", f"What is kept comes from {decided_by}.", "",
-                  f"![{title.lower()}]({rel(path)})", ""]
-    lines += ["### Group scales", ""]
-    for layer in net.layers:
-        name = var_prefix(layer)
-        path = plots.plot_group_scales(dt, name, figdir / f"scales_{name}.png")
-        lines += [f"![{name} group scales]({rel(path)})", ""]
-
+    lines += _figures_section(net, posts, thresholds, kept, decided_by, summary, metrics, dt, figdir, rel)
     lines += predictions
     lines += ["## Posterior (DataTree)", "", nc_note, "", "| group | variable | dims | shape |", "|---|---|---|---|"]
     for group in dt.children:
