@@ -96,9 +96,18 @@ def _normal_draw(q: Normal) -> torch.Tensor:
     return torch.addcmul(q.loc, q.scale, torch.randn_like(q.loc))
 
 
-def _to_channels_last(y: torch.Tensor) -> torch.Tensor:
-    # as the LRT's conv2d: pooling and the next convolution run several times faster on it
+def _channels_last(y: torch.Tensor) -> torch.Tensor:
     return y.contiguous(memory_format=torch.channels_last)
+
+
+#: The memory layout each kind's output is given where it is not the op's own, as the LRT's conv2d gives it
+#: (pooling and the next convolution run several times faster on channels-last); every estimator applies it.
+OUTPUT_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"conv2d": _channels_last}
+
+
+def _in_layout(op: LayerOp, y: torch.Tensor) -> torch.Tensor:
+    layout = OUTPUT_LAYOUTS.get(op.name)
+    return y if layout is None else layout(y)
 
 
 class SharedDraw(Estimator):
@@ -106,16 +115,12 @@ class SharedDraw(Estimator):
     op (the op table's ``function``) computes the output."""
 
     name = "shared"
-    #: the memory layout each kind's output is given, where it is not the op's own (as the LRT gives it)
-    layouts: ClassVar[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {"conv2d": _to_channels_last}
 
     def __call__(self, op, x, scales, q_w, q_b, draws, *args):
         z = None if scales is None else scales[0].per_example_scale(scales[1], 1, _shared_noise)[0]
         w = _normal_draw(q_w)
         b = None if q_b is None else _normal_draw(q_b)
-        y = _bayes_layer(op, x, z, w, b, *args)
-        layout = self.layouts.get(op.name)
-        return (y if layout is None else layout(y)), None
+        return _in_layout(op, _bayes_layer(op, x, z, w, b, *args)), None
 
 
 def flipout_linear(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, delta: torch.Tensor,
@@ -142,12 +147,6 @@ def _flipout_conv(function: Callable[..., torch.Tensor]):
     return flipout_conv
 
 
-def _channels_last(forward):
-    def on_channels_last(*args) -> torch.Tensor:
-        return _to_channels_last(forward(*args))
-    return on_channels_last
-
-
 class Flipout(Estimator):
     """Flipout (Wen et al. 2018): the shared perturbation ``dW = sigma eps`` (and ``db``) times per-example random
     signs on the inputs and the outputs; the group scales drawn per example. :attr:`ops` holds the forward of each
@@ -157,7 +156,7 @@ class Flipout(Estimator):
     ops: ClassVar[dict[str, Callable[..., torch.Tensor]]] = {
         "linear": flipout_linear,
         "conv1d": _flipout_conv(F.conv1d),
-        "conv2d": _channels_last(_flipout_conv(F.conv2d)),
+        "conv2d": _flipout_conv(F.conv2d),
     }
 
     def __call__(self, op, x, scales, q_w, q_b, draws, *args):
@@ -168,8 +167,9 @@ class Flipout(Estimator):
         z_n = per_example_scales(op, x, scales, draws.noise)
         delta = q_w.scale * torch.randn_like(q_w.loc)
         b_delta = None if q_b is None else q_b.scale * torch.randn_like(q_b.loc)
-        return forward(x, z_n, q_w.loc, delta, None if q_b is None else q_b.loc, b_delta,
-                       lambda shape: draws.signs(shape, x), *args), None
+        y = forward(x, z_n, q_w.loc, delta, None if q_b is None else q_b.loc, b_delta,
+                    lambda shape: draws.signs(shape, x), *args)
+        return _in_layout(op, y), None
 
 
 #: The gradient estimators by name; :class:`EstimatorChoice` picks one per layer kind.
