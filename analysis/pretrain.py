@@ -60,8 +60,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=None)
     parser.add_argument("--out", required=True, help="the state_dict file to write (atomically)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a perturbation of the numerics: the "
+                        "sums of a convolution or a matrix product run in another order)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     net, history = pretrain(args.model, args.epochs, args.batch_size, args.lr, args.seed, args.data)
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)

@@ -9,6 +9,8 @@
 #                                                    the recipe prunes, SVI on over the kept weights into NAME; any *-fast-ft)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
+#   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a
+#                                                    perturbation of the numerics, into the seed's folder/threads2)
 # Every hyperparameter is written here; each run's config.json and MODEL.json record them too.
 set -euo pipefail
 
@@ -18,6 +20,7 @@ main() {
   cd "$(dirname "$0")/.."
   name=${1:?usage: bash analysis/reproduce.sh NAME [SEED]}
   seed=${2:-0}
+  threads=${THREADS:-1}  # torch threads of every step; another number sums in another order (RESULTS.md, robustness)
   epochs=200; batch=128; lr=1e-3; warmup=0   # Adam, constant lr, no KL warm-up (official settings)
   eval_every=5   # posterior-mean errors every 5 epochs and at the end: evaluation draws nothing, training is the same
   extra=()       # further training options of a recipe
@@ -49,20 +52,24 @@ main() {
   [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
   out=analysis/results/$name; [ ${#finetune[@]} != 0 ] && out=$out-ft
   [ "$seed" != 0 ] && out=$out/seeds/$seed
+  [ "$threads" != 1 ] && out=$out/threads$threads
   final=$out; [ ${#finetune[@]} != 0 ] && out=$out/source   # the recipe's run; the fine-tuned run is $final
   mkdir -p "$out"
   if [ "$pretrain" != 0 ] && [ ! -f "$out/checkpoint.pt" ]; then
-    .venv/bin/python analysis/pretrain.py --model "$model" --epochs $pretrain --seed "$seed" --out "$out/pretrained.pt"
+    .venv/bin/python analysis/pretrain.py --model "$model" --epochs $pretrain --seed "$seed" --threads "$threads" \
+        --out "$out/pretrained.pt"
   fi
   [ "$pretrain" != 0 ] && extra+=(--init-from "$out/pretrained.pt")
   resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
   .venv/bin/pyro-bc train --model "$model" --prior "$prior" --epochs $epochs --batch-size $batch --lr $lr \
-      --warmup-epochs $warmup --eval-every $eval_every --seed "$seed" "${extra[@]}" --out "$out" "${resume[@]}"
+      --warmup-epochs $warmup --eval-every $eval_every --seed "$seed" --threads "$threads" "${extra[@]}" --out "$out" \
+      "${resume[@]}"
   .venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" "${compress[@]}"
   if [ ${#finetune[@]} != 0 ]; then   # the same pruning, then SVI over the kept weights; compressed at its thresholds
     ft_epochs=20; [ "$model" = lenet5 ] && ft_epochs=5
     ft_resume=(); [ -f "$final/checkpoint.pt" ] && ft_resume=(--resume)
-    .venv/bin/pyro-bc finetune "$out" --epochs $ft_epochs "${compress[@]}" "${finetune[@]}" --out "$final" "${ft_resume[@]}"
+    .venv/bin/pyro-bc finetune "$out" --epochs $ft_epochs "${compress[@]}" "${finetune[@]}" --threads "$threads" \
+        --out "$final" "${ft_resume[@]}"
     read -r -a source_thresholds < <(.venv/bin/python -c \
       'import json, sys; print(*(layer["threshold"] for layer in json.load(open(sys.argv[1]))["layers"]))' "$out/MODEL.json")
     out=$final
