@@ -168,6 +168,44 @@ def seed_verdict(name: str, errors: list[float], kept: list[float]) -> str:
     return "met" if not misses else "missed: " + ", ".join(misses)
 
 
+def _perturbed_runs(recipe: str) -> list[tuple[int, int, dict, dict]]:
+    """``(seed, threads, summary at 1 thread, summary at that many threads)`` of each seed of ``recipe`` that was
+    also run with ``THREADS=N`` (``threadsN`` inside the seed's folder)."""
+    out = []
+    for seed, run in _seed_runs(recipe):
+        for other in sorted(run.glob("threads*/MODEL.json")):
+            threads = other.parent.name.removeprefix("threads")
+            if threads.isdigit():
+                out.append((seed, int(threads), json.loads((run / "MODEL.json").read_text()),
+                            json.loads(other.read_text())))
+    return out
+
+
+def robustness_section() -> list[str]:
+    """Each recipe's seeds re-run at another thread count beside the seeds' own spread (issue 34, item 5)."""
+    rows = []
+    for name in CONFIGS:
+        for recipe in RECIPES[name]:
+            errors = [json.loads((run / "MODEL.json").read_text())["error_compressed"] for _, run in _seed_runs(recipe)]
+            spread = f"{statistics.stdev(errors):.2f}" if len(errors) > 1 else "–"
+            for seed, threads, one, other in _perturbed_runs(recipe):
+                change = other["error_compressed"] - one["error_compressed"]
+                rows.append(f"| {recipe} | {seed} | {one['error_compressed']:.2f}, {one['architecture']}, "
+                            f"{100 * one['weights_kept_fraction']:.2f}% | {threads} | {other['error_compressed']:.2f}, "
+                            f"{other['architecture']}, {100 * other['weights_kept_fraction']:.2f}% | {change:+.2f} | "
+                            f"{spread} | `THREADS={threads} {_command(recipe, seed)[1:]} |")
+    if not rows:
+        return []
+    return ["", "## Robustness: the same seed at another thread count", "",
+            ("`THREADS=N bash analysis/reproduce.sh RECIPE SEED` runs a seed again with N torch threads for every "
+             "step (pretraining, training, fine-tuning): the random draws are the same, but convolutions and matrix "
+             "products sum in another order, as they do on another machine. Beside each pair: the sample standard "
+             "deviation of the recipe's test errors over its seeds (the Seeds section)."), "",
+            ("| recipe | seed | 1 thread: test error %, architecture, kept | threads | N threads: test error %, "
+             "architecture, kept | change (pt) | sd over seeds | command |"), "|---|---|---|---|---|---|---|---|",
+            *rows]
+
+
 def seeds_section() -> list[str]:
     """Mean ± standard deviation over the seeds of each row's recipes, beside the paper, and the per-seed rows."""
     out = ["", "## Seeds", "",
@@ -308,6 +346,7 @@ def main() -> None:
     for name in CONFIGS:
         out += row(name)
     out += seeds_section()
+    out += robustness_section()
     out += time_section()
     if (HERE / "targets_notes.md").is_file():  # written by hand: what was tried where a target is missed
         out += ["", (HERE / "targets_notes.md").read_text().strip()]

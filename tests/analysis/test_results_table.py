@@ -1,5 +1,6 @@
 """RESULTS.md's verdicts over seeds, on hand-built figures with known answers."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,3 +15,23 @@ def test_seed_verdict_gives_misses_in_points_and_standard_deviations():
     assert results_table.seed_verdict("lenet5-ghs", [0.9, 1.0, 0.8], [0.8, 1.0, 1.2]) == "missed: kept +0.40 pt (2.0 sd)"
     assert results_table.seed_verdict("lenet5-lu", [0.9, 1.0, 1.1], [5.0, 5.0, 5.0]) == "met"  # lu: error only
     assert results_table.seed_verdict("lenet5-gnj", [1.5], [0.5]) == "missed: error +0.50 pt"  # one seed: no sd
+
+
+def _summary(error: float, architecture: str, kept: float) -> str:
+    return json.dumps({"error_compressed": error, "architecture": architecture, "weights_kept_fraction": kept})
+
+
+def test_robustness_pairs_each_seed_with_its_other_thread_count(tmp_path, monkeypatch):
+    recipe = results_table.RECIPES["lenet5-lu"][-1]
+    run = tmp_path / "results" / recipe
+    for folder, error in ((run, 0.80), (run / "seeds" / "1", 0.90), (run / "seeds" / "2", 1.00)):
+        folder.mkdir(parents=True)
+        (folder / "MODEL.json").write_text(_summary(error, "1-2-3-4", 0.02))
+    (run / "threads2").mkdir()
+    (run / "threads2" / "MODEL.json").write_text(_summary(0.95, "1-2-3-5", 0.021))
+    monkeypatch.setattr(results_table, "HERE", tmp_path)
+    lines = results_table.robustness_section()
+    rows = [line for line in lines if line.startswith(f"| {recipe} |")]
+    # seed 0 at 2 threads: 0.95 against 0.80, +0.15 points; the seeds' errors 0.8, 0.9, 1.0 have sample sd 0.10
+    assert rows == [(f"| {recipe} | 0 | 0.80, 1-2-3-4, 2.00% | 2 | 0.95, 1-2-3-5, 2.10% | +0.15 | 0.10 | "
+                     f"`THREADS=2 bash analysis/reproduce.sh {recipe}` |")]
