@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from numpy.lib import format as npy
 from tiny_data import SIDE, cifar_batch, write_cifar, write_npz
 
-from pyro_bc.data.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, read_batch
+from pyro_bc.data.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, read_batch, read_cifar10
 from pyro_bc.data.datafile import MAX_DEFLATE_RATIO
 from pyro_bc.data.datasets import MNIST_FILES, channel_stats, detect_format, load_data, load_mnist, write_idx
 from pyro_bc.data.npz import read_npz, read_npz_pair
@@ -215,6 +215,66 @@ def test_truncated_and_corrupt_batches(tmp_path):
         with pytest.raises(DataError, match=rf"^{path}: corrupt pickle") as info:
             load_data(d, val_size=10)
         assert "\n" not in str(info.value)
+
+
+
+_GOOD = {b"data": np.zeros((2, 12), np.uint8), b"labels": [3, 1]}  # two 3 x 2 x 2 images
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({f"k{i}".encode(): 0 for i in range(9)},
+     "no 'data' entry (keys: b'k0', b'k1', b'k2', b'k3', b'k4', b'k5', b'k6', b'k7')"),  # the first 8 keys
+    ([1, 2], "not a CIFAR file: a pickled list, not a dict"),
+    ({**_GOOD, b"data": b"raw"}, "'data' must be an N x 3072 uint8 array, got a bytes"),
+    ({**_GOOD, b"data": np.zeros((2, 12), np.int16)},
+     "'data' must be an N x 3072 uint8 array, got a int16 array of shape (2, 12)"),
+    ({**_GOOD, b"data": np.zeros((2, 0), np.uint8)},
+     "'data' rows hold 0 values, not 3 x S x S (3072 for 32 x 32 images)"),
+    ({**_GOOD, b"labels": [2**70, 1]}, "'labels': label out of range: must lie in 0..255"),
+    ({**_GOOD, b"labels": [3]}, "'labels': count mismatch: 1 labels but 'data' has 2 images"),
+    ({**_GOOD, b"labels": np.array(3)}, "'labels' must be a list of integers"),  # 0-d: was a TypeError
+    ({**_GOOD, b"labels": np.array([[3], [1]])}, "'labels' must be a list of integers"),
+], ids=["no-data", "list", "bytes", "int16", "width-0", "huge-label", "count", "0-d-labels", "2-d-labels"])
+def test_bad_batches_whole_messages(tmp_path, obj, message):
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(DataError) as info:
+        read_batch(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("labels", [[3, 1], (3, 1), np.array([3, 1], np.uint8), np.array([3, 1], np.int32)],
+                         ids=["list", "tuple", "uint8", "int32"])
+def test_batch_labels_are_int64_however_stored(tmp_path, labels):
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({**_GOOD, b"labels": labels}, protocol=2))
+    x, y = read_batch(path)
+    assert y.dtype == np.int64 and y.tolist() == [3, 1] and x.shape == (2, 3, 2, 2)
+    path.write_bytes(pickle.dumps({b"data": np.zeros((0, 12), np.uint8), b"labels": []}, protocol=2))
+    x, y = read_batch(path)  # an empty batch
+    assert x.shape == (0, 3, 2, 2) and y.dtype == np.int64 and y.shape == (0,)
+
+
+def test_cifar_folder_names_and_class_count(tmp_path):
+    d = write_cifar(tmp_path / "cifar")
+    for names in (["a"], [f"c{i}" for i in range(256)]):  # the ends of 1..256
+        _replace_batch(d, META_FILE, {b"label_names": names})
+        raw = read_cifar10(d)
+        assert raw.n_classes == len(names)
+    assert (raw.train_name, raw.test_name) == (str(d / "data_batch_1..5"), str(d / TEST_BATCH))
+    bad = [({b"label_names": []}, "'label_names' must be a list of 1 to 256 names"),
+           ({b"label_names": [f"c{i}" for i in range(257)]}, "'label_names' must be a list of 1 to 256 names"),
+           ({b"label_names": tuple("abc")}, "'label_names' must be a list of 1 to 256 names"),
+           ({b"num_cases_per_batch": 12}, "no 'label_names' entry (keys: b'num_cases_per_batch')")]
+    for meta, message in bad:
+        path = _replace_batch(d, META_FILE, meta)
+        with pytest.raises(DataError) as info:
+            read_cifar10(d)
+        assert str(info.value) == f"{path}: {message}"
+    path = _replace_batch(d, TRAIN_BATCHES[1], cifar_batch(np.random.default_rng(1), 4, side=4))
+    with pytest.raises(DataError) as info:  # the second batch differs from the first (and the later ones)
+        read_cifar10(d)
+    assert str(info.value) == f"{path}: images of shape (3, 4, 4), but data_batch_1's are (3, {SIDE}, {SIDE})"
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
