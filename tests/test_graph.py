@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_data import write_npz
 from torch import nn
 
@@ -17,6 +18,7 @@ import models.vgg
 import pyro_bc
 from models import build_network
 from pyro_bc.bcz import codec
+from pyro_bc.bcz.model import Op
 from pyro_bc.bcz.modules import Graph
 from pyro_bc.compression.compressed import compressed_model, compressed_module
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_chain, prune_network
@@ -373,3 +375,97 @@ def test_a_channel_shuffle_and_a_chunk_become_gathers_of_whole_channels(tmp_path
     graph = BodyGraph(net)
     gathers = [node.op.params["index"] for node in graph.nodes if node.op is not None and node.op.kind == "gather"]
     assert gathers == [[0, 3, 1]]  # the shuffle and the chunk's first half, one gather of conv1's channels
+
+
+# -- traced functions ----------------------------------------------------------------------------------
+
+class Then(nn.Module):
+    """1 x 1 Bayesian convolutions from 2 to 4 channels (``h``) and to 1 channel (``o``), then ``f(h, o)``."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.a, self.b, self.f = BayesConv2d(2, 4, 1), BayesConv2d(2, 1, 1), f
+
+    def forward(self, x):
+        return self.f(self.a(x), self.b(x))
+
+
+def _pool(kind, k, s, p):
+    """A pooling op as the .bcz format writes it."""
+    return Op(kind, {"kernel_size": k, "stride": s, "padding": p})
+
+_MEAN1 = Op("adaptive_avgpool2d", {"output_size": 1})
+_TRACED = [
+    (lambda h, o: h + torch.relu(h), [Op("relu"), Op("add")]),
+    (lambda h, o: torch.add(torch.relu(h), h), [Op("relu"), Op("add")]),
+    (lambda h, o: h * torch.relu(h), [Op("relu"), Op("mul")]),
+    (lambda h, o: torch.mul(h, h.mean((2, 3), keepdim=True)), [_MEAN1, Op("mul")]),
+    (lambda h, o: h.mean((2, 3), keepdim=True) * h, [_MEAN1, Op("mul")]),
+    (lambda h, o: F.adaptive_avg_pool2d(h, 2), [Op("adaptive_avgpool2d", {"output_size": 2})]),
+    (lambda h, o: F.adaptive_avg_pool2d(h, output_size=3), [Op("adaptive_avgpool2d", {"output_size": 3})]),
+    (lambda h, o: F.max_pool2d(h, 2), [_pool("maxpool2d", 2, 2, 0)]),
+    (lambda h, o: F.max_pool2d(h, 3, 1, 1), [_pool("maxpool2d", 3, 1, 1)]),
+    (lambda h, o: F.max_pool2d(h, kernel_size=3, stride=2, padding=1), [_pool("maxpool2d", 3, 2, 1)]),
+    (lambda h, o: F.max_pool2d(h, 2, ceil_mode=True), [_pool("maxpool2d_ceil", 2, 2, 0)]),
+    (lambda h, o: F.avg_pool2d(h, 2), [_pool("avgpool2d", 2, 2, 0)]),
+    (lambda h, o: F.avg_pool2d(h, 3, 1, 1), [_pool("avgpool2d", 3, 1, 1)]),
+    (lambda h, o: h.mean((2, 3)), [Op("spatial_mean")]),
+    (lambda h, o: h.mean(dim=[-1, -2]), [Op("spatial_mean")]),
+    (lambda h, o: torch.mean(h, (2, 3), True), [_MEAN1]),
+    (lambda h, o: torch.mean(h, dim=(3, 2), keepdim=False), [Op("spatial_mean")]),
+    (lambda h, o: torch.cat([h, o], 1), [Op("cat")]),
+    (lambda h, o: torch.cat([h, o], dim=-3), [Op("cat")]),
+    (lambda h, o: torch.cat([h], 1) + torch.relu(h), [Op("relu"), Op("add")]),
+    (lambda h, o: torch.flatten(h, 1), [Op("flatten", {"start_dim": 1})]),
+    (lambda h, o: h.flatten(1), [Op("flatten", {"start_dim": 1})]),
+    (lambda h, o: torch.flatten(h, start_dim=1, end_dim=-1), [Op("flatten", {"start_dim": 1})]),
+    (lambda h, o: torch.relu(h), [Op("relu")]),
+    (lambda h, o: torch.relu(F.dropout(h, 0.2, training=False)), [Op("relu")]),
+    (lambda h, o: torch.relu(F.dropout(h, 0.2, False)), [Op("relu")]),
+]
+_REFUSED = [
+    (lambda h, o: h + h, "the function add"),
+    (lambda h, o: h * h, "the function mul"),
+    (lambda h, o: torch.add(h, h, alpha=2), "the function add"),
+    (lambda h, o: h + 1, "the function add"),
+    (lambda h, o: h + o, "the function add"),
+    (lambda h, o: h * 2, "the function mul"),
+    (lambda h, o: h * o, "the function mul"),
+    (lambda h, o: F.max_pool2d(h, 2, dilation=2), "the function max_pool2d"),
+    (lambda h, o: F.avg_pool2d(h, 2, count_include_pad=False), "the function avg_pool2d"),
+    (lambda h, o: F.avg_pool2d(h, 2, 2, 0, True), "the function avg_pool2d"),
+    (lambda h, o: h.mean(2), "the tensor method .mean()"),
+    (lambda h, o: h.mean(), "the tensor method .mean()"),
+    (lambda h, o: h.mean((1, 2)), "the tensor method .mean()"),
+    (lambda h, o: h.mean((2, 3), dtype=torch.float64), "the tensor method .mean()"),
+    (lambda h, o: torch.cat([h, torch.relu(h)]), "the function cat"),
+    (lambda h, o: torch.flatten(h), "the function flatten"),
+    (lambda h, o: torch.flatten(h, 1, 2), "the function flatten"),
+    (lambda h, o: h.flatten(0), "the tensor method .flatten()"),
+    (lambda h, o: F.dropout(h, 0.2), "the function dropout"),
+    (lambda h, o: F.dropout(h, 0.2, training=True), "the function dropout"),
+]
+_CANNOT = ("which a .bcz file cannot store (supported: Bayesian layers, BatchNorm, the activations of pyro_bc.nn.ops, "
+           "flatten, pooling, residual sums, products with a per-channel scale, concatenations along channels); "
+           "replace it by one of these, or keep that part out of the compressed body")
+
+
+@pytest.mark.parametrize("case", range(len(_TRACED)))
+def test_each_form_of_a_supported_function_becomes_its_op(case):
+    """Functional pools (positional, keyword and default arguments), spatial means (with and without keepdim, negative
+    dims), per-channel products, concatenations along channels, flattens from dim 1, dropout traced in eval mode (no
+    node): the ops are those the .bcz format defines for them (a pool's stride defaults to its kernel)."""
+    f, expected = _TRACED[case]
+    graph = BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+    assert [node.op for node in graph.nodes if node.layer is None] == expected
+
+
+@pytest.mark.parametrize("case", range(len(_REFUSED)))
+def test_each_unsupported_form_is_refused_naming_the_function(case):
+    """A sum or product of a tensor with itself, with a constant or of shapes that are not per-channel; pools with
+    dilation, ceil mode (average) or without padding counted; means over other dims or with a dtype; concatenation
+    along the batch; flattens not from dim 1 to the end; dropout in training mode."""
+    f, what = _REFUSED[case]
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+    assert str(info.value) == f"cannot compress the network's forward: it uses {what}, {_CANNOT}"
