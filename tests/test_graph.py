@@ -380,14 +380,32 @@ def test_a_channel_shuffle_and_a_chunk_become_gathers_of_whole_channels(tmp_path
 # -- traced functions ----------------------------------------------------------------------------------
 
 class Then(nn.Module):
-    """1 x 1 Bayesian convolutions from 2 to 4 channels (``h``) and to 1 channel (``o``), then ``f(h, o)``."""
+    """1 x 1 Bayesian convolutions from 2 to 4 channels (``h``) and to 1 channel (``o``), then ``f(h, o)`` (a module
+    ``f``: ``f(h)``)."""
 
     def __init__(self, f):
         super().__init__()
         self.a, self.b, self.f = BayesConv2d(2, 4, 1), BayesConv2d(2, 1, 1), f
 
     def forward(self, x):
-        return self.f(self.a(x), self.b(x))
+        h, o = self.a(x), self.b(x)
+        return self.f(h) if isinstance(self.f, nn.Module) else self.f(h, o)
+
+
+class _Scaled(nn.Module):
+    """Its own parameter times the input: a tensor outside a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(4, 1, 1))
+
+    def forward(self, h):
+        return h * self.gamma
+
+
+class _Cumsum(nn.Module):
+    def forward(self, h):
+        return torch.cumsum(h, 1)
 
 
 def _pool(kind, k, s, p):
@@ -422,6 +440,12 @@ _TRACED = [
     (lambda h, o: torch.relu(h), [Op("relu")]),
     (lambda h, o: torch.relu(F.dropout(h, 0.2, training=False)), [Op("relu")]),
     (lambda h, o: torch.relu(F.dropout(h, 0.2, False)), [Op("relu")]),
+    (nn.MaxPool2d(2), [_pool("maxpool2d", 2, 2, 0)]),
+    (nn.MaxPool2d(3, 1, 1, ceil_mode=True), [_pool("maxpool2d_ceil", 3, 1, 1)]),
+    (nn.AvgPool2d(3, 2, 1), [_pool("avgpool2d", 3, 2, 1)]),
+    (nn.AdaptiveAvgPool2d(2), [Op("adaptive_avgpool2d", {"output_size": 2})]),
+    (nn.Flatten(), [Op("flatten", {"start_dim": 1})]),
+    (nn.Sequential(nn.Dropout(0.5), nn.Identity(), nn.ReLU()), [Op("relu")]),
 ]
 _REFUSED = [
     (lambda h, o: h + h, "the function add"),
@@ -444,6 +468,14 @@ _REFUSED = [
     (lambda h, o: h.flatten(0), "the tensor method .flatten()"),
     (lambda h, o: F.dropout(h, 0.2), "the function dropout"),
     (lambda h, o: F.dropout(h, 0.2, training=True), "the function dropout"),
+    (nn.MaxPool2d(2, dilation=2), "the module MaxPool2d"),
+    (nn.AvgPool2d(2, ceil_mode=True), "the module AvgPool2d"),
+    (nn.AvgPool2d(2, count_include_pad=False), "the module AvgPool2d"),
+    (nn.AvgPool2d(2, divisor_override=2), "the module AvgPool2d"),
+    (nn.Flatten(1, 2), "the module Flatten"),
+    (nn.Softmax(1), "the module Softmax"),
+    (_Scaled(), "its tensor gamma outside a layer"),
+    (_Cumsum(), "the function cumsum"),
 ]
 _CANNOT = ("which a .bcz file cannot store (supported: Bayesian layers, BatchNorm, the activations of pyro_bc.nn.ops, "
            "flatten, pooling, residual sums, products with a per-channel scale, concatenations along channels); "
@@ -454,7 +486,8 @@ _CANNOT = ("which a .bcz file cannot store (supported: Bayesian layers, BatchNor
 def test_each_form_of_a_supported_function_becomes_its_op(case):
     """Functional pools (positional, keyword and default arguments), spatial means (with and without keepdim, negative
     dims), per-channel products, concatenations along channels, flattens from dim 1, dropout traced in eval mode (no
-    node): the ops are those the .bcz format defines for them (a pool's stride defaults to its kernel)."""
+    node), and the modules of the same: the ops are those the .bcz format defines for them (a pool's stride defaults
+    to its kernel)."""
     f, expected = _TRACED[case]
     graph = BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
     assert [node.op for node in graph.nodes if node.layer is None] == expected
@@ -464,8 +497,10 @@ def test_each_form_of_a_supported_function_becomes_its_op(case):
 def test_each_unsupported_form_is_refused_naming_the_function(case):
     """A sum or product of a tensor with itself, with a constant or of shapes that are not per-channel; pools with
     dilation, ceil mode (average) or without padding counted; means over other dims or with a dtype; concatenation
-    along the batch; flattens not from dim 1 to the end; dropout in training mode."""
+    along the batch; flattens not from dim 1 to the end; dropout in training mode; the modules of the same, and one
+    that has no op."""
     f, what = _REFUSED[case]
     with pytest.raises(ConfigError) as info:
         BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
-    assert str(info.value) == f"cannot compress the network's forward: it uses {what}, {_CANNOT}"
+    where = "f" if isinstance(f, nn.Module) else "the network's forward"  # a module by its path in the body
+    assert str(info.value) == f"cannot compress {where}: it uses {what}, {_CANNOT}"
