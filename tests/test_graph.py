@@ -55,8 +55,9 @@ def _randomise_batchnorm(net, generator):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-1, 1, generator=generator)
                 m.running_var.uniform_(0.5, 2, generator=generator)
-                m.weight.uniform_(0.5, 1.5, generator=generator)
-                m.bias.uniform_(-1, 1, generator=generator)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=generator)
+                    m.bias.uniform_(-1, 1, generator=generator)
 
 
 def _masked(net, layers):
@@ -108,6 +109,50 @@ def test_batchnorm_scales_the_variances_and_moves_the_bias():
     torch.testing.assert_close(folded.var, plain.var * scale[:, None, None, None] ** 2)
     torch.testing.assert_close(folded.bias, ((0 - bn.running_mean) * scale + bn.bias).detach())
     assert torch.equal(folded.log_alpha, plain.log_alpha)
+
+
+
+class BatchNormPlaces(nn.Module):
+    """BatchNorm on the input (no layer before it), after a layer another node also reads, and twice after one
+    layer (the first folded, the second not); the last without affine parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.a, self.shared = nn.BatchNorm2d(2), BayesConv2d(2, 4, 1), nn.BatchNorm2d(4)
+        self.b, self.once, self.twice = BayesConv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)
+
+    def forward(self, x):
+        h = self.a(self.first(x))
+        return self.twice(self.once(self.b(self.shared(h) + h)))
+
+
+def test_batchnorm_that_cannot_be_folded_stays_a_per_channel_scale_and_shift():
+    torch.manual_seed(0)
+    net = BayesianNet(BatchNormPlaces(), input_shape=(2, 3, 3))
+    _randomise_batchnorm(net, torch.Generator().manual_seed(1))
+    graph = BodyGraph(net)
+    assert graph.batchnorm_names == {1: "once"} and graph.batchnorm[1] is graph.modules["once"]
+    affine = {n.name: n.affine for n in graph.nodes if n.affine is not None}
+    assert list(affine) == ["first", "shared", "twice"]
+    for name, (scale, shift) in affine.items():
+        bn = net.body.get_submodule(name)
+        var, mean = bn.running_var.double(), bn.running_mean.double()
+        gamma = torch.ones(len(var), dtype=torch.float64) if bn.weight is None else bn.weight.double()
+        beta = torch.zeros(len(var), dtype=torch.float64) if bn.bias is None else bn.bias.double()
+        torch.testing.assert_close(scale, (gamma / torch.sqrt(var + bn.eps)).detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(shift, (beta - mean * gamma / torch.sqrt(var + bn.eps)).detach(), rtol=1e-12,
+                                   atol=1e-15)
+
+
+@pytest.mark.parametrize("after, message", [
+    (nn.BatchNorm2d(4, track_running_stats=False), "cannot compress f: BatchNorm must track running statistics"),
+    (nn.Sequential(nn.Flatten(), nn.BatchNorm1d(100)),
+     "cannot compress f.1: BatchNorm that does not follow a layer must read images (batch, channels, height, width)"),
+])
+def test_batchnorm_that_cannot_be_compressed_is_named(after, message):
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(Then(after), input_shape=(2, 5, 5)))
+    assert str(info.value) == message
 
 
 # -- coupled channels ----------------------------------------------------------------------------------
@@ -344,6 +389,49 @@ def test_a_traced_sequence_and_its_chain_of_posteriors_prune_alike(model):
     assert 0 < sum(int(a.mask.sum()) for a in traced) < sum(a.mask.numel() for a in traced)
 
 
+
+def _random_gates(net, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.prior.z_logvar.copy_(torch.randn(layer.prior.z_logvar.shape, generator=g) * 3 - 3)
+    return analyse(net)
+
+
+@pytest.mark.parametrize("body, shape, nodes", [
+    (lambda: nn.Sequential(BayesConv2d(2, 4, 1), nn.ReLU(), BayesConv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+                           BayesConv2d(4, 3, 1)), (2, 3, 3),
+     [("0", (-1,), None, 1, False, False), ("2", (0,), None, 1, True, False), ("4", (1,), None, 1, False, False)]),
+    (lambda: nn.Sequential(BayesConv2d(4, 6, 1, groups=2), nn.ReLU(), nn.Flatten(), BayesLinear(6 * 9, 3)), (4, 3, 3),
+     [("0", (-1,), None, 1, False, True), ("3.flatten", (0,), Op("flatten", {"start_dim": 1}), 9, False, False),
+      ("3", (1,), None, 1, False, False)]),
+], ids=["depthwise", "grouped-first-then-flatten"])
+def test_a_chain_of_depthwise_or_grouped_convolutions_prunes_as_its_traced_network(body, shape, nodes):
+    """The chain's nodes by hand (a depthwise convolution ties its outputs to its inputs, a grouped one reads
+    ``groups`` times its weights' input channels, a linear layer after a convolution reads it through a flatten of
+    ``H W`` positions per channel), and its pruning is the traced network's."""
+    torch.manual_seed(0)
+    net = BayesianNet(body(), input_shape=shape)
+    posts = _random_gates(net, 2)
+    chain = BodyGraph.chain(posts)
+    assert [(n.name, n.inputs, n.op, n.repeat, n.depthwise, n.grouped) for n in chain.nodes] == nodes
+    assert len(chain.input_variables) == shape[0]
+    if nodes[1][4]:  # depthwise: the same variables as the layer before
+        assert torch.equal(chain.nodes[1].variables, chain.nodes[0].variables)
+    thresholds = [-3.0] * len(posts)
+    traced, chained = BodyGraph(net).prune(posts, thresholds), prune_chain(posts, thresholds)
+    for a, b in zip(traced, chained):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.keep_in, b.keep_in) and torch.equal(a.keep_out, b.keep_out)
+    assert 0 < sum(int(a.mask.sum()) for a in traced) < sum(a.mask.numel() for a in traced)
+
+
+def test_a_chain_whose_layers_do_not_line_up_is_refused():
+    net = BayesianNet(nn.Sequential(BayesConv2d(2, 4, 1), BayesLinear(10, 3)), input_shape=None)  # never run
+    with pytest.raises(ConfigError) as info:
+        prune_chain(analyse(net), [0.0, 0.0])
+    assert str(info.value) == "1 has 10 inputs, not a multiple of 0's 4 outputs: the body is not a plain sequence"
+
+
 class Shuffle(nn.Module):
     """conv -> channel shuffle (view, transpose, view, as ShuffleNet writes it) -> chunk -> conv on one half."""
 
@@ -390,6 +478,14 @@ class Then(nn.Module):
     def forward(self, x):
         h, o = self.a(x), self.b(x)
         return self.f(h) if isinstance(self.f, nn.Module) else self.f(h, o)
+
+
+def stochastic_depth(x, p, mode, training=True):
+    """torchvision.ops.stochastic_depth's signature (torchvision is optional here): the identity when not training."""
+    return x if not training or p == 0 else x * (torch.rand(x.shape[0], 1, 1, 1) >= p) / (1 - p)
+
+
+torch.fx.wrap("stochastic_depth")  # traced as one call, as torchvision's is
 
 
 class _Scaled(nn.Module):
@@ -440,6 +536,7 @@ _TRACED = [
     (lambda h, o: torch.relu(h), [Op("relu")]),
     (lambda h, o: torch.relu(F.dropout(h, 0.2, training=False)), [Op("relu")]),
     (lambda h, o: torch.relu(F.dropout(h, 0.2, False)), [Op("relu")]),
+    (lambda h, o: torch.relu(stochastic_depth(h, 0.2, "row", training=False)), [Op("relu")]),
     (nn.MaxPool2d(2), [_pool("maxpool2d", 2, 2, 0)]),
     (nn.MaxPool2d(3, 1, 1, ceil_mode=True), [_pool("maxpool2d_ceil", 3, 1, 1)]),
     (nn.AvgPool2d(3, 2, 1), [_pool("avgpool2d", 3, 2, 1)]),
@@ -468,6 +565,7 @@ _REFUSED = [
     (lambda h, o: h.flatten(0), "the tensor method .flatten()"),
     (lambda h, o: F.dropout(h, 0.2), "the function dropout"),
     (lambda h, o: F.dropout(h, 0.2, training=True), "the function dropout"),
+    (lambda h, o: torch.dropout(h, 0.2, False), "the function dropout"),  # a builtin: no signature to bind
     (nn.MaxPool2d(2, dilation=2), "the module MaxPool2d"),
     (nn.AvgPool2d(2, ceil_mode=True), "the module AvgPool2d"),
     (nn.AvgPool2d(2, count_include_pad=False), "the module AvgPool2d"),
