@@ -400,24 +400,27 @@ def _random_gates(net, seed):
 
 @pytest.mark.parametrize("body, shape, nodes", [
     (lambda: nn.Sequential(BayesConv2d(2, 4, 1), nn.ReLU(), BayesConv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
-                           BayesConv2d(4, 3, 1)), (2, 3, 3),
-     [("0", (-1,), None, 1, False, False), ("2", (0,), None, 1, True, False), ("4", (1,), None, 1, False, False)]),
+                           BayesConv2d(4, 2, 1), nn.ReLU(), BayesConv2d(2, 2, 1, groups=2), nn.ReLU(),
+                           BayesConv2d(2, 2, 1), nn.ReLU(), BayesConv2d(2, 3, 1)), (2, 3, 3),
+     [("0", (-1,), None, 1, False, False), ("2", (0,), None, 1, True, False), ("4", (1,), None, 1, False, False),
+      ("6", (2,), None, 1, True, False), ("8", (3,), None, 1, False, False), ("10", (4,), None, 1, False, False)]),
     (lambda: nn.Sequential(BayesConv2d(4, 6, 1, groups=2), nn.ReLU(), nn.Flatten(), BayesLinear(6 * 9, 3)), (4, 3, 3),
      [("0", (-1,), None, 1, False, True), ("3.flatten", (0,), Op("flatten", {"start_dim": 1}), 9, False, False),
       ("3", (1,), None, 1, False, False)]),
 ], ids=["depthwise", "grouped-first-then-flatten"])
 def test_a_chain_of_depthwise_or_grouped_convolutions_prunes_as_its_traced_network(body, shape, nodes):
-    """The chain's nodes by hand (a depthwise convolution ties its outputs to its inputs, a grouped one reads
+    """The chain's nodes by hand (a depthwise convolution, of 4 or 2 groups, ties its outputs to its inputs, a plain
+    one of as many inputs as outputs does not; a grouped one reads
     ``groups`` times its weights' input channels, a linear layer after a convolution reads it through a flatten of
     ``H W`` positions per channel), and its pruning is the traced network's."""
     torch.manual_seed(0)
     net = BayesianNet(body(), input_shape=shape)
-    posts = _random_gates(net, 2)
+    posts = _random_gates(net, 3)
     chain = BodyGraph.chain(posts)
     assert [(n.name, n.inputs, n.op, n.repeat, n.depthwise, n.grouped) for n in chain.nodes] == nodes
     assert len(chain.input_variables) == shape[0]
-    if nodes[1][4]:  # depthwise: the same variables as the layer before
-        assert torch.equal(chain.nodes[1].variables, chain.nodes[0].variables)
+    for before, node in zip(chain.nodes, chain.nodes[1:]):  # depthwise: the same variables as the layer before
+        assert torch.equal(node.variables, before.variables) == node.depthwise
     thresholds = [-3.0] * len(posts)
     traced, chained = BodyGraph(net).prune(posts, thresholds), prune_chain(posts, thresholds)
     for a, b in zip(traced, chained):
@@ -573,6 +576,8 @@ _REFUSED = [
     (nn.Flatten(1, 2), "the module Flatten"),
     (nn.Softmax(1), "the module Softmax"),
     (_Scaled(), "its tensor gamma outside a layer"),
+    (nn.Sequential(_Scaled()), "its tensor gamma outside a layer"),  # named by its module's whole path, f.0
+    (lambda h, o: stochastic_depth(h, 0.2, "row"), "the function stochastic_depth"),  # training by default
     (_Cumsum(), "the function cumsum"),
 ]
 _CANNOT = ("which a .bcz file cannot store (supported: Bayesian layers, BatchNorm, the activations of pyro_bc.nn.ops, "
@@ -600,5 +605,55 @@ def test_each_unsupported_form_is_refused_naming_the_function(case):
     f, what = _REFUSED[case]
     with pytest.raises(ConfigError) as info:
         BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
-    where = "f" if isinstance(f, nn.Module) else "the network's forward"  # a module by its path in the body
+    where = {nn.Sequential: "f.0"}.get(type(f), "f") if isinstance(f, nn.Module) else "the network's forward"
     assert str(info.value) == f"cannot compress {where}: it uses {what}, {_CANNOT}"
+
+
+class _OwnScale(Then):
+    """The body's own parameter used in its forward."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.gamma = nn.Parameter(torch.ones(4, 1, 1))
+
+    def forward(self, x):
+        h, _ = self.a(x), self.b(x)
+        return h * self.gamma
+
+
+def test_a_tensor_of_the_body_itself_is_named_as_the_network():
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(_OwnScale(), input_shape=(2, 5, 5)))
+    assert str(info.value) == f"cannot compress the network: it uses its tensor gamma outside a layer, {_CANNOT}"
+
+
+def test_deterministic_modules_are_nodes_of_their_own_outputs():
+    """A plain convolution: new variables, one per output channel (3, not the 5 positions of a row), all kept; a
+    plain linear layer reading (batch, features) likewise, and refused on images; a LayerNorm over the last two
+    dimensions leaves the channels free, over the last three it keeps them."""
+    nodes = BodyGraph(BayesianNet(Then(nn.Conv2d(4, 3, 1)), input_shape=(2, 5, 5))).nodes
+    assert (nodes[-1].name, len(nodes[-1].variables), nodes[-1].keeps_all) == ("f", 3, True)
+    nodes = BodyGraph(BayesianNet(Then(nn.Sequential(nn.Flatten(), nn.Linear(100, 3))), input_shape=(2, 5, 5))).nodes
+    assert (nodes[-1].name, len(nodes[-1].variables), nodes[-1].keeps_all) == ("f.1", 3, True)
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(Then(nn.Linear(5, 3)), input_shape=(2, 5, 5)))
+    assert str(info.value) == "f: a linear layer must read (batch, features) inputs"
+    for shape, across in (((5, 5), False), ((4, 5, 5), True)):
+        nodes = BodyGraph(BayesianNet(Then(nn.LayerNorm(shape)), input_shape=(2, 5, 5))).nodes
+        assert (nodes[-1].name, nodes[-1].keeps_all) == ("f", across)
+        assert torch.equal(nodes[-1].variables, nodes[0].variables)
+
+
+def test_reshapes_that_select_whole_channels_are_gathers_and_others_are_refused():
+    """Indexing and chunks along dim 1 keep whole channels (a gather of them); a transpose of the spatial dimensions
+    or a reshape across channels moves positions between channels, which a file cannot store."""
+    for f, index in ((lambda h, o: torch.relu(h[:, [2, 0]]), [2, 0]), (lambda h, o: torch.relu(h.chunk(2, 1)[1]), [2, 3])):
+        graph = BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+        assert [n.op for n in graph.nodes if n.layer is None] == [Op("gather", {"index": index}), Op("relu")]
+        assert torch.equal(graph.nodes[-1].variables, graph.nodes[0].variables[index])
+    for f, name in ((lambda h, o: torch.relu(h.transpose(2, 3)), "transpose"),
+                    (lambda h, o: torch.relu(h.reshape(1, 2, 2, 25)), "reshape")):
+        with pytest.raises(ConfigError) as info:
+            BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+        assert str(info.value) == ("cannot compress the network's forward: its reshape mixes channels with positions "
+                                   "(a .bcz file stores reorderings and selections of whole channels only)")
