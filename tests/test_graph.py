@@ -407,7 +407,10 @@ def _random_gates(net, seed):
     (lambda: nn.Sequential(BayesConv2d(4, 6, 1, groups=2), nn.ReLU(), nn.Flatten(), BayesLinear(6 * 9, 3)), (4, 3, 3),
      [("0", (-1,), None, 1, False, True), ("3.flatten", (0,), Op("flatten", {"start_dim": 1}), 9, False, False),
       ("3", (1,), None, 1, False, False)]),
-], ids=["depthwise", "grouped-first-then-flatten"])
+    (lambda: nn.Sequential(BayesConv2d(2, 4, 1), nn.ReLU(), BayesConv2d(4, 6, 1, groups=2), nn.ReLU(),
+                           BayesConv2d(6, 3, 1)), (2, 3, 3),
+     [("0", (-1,), None, 1, False, False), ("2", (0,), None, 1, False, True), ("4", (1,), None, 1, False, False)]),
+], ids=["depthwise", "grouped-first-then-flatten", "grouped-between"])
 def test_a_chain_of_depthwise_or_grouped_convolutions_prunes_as_its_traced_network(body, shape, nodes):
     """The chain's nodes by hand (a depthwise convolution, of 4 or 2 groups, ties its outputs to its inputs, a plain
     one of as many inputs as outputs does not; a grouped one reads
@@ -426,6 +429,11 @@ def test_a_chain_of_depthwise_or_grouped_convolutions_prunes_as_its_traced_netwo
     for a, b in zip(traced, chained):
         assert torch.equal(a.mask, b.mask) and torch.equal(a.keep_in, b.keep_in) and torch.equal(a.keep_out, b.keep_out)
     assert 0 < sum(int(a.mask.sum()) for a in traced) < sum(a.mask.numel() for a in traced)
+    for i, (layer, (name, *_, grouped)) in enumerate(zip(traced, [n for n in nodes if n[2] is None])):
+        if grouped:  # a grouped convolution keeps every weight, input and output, and so do its neighbours' channels
+            assert layer.mask.all() and layer.keep_in.dtype == layer.keep_out.dtype == torch.bool
+            assert layer.keep_in.tolist() == [True] * layer.mask.shape[1] and layer.keep_out.all()
+            assert i == 0 or traced[i - 1].keep_out.all()
 
 
 def test_a_chain_whose_layers_do_not_line_up_is_refused():
@@ -657,3 +665,49 @@ def test_reshapes_that_select_whole_channels_are_gathers_and_others_are_refused(
             BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
         assert str(info.value) == ("cannot compress the network's forward: its reshape mixes channels with positions "
                                    "(a .bcz file stores reorderings and selections of whole channels only)")
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = BayesConv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.a(self.a(x))
+
+
+class _Unused(Then):
+    def __init__(self):
+        super().__init__(lambda h, o: torch.cat([h, o], 1))
+        self.unused = BayesConv2d(2, 2, 1)
+
+
+def _raises(message):
+    def f(h, o):
+        raise ValueError(message)
+    return f
+
+
+@pytest.mark.parametrize("body, message", [
+    (lambda: Then(lambda h, o: h), "the network's output must be one tensor, the last one computed"),
+    (lambda: Then(lambda h, o: (h, o)), "the network's output must be one tensor, the last one computed"),
+    (lambda: _Twice(), "layer a is called more than once: shared layers are not supported"),
+    (lambda: _Unused(), "some Bayesian layers are not called in the network's forward"),
+    (lambda: Then(nn.Flatten(2)), "f: only flattening from dim 1 is supported"),
+    (lambda: Then(_raises("boom\nsecond line")), "cannot trace the network with torch.fx: ValueError: boom"),
+], ids=["not-last", "tuple", "shared", "unused", "flatten-2", "trace"])
+def test_bodies_the_graph_cannot_hold_are_refused_in_one_line(body, message):
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(body(), input_shape=(2, 5, 5)))
+    assert str(info.value) == message
+
+
+def test_a_bayesian_linear_layer_on_images_and_an_unknown_input_shape_are_refused():
+    body = nn.Sequential(BayesConv2d(2, 4, 1), BayesLinear(5, 3))  # torch would apply it along the width
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(body, input_shape=(2, 5, 5)))
+    assert str(info.value) == "1: a linear layer must read (batch, features) inputs"
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(body, input_shape=None))
+    assert str(info.value) == "the network's input shape is unknown: train it first or give input_shape"
