@@ -2,6 +2,7 @@
 detection, per-channel normalisation, and one-line errors for corrupt, truncated or inconsistent files."""
 
 import codecs
+import io
 import os
 import pickle
 import struct
@@ -13,11 +14,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numpy.lib import format as npy
 from tiny_data import SIDE, cifar_batch, write_cifar, write_npz
 
-from pyro_bc.data.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, read_batch
+from pyro_bc.data.cifar import META_FILE, TEST_BATCH, TRAIN_BATCHES, read_batch, read_cifar10
+from pyro_bc.data.datafile import MAX_DEFLATE_RATIO
 from pyro_bc.data.datasets import MNIST_FILES, channel_stats, detect_format, load_data, load_mnist, write_idx
-from pyro_bc.data.npz import read_npz
+from pyro_bc.data.npz import read_npz, read_npz_pair
 from pyro_bc.data.safe_pickle import load_pickle
 from pyro_bc.errors import ConfigError, DataError
 
@@ -214,6 +217,66 @@ def test_truncated_and_corrupt_batches(tmp_path):
         assert "\n" not in str(info.value)
 
 
+
+_GOOD = {b"data": np.zeros((2, 12), np.uint8), b"labels": [3, 1]}  # two 3 x 2 x 2 images
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({f"k{i}".encode(): 0 for i in range(9)},
+     "no 'data' entry (keys: b'k0', b'k1', b'k2', b'k3', b'k4', b'k5', b'k6', b'k7')"),  # the first 8 keys
+    ([1, 2], "not a CIFAR file: a pickled list, not a dict"),
+    ({**_GOOD, b"data": b"raw"}, "'data' must be an N x 3072 uint8 array, got a bytes"),
+    ({**_GOOD, b"data": np.zeros((2, 12), np.int16)},
+     "'data' must be an N x 3072 uint8 array, got a int16 array of shape (2, 12)"),
+    ({**_GOOD, b"data": np.zeros((2, 0), np.uint8)},
+     "'data' rows hold 0 values, not 3 x S x S (3072 for 32 x 32 images)"),
+    ({**_GOOD, b"labels": [2**70, 1]}, "'labels': label out of range: must lie in 0..255"),
+    ({**_GOOD, b"labels": [3]}, "'labels': count mismatch: 1 labels but 'data' has 2 images"),
+    ({**_GOOD, b"labels": np.array(3)}, "'labels' must be a list of integers"),  # 0-d: was a TypeError
+    ({**_GOOD, b"labels": np.array([[3], [1]])}, "'labels' must be a list of integers"),
+], ids=["no-data", "list", "bytes", "int16", "width-0", "huge-label", "count", "0-d-labels", "2-d-labels"])
+def test_bad_batches_whole_messages(tmp_path, obj, message):
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(DataError) as info:
+        read_batch(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("labels", [[3, 1], (3, 1), np.array([3, 1], np.uint8), np.array([3, 1], np.int32)],
+                         ids=["list", "tuple", "uint8", "int32"])
+def test_batch_labels_are_int64_however_stored(tmp_path, labels):
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({**_GOOD, b"labels": labels}, protocol=2))
+    x, y = read_batch(path)
+    assert y.dtype == np.int64 and y.tolist() == [3, 1] and x.shape == (2, 3, 2, 2)
+    path.write_bytes(pickle.dumps({b"data": np.zeros((0, 12), np.uint8), b"labels": []}, protocol=2))
+    x, y = read_batch(path)  # an empty batch
+    assert x.shape == (0, 3, 2, 2) and y.dtype == np.int64 and y.shape == (0,)
+
+
+def test_cifar_folder_names_and_class_count(tmp_path):
+    d = write_cifar(tmp_path / "cifar")
+    for names in (["a"], [f"c{i}" for i in range(256)]):  # the ends of 1..256
+        _replace_batch(d, META_FILE, {b"label_names": names})
+        raw = read_cifar10(d)
+        assert raw.n_classes == len(names)
+    assert (raw.train_name, raw.test_name) == (str(d / "data_batch_1..5"), str(d / TEST_BATCH))
+    bad = [({b"label_names": []}, "'label_names' must be a list of 1 to 256 names"),
+           ({b"label_names": [f"c{i}" for i in range(257)]}, "'label_names' must be a list of 1 to 256 names"),
+           ({b"label_names": tuple("abc")}, "'label_names' must be a list of 1 to 256 names"),
+           ({b"num_cases_per_batch": 12}, "no 'label_names' entry (keys: b'num_cases_per_batch')")]
+    for meta, message in bad:
+        path = _replace_batch(d, META_FILE, meta)
+        with pytest.raises(DataError) as info:
+            read_cifar10(d)
+        assert str(info.value) == f"{path}: {message}"
+    path = _replace_batch(d, TRAIN_BATCHES[1], cifar_batch(np.random.default_rng(1), 4, side=4))
+    with pytest.raises(DataError) as info:  # the second batch differs from the first (and the later ones)
+        read_cifar10(d)
+    assert str(info.value) == f"{path}: images of shape (3, 4, 4), but data_batch_1's are (3, {SIDE}, {SIDE})"
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.one_of(st.none(), st.integers(0, 400)),
        flips=st.lists(st.tuples(st.integers(0, 399), st.integers(0, 7)), max_size=4))
@@ -273,6 +336,107 @@ def test_bad_npz_files_name_the_file(tmp_path):
         zf.writestr("y.npy", member)
     with pytest.raises(DataError, match=rf"^{path}: truncated: 'x' declares shape"):
         read_npz(path)
+
+
+
+def _npy(array: np.ndarray, version=None) -> bytes:
+    """``array`` as a ``.npy`` file's bytes, in the given format version."""
+    buf = io.BytesIO()
+    npy.write_array(buf, array, version=version)
+    return buf.getvalue()
+
+
+def _archive(path, **members: bytes):
+    """A zip archive ``path`` holding each member's bytes as ``<key>.npy``, stored (not deflated)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for key, data in members.items():
+            zf.writestr(f"{key}.npy", data)
+    return path
+
+
+@pytest.mark.parametrize("shape, nchw", [
+    ((3, 8, 4), (0, 1, 2, 3)),  # channels-first, not square: kept as it is
+    ((6, 2, 3), (0, 3, 1, 2)),  # channels-last, not square: the last axis (3) is shorter than the second (6)
+    ((3, 5, 3), (0, 1, 2, 3)),  # the last axis as long as the second: channels-first
+])
+def test_npz_layout_rule_on_non_square_images(tmp_path, shape, nchw):
+    x = np.random.default_rng(0).integers(0, 256, (2, *shape), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", x=x, y=np.array([1, 2]))
+    got, y = read_npz(tmp_path / "a.npz")
+    np.testing.assert_array_equal(got, x.transpose(nchw))
+    assert y.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+@pytest.mark.parametrize("fortran", [False, True])
+def test_npz_reads_every_npy_version_and_fortran_order(tmp_path, version, fortran):
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
+    member = _npy(np.asfortranarray(x) if fortran else x, version=version)
+    assert member[6:8] == bytes(version) and (b"'fortran_order': True" in member) == fortran
+    got, y = read_npz(_archive(tmp_path / "a.npz", x=member, y=_npy(np.array([7, 255], np.int16))))
+    np.testing.assert_array_equal(got, x)
+    assert y.tolist() == [7, 255] and y.dtype == np.int16
+
+
+def _declaring(path, member: bytes, declared: int):
+    """An archive whose stored ``x.npy`` holds ``member`` but whose central directory declares ``declared``
+    uncompressed bytes (zipfile takes the sizes from there)."""
+    _archive(path, x=member, y=member)
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # x's central directory entry: the uncompressed size is at offset 24
+    data[entry + 24: entry + 28] = struct.pack("<I", declared)
+    path.write_bytes(bytes(data))
+
+
+def test_npz_member_size_cap_is_the_deflate_ratio(tmp_path):
+    """A member declaring more than (its compressed size + 1024) * MAX_DEFLATE_RATIO bytes is refused before it is
+    read; one declaring exactly that many is read (and found not to hold them)."""
+    path, member = tmp_path / "cap.npz", _npy(np.zeros(1, np.uint8))
+    header = len(member) - 1  # the .npy header before the one data byte
+    cap = (len(member) + 1024) * MAX_DEFLATE_RATIO  # stored: the compressed size is the member's
+    _declaring(path, member, cap)
+    with pytest.raises(DataError) as info:
+        read_npz(path)
+    assert str(info.value) == f"{path}: size mismatch: 'x' declares shape (1,) (1 bytes) but holds {cap - header}"
+    _declaring(path, member, cap + 1)
+    with pytest.raises(DataError) as info:
+        read_npz(path)
+    assert str(info.value) == f"{path}: 'x' declares {cap + 1} bytes, more than its {len(member)} compressed bytes can hold"
+
+
+def test_bad_npz_members_whole_messages(tmp_path):
+    path = tmp_path / "bad.npz"
+    y = _npy(np.zeros(2, np.int64))
+    future = bytearray(_npy(np.zeros((2, 1, 2, 2), np.uint8)))
+    future[6] = 4  # major version 4, which numpy has not defined
+    x5 = np.zeros((2, 1, 2, 2, 1), np.uint8)
+    cases = [
+        ({"x": bytes(future), "y": y}, "'x' is a .npy file of unknown version (4, 0)"),
+        ({"x": _npy(np.array(["ab", "cd"])), "y": y}, "'x' has dtype <U2; only numbers are read (no pickled objects)"),
+        ({"x": _npy(x5), "y": y}, "'x' must be N x C x H x W, N x H x W x C or N x H x W, got shape (2, 1, 2, 2, 1)"),
+        ({"x": _npy(x5[..., 0]), "y": _npy(np.zeros(3, np.int64))},
+         "'y': count mismatch: 3 labels but 'x' has 2 images"),
+    ]
+    for members, message in cases:
+        with pytest.raises(DataError) as info:
+            read_npz(_archive(path, **members))
+        assert str(info.value) == f"{path}: {message}"
+    path.write_bytes(b"PK\x03\x04 not an archive")
+    try:
+        zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        reason = f"BadZipFile: {str(exc).splitlines()[0]}"
+    with pytest.raises(DataError) as info:
+        read_npz(path)
+    assert str(info.value) == f"{path}: corrupt npz: {reason}"
+
+
+def test_npz_pair_names_its_files(tmp_path):
+    write_npz(tmp_path / "train.npz", 4)
+    write_npz(tmp_path / "test.npz", 2, seed=1)
+    raw = read_npz_pair(tmp_path)
+    assert (raw.train_name, raw.test_name) == (str(tmp_path / "train.npz"), str(tmp_path / "test.npz"))
+    assert (raw.train_x.shape, raw.test_x.shape) == ((4, 3, SIDE, SIDE), (2, 3, SIDE, SIDE))
 
 
 # ----------------------------------------------------------------------------------------------- format detection

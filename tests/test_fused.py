@@ -4,6 +4,7 @@ plain-autograd references."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pyro
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from models import build_network
 from pyro_bc.infer import reparam
-from pyro_bc.infer.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference
+from pyro_bc.infer.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference, standard_normal_kl
 from pyro_bc.nn.layers import BayesConv2d, BayesLinear
 from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 
@@ -220,6 +221,67 @@ def test_linear_leading_dims():
     t3 = {k: None if v is None else v.reshape(2, 3, -1) if v.dim() == 2 and v.shape[0] == 6 else v
           for k, v in t.items()}
     _compare(lrt_linear, lrt_linear_reference, t3, {})
+
+
+
+def test_standard_normal_kl_with_and_without_the_variance():
+    """The public KL helper against torch's Normal rule, computing ``exp(logvar)`` itself or taking it."""
+    t = linear_inputs()
+    q = torch.distributions.Normal(t["mu"], (0.5 * t["logvar"]).exp())
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum()
+    torch.testing.assert_close(standard_normal_kl(t["mu"], t["logvar"]), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(standard_normal_kl(t["mu"], t["logvar"], t["logvar"].exp()), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("alone", NAMES)
+def test_each_input_alone_gets_its_gradient(alone):
+    """Only one input asks for a gradient (the others constants): the op still keeps what its backward needs."""
+    for fn, ref, (t, conv) in ((lrt_linear, lrt_linear_reference, (linear_inputs(), {})),
+                               (lrt_conv2d, lrt_conv2d_reference, conv_inputs(stride=2, padding=1))):
+        grads = []
+        for op in (fn, ref):
+            leaves = {k: None if v is None else v.clone().requires_grad_(k == alone) for k, v in t.items()}
+            y, kl = _call(op, leaves, conv)
+            grads.append(torch.autograd.grad((y * y).sum() + 0.3 * kl, leaves[alone])[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-10)
+
+
+def test_linear_leading_dims_without_scales():
+    t = linear_inputs(n=6, z=False)
+    t3 = {k: None if v is None else v.reshape(2, 3, -1) if v.dim() == 2 and v.shape[0] == 6 else v
+          for k, v in t.items()}
+    y = _call(lrt_linear, t3, {})[0]
+    expected = t["x"] @ t["mu"].T + t["b_mu"] + ((t["x"] ** 2) @ t["logvar"].exp().T + t["b_var"]).sqrt() * t["eps"]
+    torch.testing.assert_close(y, expected.reshape(2, 3, -1), rtol=1e-12, atol=1e-12)
+
+
+def _conv_draw(t: dict, **conv) -> torch.Tensor:
+    """The draw composed in the test from ``F.conv2d`` (scales ``z`` not used)."""
+    f = torch.nn.functional.conv2d
+    v = f(t["x"] ** 2, t["logvar"].exp(), t["b_var"], **conv)
+    return f(t["x"], t["mu"], t["b_mu"], **conv) + v.sqrt() * t["eps"]
+
+
+def test_conv2d_defaults_and_string_padding_are_the_convolutions():
+    """``lrt_conv2d``'s defaults are ``F.conv2d``'s (stride 1, no padding, dilation 1, one group); a string padding
+    (the reference path) keeps the stride, dilation and groups."""
+    t, _ = conv_inputs(z=False)
+    for fn in (lrt_conv2d, lrt_conv2d_reference):
+        torch.testing.assert_close(_call(fn, t, {})[0], _conv_draw(t), rtol=1e-12, atol=1e-12)
+    conv = {"padding": "same", "dilation": 2, "groups": 2}
+    t, _ = conv_inputs(z=False, **conv)
+    for fn in (lrt_conv2d, lrt_conv2d_reference):
+        torch.testing.assert_close(_call(fn, t, conv)[0], _conv_draw(t, **conv), rtol=1e-12, atol=1e-12)
+
+
+def test_a_bias_variance_is_never_clamped():
+    """With a bias variance ``v`` is used as it is, even below ``tiny`` (a subnormal); only without one is it
+    clamped."""
+    t = linear_inputs(z=False)
+    t["x"][1], t["b_mu"][:], t["b_var"][:] = 0.0, 0.0, 1e-320  # row 1: v = b_var exactly, a float64 subnormal
+    for fn in (lrt_linear, lrt_linear_reference):
+        y = _call(fn, t, {})[0]
+        torch.testing.assert_close(y[1], math.sqrt(1e-320) * t["eps"][1], rtol=1e-12, atol=0)
 
 
 def _losses_after_training(model: str, steps: int) -> list[float]:

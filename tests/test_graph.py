@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_data import write_npz
 from torch import nn
 
@@ -17,6 +18,7 @@ import models.vgg
 import pyro_bc
 from models import build_network
 from pyro_bc.bcz import codec
+from pyro_bc.bcz.model import Op
 from pyro_bc.bcz.modules import Graph
 from pyro_bc.compression.compressed import compressed_model, compressed_module
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_chain, prune_network
@@ -53,8 +55,9 @@ def _randomise_batchnorm(net, generator):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-1, 1, generator=generator)
                 m.running_var.uniform_(0.5, 2, generator=generator)
-                m.weight.uniform_(0.5, 1.5, generator=generator)
-                m.bias.uniform_(-1, 1, generator=generator)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=generator)
+                    m.bias.uniform_(-1, 1, generator=generator)
 
 
 def _masked(net, layers):
@@ -106,6 +109,50 @@ def test_batchnorm_scales_the_variances_and_moves_the_bias():
     torch.testing.assert_close(folded.var, plain.var * scale[:, None, None, None] ** 2)
     torch.testing.assert_close(folded.bias, ((0 - bn.running_mean) * scale + bn.bias).detach())
     assert torch.equal(folded.log_alpha, plain.log_alpha)
+
+
+
+class BatchNormPlaces(nn.Module):
+    """BatchNorm on the input (no layer before it), after a layer another node also reads, and twice after one
+    layer (the first folded, the second not); the last without affine parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.a, self.shared = nn.BatchNorm2d(2), BayesConv2d(2, 4, 1), nn.BatchNorm2d(4)
+        self.b, self.once, self.twice = BayesConv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)
+
+    def forward(self, x):
+        h = self.a(self.first(x))
+        return self.twice(self.once(self.b(self.shared(h) + h)))
+
+
+def test_batchnorm_that_cannot_be_folded_stays_a_per_channel_scale_and_shift():
+    torch.manual_seed(0)
+    net = BayesianNet(BatchNormPlaces(), input_shape=(2, 3, 3))
+    _randomise_batchnorm(net, torch.Generator().manual_seed(1))
+    graph = BodyGraph(net)
+    assert graph.batchnorm_names == {1: "once"} and graph.batchnorm[1] is graph.modules["once"]
+    affine = {n.name: n.affine for n in graph.nodes if n.affine is not None}
+    assert list(affine) == ["first", "shared", "twice"]
+    for name, (scale, shift) in affine.items():
+        bn = net.body.get_submodule(name)
+        var, mean = bn.running_var.double(), bn.running_mean.double()
+        gamma = torch.ones(len(var), dtype=torch.float64) if bn.weight is None else bn.weight.double()
+        beta = torch.zeros(len(var), dtype=torch.float64) if bn.bias is None else bn.bias.double()
+        torch.testing.assert_close(scale, (gamma / torch.sqrt(var + bn.eps)).detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(shift, (beta - mean * gamma / torch.sqrt(var + bn.eps)).detach(), rtol=1e-12,
+                                   atol=1e-15)
+
+
+@pytest.mark.parametrize("after, message", [
+    (nn.BatchNorm2d(4, track_running_stats=False), "cannot compress f: BatchNorm must track running statistics"),
+    (nn.Sequential(nn.Flatten(), nn.BatchNorm1d(100)),
+     "cannot compress f.1: BatchNorm that does not follow a layer must read images (batch, channels, height, width)"),
+])
+def test_batchnorm_that_cannot_be_compressed_is_named(after, message):
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(Then(after), input_shape=(2, 5, 5)))
+    assert str(info.value) == message
 
 
 # -- coupled channels ----------------------------------------------------------------------------------
@@ -342,6 +389,60 @@ def test_a_traced_sequence_and_its_chain_of_posteriors_prune_alike(model):
     assert 0 < sum(int(a.mask.sum()) for a in traced) < sum(a.mask.numel() for a in traced)
 
 
+
+def _random_gates(net, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.prior.z_logvar.copy_(torch.randn(layer.prior.z_logvar.shape, generator=g) * 3 - 3)
+    return analyse(net)
+
+
+@pytest.mark.parametrize("body, shape, nodes", [
+    (lambda: nn.Sequential(BayesConv2d(2, 4, 1), nn.ReLU(), BayesConv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+                           BayesConv2d(4, 2, 1), nn.ReLU(), BayesConv2d(2, 2, 1, groups=2), nn.ReLU(),
+                           BayesConv2d(2, 2, 1), nn.ReLU(), BayesConv2d(2, 3, 1)), (2, 3, 3),
+     [("0", (-1,), None, 1, False, False), ("2", (0,), None, 1, True, False), ("4", (1,), None, 1, False, False),
+      ("6", (2,), None, 1, True, False), ("8", (3,), None, 1, False, False), ("10", (4,), None, 1, False, False)]),
+    (lambda: nn.Sequential(BayesConv2d(4, 6, 1, groups=2), nn.ReLU(), nn.Flatten(), BayesLinear(6 * 9, 3)), (4, 3, 3),
+     [("0", (-1,), None, 1, False, True), ("3.flatten", (0,), Op("flatten", {"start_dim": 1}), 9, False, False),
+      ("3", (1,), None, 1, False, False)]),
+    (lambda: nn.Sequential(BayesConv2d(2, 4, 1), nn.ReLU(), BayesConv2d(4, 6, 1, groups=2), nn.ReLU(),
+                           BayesConv2d(6, 3, 1)), (2, 3, 3),
+     [("0", (-1,), None, 1, False, False), ("2", (0,), None, 1, False, True), ("4", (1,), None, 1, False, False)]),
+], ids=["depthwise", "grouped-first-then-flatten", "grouped-between"])
+def test_a_chain_of_depthwise_or_grouped_convolutions_prunes_as_its_traced_network(body, shape, nodes):
+    """The chain's nodes by hand (a depthwise convolution, of 4 or 2 groups, ties its outputs to its inputs, a plain
+    one of as many inputs as outputs does not; a grouped one reads
+    ``groups`` times its weights' input channels, a linear layer after a convolution reads it through a flatten of
+    ``H W`` positions per channel), and its pruning is the traced network's."""
+    torch.manual_seed(0)
+    net = BayesianNet(body(), input_shape=shape)
+    posts = _random_gates(net, 3)
+    chain = BodyGraph.chain(posts)
+    assert [(n.name, n.inputs, n.op, n.repeat, n.depthwise, n.grouped) for n in chain.nodes] == nodes
+    assert len(chain.input_variables) == shape[0]
+    for before, node in zip(chain.nodes, chain.nodes[1:]):  # depthwise: the same variables as the layer before
+        assert torch.equal(node.variables, before.variables) == node.depthwise
+    thresholds = [-3.0] * len(posts)
+    traced, chained = BodyGraph(net).prune(posts, thresholds), prune_chain(posts, thresholds)
+    for a, b in zip(traced, chained):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.keep_in, b.keep_in) and torch.equal(a.keep_out, b.keep_out)
+    assert 0 < sum(int(a.mask.sum()) for a in traced) < sum(a.mask.numel() for a in traced)
+    for i, (layer, (name, *_, grouped)) in enumerate(zip(traced, [n for n in nodes if n[2] is None])):
+        if grouped:  # a grouped convolution keeps every weight, input and output, and so do its neighbours' channels
+            assert layer.mask.all() and layer.keep_in.dtype == layer.keep_out.dtype == torch.bool
+            assert layer.keep_in.tolist() == [True] * layer.mask.shape[1] and layer.keep_out.all()
+            assert i == 0 or traced[i - 1].keep_out.all()
+
+
+def test_a_chain_whose_layers_do_not_line_up_is_refused():
+    net = BayesianNet(nn.Sequential(BayesConv2d(2, 4, 1), BayesLinear(10, 3)), input_shape=None)  # never run
+    with pytest.raises(ConfigError) as info:
+        prune_chain(analyse(net), [0.0, 0.0])
+    assert str(info.value) == "1 has 10 inputs, not a multiple of 0's 4 outputs: the body is not a plain sequence"
+
+
 class Shuffle(nn.Module):
     """conv -> channel shuffle (view, transpose, view, as ShuffleNet writes it) -> chunk -> conv on one half."""
 
@@ -373,3 +474,240 @@ def test_a_channel_shuffle_and_a_chunk_become_gathers_of_whole_channels(tmp_path
     graph = BodyGraph(net)
     gathers = [node.op.params["index"] for node in graph.nodes if node.op is not None and node.op.kind == "gather"]
     assert gathers == [[0, 3, 1]]  # the shuffle and the chunk's first half, one gather of conv1's channels
+
+
+# -- traced functions ----------------------------------------------------------------------------------
+
+class Then(nn.Module):
+    """1 x 1 Bayesian convolutions from 2 to 4 channels (``h``) and to 1 channel (``o``), then ``f(h, o)`` (a module
+    ``f``: ``f(h)``)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.a, self.b, self.f = BayesConv2d(2, 4, 1), BayesConv2d(2, 1, 1), f
+
+    def forward(self, x):
+        h, o = self.a(x), self.b(x)
+        return self.f(h) if isinstance(self.f, nn.Module) else self.f(h, o)
+
+
+def stochastic_depth(x, p, mode, training=True):
+    """torchvision.ops.stochastic_depth's signature (torchvision is optional here): the identity when not training."""
+    return x if not training or p == 0 else x * (torch.rand(x.shape[0], 1, 1, 1) >= p) / (1 - p)
+
+
+torch.fx.wrap("stochastic_depth")  # traced as one call, as torchvision's is
+
+
+class _Scaled(nn.Module):
+    """Its own parameter times the input: a tensor outside a layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(4, 1, 1))
+
+    def forward(self, h):
+        return h * self.gamma
+
+
+class _Cumsum(nn.Module):
+    def forward(self, h):
+        return torch.cumsum(h, 1)
+
+
+def _pool(kind, k, s, p):
+    """A pooling op as the .bcz format writes it."""
+    return Op(kind, {"kernel_size": k, "stride": s, "padding": p})
+
+_MEAN1 = Op("adaptive_avgpool2d", {"output_size": 1})
+_TRACED = [
+    (lambda h, o: h + torch.relu(h), [Op("relu"), Op("add")]),
+    (lambda h, o: torch.add(torch.relu(h), h), [Op("relu"), Op("add")]),
+    (lambda h, o: h * torch.relu(h), [Op("relu"), Op("mul")]),
+    (lambda h, o: torch.mul(h, h.mean((2, 3), keepdim=True)), [_MEAN1, Op("mul")]),
+    (lambda h, o: h.mean((2, 3), keepdim=True) * h, [_MEAN1, Op("mul")]),
+    (lambda h, o: F.adaptive_avg_pool2d(h, 2), [Op("adaptive_avgpool2d", {"output_size": 2})]),
+    (lambda h, o: F.adaptive_avg_pool2d(h, output_size=3), [Op("adaptive_avgpool2d", {"output_size": 3})]),
+    (lambda h, o: F.max_pool2d(h, 2), [_pool("maxpool2d", 2, 2, 0)]),
+    (lambda h, o: F.max_pool2d(h, 3, 1, 1), [_pool("maxpool2d", 3, 1, 1)]),
+    (lambda h, o: F.max_pool2d(h, kernel_size=3, stride=2, padding=1), [_pool("maxpool2d", 3, 2, 1)]),
+    (lambda h, o: F.max_pool2d(h, 2, ceil_mode=True), [_pool("maxpool2d_ceil", 2, 2, 0)]),
+    (lambda h, o: F.avg_pool2d(h, 2), [_pool("avgpool2d", 2, 2, 0)]),
+    (lambda h, o: F.avg_pool2d(h, 3, 1, 1), [_pool("avgpool2d", 3, 1, 1)]),
+    (lambda h, o: h.mean((2, 3)), [Op("spatial_mean")]),
+    (lambda h, o: h.mean(dim=[-1, -2]), [Op("spatial_mean")]),
+    (lambda h, o: torch.mean(h, (2, 3), True), [_MEAN1]),
+    (lambda h, o: torch.mean(h, dim=(3, 2), keepdim=False), [Op("spatial_mean")]),
+    (lambda h, o: torch.cat([h, o], 1), [Op("cat")]),
+    (lambda h, o: torch.cat([h, o], dim=-3), [Op("cat")]),
+    (lambda h, o: torch.cat([h], 1) + torch.relu(h), [Op("relu"), Op("add")]),
+    (lambda h, o: torch.flatten(h, 1), [Op("flatten", {"start_dim": 1})]),
+    (lambda h, o: h.flatten(1), [Op("flatten", {"start_dim": 1})]),
+    (lambda h, o: torch.flatten(h, start_dim=1, end_dim=-1), [Op("flatten", {"start_dim": 1})]),
+    (lambda h, o: torch.relu(h), [Op("relu")]),
+    (lambda h, o: torch.relu(F.dropout(h, 0.2, training=False)), [Op("relu")]),
+    (lambda h, o: torch.relu(F.dropout(h, 0.2, False)), [Op("relu")]),
+    (lambda h, o: torch.relu(stochastic_depth(h, 0.2, "row", training=False)), [Op("relu")]),
+    (nn.MaxPool2d(2), [_pool("maxpool2d", 2, 2, 0)]),
+    (nn.MaxPool2d(3, 1, 1, ceil_mode=True), [_pool("maxpool2d_ceil", 3, 1, 1)]),
+    (nn.AvgPool2d(3, 2, 1), [_pool("avgpool2d", 3, 2, 1)]),
+    (nn.AdaptiveAvgPool2d(2), [Op("adaptive_avgpool2d", {"output_size": 2})]),
+    (nn.Flatten(), [Op("flatten", {"start_dim": 1})]),
+    (nn.Sequential(nn.Dropout(0.5), nn.Identity(), nn.ReLU()), [Op("relu")]),
+]
+_REFUSED = [
+    (lambda h, o: h + h, "the function add"),
+    (lambda h, o: h * h, "the function mul"),
+    (lambda h, o: torch.add(h, h, alpha=2), "the function add"),
+    (lambda h, o: h + 1, "the function add"),
+    (lambda h, o: h + o, "the function add"),
+    (lambda h, o: h * 2, "the function mul"),
+    (lambda h, o: h * o, "the function mul"),
+    (lambda h, o: F.max_pool2d(h, 2, dilation=2), "the function max_pool2d"),
+    (lambda h, o: F.avg_pool2d(h, 2, count_include_pad=False), "the function avg_pool2d"),
+    (lambda h, o: F.avg_pool2d(h, 2, 2, 0, True), "the function avg_pool2d"),
+    (lambda h, o: h.mean(2), "the tensor method .mean()"),
+    (lambda h, o: h.mean(), "the tensor method .mean()"),
+    (lambda h, o: h.mean((1, 2)), "the tensor method .mean()"),
+    (lambda h, o: h.mean((2, 3), dtype=torch.float64), "the tensor method .mean()"),
+    (lambda h, o: torch.cat([h, torch.relu(h)]), "the function cat"),
+    (lambda h, o: torch.flatten(h), "the function flatten"),
+    (lambda h, o: torch.flatten(h, 1, 2), "the function flatten"),
+    (lambda h, o: h.flatten(0), "the tensor method .flatten()"),
+    (lambda h, o: F.dropout(h, 0.2), "the function dropout"),
+    (lambda h, o: F.dropout(h, 0.2, training=True), "the function dropout"),
+    (lambda h, o: torch.dropout(h, 0.2, False), "the function dropout"),  # a builtin: no signature to bind
+    (nn.MaxPool2d(2, dilation=2), "the module MaxPool2d"),
+    (nn.AvgPool2d(2, ceil_mode=True), "the module AvgPool2d"),
+    (nn.AvgPool2d(2, count_include_pad=False), "the module AvgPool2d"),
+    (nn.AvgPool2d(2, divisor_override=2), "the module AvgPool2d"),
+    (nn.Flatten(1, 2), "the module Flatten"),
+    (nn.Softmax(1), "the module Softmax"),
+    (_Scaled(), "its tensor gamma outside a layer"),
+    (nn.Sequential(_Scaled()), "its tensor gamma outside a layer"),  # named by its module's whole path, f.0
+    (lambda h, o: stochastic_depth(h, 0.2, "row"), "the function stochastic_depth"),  # training by default
+    (_Cumsum(), "the function cumsum"),
+]
+_CANNOT = ("which a .bcz file cannot store (supported: Bayesian layers, BatchNorm, the activations of pyro_bc.nn.ops, "
+           "flatten, pooling, residual sums, products with a per-channel scale, concatenations along channels); "
+           "replace it by one of these, or keep that part out of the compressed body")
+
+
+@pytest.mark.parametrize("case", range(len(_TRACED)))
+def test_each_form_of_a_supported_function_becomes_its_op(case):
+    """Functional pools (positional, keyword and default arguments), spatial means (with and without keepdim, negative
+    dims), per-channel products, concatenations along channels, flattens from dim 1, dropout traced in eval mode (no
+    node), and the modules of the same: the ops are those the .bcz format defines for them (a pool's stride defaults
+    to its kernel)."""
+    f, expected = _TRACED[case]
+    graph = BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+    assert [node.op for node in graph.nodes if node.layer is None] == expected
+
+
+@pytest.mark.parametrize("case", range(len(_REFUSED)))
+def test_each_unsupported_form_is_refused_naming_the_function(case):
+    """A sum or product of a tensor with itself, with a constant or of shapes that are not per-channel; pools with
+    dilation, ceil mode (average) or without padding counted; means over other dims or with a dtype; concatenation
+    along the batch; flattens not from dim 1 to the end; dropout in training mode; the modules of the same, and one
+    that has no op."""
+    f, what = _REFUSED[case]
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+    where = {nn.Sequential: "f.0"}.get(type(f), "f") if isinstance(f, nn.Module) else "the network's forward"
+    assert str(info.value) == f"cannot compress {where}: it uses {what}, {_CANNOT}"
+
+
+class _OwnScale(Then):
+    """The body's own parameter used in its forward."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.gamma = nn.Parameter(torch.ones(4, 1, 1))
+
+    def forward(self, x):
+        h, _ = self.a(x), self.b(x)
+        return h * self.gamma
+
+
+def test_a_tensor_of_the_body_itself_is_named_as_the_network():
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(_OwnScale(), input_shape=(2, 5, 5)))
+    assert str(info.value) == f"cannot compress the network: it uses its tensor gamma outside a layer, {_CANNOT}"
+
+
+def test_deterministic_modules_are_nodes_of_their_own_outputs():
+    """A plain convolution: new variables, one per output channel (3, not the 5 positions of a row), all kept; a
+    plain linear layer reading (batch, features) likewise, and refused on images; a LayerNorm over the last two
+    dimensions leaves the channels free, over the last three it keeps them."""
+    nodes = BodyGraph(BayesianNet(Then(nn.Conv2d(4, 3, 1)), input_shape=(2, 5, 5))).nodes
+    assert (nodes[-1].name, len(nodes[-1].variables), nodes[-1].keeps_all) == ("f", 3, True)
+    nodes = BodyGraph(BayesianNet(Then(nn.Sequential(nn.Flatten(), nn.Linear(100, 3))), input_shape=(2, 5, 5))).nodes
+    assert (nodes[-1].name, len(nodes[-1].variables), nodes[-1].keeps_all) == ("f.1", 3, True)
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(Then(nn.Linear(5, 3)), input_shape=(2, 5, 5)))
+    assert str(info.value) == "f: a linear layer must read (batch, features) inputs"
+    for shape, across in (((5, 5), False), ((4, 5, 5), True)):
+        nodes = BodyGraph(BayesianNet(Then(nn.LayerNorm(shape)), input_shape=(2, 5, 5))).nodes
+        assert (nodes[-1].name, nodes[-1].keeps_all) == ("f", across)
+        assert torch.equal(nodes[-1].variables, nodes[0].variables)
+
+
+def test_reshapes_that_select_whole_channels_are_gathers_and_others_are_refused():
+    """Indexing and chunks along dim 1 keep whole channels (a gather of them); a transpose of the spatial dimensions
+    or a reshape across channels moves positions between channels, which a file cannot store."""
+    for f, index in ((lambda h, o: torch.relu(h[:, [2, 0]]), [2, 0]), (lambda h, o: torch.relu(h.chunk(2, 1)[1]), [2, 3])):
+        graph = BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+        assert [n.op for n in graph.nodes if n.layer is None] == [Op("gather", {"index": index}), Op("relu")]
+        assert torch.equal(graph.nodes[-1].variables, graph.nodes[0].variables[index])
+    for f, name in ((lambda h, o: torch.relu(h.transpose(2, 3)), "transpose"),
+                    (lambda h, o: torch.relu(h.reshape(1, 2, 2, 25)), "reshape")):
+        with pytest.raises(ConfigError) as info:
+            BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+        assert str(info.value) == ("cannot compress the network's forward: its reshape mixes channels with positions "
+                                   "(a .bcz file stores reorderings and selections of whole channels only)")
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = BayesConv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.a(self.a(x))
+
+
+class _Unused(Then):
+    def __init__(self):
+        super().__init__(lambda h, o: torch.cat([h, o], 1))
+        self.unused = BayesConv2d(2, 2, 1)
+
+
+def _raises(message):
+    def f(h, o):
+        raise ValueError(message)
+    return f
+
+
+@pytest.mark.parametrize("body, message", [
+    (lambda: Then(lambda h, o: h), "the network's output must be one tensor, the last one computed"),
+    (lambda: Then(lambda h, o: (h, o)), "the network's output must be one tensor, the last one computed"),
+    (lambda: _Twice(), "layer a is called more than once: shared layers are not supported"),
+    (lambda: _Unused(), "some Bayesian layers are not called in the network's forward"),
+    (lambda: Then(nn.Flatten(2)), "f: only flattening from dim 1 is supported"),
+    (lambda: Then(_raises("boom\nsecond line")), "cannot trace the network with torch.fx: ValueError: boom"),
+], ids=["not-last", "tuple", "shared", "unused", "flatten-2", "trace"])
+def test_bodies_the_graph_cannot_hold_are_refused_in_one_line(body, message):
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(body(), input_shape=(2, 5, 5)))
+    assert str(info.value) == message
+
+
+def test_a_bayesian_linear_layer_on_images_and_an_unknown_input_shape_are_refused():
+    body = nn.Sequential(BayesConv2d(2, 4, 1), BayesLinear(5, 3))  # torch would apply it along the width
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(body, input_shape=(2, 5, 5)))
+    assert str(info.value) == "1: a linear layer must read (batch, features) inputs"
+    with pytest.raises(ConfigError) as info:
+        BodyGraph(BayesianNet(body, input_shape=None))
+    assert str(info.value) == "the network's input shape is unknown: train it first or give input_shape"

@@ -325,10 +325,10 @@ class BodyGraph:
         args, kwargs = fx_node.args, fx_node.kwargs
         if kind == "add":
             ok = len(args) == 2 and all(isinstance(a, fx.Node) for a in args) and not kwargs and \
-                _shape(args[0]) == _shape(args[1])
+                args[0] is not args[1] and _shape(args[0]) == _shape(args[1])  # x + x is one input, not two
             return Op("add") if ok else None
         if kind == "mul":  # x * s with s one value per channel (or x's shape): their channels are coupled
-            if len(args) != 2 or kwargs or not all(isinstance(a, fx.Node) for a in args):
+            if len(args) != 2 or kwargs or not all(isinstance(a, fx.Node) for a in args) or args[0] is args[1]:
                 return None
             shapes = sorted((_shape(a) for a in args), key=math.prod)
             small, big = shapes

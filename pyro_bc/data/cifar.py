@@ -54,11 +54,11 @@ def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     side = math.isqrt(data.shape[1] // 3)
     if data.shape[1] == 0 or 3 * side * side != data.shape[1]:
         raise DataError(f"{path}: 'data' rows hold {data.shape[1]} values, not 3 x S x S (3072 for 32 x 32 images)")
-    if not isinstance(labels, (list, tuple, np.ndarray)) or not all(
+    if not isinstance(labels, (list, tuple, np.ndarray)) or getattr(labels, "ndim", 1) != 1 or not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
         raise DataError(f"{path}: 'labels' must be a list of integers")
     try:
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1) if len(labels) else np.zeros(0, np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
     except OverflowError:
         raise DataError(f"{path}: 'labels': label out of range: must lie in 0..255") from None
     check_labels(labels, data.shape[0], f"{path}: 'labels'", "'data'")
