@@ -20,9 +20,10 @@ functions are the plain-autograd composition of the same maths, used by the test
 
 ``variance_dtype`` (``torch.bfloat16``, say) runs the variance path, ``x^2`` against ``var`` forward and backward,
 in that dtype, and the mean path, the noise, the KL and every returned gradient in the inputs' dtype: where the
-hardware multiplies bfloat16 natively (AVX512-BF16 or AMX CPUs, recent GPUs) the second product costs about half;
-the variance's relative error is bfloat16's, ``2**-8``, about 0.2% of the noise's scale, far inside the noise of
-one draw. ``None`` (the default) computes everything in the inputs' dtype, exactly as before.
+hardware multiplies bfloat16 natively (AVX512-BF16 or AMX CPUs, recent GPUs) the second product costs less; the
+noise's scale is then within ``2.5 * 2**-8`` (1%) of the exact one, far inside the spread of one draw (docs/METHOD.md
+5.6 derives the bounds, tests/test_fused.py checks them). ``None`` (the default) computes everything in the inputs'
+dtype, exactly as before.
 
 The ops take the weight *log*-variances and return, beside the draw, the summed KL of the weights
 against ``N(0, 1)`` (:func:`standard_normal_kl`), the weight term of the ELBO: ``var = exp(logvar)`` is
