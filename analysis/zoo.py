@@ -154,6 +154,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_markdown(ordered: list[dict]) -> None:
+    """analysis/zoo.md (RESULTS.md includes it): the commands, the conditions and :func:`table`."""
+    commands = sorted({row["command"] for row in ordered if row.get("command")})
+    steps = sorted({row["steps_command"] for row in ordered if row.get("steps_command")})
+    intro = (
+        f"{' and '.join(f'`{c}`' for c in commands)}" + (f", the step timings by {' and '.join(f'`{c}`' for c in steps)}"
+                                                          if steps else "") +
+        f" (torch {torch.__version__}, torchvision {torchvision.__version__}, one thread, on a machine shared with "
+        "other work: the step ratios are of one interleaved run each). Each network is built with `weights=None, num_classes=10`, made Bayesian (gnj), fitted "
+        "one epoch on 64 random images, compressed at per-layer thresholds between its two middle log alphas (about "
+        "half of each layer's groups), loaded, and exported; docs/NETWORKS.md says what the graph supports.")
+    text = "\n".join(["## torchvision's classifiers at full size (issue 28)", "", intro, "", table(ordered)])
+    atomic_write_text(HERE / "zoo.md", text + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help=f"constructor names (default: all {len(FAMILIES)})")
@@ -161,12 +176,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "zoo.json")
     parser.add_argument("--merge", action="store_true",
                         help="replace these models' rows in --out and keep the others (each row keeps its command)")
+    parser.add_argument("--render", action="store_true", help="only write analysis/zoo.md from --out")
     parser.add_argument("--steps-only", action="store_true",
                         help="time the steps alone and merge them into the rows of --out (the rest of each row stays)")
     args = parser.parse_args()
     unknown = sorted(set(args.models) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(FAMILIES)}")
+    if args.render:
+        write_markdown(json.loads(args.out.read_text())["rows"])
+        return 0
     torch.set_num_threads(1)
     command = shlex.join([".venv/bin/python", "analysis/zoo.py", *sys.argv[1:]])
     merge = args.merge or args.steps_only
@@ -181,15 +200,7 @@ def main() -> int:
             ordered = [rows[n] for n in FAMILIES if n in rows]
             record = {"torch": torch.__version__, "torchvision": torchvision.__version__, "rows": ordered}
             atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")  # a row at a time: nothing lost
-    commands = sorted({row.get(key) for row in ordered for key in ("command", "steps_command") if row.get(key)})
-    intro = (
-        f"{' and '.join(f'`{c}`' for c in commands)} (torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, one thread, on a machine shared with other work: the step ratios are of one "
-        "interleaved run each). Each network is built with `weights=None, num_classes=10`, made Bayesian (gnj), fitted "
-        "one epoch on 64 random images, compressed at per-layer thresholds between its two middle log alphas (about "
-        "half of each layer's groups), loaded, and exported; docs/NETWORKS.md says what the graph supports.")
-    text = "\n".join(["## torchvision's classifiers at full size (issue 28)", "", intro, "", table(ordered)])
-    atomic_write_text(HERE / "zoo.md", text + "\n")
+    write_markdown(ordered)
     print(table(ordered))
     return 0
 
