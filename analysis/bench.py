@@ -489,6 +489,12 @@ def write_outputs(results: dict, out: Path, distributed: list[str] | None = None
         lines += ["", *peers_section(json.loads((out / "bench_peers.json").read_text()))]
     if (out / "bench_estimators.json").is_file():
         lines += ["", *estimators_section(json.loads((out / "bench_estimators.json").read_text()))]
+    if (out / "bench_estimators_bf16.json").is_file():
+        lines += ["", *estimators_section(json.loads((out / "bench_estimators_bf16.json").read_text()),
+                                          "Gradient estimators with the variance path in bfloat16",
+                                          "bench_estimators_bf16.json")]
+    if (out / "zoo.json").is_file():
+        lines += ["", *zoo_steps_section(json.loads((out / "zoo.json").read_text()))]
     if distributed:
         lines += ["", "## Data-parallel training (`torchrun`, gloo, CPU)", "",
                   ("Produced by `.venv/bin/python analysis/bench_distributed.py` (LeNet-300-100 gnj, 25,600 "
@@ -591,21 +597,21 @@ def _seconds(r: dict) -> str:
     return f"{reached['seconds']:.0f} s, {reached['epochs']:g} epochs{ratio}"
 
 
-_ESTIMATOR_NAMES = ("lrt", "shared", "flipout")
 
 
-def estimators_section(r: dict) -> list[str]:
-    """The ``BENCHMARKS.md`` section of ``bench_estimators.json``."""
+def estimators_section(r: dict, title: str = "Gradient estimators", file: str = "bench_estimators.json") -> list[str]:
+    """The ``BENCHMARKS.md`` section of ``bench_estimators.json`` (or of another run of that script, ``file``)."""
     load = ", ".join(f"{v:.2f}" for v in r["loadavg_start"]) + " at the start, " + ", ".join(
         f"{v:.2f}" for v in r["loadavg_end"]) + " at the end"
-    lines = ["## Gradient estimators", "",
-             (f"Produced by `.venv/bin/python {r['command']}` (figures in `bench_estimators.json`; the method is in the "
+    trained = list(dict.fromkeys(name for x in r["networks"] for name in x["time_to_error"]))  # estimators timed
+    lines = [f"## {title}", "",
+             (f"Produced by `.venv/bin/python {r['command']}` (figures in `{file}`; the method is in the "
               "script's docstring): gnj prior, batch 128, the estimators of `pyro_bc.infer.estimators` in one process. "
               "Step: median ms [interquartile range] of interleaved rounds on one fixed batch, and the median over "
               "the LRT's; `lrt, LocalReparameterization` is the default path as it was before (the handler entered "
               "directly), against which `lrt` (through `Estimation`) shows the cost of choosing per kind. Time to "
               "error: from the dense start with the fast recipe's settings but a cosine schedule over fewer epochs "
-              "(in the network column), the three trainings advanced in turns "
+              "(in the network column), the trainings advanced in turns "
               "(one step each), the seconds of each estimator's own steps until its posterior mean's validation "
               "error first reached the target with at most the target's groups kept (log alpha < -3; evaluated every "
               "quarter epoch), and their ratio to the LRT's. "
@@ -635,13 +641,13 @@ def estimators_section(r: dict) -> list[str]:
                    "evaluation at or below the error with at most the groups kept; the targets are the run's own, 0.2 "
                    "and 0.4 points looser in error, and 5/3 of its groups (a run stopped once it reached the run's "
                    "target, so only looser ones can be read off it)."), "",
-              "| network | error <= % | groups <= | " + " | ".join(_ESTIMATOR_NAMES) + " |",
-              "|---|---|---|" + "---|" * len(_ESTIMATOR_NAMES)]
+              "| network | error <= % | groups <= | " + " | ".join(trained) + " |",
+              "|---|---|---|" + "---|" * len(trained)]
     for x in r["networks"]:
         for groups in (x["max_groups"], round(x["max_groups"] * 5 / 3)):
             for error in (x["target"], x["target"] + 0.2, x["target"] + 0.4):
                 cells = []
-                for name in _ESTIMATOR_NAMES:
+                for name in trained:
                     hit = next((e for e in x["time_to_error"][name]["evaluations"] if e["val_error"] <= error + 1e-9
                                 and sum(e["groups_kept"].values()) <= groups), None)
                     cells.append("-" if hit is None else f"{hit['seconds']:.0f} ({hit['epochs']:g})")
@@ -651,6 +657,42 @@ def estimators_section(r: dict) -> list[str]:
                                       f"{x['gradient_variance'][w]['lrt']['log-variances']:.3g}"
                                       for w in ("dense start", "after the LRT's run")) for x in r["networks"]) + "."]
     return lines
+
+
+STEP_TARGET = 2.5  # issue 28: the Bayesian step at most this many dense steps on every family
+
+
+def zoo_steps_section(r: dict) -> list[str]:
+    """The Bayesian step over the dense step on torchvision's families, by estimator, from ``analysis/zoo.py``."""
+    rows = [x for x in r["rows"] if "ms_lrt" in x and "ms_lrt-bf16" in x]
+    if not rows:
+        return []
+    command = next(x.get("steps_command", x.get("command")) for x in rows)
+    table = ["| model (input) | dense ms | lrt ms (over dense) | lrt-bf16 ms (over dense) | lrt-bf16 / lrt |",
+             "|---|---|---|---|---|"]
+    for x in rows:
+        a, b = x["ms_lrt"], x["ms_lrt-bf16"]
+        table.append(f"| {x['model']} ({x['input']}) | {x['ms_dense']:.0f} | {a:.0f} ({a / x['ms_dense']:.2f}x) | "
+                     f"{b:.0f} ({b / x['ms_dense']:.2f}x) | {b / a:.2f} |")
+    relative = sorted(x["ms_lrt-bf16"] / x["ms_lrt"] for x in rows)
+
+    def missed(key: str) -> str:
+        over = [f"{x['model']} {x[key]:.2f}x" for x in rows if x[key] > STEP_TARGET]
+        return f"{len(rows) - len(over)} of {len(rows)}" + (f" (missed: {', '.join(over)})" if over else "")
+
+    return ["## Bayesian step over dense step on torchvision's families, and the variance path in bfloat16", "",
+            (f"Produced by `{command}` (figures in `zoo.json`, keys `ms_*` and `step_ratio_*`; RESULTS.md has the "
+             "whole pipeline's table): each family at full size, `weights=None, num_classes=10`, gnj, batch 32 of "
+             "64x64 images (Inception 96x96), one thread; a dense copy in PyTorch's default layout and two Bayesian "
+             "copies, stepped by `lrt` (the default) and by `lrt-bf16` (the local reparameterisation with its variance "
+             "path in bfloat16, docs/METHOD.md 5.6), timed in interleaved rounds after a warm-up, medians. torch "
+             f"{r['torch']}, torchvision {r['torchvision']}. Only the ratios within a row mean anything where the "
+             "machine was shared (the run's conditions are in `zoo.md`)."), "", *table, "",
+            (f"Issue 28's target, the Bayesian step at most {STEP_TARGET}x the dense step: `lrt` meets it on "
+             f"{missed('step_ratio_lrt')}; `lrt-bf16` on {missed('step_ratio_lrt-bf16')}. `lrt-bf16` over `lrt` in "
+             f"the same rounds: median {statistics.median(relative):.2f} ({relative[0]:.2f}-{relative[-1]:.2f}). "
+             "Grouped and depthwise convolutions keep float32 under `lrt-bf16` (oneDNN's bfloat16 grouped kernels "
+             "are slower than its float32 ones), so the depthwise-heavy families gain nothing.")]
 
 
 def peers_section(r: dict) -> list[str]:

@@ -15,12 +15,14 @@ the loaded module (ONNX by onnxruntime, pt2 re-loaded), and the median Bayesian 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
 import tempfile
 import time
 import traceback
+from copy import deepcopy
 from pathlib import Path
 
 import bench  # the sibling script (sys.path[0] is analysis/ when this file is run)
@@ -34,6 +36,7 @@ from torch import nn
 import pyro_bc
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bcz.export import INPUT_NAME, export_module
+from pyro_bc.infer.estimators import DEFAULT as DEFAULT_ESTIMATOR
 from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
 
 HERE = Path(__file__).parent
@@ -46,6 +49,7 @@ FAMILIES = {  # constructor name -> input size (Inception needs 75 pixels at lea
 EXTRA = {"googlenet": {"aux_logits": False, "init_weights": False}, "inception_v3": {"aux_logits": False,
          "init_weights": False}, "vit_b_16": {"image_size": 64}}
 N_TRAIN, BATCH = 64, 32
+ESTIMATORS_TIMED = (DEFAULT_ESTIMATOR, "lrt-bf16")  # the Bayesian steps timed beside the dense one
 
 
 def build(name: str) -> nn.Module:
@@ -68,18 +72,25 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def step_ratio(dense: nn.Module, net: pyro_bc.nn.network.BayesianNet, x: torch.Tensor, y: torch.Tensor,
-               repeats: int) -> dict:
-    """Median dense and Bayesian training steps (ms) on one batch, interleaved, and their ratio."""
+               repeats: int, estimators: tuple[str, ...] = ESTIMATORS_TIMED) -> dict:
+    """Median dense and Bayesian training steps (ms) on one batch, interleaved, and their ratio: ``ms_pyro_bc`` and
+    ``step_ratio`` of the default estimator, ``ms_NAME`` and ``step_ratio_NAME`` of each of ``estimators`` (each
+    stepping its own copy of the network)."""
     pyro.enable_validation(False)
-    loss, opt = NegativeELBO(net), make_optimizer(net, 1e-3)
-    steps = {"dense": bench.deterministic_step(dense.train(), x, y),
-             "pyro_bc": lambda: svi_step(loss, opt, net.train(), x, y, 50_000)}
+    steps = {"dense": bench.deterministic_step(dense.train(), x, y)}
+    for name in estimators:
+        copy = net if name == DEFAULT_ESTIMATOR else deepcopy(net)
+        loss, opt = NegativeELBO(copy, estimators=name), make_optimizer(copy, 1e-3)
+        steps[name] = functools.partial(svi_step, loss, opt, copy.train(), x, y, 50_000)
     ms = bench.time_interleaved(steps, repeats, 1)
-    return {"ms_dense": ms["dense"], "ms_pyro_bc": ms["pyro_bc"], "step_ratio": ms["pyro_bc"] / ms["dense"]}
+    row = {"ms_dense": ms["dense"], "ms_pyro_bc": ms[DEFAULT_ESTIMATOR], "step_ratio": ms[DEFAULT_ESTIMATOR] / ms["dense"]}
+    for name in estimators:
+        row.update({f"ms_{name}": ms[name], f"step_ratio_{name}": ms[name] / ms["dense"]})
+    return row
 
 
-def run_family(name: str, folder: Path, repeats: int) -> dict:
-    """One row of the table (see the module's docstring)."""
+def run_family(name: str, folder: Path, repeats: int, steps_only: bool = False) -> dict:
+    """One row of the table (see the module's docstring); ``steps_only``: the step timings alone."""
     size = FAMILIES[name]
     row: dict = {"model": name, "input": size}
     stage = "build"
@@ -94,6 +105,8 @@ def run_family(name: str, folder: Path, repeats: int) -> dict:
         net = pyro_bc.bayesianize(dense, "gnj", input_shape=(3, size, size))
         stage = "step"
         row.update(step_ratio(bench.default_layout_copy(dense), net, x[:BATCH], y[:BATCH], repeats))
+        if steps_only:
+            return row
         stage = "fit"
         started = time.perf_counter()
         pyro_bc.fit(net, (x, y), epochs=1, batch_size=BATCH, progress=False)
@@ -126,18 +139,34 @@ def run_family(name: str, folder: Path, repeats: int) -> dict:
 def table(rows: list[dict]) -> str:
     """The markdown table of RESULTS.md."""
     header = ("| model | input | parameters dense / file | weights kept | file bytes | file vs pruned_network (rel. L2) "
-              "| onnx / pt2 vs file | Bayesian step / dense step |")
+              f"| onnx / pt2 vs file | Bayesian step / dense step ({'; '.join(ESTIMATORS_TIMED)}) |")
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        step = f"{r['step_ratio']:.2f}x ({r['ms_pyro_bc']:.0f} / {r['ms_dense']:.0f} ms)" if "step_ratio" in r else "-"
-        if "failed" in r:
-            lines.append(f"| {r['model']} | {r['input']} | {r.get('params_dense', '-'):,} | failed: {r['failed']} "
-                         f"| | | | {step} |")
+        step = "; ".join(f"{r[f'step_ratio_{e}']:.2f}x ({r[f'ms_{e}']:.0f} / {r['ms_dense']:.0f} ms)"
+                         for e in ESTIMATORS_TIMED if f"step_ratio_{e}" in r) or "-"
+        if "failed" in r or "params_file" not in r:  # a failure, or the steps timed alone
+            failed = f"failed: {r['failed']}" if "failed" in r else "not compressed in this run"
+            lines.append(f"| {r['model']} | {r['input']} | {r.get('params_dense', '-'):,} | {failed} | | | | {step} |")
             continue
         lines.append(f"| {r['model']} | {r['input']} | {r['params_dense']:,} / {r['params_file']:,} | "
                      f"{100 * r['weights_kept_fraction']:.1f}% | {r['file_bytes']:,} | {r['rel_l2_to_pruned']:.1e} | "
                      f"{r['rel_onnx']:.0e} / {r['rel_pt2']:.0e} | {step} |")
     return "\n".join(lines)
+
+
+def write_markdown(ordered: list[dict]) -> None:
+    """analysis/zoo.md (RESULTS.md includes it): the commands, the conditions and :func:`table`."""
+    commands = sorted({row["command"] for row in ordered if row.get("command")})
+    steps = sorted({row["steps_command"] for row in ordered if row.get("steps_command")})
+    intro = (
+        f"{' and '.join(f'`{c}`' for c in commands)}" + (f", the step timings by {' and '.join(f'`{c}`' for c in steps)}"
+                                                          if steps else "") +
+        f" (torch {torch.__version__}, torchvision {torchvision.__version__}, one thread, on a machine shared with "
+        "other work: the step ratios are of one interleaved run each). Each network is built with `weights=None, num_classes=10`, made Bayesian (gnj), fitted "
+        "one epoch on 64 random images, compressed at per-layer thresholds between its two middle log alphas (about "
+        "half of each layer's groups), loaded, and exported; docs/NETWORKS.md says what the graph supports.")
+    text = "\n".join(["## torchvision's classifiers at full size (issue 28)", "", intro, "", table(ordered)])
+    atomic_write_text(HERE / "zoo.md", text + "\n")
 
 
 def main() -> int:
@@ -147,30 +176,31 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "zoo.json")
     parser.add_argument("--merge", action="store_true",
                         help="replace these models' rows in --out and keep the others (each row keeps its command)")
+    parser.add_argument("--render", action="store_true", help="only write analysis/zoo.md from --out")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="time the steps alone and merge them into the rows of --out (the rest of each row stays)")
     args = parser.parse_args()
     unknown = sorted(set(args.models) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(FAMILIES)}")
+    if args.render:
+        write_markdown(json.loads(args.out.read_text())["rows"])
+        return 0
     torch.set_num_threads(1)
     command = shlex.join([".venv/bin/python", "analysis/zoo.py", *sys.argv[1:]])
-    earlier = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {"rows": []}
+    merge = args.merge or args.steps_only
+    earlier = json.loads(args.out.read_text()) if merge and args.out.is_file() else {"rows": []}
     rows = {row["model"]: {"command": earlier.get("command", command), **row} for row in earlier["rows"]}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models or FAMILIES:
-            rows[name] = {**run_family(name, Path(folder), args.repeats), "command": command}
+            timed = run_family(name, Path(folder), args.repeats, args.steps_only)
+            rows[name] = {**rows.get(name, {}), **timed, "steps_command": command} if args.steps_only else \
+                {**timed, "command": command}
             print(json.dumps(rows[name]), flush=True)
             ordered = [rows[n] for n in FAMILIES if n in rows]
             record = {"torch": torch.__version__, "torchvision": torchvision.__version__, "rows": ordered}
             atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")  # a row at a time: nothing lost
-    commands = sorted({row.get("command", command) for row in ordered})
-    intro = (
-        f"{' and '.join(f'`{c}`' for c in commands)} (torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, one thread, on a machine shared with other work: the step ratios are of one "
-        "interleaved run each). Each network is built with `weights=None, num_classes=10`, made Bayesian (gnj), fitted "
-        "one epoch on 64 random images, compressed at per-layer thresholds between its two middle log alphas (about "
-        "half of each layer's groups), loaded, and exported; docs/NETWORKS.md says what the graph supports.")
-    text = "\n".join(["## torchvision's classifiers at full size (issue 28)", "", intro, "", table(ordered)])
-    atomic_write_text(HERE / "zoo.md", text + "\n")
+    write_markdown(ordered)
     print(table(ordered))
     return 0
 

@@ -37,9 +37,9 @@ CALLS, COPIES = 300, 20  # independent handler calls; copies of the batch in eac
 #: the indices two output elements must have in common to see the same draw of the weights and bias: (example,
 #: position) under the LRT (a convolution's positions are independent), the example under Flipout (one weight draw
 #: per example, for all its positions), nothing under one draw per batch
-WEIGHTS_SHARED_BY = {"lrt": ("example", "position"), "flipout": ("example",), "shared": ()}
+WEIGHTS_SHARED_BY = {"lrt": ("example", "position"), "lrt-bf16": ("example", "position"), "flipout": ("example",), "shared": ()}
 #: ... and the same draw of the group scales: one per example, but one per batch under ``shared``
-SCALES_SHARED_BY = {"lrt": ("example",), "flipout": ("example",), "shared": ()}
+SCALES_SHARED_BY = {"lrt": ("example",), "lrt-bf16": ("example",), "flipout": ("example",), "shared": ()}
 
 
 def _layer(kind: str, prior: str):
@@ -270,7 +270,7 @@ def test_choice_per_kind_and_its_canonical_text():
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("sgd", "unknown estimator 'sgd', choose lrt, shared, flipout"),
+    ("sgd", "unknown estimator 'sgd', choose lrt, lrt-bf16, shared, flipout"),
     ("conv3d=flipout", "unknown layer kind 'conv3d', the kinds are linear, conv1d, conv2d"),
     ("linear=nope", "unknown estimator 'nope'"),
     ("lrt,flipout", "at most one estimator for all kinds"),

@@ -303,3 +303,67 @@ def test_training_with_the_fused_ops_follows_the_unfused_path(model, steps, monk
     assert fused[0] == pytest.approx(unfused[0], rel=1e-6)
     assert fused[-1] == pytest.approx(unfused[-1], rel=1e-4)
     assert fused[-1] < fused[0]
+
+
+# -- the variance path in bfloat16 -----------------------------------------------------------------
+
+U = 2.0 ** -8  # bfloat16's unit roundoff (8 significant bits)
+
+
+def _variance_path_bounds(fn, t: dict, conv: dict, upstream: torch.Tensor) -> dict:
+    """float64 scales of the variance path's rounding: ``s = sqrt(v)``, and for the gradients of the weight and bias
+    variances and of the inputs the sums of absolute terms ``|gv|^T x^2``, ``sum |gv|`` and ``|gv| var`` (``gv`` the
+    gradient w.r.t. ``v``), through which each term's relative error bounds the error of the sum."""
+    x, var, b_var, eps = t["x"], t["logvar"].exp(), t["b_var"], t["eps"]
+    if fn in (lrt_linear, lrt_linear_reference):
+        v = x.square() @ var.t() + (0 if b_var is None else b_var)
+        gv = (upstream * eps / (2 * v.sqrt())).abs()
+        return {"s": v.sqrt(), "var": gv.t() @ x.square(), "x": 2 * x.abs() * (gv @ var), "b_var": gv.sum(0)}
+    v = torch.nn.functional.conv2d(x.square(), var, b_var, **conv)
+    gv = (upstream * eps / (2 * v.sqrt())).abs()
+    return {"s": v.sqrt(), "var": torch.nn.grad.conv2d_weight(x.square(), var.shape, gv, **conv),
+            "x": 2 * x.abs() * torch.nn.grad.conv2d_input(x.shape, var, gv, **conv), "b_var": gv.sum((0, 2, 3))}
+
+
+def _bfloat16_cases():
+    t, conv = conv_inputs(n=4, c_in=6, c_out=8, hw=9, stride=2, padding=1, z=False, seed=4)
+    return {"linear": (lrt_linear, linear_inputs(n=16, d_in=50, d_out=20, z=False, seed=4), {}),
+            "linear_reference": (lrt_linear_reference, linear_inputs(n=16, d_in=50, d_out=20, z=False, seed=4), {}),
+            "conv2d": (lrt_conv2d, t, conv), "conv2d_reference": (lrt_conv2d_reference, t, conv)}
+
+
+@pytest.mark.parametrize("case", ["linear", "linear_reference", "conv2d", "conv2d_reference"])
+def test_bfloat16_variance_path_stays_within_its_rounding_of_the_exact_draw(case):
+    """float32 inputs, the variance path in bfloat16, against the same draw in float64. Rounding ``x`` and ``var`` to
+    bfloat16, squaring there and rounding the float32-accumulated product back (all its terms are positive) puts
+    each variance within ``5 U`` of the exact one, so ``sqrt(v)`` within ``2.5 U``: the output within ``2.5 U
+    sqrt(v) |eps|``. The mean path, the KL and the mean's gradients are the float32 op's, bit for bit. The gradients
+    are sums of terms with ``gv = g eps / (2 sqrt(v))`` (within ``2.5 U``, then rounded: ``3.5 U``): the bias
+    variances' (summed in float32) within ``2.5 U`` of each term, the inputs' (times ``var``, rounded, the sum
+    rounded) within ``5.5 U``, the weight variances' (times ``x^2``, the sum rounded) within ``7.5 U``; each sum so
+    within that many ``U`` times the sum of its terms' absolute values."""
+    fn, raw, conv = _bfloat16_cases()[case]
+    (y, kl), grads = _run(fn, _leaves(raw, torch.float32, "cpu"), {**conv, "variance_dtype": torch.bfloat16})
+    (y32, kl32), grads32 = _run(fn, _leaves(raw, torch.float32, "cpu"), conv)
+    (y64, _), grads64 = _run(fn, _leaves(raw, torch.float64, "cpu"), conv)
+    upstream = torch.randn(y64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    bound = _variance_path_bounds(fn, raw, conv, upstream)
+    var = raw["logvar"].exp()
+    slack = 2e-5  # float32's own rounding, relative to the exact values
+    assert y.dtype == torch.float32 and grads["logvar"].dtype == torch.float32
+    assert torch.all((y.double() - y64).abs() <= 2.5 * U * bound["s"] * raw["eps"].abs() + slack * (1 + y64.abs()))
+    assert torch.equal(kl, kl32) and torch.equal(grads["mu"], grads32["mu"]) and torch.equal(grads["b_mu"],
+                                                                                           grads32["b_mu"])
+    for name, of, terms, scale in (("logvar", "var", 7.5, var), ("x", "x", 5.5, 1.0), ("b_var", "b_var", 2.5, 1.0)):
+        error = (grads[name].double() - grads64[name]).abs()
+        assert torch.all(error <= terms * U * scale * bound[of] + slack * (1 + grads64[name].abs())), name
+    # and the rounding is there: the bfloat16 path is not the float32 one
+    assert not torch.equal(y, y32)
+
+
+def test_a_variance_dtype_equal_to_the_inputs_is_the_exact_path():
+    t, conv = conv_inputs(n=2, c_in=3, c_out=4, hw=6, seed=5)
+    for fn, raw, kwargs in ((lrt_linear, linear_inputs(seed=5), {}), (lrt_conv2d, t, conv)):
+        (y, kl), grads = _run(fn, _leaves(raw, torch.float32, "cpu"), {**kwargs, "variance_dtype": torch.float32})
+        (y0, kl0), grads0 = _run(fn, _leaves(raw, torch.float32, "cpu"), kwargs)
+        assert torch.equal(y, y0) and torch.equal(kl, kl0) and all(torch.equal(grads[k], grads0[k]) for k in grads)

@@ -18,6 +18,13 @@ convolution. The matrix products and convolutions themselves are those of the re
 whose cost is arithmetic gain little (``analysis/bench_fused.py`` measures both). The ``*_reference``
 functions are the plain-autograd composition of the same maths, used by the tests and the benchmark.
 
+``variance_dtype`` (``torch.bfloat16``, say) runs the variance path, ``x^2`` against ``var`` forward and backward,
+in that dtype, and the mean path, the noise, the KL and every returned gradient in the inputs' dtype: where the
+hardware multiplies bfloat16 natively (AVX512-BF16 or AMX CPUs, recent GPUs) the second product costs less; the
+noise's scale is then within ``2.5 * 2**-8`` (1%) of the exact one, far inside the spread of one draw (docs/METHOD.md
+5.6 derives the bounds, tests/test_fused.py checks them). ``None`` (the default) computes everything in the inputs'
+dtype, exactly as before.
+
 The ops take the weight *log*-variances and return, beside the draw, the summed KL of the weights
 against ``N(0, 1)`` (:func:`standard_normal_kl`), the weight term of the ELBO: ``var = exp(logvar)`` is
 computed once and used by the forward pass, the KL and the backward pass, and the KL's gradient is folded
@@ -81,6 +88,23 @@ def _grad_logvar(grad_var: torch.Tensor, var: torch.Tensor, g_kl: float) -> torc
     return torch.lerp(grad_var.new_full((), -0.5 * g_kl), grad_var, var, out=grad_var)
 
 
+def _narrow(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in the variance path's dtype (``t`` itself where there is none)."""
+    return t if dtype is None else t.to(dtype)
+
+
+def _low_precision(variance_dtype: torch.dtype | None, x: torch.Tensor) -> torch.dtype | None:
+    """The variance path's dtype where it differs from the inputs', else None (the exact path)."""
+    return None if variance_dtype in (None, x.dtype) else variance_dtype
+
+
+def _widened_variance(v: torch.Tensor, b_var: torch.Tensor | None, dtype: torch.dtype,
+                      along: tuple[int, ...]) -> torch.Tensor:
+    """A reduced-precision variance product back in ``dtype``, plus the bias variances (shaped by ``along``)."""
+    v = v.to(dtype)
+    return v if b_var is None else v.add_(b_var.reshape(along))
+
+
 def _tracked(*inputs: torch.Tensor | None) -> bool:
     """Whether autograd will record the op: only then does the forward keep anything for the backward."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
@@ -90,30 +114,37 @@ class _LRTLinear(torch.autograd.Function):
     """``y = xs mu^T + b_mu + sqrt(xs^2 var^T + b_var) eps``, ``xs = x z``, on 2-D ``x``, and the weight KL."""
 
     @staticmethod
-    def forward(ctx, x, z, mu, logvar, b_mu, b_var, eps, track):
+    def forward(ctx, x, z, mu, logvar, b_mu, b_var, eps, track, variance_dtype):
+        low = _low_precision(variance_dtype, x)
         var = logvar.exp()
         kl = standard_normal_kl(mu, logvar, var)
         xs = x if z is None else x * z
         mean = xs @ mu.t() if b_mu is None else torch.addmm(b_mu, xs, mu.t())
-        xs2 = xs * xs
-        v = xs2 @ var.t() if b_var is None else torch.addmm(b_var, xs2, var.t())
+        xn = _narrow(xs, low)
+        xs2 = xn * xn
+        var_v = _narrow(var, low)  # the variances as the variance path multiplies them
+        if low is None:
+            v = xs2 @ var.t() if b_var is None else torch.addmm(b_var, xs2, var.t())
+        else:
+            v = _widened_variance(xs2 @ var_v.t(), b_var, x.dtype, (-1,))
         s = _sqrt_variance(v, b_var is None)
         y = mean.addcmul_(s, eps)
         if track:
             r = torch.div(eps, s, out=s).mul_(0.5)  # d y / d v = eps / (2 sqrt(v)), in the buffer of sqrt(v)
-            ctx.save_for_backward(x, z, xs, xs2, mu, var, r)
+            ctx.save_for_backward(x, z, xs, xs2, mu, var, var_v, r)
         return y, kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g, g_kl):
-        x, z, xs, xs2, mu, var, r = ctx.saved_tensors
+        x, z, xs, xs2, mu, var, var_v, r = ctx.saved_tensors
         need_x, need_z, need_mu, need_logvar, need_bmu, need_bvar = ctx.needs_input_grad[:6]
         g_kl = float(g_kl)  # zero when the KL output is unused (on CUDA: one host sync per layer)
         gv = g * r  # gradient w.r.t. the variance v
+        gv_v = gv.to(var_v.dtype)  # as the variance path multiplies it
         grad_x = grad_z = grad_mu = grad_logvar = grad_bmu = grad_bvar = None
         if need_x or need_z:
-            grad_xs = (g @ mu).addcmul_(xs, gv @ var, value=2.0)
+            grad_xs = (g @ mu).addcmul_(xs, (gv_v @ var_v).to(g.dtype), value=2.0)
             if z is None:
                 grad_x = grad_xs
             else:
@@ -122,24 +153,31 @@ class _LRTLinear(torch.autograd.Function):
         if need_mu:
             grad_mu = _grad_mu(g.t() @ xs, mu, g_kl)
         if need_logvar:
-            grad_logvar = _grad_logvar(gv.t() @ xs2, var, g_kl)
+            grad_logvar = _grad_logvar((gv_v.t() @ xs2).to(g.dtype), var, g_kl)
         if need_bmu:
             grad_bmu = g.sum(0)
         if need_bvar:
             grad_bvar = gv.sum(0)
-        return grad_x, grad_z, grad_mu, grad_logvar, grad_bmu, grad_bvar, None, None
+        return grad_x, grad_z, grad_mu, grad_logvar, grad_bmu, grad_bvar, None, None, None
 
 
 class _LRTConv2d(torch.autograd.Function):
     """``y = (conv(x, mu) + b_mu + sqrt(conv(x^2, var) + b_var) eps) z`` and the weight KL."""
 
     @staticmethod
-    def forward(ctx, x, z, mu, logvar, b_mu, b_var, eps, stride, padding, dilation, groups, track):
+    def forward(ctx, x, z, mu, logvar, b_mu, b_var, eps, stride, padding, dilation, groups, track, variance_dtype):
+        low = _low_precision(variance_dtype, x)
         var = logvar.exp()
         kl = standard_normal_kl(mu, logvar, var)
         mean = F.conv2d(x, mu, b_mu, stride, padding, dilation, groups)
-        x2 = x * x
-        v = F.conv2d(x2, var, b_var, stride, padding, dilation, groups)
+        xn = _narrow(x, low)
+        x2 = xn * xn
+        var_v = _narrow(var, low)  # the variances as the variance path convolves them
+        if low is None:
+            v = F.conv2d(x2, var, b_var, stride, padding, dilation, groups)
+        else:
+            v = _widened_variance(F.conv2d(x2, var_v, None, stride, padding, dilation, groups), b_var, x.dtype,
+                                  (-1, 1, 1))
         s = _sqrt_variance(v, b_var is None)
         y = mean.addcmul_(s, eps)  # y0, before the scales
         # Output-sized buffers are the cost here (the first layer's convolutions are cheap): reuse them.
@@ -150,13 +188,13 @@ class _LRTConv2d(torch.autograd.Function):
             r = torch.div(eps, s, out=s)  # 2 d y0 / d v = eps / sqrt(v); the 1/2 is applied to the small gradients
             ctx.conv = (stride, padding, dilation, groups)
             ctx.bias_sizes = [mu.shape[0]]
-            ctx.save_for_backward(x, x2, z, mu, var, r, mean if keep_y0 else None)
+            ctx.save_for_backward(x, x2, z, mu, var, var_v, r, mean if keep_y0 else None)
         return y, kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g, g_kl):
-        x, x2, z, mu, var, r, y0 = ctx.saved_tensors
+        x, x2, z, mu, var, var_v, r, y0 = ctx.saved_tensors
         need_x, need_z, need_mu, need_logvar, need_bmu, need_bvar = ctx.needs_input_grad[:6]
         g_kl = float(g_kl)  # zero when the KL output is unused (on CUDA: one host sync per layer)
         stride, padding, dilation, groups = ctx.conv
@@ -180,19 +218,23 @@ class _LRTConv2d(torch.autograd.Function):
             grad_x, grad_mu, grad_bmu = back(g, x, mu, need_mu, need_bmu)
             grad_mu = None if grad_mu is None else _grad_mu(grad_mu, mu, g_kl)
         if need_x or need_logvar or need_bvar:
-            grad_x2, grad_var, grad_bvar = back(gv, x2, var, need_logvar, need_bvar)
+            exact = var_v.dtype == g.dtype  # else the bias gradient is summed from gv directly, in g's dtype
+            grad_x2, grad_var, grad_bvar = back(gv.to(var_v.dtype), x2, var_v, need_logvar, need_bvar and exact)
             if need_x:
-                grad_x = grad_x.addcmul_(x, grad_x2)  # d(x^2)/dx = 2x, times the halved gv
-            grad_logvar = None if grad_var is None else _grad_logvar(grad_var.mul_(0.5), var, g_kl)
+                grad_x = grad_x.addcmul_(x, grad_x2.to(g.dtype))  # d(x^2)/dx = 2x, times the halved gv
+            grad_logvar = None if grad_var is None else _grad_logvar(grad_var.to(g.dtype).mul_(0.5), var, g_kl)
+            if need_bvar and not exact:
+                grad_bvar = gv.sum((0, 2, 3))
             grad_bvar = None if grad_bvar is None else grad_bvar.mul_(0.5)
-        return grad_x, grad_z, grad_mu, grad_logvar, grad_bmu, grad_bvar, None, None, None, None, None, None
+        return grad_x, grad_z, grad_mu, grad_logvar, grad_bmu, grad_bvar, None, None, None, None, None, None, None
 
 
 LRTOutput = tuple[torch.Tensor, torch.Tensor]
 
 
 def lrt_linear(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor,
-               b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor) -> LRTOutput:
+               b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor, *,
+               variance_dtype: torch.dtype | None = None) -> LRTOutput:
     """LRT draw of a linear layer's pre-activation and the weight KL (:func:`standard_normal_kl`), fused (see
     the module docstring).
 
@@ -200,20 +242,22 @@ def lrt_linear(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar
     :param mu: weight means ``(out, in)``; ``logvar``: weight log-variances, same shape.
     :param b_mu: bias means ``(out,)`` or ``None``; ``b_var``: bias variances ``(out,)`` or ``None``.
     :param eps: standard-normal noise ``(N, out)`` (or ``(..., out)``); it gets no gradient.
+    :param variance_dtype: the variance path's dtype (see the module docstring); ``None``: ``x``'s.
     """
     track = _tracked(x, z, mu, logvar, b_mu, b_var)
     if x.dim() == 2:
-        return _LRTLinear.apply(x, z, mu, logvar, b_mu, b_var, eps, track)
+        return _LRTLinear.apply(x, z, mu, logvar, b_mu, b_var, eps, track, variance_dtype)
     lead = x.shape[:-1]
     z2 = None if z is None else z.reshape(-1, z.shape[-1])
     y, kl = _LRTLinear.apply(x.reshape(-1, x.shape[-1]), z2, mu, logvar, b_mu, b_var,
-                             eps.reshape(-1, eps.shape[-1]), track)
+                             eps.reshape(-1, eps.shape[-1]), track, variance_dtype)
     return y.reshape(*lead, y.shape[-1]), kl
 
 
 def lrt_conv2d(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor,
                b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor, stride: IntPair = 1,
-               padding: IntPair | str = 0, dilation: IntPair = 1, groups: int = 1) -> LRTOutput:
+               padding: IntPair | str = 0, dilation: IntPair = 1, groups: int = 1, *,
+               variance_dtype: torch.dtype | None = None) -> LRTOutput:
     """LRT draw of a 2-D convolution's output and the weight KL, fused (see the module docstring).
 
     :param x: inputs ``(N, C_in, H, W)``; ``z``: per-example output-channel scales ``(N, C_out)`` or ``None``.
@@ -222,34 +266,49 @@ def lrt_conv2d(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar
     :param eps: standard-normal noise of the output's shape; it gets no gradient.
     :param padding: ints as for :func:`torch.nn.functional.conv2d`; a string (``"same"``) falls back to
         :func:`lrt_conv2d_reference`.
+    :param variance_dtype: the variance path's dtype (see the module docstring); ``None``: ``x``'s.
     """
     if isinstance(padding, str):
-        return lrt_conv2d_reference(x, z, mu, logvar, b_mu, b_var, eps, stride, padding, dilation, groups)
+        return lrt_conv2d_reference(x, z, mu, logvar, b_mu, b_var, eps, stride, padding, dilation, groups,
+                                    variance_dtype=variance_dtype)
     return _LRTConv2d.apply(x, z, mu, logvar, b_mu, b_var, eps, as_pair(stride), as_pair(padding), as_pair(dilation),
-                            int(groups), _tracked(x, z, mu, logvar, b_mu, b_var))
+                            int(groups), _tracked(x, z, mu, logvar, b_mu, b_var), variance_dtype)
 
 
 def _reference_sqrt(v: torch.Tensor, clamp: bool) -> torch.Tensor:
     return (v.clamp_min(torch.finfo(v.dtype).tiny) if clamp else v).sqrt()
 
 
+def _reference_variance(product, x: torch.Tensor, var: torch.Tensor, b_var: torch.Tensor | None,
+                        variance_dtype: torch.dtype | None, along: tuple[int, ...]) -> torch.Tensor:
+    """``product(x^2, var) + b_var``, the product in ``variance_dtype`` where one is given."""
+    low = _low_precision(variance_dtype, x)
+    if low is None:
+        return product(x * x, var, b_var)
+    xn = x.to(low)
+    v = product(xn * xn, var.to(low), None).to(x.dtype)
+    return v if b_var is None else v + b_var.reshape(along)
+
+
 def lrt_linear_reference(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor,
-                         b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor) -> LRTOutput:
+                         b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor, *,
+                         variance_dtype: torch.dtype | None = None) -> LRTOutput:
     """:func:`lrt_linear` composed from autograd primitives (unfused)."""
     var = logvar.exp()
     xs = x if z is None else x * z
     mean = F.linear(xs, mu, b_mu)
-    v = F.linear(xs * xs, var, b_var)
+    v = _reference_variance(F.linear, xs, var, b_var, variance_dtype, (-1,))
     return mean + _reference_sqrt(v, b_var is None) * eps, standard_normal_kl(mu, logvar, var)
 
 
 def lrt_conv2d_reference(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor,
                          b_mu: torch.Tensor | None, b_var: torch.Tensor | None, eps: torch.Tensor,
                          stride: IntPair = 1, padding: IntPair | str = 0, dilation: IntPair = 1,
-                         groups: int = 1) -> LRTOutput:
+                         groups: int = 1, *, variance_dtype: torch.dtype | None = None) -> LRTOutput:
     """:func:`lrt_conv2d` composed from autograd primitives (unfused)."""
     var = logvar.exp()
     mean = F.conv2d(x, mu, b_mu, stride, padding, dilation, groups)
-    v = F.conv2d(x * x, var, b_var, stride, padding, dilation, groups)
+    v = _reference_variance(lambda x2, w, b: F.conv2d(x2, w, b, stride, padding, dilation, groups), x, var, b_var,
+                            variance_dtype, (-1, 1, 1))
     y = mean + _reference_sqrt(v, b_var is None) * eps
     return y if z is None else y * z[:, :, None, None], standard_normal_kl(mu, logvar, var)

@@ -56,9 +56,9 @@ def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=
     return torch.Size((x.shape[0], weight.shape[0], *spatial))
 
 
-def _lrt_conv2d_channels_last(*args) -> fused.LRTOutput:
+def _lrt_conv2d_channels_last(*args, variance_dtype: torch.dtype | None = None) -> fused.LRTOutput:
     # channels-last from here on: pooling and the next convolution run several times faster on it
-    y, kl = fused.lrt_conv2d(*args)
+    y, kl = fused.lrt_conv2d(*args, variance_dtype=variance_dtype)
     return y.contiguous(memory_format=torch.channels_last), kl
 
 
@@ -66,12 +66,13 @@ def _single(value) -> int | str:
     return value if isinstance(value, (int, str)) else value[0]
 
 
-def _lrt_conv1d(x, z, mu, logvar, b_mu, b_var, eps, stride=1, padding=0, dilation=1, groups=1) -> fused.LRTOutput:
+def _lrt_conv1d(x, z, mu, logvar, b_mu, b_var, eps, stride=1, padding=0, dilation=1, groups=1, *,
+                variance_dtype: torch.dtype | None = None) -> fused.LRTOutput:
     """A 1-D convolution's LRT draw as the 2-D one's over a height of one (the same sums, one fused op)."""
     padding = _single(padding)
     y, kl = fused.lrt_conv2d(x.unsqueeze(2), z, mu.unsqueeze(2), logvar.unsqueeze(2), b_mu, b_var, eps.unsqueeze(2),
                              (1, _single(stride)), padding if isinstance(padding, str) else (0, padding),
-                             (1, _single(dilation)), groups)
+                             (1, _single(dilation)), groups, variance_dtype=variance_dtype)
     return y.squeeze(2), kl
 
 
@@ -80,7 +81,8 @@ class LayerOp:
     """One layer kind: ``function(x, weight, bias, *args)``, where the group scale applies, and the LRT op
     ``lrt(x, z, mu, logvar, b_mu, b_var, eps, *args) -> (draw, sum KL(N(mu, exp(logvar)) || N(0, 1)))``
     (``z`` per example, ``logvar`` the weight log-variances, ``b_var`` the bias variances, ``eps``
-    standard-normal noise of the output's shape)."""
+    standard-normal noise of the output's shape; keyword ``variance_dtype``: the dtype of the variance path, see
+    :mod:`pyro_bc.infer.fused`)."""
 
     name: str
     function: Callable[..., torch.Tensor]
@@ -251,14 +253,14 @@ def per_example_scales(op: LayerOp, x: torch.Tensor, scales: tuple | None, noise
 
 
 def lrt_draw(op: LayerOp, x: torch.Tensor, scales: tuple | None, q_w: Normal, q_b: Normal | None, draws: LayerDraws,
-             *args) -> tuple[torch.Tensor, torch.Tensor]:
+             *args, variance_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The local reparameterisation's draw of a layer's output through the op's ``lrt`` (Kingma et al. 2015): the
     pre-activation from its Gaussian given the group scales, which are drawn per example; per-example noise from
-    ``draws`` (the handler)."""
+    ``draws`` (the handler); the variance path in ``variance_dtype`` where one is given."""
     z_n = per_example_scales(op, x, scales, draws.noise)
     b_mu, b_var = (None, None) if q_b is None else (q_b.loc, q_b.variance)
     eps = draws.noise(op.output_shape(x, q_w.loc, *args), x)
-    return op.lrt(x, z_n, q_w.loc, _logvar(q_w), b_mu, b_var, eps, *args)
+    return op.lrt(x, z_n, q_w.loc, _logvar(q_w), b_mu, b_var, eps, *args, variance_dtype=variance_dtype)
 
 
 class LocalReparameterization(LayerDraws):
