@@ -223,6 +223,32 @@ def _epoch_line(record: dict) -> str:
     return f"epoch {record['epoch']}: elbo/N {record['elbo']:.4f}  {errors}log alpha<-3: {kept}  ({record['seconds']:.1f}s)"
 
 
+def _kl_weight(config: TrainConfig, steps_done: int, steps_per_epoch: int) -> float:
+    """The KL's weight after ``steps_done`` steps: rising linearly to 1 over the warm-up epochs, then 1."""
+    return min(1.0, steps_done / (config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs else 1.0
+
+
+def _diverged(net: BayesianNet, epoch: int, step: int, checkpoint: Path | None) -> TrainingDiverged:
+    """The error for a non-finite ELBO at ``step`` of ``epoch`` (both from 0), saying what is left to resume from."""
+    left = (f"last good checkpoint {checkpoint} is intact" if checkpoint is not None and checkpoint.is_file()
+            else "no epoch finished, so there is no checkpoint")
+    return TrainingDiverged(f"non-finite ELBO at epoch {epoch + 1}, step {step + 1} (first bad value: "
+                            f"{_first_nonfinite(net)}); {left}")
+
+
+def _evaluation(net: BayesianNet, epoch: int, config: TrainConfig, train: tuple, val: tuple) -> dict:
+    """The posterior mean's errors where ``epoch`` (from 0) is evaluated, every ``eval_every`` and the last: on the
+    training data and, where given (``val``'s tensors not None), the validation data. It draws nothing, so a resumed
+    run follows the same random stream."""
+    if (epoch + 1) % config.eval_every and epoch + 1 != config.epochs:
+        return {}
+    mean_net = net.posterior_mean_network()
+    errors = {"train_error": error_percent(mean_net, *train)}
+    if val[0] is not None:
+        errors["val_error"] = error_percent(mean_net, *val)
+    return errors
+
+
 def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfig, run_dir: Path | None,
            state: dict | None, progress: bool, group: distributed.ProcessGroup, extras: dict,
            handler: Messenger | None = None) -> list[dict]:
@@ -275,15 +301,11 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
             start, stop = group.rows(rows)
             weight = group.world_size * (stop - start) / rows if group.active else 1.0
             x, y = x[start:stop].to(device), y[start:stop].to(device)
-            done = epoch * steps_per_epoch + step + 1
-            beta = min(1.0, done / (config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs else 1.0
+            beta = _kl_weight(config, epoch * steps_per_epoch + step + 1, steps_per_epoch)
             value = group.mean(svi_step(loss, optimizer, net, x, y, n_data, beta, weight,
                                         (start, rows) if group.active else None, config.clip_grad_norm)).item()
             if not math.isfinite(value) or not math.isfinite(total + value):
-                raise TrainingDiverged(f"non-finite ELBO at epoch {epoch + 1}, step {step + 1} "
-                                       f"(first bad value: {_first_nonfinite(net)})" + (
-                                           f"; last good checkpoint {checkpoint} is intact" if checkpoint is not None and checkpoint.is_file()
-                                           else "; no epoch finished, so there is no checkpoint"))
+                raise _diverged(net, epoch, step, checkpoint)
             total, net_steps = total + value, net_steps + 1
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{value:.3f}")
@@ -293,13 +315,8 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
             raise TrainingDiverged(f"non-finite parameter after epoch {epoch + 1}: {_first_nonfinite(net)}")
         if group.is_main:
             record = {"epoch": epoch + 1, "elbo": -total / max(net_steps, 1), "beta": beta if net_steps else 1.0,
-                      "lr": lr}
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:  # draws nothing: resume is exact
-                mean_net = net.posterior_mean_network()
-                record["train_error"] = error_percent(mean_net, train_x, train_y)
-                if val is not None:
-                    record["val_error"] = error_percent(mean_net, val_x, val_y)
-            record["groups_kept"] = groups_below(net)
+                      "lr": lr, **_evaluation(net, epoch, config, (train_x, train_y), (val_x, val_y)),
+                      "groups_kept": groups_below(net)}
             ended = time.perf_counter()
             record.update(seconds=ended - started, step_seconds=stepped - started, eval_seconds=ended - stepped)
             metrics.append(record)
