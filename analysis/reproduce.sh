@@ -4,7 +4,7 @@
 #   bash analysis/reproduce.sh lenet300-gnj [SEED]  (Table 1: lenet300-{gnj,ghs,lu}, lenet5-{gnj,ghs,lu}; SEED: 0)
 #   bash analysis/reproduce.sh lenet300-rhs-30      (the fourth prior against gnj after 30 epochs: lenet300-{gnj,rhs}-30)
 #   bash analysis/reproduce.sh lenet5-gnj-fast      (the fast recipes: a pretrained start, --variance-lr-factor, cosine;
-#                                                    lenet300-gnj-fast, lenet5-{gnj,ghs,lu}-fast; RESULTS.md, time to the rows)
+#                                                    lenet300-{gnj,lu}-fast, lenet5-{gnj,ghs,lu}-fast; RESULTS.md, time to the rows)
 #   bash analysis/reproduce.sh lenet300-gnj-fast-ft (a fast recipe, then fine-tuned: its run in NAME/source, pruned as
 #                                                    the recipe prunes, SVI on over the kept weights into NAME; any *-fast-ft)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
@@ -36,11 +36,12 @@ main() {
     lenet5-ghs) compress=(--thresholds -3 -2.2 -2.6 -2.9) ;;  # gap middles; fc1 swept on validation (NOTES.md)
     lenet300-lu|lenet5-lu) compress=(--thresholds 3 3 3 3) ;;     # Sparse VD's per-weight cut, log alpha 3
     lenet300-gnj-30|lenet300-rhs-30) compress=() ;;  # each prior's default cut (log alpha -3): the same rule for both
-    lenet300-gnj-fast|lenet5-gnj-fast|lenet5-ghs-fast|lenet5-lu-fast)
+    lenet300-gnj-fast|lenet300-lu-fast|lenet5-gnj-fast|lenet5-ghs-fast|lenet5-lu-fast)
       pretrain=8; epochs=30; eval_every=5; extra=(--variance-lr-factor 30 --lr-schedule cosine)
       compress=(--max-error-increase 0.1)  # 0.2 spent on pruning costs 0.2 of error; LeNet-5 keeps half the paper's
+      [ "$prior" = lu ] && compress=(--thresholds 3 3 3 3)  # the lu rows' cut: 1.06% validation error, the budget's 1.16%
       [ "$model" = lenet300 ] && { pretrain=10; epochs=80; eval_every=10; }
-      [ "$prior" = lu ] && compress=(--thresholds 3 3 3 3) ;;  # the lu rows' cut: 1.06% validation error, the budget's 1.16%
+      [ "$model$prior" = lenet300lu ] && compress=(--thresholds 3 3 3) ;;
     resnet20-mnist|vgg-mnist)
       model=${name%-mnist}; prior=gnj; epochs=10; eval_every=1; extra=(--width 0.25)
       compress=(--max-error-increase 0.2) ;;  # after 10 epochs log alpha is a continuum: -3 cut the VGG to 90% error
