@@ -9,9 +9,9 @@ guide distributions of its weights ``w~ ~ N(mu, sigma^2)``, its bias and its gro
   pre-activation drawn from its Gaussian, with independent noise per example and output, the group scales drawn
   per example;
 * ``lrt-bf16``: the local reparameterisation with its variance path (``x^2`` against the weight variances, forward
-  and backward) in bfloat16, where the hardware multiplies bfloat16 natively about half the cost of that path; the
-  noise's scale is off by bfloat16's relative error (about 0.2%), everything else is as ``lrt`` computes it.
-  Grouped convolutions keep float32 (oneDNN's bfloat16 grouped kernels measured slower than its float32 ones);
+  and backward) in bfloat16, which costs less where the hardware multiplies bfloat16 natively; the noise's scale is
+  within 1% of the exact one (``pyro_bc.infer.fused``), everything else is as ``lrt`` computes it. Grouped
+  convolutions keep float32 (oneDNN's bfloat16 grouped kernels measured slower than its float32 ones);
 * ``shared``: one draw of the weights, the bias and the group scales per batch, shared by all its examples
   (``w~ = mu + sigma eps``, then the layer's dense op): the least work per step, but the examples' gradients are
   correlated, so the minibatch gradient's variance does not fall as one over the batch size;
