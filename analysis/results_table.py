@@ -168,16 +168,19 @@ def seed_verdict(name: str, errors: list[float], kept: list[float]) -> str:
     return "met" if not misses else "missed: " + ", ".join(misses)
 
 
-def _perturbed_runs(recipe: str) -> list[tuple[int, int, dict, dict]]:
-    """``(seed, threads, summary at 1 thread, summary at that many threads)`` of each seed of ``recipe`` that was
-    also run with ``THREADS=N`` (``threadsN`` inside the seed's folder)."""
+def _perturbed_runs(recipe: str) -> list[tuple[str, str, int, int, dict, dict]]:
+    """``(what, folder, seed, threads, summary at 1 thread, summary at that many threads)`` of each seed of ``recipe`` that
+    was also run with ``THREADS=N`` (``threadsN`` inside the seed's folder): the recipe's compressed file, and for a
+    fine-tuned recipe also its source run's (``source/``), which may exist alone."""
     out = []
     for seed, run in _seed_runs(recipe):
-        for other in sorted(run.glob("threads*/MODEL.json")):
-            threads = other.parent.name.removeprefix("threads")
-            if threads.isdigit():
-                out.append((seed, int(threads), json.loads((run / "MODEL.json").read_text()),
-                            json.loads(other.read_text())))
+        for folder in sorted(run.glob("threads*")):
+            threads = folder.name.removeprefix("threads")
+            for what, inner in ((recipe, "."), (f"{recipe} (source)", "source")):
+                one, other = run / inner / "MODEL.json", folder / inner / "MODEL.json"
+                if threads.isdigit() and one.is_file() and other.is_file():
+                    out.append((what, inner, seed, int(threads), json.loads(one.read_text()),
+                                json.loads(other.read_text())))
     return out
 
 
@@ -186,11 +189,12 @@ def robustness_section() -> list[str]:
     rows = []
     for name in CONFIGS:
         for recipe in RECIPES[name]:
-            errors = [json.loads((run / "MODEL.json").read_text())["error_compressed"] for _, run in _seed_runs(recipe)]
-            spread = f"{statistics.stdev(errors):.2f}" if len(errors) > 1 else "–"
-            for seed, threads, one, other in _perturbed_runs(recipe):
+            for what, inner, seed, threads, one, other in _perturbed_runs(recipe):
+                errors = [json.loads((run / inner / "MODEL.json").read_text())["error_compressed"]
+                          for _, run in _seed_runs(recipe) if (run / inner / "MODEL.json").is_file()]
+                spread = f"{statistics.stdev(errors):.2f}" if len(errors) > 1 else "–"
                 change = other["error_compressed"] - one["error_compressed"]
-                rows.append(f"| {recipe} | {seed} | {one['error_compressed']:.2f}, {one['architecture']}, "
+                rows.append(f"| {what} | {seed} | {one['error_compressed']:.2f}, {one['architecture']}, "
                             f"{100 * one['weights_kept_fraction']:.2f}% | {threads} | {other['error_compressed']:.2f}, "
                             f"{other['architecture']}, {100 * other['weights_kept_fraction']:.2f}% | {change:+.2f} | "
                             f"{spread} | `THREADS={threads} {_command(recipe, seed)[1:]} |")
@@ -202,7 +206,7 @@ def robustness_section() -> list[str]:
              "products sum in another order, as they do on another machine. Beside each pair: the sample standard "
              "deviation of the recipe's test errors over its seeds (the Seeds section)."), "",
             ("| recipe | seed | 1 thread: test error %, architecture, kept | threads | N threads: test error %, "
-             "architecture, kept | change (pt) | sd over seeds | command |"), "|---|---|---|---|---|---|---|---|",
+             "architecture, kept | change (pt) | sd over the recipe's seeds | command |"), "|---|---|---|---|---|---|---|---|",
             *rows]
 
 

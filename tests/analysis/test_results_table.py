@@ -35,3 +35,18 @@ def test_robustness_pairs_each_seed_with_its_other_thread_count(tmp_path, monkey
     # seed 0 at 2 threads: 0.95 against 0.80, +0.15 points; the seeds' errors 0.8, 0.9, 1.0 have sample sd 0.10
     assert rows == [(f"| {recipe} | 0 | 0.80, 1-2-3-4, 2.00% | 2 | 0.95, 1-2-3-5, 2.10% | +0.15 | 0.10 | "
                      f"`THREADS=2 bash analysis/reproduce.sh {recipe}` |")]
+
+
+def test_robustness_pairs_a_fine_tuned_recipes_source_runs(tmp_path, monkeypatch):
+    recipe = "lenet300-gnj-fast-ft"
+    run = tmp_path / "results" / recipe
+    for folder, error in ((run, 1.88), (run / "source", 1.97), (run / "threads2" / "source", 2.15),
+                          (run / "seeds" / "1", 1.70), (run / "seeds" / "1" / "source", 2.07)):
+        folder.mkdir(parents=True)
+        (folder / "MODEL.json").write_text(_summary(error, "1-2-3", 0.1))
+    monkeypatch.setattr(results_table, "HERE", tmp_path)
+    rows = [line for line in results_table.robustness_section() if line.startswith(f"| {recipe}")]
+    # only the source has a 2-thread twin (the fine-tuning at 2 threads never finished): +0.18 points; the spread is
+    # the sources' (1.97 and 2.07: sample sd 0.07), not the fine-tuned runs' (1.88 and 1.70: 0.13)
+    assert rows == [(f"| {recipe} (source) | 0 | 1.97, 1-2-3, 10.00% | 2 | 2.15, 1-2-3, 10.00% | +0.18 | 0.07 | "
+                     f"`THREADS=2 bash analysis/reproduce.sh {recipe}` |")]
