@@ -115,12 +115,12 @@ class Reader:
 
 
 def uvarints(values: np.ndarray) -> bytes:
-    """Many non-negative integers (below 2**63) as concatenated uvarints, vectorised."""
+    """Many non-negative integers (below 2**64) as concatenated uvarints, vectorised."""
     values = np.asarray(values, dtype=np.uint64).ravel()
     if not values.size:
         return b""
     lengths = np.ones(values.size, dtype=np.int64)
-    for k in range(1, 9):
+    for k in range(1, 10):  # up to ten bytes: 2**63 and above need the tenth
         lengths += values >= np.uint64(1 << (7 * k))
     ends = np.cumsum(lengths)
     index = np.arange(int(ends[-1])) - np.repeat(ends - lengths, lengths)  # byte number within its varint

@@ -85,7 +85,9 @@ def encode(model: CompressedModel) -> bytes:
 
 def _read_block(r: Reader, count: int, what: str) -> np.ndarray:
     storage = r.byte(f"{what} storage", len(STORAGES) - 1)
-    length = r.uvarint(f"{what} length", 0, r.left)
+    length = r.uvarint(f"{what} length")
+    if length > r.left:  # the bytes after the length itself: a block never reaches past the section
+        raise BadData(f"{r.what}: {what} length={length} outside [0, {r.left}]")
     block = Reader(r.data, r.pos, r.pos + length, what)
     r.pos = block.end
     if count == 0:

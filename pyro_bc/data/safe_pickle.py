@@ -100,8 +100,9 @@ def _scalar(dtype, data):
     return np.frombuffer(data, dtype.dtype)[0]
 
 
-def _latin1(text, encoding="latin1") -> bytes:
-    """``_codecs.encode(text, "latin1")``: how Python 3 writes bytes at pickle protocol 2."""
+def _latin1(text, encoding="utf-8") -> bytes:
+    """``_codecs.encode(text, "latin1")``: how Python 3 writes bytes at pickle protocol 2 (without an encoding
+    ``_codecs.encode`` means UTF-8, which is refused like any encoding but latin1)."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise _Refused(f"_codecs.encode with encoding {encoding!r}")
     return text.encode("latin1")
