@@ -4,11 +4,14 @@ groups cut) -> load -> export, and the Bayesian training step against the dense 
 
     .venv/bin/python analysis/zoo.py                       # every family; writes analysis/zoo.json and a table
     .venv/bin/python analysis/zoo.py resnet18 mobilenet_v2  # some
+    .venv/bin/python analysis/zoo.py --steps-only           # the step timings alone, merged into zoo.json's rows
+    .venv/bin/python analysis/zoo.py --render               # zoo.md from zoo.json
 
 Each row records the parameters of the dense network and of the loaded file, the weights kept, the file's bytes,
 the relative L2 distance of the file's outputs from :func:`pyro_bc.pruned_network`'s, the exports' distance from
 the loaded module (ONNX by onnxruntime, pt2 re-loaded), and the median Bayesian step over the median dense step
-(interleaved rounds, batch 32, one thread), or the first thing that failed, in one line. torchvision is needed
+for each estimator of :data:`ESTIMATORS_TIMED` (interleaved rounds, batch 32, one thread), or the first thing that
+failed, in one line. torchvision is needed
 (the ``dev`` extra); nothing is downloaded (``weights=None``).
 """
 
