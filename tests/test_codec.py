@@ -735,7 +735,7 @@ def test_wire_ids_are_fixed():
         "linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6, "avgpool2d": 7,
         "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13, "silu": 14,
         "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20,
-        "gather": 21, "layer_norm": 22}
+        "gather": 21, "layer_norm": 22, "program": 23}
     assert sorted(bcz_model.WIRE_IDS.values()) == list(range(len(bcz_model.WIRE_IDS)))  # no gaps (the reader's bound)
 
 
@@ -857,6 +857,15 @@ def v2_node(kind: str, *fields: bytes, back: tuple[int, ...] = (1,)) -> bytes:
     return bytes([bcz_model.WIRE_IDS[kind]]) + count + uvarints(back) + b"".join(fields)
 
 
+def program_v2(graph: bytes = b'[[["aten.relu.default",[{"v":0}],{}]],1]', constants: bytes = b"",
+               inputs: int = 1) -> bytes:
+    """A program node: wire id, input count, input distances, name, its graph's JSON, its constants' fields
+    (``constants``: the count 1 and their fields, or nothing for none)."""
+    count = uvarint(1) + constants if constants else uvarint(0)
+    return (bytes([bcz_model.WIRE_IDS["program"]]) + uvarint(inputs) + uvarints([1] * inputs) + uvarint(1) + b"p"
+            + uvarint(len(graph)) + graph + count)
+
+
 def v2_layer(shape: tuple[int, ...] = (2, 3), name: bytes = b"fc", conv: tuple[int, ...] = (), frac: int = 0,
              storage: int = 0, length: int = 4, bias: int = 0, bias_length: int = 0) -> bytes:
     """A layer's fields: name, shape, a convolution's pairs and groups, then the layer tail."""
@@ -897,7 +906,16 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
     (v2_file(v2_header(meta=b"[" * 10**5)), "header: metadata is not valid JSON (RecursionError)"),
     (v2_file(norm_v2(eps=float("inf"))), N0 + "layer_norm eps inf must be finite and >= 0"),
     (v2_file(uvarint(1) + uvarint(3) + uvarint(0) + uvarint(2**16 + 1)), "header: node count=65537 outside [0, 65536]"),
-    (v2_file(v2_header(bytes([23, 1]))), "header: node 0 kind=23 outside [0, 22]"),
+    (v2_file(v2_header(bytes([24, 1]))), "header: node 0 kind=24 outside [0, 23]"),
+    (v2_file(v2_header(program_v2(b"{]"))), "header: node 0 program is not [nodes, output] in JSON (JSONDecodeError)"),
+    (v2_file(v2_header(program_v2(b"[]"))), "header: node 0 program is not [nodes, output] in JSON (ValueError)"),
+    (v2_file(v2_header(program_v2(b'[[["os.system",[{"v":0}],{}]],1]'))),
+     "header: node 0 program: 'os.system' is not a core ATen operator"),
+    (v2_file(v2_header(program_v2(constants=bytes([0]) + uvarint(9)))), "header: node 0 constant 0 rank=9 outside [0, 8]"),
+    (v2_file(v2_header(program_v2(constants=bytes([4])))), "header: node 0 constant 0 storage=4 outside [0, 3]"),
+    (v2_file(v2_header(program_v2(constants=bytes([0]) + uvarint(1) + uvarint(2)))),
+     "layer blocks need 8 payload bytes but the file holds 0"),
+    (v2_file(v2_header(program_v2(inputs=0))), "header: node 0 input count=0 outside [1, 65536]"),
     (v2_file(v2_header(v2_node("relu"), v2_node("add", back=(1,)))), "header: node 1 input count=1 outside [2, 65536]"),
     (v2_file(v2_header(v2_node("relu"), bytes([9]) + uvarint(2**16 + 1))), "header: node 1 input count=65537 outside [2, 65536]"),
     (v2_file(v2_header(v2_node("relu", back=(0,)))), "header: node 0 input=0 outside [1, 1]"),
@@ -1160,7 +1178,7 @@ def test_v2_writer_refuses_what_the_format_cannot_hold(monkeypatch: pytest.Monke
         (CompressedModel([], (2**16 + 1,)), "input_shape [65537] must have 1 to 8 entries in [1, 65536]"),
         (CompressedModel(relus + [Op("relu")], (3,)), "4 items: at most 3"),
         (CompressedModel([object()], (3,)),
-         "item 0 is not a QuantizedLayer, FloatLayer, NormLayer or an Op of a known kind"),
+         "item 0 is not a QuantizedLayer, FloatLayer, NormLayer, ProgramNode or an Op of a known kind"),
         (CompressedModel([QuantizedLayer("linear", "é" * 128, np.ones((1, 1), np.int64), 0)], (1,)),
          f"layer name {'é' * 20!r}... is longer than 255 bytes"),
         (CompressedModel([QuantizedLayer("linear", "q", np.ones((1, 4), np.int64), 0)], (1,)),

@@ -144,15 +144,23 @@ def test_batchnorm_that_cannot_be_folded_stays_a_per_channel_scale_and_shift():
                                    atol=1e-15)
 
 
-@pytest.mark.parametrize("after, message", [
-    (nn.BatchNorm2d(4, track_running_stats=False), "cannot compress f: BatchNorm must track running statistics"),
-    (nn.Sequential(nn.Flatten(), nn.BatchNorm1d(100)),
-     "cannot compress f.1: BatchNorm that does not follow a layer must read images (batch, channels, height, width)"),
-])
-def test_batchnorm_that_cannot_be_compressed_is_named(after, message):
+def test_batchnorm_without_running_statistics_is_named():
     with pytest.raises(ConfigError) as info:
-        BodyGraph(BayesianNet(Then(after), input_shape=(2, 5, 5)))
-    assert str(info.value) == message
+        BodyGraph(BayesianNet(Then(nn.BatchNorm2d(4, track_running_stats=False)), input_shape=(2, 5, 5)))
+    assert str(info.value) == "cannot compress f: BatchNorm must track running statistics"
+
+
+def test_batchnorm_on_features_that_follows_no_layer_is_an_op_outside_the_registry():
+    torch.manual_seed(0)
+    net = BayesianNet(Then(nn.Sequential(nn.Flatten(), nn.BatchNorm1d(100))), input_shape=(2, 5, 5))
+    _randomise_batchnorm(net, torch.Generator().manual_seed(2))
+    graph = BodyGraph(net)
+    assert [(n.name, n.what) for n in graph.nodes if n.program is not None] == [("f.1", "the module BatchNorm1d")]
+    layers, module = _outside_of(net, graph, {"a": [2]})
+    assert layers["a"].keep_out.all()
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
 
 
 # -- coupled channels ----------------------------------------------------------------------------------
@@ -555,7 +563,7 @@ _TRACED = [
     (nn.Flatten(), [Op("flatten", {"start_dim": 1})]),
     (nn.Sequential(nn.Dropout(0.5), nn.Identity(), nn.ReLU()), [Op("relu")]),
 ]
-_REFUSED = [
+_OUTSIDE = [
     (lambda h, o: h + h, "the function add"),
     (lambda h, o: h * h, "the function mul"),
     (lambda h, o: torch.add(h, h, alpha=2), "the function add"),
@@ -583,14 +591,12 @@ _REFUSED = [
     (nn.AvgPool2d(2, divisor_override=2), "the module AvgPool2d"),
     (nn.Flatten(1, 2), "the module Flatten"),
     (nn.Softmax(1), "the module Softmax"),
-    (_Scaled(), "its tensor gamma outside a layer"),
-    (nn.Sequential(_Scaled()), "its tensor gamma outside a layer"),  # named by its module's whole path, f.0
+    (_Scaled(), "the function mul"),
+    (nn.Sequential(_Scaled()), "the function mul"),  # named by its module's whole path, f.0
     (lambda h, o: stochastic_depth(h, 0.2, "row"), "the function stochastic_depth"),  # training by default
     (_Cumsum(), "the function cumsum"),
 ]
-_CANNOT = ("which a .bcz file cannot store (supported: Bayesian layers, BatchNorm, the activations of pyro_bc.nn.ops, "
-           "flatten, pooling, residual sums, products with a per-channel scale, concatenations along channels); "
-           "replace it by one of these, or keep that part out of the compressed body")
+_DRAWS = ("the function dropout", "the function stochastic_depth")  # in training mode: computed, but at random
 
 
 @pytest.mark.parametrize("case", range(len(_TRACED)))
@@ -604,17 +610,36 @@ def test_each_form_of_a_supported_function_becomes_its_op(case):
     assert [node.op for node in graph.nodes if node.layer is None] == expected
 
 
-@pytest.mark.parametrize("case", range(len(_REFUSED)))
-def test_each_unsupported_form_is_refused_naming_the_function(case):
+def _outside_of(net: BayesianNet, graph: BodyGraph, dropped: dict) -> tuple[dict, nn.Module]:
+    """Compress ``net`` at threshold -3 with the groups ``dropped`` (by layer site) gone; the compressed module must
+    compute the masked network."""
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:
+        _set(layer, dropped.get(layer.site, ()), g)
+    layers = prune_network(net, analyse_network(net, analyse(net), graph), [-3.0] * len(net.layers), None, graph)
+    return {layer.post.name: layer for layer in layers}, compressed_module(net, layers, None, graph)
+
+
+@pytest.mark.parametrize("case", range(len(_OUTSIDE)))
+def test_an_op_outside_the_registry_keeps_what_it_reads_and_computes_as_traced(case):
     """A sum or product of a tensor with itself, with a constant or of shapes that are not per-channel; pools with
     dilation, ceil mode (average) or without padding counted; means over other dims or with a dtype; concatenation
-    along the batch; flattens not from dim 1 to the end; dropout in training mode; the modules of the same, and one
-    that has no op."""
-    f, what = _REFUSED[case]
-    with pytest.raises(ConfigError) as info:
-        BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+    along the batch; flattens not from dim 1 to the end; dropout in training mode; the modules of the same, a
+    parameter used outside a layer, and a module with no op: each is one node that computes it as traced, named by
+    the user's module path and what it calls, and every channel it reads stays (never a refusal)."""
+    f, what = _OUTSIDE[case]
+    torch.manual_seed(0)
+    net = BayesianNet(Then(f), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    (node,) = [n for n in graph.nodes if n.program is not None]
     where = {nn.Sequential: "f.0"}.get(type(f), "f") if isinstance(f, nn.Module) else "the network's forward"
-    assert str(info.value) == f"cannot compress {where}: it uses {what}, {_CANNOT}"
+    assert (node.name, node.what) == (where, what)
+    layers, module = _outside_of(net, graph, {"a": [1, 3]})
+    assert layers["a"].keep_out.all() and not layers["a"].mask[1].any()  # channel 1: no weight, still computed
+    if what not in _DRAWS:
+        x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
 
 
 class _OwnScale(Then):
@@ -630,41 +655,47 @@ class _OwnScale(Then):
 
 
 def test_a_tensor_of_the_body_itself_is_named_as_the_network():
-    with pytest.raises(ConfigError) as info:
-        BodyGraph(BayesianNet(_OwnScale(), input_shape=(2, 5, 5)))
-    assert str(info.value) == f"cannot compress the network: it uses its tensor gamma outside a layer, {_CANNOT}"
+    graph = BodyGraph(BayesianNet(_OwnScale(), input_shape=(2, 5, 5)))
+    assert [(n.name, n.what) for n in graph.nodes if n.program is not None] == [
+        ("the network's forward", "the function mul")]
 
 
 def test_deterministic_modules_are_nodes_of_their_own_outputs():
     """A plain convolution: new variables, one per output channel (3, not the 5 positions of a row), all kept; a
-    plain linear layer reading (batch, features) likewise, and refused on images; a LayerNorm over the last two
+    plain linear layer reading (batch, features) likewise, and on images one per output along the last axis; a LayerNorm over the last two
     dimensions leaves the channels free, over the last three it keeps them."""
     nodes = BodyGraph(BayesianNet(Then(nn.Conv2d(4, 3, 1)), input_shape=(2, 5, 5))).nodes
     assert (nodes[-1].name, len(nodes[-1].variables), nodes[-1].keeps_all) == ("f", 3, True)
     nodes = BodyGraph(BayesianNet(Then(nn.Sequential(nn.Flatten(), nn.Linear(100, 3))), input_shape=(2, 5, 5))).nodes
     assert (nodes[-1].name, len(nodes[-1].variables), nodes[-1].keeps_all) == ("f.1", 3, True)
-    with pytest.raises(ConfigError) as info:
-        BodyGraph(BayesianNet(Then(nn.Linear(5, 3)), input_shape=(2, 5, 5)))
-    assert str(info.value) == "f: a linear layer must read (batch, features) inputs"
+    nodes = BodyGraph(BayesianNet(Then(nn.Linear(5, 3)), input_shape=(2, 5, 5))).nodes  # along the last axis
+    assert (nodes[-1].name, len(nodes[-1].variables), nodes[-1].keeps_all, nodes[-1].axis) == ("f", 3, True, -1)
     for shape, across in (((5, 5), False), ((4, 5, 5), True)):
         nodes = BodyGraph(BayesianNet(Then(nn.LayerNorm(shape)), input_shape=(2, 5, 5))).nodes
         assert (nodes[-1].name, nodes[-1].keeps_all) == ("f", across)
         assert torch.equal(nodes[-1].variables, nodes[0].variables)
 
 
-def test_reshapes_that_select_whole_channels_are_gathers_and_others_are_refused():
+def test_reshapes_that_select_whole_channels_are_gathers_and_others_are_ops_outside_the_registry():
     """Indexing and chunks along dim 1 keep whole channels (a gather of them); a transpose of the spatial dimensions
-    or a reshape across channels moves positions between channels, which a file cannot store."""
+    or a reshape across channels moves positions between channels: an op outside the registry, which keeps them."""
     for f, index in ((lambda h, o: torch.relu(h[:, [2, 0]]), [2, 0]), (lambda h, o: torch.relu(h.chunk(2, 1)[1]), [2, 3])):
         graph = BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
         assert [n.op for n in graph.nodes if n.layer is None] == [Op("gather", {"index": index}), Op("relu")]
         assert torch.equal(graph.nodes[-1].variables, graph.nodes[0].variables[index])
     for f, name in ((lambda h, o: torch.relu(h.transpose(2, 3)), "transpose"),
-                    (lambda h, o: torch.relu(h.reshape(1, 2, 2, 25)), "reshape")):
-        with pytest.raises(ConfigError) as info:
-            BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
-        assert str(info.value) == ("cannot compress the network's forward: its reshape mixes channels with positions "
-                                   "(a .bcz file stores reorderings and selections of whole channels only)")
+                    (lambda h, o: torch.relu(h.reshape(-1, 2, 2, 25)), "reshape")):
+        torch.manual_seed(0)
+        net = BayesianNet(Then(f), input_shape=(2, 5, 5))
+        graph = BodyGraph(net)
+        assert [(n.name, n.what) for n in graph.nodes if n.program is not None] == [
+            ("the network's forward", f"the tensor method .{name}()")]
+        assert graph.nodes[-1].op == Op("relu") and graph.nodes[-1].variables is None  # positions nothing names
+        layers, module = _outside_of(net, graph, {"a": [0]})
+        assert layers["a"].keep_out.all()
+        x = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
 
 
 class _Twice(nn.Module):
@@ -703,11 +734,19 @@ def test_bodies_the_graph_cannot_hold_are_refused_in_one_line(body, message):
     assert str(info.value) == message
 
 
-def test_a_bayesian_linear_layer_on_images_and_an_unknown_input_shape_are_refused():
-    body = nn.Sequential(BayesConv2d(2, 4, 1), BayesLinear(5, 3))  # torch would apply it along the width
-    with pytest.raises(ConfigError) as info:
-        BodyGraph(BayesianNet(body, input_shape=(2, 5, 5)))
-    assert str(info.value) == "1: a linear layer must read (batch, features) inputs"
+def test_a_bayesian_linear_layer_on_images_reads_them_whole_and_an_unknown_input_shape_is_refused():
+    """torch applies a linear layer to images along their width: positions no channel variable names, so it reads
+    all of them (the convolution before it keeps every channel) and prunes only its own outputs."""
+    torch.manual_seed(0)
+    body = nn.Sequential(BayesConv2d(2, 4, 1), BayesLinear(5, 3))
+    net = BayesianNet(body, input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    assert graph.layer_nodes[1].reads_whole and graph.layer_nodes[1].axis == -1
+    layers, module = _outside_of(net, graph, {"0": [1], "1": [2]})
+    assert layers["0"].keep_out.all() and layers["1"].keep_in.all()
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError) as info:
         BodyGraph(BayesianNet(body, input_shape=None))
     assert str(info.value) == "the network's input shape is unknown: train it first or give input_shape"

@@ -21,7 +21,7 @@ from pyro_bc.bcz.export import INPUT_NAME, export_module
 
 tv = pytest.importorskip("torchvision")
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
-from torchvision.models import efficientnet, regnet, resnet
+from torchvision.models import convnext, efficientnet, regnet, resnet
 from zoo import half_thresholds
 
 
@@ -47,7 +47,14 @@ FAMILIES = {
                                       num_classes=10),
     "googlenet": lambda: tv.models.GoogLeNet(num_classes=10, aux_logits=False, init_weights=False),
     "shufflenet": lambda: tv.models.ShuffleNetV2([2, 2, 2], [8, 16, 32, 64, 128], num_classes=10),
+    "convnext": lambda: convnext.ConvNeXt([convnext.CNBlockConfig(16, 32, 1), convnext.CNBlockConfig(32, None, 1)],
+                                          num_classes=10),
+    "vit": lambda: tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=10),
+    "swin": lambda: tv.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                              window_size=[2, 2], num_classes=10),
 }
+TRANSFORMERS = {"convnext", "vit", "swin"}  # LayerNorm, attention, class tokens: ops outside the registry
 SIZE = 32
 
 
@@ -66,6 +73,8 @@ def _bayesian(family: str) -> pyro_bc.nn.network.BayesianNet:
     with torch.no_grad():
         for layer in net.layers:
             layer.prior.z_logvar.copy_(torch.randn(layer.prior.z_logvar.shape, generator=generator) * 2 - 4)
+            if not layer.weight_mu.any():  # ViT's head starts at zero
+                layer.weight_mu.normal_(0, 0.1, generator=generator)
     return net.eval()
 
 
@@ -97,16 +106,35 @@ def test_the_file_computes_the_pruned_network(compressed):
 
 def test_batchnorm_that_follows_no_layer_is_listed_as_deterministic(compressed):
     family, net, summary, _, _ = compressed
-    listed = {row["name"] for row in summary["deterministic_modules"]}
+    rows = summary["deterministic_modules"] or []
+    listed = {row["name"] for row in rows if "BatchNorm" in row["module"]}
     if family == "densenet":  # pre-activation: every dense layer's first BatchNorm reads a concatenation
         assert "features.denseblock1.denselayer1.norm1" in listed and "features.norm0" not in listed
         chosen = summary["deterministic_precision"]["chosen"]
-        for row in summary["deterministic_modules"]:  # a scale and a shift per kept channel, at the chosen precision
+        for row in rows:  # a scale and a shift per kept channel, at the chosen precision
             channels = net.body.get_submodule(row["name"]).num_features
             assert row["module"] == "BatchNorm2d" and row["parameters_original"] == 2 * channels
             assert row["parameters"] % 2 == 0 and 0 < row["parameters"] <= 2 * channels and row["precision"] == chosen
+    elif family not in TRANSFORMERS:
+        assert rows == [] and summary["deterministic_precision"] is None, family
     else:
-        assert listed == set() and summary["deterministic_precision"] is None, family
+        assert listed == set(), family
+
+
+def test_ops_outside_the_registry_are_listed_by_module_path(compressed):
+    """A transformer's LayerNorms, attention, class token and positional embedding stay deterministic and are listed
+    by the user's module paths, each with what it calls and how the file stores it."""
+    family, net, summary, _, _ = compressed
+    if family not in TRANSFORMERS:
+        return
+    rows = summary["deterministic_modules"]
+    programs = {(row["name"], row["module"]) for row in rows if row["stored_as"].startswith("core-ATen program")}
+    expected = {"vit": ("encoder.layers.encoder_layer_0.self_attention", "the module MultiheadAttention"),
+                "swin": ("features.1.0.attn", "the function shifted_window_attention"),
+                "convnext": ("features.1.0", "the function mul")}[family]  # the layer scale
+    assert expected in programs, programs
+    paths = dict(net.body.named_modules())
+    assert all(row["name"] in paths or row["name"] == "the network's forward" for row in rows)
 
 
 def test_the_file_is_smaller_than_the_float32_weights(compressed):
@@ -130,7 +158,21 @@ def test_exports_compute_the_loaded_module(compressed, fmt, tmp_path):
     assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), family
 
 
-def test_an_op_a_file_cannot_store_is_named_by_the_module_path(tmp_path):
+def _outside(model: nn.Module, tmp_path: Path) -> tuple[dict, pyro_bc.nn.network.BayesianNet, torch.Tensor]:
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(model, "gnj", input_shape=(3, 8, 8))
+    with torch.no_grad():
+        for layer in net.layers:  # every other group dropped (log alpha 5), if it may be
+            layer.prior.z_logvar.fill_(-8.0)[::2] = 5.0
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
+    summary = pyro_bc.compress(net, tmp_path / "model.bcz", val=(x, y), thresholds=[0.0] * len(net.layers))
+    with torch.no_grad():
+        want, got = pyro_bc.pruned_network(net, summary)(x), pyro_bc.load(tmp_path / "model.bcz")(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.02
+    return summary, net, x
+
+
+def test_an_op_outside_the_registry_keeps_its_channels_and_is_named_by_the_module_path(tmp_path):
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -139,29 +181,25 @@ def test_an_op_a_file_cannot_store_is_named_by_the_module_path(tmp_path):
         def forward(self, x):
             return torch.cumsum(self.conv(x), 1)
 
-    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-    net = pyro_bc.bayesianize(model, "gnj", input_shape=(3, 8, 8))
-    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
-    with pytest.raises(pyro_bc.errors.ConfigError) as error:
-        pyro_bc.compress(net, tmp_path / "unused.bcz", val=(x, y), thresholds=[0.0, 0.0])
-    message = str(error.value)
-    assert "\n" not in message and message.startswith("cannot compress 0: it uses the function cumsum")
+    summary, _, _ = _outside(nn.Sequential(Block(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)), tmp_path)
+    rows = {row["name"]: row for row in summary["deterministic_modules"]}
+    assert rows["0"]["module"] == "the function cumsum" and rows["0"]["stored_as"].startswith("core-ATen program")
+    assert summary["layers"][0]["groups_kept"] == summary["layers"][0]["groups_total"] == 4  # all it reads
 
 
-def test_a_parameter_used_outside_a_layer_is_named_by_its_module(tmp_path):
+def test_a_parameter_used_outside_a_layer_is_kept_and_named_by_its_module(tmp_path):
     """ConvNeXt's layer scale: a learned per-channel factor read in the forward, not a layer of its own."""
     class Scaled(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
-            self.gamma = nn.Parameter(torch.ones(4, 1, 1))
+            self.gamma = nn.Parameter(torch.linspace(0.5, 2, 4).reshape(4, 1, 1))
 
         def forward(self, x):
             return self.gamma * self.conv(x)
 
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), Scaled(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-    net = pyro_bc.bayesianize(model, "gnj", input_shape=(3, 8, 8))
-    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,))
-    with pytest.raises(pyro_bc.errors.ConfigError, match=r"^cannot compress 1: it uses its tensor gamma outside a layer"):
-        pyro_bc.compress(net, tmp_path / "unused.bcz", val=(x, y), thresholds=[0.0, 0.0, 0.0])
-    assert not (tmp_path / "unused.bcz").exists()
+    summary, _, _ = _outside(nn.Sequential(nn.Conv2d(3, 3, 1), Scaled(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)),
+                             tmp_path)
+    rows = {row["name"]: row for row in summary["deterministic_modules"]}
+    assert rows["1"]["module"] == "the function mul" and rows["1"]["parameters"] == 4  # gamma, in the file
+    assert summary["layers"][1]["groups_kept"] == 4

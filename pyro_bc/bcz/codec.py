@@ -30,6 +30,7 @@ from pyro_bc.bcz.model import (
     FloatLayer,
     NormLayer,
     Op,
+    ProgramNode,
     QuantizedLayer,
     float16_exact,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "FloatLayer",
     "NormLayer",
     "Op",
+    "ProgramNode",
     "QuantizedLayer",
     "decode",
     "encode",
@@ -135,12 +137,18 @@ def _half(values: np.ndarray | None) -> np.ndarray | None:
     return half if np.array_equal(np.isfinite(half), np.isfinite(values)) else values
 
 
+def _half_node(item: FloatLayer | NormLayer | ProgramNode) -> FloatLayer | NormLayer | ProgramNode:
+    if isinstance(item, ProgramNode):
+        constants = [_half(c) if c.dtype == np.float32 else c for c in item.program.constants]
+        return dataclasses.replace(item, program=dataclasses.replace(item.program, constants=constants))
+    return dataclasses.replace(item, weight=_half(item.weight), bias=_half(item.bias))
+
+
 def half_deterministic(model: CompressedModel) -> CompressedModel:
     """``model`` with the tensors of its deterministic nodes (:class:`FloatLayer`, :class:`NormLayer`) rounded to
     the nearest float16 values, which the writer then stores at float16 (a tensor with a value beyond float16's
     range stays as it is, at float32). Quantized layers are unchanged."""
-    items = [dataclasses.replace(item, weight=_half(item.weight), bias=_half(item.bias))
-             if isinstance(item, DETERMINISTIC) else item for item in model.items]
+    items = [_half_node(item) if isinstance(item, DETERMINISTIC) else item for item in model.items]
     return CompressedModel(items, model.input_shape, model.metadata, model.variances)
 
 

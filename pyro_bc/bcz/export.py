@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.onnx import symbolic_helper
 
 from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.bcz import codec
@@ -71,10 +72,21 @@ def _fixed_pools(module: nn.Module, example: torch.Tensor) -> nn.Module:
     return module
 
 
+def _softmax(g, x, dim, _half_to_float):
+    return g.op("Softmax", x, axis_i=symbolic_helper._get_const(dim, "i", "dim"))
+
+
+# core ATen operators a stored program may call (pyro_bc.bcz.program) that the TorchScript exporter has no symbolic
+# for, each as the ONNX operator it is
+CORE_SYMBOLICS = {"aten::_softmax": _softmax}
+
+
 def _onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
     """The ONNX model of ``module`` (adaptive pools fixed to their sizes); its input and output have a dynamic
     first (batch) axis."""
     module = _fixed_pools(module, example)
+    for name, symbolic in CORE_SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, symbolic, ONNX_OPSET)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice: the new one needs onnxscript

@@ -11,6 +11,7 @@ import numpy as np
 
 from pyro_bc.bcz.binary import BadData
 from pyro_bc.bcz.code_storage import code_bits
+from pyro_bc.bcz.program import Program
 
 MAGIC = b"BCZ1"  # every version starts with these four bytes, then its uint16 LE version number
 # Every node kind and its byte in a version-2 file, fixed for good: a new kind takes the next free number and no
@@ -18,11 +19,11 @@ MAGIC = b"BCZ1"  # every version starts with these four bytes, then its uint16 L
 WIRE_IDS = {"linear": 0, "conv2d": 1, "relu": 2, "tanh": 3, "sigmoid": 4, "flatten": 5, "maxpool2d": 6,
             "avgpool2d": 7, "select": 8, "add": 9, "cat": 10, "adaptive_avgpool2d": 11, "relu6": 12, "hardswish": 13,
             "silu": 14, "gelu": 15, "hardsigmoid": 16, "mul": 17, "maxpool2d_ceil": 18, "spatial_mean": 19, "conv1d": 20,
-            "gather": 21, "layer_norm": 22}
+            "gather": 21, "layer_norm": 22, "program": 23}
 WEIGHT_DIMS = {"linear": 2, "conv1d": 3, "conv2d": 4}  # a layer kind's weight: (out, in) or (out, in / groups, *k)
 LAYER_KINDS = tuple(WEIGHT_DIMS)
 NORM_KINDS = ("layer_norm",)  # deterministic nodes with float tensors of their own shape
-OP_KINDS = tuple(kind for kind in WIRE_IDS if kind not in LAYER_KINDS + NORM_KINDS)
+OP_KINDS = tuple(kind for kind in WIRE_IDS if kind not in LAYER_KINDS + NORM_KINDS + ("program",))
 POOL_KINDS = ("maxpool2d", "avgpool2d", "maxpool2d_ceil")  # kernel_size, stride, padding
 MULTI_INPUT = ("add", "cat", "mul")  # mul: the product of two inputs, the second broadcast (squeeze-excitation)
 FRAC_BITS_RANGE = (-64, 64)
@@ -187,8 +188,27 @@ class NormLayer:
         self.inputs = _inputs(self.inputs)
 
 
-Node = QuantizedLayer | FloatLayer | NormLayer | Op
-DETERMINISTIC = (FloatLayer, NormLayer)  # the nodes whose tensors are floats, kept as the network had them
+@dataclass
+class ProgramNode:
+    """A deterministic computation the other kinds cannot express (an attention, a class token, a reshape that
+    mixes channels with positions), as a core-ATen :class:`~pyro_bc.bcz.program.Program` reading one or more
+    earlier nodes; its constant tensors are stored as :class:`FloatLayer`'s are.
+
+    ``inputs``: as :class:`QuantizedLayer`'s (their number is the program's ``n_inputs``).
+    """
+
+    name: str
+    program: Program
+    inputs: tuple[int, ...] | None = None
+
+    kind = "program"
+
+    def __post_init__(self) -> None:
+        self.inputs = _inputs(self.inputs)
+
+
+Node = QuantizedLayer | FloatLayer | NormLayer | ProgramNode | Op
+DETERMINISTIC = (FloatLayer, NormLayer, ProgramNode)  # the nodes whose tensors are floats, kept as the network had them
 
 
 @dataclass
@@ -241,7 +261,9 @@ def sources(model: CompressedModel) -> list[tuple[int, ...]]:
     for index, item in enumerate(model.items):
         given = getattr(item, "inputs", None)
         wanted = given if given is not None else (index - 1,)
-        arity_ok = len(wanted) >= 2 if getattr(item, "kind", None) in MULTI_INPUT else len(wanted) == 1
+        kind = getattr(item, "kind", None)
+        arity_ok = len(wanted) >= 2 if kind in MULTI_INPUT else len(wanted) == (
+            item.program.n_inputs if kind == "program" else 1)
         if not arity_ok:
             raise BadData(f"item {index} ({getattr(item, 'kind', None)}) reads {len(wanted)} inputs")
         if any(not NETWORK_INPUT <= source < index for source in wanted):

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyro_bc.bcz.model import CompressedModel, FloatLayer, NormLayer, Op, QuantizedLayer, is_chain, sources
+from pyro_bc.bcz.model import CompressedModel, FloatLayer, NormLayer, Op, ProgramNode, QuantizedLayer, is_chain, sources
+from pyro_bc.bcz.program import program_module
 from pyro_bc.nn.kinds import KIND
 from pyro_bc.nn.ops import ELEMENTWISE_KINDS, Mul, SpatialMean, elementwise_module
 
@@ -95,8 +96,10 @@ def _norm_module(norm: NormLayer) -> nn.Module:
     return module.eval()
 
 
-def node_module(item: QuantizedLayer | FloatLayer | NormLayer | Op) -> nn.Module:
+def node_module(item: QuantizedLayer | FloatLayer | NormLayer | ProgramNode | Op) -> nn.Module:
     """The torch module of one node of a compressed model."""
+    if isinstance(item, ProgramNode):
+        return program_module(item.program)
     if isinstance(item, QuantizedLayer):
         return _layer_module(item)
     if isinstance(item, FloatLayer):

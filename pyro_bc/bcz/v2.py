@@ -32,6 +32,7 @@ from pyro_bc.bcz.model import (
     FloatLayer,
     NormLayer,
     Op,
+    ProgramNode,
     QuantizedLayer,
     check_float_layer,
     check_layer,
@@ -41,6 +42,7 @@ from pyro_bc.bcz.model import (
     float16_exact,
     sources,
 )
+from pyro_bc.bcz.program import CONSTANT_DTYPES, MAX_PROGRAM_NODES, MAX_RANK, Program, check_program
 
 VERSION = 2
 KIND_OF_WIRE_ID = {wire_id: kind for kind, wire_id in WIRE_IDS.items()}
@@ -62,6 +64,9 @@ MAX_KEPT_VALUE = 80  # ... and each only if its compact JSON is at most this lon
 _PREFIX = struct.Struct("<4sHB")  # magic, version, header codec
 _CRC = struct.Struct("<I")
 MIN_SIZE = _PREFIX.size + 2 + _CRC.size  # prefix, two one-byte varints, CRC
+VARIABLE_ARITY = (*MULTI_INPUT, "program")  # node kinds whose input count is written
+# a program constant's storage: float32 values at float32 or float16 (where exact), int64, bool (one byte each)
+CONSTANT_STORAGES = {"float32": ("<f4", 4), "float16": ("<f2", 2), "int64": ("<i8", 8), "bool": ("u1", 1)}
 
 
 def kept_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +176,23 @@ def _norm(norm: NormLayer) -> tuple[bytes, bytes]:
     return b"".join(head), b"".join(blocks)
 
 
+def _program(node: ProgramNode) -> tuple[bytes, bytes]:
+    """A program node's header fields (name, its graph as compact JSON, its constants' storages and shapes) and its
+    payload block (the constants' values)."""
+    program = node.program
+    check_program(program)
+    graph = json.dumps([program.nodes, program.output], separators=(",", ":"), allow_nan=False).encode()
+    head = [_name(node.name), uvarint(len(graph)), graph, uvarint(len(program.constants))]
+    blocks = []
+    for array in program.constants:
+        if array.ndim and max(array.shape) > MAX_DIM:
+            raise BadData(f"program {node.name!r}: a constant's dimension of {list(array.shape)} exceeds {MAX_DIM}")
+        storage = array.dtype.name if array.dtype.name != "float32" or not float16_exact(array) else "float16"
+        head += [bytes([list(CONSTANT_STORAGES).index(storage)]), uvarint(array.ndim), uvarints(array.shape)]
+        blocks.append(np.ascontiguousarray(array).astype(CONSTANT_STORAGES[storage][0]).tobytes())
+    return b"".join(head), b"".join(blocks)
+
+
 def _select(index: list[int]) -> bytes:
     """A select op's index: as a gap list (mode 0) or a bitmap (mode 1), whichever is smaller."""
     as_list = bytes([0]) + uvarint(len(index)) + uvarints(np.diff(index, prepend=-1) - 1)
@@ -210,15 +232,16 @@ def _header(model: CompressedModel) -> tuple[bytes, bytes]:
     head = [uvarint(len(shape)), uvarints(shape), uvarint(len(meta)), meta, uvarint(len(model.items))]
     blocks = []
     for index, (item, wanted) in enumerate(zip(model.items, sources(model))):
-        if not isinstance(item, (QuantizedLayer, FloatLayer, NormLayer, Op)) or item.kind not in WIRE_IDS:
-            raise BadData(f"item {index} is not a QuantizedLayer, FloatLayer, NormLayer or an Op of a known kind")
+        if not isinstance(item, (QuantizedLayer, FloatLayer, NormLayer, ProgramNode, Op)) or item.kind not in WIRE_IDS:
+            raise BadData(f"item {index} is not a QuantizedLayer, FloatLayer, NormLayer, ProgramNode or an Op of a "
+                          "known kind")
         head.append(bytes([WIRE_IDS[item.kind]]))
-        if item.kind in MULTI_INPUT:
+        if item.kind in VARIABLE_ARITY:
             head.append(uvarint(len(wanted)))
         head.append(uvarints([index - source for source in wanted]))
-        if isinstance(item, (QuantizedLayer, FloatLayer, NormLayer)):
-            fields, block = (_layer if isinstance(item, QuantizedLayer) else
-                             _float_layer if isinstance(item, FloatLayer) else _norm)(item)
+        if not isinstance(item, Op):
+            fields, block = (_layer if isinstance(item, QuantizedLayer) else _float_layer if
+                             isinstance(item, FloatLayer) else _norm if isinstance(item, NormLayer) else _program)(item)
             head.append(fields)
             blocks.append(block)
         else:
@@ -282,12 +305,16 @@ def _read_op(r: Reader, kind: str, where: str) -> Op:
     return op
 
 
-def _read_layer(r: Reader, kind: str, where: str) -> dict[str, Any]:
-    """A layer's validated header fields (no arrays yet)."""
+def _read_name(r: Reader, where: str) -> str:
     try:
-        name = bytes(r.take(r.uvarint(f"{where}name length", 0, MAX_NAME), f"{where}name")).decode()
+        return bytes(r.take(r.uvarint(f"{where}name length", 0, MAX_NAME), f"{where}name")).decode()
     except UnicodeDecodeError:
         raise BadData(f"header: {where}name is not UTF-8") from None
+
+
+def _read_layer(r: Reader, kind: str, where: str) -> dict[str, Any]:
+    """A layer's validated header fields (no arrays yet)."""
+    name = _read_name(r, where)
     shape = tuple(r.uvarint(f"{where}shape", 1, MAX_DIM) for _ in range(WEIGHT_DIMS[kind]))
     spec: dict[str, Any] = {"kind": kind, "name": name, "shape": shape}
     if kind != "linear":
@@ -318,10 +345,7 @@ def _read_layer(r: Reader, kind: str, where: str) -> dict[str, Any]:
 
 def _read_norm(r: Reader, where: str) -> dict[str, Any]:
     """A layer_norm node's validated header fields (no arrays yet)."""
-    try:
-        name = bytes(r.take(r.uvarint(f"{where}name length", 0, MAX_NAME), f"{where}name")).decode()
-    except UnicodeDecodeError:
-        raise BadData(f"header: {where}name is not UTF-8") from None
+    name = _read_name(r, where)
     rank = r.uvarint(f"{where}layer_norm rank", 1, MAX_NORM_RANK)
     shape = tuple(r.uvarint(f"{where}normalized_shape", 1, MAX_DIM) for _ in range(rank))
     (eps,) = _EPS.unpack(r.take(_EPS.size, f"{where}eps"))
@@ -343,6 +367,43 @@ def _read_norm(r: Reader, where: str) -> dict[str, Any]:
     return spec
 
 
+def _read_program(r: Reader, arity: int, where: str) -> dict[str, Any]:
+    """A program node's validated header fields: its graph checked, its constants' shapes (no values yet)."""
+    name = _read_name(r, where)
+    graph = bytes(r.take(r.uvarint(f"{where}program length", 2, r.left), f"{where}program"))
+    try:
+        nodes, output = json.loads(graph.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError) as exc:
+        raise BadData(f"header: {where}program is not [nodes, output] in JSON ({type(exc).__name__})") from None
+    if not isinstance(nodes, list) or len(nodes) > MAX_PROGRAM_NODES:
+        raise BadData(f"header: {where}program nodes must be a list of at most {MAX_PROGRAM_NODES}")
+    storages, shapes = [], []
+    for i in range(r.uvarint(f"{where}constant count", 0, MAX_PROGRAM_NODES)):
+        storages.append(list(CONSTANT_STORAGES)[r.byte(f"{where}constant {i} storage", len(CONSTANT_STORAGES) - 1)])
+        shapes.append(tuple(r.uvarint(f"{where}constant {i} shape", 1, MAX_DIM)
+                            for _ in range(r.uvarint(f"{where}constant {i} rank", 0, MAX_RANK))))
+    placeholders = [np.zeros(0, dtype=CONSTANT_DTYPES[0] if s == "float16" else s) for s in storages]
+    try:  # targets and references, with empty stand-ins for the constants
+        check_program(Program(arity, placeholders, nodes, output))
+    except BadData as exc:
+        raise BadData(f"header: {where}{exc}") from None
+    lengths = [CONSTANT_STORAGES[s][1] * math.prod(shape) for s, shape in zip(storages, shapes)]
+    return {"kind": "program", "name": name, "arity": arity, "nodes": nodes, "output": output,
+            "storages": storages, "shapes": shapes, "size": sum(math.prod(shape) for shape in shapes),
+            "weights_length": sum(lengths), "bias_length": 0}
+
+
+def _build_program(spec: dict[str, Any], payload: Reader) -> ProgramNode:
+    """The program node of a validated spec, its constants read from ``payload``."""
+    constants = []
+    for i, (storage, shape) in enumerate(zip(spec["storages"], spec["shapes"])):
+        dtype, size = CONSTANT_STORAGES[storage]
+        data = payload.take(size * math.prod(shape), f"program {spec['name']!r} constant {i}")
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+        constants.append(array.astype({"float16": np.float32, "bool": np.bool_}.get(storage, dtype[1:])))
+    return ProgramNode(spec["name"], Program(spec["arity"], constants, spec["nodes"], spec["output"]))
+
+
 def _parse_header(r: Reader) -> tuple[tuple[int, ...], dict[str, Any], list[Any], list[tuple[int, ...]]]:
     """Input shape, metadata, node specs (Op or layer dict) and node inputs; every size bounded."""
     input_shape = tuple(r.uvarint("input_shape", 1, MAX_PARAM) for _ in range(r.uvarint("input rank", 1, 8)))
@@ -357,11 +418,13 @@ def _parse_header(r: Reader) -> tuple[tuple[int, ...], dict[str, Any], list[Any]
     for index in range(r.uvarint("node count", 0, MAX_NODES)):
         where = f"node {index} "
         kind = KIND_OF_WIRE_ID[r.byte(f"{where}kind", len(KIND_OF_WIRE_ID) - 1)]  # ids are 0, 1, ... (no gaps)
-        arity = r.uvarint(f"{where}input count", 2, MAX_PARAM) if kind in MULTI_INPUT else 1
+        arity = r.uvarint(f"{where}input count", 2 if kind in MULTI_INPUT else 1, MAX_PARAM) \
+            if kind in VARIABLE_ARITY else 1
         inputs.append(tuple(index - r.uvarint(f"{where}input", 1, index + 1) for _ in range(arity)))
-        if kind in LAYER_KINDS or kind == "layer_norm":
-            spec = _read_layer(r, kind, where) if kind in LAYER_KINDS else _read_norm(r, where)
-            codes += math.prod(spec["shape"])
+        if kind in LAYER_KINDS or kind in ("layer_norm", "program"):
+            spec = _read_layer(r, kind, where) if kind in LAYER_KINDS else _read_norm(r, where) \
+                if kind == "layer_norm" else _read_program(r, arity, where)
+            codes += spec["size"] if kind == "program" else math.prod(spec["shape"])
             if codes > MAX_CODES:
                 raise BadData(f"header: the layers hold more than {MAX_CODES} codes, larger than this reader accepts")
         else:
@@ -385,10 +448,12 @@ def _build_norm(spec: dict[str, Any], payload: Reader) -> NormLayer:
     return NormLayer(spec["name"], spec["shape"], spec["eps"], weight, bias)
 
 
-def _build_layer(spec: dict[str, Any], payload: Reader) -> QuantizedLayer | FloatLayer | NormLayer:
+def _build_layer(spec: dict[str, Any], payload: Reader) -> QuantizedLayer | FloatLayer | NormLayer | ProgramNode:
     """The layer of a validated spec, its block read from ``payload``."""
     if spec["kind"] == "layer_norm":
         return _build_norm(spec, payload)
+    if spec["kind"] == "program":
+        return _build_program(spec, payload)
     shape = spec["shape"]
     where = f"layer {spec['name']!r} "
     if spec["storage"] >= FLOAT32_WEIGHTS:

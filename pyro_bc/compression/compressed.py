@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyro_bc.bcz.codec import CompressedModel, FloatLayer, NormLayer, Op, QuantizedLayer
+from pyro_bc.bcz.codec import CompressedModel, FloatLayer, NormLayer, Op, ProgramNode, QuantizedLayer
 from pyro_bc.bcz.modules import to_module
 from pyro_bc.compression.graph import NETWORK_INPUT, BodyGraph, Node
 from pyro_bc.compression.posterior import Precision, PrunedLayer, quantize
@@ -85,7 +85,8 @@ def _items(graph: BodyGraph, layers: list[PrunedLayer], precision: Precision | N
         if node.layer is not None:
             layer = layers[node.layer]
             available = every if node.inputs[0] == NETWORK_INPUT else kept[node.inputs[0]]
-            select = None if node.depthwise or node.grouped else _select(available, layer.keep_in, sources)
+            reads_all = node.depthwise or node.grouped or node.reads_last_axis or node.reads_whole
+            select = None if reads_all or available is None else _select(available, layer.keep_in, sources)
             if select is not None:
                 items.append(select)
                 sources = (len(items) - 1,)
@@ -95,6 +96,8 @@ def _items(graph: BodyGraph, layers: list[PrunedLayer], precision: Precision | N
                 torch.arange(len(graph.input_variables))
             reads = torch.tensor(node.op.params["index"])[kept[index]]
             items.append(Op("gather", {"index": rank[reads].tolist()}, sources))
+        elif node.program is not None:
+            items.append(ProgramNode(node.name, graph.exported(node), sources))
         elif node.affine is not None:
             items.append(_affine(node.name, node.affine, kept[index], sources))
         elif node.module is not None:

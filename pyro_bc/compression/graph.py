@@ -28,6 +28,7 @@ thresholds and bits are chosen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import operator
@@ -35,9 +36,10 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from pyro_bc.bcz.model import Op
+from pyro_bc.bcz.program import Program, export_program
 from pyro_bc.compression.posterior import (
     LayerPosterior,
     PrunedLayer,
@@ -50,7 +52,7 @@ from pyro_bc.compression.posterior import (
 from pyro_bc.errors import ConfigError, first_line
 from pyro_bc.nn.kinds import kind_of
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.nn.ops import elementwise_of_function, elementwise_of_method, elementwise_of_module
+from pyro_bc.nn.ops import ELEMENTWISE_KINDS, elementwise_of_function, elementwise_of_method, elementwise_of_module
 
 NETWORK_INPUT = -1  # the node index that names the network input
 _FUNCTION_OPS = {operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", torch.cat: "cat",
@@ -90,7 +92,7 @@ class Node:
 
     name: str
     inputs: tuple[int, ...]  # node indices, NETWORK_INPUT for the input
-    variables: torch.Tensor  # channel variable of each position along dim 1 of the output
+    variables: torch.Tensor | None  # channel variable of each position along ``axis``; None: all kept, unnamed
     layer: int | None = None
     op: Op | None = None
     repeat: int = 1  # flatten: positions per input channel
@@ -99,6 +101,15 @@ class Node:
     affine: tuple[torch.Tensor, torch.Tensor] | None = None  # BatchNorm on its own: (scale, shift) per channel
     module: nn.Module | None = None  # a deterministic module kept as it is: a plain layer, a LayerNorm
     keeps_all: bool = False  # every variable it reads and writes stays (it mixes channels)
+    axis: int = 1  # the dimension its variables run along: 1, or -1 for features last (a token sequence)
+    reads: torch.Tensor | None = None  # a layer: the variables of its input positions
+    reads_last_axis: bool = False  # a layer reading features along the last axis of an input of rank > 2
+    reads_whole: bool = False  # a layer reading an input whose positions it cannot name: it reads all of them
+    program: nn.Module | None = None  # an op outside the registry: the fx graph that computes it (it keeps all)
+    what: str = ""  # such an op, in words
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # such an op: its inputs' shapes (batch 1)
+    bound: bool = False  # its variables were made up for an op that names positions: all kept
+    exported: Program | None = None  # such an op lowered to core ATen (:meth:`BodyGraph.exported`), once
 
 
 class _Tracer(fx.Tracer):
@@ -156,8 +167,11 @@ class BodyGraph:
                               f"{first_line(e)}")
         self.modules = dict(mean.named_modules())
         self.layer_index = {layer.site: i for i, layer in enumerate(net.layers)}
+        self._traced = module
         position: dict[fx.Node, int] = {}
         self._pending: dict[fx.Node, tuple[int, object]] = {}  # shape ops not yet resolved: (base node, positions)
+        self._deferred: set[fx.Node] = set()  # constants and tuples: computed inside the op that reads them
+        self._live: set[fx.Node] = set()  # deferred nodes that depend on the network input
         for fx_node in module.graph.nodes:
             if fx_node.op == "placeholder":
                 position[fx_node] = NETWORK_INPUT
@@ -168,11 +182,14 @@ class BodyGraph:
                 self._check_output(fx_node, position)
             elif "concrete" in fx_node.meta:  # a shape query (x.size(), arithmetic on sizes): no tensor, no node
                 continue
-            elif _is_shape_op(fx_node, self._pending):
+            elif self._is_shape_op(fx_node, position):
                 self._pending[fx_node] = self._shape_op(fx_node, position)
-            else:
-                self._resolve(fx_node, position)
-                position[fx_node] = self._add(fx_node, position)
+            elif not self._defer(fx_node, position):
+                if any(a in self._deferred for a in fx_node.all_input_nodes):
+                    position[fx_node] = self._opaque(fx_node, position)
+                else:
+                    self._resolve(fx_node, position)
+                    position[fx_node] = self._add(fx_node, position)
                 self._shapes.setdefault(position[fx_node], _shape(fx_node))
         self._finish(len(net.layers))
 
@@ -181,6 +198,79 @@ class BodyGraph:
         self.batchnorm: dict[int, nn.Module] = {}
         self.batchnorm_names: dict[int, str] = {}  # layer index -> the path of the BatchNorm folded into it
         self._variables = _Variables()
+        self._fixed: list[torch.Tensor] = []  # variables that always stay (made up for positions nothing names)
+
+    def _defer(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> bool:
+        """Whether ``fx_node`` is left to the op that reads it: a tensor that depends on no input (a parameter
+        read outside a layer, and what is computed from it alone) or a tuple (the outputs of a multi-output op)."""
+        live = any(a in position or a in self._pending or a in self._live for a in fx_node.all_input_nodes
+                   if "concrete" not in a.meta)
+        if isinstance(fx_node.meta.get("tensor_meta"), TensorMetadata) and live:
+            return False
+        self._deferred.add(fx_node)
+        if live:
+            self._live.add(fx_node)
+        return True
+
+    def _opaque(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> int:
+        """An op outside the registry: a node computing ``fx_node`` with everything it reads that is not a node
+        (pending reshapes, sizes, constants, tuples) from the nodes it reads. It keeps every channel it touches."""
+        graph, env, sources, shapes, root = fx.Graph(), {}, [], [], nn.Module()
+
+        def copy(n: fx.Node) -> fx.Node:
+            if n in env:
+                return env[n]
+            if n in position and n is not fx_node:
+                env[n] = graph.placeholder(f"input_{len(sources)}")
+                sources.append(position[n])
+                shapes.append(_shape(n))
+                return env[n]
+            for a in n.all_input_nodes:
+                copy(a)
+            if n.op == "get_attr":
+                name = f"constant_{len(env)}"
+                value = functools.reduce(getattr, n.target.split("."), self._traced)
+                root.register_buffer(name, value.detach().clone())
+                env[n] = graph.get_attr(name)
+            elif n.op == "call_module":
+                name = f"module_{len(env)}"
+                root.add_module(name, self.modules[n.target])
+                env[n] = graph.call_module(name, *fx.node.map_arg((n.args, n.kwargs), lambda a: env[a]))
+            else:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+            return env[n]
+
+        graph.output(copy(fx_node))
+        for source in sources:  # what it reads is kept whole
+            if self.variables(source) is not None:
+                self._fixed.append(self.variables(source))
+        called = fx_node  # an item of a multi-output op is named by that op (an attention, not its getitem)
+        while called.target is operator.getitem and called.args[0] in self._deferred:
+            called = called.args[0]
+        return self._append(Node(_where(called), tuple(sources), None, program=fx.GraphModule(root, graph).eval(),
+                                 what=_describe(called, self.modules), input_shapes=tuple(shapes), keeps_all=True))
+
+    def exported(self, node: Node) -> Program:
+        """An op outside the registry (``node.program``) lowered to core ATen operators, once per node."""
+        if node.exported is None:
+            generator = torch.Generator().manual_seed(0)
+            examples = tuple(torch.randn(2, *shape[1:], generator=generator) for shape in node.input_shapes)
+            try:
+                node.exported = export_program(node.program, examples)
+            except Exception as e:  # noqa: BLE001  (whatever torch.export meets in a user's code is reported)
+                raise ConfigError(f"cannot compress {node.name}: {node.what} does not export to core ATen "
+                                  f"operators with a free batch size ({type(e).__name__}: {first_line(e)})")
+        return node.exported
+
+    def _bind(self, source: int, axis: int = 1) -> torch.Tensor:
+        """The variables of ``source``'s output, made up (all kept, along ``axis``) where an op outside the
+        registry left its positions unnamed and an op that names them reads it."""
+        if source == NETWORK_INPUT or self.nodes[source].variables is not None:
+            return self.variables(source)
+        node = self.nodes[source]
+        node.variables, node.axis, node.bound = self._variables.new(self._shapes[source][axis]), axis, True
+        self._fixed.append(node.variables)
+        return node.variables
 
     def _finish(self, n_layers: int) -> None:
         """Each layer's node, and the variables renumbered by their representatives."""
@@ -191,7 +281,9 @@ class BodyGraph:
         roots = self._variables.roots()
         self.input_variables = roots[self.input_variables]
         for node in self.nodes:
-            node.variables = roots[node.variables]
+            node.variables = None if node.variables is None else roots[node.variables]
+            node.reads = None if node.reads is None else roots[node.reads]
+        self._fixed = [roots[v] for v in self._fixed]
         self.n_variables = int(roots.max()) + 1
 
     @classmethod
@@ -216,20 +308,44 @@ class BodyGraph:
             depthwise = groups[i] > 1 and groups[i] == reads == post.mean.shape[0]
             outputs = inputs if depthwise else graph._variables.new(post.mean.shape[0])
             source = graph._append(Node(post.name, (source,), outputs, layer=i, depthwise=depthwise,
-                                        grouped=groups[i] > 1 and not depthwise))
+                                        grouped=groups[i] > 1 and not depthwise, reads=inputs))
         graph._finish(len(posts))
         return graph
 
     # -- tracing ---------------------------------------------------------------------------------
 
+    def _is_shape_op(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> bool:
+        """Whether ``fx_node`` only moves the positions of one tensor whose channels run along dim 1 (a reshape,
+        transpose, chunk, or an item of a chunk)."""
+        if fx_node.op == "call_method":
+            moves = fx_node.target in _SHAPE_METHODS and fx_node.target != "contiguous" or \
+                fx_node.target == "contiguous" and fx_node.args[0] in self._pending
+        elif fx_node.op == "call_function":
+            moves = fx_node.target in _SHAPE_FUNCTIONS or fx_node.target is operator.getitem and (
+                fx_node.args[0] in self._pending or fx_node.args[0] in position)
+        else:
+            moves = False
+        if not moves or len(self._bases(fx_node, position)) != 1:
+            return False
+        for a in fx_node.all_input_nodes:
+            if "concrete" in a.meta or a in self._pending:
+                continue
+            if a not in position:
+                return False
+            source = position[a]
+            if source != NETWORK_INPUT and (self.nodes[source].variables is None or self.nodes[source].axis != 1):
+                return False
+        return True
+
+    def _bases(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> set[int | None]:
+        """The nodes whose positions a shape op moves (None for a tensor that is no node)."""
+        return {self._pending[a][0] if a in self._pending else position.get(a) for a in fx_node.all_input_nodes
+                if "concrete" not in a.meta}
+
     def _shape_op(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> tuple[int, object]:
         """A reshape, transpose, chunk, ... applied to the positions of the one tensor it moves: each position of
         that tensor's output carries ``channel * P + spatial index`` (``P`` positions per channel)."""
-        bases = {self._pending[a][0] if a in self._pending else position[a] for a in fx_node.all_input_nodes
-                 if "concrete" not in a.meta}
-        if len(bases) != 1:
-            raise ConfigError(f"cannot compress {_where(fx_node)}: {fx_node.target} moves several tensors at once")
-        (base,) = bases
+        (base,) = self._bases(fx_node, position)
 
         def value(a: fx.Node):
             if "concrete" in a.meta:
@@ -254,23 +370,22 @@ class BodyGraph:
                 continue
             base, moved = self._pending.pop(a)
             index = _channel_gather(moved, self._shapes[base])
-            if index is None:
-                raise ConfigError(f"cannot compress {_where(a)}: its reshape mixes channels with positions (a .bcz "
-                                  "file stores reorderings and selections of whole channels only)")
             inputs = self.variables(base)
-            if torch.equal(index, torch.arange(len(inputs))):
+            if index is not None and torch.equal(index, torch.arange(len(inputs))):
                 position[a] = base
                 continue
-            position[a] = self._append(Node(str(a.name), (base,), inputs[index],
-                                            op=Op("gather", {"index": index.tolist()})))
+            position[a] = self._opaque(a, position) if index is None else \
+                self._append(Node(str(a.name), (base,), inputs[index], op=Op("gather", {"index": index.tolist()})))
+            self._shapes[position[a]] = _shape(a)
 
-    def variables(self, source: int) -> torch.Tensor:
+    def variables(self, source: int) -> torch.Tensor | None:
+        """The variables of a node's output (or the network input's); None where no op has named them."""
         return self.input_variables if source == NETWORK_INPUT else self.nodes[source].variables
 
     def layer_variables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The variables of a layer's input positions and of its output positions."""
         node = self.layer_nodes[layer]
-        return self.variables(node.inputs[0]), node.variables
+        return node.reads, node.variables
 
     def is_depthwise(self, layer: int) -> bool:
         return self.layer_nodes[layer].depthwise
@@ -283,21 +398,17 @@ class BodyGraph:
         """Add one traced node; returns the node index its output is (an earlier one for aliases)."""
         sizes = any("concrete" in a.meta for a in fx_node.all_input_nodes)  # an op on tensors and sizes at once
         sources = [position[a] for a in fx_node.all_input_nodes if "concrete" not in a.meta]
-        what = {"call_method": f"the tensor method .{fx_node.target}()",
-                "get_attr": f"its tensor {str(fx_node.target).rpartition('.')[2]} outside a layer"}.get(
-            fx_node.op, f"the function {getattr(fx_node.target, '__name__', fx_node.target)}")
         if fx_node.op == "call_module":
             module = self.modules[fx_node.target]
             if fx_node.target in self.layer_index:
                 return self._add_layer(fx_node, module, sources[0])
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                return self._fold_target(fx_node, module, sources[0])
+                return self._fold_target(fx_node, module, sources[0], position)
             if kind_of(module) is not None or isinstance(module, nn.LayerNorm):
                 return self._add_deterministic(fx_node, module, sources[0])
             if isinstance(module, _PASS_THROUGH):
                 return sources[0]
             op = module_op(module)
-            what = f"the module {type(module).__name__}"
         elif fx_node.op == "call_function" and _identity_in_eval(fx_node):
             return sources[0]
         elif sizes:
@@ -314,12 +425,8 @@ class BodyGraph:
             op = None
         if op is not None and op.kind == "identity":
             return sources[0]
-        if op is None:
-            raise ConfigError(f"cannot compress {_where(fx_node)}: it uses {what}, which a .bcz file cannot store "
-                              "(supported: Bayesian layers, BatchNorm, the activations of pyro_bc.nn.ops, flatten, "
-                              "pooling, residual sums, products with a per-channel scale, concatenations along "
-                              "channels); replace it by one of these, or keep that part out of the compressed body")
-        return self._append(self._op_node(fx_node, op, sources))
+        node = None if op is None else self._op_node(fx_node, op, sources)
+        return self._opaque(fx_node, position) if node is None else self._append(node)
 
     def _function_op(self, kind: str, fx_node: fx.Node) -> Op | None:
         args, kwargs = fx_node.args, fx_node.kwargs
@@ -363,8 +470,17 @@ class BodyGraph:
             return Op("flatten", {"start_dim": start}) if start == 1 and end == -1 else None
         return Op(kind) if len(fx_node.all_input_nodes) == 1 else None
 
-    def _op_node(self, fx_node: fx.Node, op: Op, sources: list[int]) -> Node:
-        inputs = [self.variables(s) for s in sources]
+    def _op_node(self, fx_node: fx.Node, op: Op, sources: list[int]) -> Node | None:
+        """The node of a registered op; None where its inputs' channels do not run along dim 1 as it needs."""
+        given = [self.variables(s) for s in sources]
+        axes = {self.nodes[s].axis for s, v in zip(sources, given) if s != NETWORK_INPUT and v is not None}
+        if op.kind in ELEMENTWISE_KINDS and given[0] is None:  # positions still unnamed: so are its outputs
+            return Node(str(fx_node.name), tuple(sources), None, op=op)
+        positional = op.kind in ELEMENTWISE_KINDS + ("add", "mul")  # it acts position by position
+        if len(axes) > 1 or not positional and axes - {1}:
+            return None  # features last (a token sequence) read by an op that names channels along dim 1
+        axis = axes.pop() if axes else 1
+        inputs = [self._bind(s, axis) for s in sources]
         repeat = 1
         if op.kind in ("add", "mul"):
             self._variables.unite(inputs[0], inputs[1])
@@ -379,52 +495,58 @@ class BodyGraph:
             variables = inputs[0].repeat_interleave(repeat)
         else:
             variables = inputs[0]
-        return Node(str(fx_node.name), tuple(sources), variables, op=op, repeat=repeat)
+        return Node(str(fx_node.name), tuple(sources), variables, op=op, repeat=repeat, axis=axis)
 
     def _add_layer(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
         index = self.layer_index[fx_node.target]
         if any(node.layer == index for node in self.nodes):
             raise ConfigError(f"layer {fx_node.target} is called more than once: shared layers are not supported")
-        inputs = self.variables(source)
-        if not kind_of(module).is_conv:
-            if len(_shape(fx_node)) != 2:
-                raise ConfigError(f"{fx_node.target}: a linear layer must read (batch, features) inputs")
-            outputs = self._variables.new(module.out_features)
-        elif module.groups == 1:
-            outputs = self._variables.new(module.out_channels)
+        conv = kind_of(module).is_conv
+        last = not conv and len(_shape(fx_node)) > 2  # a linear layer over the features of a token sequence
+        axis, whole = -1 if last else 1, False
+        reads = self.variables(source)
+        if reads is None:
+            reads = self._bind(source, axis)
+        elif last != (source != NETWORK_INPUT and self.nodes[source].axis == -1):  # positions it cannot name
+            self._fixed.append(reads)  # so it reads them all
+            reads, whole = self._variables.new(module.in_channels if conv else module.in_features), True
+            self._fixed.append(reads)
+        if not conv or module.groups == 1:
+            outputs = self._variables.new(module.out_channels if conv else module.out_features)
         elif module.groups == module.in_channels == module.out_channels:
-            outputs = inputs  # depthwise: output channel c reads input channel c only
+            outputs = reads  # depthwise: output channel c reads input channel c only
         else:  # grouped: every channel in and out is kept (see prune)
             outputs = self._variables.new(module.out_channels)
-        conv = kind_of(module).is_conv
         depthwise = conv and module.groups == module.in_channels == module.out_channels > 1
         grouped = conv and module.groups > 1 and not depthwise
         return self._append(Node(fx_node.target, (source,), outputs, layer=index, depthwise=depthwise,
-                                 grouped=grouped))
+                                 grouped=grouped, axis=axis, reads=reads, reads_last_axis=last, reads_whole=whole))
 
     def _add_deterministic(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
         """A module the network keeps deterministic: a plain layer (new output variables; it keeps every channel it
-        reads and writes) or a LayerNorm (its input's variables; all kept where it normalises across dim 1)."""
+        reads and writes) or a LayerNorm (its input's variables; all kept where it normalises across them)."""
         inputs, rank = self.variables(source), len(_shape(fx_node))
-        if isinstance(module, nn.LayerNorm):
-            across = len(module.normalized_shape) >= rank - 1  # the normalised dimensions include dim 1
-            return self._append(Node(str(fx_node.target), (source,), inputs, module=module, keeps_all=across))
-        if not kind_of(module).is_conv and rank != 2:
-            raise ConfigError(f"{fx_node.target}: a linear layer must read (batch, features) inputs")
-        outputs = self._variables.new(_shape(fx_node)[1])
-        return self._append(Node(str(fx_node.target), (source,), outputs, module=module, keeps_all=True))
+        axis = 1 if source == NETWORK_INPUT or inputs is None else self.nodes[source].axis
+        if isinstance(module, nn.LayerNorm):  # it normalises over the last dimensions
+            across = axis == -1 or len(module.normalized_shape) >= rank - 1
+            return self._append(Node(str(fx_node.target), (source,), inputs, module=module, keeps_all=across,
+                                     axis=axis))
+        axis = -1 if not kind_of(module).is_conv and rank > 2 else 1
+        outputs = self._variables.new(_shape(fx_node)[axis])
+        return self._append(Node(str(fx_node.target), (source,), outputs, module=module, keeps_all=True, axis=axis))
 
-    def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int) -> int:
+    def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int, position: dict[fx.Node, int]) -> int:
         """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node.
-        Elsewhere (after a concatenation, pre-activation) it stays, as a per-channel scale and shift node."""
+        Elsewhere (after a concatenation, pre-activation) it stays, as a per-channel scale and shift node over
+        images, or as an op outside the registry."""
         if module.running_mean is None:
             raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must track running statistics")
         producer = fx_node.all_input_nodes[0]
         layer = self.nodes[source].layer if source != NETWORK_INPUT else None
         if layer is None or len(producer.users) != 1 or layer in self.batchnorm:
-            if len(_shape(fx_node)) != 4:
-                raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm that does not follow a layer must "
-                                  "read images (batch, channels, height, width)")
+            unnamed = source != NETWORK_INPUT and self.nodes[source].variables is None
+            if len(_shape(fx_node)) != 4 or not unnamed and source != NETWORK_INPUT and self.nodes[source].axis != 1:
+                return self._opaque(fx_node, position)
             with torch.no_grad():
                 scale = torch.rsqrt(module.running_var.double().cpu() + module.eps)
                 if module.weight is not None:
@@ -432,7 +554,7 @@ class BodyGraph:
                 shift = -module.running_mean.double().cpu() * scale
                 if module.bias is not None:
                     shift = shift + module.bias.double().cpu()
-            return self._append(Node(str(fx_node.target), (source,), self.variables(source), affine=(scale, shift)))
+            return self._append(Node(str(fx_node.target), (source,), self._bind(source), affine=(scale, shift)))
         self.batchnorm[layer] = module
         self.batchnorm_names[layer] = str(fx_node.target)
         return source
@@ -476,11 +598,13 @@ class BodyGraph:
             if self.layer_nodes[i].grouped:
                 for variables in self.layer_variables(i):
                     fixed[variables] = True
-        for node in self.nodes:  # so does a deterministic module that mixes channels
+        for node in self.nodes:  # so does a deterministic module that mixes channels, and an op outside the registry
             if node.keeps_all:
-                fixed[node.variables] = True
-                for source in node.inputs:
-                    fixed[self.variables(source)] = True
+                for variables in [node.variables, *(self.variables(source) for source in node.inputs)]:
+                    if variables is not None:
+                        fixed[variables] = True
+        for variables in self._fixed:  # positions only such an op names
+            fixed[variables] = True
         alive = torch.ones_like(fixed)
         while True:
             masks = [self._restrict(i, post, m, alive) for i, (post, m) in enumerate(zip(posts, own))]
@@ -498,8 +622,11 @@ class BodyGraph:
         for i, (post, t, m) in enumerate(zip(posts, thresholds, masks)):
             inputs, outputs = self.layer_variables(i)
             keep_out = alive[outputs]
-            if self.layer_nodes[i].grouped:
+            node = self.layer_nodes[i]
+            if node.grouped or node.reads_whole:
                 keep_in = torch.ones(m.shape[1], dtype=torch.bool)
+            elif node.reads_last_axis:  # every kept feature of the sequence: no selection along its last axis
+                keep_in = alive[inputs]
             else:
                 keep_in = keep_out if self.is_depthwise(i) else alive[inputs] & _any_except(m, 1)
             layers.append(PrunedLayer(post, float(t), keep_in, keep_out, m))
@@ -513,15 +640,18 @@ class BodyGraph:
             return mask & alive[outputs].reshape(-1, 1, 1, 1)
         return mask & _outer(post, alive[outputs], alive[inputs])
 
-    def kept_positions(self, layers: list[PrunedLayer]) -> list[torch.Tensor]:
-        """Bool over dim 1 of every node's output: the positions the compressed network computes."""
-        kept: list[torch.Tensor] = []
+    def kept_positions(self, layers: list[PrunedLayer]) -> list[torch.Tensor | None]:
+        """Bool over the variables' axis of every node's output: the positions the compressed network computes
+        (None: all, where no op names them)."""
+        kept: list[torch.Tensor | None] = []
         every = torch.ones(len(self.input_variables), dtype=torch.bool)
         for node in self.nodes:
             inputs = [every if s == NETWORK_INPUT else kept[s] for s in node.inputs]
-            if node.layer is not None:
+            if node.variables is None:  # positions no op names: all of them
+                kept.append(None)
+            elif node.layer is not None:
                 kept.append(layers[node.layer].keep_out)
-            elif node.module is not None and kind_of(node.module) is not None:  # a plain layer: all its outputs
+            elif node.bound or node.module is not None and kind_of(node.module) is not None:  # all its outputs
                 kept.append(torch.ones(len(node.variables), dtype=torch.bool))
             elif node.op is not None and node.op.kind == "cat":
                 kept.append(torch.cat(inputs))
@@ -562,15 +692,6 @@ _SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.chunk, 
                     torch.unsqueeze}
 
 
-def _is_shape_op(fx_node: fx.Node, pending: dict) -> bool:
-    """Whether ``fx_node`` only moves positions (a reshape, transpose, chunk, or an item of a chunk)."""
-    if fx_node.op == "call_method":
-        return fx_node.target in _SHAPE_METHODS and fx_node.target != "contiguous" or \
-            fx_node.target == "contiguous" and fx_node.args[0] in pending
-    if fx_node.op == "call_function":
-        return fx_node.target in _SHAPE_FUNCTIONS or fx_node.target is operator.getitem and (
-            fx_node.args[0] in pending or "concrete" not in fx_node.args[0].meta)
-    return False
 
 
 def _channel_gather(moved, base_shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -585,6 +706,15 @@ def _channel_gather(moved, base_shape: tuple[int, ...]) -> torch.Tensor | None:
             not bool((channels == channels[:, :1]).all()):
         return None
     return channels[:, 0]
+
+
+def _describe(fx_node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """What a traced node calls, in words: the module, function or tensor method."""
+    if fx_node.op == "call_module":
+        return f"the module {type(modules[fx_node.target]).__name__}"
+    if fx_node.op == "call_method":
+        return f"the tensor method .{fx_node.target}()"
+    return f"the function {getattr(fx_node.target, '__name__', fx_node.target)}"
 
 
 def _where(fx_node: fx.Node) -> str:

@@ -11,11 +11,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.bcz import codec
-from pyro_bc.bcz.model import DETERMINISTIC, CompressedModel, FloatLayer, float16_exact
+from pyro_bc.bcz.model import DETERMINISTIC, CompressedModel, FloatLayer, ProgramNode, float16_exact
 from pyro_bc.bcz.modules import Graph, to_module
 from pyro_bc.compression.bits import TOLERANCE, BitsInputs, BitsRule, bits_rule_from_options
 from pyro_bc.compression.compressed import compressed_model
@@ -230,7 +231,15 @@ def deterministic_modules(model: CompressedModel, graph: BodyGraph) -> list[dict
     :attr:`BodyGraph.modules` by name): its module's class, how it is stored, its parameters in the network and the
     values the file stores, and their precision (``float16`` where every one is a float16 value)."""
     rows = []
+    outside = iter(node for node in graph.nodes if node.program is not None)
     for item in (i for i in model.items if isinstance(i, DETERMINISTIC)):
+        if isinstance(item, ProgramNode):  # an op outside the registry: named by its module path and what it calls
+            floats = [c for c in item.program.constants if c.dtype == np.float32]
+            rows.append({"name": item.name, "module": next(outside).what,
+                         "stored_as": f"core-ATen program ({len(item.program.nodes)} operators)",
+                         "parameters_original": sum(c.size for c in floats), "parameters": sum(c.size for c in floats),
+                         "precision": None if not floats else "float16" if all(map(float16_exact, floats)) else "float32"})
+            continue
         module = graph.modules[item.name]
         batchnorm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
         tensors = [t for t in (item.weight, item.bias) if t is not None]
