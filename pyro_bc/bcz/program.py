@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,7 +195,8 @@ def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Pro
     """``module`` (deterministic, in eval mode) lowered by ``torch.export`` to core ATen operators, with dim 0 of
     every input (the batch) symbolic; ``examples``: inputs of the right shapes with a batch of at least 2."""
     dims = tuple({0: torch.export.Dim.AUTO} for _ in examples)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices, one per export
         exported = torch.export.export(module, examples, dynamic_shapes=dims, strict=False).run_decompositions()
     specs = {spec.arg.name: spec for spec in exported.graph_signature.input_specs}
     state = {**exported.state_dict, **exported.constants}
