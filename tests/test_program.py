@@ -136,3 +136,40 @@ def test_a_file_with_a_program_naming_other_code_is_refused_before_anything_is_b
     path.write_bytes(data)
     with pytest.raises(FormatError, match="^[^\n]*'builtins.exec' is not a core ATen operator$"):
         codec.read_bcz(path)
+
+
+class Masked(nn.Module):
+    """Swin's attention mask: built from sizes alone by writing into slices (functional ``slice_scatter`` once
+    exported), and a table expanded along a new dimension (larger than the table: not stored)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x):
+        mask = x.new_zeros(4, 4)
+        mask[:2, 2:] = 1.0
+        mask[2:, :2] = 2.0
+        return x @ mask + self.table.expand(5, 3, 4).sum(0)
+
+
+def test_what_depends_on_no_input_is_computed_once_and_stored_where_that_is_not_larger():
+    torch.manual_seed(0)
+    module = Masked().eval()
+    program = export_program(module, (torch.randn(2, 3, 4),))
+    names = [node[0] for node in program.nodes]
+    assert not any("scatter" in name or name.startswith("aten.full") for name in names), names  # the mask: stored
+    shapes = sorted(c.shape for c in program.constants)
+    assert shapes == [(3, 4), (4, 4)], shapes  # the table itself, not its 5-fold expansion
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(program_module(program)(x), module(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_draw_is_not_computed_once():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x + torch.rand(3)
+
+    program = export_program(Noisy(), (torch.randn(2, 3),))
+    assert program.constants == [] and any(node[0].startswith("aten.rand") for node in program.nodes)

@@ -51,7 +51,7 @@ FAMILIES = {
                                           num_classes=10),
     "vit": lambda: tv.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
                                                mlp_dim=32, num_classes=10),
-    "swin": lambda: tv.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+    "swin": lambda: tv.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 2],
                                               window_size=[2, 2], num_classes=10),
 }
 TRANSFORMERS = {"convnext", "vit", "swin"}  # LayerNorm, attention, class tokens: ops outside the registry

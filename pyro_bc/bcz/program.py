@@ -193,37 +193,53 @@ def program_module(program: Program) -> nn.Module:
 
 def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Program:
     """``module`` (deterministic, in eval mode) lowered by ``torch.export`` to core ATen operators, with dim 0 of
-    every input (the batch) symbolic; ``examples``: inputs of the right shapes with a batch of at least 2."""
+    every input (the batch) symbolic; ``examples``: inputs of the right shapes with a batch of at least 2. What
+    depends on no input (an attention mask built from sizes, a bias gathered from its table) is computed here and
+    stored as a constant, where that is not larger than the tensors it is computed from (at most 2^16 values where it
+    reads none)."""
     dims = tuple({0: torch.export.Dim.AUTO} for _ in examples)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices, one per export
         exported = torch.export.export(module, examples, dynamic_shapes=dims, strict=False).run_decompositions()
     specs = {spec.arg.name: spec for spec in exported.graph_signature.input_specs}
     state = {**exported.state_dict, **exported.constants}
-    index: dict[fx.Node, int] = {}
-    n_inputs = sum(spec.kind == torch.export.graph_signature.InputKind.USER_INPUT for spec in specs.values())
-    constants, nodes = [], []
-    user = 0
-    for node in exported.graph.nodes:  # torch.export puts every placeholder before the first call
-        if node.op == "placeholder":
-            spec = specs[node.name]
-            if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
-                index[node], user = user, user + 1
-            else:
-                tensor = state[spec.target].detach().cpu()
-                index[node] = n_inputs + len(constants)
-                constants.append(_constant_array(tensor))
-        elif node.op == "call_function":
-            refs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
-            nodes.append([target_name(node.target), encode_value(list(refs[0])),
-                          {k: encode_value(v) for k, v in refs[1].items()}])
-            index[node] = n_inputs + len(constants) + len(nodes) - 1
-        elif node.op == "output":
-            (result,) = node.args[0]
-            output = index[result]
-    program = Program(n_inputs, constants, nodes, output)
+    inputs = [n for n in exported.graph.nodes if n.op == "placeholder"
+              and specs[n.name].kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    known = {n: state[specs[n.name].target].detach().cpu() for n in exported.graph.nodes
+             if n.op == "placeholder" and n not in inputs}
+    calls = [n for n in exported.graph.nodes if n.op == "call_function"]
+    with torch.no_grad():
+        for node in calls:
+            if all(a in known for a in node.all_input_nodes) and torch.Tag.nondeterministic_seeded not in getattr(
+                    node.target, "tags", ()):
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), known.__getitem__)
+                value = node.target(*args, **kwargs)
+                read = [known[a] for a in node.all_input_nodes if isinstance(known[a], torch.Tensor)]
+                if _size(value) <= (sum(map(_size, read)) if read else 1 << 16):
+                    known[node] = value
+    (result,) = next(n for n in exported.graph.nodes if n.op == "output").args[0]
+    computed = [n for n in calls if n not in known]
+    read = {a for n in computed for a in n.all_input_nodes} | {result}
+    stored = [n for n in known if n in read and isinstance(known[n], torch.Tensor)]
+    index = {n: i for i, n in enumerate(inputs + stored + computed)}
+
+    def reference(n: fx.Node) -> Any:
+        return _Ref(index[n]) if n in index else known[n]  # a number computed from constants: written as it is
+
+    nodes = []
+    for node in computed:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), reference)
+        nodes.append([target_name(node.target), encode_value(list(args)), {k: encode_value(v) for k, v in kwargs.items()}])
+    program = Program(len(inputs), [_constant_array(known[n]) for n in stored], nodes, index[result])
     check_program(program)
     return program
+
+
+def _size(value: Any) -> int:
+    """Values in a tensor or a tuple of them (a number counts one)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    return sum(_size(v) for v in value) if isinstance(value, (tuple, list)) else 1
 
 
 def _constant_array(tensor: torch.Tensor) -> np.ndarray:
