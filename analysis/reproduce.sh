@@ -4,7 +4,8 @@
 #   bash analysis/reproduce.sh lenet300-gnj [SEED]  (Table 1: lenet300-{gnj,ghs,lu}, lenet5-{gnj,ghs,lu}; SEED: 0)
 #   bash analysis/reproduce.sh lenet300-rhs-30      (the fourth prior against gnj after 30 epochs: lenet300-{gnj,rhs}-30)
 #   bash analysis/reproduce.sh lenet5-gnj-fast      (the fast recipes: a pretrained start, --variance-lr-factor, cosine;
-#                                                    lenet300-{gnj,lu}-fast, lenet5-{gnj,ghs,lu}-fast; RESULTS.md, time to the rows)
+#                                                    lenet300-{gnj,lu}-fast, lenet5-{gnj,ghs,lu}-fast; RESULTS.md, time to the rows;
+#                                                    lenet5-gnj-ramp: the same start, the KL rising over 30 of 60 epochs)
 #   bash analysis/reproduce.sh lenet300-gnj-fast-ft (a fast recipe, then fine-tuned: its run in NAME/source, pruned as
 #                                                    the recipe prunes, SVI on over the kept weights into NAME; any *-fast-ft)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
@@ -28,7 +29,7 @@ main() {
   finetune=()    # fine-tuning after pruning (pyro-bc finetune), empty: none
   case "$name" in *-fast-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
   base=${name%-30}; [ "$base" != "$name" ] && epochs=30
-  base=${base%-fast}
+  base=${base%-fast}; base=${base%-ramp}
   model=${base%-*}; prior=${base##*-}
   case "$name" in
     lenet300-gnj) compress=(--thresholds -2.8 -3 -5) ;;   # the official code's thresholds (docs/METHOD.md 6)
@@ -42,6 +43,9 @@ main() {
       [ "$prior" = lu ] && compress=(--thresholds 3 3 3 3)  # the lu rows' cut: 1.06% validation error, the budget's 1.16%
       [ "$model" = lenet300 ] && { pretrain=10; epochs=80; eval_every=10; }
       [ "$model$prior" = lenet300lu ] && compress=(--thresholds 3 3 3) ;;
+    lenet5-gnj-ramp)  # the fast recipe's start, the KL weight rising over half of 60 epochs (RESULTS.md, LeNet-5)
+      pretrain=8; epochs=60; eval_every=5; warmup=30; extra=(--variance-lr-factor 30 --lr-schedule cosine)
+      compress=(--max-error-increase 0.1) ;;
     resnet20-mnist|vgg-mnist)
       model=${name%-mnist}; prior=gnj; epochs=10; eval_every=1; extra=(--width 0.25)
       compress=(--max-error-increase 0.2) ;;  # after 10 epochs log alpha is a continuum: -3 cut the VGG to 90% error
