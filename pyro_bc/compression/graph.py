@@ -12,12 +12,19 @@ share a variable:
   positions; a concatenation joins its inputs' lists (so their indices are offset);
 * deterministic modules stay as they are and keep every channel they mix: a plain linear layer or convolution the
   network did not make Bayesian keeps every variable it reads and writes; ``nn.LayerNorm`` keeps its input's
-  variables, all of them where it normalises across dim 1;
+  variables, all of them where it normalises across them;
+* a linear layer on a token sequence ``(batch, ..., features)`` names its features along the last dimension
+  (``Node.axis`` -1); positional ops follow them there, ops that name channels along dim 1 do not;
 * a residual sum, and a product with a per-channel scale (squeeze-excitation), unite their inputs' variables
   position by position, so a sum keeps the union of the channels its inputs keep (a producer that pruned a
   channel others keep outputs it with zero weights);
 * shape queries (``x.size()``) touch nothing; reshapes, transposes, chunks and indexing are followed position by
-  position and become a ``gather`` node where they reorder or select whole channels (ShuffleNet's channel shuffle).
+  position and become a ``gather`` node where they reorder or select whole channels (ShuffleNet's channel shuffle);
+* anything else (an attention, a parameter read in the forward, a reshape that moves channels into positions, any
+  op of the user's) is an op outside the registry: one node computing it as traced, with the constants, sizes and
+  multi-output calls it reads (:meth:`BodyGraph._opaque`), stored as core ATen operators
+  (:mod:`pyro_bc.bcz.program`). It keeps every variable it reads; its outputs' positions have no variables until an
+  op that names them reads them, which makes up kept ones (:meth:`BodyGraph._bind`). It is never a refusal.
 
 A variable stays while some layer producing it keeps a weight for it and some layer reading it keeps a weight
 reading it (the network's input and output always stay), iterated to a fixed point. Eval-mode BatchNorm right
@@ -332,8 +339,7 @@ class BodyGraph:
                 continue
             if a not in position:
                 return False
-            source = position[a]
-            if source != NETWORK_INPUT and (self.nodes[source].variables is None or self.nodes[source].axis != 1):
+            if self.variables(position[a]) is None or self._axis(position[a]) != 1:
                 return False
         return True
 
@@ -381,6 +387,10 @@ class BodyGraph:
     def variables(self, source: int) -> torch.Tensor | None:
         """The variables of a node's output (or the network input's); None where no op has named them."""
         return self.input_variables if source == NETWORK_INPUT else self.nodes[source].variables
+
+    def _axis(self, source: int) -> int:
+        """The dimension the variables of a node's output run along (1 where no op has named them)."""
+        return 1 if source == NETWORK_INPUT or self.nodes[source].variables is None else self.nodes[source].axis
 
     def layer_variables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The variables of a layer's input positions and of its output positions."""
@@ -473,7 +483,7 @@ class BodyGraph:
     def _op_node(self, fx_node: fx.Node, op: Op, sources: list[int]) -> Node | None:
         """The node of a registered op; None where its inputs' channels do not run along dim 1 as it needs."""
         given = [self.variables(s) for s in sources]
-        axes = {self.nodes[s].axis for s, v in zip(sources, given) if s != NETWORK_INPUT and v is not None}
+        axes = {self._axis(s) for s, v in zip(sources, given) if v is not None}
         if op.kind in ELEMENTWISE_KINDS and given[0] is None:  # positions still unnamed: so are its outputs
             return Node(str(fx_node.name), tuple(sources), None, op=op)
         positional = op.kind in ELEMENTWISE_KINDS + ("add", "mul")  # it acts position by position
@@ -507,7 +517,7 @@ class BodyGraph:
         reads = self.variables(source)
         if reads is None:
             reads = self._bind(source, axis)
-        elif last != (source != NETWORK_INPUT and self.nodes[source].axis == -1):  # positions it cannot name
+        elif last != (self._axis(source) == -1):  # positions it cannot name
             self._fixed.append(reads)  # so it reads them all
             reads, whole = self._variables.new(module.in_channels if conv else module.in_features), True
             self._fixed.append(reads)
@@ -526,7 +536,7 @@ class BodyGraph:
         """A module the network keeps deterministic: a plain layer (new output variables; it keeps every channel it
         reads and writes) or a LayerNorm (its input's variables; all kept where it normalises across them)."""
         inputs, rank = self.variables(source), len(_shape(fx_node))
-        axis = 1 if source == NETWORK_INPUT or inputs is None else self.nodes[source].axis
+        axis = self._axis(source)
         if isinstance(module, nn.LayerNorm):  # it normalises over the last dimensions
             across = axis == -1 or len(module.normalized_shape) >= rank - 1
             return self._append(Node(str(fx_node.target), (source,), inputs, module=module, keeps_all=across,
@@ -544,8 +554,7 @@ class BodyGraph:
         producer = fx_node.all_input_nodes[0]
         layer = self.nodes[source].layer if source != NETWORK_INPUT else None
         if layer is None or len(producer.users) != 1 or layer in self.batchnorm:
-            unnamed = source != NETWORK_INPUT and self.nodes[source].variables is None
-            if len(_shape(fx_node)) != 4 or not unnamed and source != NETWORK_INPUT and self.nodes[source].axis != 1:
+            if len(_shape(fx_node)) != 4 or self._axis(source) != 1:
                 return self._opaque(fx_node, position)
             with torch.no_grad():
                 scale = torch.rsqrt(module.running_var.double().cpu() + module.eps)
