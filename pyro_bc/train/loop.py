@@ -148,8 +148,6 @@ def svi_step(loss: nn.Module, optimizer: torch.optim.Optimizer, net: BayesianNet
     return value.detach()
 
 
-
-
 def run_training(config: TrainConfig, out: str | Path | None, resume: bool, progress: bool, setup,
                  handler: Messenger | None = None) -> list[dict]:
     """The training loop around its set-up: the process group, the run directory and its lock (none when ``out``
