@@ -750,3 +750,57 @@ def test_a_bayesian_linear_layer_on_images_reads_them_whole_and_an_unknown_input
     with pytest.raises(ConfigError) as info:
         BodyGraph(BayesianNet(body, input_shape=None))
     assert str(info.value) == "the network's input shape is unknown: train it first or give input_shape"
+
+
+class _ViewFlatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = BayesConv2d(2, 4, 1), BayesLinear(4 * 25, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_a_view_that_flattens_from_dim_1_is_a_flatten_and_prunes_through():
+    """``x.view(len(x), -1)`` after a convolution is the flatten it stands for: the linear layer's inputs follow
+    the convolution's channels, 25 positions each."""
+    torch.manual_seed(0)
+    net = BayesianNet(_ViewFlatten(), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    assert [n.op for n in graph.nodes if n.layer is None] == [Op("relu"), Op("flatten", {"start_dim": 1})]
+    layers, module = _outside_of(net, graph, {"a": [1, 3]})
+    assert layers["a"].keep_out.tolist() == [True, False, True, False]
+    assert layers["fc"].keep_in.tolist() == [True] * 25 + [False] * 25 + [True] * 25 + [False] * 25
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+
+
+class _Recurrent(nn.Module):
+    """A GRU over the columns of a convolution's output: a module returning a tuple, one item of it used."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.fc = BayesConv2d(2, 4, 1), nn.GRU(4, 3, batch_first=True), BayesLinear(3, 2)
+
+    def forward(self, x):
+        out, _ = self.g(torch.relu(self.a(x)).mean(2).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+def test_a_multi_output_module_is_one_op_named_by_its_path_and_masks_are_computed_as_traced():
+    torch.manual_seed(0)
+    net = BayesianNet(_Recurrent(), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    named = [(n.name, n.what) for n in graph.nodes if n.program is not None]
+    assert named.count(("g", "the module GRU")) == 1, named  # once: its unused second output is not computed
+    layers, module = _outside_of(net, graph, {"a": [0], "fc": [1]})
+    assert layers["a"].keep_out.all()
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+    masked = BayesianNet(Then(lambda h, o: torch.where(h > 0, h, o)), input_shape=(2, 5, 5))  # a bool input
+    layers, module = _outside_of(masked, BodyGraph(masked), {"a": [2]})
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _masked(masked, list(layers.values()))(x), rtol=1e-5, atol=1e-6)

@@ -251,3 +251,36 @@ def test_normal_likelihood_observes_regression_targets():
     x, y = torch.randn(4, 3), torch.randn(4)
     site = poutine.trace(net.model).get_trace(x, y, 4).nodes["y"]
     assert site["value"] is y and torch.all(site["fn"].scale == 0.5) and site["fn"].loc.shape == (4,)
+
+
+class _Viewed(nn.Module):
+    """A convolution then ``x.view(len(x), -1)``: torch's default layout is contiguous, so this forward only runs
+    where the convolution's output is."""
+
+    def __init__(self, flatten_by_view: bool):
+        super().__init__()
+        self.conv, self.fc, self.by_view = BayesConv2d(2, 3, 3, padding=1), BayesLinear(3 * 5 * 5, 2), flatten_by_view
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1) if self.by_view else torch.flatten(h, 1))
+
+
+@pytest.mark.parametrize("by_view", [False, True])
+def test_the_convolutions_layout_is_the_one_the_forward_runs_on(by_view):
+    """Channels-last outputs where the forward takes them (faster); the default layout where it needs it (a .view):
+    then training and the posterior-mean network run, with the values of the channels-last network."""
+    torch.manual_seed(0)
+    net = BayesianNet(_Viewed(by_view), input_shape=(2, 5, 5))
+    assert [layer.contiguous_output for layer in net.layers] == [by_view, by_view]
+    x = torch.randn(4, 2, 5, 5)
+    with torch.no_grad():
+        out = net.posterior_mean_network()(x)
+    expected = BayesianNet(_Viewed(False), input_shape=None)
+    expected.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(out, expected.posterior_mean_network()(x))
+    pyro.clear_param_store()
+    svi = SVI(net.model, net.guide, pyro.optim.Adam({"lr": 1e-3}), MeanFieldELBO())
+    with LocalReparameterization():
+        assert math.isfinite(svi.step(x, torch.tensor([0, 1, 0, 1]), 4))

@@ -114,7 +114,7 @@ class Node:
     reads_whole: bool = False  # a layer reading an input whose positions it cannot name: it reads all of them
     program: nn.Module | None = None  # an op outside the registry: the fx graph that computes it (it keeps all)
     what: str = ""  # such an op, in words
-    input_shapes: tuple[tuple[int, ...], ...] = ()  # such an op: its inputs' shapes (batch 1)
+    input_shapes: tuple[tuple[tuple[int, ...], torch.dtype], ...] = ()  # such an op: its inputs' (shape, dtype)
     bound: bool = False  # its variables were made up for an op that names positions: all kept
     exported: Program | None = None  # such an op lowered to core ATen (:meth:`BodyGraph.exported`), once
 
@@ -167,6 +167,9 @@ class BodyGraph:
         mean = net.posterior_mean_network()
         try:
             module = fx.GraphModule(mean, _Tracer().trace(mean))
+            # what the output does not read goes (an unused item of a tuple), but every Bayesian layer stays
+            layers = {layer.site for layer in net.layers}
+            module.graph.eliminate_dead_code(lambda n: n.is_impure() or n.op == "call_module" and n.target in layers)
             device = net.layers[0].weight_mu.device
             _ShapeProp(module).propagate(torch.zeros(1, *net.input_shape, device=device))
         except Exception as e:  # noqa: BLE001  (whatever a user's forward does, the cause is reported)
@@ -230,7 +233,7 @@ class BodyGraph:
             if n in position and n is not fx_node:
                 env[n] = graph.placeholder(f"input_{len(sources)}")
                 sources.append(position[n])
-                shapes.append(_shape(n))
+                shapes.append((_shape(n), n.meta["tensor_meta"].dtype))
                 return env[n]
             for a in n.all_input_nodes:
                 copy(a)
@@ -261,7 +264,7 @@ class BodyGraph:
         """An op outside the registry (``node.program``) lowered to core ATen operators, once per node."""
         if node.exported is None:
             generator = torch.Generator().manual_seed(0)
-            examples = tuple(torch.randn(2, *shape[1:], generator=generator) for shape in node.input_shapes)
+            examples = tuple(_example((2, *shape[1:]), dtype, generator) for shape, dtype in node.input_shapes)
             try:
                 node.exported = export_program(node.program, examples)
             except Exception as e:  # noqa: BLE001  (whatever torch.export meets in a user's code is reported)
@@ -376,12 +379,17 @@ class BodyGraph:
                 continue
             base, moved = self._pending.pop(a)
             index = _channel_gather(moved, self._shapes[base])
-            inputs = self.variables(base)
+            inputs, node = self.variables(base), None
             if index is not None and torch.equal(index, torch.arange(len(inputs))):
                 position[a] = base
                 continue
-            position[a] = self._opaque(a, position) if index is None else \
-                self._append(Node(str(a.name), (base,), inputs[index], op=Op("gather", {"index": index.tolist()})))
+            if index is not None:
+                node = Node(str(a.name), (base,), inputs[index], op=Op("gather", {"index": index.tolist()}))
+            elif _flattens(moved, self._shapes[base]):  # x.view(len(x), -1): a flatten from dim 1
+                repeat = math.prod(self._shapes[base][2:])
+                node = Node(str(a.name), (base,), inputs.repeat_interleave(repeat), op=Op("flatten", {"start_dim": 1}),
+                            repeat=repeat)
+            position[a] = self._opaque(a, position) if node is None else self._append(node)
             self._shapes[position[a]] = _shape(a)
 
     def variables(self, source: int) -> torch.Tensor | None:
@@ -724,6 +732,19 @@ def _describe(fx_node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if fx_node.op == "call_method":
         return f"the tensor method .{fx_node.target}()"
     return f"the function {getattr(fx_node.target, '__name__', fx_node.target)}"
+
+
+def _example(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """An example input for torch.export: standard normals, or for a mask or an index, values that are valid."""
+    values = torch.randn(shape, generator=generator)
+    return values.to(dtype) if dtype.is_floating_point else (values > 0).to(dtype)
+
+
+def _flattens(moved, base_shape: tuple[int, ...]) -> bool:
+    """Whether ``moved`` holds the base's positions flattened from dim 1, in order (``x.view(len(x), -1)``)."""
+    size = math.prod(base_shape[1:])
+    return isinstance(moved, torch.Tensor) and tuple(moved.shape) == (1, size) and \
+        torch.equal(moved.reshape(-1), torch.arange(size))
 
 
 def _where(fx_node: fx.Node) -> str:

@@ -62,12 +62,14 @@ class LayerKind:
         return [tuple(pair[2 - self.spatial_dims:]) for pair in pairs]
 
     def module(self, weight_shape: tuple[int, ...], bias: bool, stride=1, padding=0, dilation=1, groups: int = 1,
-               device: torch.device | None = None) -> nn.Module:
-        """An uninitialised plain module of this kind for a weight of ``weight_shape`` (no random draw)."""
+               device: torch.device | None = None, channels_last: bool = True) -> nn.Module:
+        """An uninitialised plain module of this kind for a weight of ``weight_shape`` (no random draw); a 2-D
+        convolution gives channels-last outputs unless ``channels_last`` is False."""
         where = {} if device is None else {"device": device}
         if not self.is_conv:
             return nn.utils.skip_init(nn.Linear, weight_shape[1], weight_shape[0], bias=bias, **where)
-        dense = Conv2dChannelsLast if self.spatial_dims == 2 else self.dense  # faster evaluation, same values
+        # channels-last: faster evaluation, same values
+        dense = Conv2dChannelsLast if self.spatial_dims == 2 and channels_last else self.dense
         return nn.utils.skip_init(dense, weight_shape[1] * groups, weight_shape[0], tuple(weight_shape[2:]),
                                   stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias, **where)
 

@@ -46,6 +46,9 @@ class BayesLayer(nn.Module):
                               f"not {type(prior).__name__}")
         self.clip_var = clip_var
         self.site = type(self).__name__  # replaced by the network with the module path
+        # a 2-D convolution's output is channels-last (faster on the CPU) unless the network's forward cannot take
+        # it (a .view after it): then the network sets this (BayesianNet.choose_layout)
+        self.contiguous_output = False
         self._priors: dict[tuple[torch.device, torch.dtype], dict] = {}  # see priors()
         self.weight_mu = nn.Parameter(torch.empty(weight_shape))
         self.weight_logvar = logvar_init(weight_shape)
@@ -89,7 +92,8 @@ class BayesLayer(nn.Module):
         z = self.prior.model(self.site, priors)
         w = pyro.sample(f"{self.site}.w", priors["w"])
         b = pyro.sample(f"{self.site}.b", priors["b"]) if self.bias_mu is not None else None
-        return reparam.bayes_layer(self.op, x, z, w, b, *self.op_args())
+        y = reparam.bayes_layer(self.op, x, z, w, b, *self.op_args())
+        return y.contiguous() if self.contiguous_output else y
 
     def guide(self) -> None:
         """The guide: the same sites as :meth:`forward`, in the same order."""
@@ -169,7 +173,7 @@ class BayesLayer(nn.Module):
     def _plain(self, *conv_args) -> nn.Module:
         """An uninitialised plain layer of this kind and shape, on the parameters' device."""
         return self.kind.module(tuple(self.weight_mu.shape), self.bias_mu is not None, *conv_args,
-                                device=self.weight_mu.device)
+                                device=self.weight_mu.device, channels_last=not self.contiguous_output)
 
     def _filled(self, module: nn.Module) -> nn.Module:
         with torch.no_grad():

@@ -35,7 +35,7 @@ class BayesianNet(nn.Module):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
-        self.body, self.input_shape = body, None if input_shape is None else tuple(input_shape)
+        self.body = body
         self.pyro_name = "bc"  # the parameters' prefix in Pyro's param store
         self.likelihood, self.noise_scale = likelihood, noise_scale
         for name, module in body.named_modules():
@@ -44,6 +44,39 @@ class BayesianNet(nn.Module):
         self.layers: list[BayesLayer] = [m for m in body.modules() if isinstance(m, BayesLayer)]
         if not self.layers:
             raise ConfigError("the network's body holds no pyro_bc Bayesian layer")
+        self.input_shape = input_shape
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one input example; setting it also chooses the convolutions' output layout
+        (:meth:`choose_layout`)."""
+        return self._input_shape
+
+    @input_shape.setter
+    def input_shape(self, shape) -> None:
+        self._input_shape = None if shape is None else tuple(int(d) for d in shape)
+        if self._input_shape is not None:
+            self.choose_layout()
+
+    @torch.no_grad()
+    def choose_layout(self) -> None:
+        """Channels-last outputs for the 2-D convolutions (pooling and the next convolution run faster on them),
+        unless the body's forward fails on them and runs on the default layout (``x.view(len(x), -1)`` after a
+        convolution): then every layer gives the default layout. Decided by one forward of the posterior-mean
+        network on zeros; a forward that fails either way is left to fail where it runs."""
+        if not any(layer.kind.spatial_dims == 2 for layer in self.layers):
+            return
+        x = torch.zeros(2, *self._input_shape, device=self.layers[0].weight_mu.device)
+        for contiguous in (False, True):
+            for layer in self.layers:
+                layer.contiguous_output = contiguous
+            try:
+                self.posterior_mean_network()(x)
+                return
+            except Exception:  # noqa: BLE001, S112  (any failure of a user's forward: try the other layout)
+                continue
+        for layer in self.layers:
+            layer.contiguous_output = False
 
     @property
     def layer_names(self) -> list[str]:
