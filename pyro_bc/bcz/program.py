@@ -183,11 +183,15 @@ def _reads(args: Any, sizes: set) -> bool:
 
 
 def program_module(program: Program) -> nn.Module:
-    """The torch module computing ``program`` (an ``fx.GraphModule`` whose constants are buffers)."""
+    """The torch module computing ``program``: an ``fx.GraphModule`` whose float constants are its (frozen)
+    parameters, as a layer's weights are, and the others (indices, masks) its buffers."""
     graph, constants = _build_graph(program)
     root = nn.Module()
     for name, tensor in constants.items():
-        root.register_buffer(name, tensor)
+        if tensor.is_floating_point():
+            root.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        else:
+            root.register_buffer(name, tensor)
     return fx.GraphModule(root, graph, class_name="Program").eval()
 
 
