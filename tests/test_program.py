@@ -2,19 +2,33 @@
 computing what the module computes at any batch size; a reader that resolves nothing outside the core ATen
 operators and the size operators."""
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyro_bc.bcz import codec
 from pyro_bc.bcz import v2 as bcz_v2
 from pyro_bc.bcz.binary import BadData
+from pyro_bc.bcz.export import INPUT_NAME, export_bytes
 from pyro_bc.bcz.model import CompressedModel, ProgramNode, float16_exact
 from pyro_bc.bcz.modules import to_module
-from pyro_bc.bcz.program import Program, check_program, export_program, program_module, resolve_target
+from pyro_bc.bcz.program import (
+    Program,
+    _decode_value,
+    check_program,
+    encode_value,
+    export_program,
+    program_module,
+    resolve_target,
+    target_name,
+)
 from pyro_bc.errors import FormatError
 
 
@@ -110,21 +124,6 @@ def test_the_reader_resolves_core_operators_and_size_arithmetic():
     assert resolve_target("operator.floordiv")(7, 2) == 3
 
 
-@pytest.mark.parametrize("nodes, output, message", [
-    ([["aten.relu.default", [{"v": 1}], {}]], 1, "reference 1 is not an earlier value"),
-    ([["aten.relu.default", [{"v": True}], {}]], 1, "reference True is not an earlier value"),
-    ([["aten.relu.default", [{"w": 0}], {}]], 1, "is not a value this reader knows"),
-    ([["aten.relu.default", [{"dtype": "object"}], {}]], 1, "is not a value this reader knows"),
-    ([["aten.relu.default", [[[[[[[[[[[0]]]]]]]]]]], {}]], 1, "nested more than 8 deep"),
-    ([["aten.relu.default", [{"v": 0}]]], 1, "is not \\[target, args, kwargs\\]"),
-    ([["aten.relu.default", [{"v": 0}], {"1x": 0}]], 1, "a keyword that is not a name"),
-    ([["aten.relu.default", [{"v": 0}], {}]], 2, "output 2 is not a value"),
-])
-def test_malformed_programs_are_refused(nodes, output, message):
-    with pytest.raises(BadData, match=message):
-        check_program(Program(1, [], nodes, output))
-
-
 def test_a_file_with_a_program_naming_other_code_is_refused_before_anything_is_built(tmp_path: Path, monkeypatch):
     evil = CompressedModel([ProgramNode("evil", Program(1, [], [["builtins.exec", [{"v": 0}], {}]], 1))], (3,))
     with pytest.raises(BadData, match="is not a core ATen operator"):
@@ -173,3 +172,113 @@ def test_a_draw_is_not_computed_once():
 
     program = export_program(Noisy(), (torch.randn(2, 3),))
     assert program.constants == [] and any(node[0].startswith("aten.rand") for node in program.nodes)
+
+
+@pytest.mark.parametrize("value", [True, None, 3, "tanh", 0.5, math.inf, -math.inf, torch.float64, torch.bool,
+                                   torch.strided, torch.channels_last, torch.contiguous_format, [1, [2, None]]])
+def test_each_kind_of_argument_is_written_and_read_back(value):
+    """JSON holds numbers, strings, lists and one-key objects for what it cannot (non-finite floats, dtypes,
+    layouts, memory formats); a reference reads an earlier value."""
+    text = json.dumps(encode_value(value), allow_nan=False)
+    assert _decode_value(json.loads(text), 0, []) == value
+    assert math.isnan(_decode_value(json.loads(json.dumps(encode_value(math.nan), allow_nan=False)), 0, []))
+    assert _decode_value(encode_value(torch.device("cpu")), 0, []) == torch.device("cpu")
+
+
+def test_an_argument_of_another_kind_cannot_be_written():
+    with pytest.raises(BadData) as info:
+        encode_value(1j)
+    assert str(info.value) == "an argument of type complex cannot be stored"
+    with pytest.raises(BadData) as info:
+        target_name(torch.relu)
+    assert str(info.value) == "relu is not a core ATen operator"
+
+
+@pytest.mark.parametrize("nodes, output, message", [
+    ([["aten.relu.default", [{"v": 1}], {}]], 1, "program: reference 1 is not an earlier value"),
+    ([["aten.relu.default", [{"v": 0, "w": 0}], {}]], 1, 'program: an argument "{\'v\': 0, \'w\': 0}" is not a value'),
+    ([["aten.relu.default", [{"dtype": "object"}], {}]], 1, "program: dtype='object' is not a value this reader knows"),
+    ([["aten.relu.default", [{"f": 1.0}], {}]], 1, "program: f='1.0' is not a value this reader knows"),
+    ([["aten.relu.default", [[[[[[[[[[0]]]]]]]]]], {}]], 1, "program: an argument is nested more than 8 deep"),
+    ([[3, [{"v": 0}], {}]], 1, "program: a target is not a string"),
+    ([["aten.relu.default", [{"v": 0}], {}]], 0.5, "program: output 0.5 is not a value"),
+    ([["aten.relu.default", [{"v": 0}], {}]], 2, "program: output 2 is not a value"),
+    ([["aten.relu.default", [{"v": True}], {}]], 1, "program: reference True is not an earlier value"),
+    ([["aten.relu.default", [{"v": 0}]]], 1, "program: node 0 is not [target, args, kwargs]"),
+    ([["aten.relu.default", [{"v": 0}], {"1x": 0}]], 1, "program: node 0 has a keyword that is not a name"),
+])
+def test_each_refusal_says_what_is_wrong(nodes, output, message):
+    with pytest.raises(BadData) as info:
+        check_program(Program(1, [], nodes, output))
+    assert str(info.value) == message
+
+
+def test_arguments_nested_eight_deep_and_an_input_as_the_output_are_read():
+    check_program(Program(1, [], [["aten.relu.default", [{"v": 0}, [[[[[[[0]]]]]]]], {}]], 1))  # depth 8
+    identity = Program(1, [], [], 0)
+    x = torch.randn(2, 3)
+    assert torch.equal(program_module(identity)(x), x)
+
+
+@pytest.mark.parametrize("n_inputs, nodes, constants, message", [
+    (0, 0, [], "program: 0 inputs and 0 nodes (1 to 65536 each)"),
+    (65537, 0, [], "program: 65537 inputs and 0 nodes (1 to 65536 each)"),
+    (1, 65537, [], "program: 1 inputs and 65537 nodes (1 to 65536 each)"),
+    (1, 0, [np.zeros(2)], "program: constant 0 is float64 of rank 1"),
+    (1, 0, [np.zeros((1,) * 9, dtype=np.float32)], "program: constant 0 is float32 of rank 9"),
+])
+def test_a_program_beyond_the_bounds_is_refused(n_inputs, nodes, constants, message):
+    program = Program(n_inputs, constants, [["aten.relu.default", [{"v": 0}], {}]] * nodes, 0)
+    with pytest.raises(BadData) as info:
+        check_program(program)
+    assert str(info.value) == message
+
+
+def test_keywords_and_constants_reach_the_operators():
+    """A keyword changes what an operator computes (GELU's tanh form); float constants are frozen parameters, the
+    others buffers; a rank-8 constant is read."""
+    nodes = [["aten.gelu.default", [{"v": 0}], {"approximate": "tanh"}],
+             ["aten.mul.Tensor", [{"v": 4}, {"v": 1}], {}],
+             ["aten.index_select.default", [{"v": 5}, 1, {"v": 2}], {}]]
+    constants = [np.full((1,) * 8, 2.0, dtype=np.float32).reshape(1, 1), np.array([1, 0], dtype=np.int64),
+                 np.ones((1,) * 8, dtype=np.float32)]
+    module = program_module(Program(1, constants, nodes, 6))
+    x = torch.randn(3, 2)
+    assert torch.equal(module(x), (2 * F.gelu(x, approximate="tanh"))[:, [1, 0]])
+    assert [(n, p.requires_grad) for n, p in module.named_parameters()] == [("constant_0", False), ("constant_2", False)]
+    assert [n for n, _ in module.named_buffers()] == ["constant_1"]
+
+
+def test_a_program_traced_at_one_batch_size_runs_at_another():
+    """Exporters that trace (ONNX) see the batch size through ``x.size(0)``, not as the number it was: the class
+    token's expansion and the reshape follow the batch (onnxruntime, a second implementation)."""
+    module, program = Tokens().eval(), None
+    program = export_program(module, (torch.randn(2, 8, 2, 2),))
+    loaded = to_module(CompressedModel([ProgramNode("tokens", program)], (8, 2, 2)))
+    session = onnxruntime.InferenceSession(export_bytes(loaded, (8, 2, 2), "onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 8, 2, 2, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = module(x).numpy()
+    np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], want, rtol=1e-4, atol=1e-5)
+
+
+class Sorted(nn.Module):
+    """A table sorted (values and indices: twice the table, not stored), a bool mask (a buffer) applied to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2, 4, generator=torch.Generator().manual_seed(8)))
+        self.register_buffer("mask", torch.tensor([True, False, True, True]))
+
+    def forward(self, x):
+        return x * torch.sort(self.table, 1)[0].sum(0) * self.mask
+
+
+def test_a_tuple_larger_than_what_it_is_computed_from_is_computed_by_the_program():
+    module = Sorted().eval()
+    program = export_program(module, (torch.randn(2, 4),))
+    assert any(node[0] == "aten.sort.default" for node in program.nodes)
+    assert sorted(str(c.dtype) for c in program.constants) == ["bool", "float32"]
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(program_module(program)(x), module(x))

@@ -219,31 +219,30 @@ def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Pro
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), known.__getitem__)
                 value = node.target(*args, **kwargs)
                 read = [known[a] for a in node.all_input_nodes if isinstance(known[a], torch.Tensor)]
-                if _size(value) <= (sum(map(_size, read)) if read else 1 << 16):
+                if _tensors(value) and _size(value) <= (sum(map(_size, read)) if read else 1 << 16):
                     known[node] = value
     (result,) = next(n for n in exported.graph.nodes if n.op == "output").args[0]
     computed = [n for n in calls if n not in known]
     read = {a for n in computed for a in n.all_input_nodes} | {result}
-    stored = [n for n in known if n in read and isinstance(known[n], torch.Tensor)]
+    stored = [n for n in known if n in read]  # tensors (a tuple is read only by its items, known too)
     index = {n: i for i, n in enumerate(inputs + stored + computed)}
-
-    def reference(n: fx.Node) -> Any:
-        return _Ref(index[n]) if n in index else known[n]  # a number computed from constants: written as it is
-
     nodes = []
     for node in computed:
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), reference)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: _Ref(index[n]))
         nodes.append([target_name(node.target), encode_value(list(args)), {k: encode_value(v) for k, v in kwargs.items()}])
     program = Program(len(inputs), [_constant_array(known[n]) for n in stored], nodes, index[result])
     check_program(program)
     return program
 
 
-def _size(value: Any) -> int:
-    """Values in a tensor or a tuple of them (a number counts one)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel()
-    return sum(_size(v) for v in value) if isinstance(value, (tuple, list)) else 1
+def _tensors(value: Any) -> bool:
+    """Whether ``value`` is a tensor or a tuple or list of them (what a constant, or an item of one, can be)."""
+    return isinstance(value, torch.Tensor) or isinstance(value, (tuple, list)) and all(map(_tensors, value))
+
+
+def _size(value: torch.Tensor | tuple | list) -> int:
+    """Values in a tensor or a tuple or list of them."""
+    return value.numel() if isinstance(value, torch.Tensor) else sum(map(_size, value))
 
 
 def _constant_array(tensor: torch.Tensor) -> np.ndarray:
