@@ -158,9 +158,7 @@ def test_batchnorm_on_features_that_follows_no_layer_is_an_op_outside_the_regist
     assert [(n.name, n.what) for n in graph.nodes if n.program is not None] == [("f.1", "the module BatchNorm1d")]
     layers, module = _outside_of(net, graph, {"a": [2]})
     assert layers["a"].keep_out.all()
-    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+    _assert_masked(net, layers, module)
 
 
 # -- coupled channels ----------------------------------------------------------------------------------
@@ -610,6 +608,13 @@ def test_each_form_of_a_supported_function_becomes_its_op(case):
     assert [node.op for node in graph.nodes if node.layer is None] == expected
 
 
+def _assert_masked(net: BayesianNet, layers: dict, module: nn.Module) -> None:
+    """The compressed ``module`` computes the masked network (to float32 rounding) on seeded inputs."""
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+
+
 def _outside_of(net: BayesianNet, graph: BodyGraph, dropped: dict) -> tuple[dict, nn.Module]:
     """Compress ``net`` at threshold -3 with the groups ``dropped`` (by layer site) gone; the compressed module must
     compute the masked network."""
@@ -637,9 +642,7 @@ def test_an_op_outside_the_registry_keeps_what_it_reads_and_computes_as_traced(c
     layers, module = _outside_of(net, graph, {"a": [1, 3]})
     assert layers["a"].keep_out.all() and not layers["a"].mask[1].any()  # channel 1: no weight, still computed
     if what not in _DRAWS:
-        x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
-        with torch.no_grad():
-            torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+        _assert_masked(net, layers, module)
 
 
 class _OwnScale(Then):
@@ -693,9 +696,7 @@ def test_reshapes_that_select_whole_channels_are_gathers_and_others_are_ops_outs
         assert graph.nodes[-1].op == Op("relu") and graph.nodes[-1].variables is None  # positions nothing names
         layers, module = _outside_of(net, graph, {"a": [0]})
         assert layers["a"].keep_out.all()
-        x = torch.randn(1, 2, 5, 5, generator=torch.Generator().manual_seed(4))
-        with torch.no_grad():
-            torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+        _assert_masked(net, layers, module)
 
 
 class _Twice(nn.Module):
@@ -744,9 +745,7 @@ def test_a_bayesian_linear_layer_on_images_reads_them_whole_and_an_unknown_input
     assert graph.layer_nodes[1].reads_whole and graph.layer_nodes[1].axis == -1
     layers, module = _outside_of(net, graph, {"0": [1], "1": [2]})
     assert layers["0"].keep_out.all() and layers["1"].keep_in.all()
-    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+    _assert_masked(net, layers, module)
     with pytest.raises(ConfigError) as info:
         BodyGraph(BayesianNet(body, input_shape=None))
     assert str(info.value) == "the network's input shape is unknown: train it first or give input_shape"
@@ -772,9 +771,7 @@ def test_a_view_that_flattens_from_dim_1_is_a_flatten_and_prunes_through():
     layers, module = _outside_of(net, graph, {"a": [1, 3]})
     assert layers["a"].keep_out.tolist() == [True, False, True, False]
     assert layers["fc"].keep_in.tolist() == [True] * 25 + [False] * 25 + [True] * 25 + [False] * 25
-    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+    _assert_masked(net, layers, module)
 
 
 class _Recurrent(nn.Module):
@@ -797,10 +794,7 @@ def test_a_multi_output_module_is_one_op_named_by_its_path_and_masks_are_compute
     assert named.count(("g", "the module GRU")) == 1, named  # once: its unused second output is not computed
     layers, module = _outside_of(net, graph, {"a": [0], "fc": [1]})
     assert layers["a"].keep_out.all()
-    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), _masked(net, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+    _assert_masked(net, layers, module)
     masked = BayesianNet(Then(lambda h, o: torch.where(h > 0, h, o)), input_shape=(2, 5, 5))  # a bool input
     layers, module = _outside_of(masked, BodyGraph(masked), {"a": [2]})
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), _masked(masked, list(layers.values()))(x), rtol=1e-5, atol=1e-6)
+    _assert_masked(masked, layers, module)
