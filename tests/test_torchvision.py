@@ -32,11 +32,20 @@ def _efficientnet() -> nn.Module:
     return efficientnet.EfficientNet(config, dropout=0.2, num_classes=10)
 
 
+def _efficientnet_v2() -> nn.Module:
+    config = [efficientnet.FusedMBConvConfig(1, 3, 1, 16, 16, 1), efficientnet.FusedMBConvConfig(4, 3, 2, 16, 24, 1),
+              efficientnet.MBConvConfig(4, 3, 2, 24, 32, 1)]
+    return efficientnet.EfficientNet(config, dropout=0.2, num_classes=10, last_channel=64)
+
+
+# Every torchvision classification family at a small width, but AlexNet, VGG and Inception v3, whose classifiers
+# have fixed sizes (4096 units; Inception's 75x75 minimum input): analysis/zoo.py runs those at full size.
 FAMILIES = {
     "resnet": lambda: resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=10),
     "mobilenet_v2": lambda: tv.models.mobilenet_v2(weights=None, num_classes=10, width_mult=0.25),
     "mobilenet_v3": lambda: tv.models.mobilenet_v3_small(weights=None, num_classes=10, width_mult=0.25),
     "efficientnet": _efficientnet,
+    "efficientnet_v2": _efficientnet_v2,
     "squeezenet": lambda: tv.models.squeezenet1_1(weights=None, num_classes=10),
     "mnasnet": lambda: tv.models.mnasnet0_5(weights=None, num_classes=10),
     "densenet": lambda: tv.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
