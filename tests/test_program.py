@@ -139,7 +139,8 @@ def test_a_file_with_a_program_naming_other_code_is_refused_before_anything_is_b
 
 class Masked(nn.Module):
     """Swin's attention mask: built from sizes alone by writing into slices (functional ``slice_scatter`` once
-    exported), and a table expanded along a new dimension (larger than the table: not stored)."""
+    exported), a table expanded along a new dimension (larger than the table: not stored), and a tensor built from
+    nothing that is larger than 2^16 values (not stored)."""
 
     def __init__(self):
         super().__init__()
@@ -149,7 +150,7 @@ class Masked(nn.Module):
         mask = x.new_zeros(4, 4)
         mask[:2, 2:] = 1.0
         mask[2:, :2] = 2.0
-        return x @ mask + self.table.expand(5, 3, 4).sum(0)
+        return x @ mask + self.table.expand(5, 3, 4).sum(0) + torch.ones(300, 300).mean()
 
 
 def test_what_depends_on_no_input_is_computed_once_and_stored_where_that_is_not_larger():
@@ -157,7 +158,8 @@ def test_what_depends_on_no_input_is_computed_once_and_stored_where_that_is_not_
     module = Masked().eval()
     program = export_program(module, (torch.randn(2, 3, 4),))
     names = [node[0] for node in program.nodes]
-    assert not any("scatter" in name or name.startswith("aten.full") for name in names), names  # the mask: stored
+    assert not any("scatter" in name for name in names), names  # the mask: stored
+    assert names.count("aten.full.default") == 1, names  # 90,000 ones, built from nothing: more than 2^16, computed
     shapes = sorted(c.shape for c in program.constants)
     assert shapes == [(3, 4), (4, 4)], shapes  # the table itself, not its 5-fold expansion
     x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(6))
@@ -192,6 +194,13 @@ def test_an_argument_of_another_kind_cannot_be_written():
     with pytest.raises(BadData) as info:
         target_name(torch.relu)
     assert str(info.value) == "relu is not a core ATen operator"
+    with pytest.raises(BadData) as info:
+        target_name(3)
+    assert str(info.value) == "3 is not a core ATen operator"
+
+
+def test_the_largest_program_the_reader_takes():
+    check_program(Program(1 << 16, [], [["aten.relu.default", [{"v": 0}], {}]] * (1 << 16), 0))
 
 
 @pytest.mark.parametrize("nodes, output, message", [
@@ -200,6 +209,12 @@ def test_an_argument_of_another_kind_cannot_be_written():
     ([["aten.relu.default", [{"dtype": "object"}], {}]], 1, "program: dtype='object' is not a value this reader knows"),
     ([["aten.relu.default", [{"f": 1.0}], {}]], 1, "program: f='1.0' is not a value this reader knows"),
     ([["aten.relu.default", [[[[[[[[[[0]]]]]]]]]], {}]], 1, "program: an argument is nested more than 8 deep"),
+    ([["aten.relu.default", [{"v": 0, "w": "x" * 100}], {}]], 1,
+     f"program: an argument {str({'v': 0, 'w': 'x' * 100})[:40]!r} is not a value"),
+    ([["aten.relu.default", [{"zz": "a"}], {}]], 1, "program: zz='a' is not a value this reader knows"),
+    ([["aten.relu.default", [{"dtype": "y" * 50}], {}]], 1, f"program: dtype={'y' * 20!r} is not a value this reader knows"),
+    ([["os.relu.default", [{"v": 0}], {}]], 1, "program: 'os.relu.default' is not a core ATen operator"),
+    ([["aten." + "r" * 100, [{"v": 0}], {}]], 1, f"program: {('aten.' + 'r' * 100)[:60]!r} is not a core ATen operator"),
     ([[3, [{"v": 0}], {}]], 1, "program: a target is not a string"),
     ([["aten.relu.default", [{"v": 0}], {}]], 0.5, "program: output 0.5 is not a value"),
     ([["aten.relu.default", [{"v": 0}], {}]], 2, "program: output 2 is not a value"),
@@ -214,7 +229,9 @@ def test_each_refusal_says_what_is_wrong(nodes, output, message):
 
 
 def test_arguments_nested_eight_deep_and_an_input_as_the_output_are_read():
-    check_program(Program(1, [], [["aten.relu.default", [{"v": 0}, [[[[[[[0]]]]]]]], {}]], 1))  # depth 8
+    check_program(Program(1, [], [["aten.relu.default", [{"v": 0}, [[[[[[[[0]]]]]]]]], {}]], 1))  # 0 at depth 8
+    with pytest.raises(BadData):
+        check_program(Program(1, [], [["aten.relu.default", [{"v": 0}, [[[[[[[[[0]]]]]]]]]], {}]], 1))  # 9
     identity = Program(1, [], [], 0)
     x = torch.randn(2, 3)
     assert torch.equal(program_module(identity)(x), x)
@@ -238,7 +255,7 @@ def test_keywords_and_constants_reach_the_operators():
     """A keyword changes what an operator computes (GELU's tanh form); float constants are frozen parameters, the
     others buffers; a rank-8 constant is read."""
     nodes = [["aten.gelu.default", [{"v": 0}], {"approximate": "tanh"}],
-             ["aten.mul.Tensor", [{"v": 4}, {"v": 1}], {}],
+             ["aten.mul.Tensor", [{"v": 4}], {"other": {"v": 1}}],
              ["aten.index_select.default", [{"v": 5}, 1, {"v": 2}], {}]]
     constants = [np.full((1,) * 8, 2.0, dtype=np.float32).reshape(1, 1), np.array([1, 0], dtype=np.int64),
                  np.ones((1,) * 8, dtype=np.float32)]
