@@ -49,14 +49,10 @@ class Program:
     nodes: list[list[Any]]
     output: int
 
-    @property
-    def n_values(self) -> int:
-        return self.n_inputs + len(self.constants) + len(self.nodes)
-
 
 def encode_value(value: Any) -> Any:
     """An fx argument as JSON: numbers (non-finite floats as ``{"f": "inf"}``), strings, None, lists, references
-    ``{"v": i}`` (given as ints wrapped by the caller), dtypes, layouts, memory formats and devices."""
+    ``{"v": i}`` (a :class:`_Ref` from the writer), dtypes, layouts, memory formats and devices."""
     if isinstance(value, _Ref):
         return {"v": value.index}
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
@@ -77,6 +73,8 @@ def encode_value(value: Any) -> Any:
 
 
 class _Ref:
+    """A reference to value ``index`` of the program being written."""
+
     def __init__(self, index: int):
         self.index = index
 
