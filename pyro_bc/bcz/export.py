@@ -76,9 +76,16 @@ def _softmax(g, x, dim, _half_to_float):
     return g.op("Softmax", x, axis_i=symbolic_helper._get_const(dim, "i", "dim"))
 
 
+def _to_copy(g, x, dtype, *_layout_device_and_format):
+    if symbolic_helper._is_none(dtype):
+        return g.op("Identity", x)
+    scalar_type = symbolic_helper._type_utils.JitScalarType(symbolic_helper._get_const(dtype, "i", "dtype"))
+    return g.op("Cast", x, to_i=scalar_type.onnx_type())
+
+
 # core ATen operators a stored program may call (pyro_bc.bcz.program) that the TorchScript exporter has no symbolic
 # for, each as the ONNX operator it is
-CORE_SYMBOLICS = {"aten::_softmax": _softmax}
+CORE_SYMBOLICS = {"aten::_softmax": _softmax, "aten::_to_copy": _to_copy}
 
 
 def _onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx, nn
+from torch._decomp import get_decompositions
 
 from pyro_bc.bcz.binary import BadData
 
@@ -203,6 +204,13 @@ def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Pro
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices, one per export
         exported = torch.export.export(module, examples, dynamic_shapes=dims, strict=False).run_decompositions()
+        for _ in range(4):  # torch's own decompositions of what the default table leaves outside the core set
+            outside = get_decompositions([n.target for n in exported.graph.nodes if n.op == "call_function" and
+                                          isinstance(n.target, torch._ops.OpOverload) and torch.Tag.core not in
+                                          n.target.tags])
+            if not outside:
+                break
+            exported = exported.run_decompositions({**torch.export.default_decompositions(), **outside})
     specs = {spec.arg.name: spec for spec in exported.graph_signature.input_specs}
     state = {**exported.state_dict, **exported.constants}
     inputs = [n for n in exported.graph.nodes if n.op == "placeholder"
@@ -220,7 +228,8 @@ def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Pro
                 if _tensors(value) and _size(value) <= (sum(map(_size, read)) if read else 1 << 16):
                     known[node] = value
     (result,) = next(n for n in exported.graph.nodes if n.op == "output").args[0]
-    computed = [n for n in calls if n not in known]
+    needed = _ancestors(result)  # not the metadata assertions export leaves beside the computation
+    computed = [n for n in calls if n not in known and n in needed]
     read = {a for n in computed for a in n.all_input_nodes} | {result}
     stored = [n for n in known if n in read]  # tensors (a tuple is read only by its items, known too)
     index = {n: i for i, n in enumerate(inputs + stored + computed)}
@@ -231,6 +240,17 @@ def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Pro
     program = Program(len(inputs), [_constant_array(known[n]) for n in stored], nodes, index[result])
     check_program(program)
     return program
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node it is computed from."""
+    seen, stack = {node}, [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
 
 
 def _tensors(value: Any) -> bool:
