@@ -138,6 +138,7 @@ def _half(values: np.ndarray | None) -> np.ndarray | None:
 
 
 def _half_node(item: FloatLayer | NormLayer | ProgramNode) -> FloatLayer | NormLayer | ProgramNode:
+    """A deterministic node with its float tensors (a program's float constants) rounded by :func:`_half`."""
     if isinstance(item, ProgramNode):
         constants = [_half(c) if c.dtype == np.float32 else c for c in item.program.constants]
         return dataclasses.replace(item, program=dataclasses.replace(item.program, constants=constants))
@@ -145,7 +146,8 @@ def _half_node(item: FloatLayer | NormLayer | ProgramNode) -> FloatLayer | NormL
 
 
 def half_deterministic(model: CompressedModel) -> CompressedModel:
-    """``model`` with the tensors of its deterministic nodes (:class:`FloatLayer`, :class:`NormLayer`) rounded to
+    """``model`` with the tensors of its deterministic nodes (:class:`FloatLayer`, :class:`NormLayer`, a
+    :class:`ProgramNode`'s float constants) rounded to
     the nearest float16 values, which the writer then stores at float16 (a tensor with a value beyond float16's
     range stays as it is, at float32). Quantized layers are unchanged."""
     items = [_half_node(item) if isinstance(item, DETERMINISTIC) else item for item in model.items]
