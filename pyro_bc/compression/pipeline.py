@@ -234,22 +234,21 @@ def deterministic_modules(model: CompressedModel, graph: BodyGraph) -> list[dict
     outside = iter(node for node in graph.nodes if node.program is not None)
     for item in (i for i in model.items if isinstance(i, DETERMINISTIC)):
         if isinstance(item, ProgramNode):  # an op outside the registry: named by its module path and what it calls
-            floats = [c for c in item.program.constants if c.dtype == np.float32]
-            rows.append({"name": item.name, "module": next(outside).what,
-                         "stored_as": f"core-ATen program ({len(item.program.nodes)} operators)",
-                         "parameters_original": sum(c.size for c in floats), "parameters": sum(c.size for c in floats),
-                         "precision": None if not floats else "float16" if all(map(float16_exact, floats)) else "float32"})
-            continue
-        module = graph.modules[item.name]
-        batchnorm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-        tensors = [t for t in (item.weight, item.bias) if t is not None]
-        rows.append({
-            "name": item.name, "module": type(module).__name__,
-            "stored_as": "depthwise 1x1 conv2d (scale, shift per kept channel)" if batchnorm else
-            item.kind if isinstance(item, FloatLayer) else "layer_norm",
-            "parameters_original": sum(p.numel() for p in module.parameters()),
-            "parameters": sum(t.size for t in tensors),
-            "precision": None if not tensors else "float16" if all(float16_exact(t) for t in tensors) else "float32"})
+            tensors = [c for c in item.program.constants if c.dtype == np.float32]
+            row = {"name": item.name, "module": next(outside).what,
+                   "stored_as": f"core-ATen program ({len(item.program.nodes)} operators)",
+                   "parameters_original": sum(c.size for c in tensors)}
+        else:
+            module = graph.modules[item.name]
+            batchnorm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            tensors = [t for t in (item.weight, item.bias) if t is not None]
+            row = {"name": item.name, "module": type(module).__name__,
+                   "stored_as": "depthwise 1x1 conv2d (scale, shift per kept channel)" if batchnorm else
+                   item.kind if isinstance(item, FloatLayer) else "layer_norm",
+                   "parameters_original": sum(p.numel() for p in module.parameters())}
+        rows.append({**row, "parameters": sum(t.size for t in tensors),
+                     "precision": None if not tensors else
+                     "float16" if all(float16_exact(t) for t in tensors) else "float32"})
     return rows
 
 
