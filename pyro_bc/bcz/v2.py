@@ -42,7 +42,7 @@ from pyro_bc.bcz.model import (
     float16_exact,
     sources,
 )
-from pyro_bc.bcz.program import CONSTANT_DTYPES, MAX_PROGRAM_NODES, MAX_RANK, Program, check_program
+from pyro_bc.bcz.program import MAX_PROGRAM_NODES, MAX_RANK, Program, check_program
 
 VERSION = 2
 KIND_OF_WIRE_ID = {wire_id: kind for kind, wire_id in WIRE_IDS.items()}
@@ -65,8 +65,10 @@ _PREFIX = struct.Struct("<4sHB")  # magic, version, header codec
 _CRC = struct.Struct("<I")
 MIN_SIZE = _PREFIX.size + 2 + _CRC.size  # prefix, two one-byte varints, CRC
 VARIABLE_ARITY = (*MULTI_INPUT, "program")  # node kinds whose input count is written
-# a program constant's storage: float32 values at float32 or float16 (where exact), int64, bool (one byte each)
-CONSTANT_STORAGES = {"float32": ("<f4", 4), "float16": ("<f2", 2), "int64": ("<i8", 8), "bool": ("u1", 1)}
+# a program constant's storage: its bytes' dtype and the dtype it is read back as (float32 values at float32, or at
+# float16 where exact; int64; bool, one byte each)
+CONSTANT_STORAGES = {"float32": ("<f4", "float32"), "float16": ("<f2", "float32"), "int64": ("<i8", "int64"),
+                     "bool": ("u1", "bool")}
 
 
 def kept_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +195,9 @@ def _program(node: ProgramNode) -> tuple[bytes, bytes]:
     return b"".join(head), b"".join(blocks)
 
 
+_NODE_WRITERS = {QuantizedLayer: _layer, FloatLayer: _float_layer, NormLayer: _norm, ProgramNode: _program}
+
+
 def _select(index: list[int]) -> bytes:
     """A select op's index: as a gap list (mode 0) or a bitmap (mode 1), whichever is smaller."""
     as_list = bytes([0]) + uvarint(len(index)) + uvarints(np.diff(index, prepend=-1) - 1)
@@ -240,8 +245,7 @@ def _header(model: CompressedModel) -> tuple[bytes, bytes]:
             head.append(uvarint(len(wanted)))
         head.append(uvarints([index - source for source in wanted]))
         if not isinstance(item, Op):
-            fields, block = (_layer if isinstance(item, QuantizedLayer) else _float_layer if
-                             isinstance(item, FloatLayer) else _norm if isinstance(item, NormLayer) else _program)(item)
+            fields, block = next(write for kind, write in _NODE_WRITERS.items() if isinstance(item, kind))(item)
             head.append(fields)
             blocks.append(block)
         else:
@@ -382,12 +386,12 @@ def _read_program(r: Reader, arity: int, where: str) -> dict[str, Any]:
         storages.append(list(CONSTANT_STORAGES)[r.byte(f"{where}constant {i} storage", len(CONSTANT_STORAGES) - 1)])
         shapes.append(tuple(r.uvarint(f"{where}constant {i} shape", 1, MAX_DIM)
                             for _ in range(r.uvarint(f"{where}constant {i} rank", 0, MAX_RANK))))
-    placeholders = [np.zeros(0, dtype=CONSTANT_DTYPES[0] if s == "float16" else s) for s in storages]
+    placeholders = [np.zeros(0, dtype=CONSTANT_STORAGES[s][1]) for s in storages]
     try:  # targets and references, with empty stand-ins for the constants
         check_program(Program(arity, placeholders, nodes, output))
     except BadData as exc:
         raise BadData(f"header: {where}{exc}") from None
-    lengths = [CONSTANT_STORAGES[s][1] * math.prod(shape) for s, shape in zip(storages, shapes)]
+    lengths = [np.dtype(CONSTANT_STORAGES[s][0]).itemsize * math.prod(shape) for s, shape in zip(storages, shapes)]
     return {"kind": "program", "name": name, "arity": arity, "nodes": nodes, "output": output,
             "storages": storages, "shapes": shapes, "size": sum(math.prod(shape) for shape in shapes),
             "weights_length": sum(lengths), "bias_length": 0}
@@ -397,10 +401,9 @@ def _build_program(spec: dict[str, Any], payload: Reader) -> ProgramNode:
     """The program node of a validated spec, its constants read from ``payload``."""
     constants = []
     for i, (storage, shape) in enumerate(zip(spec["storages"], spec["shapes"])):
-        dtype, size = CONSTANT_STORAGES[storage]
-        data = payload.take(size * math.prod(shape), f"program {spec['name']!r} constant {i}")
-        array = np.frombuffer(data, dtype=dtype).reshape(shape)
-        constants.append(array.astype({"float16": np.float32, "bool": np.bool_}.get(storage, dtype[1:])))
+        stored, read = CONSTANT_STORAGES[storage]
+        data = payload.take(np.dtype(stored).itemsize * math.prod(shape), f"program {spec['name']!r} constant {i}")
+        constants.append(np.frombuffer(data, dtype=stored).reshape(shape).astype(read))
     return ProgramNode(spec["name"], Program(spec["arity"], constants, spec["nodes"], spec["output"]))
 
 
