@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyro_bc
 from pyro_bc.cli import main
@@ -216,6 +217,39 @@ def test_lrt_estimator_is_the_local_reparameterization_draw_for_draw():
         results.append([loss.detach()] + [p.grad.clone() for p in net.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+class _ConvolutionLayouts(TorchDispatchMode):
+    """Records, per convolution and per convolution backward, whether its tensors are channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward, self.backward = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        cl = torch.channels_last
+        if func is torch.ops.aten.convolution.default:
+            self.forward.append(args[0].is_contiguous(memory_format=cl))
+        elif func is torch.ops.aten.convolution_backward.default:  # the gradient and the input it pairs with
+            self.backward.append((args[0].is_contiguous(memory_format=cl), args[1].is_contiguous(memory_format=cl)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_convolutions_run_channels_last_forward_and_backward(estimator):
+    """Under every estimator a 2-D convolution of a default-layout RGB input (a network's first layer) convolves it in
+    channels-last memory and returns channels-last, so that its backward pairs channels-last gradients with
+    channels-last inputs: no convolution, forward or backward, sees a default-layout tensor."""
+    torch.manual_seed(0)
+    layer = BayesConv2d(3, 8, 3, prior=make_prior("gnj"))
+    x = torch.randn(4, 3, 10, 10, requires_grad=True)
+    layouts = _ConvolutionLayouts()
+    with layouts:
+        y = _draw(layer, x, estimator)
+        F.max_pool2d(y, 2).square().sum().backward()
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.stride()[1] == 1
+    assert layouts.forward and all(layouts.forward), layouts.forward
+    assert layouts.backward and all(all(pair) for pair in layouts.backward), layouts.backward
 
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))

@@ -45,7 +45,16 @@ import torch.nn.functional as F
 from pyro.distributions import Normal
 
 from pyro_bc.errors import ConfigError
-from pyro_bc.infer.reparam import OPS, LayerDraws, LayerOp, _along_dim1, _bayes_layer, lrt_draw, per_example_scales
+from pyro_bc.infer.reparam import (
+    OPS,
+    LayerDraws,
+    LayerOp,
+    _along_dim1,
+    _bayes_layer,
+    channels_last,
+    lrt_draw,
+    per_example_scales,
+)
 
 __all__ = ["DEFAULT", "ESTIMATORS", "Estimation", "Estimator", "EstimatorChoice", "Flipout", "LocalReparameterisation",
            "ReducedPrecisionVariance", "SharedDraw", "estimation"]
@@ -112,18 +121,15 @@ def _normal_draw(q: Normal) -> torch.Tensor:
     return torch.addcmul(q.loc, q.scale, torch.randn_like(q.loc))
 
 
-def _channels_last(y: torch.Tensor) -> torch.Tensor:
-    return y.contiguous(memory_format=torch.channels_last)
+#: The memory layout each kind's input and output are given where it is not the op's own, as the LRT's conv2d
+#: gives them (pooling and the next convolution run several times faster on channels-last); every estimator
+#: applies it.
+LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"conv2d": channels_last}
 
 
-#: The memory layout each kind's output is given where it is not the op's own, as the LRT's conv2d gives it
-#: (pooling and the next convolution run several times faster on channels-last); every estimator applies it.
-OUTPUT_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"conv2d": _channels_last}
-
-
-def _in_layout(op: LayerOp, y: torch.Tensor) -> torch.Tensor:
-    layout = OUTPUT_LAYOUTS.get(op.name)
-    return y if layout is None else layout(y)
+def _in_layout(op: LayerOp, t: torch.Tensor) -> torch.Tensor:
+    layout = LAYOUTS.get(op.name)
+    return t if layout is None else layout(t)
 
 
 class SharedDraw(Estimator):
@@ -136,7 +142,7 @@ class SharedDraw(Estimator):
         z = None if scales is None else scales[0].per_example_scale(scales[1], 1, _shared_noise)[0]
         w = _normal_draw(q_w)
         b = None if q_b is None else _normal_draw(q_b)
-        return _in_layout(op, _bayes_layer(op, x, z, w, b, *args)), None
+        return _in_layout(op, _bayes_layer(op, _in_layout(op, x), z, w, b, *args)), None
 
 
 def flipout_linear(x: torch.Tensor, z: torch.Tensor | None, mu: torch.Tensor, delta: torch.Tensor,
@@ -180,6 +186,7 @@ class Flipout(Estimator):
         if forward is None:
             raise ConfigError(f"estimator flipout has no forward for layer kind {op.name!r} (add one to "
                               f"pyro_bc.infer.estimators.Flipout.ops, or choose another estimator for it)")
+        x = _in_layout(op, x)
         z_n = per_example_scales(op, x, scales, draws.noise)
         delta = q_w.scale * torch.randn_like(q_w.loc)
         b_delta = None if q_b is None else q_b.scale * torch.randn_like(q_b.loc)

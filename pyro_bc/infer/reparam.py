@@ -56,10 +56,18 @@ def _conv_output_shape(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=
     return torch.Size((x.shape[0], weight.shape[0], *spatial))
 
 
-def _lrt_conv2d_channels_last(*args, variance_dtype: torch.dtype | None = None) -> fused.LRTOutput:
-    # channels-last from here on: pooling and the next convolution run several times faster on it
-    y, kl = fused.lrt_conv2d(*args, variance_dtype=variance_dtype)
-    return y.contiguous(memory_format=torch.channels_last), kl
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in channels-last memory format (``t`` itself where it already is, e.g. one channel)."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _lrt_conv2d_channels_last(x: torch.Tensor, *args, variance_dtype: torch.dtype | None = None) -> fused.LRTOutput:
+    # channels-last from here on: pooling and the next convolution run several times faster on it. The input is
+    # converted, not only the output, so that the op's saved buffers and the gradients its backward receives share
+    # one layout (a network's RGB input converted costs a twentieth of converting its first layer's output and then
+    # its backward's mixed-layout products and copies); a convolution of one channel still returns the default one
+    y, kl = fused.lrt_conv2d(channels_last(x), *args, variance_dtype=variance_dtype)
+    return channels_last(y), kl
 
 
 def _single(value) -> int | str:
