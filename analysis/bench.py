@@ -668,12 +668,21 @@ def zoo_steps_section(r: dict) -> list[str]:
     if not rows:
         return []
     command = next(x.get("steps_command", x.get("command")) for x in rows)
-    table = ["| model (input) | dense ms | lrt ms (over dense) | lrt-bf16 ms (over dense) | lrt-bf16 / lrt |",
-             "|---|---|---|---|---|"]
+    table = [("| model (input) | dense ms | lrt ms (over dense) [per round] | lrt-bf16 ms (over dense) [per round] | "
+              "lrt-bf16 / lrt |"), "|---|---|---|---|---|"]
+
+    def cell(x: dict, name: str) -> str:
+        rounds = x.get(f"step_ratio_{name}_rounds")
+        spread = f" [{rounds[0]:.2f}-{rounds[1]:.2f}]" if rounds else ""
+        return f"{x[f'ms_{name}']:.0f} ({x[f'ms_{name}'] / x['ms_dense']:.2f}x){spread}"
+
     for x in rows:
-        a, b = x["ms_lrt"], x["ms_lrt-bf16"]
-        table.append(f"| {x['model']} ({x['input']}) | {x['ms_dense']:.0f} | {a:.0f} ({a / x['ms_dense']:.2f}x) | "
-                     f"{b:.0f} ({b / x['ms_dense']:.2f}x) | {b / a:.2f} |")
+        table.append(f"| {x['model']} ({x['input']}) | {x['ms_dense']:.0f} | {cell(x, 'lrt')} | {cell(x, 'lrt-bf16')} | "
+                     f"{x['ms_lrt-bf16'] / x['ms_lrt']:.2f} |")
+    loads = [v for x in rows for v in x.get("loadavg", [])]
+    notes = sorted({x["steps_note"] for x in rows if x.get("steps_note")})
+    conditions = (f" Conditions: {'; '.join(notes)}." if notes else "") + (
+        f" One-minute load average during the rows: {min(loads):.2f}-{max(loads):.2f} (2 cores)." if loads else "")
     relative = sorted(x["ms_lrt-bf16"] / x["ms_lrt"] for x in rows)
 
     def missed(key: str) -> str:
@@ -687,7 +696,8 @@ def zoo_steps_section(r: dict) -> list[str]:
              "copies, stepped by `lrt` (the default) and by `lrt-bf16` (the local reparameterisation with its variance "
              "path in bfloat16, docs/METHOD.md 5.6), timed in interleaved rounds after a warm-up, medians. torch "
              f"{r['torch']}, torchvision {r['torchvision']}. Only the ratios within a row mean anything where the "
-             "machine was shared (the run's conditions are in `zoo.md`)."), "", *table, "",
+             "machine was shared; [per round]: the lowest and highest of the rounds' Bayesian step over the same "
+             f"round's dense step.{conditions}"), "", *table, "",
             (f"Issue 28's target, the Bayesian step at most {STEP_TARGET}x the dense step: `lrt` meets it on "
              f"{missed('step_ratio_lrt')}; `lrt-bf16` on {missed('step_ratio_lrt-bf16')}. `lrt-bf16` over `lrt` in "
              f"the same rounds: median {statistics.median(relative):.2f} ({relative[0]:.2f}-{relative[-1]:.2f}). "

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -84,10 +86,14 @@ def step_ratio(dense: nn.Module, net: pyro_bc.nn.network.BayesianNet, x: torch.T
         copy = net if name == DEFAULT_ESTIMATOR else deepcopy(net)
         loss, opt = NegativeELBO(copy, estimators=name), make_optimizer(copy, 1e-3)
         steps[name] = functools.partial(svi_step, loss, opt, copy.train(), x, y, 50_000)
-    ms = bench.time_interleaved(steps, repeats, 1)
-    row = {"ms_dense": ms["dense"]}
+    load_start = os.getloadavg()
+    times = bench.interleaved_samples(steps, repeats, 1, 1)
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    row = {"ms_dense": ms["dense"], "loadavg": [load_start[0], os.getloadavg()[0]]}
     for name in estimators:
-        row.update({f"ms_{name}": ms[name], f"step_ratio_{name}": ms[name] / ms["dense"]})
+        per_round = sorted(b / d for b, d in zip(times[name], times["dense"]))  # a round's step over its dense step
+        row.update({f"ms_{name}": ms[name], f"step_ratio_{name}": ms[name] / ms["dense"],
+                    f"step_ratio_{name}_rounds": [per_round[0], per_round[-1]]})
     return row
 
 
@@ -179,6 +185,7 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true",
                         help="replace these models' rows in --out and keep the others (each row keeps its command)")
     parser.add_argument("--render", action="store_true", help="only write analysis/zoo.md from --out")
+    parser.add_argument("--note", default="", help="what else the machine was doing (kept with the step timings)")
     parser.add_argument("--steps-only", action="store_true",
                         help="time the steps alone and merge them into the rows of --out (the rest of each row stays)")
     args = parser.parse_args()
@@ -196,8 +203,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models or FAMILIES:
             timed = run_family(name, Path(folder), args.repeats, args.steps_only)
-            rows[name] = {**rows.get(name, {}), **timed, "steps_command": command} if args.steps_only else \
-                {**timed, "command": command}
+            rows[name] = {**rows.get(name, {}), **timed, "steps_command": command, "steps_note": args.note} \
+                if args.steps_only else {**timed, "command": command}
             print(json.dumps(rows[name]), flush=True)
             ordered = [rows[n] for n in FAMILIES if n in rows]
             record = {"torch": torch.__version__, "torchvision": torchvision.__version__, "rows": ordered}
