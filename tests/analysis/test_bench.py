@@ -112,3 +112,17 @@ def test_peers_section_cells_ratios_and_memory():
     assert "| 7.65 [7.50-7.80], 0.94x [0.80-1.00] |" in text
     assert "| 1.07 | 1.00-1.25 | missed by 0.07 (1 within the per-round range) |" in text
     assert "| LeNet-300-100 | bayesian-torch, Flipout |" not in text  # not run: no target row
+
+
+def test_zoo_steps_section_ratios_rounds_conditions_and_misses():
+    rows = [{"model": "alexnet", "input": 64, "ms_dense": 100.0, "ms_lrt": 300.0, "ms_lrt-bf16": 240.0,
+             "step_ratio_lrt": 3.0, "step_ratio_lrt-bf16": 2.4, "step_ratio_lrt_rounds": [2.8, 3.3],
+             "step_ratio_lrt-bf16_rounds": [2.2, 2.6], "loadavg": [1.5, 2.25], "steps_note": "quiet",
+             "steps_command": "zoo.py --steps-only"},
+            {"model": "resnet18", "input": 64, "ms_dense": 50.0, "ms_lrt": 100.0, "ms_lrt-bf16": 90.0,
+             "step_ratio_lrt": 2.0, "step_ratio_lrt-bf16": 1.8}]  # an older row: no rounds, load or note
+    text = "\n".join(bench.zoo_steps_section({"torch": "2.13", "torchvision": "0.28", "rows": rows}))
+    assert "| alexnet (64) | 100 | 300 (3.00x) [2.80-3.30] | 240 (2.40x) [2.20-2.60] | 0.80 |" in text
+    assert "| resnet18 (64) | 50 | 100 (2.00x) | 90 (1.80x) | 0.90 |" in text
+    assert "Conditions: quiet. One-minute load average during the rows: 1.50-2.25 (2 cores)." in text
+    assert "`lrt` meets it on 1 of 2 (missed: alexnet 3.00x); `lrt-bf16` on 2 of 2." in text
