@@ -4,6 +4,7 @@ plain-autograd references."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 
 import pyro
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from models import build_network
-from pyro_bc.infer import reparam
+from pyro_bc.infer import fused, reparam
 from pyro_bc.infer.fused import lrt_conv2d, lrt_conv2d_reference, lrt_linear, lrt_linear_reference, standard_normal_kl
 from pyro_bc.nn.layers import BayesConv2d, BayesLinear
 from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
@@ -367,3 +368,74 @@ def test_a_variance_dtype_equal_to_the_inputs_is_the_exact_path():
         (y, kl), grads = _run(fn, _leaves(raw, torch.float32, "cpu"), {**kwargs, "variance_dtype": torch.float32})
         (y0, kl0), grads0 = _run(fn, _leaves(raw, torch.float32, "cpu"), kwargs)
         assert torch.equal(y, y0) and torch.equal(kl, kl0) and all(torch.equal(grads[k], grads0[k]) for k in grads)
+
+
+# -- the variance buffer kept between steps --------------------------------------------------------
+
+def _ops(op: str):
+    if op == "linear":
+        return lrt_linear, lrt_linear_reference, linear_inputs(), {}
+    t, conv = conv_inputs()
+    return lrt_conv2d, lrt_conv2d_reference, t, conv
+
+
+def _detached_leaves(t: dict) -> dict:
+    return _leaves({k: None if v is None else v.detach() for k, v in t.items()}, torch.float64, "cpu")
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_the_variance_buffer_is_reused_and_every_call_equals_the_reference(op):
+    """From the second call on, ``exp(logvar)`` goes into the memory the previous backward handed back, and every
+    call's draw, KL and gradients equal the plain-autograd reference's, the parameters changing between calls."""
+    fn, reference, t_raw, kwargs = _ops(op)
+    t = _detached_leaves(t_raw)
+    handed_back = []
+    for _ in range(3):
+        handed_back.append(id(t["logvar"]) in fused._FREE_VARIANCES)
+        got = _run(fn, t, kwargs)
+        want = _run(reference, _detached_leaves(t), kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():  # a step of plain gradient descent on every parameter
+            for k, g in got[1].items():
+                t[k] -= 0.1 * g
+    assert handed_back == [False, True, True]
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_two_graphs_alive_at_once_never_share_a_buffer(op):
+    """Two forwards before one backward (two particles, weight sharing): the second finds no free buffer and
+    allocates its own, and the gradients of both draws are the reference's."""
+    fn, reference, t_raw, kwargs = _ops(op)
+    eps2 = torch.randn(t_raw["eps"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def two_draws(f, t):
+        y1, kl1 = _call(f, t, kwargs)
+        y2, kl2 = _call(f, {**t, "eps": eps2}, kwargs)
+        present = [k for k in NAMES if t[k] is not None]
+        loss = (y1 * y2.detach()).sum() + (y2 ** 2).sum() + kl1 + kl2
+        return dict(zip(present, torch.autograd.grad(loss, [t[k] for k in present])))
+
+    t = _detached_leaves(t_raw)
+    _run(fn, t, kwargs)  # leaves a free buffer, which the first of the two forwards takes
+    torch.testing.assert_close(two_draws(fn, t), two_draws(reference, _detached_leaves(t)), rtol=1e-12, atol=1e-12)
+
+
+def test_a_retained_graph_whose_buffer_was_overwritten_fails_instead_of_a_wrong_gradient():
+    t = _detached_leaves(linear_inputs())
+    y, _ = _call(lrt_linear, t, {})
+    y.sum().backward(retain_graph=True)  # hands the buffer back
+    _call(lrt_linear, t, {})  # takes it and overwrites it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_an_untracked_call_hands_its_buffer_back_at_once_and_it_is_forgotten_with_its_log_variances():
+    logvar = torch.randn(4, 7) - 1
+    key = id(logvar)
+    with torch.no_grad():
+        lrt_linear(torch.randn(5, 7), None, torch.randn(4, 7), logvar, None, None, torch.randn(5, 4))
+    assert fused._FREE_VARIANCES[key][0]() is logvar
+    torch.testing.assert_close(fused._FREE_VARIANCES[key][1], logvar.exp(), rtol=0, atol=0)
+    del logvar
+    gc.collect()
+    assert key not in fused._FREE_VARIANCES

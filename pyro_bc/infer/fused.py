@@ -14,7 +14,8 @@ with its own output-sized buffer; :func:`lrt_linear` and :func:`lrt_conv2d` are 
 reads, fold the ``1/2`` of ``d sqrt(v) / dv`` into the smallest tensor it multiplies, and skip every
 gradient that no input asks for. Fresh output-sized buffers matter: with glibc's default allocator each
 one is mapped and page-faulted anew, which costs more than the arithmetic of LeNet-5's first
-convolution. The matrix products and convolutions themselves are those of the reference, so layers
+convolution; for the same reason the weight variances ``exp(logvar)`` go into the buffer of the previous step's
+(:func:`_variances`), which on AlexNet's and VGG-11's fully connected layers took 15-20% off the whole step. The matrix products and convolutions themselves are those of the reference, so layers
 whose cost is arithmetic gain little (``analysis/bench_fused.py`` measures both). The ``*_reference``
 functions are the plain-autograd composition of the same maths, used by the tests and the benchmark.
 
@@ -42,6 +43,8 @@ clamped.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +91,39 @@ def _grad_logvar(grad_var: torch.Tensor, var: torch.Tensor, g_kl: float) -> torc
     return torch.lerp(grad_var.new_full((), -0.5 * g_kl), grad_var, var, out=grad_var)
 
 
+#: Per weight log-variance tensor (by ``id``, checked through a weak reference), the buffer of its last
+#: ``exp(logvar)`` once no graph needs it any more: see :func:`_variances`.
+_FREE_VARIANCES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _variances(logvar: torch.Tensor) -> torch.Tensor:
+    """``exp(logvar)``, in the buffer of the previous step's variances where :func:`_release` handed it back.
+
+    A weight-sized tensor freshly allocated every step is mapped and page-faulted anew (glibc returns allocations
+    that large to the system), which cost more than the ``exp`` itself on AlexNet's and VGG's fully connected
+    layers. A forward takes the buffer, so two graphs never share one; the backward that last reads it gives it
+    back. A graph that still needs the buffer when a later forward has overwritten it (``retain_graph=True`` and
+    a second backward after a new forward) fails autograd's saved-tensor version check: an error, never a wrong
+    gradient."""
+    free = _FREE_VARIANCES.pop(id(logvar), None)
+    if free is None or free[0]() is not logvar or free[1].shape != logvar.shape or free[1].dtype != logvar.dtype:
+        return logvar.exp()
+    return torch.exp(logvar, out=free[1])
+
+
+def _release(logvar: torch.Tensor, var: torch.Tensor) -> None:
+    """Hand ``var`` back for ``logvar``'s next :func:`_variances` (forgotten with ``logvar``)."""
+    key = id(logvar)
+    _FREE_VARIANCES[key] = (weakref.ref(logvar, lambda _, key=key: _FREE_VARIANCES.pop(key, None)), var)
+
+
+def _release_saved(ctx, var: torch.Tensor) -> None:
+    """The backward's :func:`_release` of the variances its forward saved (when the log-variances still exist)."""
+    logvar = ctx.logvar()
+    if logvar is not None:
+        _release(logvar, var)
+
+
 def _narrow(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """``t`` in the variance path's dtype (``t`` itself where there is none)."""
     return t if dtype is None else t.to(dtype)
@@ -116,7 +152,7 @@ class _LRTLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, mu, logvar, b_mu, b_var, eps, track, variance_dtype):
         low = _low_precision(variance_dtype, x)
-        var = logvar.exp()
+        var = _variances(logvar)
         kl = standard_normal_kl(mu, logvar, var)
         xs = x if z is None else x * z
         mean = xs @ mu.t() if b_mu is None else torch.addmm(b_mu, xs, mu.t())
@@ -132,6 +168,9 @@ class _LRTLinear(torch.autograd.Function):
         if track:
             r = torch.div(eps, s, out=s).mul_(0.5)  # d y / d v = eps / (2 sqrt(v)), in the buffer of sqrt(v)
             ctx.save_for_backward(x, z, xs, xs2, mu, var, var_v, r)
+            ctx.logvar = weakref.ref(logvar)
+        else:
+            _release(logvar, var)
         return y, kl
 
     @staticmethod
@@ -158,6 +197,7 @@ class _LRTLinear(torch.autograd.Function):
             grad_bmu = g.sum(0)
         if need_bvar:
             grad_bvar = gv.sum(0)
+        _release_saved(ctx, var)
         return grad_x, grad_z, grad_mu, grad_logvar, grad_bmu, grad_bvar, None, None, None
 
 
@@ -167,7 +207,7 @@ class _LRTConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, mu, logvar, b_mu, b_var, eps, stride, padding, dilation, groups, track, variance_dtype):
         low = _low_precision(variance_dtype, x)
-        var = logvar.exp()
+        var = _variances(logvar)
         kl = standard_normal_kl(mu, logvar, var)
         mean = F.conv2d(x, mu, b_mu, stride, padding, dilation, groups)
         xn = _narrow(x, low)
@@ -189,6 +229,9 @@ class _LRTConv2d(torch.autograd.Function):
             ctx.conv = (stride, padding, dilation, groups)
             ctx.bias_sizes = [mu.shape[0]]
             ctx.save_for_backward(x, x2, z, mu, var, var_v, r, mean if keep_y0 else None)
+            ctx.logvar = weakref.ref(logvar)
+        else:
+            _release(logvar, var)
         return y, kl
 
     @staticmethod
@@ -226,6 +269,7 @@ class _LRTConv2d(torch.autograd.Function):
             if need_bvar and not exact:
                 grad_bvar = gv.sum((0, 2, 3))
             grad_bvar = None if grad_bvar is None else grad_bvar.mul_(0.5)
+        _release_saved(ctx, var)
         return grad_x, grad_z, grad_mu, grad_logvar, grad_bmu, grad_bvar, None, None, None, None, None, None, None
 
 
