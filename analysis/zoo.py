@@ -166,11 +166,13 @@ def write_markdown(ordered: list[dict]) -> None:
     """analysis/zoo.md (RESULTS.md includes it): the commands, the conditions and :func:`table`."""
     commands = sorted({row["command"] for row in ordered if row.get("command")})
     steps = sorted({row["steps_command"] for row in ordered if row.get("steps_command")})
+    notes = sorted({row["steps_note"] for row in ordered if row.get("steps_note")})
     intro = (
         f"{' and '.join(f'`{c}`' for c in commands)}" + (f", the step timings by {' and '.join(f'`{c}`' for c in steps)}"
                                                           if steps else "") +
-        f" (torch {torch.__version__}, torchvision {torchvision.__version__}, one thread, on a machine shared with "
-        "other work: the step ratios are of one interleaved run each). Each network is built with `weights=None, num_classes=10`, made Bayesian (gnj), fitted "
+        f" (torch {torch.__version__}, torchvision {torchvision.__version__}, one thread; the step ratios are of one "
+        f"interleaved run each, {'; '.join(notes) if notes else 'on a machine shared with other work'}; "
+        "analysis/BENCHMARKS.md has each round's range). Each network is built with `weights=None, num_classes=10`, made Bayesian (gnj), fitted "
         "one epoch on 64 random images, compressed at per-layer thresholds between its two middle log alphas (about "
         "half of each layer's groups), loaded, and exported; docs/NETWORKS.md says what the graph supports.")
     text = "\n".join(["## torchvision's classifiers at full size (issue 28)", "", intro, "", table(ordered)])
