@@ -439,3 +439,17 @@ def test_an_untracked_call_hands_its_buffer_back_at_once_and_it_is_forgotten_wit
     del logvar
     gc.collect()
     assert key not in fused._FREE_VARIANCES
+
+
+def test_log_variances_moved_to_another_dtype_get_a_new_buffer():
+    """``net.to(dtype)`` (or another device) swaps a parameter's data in place, the same object: its old buffer is
+    not written into."""
+    logvar = torch.nn.Parameter(torch.randn(4, 7, dtype=torch.float64) - 1)
+    x, mu, eps = (torch.randn(shape, dtype=torch.float64) for shape in ((5, 7), (4, 7), (5, 4)))
+    y, _ = lrt_linear(x, None, mu, logvar, None, None, eps)
+    y.sum().backward()  # hands a float64 buffer back
+    assert fused._FREE_VARIANCES[id(logvar)][1].dtype == torch.float64
+    logvar.data = logvar.data.float()
+    y, kl = lrt_linear(x.float(), None, mu.float(), logvar, None, None, eps.float())
+    assert y.dtype == kl.dtype == torch.float32
+    torch.testing.assert_close(kl, standard_normal_kl(mu.float(), logvar.detach()))

@@ -106,9 +106,13 @@ def _variances(logvar: torch.Tensor) -> torch.Tensor:
     a second backward after a new forward) fails autograd's saved-tensor version check: an error, never a wrong
     gradient."""
     free = _FREE_VARIANCES.pop(id(logvar), None)
-    if free is None or free[0]() is not logvar or free[1].shape != logvar.shape or free[1].dtype != logvar.dtype:
+    if free is None or free[0]() is not logvar or _kind(free[1]) != _kind(logvar):  # moved (``net.to``) or new
         return logvar.exp()
     return torch.exp(logvar, out=free[1])
+
+
+def _kind(t: torch.Tensor) -> tuple:
+    return t.shape, t.dtype, t.device
 
 
 def _release(logvar: torch.Tensor, var: torch.Tensor) -> None:
