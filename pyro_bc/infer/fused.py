@@ -14,8 +14,9 @@ with its own output-sized buffer; :func:`lrt_linear` and :func:`lrt_conv2d` are 
 reads, fold the ``1/2`` of ``d sqrt(v) / dv`` into the smallest tensor it multiplies, and skip every
 gradient that no input asks for. Fresh output-sized buffers matter: with glibc's default allocator each
 one is mapped and page-faulted anew, which costs more than the arithmetic of LeNet-5's first
-convolution; for the same reason the weight variances ``exp(logvar)`` go into the buffer of the previous step's
-(:func:`_variances`), which on AlexNet's and VGG-11's fully connected layers took 15-20% off the whole step. The matrix products and convolutions themselves are those of the reference, so layers
+convolution; for the same reason the weight variances ``exp(logvar)`` go into the previous step's buffer
+(:func:`_variances`), which took 15-20% off AlexNet's and VGG-11's whole steps (their large fully connected
+layers). The matrix products and convolutions themselves are those of the reference, so layers
 whose cost is arithmetic gain little (``analysis/bench_fused.py`` measures both). The ``*_reference``
 functions are the plain-autograd composition of the same maths, used by the tests and the benchmark.
 
