@@ -370,6 +370,35 @@ def test_a_variance_dtype_equal_to_the_inputs_is_the_exact_path():
         assert torch.equal(y, y0) and torch.equal(kl, kl0) and all(torch.equal(grads[k], grads0[k]) for k in grads)
 
 
+def test_bfloat16_without_a_bias_variance_stays_within_its_rounding():
+    """No bias variance: the widened variance is the product alone (nothing added), clamped at ``tiny``; the draw
+    within the bound of the test above."""
+    raw = linear_inputs(n=16, d_in=50, d_out=20, z=False, bias="mean", seed=4)
+    (y, _), _ = _run(lrt_linear, _leaves(raw, torch.float32, "cpu"), {"variance_dtype": torch.bfloat16})
+    (y64, _), _ = _run(lrt_linear, _leaves(raw, torch.float64, "cpu"), {})
+    s = (raw["x"].square() @ raw["logvar"].exp().t()).sqrt()
+    assert torch.all((y.double() - y64).abs() <= 2.5 * U * s * raw["eps"].abs() + 2e-5 * (1 + y64.abs()))
+    assert not torch.equal(y, _run(lrt_linear, _leaves(raw, torch.float32, "cpu"), {})[0][0])
+
+
+def test_bfloat16_reaches_token_inputs_and_string_padding():
+    """The variance dtype is passed on where the op reshapes its inputs (a linear layer on ``(N, T, features)``) and
+    where it falls back to the reference (``padding="same"``): the same draw as the 2-D call, and as the reference."""
+    bf16 = {"variance_dtype": torch.bfloat16}
+    raw = linear_inputs(n=6, d_in=9, d_out=5, z=False, seed=2)
+    t = _leaves(raw, torch.float32, "cpu")
+    y2, _ = _call(lrt_linear, t, bf16)
+    tokens = {**t, "x": t["x"].reshape(2, 3, 9), "eps": t["eps"].reshape(2, 3, 5)}
+    y3, _ = _call(lrt_linear, tokens, bf16)
+    assert torch.equal(y3.reshape(6, 5), y2) and not torch.equal(y2, _call(lrt_linear, t, {})[0])
+    raw, conv = conv_inputs(n=2, c_in=3, c_out=4, hw=6, padding=1, seed=3)
+    t = _leaves(raw, torch.float32, "cpu")
+    same = {**conv, "padding": "same"}
+    y, _ = _call(lrt_conv2d, t, {**same, **bf16})
+    assert torch.equal(y, _call(lrt_conv2d_reference, t, {**same, **bf16})[0])
+    assert not torch.equal(y, _call(lrt_conv2d_reference, t, same)[0])
+
+
 # -- the variance buffer kept between steps --------------------------------------------------------
 
 def _ops(op: str):
@@ -429,14 +458,19 @@ def test_a_retained_graph_whose_buffer_was_overwritten_fails_instead_of_a_wrong_
         y.sum().backward()
 
 
-def test_an_untracked_call_hands_its_buffer_back_at_once_and_it_is_forgotten_with_its_log_variances():
-    logvar = torch.randn(4, 7) - 1
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_an_untracked_call_hands_its_buffer_back_at_once_and_it_is_forgotten_with_its_log_variances(op):
+    fn, reference, t_raw, kwargs = _ops(op)
+    t = {k: None if v is None else v.float() for k, v in t_raw.items()}
+    logvar = t["logvar"]
     key = id(logvar)
     with torch.no_grad():
-        lrt_linear(torch.randn(5, 7), None, torch.randn(4, 7), logvar, None, None, torch.randn(5, 4))
-    assert fused._FREE_VARIANCES[key][0]() is logvar
-    torch.testing.assert_close(fused._FREE_VARIANCES[key][1], logvar.exp(), rtol=0, atol=0)
-    del logvar
+        for _ in range(2):  # the second call writes into the buffer the first handed back
+            y, kl = _call(fn, t, kwargs)
+            assert fused._FREE_VARIANCES[key][0]() is logvar
+            torch.testing.assert_close(fused._FREE_VARIANCES[key][1], logvar.exp(), rtol=0, atol=0)
+    torch.testing.assert_close((y, kl), _call(reference, t, kwargs))
+    del logvar, t
     gc.collect()
     assert key not in fused._FREE_VARIANCES
 
