@@ -370,15 +370,27 @@ def test_a_variance_dtype_equal_to_the_inputs_is_the_exact_path():
         assert torch.equal(y, y0) and torch.equal(kl, kl0) and all(torch.equal(grads[k], grads0[k]) for k in grads)
 
 
-def test_bfloat16_without_a_bias_variance_stays_within_its_rounding():
+@pytest.mark.parametrize("fn", [lrt_linear, lrt_linear_reference])
+def test_bfloat16_without_a_bias_variance_stays_within_its_rounding(fn):
     """No bias variance: the widened variance is the product alone (nothing added), clamped at ``tiny``; the draw
     within the bound of the test above."""
     raw = linear_inputs(n=16, d_in=50, d_out=20, z=False, bias="mean", seed=4)
-    (y, _), _ = _run(lrt_linear, _leaves(raw, torch.float32, "cpu"), {"variance_dtype": torch.bfloat16})
-    (y64, _), _ = _run(lrt_linear, _leaves(raw, torch.float64, "cpu"), {})
+    (y, _), _ = _run(fn, _leaves(raw, torch.float32, "cpu"), {"variance_dtype": torch.bfloat16})
+    (y64, _), _ = _run(fn, _leaves(raw, torch.float64, "cpu"), {})
     s = (raw["x"].square() @ raw["logvar"].exp().t()).sqrt()
     assert torch.all((y.double() - y64).abs() <= 2.5 * U * s * raw["eps"].abs() + 2e-5 * (1 + y64.abs()))
-    assert not torch.equal(y, _run(lrt_linear, _leaves(raw, torch.float32, "cpu"), {})[0][0])
+    assert not torch.equal(y, _run(fn, _leaves(raw, torch.float32, "cpu"), {})[0][0])
+
+
+def test_bfloat16_convolution_keeps_its_padding_dilation_and_groups():
+    """A dilated, padded, grouped convolution's variance path in bfloat16: the same output shape as the exact path
+    and within the rounding bound of the tests above (each argument in its place)."""
+    raw, conv = conv_inputs(n=2, c_in=4, c_out=6, hw=9, groups=2, padding=3, dilation=2, z=False, seed=6)
+    (y, _), _ = _run(lrt_conv2d, _leaves(raw, torch.float32, "cpu"), {**conv, "variance_dtype": torch.bfloat16})
+    (y64, _), _ = _run(lrt_conv2d, _leaves(raw, torch.float64, "cpu"), conv)
+    s = (torch.nn.functional.conv2d(raw["x"].square(), raw["logvar"].exp(), raw["b_var"], **conv)).sqrt()
+    assert y.shape == y64.shape
+    assert torch.all((y.double() - y64).abs() <= 2.5 * U * s * raw["eps"].abs() + 2e-5 * (1 + y64.abs()))
 
 
 def test_bfloat16_reaches_token_inputs_and_string_padding():
