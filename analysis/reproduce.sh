@@ -5,7 +5,7 @@
 #   bash analysis/reproduce.sh lenet300-rhs-30      (the fourth prior against gnj after 30 epochs: lenet300-{gnj,rhs}-30)
 #   bash analysis/reproduce.sh lenet5-gnj-fast      (the fast recipes: a pretrained start, --variance-lr-factor, cosine;
 #                                                    lenet300-{gnj,lu}-fast, lenet5-{gnj,ghs,lu}-fast; RESULTS.md, time to the rows;
-#                                                    lenet5-gnj-ramp: the same start, the KL rising over 30 of 60 epochs;
+#                                                    lenet5-{gnj,ghs}-ramp: the same start, the KL rising over 30 of 60 epochs;
 #                                                    lenet300-gnj-ramp: over 50 of 100)
 #   bash analysis/reproduce.sh lenet300-gnj-fast-ft (a fast recipe, then fine-tuned: its run in NAME/source, pruned as
 #                                                    the recipe prunes, SVI on over the kept weights into NAME; any *-fast-ft)
@@ -44,7 +44,7 @@ main() {
       [ "$prior" = lu ] && compress=(--thresholds 3 3 3 3)  # the lu rows' cut: 1.06% validation error, the budget's 1.16%
       [ "$model" = lenet300 ] && { pretrain=10; epochs=80; eval_every=10; }
       [ "$model$prior" = lenet300lu ] && compress=(--thresholds 3 3 3) ;;
-    lenet5-gnj-ramp)  # the fast recipe's start, the KL weight rising over half of 60 epochs (RESULTS.md, LeNet-5)
+    lenet5-gnj-ramp|lenet5-ghs-ramp)  # the fast recipe's start, the KL weight rising over half of 60 epochs (RESULTS.md)
       pretrain=8; epochs=60; eval_every=5; warmup=30; extra=(--variance-lr-factor 30 --lr-schedule cosine)
       compress=(--max-error-increase 0.1) ;;
     lenet300-gnj-ramp)  # the same for LeNet-300-100: its fast start, the KL weight rising over half of 100 epochs
