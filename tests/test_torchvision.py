@@ -2,7 +2,8 @@
 each layer's groups) -> load. The loaded file must compute the full-size pruned network (:func:`pyro_bc.pruned_network`)
 up to quantisation, with fewer parameters, and its ONNX and pt2 exports must compute the loaded module.
 
-Small widths keep the suite fast; ``analysis/zoo.py`` runs the full-size constructors. The posteriors are set by hand
+Small widths keep the suite fast (Inception v3, whose widths are fixed, runs at full size); ``analysis/zoo.py`` runs
+the full-size constructors. The posteriors are set by hand
 (seeded random group variances, BatchNorm statistics away from their defaults): what is checked is the pruning,
 folding and writing, which training would not make more certain.
 """
@@ -38,10 +39,32 @@ def _efficientnet_v2() -> nn.Module:
     return efficientnet.EfficientNet(config, dropout=0.2, num_classes=10, last_channel=64)
 
 
-# Every torchvision classification family at a small width, but AlexNet, VGG and Inception v3, whose classifiers
-# have fixed sizes (4096 units; Inception's 75x75 minimum input): analysis/zoo.py runs those at full size.
+def _alexnet() -> nn.Module:
+    """AlexNet's features as torchvision builds them, its classifier's structure at 64 units instead of 4096."""
+    model = tv.models.AlexNet(num_classes=10)
+    model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(256 * 6 * 6, 64), nn.ReLU(inplace=True), nn.Dropout(),
+                                     nn.Linear(64, 64), nn.ReLU(inplace=True), nn.Linear(64, 10))
+    return model
+
+
+def _vgg(batch_norm: bool) -> nn.Module:
+    """torchvision's VGG (its ``make_layers``, its 7x7 adaptive pooling, here of a 4x4 map) at 8-32 channels and its
+    classifier's structure at 64 units instead of 4096."""
+    model = tv.models.VGG(tv.models.vgg.make_layers([8, "M", 16, "M", 32, 32, "M"], batch_norm=batch_norm),
+                          num_classes=10)
+    model.classifier = nn.Sequential(nn.Linear(32 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64),
+                                     nn.ReLU(True), nn.Dropout(), nn.Linear(64, 10))
+    return model
+
+
+# Every torchvision classification family at a small width (AlexNet's and VGG's classifiers narrowed by hand: their
+# constructors fix 4096 units), Inception v3 at full size (its constructor fixes every width; 80x80 inputs, its
+# minimum is 75x75); analysis/zoo.py runs the full-size constructors of all of them.
 FAMILIES = {
     "resnet": lambda: resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=10),
+    "alexnet": _alexnet,
+    "vgg": lambda: _vgg(batch_norm=False),
+    "vgg_bn": lambda: _vgg(batch_norm=True),
     "mobilenet_v2": lambda: tv.models.mobilenet_v2(weights=None, num_classes=10, width_mult=0.25),
     "mobilenet_v3": lambda: tv.models.mobilenet_v3_small(weights=None, num_classes=10, width_mult=0.25),
     "efficientnet": _efficientnet,
@@ -54,6 +77,7 @@ FAMILIES = {
     "regnet_x": lambda: regnet.RegNet(regnet.BlockParams.from_init_params(4, 8, 8.0, 2.0, 4), num_classes=10),
     "regnet_y": lambda: regnet.RegNet(regnet.BlockParams.from_init_params(4, 8, 8.0, 2.0, 4, se_ratio=0.25),
                                       num_classes=10),
+    "inception": lambda: tv.models.Inception3(num_classes=10, aux_logits=False, init_weights=False),
     "googlenet": lambda: tv.models.GoogLeNet(num_classes=10, aux_logits=False, init_weights=False),
     "shufflenet": lambda: tv.models.ShuffleNetV2([2, 2, 2], [8, 16, 32, 64, 128], num_classes=10),
     "convnext": lambda: convnext.ConvNeXt([convnext.CNBlockConfig(16, 32, 1), convnext.CNBlockConfig(32, None, 1)],
@@ -64,7 +88,7 @@ FAMILIES = {
                                               window_size=[2, 2], num_classes=10),
 }
 TRANSFORMERS = {"convnext", "vit", "swin"}  # LayerNorm, attention, class tokens: ops outside the registry
-SIZE = 32
+SIZES = {"alexnet": 64, "inception": 80}  # input height and width: 32, but where a family needs more
 
 
 def _bayesian(family: str) -> pyro_bc.nn.network.BayesianNet:
@@ -78,7 +102,8 @@ def _bayesian(family: str) -> pyro_bc.nn.network.BayesianNet:
                 module.running_var.uniform_(0.5, 1.5, generator=generator)
                 module.weight.uniform_(0.5, 1.5, generator=generator)
                 module.bias.uniform_(-0.2, 0.2, generator=generator)
-    net = pyro_bc.bayesianize(model.eval(), "gnj", input_shape=(3, SIZE, SIZE))
+    size = SIZES.get(family, 32)
+    net = pyro_bc.bayesianize(model.eval(), "gnj", input_shape=(3, size, size))
     with torch.no_grad():
         for layer in net.layers:
             layer.prior.z_logvar.copy_(torch.randn(layer.prior.z_logvar.shape, generator=generator) * 2 - 4)
@@ -91,7 +116,7 @@ def _bayesian(family: str) -> pyro_bc.nn.network.BayesianNet:
 def compressed(request, tmp_path_factory):
     net = _bayesian(request.param)
     generator = torch.Generator().manual_seed(2)
-    x = torch.randn(48, 3, SIZE, SIZE, generator=generator)
+    x = torch.randn(48, 3, *net.input_shape[1:], generator=generator)
     y = torch.randint(0, 10, (48,), generator=generator)
     path = tmp_path_factory.mktemp(request.param) / "model.bcz"
     summary = pyro_bc.compress(net, path, val=(x, y), train=(x, y), test=(x, y), thresholds=half_thresholds(net))
@@ -156,7 +181,7 @@ def test_exports_compute_the_loaded_module(compressed, fmt, tmp_path):
     family, _, _, path, (x, _) = compressed
     loaded = pyro_bc.load(path)
     out = tmp_path / f"model.{fmt}"
-    export_module(loaded, (3, SIZE, SIZE), out, fmt)
+    export_module(loaded, tuple(x.shape[1:]), out, fmt)
     with torch.no_grad():
         want = loaded(x[:5]).numpy()
     if fmt == "onnx":
