@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 
+from pyro_bc.infer import fused
 from pyro_bc.infer.distributions import NormalLogVar
 from pyro_bc.infer.reparam import (
     LRT_ONLY,
@@ -21,6 +22,7 @@ from pyro_bc.infer.reparam import (
     bayes_layer,
     group_scale,
     local_reparameterization,
+    lrt_draw,
 )
 from pyro_bc.nn.layers import BayesConv1d, BayesConv2d, BayesLinear
 from pyro_bc.priors import known_options, make_prior
@@ -372,3 +374,42 @@ def test_weight_kl_is_finite_below_the_exponents_range():
         poutine.replay(_model, trace=guide)("linear", x, p, (), [])
     torch.testing.assert_close(guide.nodes["w"]["fn"].base_dist.standard_normal_kl,
                                0.5 * (p["mu"] ** 2 + 1499.0).sum())
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d"])
+def test_the_convolutions_lrt_ops_pass_the_variance_dtype_on(kind):
+    """The op table's LRT op of each convolution runs the fused op with the variance dtype it is given: in bfloat16
+    the 2-D op's draw (the 1-D one over a height of one), not the exact float32 draw."""
+    g = torch.Generator().manual_seed(3)
+    spatial = (9,) if kind == "conv1d" else (9, 9)
+    x = torch.randn(2, 4, *spatial, generator=g)
+    mu, logvar = torch.randn(6, 4, *(3,) * len(spatial), generator=g), torch.randn(6, 4, *(3,) * len(spatial),
+                                                                                 generator=g) - 1
+    eps = torch.randn(2, 6, *(7,) * len(spatial), generator=g)
+    args = (x, None, mu, logvar, None, None, eps)
+    y, _ = OPS[kind].lrt(*args, variance_dtype=torch.bfloat16)
+    y32, _ = OPS[kind].lrt(*args)
+    if kind == "conv1d":
+        want, _ = fused.lrt_conv2d(x.unsqueeze(2), None, mu.unsqueeze(2), logvar.unsqueeze(2), None, None,
+                                   eps.unsqueeze(2), variance_dtype=torch.bfloat16)
+        want = want.squeeze(2)
+    else:
+        want, _ = fused.lrt_conv2d(*args, variance_dtype=torch.bfloat16)
+    assert torch.equal(y, want) and not torch.equal(y, y32)
+
+
+def test_lrt_draw_passes_the_variance_dtype_on():
+    """``lrt_draw`` (every LRT estimator's draw) gives its ``variance_dtype`` to the op: the fused op's bfloat16 draw
+    with the same noise, not the exact one."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 7, generator=g)
+    q_w = NormalLogVar(torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g) - 1)
+
+    def draw(dtype):
+        torch.manual_seed(1)  # the per-example noise, drawn from torch's generator
+        return lrt_draw(OPS["linear"], x, None, q_w, None, LocalReparameterization(), variance_dtype=dtype)[0]
+
+    torch.manual_seed(1)
+    eps = torch.randn(5, 4)
+    want, _ = fused.lrt_linear(x, None, q_w.loc, q_w.logvar, None, None, eps, variance_dtype=torch.bfloat16)
+    assert torch.equal(draw(torch.bfloat16), want) and not torch.equal(want, draw(None))
