@@ -16,8 +16,10 @@ from pyro_bc.compression.graph import analyse_network, prune_network
 from pyro_bc.compression.posterior import analyse
 from pyro_bc.data.datasets import load_data
 from pyro_bc.errors import CheckpointError, ConfigError
+from pyro_bc.infer import fused
 from pyro_bc.runs.load import load_run
 from pyro_bc.train.checkpoint import load_checkpoint
+from pyro_bc.train.loop import NegativeELBO
 
 
 def _synthetic(n: int = 192, seed: int = 0, shape=(1, 4, 4), classes: int = 3):
@@ -211,3 +213,16 @@ def test_a_seeded_short_training_compresses_to_the_bytes_of_the_flat_layout(tmp_
     summary = pyro_bc.compress(net, out, val=(x[192:], y[192:]), train=(x[:192], y[:192]), thresholds=thresholds)
     assert summary["architecture"] == "2-18-4"
     assert hashlib.sha256(out.read_bytes()).hexdigest() == PINNED_SHA256
+
+
+def test_fit_lets_the_variance_buffers_go_when_it_ends():
+    """The fused LRT ops keep each layer's variance buffer between steps (pyro_bc.infer.fused._variances); once
+    training ends none is kept for the network."""
+    net = _tiny_net()
+    pyro_bc.fit(net, _synthetic(64), epochs=1, batch_size=32, progress=False)
+    logvars = {id(layer.weight_logvar) for layer in net.layers}
+    assert not logvars & fused._FREE_VARIANCES.keys()
+    x, y = _synthetic(8)
+    loss = NegativeELBO(net)
+    loss(x, y, 64).backward()  # a step outside fit hands its buffers back
+    assert logvars <= fused._FREE_VARIANCES.keys()

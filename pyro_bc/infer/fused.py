@@ -105,12 +105,17 @@ def _variances(logvar: torch.Tensor) -> torch.Tensor:
     layers. A forward takes the buffer, so two graphs never share one; the backward that last reads it gives it
     back. A graph that still needs the buffer when a later forward has overwritten it (``retain_graph=True`` and
     a second backward after a new forward) fails autograd's saved-tensor version check: an error, never a wrong
-    gradient. The cost: between steps, and after training for as long as the network lives, each layer keeps one
-    weight-sized buffer that a step would allocate anyway (``_FREE_VARIANCES.clear()`` lets them go)."""
+    gradient. The cost: between steps each layer keeps one weight-sized buffer that a step would allocate anyway;
+    the training loop lets them go when it ends (:func:`free_variance_buffers`)."""
     free = _FREE_VARIANCES.pop(id(logvar), None)
     if free is None or free[0]() is not logvar or _kind(free[1]) != _kind(logvar):  # moved (``net.to``) or new
         return logvar.exp()
     return torch.exp(logvar, out=free[1])
+
+
+def free_variance_buffers() -> None:
+    """Let go of every buffer that :func:`_variances` keeps between steps (the next step allocates afresh)."""
+    _FREE_VARIANCES.clear()
 
 
 def _kind(t: torch.Tensor) -> tuple:

@@ -32,6 +32,7 @@ from pyro_bc.atomic import atomic_write_text
 from pyro_bc.data.augment import augment, augment_generator
 from pyro_bc.data.datasets import Split, as_split, iterate_minibatches
 from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged, first_line
+from pyro_bc.infer import fused
 from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.estimators import DEFAULT, Estimation, EstimatorChoice
 from pyro_bc.metrics.evaluate import error_percent, groups_below
@@ -323,6 +324,7 @@ def _train(net: BayesianNet, train: Split, val: Split | None, config: TrainConfi
             if progress:
                 tqdm.write(_epoch_line(record))
         group.barrier()  # nobody runs ahead of the checkpoint
+    fused.free_variance_buffers()  # weight-sized, kept between steps only
     return metrics
 
 
