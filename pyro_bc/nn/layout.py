@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyro_bc.infer.reparam import channels_last
+
 
 class Conv2dChannelsLast(nn.Conv2d):
     """An ``nn.Conv2d`` that returns its output in channels-last memory format (the same values).
@@ -14,4 +16,4 @@ class Conv2dChannelsLast(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).contiguous(memory_format=torch.channels_last)
+        return channels_last(super().forward(x))
