@@ -235,6 +235,42 @@ class _ConvolutionLayouts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _BackwardLayouts(TorchDispatchMode):
+    """Records the strides that each convolution backward and each product of two same-shaped 4-D tensors pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:  # the gradient and the input's layout it meets
+            grad, inp = args[0], args[1]
+            layout = torch.channels_last if inp.shape[1] > 1 and inp.stride()[1] == 1 else torch.contiguous_format
+            self.pairs.append((func.__name__, grad.is_contiguous(memory_format=layout)))
+        elif func is torch.ops.aten.mul.Tensor and all(torch.is_tensor(a) and a.dim() == 4 for a in args[:2]) \
+                and args[0].shape == args[1].shape:
+            self.pairs.append((func.__name__, args[0].stride() == args[1].stride()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("estimator", ["lrt", "lrt-bf16"])
+def test_one_channel_convolution_backward_runs_in_one_layout(estimator):
+    """A one-channel input (MNIST's first layer) is convolved in the default layout and its output handed on
+    channels-last, so its gradient comes back channels-last: the fused LRT op's backward converts it once, and no
+    convolution backward or product then pairs two layouts (each did, copying or striding, before). (``shared``
+    and ``flipout`` are autograd's own backward, which still pairs them.)"""
+    torch.manual_seed(0)
+    layer = BayesConv2d(1, 8, 3, prior=make_prior("gnj"))
+    x = torch.randn(4, 1, 10, 10)
+    layouts = _BackwardLayouts()
+    y = _draw(layer, x, estimator)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.stride()[1] == 1
+    with layouts:  # a sum, so that the only products of 4-D tensors are the layer's own
+        F.max_pool2d(y, 2).sum().backward()
+    assert any(name.startswith("convolution_backward") for name, _ in layouts.pairs)
+    assert all(same for _, same in layouts.pairs), layouts.pairs
+
+
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
 def test_convolutions_run_channels_last_forward_and_backward(estimator):
     """Under every estimator a 2-D convolution of a default-layout RGB input (a network's first layer) convolves it in

@@ -152,6 +152,17 @@ def _widened_variance(v: torch.Tensor, b_var: torch.Tensor | None, dtype: torch.
     return v if b_var is None else v.add_(b_var.reshape(along))
 
 
+def _in_layout_of(g: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """``g`` in the memory layout of the forward's buffer ``saved`` (one copy where they differ).
+
+    A convolution of one input channel gives a default-layout output that the caller converts to channels-last,
+    so its gradient comes back channels-last: converted once here, the backward's products and convolutions run
+    in one layout instead of each copying or striding across two."""
+    if saved.is_contiguous():
+        return g.contiguous()
+    return g.contiguous(memory_format=torch.channels_last)
+
+
 def _tracked(*inputs: torch.Tensor | None) -> bool:
     """Whether autograd will record the op: only then does the forward keep anything for the backward."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
@@ -252,6 +263,7 @@ class _LRTConv2d(torch.autograd.Function):
         need_x, need_z, need_mu, need_logvar, need_bmu, need_bvar = ctx.needs_input_grad[:6]
         g_kl = float(g_kl)  # zero when the KL output is unused (on CUDA: one host sync per layer)
         stride, padding, dilation, groups = ctx.conv
+        g = _in_layout_of(g, r)
         grad_z = None
         if z is not None:  # g becomes the gradient w.r.t. y0 (and the mean)
             if need_z:
