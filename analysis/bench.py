@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import functools
 import json
 import math
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_network
+from pyro_bc.allocator import keep_freed_memory
 from pyro_bc.bcz import codec
 from pyro_bc.bcz.export import INPUT_NAME, export_bytes
 from pyro_bc.compression.compressed import compressed_model
@@ -283,22 +283,6 @@ def default_layout_copy(net: nn.Module) -> nn.Module:
     return _with_conv_class(net, nn.Conv2d)
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse: no mmap for large blocks, no trimming of the heap.
-
-    By default a block over the (adaptive) mmap threshold, such as a batch of 1000's activations, is
-    mapped afresh and page-faulted on every call, which costs as much as the compressed network's
-    arithmetic. False where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
-    return all(mallopt(option, value) == 1 for option, value in
-               ((m_mmap_max, 0), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)))
-
-
 def time_inference(dense: nn.Module, small: nn.Module, batch: int, repeats: int) -> dict[str, float]:
     x = torch.randn(batch, 1, 28, 28)
     dense_cl = channels_last_copy(dense)
@@ -487,6 +471,10 @@ def write_outputs(results: dict, out: Path, distributed: list[str] | None = None
         lines += ["", *cnn_section(json.loads((out / "bench_cnn.json").read_text()))]
     if (out / "bench_peers.json").is_file():
         lines += ["", *peers_section(json.loads((out / "bench_peers.json").read_text()))]
+    if (out / "bench_peers_kept.json").is_file():
+        lines += ["", *peers_section(json.loads((out / "bench_peers_kept.json").read_text()),
+                                     "Against bayesian-torch and TyXe, freed memory kept (as the `pyro-bc` command "
+                                     "runs)", "bench_peers_kept.json")]
     if (out / "bench_estimators.json").is_file():
         lines += ["", *estimators_section(json.loads((out / "bench_estimators.json").read_text()))]
     if (out / "bench_estimators_bf16.json").is_file():
@@ -705,13 +693,17 @@ def zoo_steps_section(r: dict) -> list[str]:
              "are slower than its float32 ones), so the depthwise-heavy families gain nothing.")]
 
 
-def peers_section(r: dict) -> list[str]:
-    """pyro-bc's step against bayesian-torch's and TyXe's, from ``analysis/bench_peers.py``."""
+def peers_section(r: dict, title: str = "Against bayesian-torch and TyXe", figures: str = "bench_peers.json") -> list[str]:
+    """pyro-bc's step against bayesian-torch's and TyXe's, from ``analysis/bench_peers.py`` (its JSON ``figures``)."""
     methods = [m for m in PEER_COLUMNS if any(m in x["methods"] for x in r["networks"])]
     load = ", ".join(f"{v:.2f}" for v in r["loadavg_start"]) + " at the start, " + ", ".join(
         f"{v:.2f}" for v in r["loadavg_end"]) + " at the end"
-    lines = ["## Against bayesian-torch and TyXe", "",
-             (f"Produced by `.venv/bin/python {r['command']}` (figures in `bench_peers.json`), one thread, Adam at "
+    allocator = {"default": "glibc's malloc as the process starts", "kept": (
+        "freed memory kept in the process for every method (`pyro_bc.allocator.keep_freed_memory`, which the "
+        "`pyro-bc` command applies to itself)")}[r.get("allocator", "default")]
+    lines = [f"## {title}", "",
+             (f"Produced by `.venv/bin/python {r['command']}` (figures in `{figures}`), one thread, allocator: "
+              f"{allocator}, Adam at "
               f"learning rate {r['lr']:g}, one fixed random batch per network; versions: "
               + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ". Each method trains its own copy of the "
               "same network; the methods are timed in interleaved rounds in one process (round-robin, order rotated "

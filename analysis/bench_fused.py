@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--allocator", default="default", choices=["default", "kept"],
-                        help="glibc malloc as a process starts, or keeping freed memory (bench.keep_freed_memory)")
+                        help="glibc malloc as a process starts, or keeping freed memory (pyro_bc.allocator)")
     opts = parser.parse_args(argv)
     if opts.allocator == "kept":
-        from bench import keep_freed_memory  # the sibling script (sys.path[0] is analysis/)
+        from pyro_bc.allocator import keep_freed_memory
 
         if not keep_freed_memory():
             parser.error("--allocator kept needs glibc")

@@ -5,6 +5,10 @@ Run from the repository root, with the extra ``bench`` installed (one thread, no
 
     .venv/bin/python analysis/bench_peers.py                                    # the full run
     .venv/bin/python analysis/bench_peers.py --networks lenet300 --rounds 3 --no-memory   # a quick look
+    .venv/bin/python analysis/bench_peers.py --allocator kept --out analysis/bench_peers_kept.json  # as pyro-bc runs
+
+``--allocator kept`` keeps freed memory in the process (``pyro_bc.allocator``, which the ``pyro-bc`` command
+applies to itself), for every method alike: glibc otherwise maps and page-faults large buffers afresh every step.
 
 Each network is built once as a plain PyTorch module (seeded) and every method trains its own copy of it on one
 fixed random batch with Adam at learning rate 1e-3, one thread:
@@ -60,6 +64,7 @@ from torch import nn
 
 from models import build_network
 from pyro_bc import bayesianize
+from pyro_bc.allocator import keep_freed_memory
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.train.loop import NegativeELBO, make_optimizer, svi_step
@@ -217,10 +222,12 @@ def time_network(name: str, methods: tuple[str, ...], rounds: int, per_round: in
     return summarise(bench.interleaved_samples(steps, rounds, per_round, warmup), per_round)
 
 
-def peak_memory_mib(method: str, name: str, vgg_width: float, steps: int) -> float:
-    """:func:`bench.peak_memory_added_mib` of one method in a fresh process."""
+def peak_memory_mib(method: str, name: str, vgg_width: float, steps: int, kept: bool) -> float:
+    """:func:`bench.peak_memory_added_mib` of one method in a fresh process (its allocator keeping freed memory
+    where ``kept``)."""
     code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench, bench_peers; "
-            f"print(bench.peak_memory_added_mib(lambda: bench_peers.make_step({method!r}, {name!r}, {vgg_width!r}), "
+            + ("from pyro_bc.allocator import keep_freed_memory; keep_freed_memory(); " if kept else "")
+            + f"print(bench.peak_memory_added_mib(lambda: bench_peers.make_step({method!r}, {name!r}, {vgg_width!r}), "
             f"{steps}))")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
@@ -245,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-steps", type=int, default=3, help="steps run in each memory probe")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--vgg-width", type=float, default=1.0, help="channel multiplier of the VGG (1: the paper's)")
+    parser.add_argument("--allocator", default="default", choices=["default", "kept"],
+                        help="glibc malloc as a process starts, or keeping freed memory as the pyro-bc command does "
+                             "(pyro_bc.allocator), for every method alike")
     parser.add_argument("--note", default="", help="what else the machine was doing")
     parser.add_argument("--out", default=str(HERE / "bench_peers.json"))
     args = parser.parse_args(argv)
@@ -253,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option.replace('_', '-')} must be at least {least}")
     if not args.vgg_width > 0:
         parser.error(f"--vgg-width must be positive, got {args.vgg_width}")
+    if args.allocator == "kept" and not keep_freed_memory():
+        parser.error("--allocator kept needs glibc, and no malloc settings in the environment")
     torch.set_num_threads(1)
     pyro.enable_validation(False)
     found = versions()
@@ -260,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"command": shlex.join(["analysis/bench_peers.py", *(sys.argv[1:] if argv is None else argv)]),
                "versions": found, "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, "
                                              f"{os.cpu_count()} CPUs, 1 thread",
-               "note": args.note, "lr": LR, "vgg_width": args.vgg_width, "tyxe_patched": patch_tyxe(),
+               "note": args.note, "allocator": args.allocator, "lr": LR, "vgg_width": args.vgg_width, "tyxe_patched": patch_tyxe(),
                "loadavg_start": list(os.getloadavg()), "networks": []}
     for name in args.networks:
         spec = NETWORKS[name]
@@ -270,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = time_network(name, tuple(args.methods), rounds, per_round, warmup, args.vgg_width)
         if not args.no_memory:
             for method, row in methods.items():
-                row["peak_mib"] = peak_memory_mib(method, name, args.vgg_width, args.memory_steps)
+                row["peak_mib"] = peak_memory_mib(method, name, args.vgg_width, args.memory_steps,
+                                                  args.allocator == "kept")
         row = {"network": name, "label": spec.label + (f", width {args.vgg_width:g}" if name == "vgg" else ""),
                "batch": spec.batch, "input_shape": list(spec.input_shape), "rounds": rounds, "per_round": per_round,
                "warmup": warmup, "loadavg_before": list(load), "loadavg_after": list(os.getloadavg()),

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from models import BUILTIN_MODELS
+from pyro_bc.allocator import keep_freed_memory
 from pyro_bc.defaults import SLAB_SCALE, TAU0, VAL_SIZE
 from pyro_bc.errors import BCError, ConfigError
 from pyro_bc.infer.estimators import DEFAULT as DEFAULT_ESTIMATOR
@@ -424,7 +425,14 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
 
+def program() -> int:
+    """The ``pyro-bc`` command: :func:`main` in a process of its own, whose allocator it tunes for training
+    (:func:`pyro_bc.allocator.keep_freed_memory`; a library call never does)."""
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())
 
 

@@ -112,6 +112,11 @@ def test_peers_section_cells_ratios_and_memory():
     assert "| 7.65 [7.50-7.80], 0.94x [0.80-1.00] |" in text
     assert "| 1.07 | 1.00-1.25 | missed by 0.07 (1 within the per-round range) |" in text
     assert "| LeNet-300-100 | bayesian-torch, Flipout |" not in text  # not run: no target row
+    assert text.startswith("## Against bayesian-torch and TyXe\n") and "allocator: glibc's malloc as" in text
+    r["allocator"] = "kept"  # the run with freed memory kept: its own title, figures file and allocator line
+    text = "\n".join(bench.peers_section(r, "Kept", "bench_peers_kept.json"))
+    assert text.startswith("## Kept\n") and "(figures in `bench_peers_kept.json`)" in text
+    assert "allocator: freed memory kept in the process for every method" in text
 
 
 def test_zoo_steps_section_ratios_rounds_conditions_and_misses():

@@ -57,10 +57,11 @@ def test_tyxe_patch_gives_a_dotted_getattr():
     assert bench_peers.patch_tyxe() is False  # already there: nothing to do
 
 
-def test_memory_probe_counts_at_least_the_weights_and_adam_state():
+@pytest.mark.parametrize("kept", [False, True])
+def test_memory_probe_counts_at_least_the_weights_and_adam_state(kept):
     """A dense LeNet-300-100 step holds weights, gradients and Adam's two moments: 4 x 266,610 float32 numbers
-    (4.07 MiB) at least."""
-    mib = bench_peers.peak_memory_mib("dense", "lenet300", 1.0, steps=1)
+    (4.07 MiB) at least, whatever the allocator."""
+    mib = bench_peers.peak_memory_mib("dense", "lenet300", 1.0, steps=1, kept=kept)
     assert mib > 4 * 266_610 * 4 / 2**20
 
 
