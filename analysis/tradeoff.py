@@ -6,8 +6,9 @@
 Each ordinary run is compressed once per budget (``--max-error-increase B``, into a temporary folder), once per
 ``--thresholds`` value (that threshold for every layer; values that leave a layer empty are skipped) and once at
 the priors' default thresholds; each point is the compressed file's test error, its weights kept and its cr_file.
-A fine-tuning run (``pyro-bc finetune``) is one point, compressed with the structure it was given, drawn on its
-source run's figure when that run is given too (else on its own). The paper's point (Table 1) and the official
+A fine-tuning run (``pyro-bc finetune``) is one point, compressed with the structure it was given (at its source
+run's thresholds where fine-tuning moved a kept weight's log alpha past a pruned one's, as ``reproduce.sh`` does),
+drawn on its source run's figure when that run is given too (else on its own). The paper's point (Table 1) and the official
 code's (LeNet-300-100 GNJ, 200 epochs, measured here: 1.73% at 11.9% kept; its cr_file was not measured) go on
 the same axes. Writes ``<out-dir>/<recipe>/tradeoff.png`` and ``tradeoff.json`` (recipe: the run directory's
 name, or ``--recipe`` for one run).
@@ -61,6 +62,20 @@ def sweep(run_dir: Path, budgets, thresholds, n_layers: int) -> list[dict]:
         except ConfigError as e:
             print(f"threshold {t:g} skipped: {e}", file=sys.stderr)
     return rows + [{"sweep": "default", **point(run_dir, PriorDefault(), "prior default")}]
+
+
+def finetuned_point(run: Path) -> dict:
+    """A fine-tuning run compressed with the structure it was given; where fine-tuning moved a kept weight's log
+    alpha past a pruned one's (per-weight priors), at its source run's compression thresholds instead, as
+    ``analysis/reproduce.sh`` compresses it."""
+    try:
+        return point(run, None, f"fine-tuned ({run.name})")
+    except ConfigError as e:
+        source = Path(json.loads((run / "config.json").read_text())["finetune"]["source_run"])
+        layers = json.loads((source / "MODEL.json").read_text())["layers"]
+        print(f"{run}: {e}; compressed at {source}'s thresholds instead", file=sys.stderr)
+        return point(run, GivenThresholds([layer["threshold"] for layer in layers]),
+                     f"fine-tuned ({run.name}), at the source's thresholds")
 
 
 def plot(curve: list[dict], finetuned: list[dict], key: tuple[str, str], title: str, path: Path) -> None:
@@ -121,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         net, config, _ = load_run(run)
         key = (config.model, config.prior)
         curve = sweep(run, args.budgets, args.thresholds, len(net.layers)) if run in sources else [
-            {"sweep": "finetuned", **point(run, None, "fine-tuned")}]
+            {"sweep": "finetuned", **finetuned_point(run)}]
         followers = by_source.get(run.resolve(), [])
-        finetuned = [point(t, None, f"fine-tuned ({t.name})") for t in followers]
+        finetuned = [finetuned_point(t) for t in followers]
         recipe = args.recipe or run.name
         out = args.out_dir / recipe
         title = f"{recipe}: {config.model} / {config.prior}, run {run}"

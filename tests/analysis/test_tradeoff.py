@@ -32,3 +32,26 @@ def test_points_are_the_compressions_at_each_budget_and_threshold(run, tmp_path)
     (finetuned,) = record["finetuned"]
     assert finetuned["run"] == str(tuned) and finetuned["threshold_method"] == "the structure fine-tuning was given"
     assert record["paper"] == [1.8, 10.8, 58] and record["official"] == [1.73, 11.9]
+
+
+def test_a_finetuned_run_whose_structure_moved_is_compressed_at_its_sources_thresholds(tmp_path, monkeypatch):
+    """Where the masks no longer part kept from pruned log alphas (ConfigError), the point is the compression at the
+    thresholds in the source run's MODEL.json, as reproduce.sh compresses a fine-tuned recipe."""
+    source, tuned = tmp_path / "source", tmp_path / "ft"
+    source.mkdir()
+    tuned.mkdir()
+    (source / "MODEL.json").write_text(json.dumps({"layers": [{"threshold": -3.1}, {"threshold": 2.5}]}))
+    (tuned / "config.json").write_text(json.dumps({"finetune": {"source_run": str(source)}}))
+    calls = []
+
+    def fake_point(run, rule, label):
+        calls.append((run, rule, label))
+        if rule is None:
+            raise tradeoff.ConfigError("fc1: fine-tuning moved a kept group's log alpha")
+        return {"label": label}
+
+    monkeypatch.setattr(tradeoff, "point", fake_point)
+    assert tradeoff.finetuned_point(tuned) == {"label": "fine-tuned (ft), at the source's thresholds"}
+    (_, first, _), (run, rule, _) = calls
+    assert first is None and run == tuned and isinstance(rule, tradeoff.GivenThresholds)
+    assert rule.settings["thresholds"] == [-3.1, 2.5]
