@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"command": shlex.join(["analysis/bench_peers.py", *(sys.argv[1:] if argv is None else argv)]),
                "versions": found, "machine": f"{platform.processor() or platform.machine()}, {platform.system()}, "
                                              f"{os.cpu_count()} CPUs, 1 thread",
-               "note": args.note, "allocator": args.allocator, "lr": LR, "vgg_width": args.vgg_width, "tyxe_patched": patch_tyxe(),
+               "note": args.note, "allocator": args.allocator, "lr": LR, "vgg_width": args.vgg_width,
+               "tyxe_patched": patch_tyxe(),
                "loadavg_start": list(os.getloadavg()), "networks": []}
     for name in args.networks:
         spec = NETWORKS[name]

@@ -8,8 +8,8 @@ Each ordinary run is compressed once per budget (``--max-error-increase B``, int
 the priors' default thresholds; each point is the compressed file's test error, its weights kept and its cr_file.
 A fine-tuning run (``pyro-bc finetune``) is one point, compressed with the structure it was given (at its source
 run's thresholds where fine-tuning moved a kept weight's log alpha past a pruned one's, as ``reproduce.sh`` does),
-drawn on its source run's figure when that run is given too (else on its own). The paper's point (Table 1) and the official
-code's (LeNet-300-100 GNJ, 200 epochs, measured here: 1.73% at 11.9% kept; its cr_file was not measured) go on
+drawn on its source run's figure when that run is given too (else on its own). The paper's point (Table 1) and the
+official code's (LeNet-300-100 GNJ, 200 epochs, measured here: 1.73% at 11.9% kept; its cr_file was not measured) go on
 the same axes. Writes ``<out-dir>/<recipe>/tradeoff.png`` and ``tradeoff.json`` (recipe: the run directory's
 name, or ``--recipe`` for one run).
 """

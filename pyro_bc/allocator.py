@@ -9,8 +9,9 @@ Bayesian step 7-15% faster, ResNet-18's and VGG's 2%, LeNet-300-100's within the
 inference at batch 1000 1.5-2x faster (docs/CLI.md, "Compressed files").
 
 Only a program may change its process's allocator: the ``pyro-bc`` command does (:func:`pyro_bc.cli.program`),
-for training and for evaluation's large batches alike; ``fit`` and the rest of the library never do, since they run
-in the user's process (who may call this function). Malloc settings in the environment are left as they are.
+for training and for evaluation's large batches alike. ``fit`` and the rest of the library never do: they run in
+the user's process, whose script may call this function itself. Malloc settings in the environment are left as
+they are.
 """
 
 from __future__ import annotations
