@@ -3,7 +3,7 @@ against the data path (a subpackage importing one above it).
 
     python analysis/import_graph.py          # prints each floor's imports; exit 1 if an import runs upward
 
-Floors, from the bottom: the shared base (errors, atomic writes, defaults), data, infer, priors, nn, metrics,
+Floors, from the bottom: the shared base (errors, atomic writes, defaults, the allocator), data, infer, priors, nn, metrics,
 train, bcz, compression, report, and on top the run-directory layer, the CLI and the package's front door
 (``pyro_bc/__init__.py``). Every import counts, those inside functions too: an import deferred to a call still runs.
 """
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The data path, bottom first. A floor may import itself and the floors below it.
 FLOORS: tuple[str, ...] = ("base", "data", "infer", "priors", "nn", "metrics", "train", "bcz", "compression",
                            "report", "runs", "cli", "front")
-BASE_MODULES = {"errors", "atomic", "defaults"}
+BASE_MODULES = {"errors", "atomic", "defaults", "allocator"}
 TOP_MODULES = {"runs": "runs", "cli": "cli", "__init__": "front"}
 APP = "models"  # the networks of the command line: only the run-directory layer and the CLI may import them
 
