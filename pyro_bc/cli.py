@@ -426,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def program() -> int:
-    """The ``pyro-bc`` command: :func:`main` in a process of its own, whose allocator it tunes for training
-    (:func:`pyro_bc.allocator.keep_freed_memory`; a library call never does)."""
+    """The ``pyro-bc`` command: :func:`main` in a process of its own, whose allocator it tells to keep freed memory
+    for the next training step or evaluation batch (:func:`pyro_bc.allocator.keep_freed_memory`; a library call
+    never does)."""
     keep_freed_memory()
     return main()
 
