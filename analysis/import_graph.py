@@ -3,8 +3,8 @@ against the data path (a subpackage importing one above it).
 
     python analysis/import_graph.py          # prints each floor's imports; exit 1 if an import runs upward
 
-Floors, from the bottom: the shared base (errors, atomic writes, defaults, the allocator), data, infer, priors, nn, metrics,
-train, bcz, compression, report, and on top the run-directory layer, the CLI and the package's front door
+Floors, from the bottom: the shared base (errors, atomic writes, defaults, the allocator), data, infer, priors, nn,
+metrics, train, bcz, compression, report, and on top the run-directory layer, the CLI and the package's front door
 (``pyro_bc/__init__.py``). Every import counts, those inside functions too: an import deferred to a call still runs.
 """
 

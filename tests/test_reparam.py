@@ -383,8 +383,8 @@ def test_the_convolutions_lrt_ops_pass_the_variance_dtype_on(kind):
     g = torch.Generator().manual_seed(3)
     spatial = (9,) if kind == "conv1d" else (9, 9)
     x = torch.randn(2, 4, *spatial, generator=g)
-    mu, logvar = torch.randn(6, 4, *(3,) * len(spatial), generator=g), torch.randn(6, 4, *(3,) * len(spatial),
-                                                                                 generator=g) - 1
+    kernel = (6, 4, *(3,) * len(spatial))
+    mu, logvar = torch.randn(kernel, generator=g), torch.randn(kernel, generator=g) - 1
     eps = torch.randn(2, 6, *(7,) * len(spatial), generator=g)
     args = (x, None, mu, logvar, None, None, eps)
     y, _ = OPS[kind].lrt(*args, variance_dtype=torch.bfloat16)
