@@ -9,6 +9,9 @@
 #                                                    lenet300-gnj-ramp: over 50 of 100)
 #   bash analysis/reproduce.sh lenet300-gnj-fast-ft (a fast recipe, then fine-tuned: its run in NAME/source, pruned as
 #                                                    the recipe prunes, SVI on over the kept weights into NAME; any *-fast-ft)
+#   bash analysis/reproduce.sh lenet300-lu-all-ft   (lenet300-lu-fast-ft on all 60,000 training images, as the paper
+#                                                    trains: no validation split, so only a fixed cut; lenet300-lu-all,
+#                                                    lenet5-lu-all and their -ft)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 #   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a
@@ -28,7 +31,10 @@ main() {
   extra=()       # further training options of a recipe
   pretrain=0     # epochs of plain-PyTorch pretraining for --init-from (analysis/pretrain.py), 0: none
   finetune=()    # fine-tuning after pruning (pyro-bc finetune), empty: none
-  case "$name" in *-fast-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
+  val_size=5000  # training images held out for validation (pyro-bc's default)
+  recipe=$name   # the results folder's name
+  case "$name" in *-fast-ft|*-all-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
+  case "$name" in lenet300-lu-all|lenet5-lu-all) name=${name%-all}-fast; val_size=0 ;; esac  # every training image
   base=${name%-30}; [ "$base" != "$name" ] && epochs=30
   base=${base%-fast}; base=${base%-ramp}
   model=${base%-*}; prior=${base##*-}
@@ -59,20 +65,20 @@ main() {
     *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
   esac
   [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
-  out=analysis/results/$name; [ ${#finetune[@]} != 0 ] && out=$out-ft
+  out=analysis/results/$recipe
   [ "$seed" != 0 ] && out=$out/seeds/$seed
   [ "$threads" != 1 ] && out=$out/threads$threads
   final=$out; [ ${#finetune[@]} != 0 ] && out=$out/source   # the recipe's run; the fine-tuned run is $final
   mkdir -p "$out"
   if [ "$pretrain" != 0 ] && [ ! -f "$out/checkpoint.pt" ]; then
     .venv/bin/python analysis/pretrain.py --model "$model" --epochs $pretrain --seed "$seed" --threads "$threads" \
-        --out "$out/pretrained.pt"
+        --val-size $val_size --out "$out/pretrained.pt"
   fi
   [ "$pretrain" != 0 ] && extra+=(--init-from "$out/pretrained.pt")
   resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
   .venv/bin/pyro-bc train --model "$model" --prior "$prior" --epochs $epochs --batch-size $batch --lr $lr \
-      --warmup-epochs $warmup --eval-every $eval_every --seed "$seed" --threads "$threads" "${extra[@]}" --out "$out" \
-      "${resume[@]}"
+      --warmup-epochs $warmup --eval-every $eval_every --seed "$seed" --threads "$threads" --val-size $val_size \
+      "${extra[@]}" --out "$out" "${resume[@]}"
   .venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" "${compress[@]}"
   if [ ${#finetune[@]} != 0 ]; then   # the same pruning, then SVI over the kept weights; compressed at its thresholds
     ft_epochs=20; [ "$model" = lenet5 ] && ft_epochs=5

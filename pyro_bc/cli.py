@@ -125,7 +125,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="folder with MNIST IDX files, CIFAR-10 python batches or "
                                                 "train.npz and test.npz (default: the embedded MNIST)")
     p.add_argument("--subset", type=_positive_int, default=None, help="train on the first N training examples")
-    p.add_argument("--val-size", type=_positive_int, default=VAL_SIZE)
+    p.add_argument("--val-size", type=_nonnegative_int, default=VAL_SIZE)
     p.add_argument("--warmup-epochs", "--kl-warmup-epochs", dest="warmup_epochs", type=_nonnegative_int, default=0,
                    metavar="N", help="KL weight rising linearly from 0 to 1 over the first N epochs (a KL warm-up)")
     p.add_argument("--augment", action="store_true",
@@ -186,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     last = train(config, args.out, resume=args.resume)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
-        error = f", val error {last['val_error']:.2f}%" if "val_error" in last else " (initialised only)"
+        error = (f", val error {last['val_error']:.2f}%" if "val_error" in last else
+                 " (no validation examples)" if last else " (initialised only)")
         print(f"trained {config.model}/{config.prior}: {last.get('epoch', 0)} epochs{error}, run directory {args.out}")
     return 0
 

@@ -75,6 +75,34 @@ def test_cli_train_and_error_exit(tmp_path, capsys):
     assert "no checkpoint" in err and "Traceback" not in err
 
 
+def test_cli_trains_and_compresses_without_validation_examples(tmp_path, capsys):
+    """``--val-size 0``: the run trains on every example and records no validation error; ``compress`` at given
+    thresholds writes a file whose test error ``evaluate`` recounts, and the validation-budget rule is refused in one
+    line, exit 1, nothing written."""
+    run = tmp_path / "all"
+    args = ["train", "--prior", "lu", "--epochs", "1", "--subset", "200", "--batch-size", "100", "--val-size", "0",
+            "--out", str(run)]
+    assert main(args) == 0
+    assert "1 epochs (no validation examples)" in capsys.readouterr().out
+    record = json.loads((run / METRICS).read_text().splitlines()[-1])
+    assert "val_error" not in record and "train_error" in record
+    assert load_checkpoint(run / CHECKPOINT)["config"]["val_size"] == 0
+    assert main(["compress", str(run), "--out", str(run / "MODEL.bcz"), "--thresholds", "3", "3", "3"]) == 0
+    summary = json.loads((run / "MODEL.json").read_text())
+    assert summary["val_error_compressed"] is None
+    test = load_mnist(val_size=0).test
+    with torch.no_grad():
+        wrong = (codec.load(run / "MODEL.bcz")(test.x).argmax(1) != test.y).sum().item()
+    assert summary["error_compressed"] == pytest.approx(100 * wrong / len(test))
+    capsys.readouterr()
+    assert main(["compress", str(run), "--out", str(run / "B.bcz"), "--max-error-increase", "0.1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs validation examples and there are none" in err
+    assert not (run / "B.bcz").exists()
+    assert main(["report", str(run)]) == 0
+    assert "validation error –" in (run / "report.md").read_text()
+
+
 # -- compress -----------------------------------------------------------------------------------------------
 
 def test_cli_compress_prints_the_table_and_records_the_rule(compressed_run, capsys):

@@ -77,7 +77,7 @@ MISTAKES = [
     (["train", "--batch-size", "0", "--out", "{out}"], 2, "'0' must be at least 1"),
     (["train", "--lr", "nan", "--out", "{out}"], 2, "'nan' is not a finite number"),
     (["train", "--lr", "-0.1", "--out", "{out}"], 2, "'-0.1' must be positive"),
-    (["train", "--val-size", "0", "--out", "{out}"], 2, "'0' must be at least 1"),
+    (["train", "--val-size", "-1", "--out", "{out}"], 2, "'-1' must be at least 0"),
     (["train", "--width", "0", "--out", "{out}"], 2, "'0' must be positive"),
     (["train", "--clip-var", "fc1", "--out", "{out}"], 2, "'fc1' is not LAYER=VARIANCE"),
     (["train", "--device", "tpu", "--out", "{out}"], 2, "'tpu'"),

@@ -340,6 +340,29 @@ def test_deterministic_modules_stay_float32_where_float16_costs_validation_error
     assert torch.equal(loaded[-1].bias, net.body[7].bias.detach()) and summary["val_error_compressed"] == 0.0
 
 
+def test_compress_without_validation_examples(tmp_path):
+    """A network trained on all its data: given thresholds and the variance rule's bits need no validation
+    examples; deterministic modules stay at float32 (nothing to check float16 on), ``val_error_compressed`` is None,
+    the test error is the loaded file's by own count, and a rule that measures validation errors says what is missing."""
+    net = _with_deterministic_modules()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 2, 6, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    path = tmp_path / "m.bcz"
+    summary = pyro_bc.compress(net, path, test=(x, y), thresholds=[-3.0, -3.0])
+    assert summary["val_error_compressed"] is None and summary["deterministic_precision"] is None
+    assert [row["precision"] for row in summary["deterministic_modules"]] == ["float32"] * 3
+    loaded = pyro_bc.load(path)
+    assert torch.equal(loaded[-1].bias, net.body[7].bias.detach())
+    assert summary["error_compressed"] == pytest.approx(_error(loaded, x, y))
+    assert [row["mantissa_bits"] for row in summary["layers"]] == [
+        row["mantissa_bits_variance_rule"] for row in summary["layers"]]
+    assert "validation" not in format_table(summary).splitlines()[-1]
+    with pytest.raises(ConfigError, match="the max-error-increase rule needs validation examples and there are none"):
+        pyro_bc.compress(net, tmp_path / "b.bcz", test=(x, y), max_error_increase=0.5)
+    with pytest.raises(ConfigError, match="bits rule needs the validation error"):
+        pyro_bc.compress(net, tmp_path / "c.bcz", test=(x, y), thresholds=[-3.0, -3.0], bits_budget=0.5)
+
+
 def test_the_deterministic_precision_rule_compares_within_the_bits_tolerance():
     """float16 unless its error is above float32's by more than the bits rule's 1e-9 points; no deterministic
     node: no choice, and no error evaluated."""

@@ -107,6 +107,15 @@ def test_split_disjoint_and_seeded(mnist, raw_mnist):
     assert torch.equal(mnist.train.y, tr)
 
 
+def test_val_size_0_trains_on_every_training_example(mnist, raw_mnist):
+    """Every one of the 60,000 training images once (the raw files' label counts), nothing held out, so
+    ``validation`` is None; the held-out split of the default is its ``validation``."""
+    everything = load_mnist(val_size=0)
+    assert (len(everything.train), len(everything.val), everything.validation) == (60000, 0, None)
+    assert torch.bincount(everything.train.y).tolist() == np.bincount(raw_mnist["train_labels"]).tolist()
+    assert mnist.validation is mnist.val
+
+
 def test_split_determinism_and_subset():
     a = load_mnist(val_size=1000, seed=3, subset=2000)
     b = load_mnist(val_size=1000, seed=3, subset=2000)

@@ -140,7 +140,7 @@ def budget_inputs():
 
 
 def test_budget_needs_validation_data(budget_inputs):
-    with pytest.raises(ConfigError, match="validation set"):
+    with pytest.raises(ConfigError, match="needs validation examples"):
         ValidationBudget(1.0).thresholds(ThresholdInputs(budget_inputs.net, budget_inputs.posts))
 
 
@@ -211,7 +211,7 @@ def test_budget_errors_are_those_of_the_folded_network():
 def test_budget_needs_both_validation_inputs_and_labels():
     inputs = _fragile_inputs_net()
     for x, y in ((inputs.val_x, None), (None, inputs.val_y)):
-        with pytest.raises(ConfigError, match="the max-error-increase rule needs a validation set"):
+        with pytest.raises(ConfigError, match="the max-error-increase rule needs validation examples"):
             ValidationBudget(1.0).thresholds(ThresholdInputs(inputs.net, inputs.posts, x, y))
 
 

@@ -50,7 +50,10 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
     """Compress a trained network from Python (``pyro_bc.compress``): ``out`` (``.bcz``) and ``MODEL.json`` beside
     it, with the keys of ``pyro-bc compress``; returns that summary.
 
-    ``val = (x, y)``: the validation examples, for the error-budget rules and ``val_error_compressed`` (required).
+    ``val = (x, y)``: the validation examples, for the error-budget rules, ``val_error_compressed`` and the choice of
+    the deterministic modules' precision; without them (a network trained on all its data) the thresholds must be
+    given or found without errors (``thresholds``, ``auto``), the bits are the variance rule's,
+    ``val_error_compressed`` is None and deterministic modules stay at float32.
     ``test = (x, y)``: optional; without it ``error_posterior_mean``, ``error_pruned`` and ``error_compressed`` are
     None. ``train = (x, y)``: optional training examples, whose first :data:`FOLD_EXAMPLES` give the means with
     which pruned inputs are folded into the biases (``fold``: as :func:`compress_run`'s, but without ``train``
@@ -60,9 +63,7 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
     ``predictive_samples`` (needs ``test``) and ``keep_variance``: as :func:`compress_run`'s.
     """
     rule, bits_rule = resolve_rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
-    if val is None:
-        raise ConfigError("compress needs validation examples: val=(x, y)")
-    val_split = as_split(val, "val")
+    val_split = None if val is None else as_split(val, "val")
     test_split = None if test is None else as_split(test, "test")
     if train is None:
         if fold:
@@ -73,7 +74,8 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
             **(metadata or {})}
     was_training, device = net.training, next(net.parameters()).device
     try:  # on the CPU, in eval mode; the network goes back to its device and mode afterwards
-        return compress_network(net.cpu().eval(), out, (val_split.x.cpu(), val_split.y.cpu()),
+        return compress_network(net.cpu().eval(), out, None if val_split is None else (val_split.x.cpu(),
+                                                                                   val_split.y.cpu()),
                                 train_x=None if train_x is None else train_x.cpu(),
                                 test=None if test_split is None else (test_split.x.cpu(), test_split.y.cpu()),
                                 fold=fold, rule=rule, bits_rule=bits_rule, info=info,
@@ -105,22 +107,29 @@ def _check_predictive_samples(samples: int | None, test) -> None:
         raise ConfigError("predictive_samples needs test examples: test=(x, y)")
 
 
-def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor, torch.Tensor], *,
+def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor, torch.Tensor] | None, *,
                      train_x: torch.Tensor | None, test: tuple[torch.Tensor, torch.Tensor] | None, fold: bool | None,
                      rule: ThresholdRule, bits_rule: BitsRule, info: dict,
                      predictive_samples: int | None = None, keep_variance: bool = False) -> dict:
     """The compression of :func:`compress_run` and :func:`compress`: ``net`` pruned by ``rule``, its bits by
-    ``bits_rule``, written to ``out`` and ``MODEL.json``. ``val``: the validation examples; ``train_x``: the
-    training inputs of the fold (needed when it folds); ``test``: the test examples (None: test errors None);
-    ``info``: ``model`` and ``prior`` (recorded in the summary) and the rest of the file's metadata."""
+    ``bits_rule``, written to ``out`` and ``MODEL.json``. ``val``: the validation examples (None: none, as
+    :func:`compress` says); ``train_x``: the training inputs of the fold (needed when it folds); ``test``: the test
+    examples (None: test errors None); ``info``: ``model`` and ``prior`` (recorded in the summary) and the rest of
+    the file's metadata."""
     out = checked_out(out)
     _check_predictive_samples(predictive_samples, test)
-    val_x, val_y = val
     if net.input_shape is None:  # a converted network never trained: its input is the data's
-        net.input_shape = tuple(val_x.shape[1:])
+        examples = next((x for x in (val and val[0], train_x, test and test[0]) if x is not None), None)
+        if examples is None:
+            raise ConfigError("the network has never seen an input: give examples (val, train or test) to compress it")
+        net.input_shape = tuple(examples.shape[1:])
+
+    def val_error(module: torch.nn.Module) -> float | None:
+        return None if val is None else error_percent(module, *val)
     graph = BodyGraph(net)  # traced once: every pruning and layout below reads it
     fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
-    layers, thresholds = _pruned_layers(net, graph, rule, val, train_x[:FOLD_EXAMPLES] if fold else None)
+    layers, thresholds = _pruned_layers(net, graph, rule, val or (None, None),
+                                        train_x[:FOLD_EXAMPLES] if fold else None)
     method = rule.method(thresholds)
 
     def file_model(precision: Precision, metadata: dict | None = None, half: bool = False) -> codec.CompressedModel:
@@ -128,10 +137,10 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         return codec.half_deterministic(model) if half else model
 
     variance = choose_precision(layers)
-    precision = bits_rule.precision(BitsInputs(layers, variance, lambda p: error_percent(
-        to_module(file_model(p)), val_x, val_y)))
-    deterministic_precision = choose_deterministic_precision(
-        file_model(precision), lambda m: error_percent(to_module(m), val_x, val_y))
+    precision = bits_rule.precision(BitsInputs(layers, variance, None if val is None else
+                                               lambda p: val_error(to_module(file_model(p)))))
+    deterministic_precision = None if val is None else choose_deterministic_precision(
+        file_model(precision), lambda m: val_error(to_module(m)))
     rates = compression_rates(layers, precision)
     rest = {k: v for k, v in info.items() if k not in ("model", "prior")}
     metadata = {"model": info["model"], "prior": info["prior"], "thresholds": thresholds, "threshold_method": method,
@@ -162,7 +171,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "error_posterior_mean": test_error(mean_network),
         "error_pruned": test_error(pruned_only),
         "error_compressed": test_error(loaded),
-        "val_error_compressed": error_percent(loaded, val_x, val_y),
+        "val_error_compressed": val_error(loaded),
         "exponent_bits_official": precision.exponent_bits_official if math.isfinite(
             precision.exponent_bits_official) else None,
         "cr_fast_official_exponent": rates["cr_fast_official_exponent"],
@@ -187,9 +196,10 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     return summary
 
 
-def _pruned_layers(net: BayesianNet, graph: BodyGraph, rule: ThresholdRule, val: tuple[torch.Tensor, torch.Tensor],
+def _pruned_layers(net: BayesianNet, graph: BodyGraph, rule: ThresholdRule, val: tuple,
                    fold_x: torch.Tensor | None) -> tuple[list[PrunedLayer], list[float]]:
-    """``net``'s layers pruned at the thresholds ``rule`` chooses on the validation examples ``val``, with the fold
+    """``net``'s layers pruned at the thresholds ``rule`` chooses on the validation examples ``val`` (``(None,
+    None)``: none), with the fold
     of pruned inputs measured on ``fold_x`` (None: no fold); ConfigError where a layer would keep no weight."""
     posts = analyse_network(net, analyse(net), graph)  # BatchNorm folded in
     means = layer_input_means(net, fold_x) if fold_x is not None else None
@@ -290,8 +300,9 @@ def format_table(summary: dict) -> str:
     rows.append(f"MACs per example: {summary['macs_compressed']:,} of {summary['macs_original']:,} "
                 f"({summary['macs_original'] / summary['macs_compressed']:.1f}x fewer)")
     rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "
-                f"{summary['error_pruned']:.2f}%, compressed {summary['error_compressed']:.2f}% "
-                f"(validation {summary['val_error_compressed']:.2f}%)")
+                f"{summary['error_pruned']:.2f}%, compressed {summary['error_compressed']:.2f}%"
+                + ("" if summary["val_error_compressed"] is None else
+                   f" (validation {summary['val_error_compressed']:.2f}%)"))
     return "\n".join(rows)
 
 

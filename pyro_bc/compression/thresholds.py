@@ -139,7 +139,8 @@ class ValidationBudget(ThresholdRule):
 
     def thresholds(self, inputs: ThresholdInputs) -> list[float]:
         if inputs.val_x is None or inputs.val_y is None:
-            raise ConfigError(f"the {self.name} rule needs a validation set")
+            raise ConfigError(f"the {self.name} rule needs validation examples and there are none (a run trained "
+                              "with --val-size 0, or compress without val): give thresholds or the gap rule")
         net, posts, grid = inputs.net, inputs.posts, self.GRID
         limit = error_percent(net.posterior_mean_network(), inputs.val_x, inputs.val_y) + self.max_error_increase
         thresholds = [float(grid[-1])] * len(posts)

@@ -81,6 +81,11 @@ class Dataset:
     format: str = "mnist-idx"
     normalisation: dict = field(default_factory=lambda: dict(MNIST_NORMALISATION))
 
+    @property
+    def validation(self) -> Split | None:
+        """``val``, or None where it is empty (``val_size=0``: every training example is trained on)."""
+        return self.val if len(self.val) else None
+
 
 #: The name of :class:`Dataset` from when MNIST was the only format.
 MNIST = Dataset

@@ -90,6 +90,10 @@ def _decisions(net: BayesianNet, posts: list[LayerPosterior], summary: dict | No
                               "run `pyro-bc compress` again to record them)")
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}%"
+
+
 def _macs(row: dict) -> str:
     """``kept/original (Nx fewer)`` MACs per example of a MODEL.json entry; ``n/a`` where it predates the counts."""
     if "macs_original" not in row:
@@ -117,7 +121,7 @@ def _compression_section(summary: dict, source: str) -> list[str]:
               f"| test error, posterior mean | {summary['error_posterior_mean']:.2f}% |",
               f"| test error, pruned | {summary['error_pruned']:.2f}% |",
               f"| test error, compressed | {summary['error_compressed']:.2f}% |",
-              f"| validation error, compressed | {summary['val_error_compressed']:.2f}% |"]
+              f"| validation error, compressed | {_percent(summary['val_error_compressed'])} |"]
     if summary.get("threshold_method"):
         lines.append(f"| thresholds | {summary['threshold_method']} |")
     return lines + [""] + _deterministic_section(summary)
@@ -255,7 +259,7 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
         lines += [_finetune_line(load_masks(run_dir)[1], len(metrics), config.lr), ""]
     if last:
         lines += [(f"Last epoch: ELBO per example {last['elbo']:.4f}, train error {last['train_error']:.2f}%, "
-                  f"validation error {last['val_error']:.2f}%."), ""]
+                  f"validation error {_percent(last.get('val_error'))}."), ""]
     if summary:
         lines += _compression_section(summary, summary_path.name)
     else:

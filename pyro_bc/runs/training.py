@@ -52,7 +52,7 @@ def setup_from_config(state: dict | None, config: TrainConfig) -> tuple:
             raise ConfigError(f"--init-from {config.init_from}: holds a {type(init_state).__name__}, not a "
                               "state_dict (save one with torch.save(model.state_dict(), path))")
         net.init_from(init_state)
-    return net, data.train, data.val, {"data_format": data.format, "normalisation": data.normalisation}
+    return net, data.train, data.validation, {"data_format": data.format, "normalisation": data.normalisation}
 
 
 def train(config: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:

@@ -29,3 +29,11 @@ def test_a_pretrained_lenet300_starts_a_bayesian_run_by_name(tmp_path, monkeypat
     expected = torch.relu(torch.relu(x.flatten(1) @ dense["fc1.weight"].T + dense["fc1.bias"]) @ dense["fc2.weight"].T
                           + dense["fc2.bias"]) @ dense["fc3.weight"].T + dense["fc3.bias"]
     torch.testing.assert_close(net.posterior_mean_network()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pretraining_on_every_training_image_records_no_validation_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--model", "lenet300", "--epochs", "1", "--val-size", "0",
+                                      "--out", str(tmp_path / "dense.pt")])
+    assert pretrain.main() == 0
+    history = json.loads((tmp_path / "dense.json").read_text())
+    assert [sorted(h) for h in history] == [["epoch", "seconds"]]

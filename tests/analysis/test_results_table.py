@@ -50,3 +50,13 @@ def test_robustness_pairs_a_fine_tuned_recipes_source_runs(tmp_path, monkeypatch
     # the sources' (1.97 and 2.07: sample sd 0.07), not the fine-tuned runs' (1.88 and 1.70: 0.13)
     assert rows == [(f"| {recipe} (source) | 0 | 1.97, 1-2-3, 10.00% | 2 | 2.15, 1-2-3, 10.00% | +0.18 | 0.07 | "
                      f"`THREADS=2 bash analysis/reproduce.sh {recipe}` |")]
+
+
+def test_along_the_way_marks_the_training_error_of_a_run_without_validation():
+    groups = {"fc1": 3, "fc2": 2}
+    held_out = [{"epoch": 1, "elbo": -1.0, "groups_kept": groups},  # an epoch not evaluated has no errors
+                {"epoch": 2, "train_error": 2.5, "val_error": 2.75, "groups_kept": groups}]
+    every_image = [{"epoch": 1, "elbo": -1.0, "groups_kept": groups},
+                   {"epoch": 2, "train_error": 1.5, "groups_kept": groups}]
+    assert results_table._along_the_way(held_out) == "2: 2.75%, 3-2"
+    assert results_table._along_the_way(every_image) == "2: train 1.50%, 3-2"
