@@ -10,8 +10,8 @@
 #   bash analysis/reproduce.sh lenet300-gnj-fast-ft (a fast recipe, then fine-tuned: its run in NAME/source, pruned as
 #                                                    the recipe prunes, SVI on over the kept weights into NAME; any *-fast-ft)
 #   bash analysis/reproduce.sh lenet300-lu-all-ft   (lenet300-lu-fast-ft on all 60,000 training images, as the paper
-#                                                    trains: no validation split, so only a fixed cut; lenet300-lu-all,
-#                                                    lenet5-lu-all and their -ft)
+#                                                    trains: no validation split, so a fixed cut, lu's log alpha 3 and
+#                                                    gnj's official thresholds; lenet300-{gnj,lu}-all, lenet5-lu-all, -ft)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 #   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a
@@ -34,7 +34,7 @@ main() {
   val_size=5000  # training images held out for validation (pyro-bc's default)
   recipe=$name   # the results folder's name
   case "$name" in *-fast-ft|*-all-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
-  case "$name" in lenet300-lu-all|lenet5-lu-all) name=${name%-all}-fast; val_size=0 ;; esac  # every training image
+  case "$name" in lenet300-lu-all|lenet5-lu-all|lenet300-gnj-all) name=${name%-all}-fast; val_size=0 ;; esac
   base=${name%-30}; [ "$base" != "$name" ] && epochs=30
   base=${base%-fast}; base=${base%-ramp}
   model=${base%-*}; prior=${base##*-}
@@ -65,6 +65,7 @@ main() {
     *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
   esac
   [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
+  [ "$val_size$model$prior" = 0lenet300gnj ] && compress=(--thresholds -2.8 -3 -5)  # no validation: the official cut
   out=analysis/results/$recipe
   [ "$seed" != 0 ] && out=$out/seeds/$seed
   [ "$threads" != 1 ] && out=$out/threads$threads
