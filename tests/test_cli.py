@@ -77,8 +77,8 @@ def test_cli_train_and_error_exit(tmp_path, capsys):
 
 def test_cli_trains_and_compresses_without_validation_examples(tmp_path, capsys):
     """``--val-size 0``: the run trains on every example and records no validation error; ``compress`` at given
-    thresholds writes a file whose test error ``evaluate`` recounts, and the validation-budget rule is refused in one
-    line, exit 1, nothing written."""
+    thresholds writes a file whose test error a recount gives, the validation-budget rule is refused in one line,
+    exit 1, nothing written; ``report`` and ``finetune`` work without validation examples too."""
     run = tmp_path / "all"
     args = ["train", "--prior", "lu", "--epochs", "1", "--subset", "200", "--batch-size", "100", "--val-size", "0",
             "--out", str(run)]
@@ -101,6 +101,9 @@ def test_cli_trains_and_compresses_without_validation_examples(tmp_path, capsys)
     assert not (run / "B.bcz").exists()
     assert main(["report", str(run)]) == 0
     assert "validation error –" in (run / "report.md").read_text()
+    tuned = tmp_path / "tuned"  # fine-tuned at the same cut, still on every example
+    assert main(["finetune", str(run), "--epochs", "1", "--thresholds", "3", "3", "3", "--out", str(tuned)]) == 0
+    assert "val_error" not in json.loads((tuned / METRICS).read_text().splitlines()[-1])
 
 
 # -- compress -----------------------------------------------------------------------------------------------
