@@ -33,7 +33,7 @@ from pyro_bc.compression.posterior import (
 from pyro_bc.compression.pruned import FOLD_EXAMPLES, layer_input_means, masked_network
 from pyro_bc.compression.thresholds import ThresholdInputs, ThresholdRule, rule_from_options
 from pyro_bc.compression.variances import compressed_variances
-from pyro_bc.data.datasets import as_split
+from pyro_bc.data.datasets import Split, as_split
 from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.evaluate import error_percent
 from pyro_bc.metrics.predict import predictive_summary
@@ -74,14 +74,16 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
             **(metadata or {})}
     was_training, device = net.training, next(net.parameters()).device
     try:  # on the CPU, in eval mode; the network goes back to its device and mode afterwards
-        return compress_network(net.cpu().eval(), out, None if val_split is None else (val_split.x.cpu(),
-                                                                                   val_split.y.cpu()),
-                                train_x=None if train_x is None else train_x.cpu(),
-                                test=None if test_split is None else (test_split.x.cpu(), test_split.y.cpu()),
+        return compress_network(net.cpu().eval(), out, _on_cpu(val_split),
+                                train_x=None if train_x is None else train_x.cpu(), test=_on_cpu(test_split),
                                 fold=fold, rule=rule, bits_rule=bits_rule, info=info,
                                 predictive_samples=predictive_samples, keep_variance=keep_variance)
     finally:
         net.to(device).train(was_training)
+
+
+def _on_cpu(split: Split | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if split is None else (split.x.cpu(), split.y.cpu())
 
 
 def resolve_rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule) -> tuple[ThresholdRule, BitsRule]:
@@ -199,8 +201,8 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
 def _pruned_layers(net: BayesianNet, graph: BodyGraph, rule: ThresholdRule, val: tuple,
                    fold_x: torch.Tensor | None) -> tuple[list[PrunedLayer], list[float]]:
     """``net``'s layers pruned at the thresholds ``rule`` chooses on the validation examples ``val`` (``(None,
-    None)``: none), with the fold
-    of pruned inputs measured on ``fold_x`` (None: no fold); ConfigError where a layer would keep no weight."""
+    None)``: none), with the fold of pruned inputs measured on ``fold_x`` (None: no fold); ConfigError where a layer
+    would keep no weight."""
     posts = analyse_network(net, analyse(net), graph)  # BatchNorm folded in
     means = layer_input_means(net, fold_x) if fold_x is not None else None
     thresholds = rule.thresholds(ThresholdInputs(net, posts, *val, means, graph))

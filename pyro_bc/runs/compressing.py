@@ -68,8 +68,9 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
             "prior_options": config.prior_options, "data": data or config.data, "val_size": config.val_size,
             "seed": config.seed, **({"width": config.width} if config.width is not None else {})}
     val = None if dataset.validation is None else (dataset.val.x, dataset.val.y)  # none: trained on every example
-    summary = compress_network(net, out, val, train_x=dataset.train.x, test=(dataset.test.x, dataset.test.y), fold=fold, rule=rule, bits_rule=bits_rule,
-                               info=info, predictive_samples=predictive_samples, keep_variance=keep_variance)
+    summary = compress_network(net, out, val, train_x=dataset.train.x, test=(dataset.test.x, dataset.test.y),
+                               fold=fold, rule=rule, bits_rule=bits_rule, info=info,
+                               predictive_samples=predictive_samples, keep_variance=keep_variance)
     if finetuned:  # MODEL.json says where the network came from
         record = load_masks(run_dir)[1]  # its kept groups are the layers' (kept-structure) or were pruned further
         summary["finetuned"] = {**{k: v for k, v in record.items() if k != "kept_groups"},
