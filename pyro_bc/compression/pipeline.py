@@ -130,8 +130,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         return None if val is None else error_percent(module, *val)
     graph = BodyGraph(net)  # traced once: every pruning and layout below reads it
     fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
-    layers, thresholds = _pruned_layers(net, graph, rule, val or (None, None),
-                                        train_x[:FOLD_EXAMPLES] if fold else None)
+    layers, thresholds = _pruned_layers(net, graph, rule, val, train_x[:FOLD_EXAMPLES] if fold else None)
     method = rule.method(thresholds)
 
     def file_model(precision: Precision, metadata: dict | None = None, half: bool = False) -> codec.CompressedModel:
@@ -198,14 +197,15 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     return summary
 
 
-def _pruned_layers(net: BayesianNet, graph: BodyGraph, rule: ThresholdRule, val: tuple,
+def _pruned_layers(net: BayesianNet, graph: BodyGraph, rule: ThresholdRule,
+                   val: tuple[torch.Tensor, torch.Tensor] | None,
                    fold_x: torch.Tensor | None) -> tuple[list[PrunedLayer], list[float]]:
-    """``net``'s layers pruned at the thresholds ``rule`` chooses on the validation examples ``val`` (``(None,
-    None)``: none), with the fold of pruned inputs measured on ``fold_x`` (None: no fold); ConfigError where a layer
-    would keep no weight."""
+    """``net``'s layers pruned at the thresholds ``rule`` chooses on the validation examples ``val`` (None: none),
+    with the fold of pruned inputs measured on ``fold_x`` (None: no fold); ConfigError where a layer would keep no
+    weight."""
     posts = analyse_network(net, analyse(net), graph)  # BatchNorm folded in
     means = layer_input_means(net, fold_x) if fold_x is not None else None
-    thresholds = rule.thresholds(ThresholdInputs(net, posts, *val, means, graph))
+    thresholds = rule.thresholds(ThresholdInputs(net, posts, *(val or (None, None)), means, graph))
     layers = prune_network(net, posts, thresholds, means, graph)
     empty = [layer.post.name for layer in layers if layer.empty]
     if empty:
