@@ -12,6 +12,8 @@
 #   bash analysis/reproduce.sh lenet300-lu-all-ft   (lenet300-lu-fast-ft on all 60,000 training images, as the paper
 #                                                    trains: no validation split, so a fixed cut, lu's log alpha 3 and
 #                                                    gnj's official thresholds; lenet300-{gnj,lu}-all, lenet5-lu-all, -ft)
+#   bash analysis/reproduce.sh lenet300-gnj-sized-ft (as -all-ft, cut at the paper's kept fraction by one threshold for
+#                                                    every layer, --max-weights-kept 10.8; lenet300-ghs-sized-ft: 10.6)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 #   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a
@@ -33,8 +35,13 @@ main() {
   finetune=()    # fine-tuning after pruning (pyro-bc finetune), empty: none
   val_size=5000  # training images held out for validation (pyro-bc's default)
   recipe=$name   # the results folder's name
-  case "$name" in *-fast-ft|*-all-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
-  case "$name" in lenet300-lu-all|lenet5-lu-all|lenet300-gnj-all) name=${name%-all}-fast; val_size=0 ;; esac
+  size=          # the cut as a size budget, weights kept % (--max-weights-kept), empty: none
+  case "$name" in *-fast-ft|*-all-ft|*-sized-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
+  case "$name" in
+    lenet300-lu-all|lenet5-lu-all|lenet300-gnj-all) name=${name%-all}-fast; val_size=0 ;;
+    lenet300-gnj-sized) name=lenet300-gnj-fast; val_size=0; size=10.8 ;;  # the paper's kept fractions (Table 1)
+    lenet300-ghs-sized) name=lenet300-ghs-fast; val_size=0; size=10.6 ;;
+  esac
   base=${name%-30}; [ "$base" != "$name" ] && epochs=30
   base=${base%-fast}; base=${base%-ramp}
   model=${base%-*}; prior=${base##*-}
@@ -44,7 +51,7 @@ main() {
     lenet5-ghs) compress=(--thresholds -3 -2.2 -2.6 -2.9) ;;  # gap middles; fc1 swept on validation (NOTES.md)
     lenet300-lu|lenet5-lu) compress=(--thresholds 3 3 3 3) ;;     # Sparse VD's per-weight cut, log alpha 3
     lenet300-gnj-30|lenet300-rhs-30) compress=() ;;  # each prior's default cut (log alpha -3): the same rule for both
-    lenet300-gnj-fast|lenet300-lu-fast|lenet5-gnj-fast|lenet5-ghs-fast|lenet5-lu-fast)
+    lenet300-gnj-fast|lenet300-ghs-fast|lenet300-lu-fast|lenet5-gnj-fast|lenet5-ghs-fast|lenet5-lu-fast)
       pretrain=8; epochs=30; eval_every=5; extra=(--variance-lr-factor 30 --lr-schedule cosine)
       compress=(--max-error-increase 0.1)  # 0.2 spent on pruning costs 0.2 of error; LeNet-5 keeps half the paper's
       [ "$prior" = lu ] && compress=(--thresholds 3 3 3 3)  # the lu rows' cut: 1.06% validation error, the budget's 1.16%
@@ -66,6 +73,7 @@ main() {
   esac
   [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
   [ "$val_size$model$prior" = 0lenet300gnj ] && compress=(--thresholds -2.8 -3 -5)  # no validation: the official cut
+  [ -n "$size" ] && compress=(--max-weights-kept "$size")
   out=analysis/results/$recipe
   [ "$seed" != 0 ] && out=$out/seeds/$seed
   [ "$threads" != 1 ] && out=$out/threads$threads

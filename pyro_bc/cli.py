@@ -8,6 +8,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models import BUILTIN_MODELS
 from pyro_bc.allocator import keep_freed_memory
@@ -21,6 +22,9 @@ from pyro_bc.train.checkpoint import load_checkpoint
 from pyro_bc.train.distributed import is_main_process
 from pyro_bc.train.run_dir import CHECKPOINT, PYTHON_MODEL, TrainConfig
 from pyro_bc.train.schedule import SCHEDULES
+
+if TYPE_CHECKING:
+    from pyro_bc.compression.thresholds import ThresholdRule
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,6 +65,13 @@ def _positive_float(text: str) -> float:
     value = _finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _percentage(text: str) -> float:
+    value = _positive_float(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is over 100 (a percentage)")
     return value
 
 
@@ -198,8 +209,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     # no threshold option: the priors' defaults, or for a fine-tuning run the structure it was given
     from pyro_bc.runs.compressing import compress_run
-    summary = compress_run(args.run_dir, args.out, thresholds=args.thresholds, auto=args.auto,
-                           max_error_increase=args.max_error_increase, data=args.data,
+    summary = compress_run(args.run_dir, args.out, rule=_threshold_rule(args), data=args.data,
                            fold=False if args.no_fold else None, bits_budget=args.bits_budget,
                            predictive_samples=args.predictive_samples, keep_variance=args.keep_variance)
     print(format_table(summary))
@@ -261,10 +271,10 @@ def _add_export_parser(sub) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """``pyro-bc finetune``: compress a run's network by the chosen rule, then train its kept weights further."""
-    from pyro_bc.compression.thresholds import rule_from_options
+    from pyro_bc.compression.thresholds import PriorDefault
     from pyro_bc.runs.training import finetune_run
 
-    rule = rule_from_options(args.thresholds, args.auto, args.max_error_increase)
+    rule = _threshold_rule(args) or PriorDefault()
     last = finetune_run(args.run_dir, args.out, epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule,
                         warmup_epochs=args.kl_warmup_epochs, eval_every=args.eval_every, threads=args.threads,
                         device=args.device, rule=rule, fold=False if args.no_fold else None, resume=args.resume)
@@ -273,17 +283,32 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_threshold_options(p: argparse.ArgumentParser) -> None:
+    """The threshold rules' options, one at most (none: the priors' defaults, or a fine-tuned run's structure)."""
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--thresholds", type=_finite_float, nargs="+", metavar="T", help="log alpha threshold per layer")
+    how.add_argument("--auto", choices=("gap",), help="threshold at the gap of each layer's log alpha histogram")
+    how.add_argument("--max-error-increase", type=_nonnegative_float, metavar="P",
+                     help="most compressing thresholds within P points of validation error")
+    how.add_argument("--max-weights-kept", type=_percentage, metavar="P",
+                     help="least pruned network keeping at most P%% of the weights (one threshold for all layers)")
+
+
+def _threshold_rule(args: argparse.Namespace) -> ThresholdRule | None:
+    """The rule the threshold options name, or None where none is given."""
+    from pyro_bc.compression.thresholds import rule_from_options
+
+    options = (args.thresholds, args.auto, args.max_error_increase, args.max_weights_kept)
+    return None if options == (None,) * len(options) else rule_from_options(*options)
+
+
 def _add_finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="prune a run as compress would, then train the kept weights further (SVI, "
                                         "the pruned ones held at zero)")
     p.add_argument("run_dir", help="the run directory to start from (written by 'pyro-bc train')")
     p.add_argument("--out", required=True, help="the new run directory")
     p.add_argument("--epochs", type=_nonnegative_int, required=True)
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--thresholds", type=_finite_float, nargs="+", metavar="T", help="log alpha threshold per layer")
-    how.add_argument("--auto", choices=("gap",), help="threshold at the gap of each layer's log alpha histogram")
-    how.add_argument("--max-error-increase", type=_nonnegative_float, metavar="P",
-                     help="most compressing thresholds within P points of validation error")
+    _add_threshold_options(p)
     p.add_argument("--no-fold", action="store_true", help="start without the fold of pruned inputs into the biases")
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default 1e-4)")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant")
@@ -300,11 +325,7 @@ def _add_compress_parser(sub) -> None:
     p = sub.add_parser("compress", help="prune, choose bit precision and write a .bcz file and MODEL.json")
     p.add_argument("run_dir", help="a run directory written by 'pyro-bc train'")
     p.add_argument("--out", required=True, help="the .bcz file to write (MODEL.json is written beside it)")
-    how = p.add_mutually_exclusive_group()
-    how.add_argument("--thresholds", type=_finite_float, nargs="+", metavar="T", help="log alpha threshold per layer")
-    how.add_argument("--auto", choices=("gap",), help="threshold at the gap of each layer's log alpha histogram")
-    how.add_argument("--max-error-increase", type=_nonnegative_float, metavar="P",
-                     help="most compressing thresholds within P points of validation error")
+    _add_threshold_options(p)
     p.add_argument("--bits-budget", type=_nonnegative_float, metavar="P",
                    help="lower the variance rule's mantissa bits while the validation error stays within P points")
     p.add_argument("--data", default=None, help="data folder (default: the run's)")

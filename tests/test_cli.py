@@ -106,6 +106,25 @@ def test_cli_trains_and_compresses_without_validation_examples(tmp_path, capsys)
     assert "val_error" not in json.loads((tuned / METRICS).read_text().splitlines()[-1])
 
 
+def test_cli_budget_of_weights_kept_compresses_and_finetunes_without_validation_examples(tmp_path, capsys):
+    """``--max-weights-kept P`` needs no validation examples: ``compress`` keeps at most P% of the weights (per
+    weight for lu, so within a few weights of P%) at one threshold for every layer, and ``finetune`` starts from the
+    same cut."""
+    run = tmp_path / "all"
+    assert main(["train", "--prior", "lu", "--epochs", "1", "--subset", "200", "--batch-size", "100", "--val-size",
+                 "0", "--out", str(run)]) == 0
+    assert main(["compress", str(run), "--out", str(run / "MODEL.bcz"), "--max-weights-kept", "5"]) == 0
+    summary = json.loads((run / "MODEL.json").read_text())
+    assert summary["threshold_rule"] == {"name": "max-weights-kept", "settings": {"max_weights_kept": 5.0}}
+    assert summary["threshold_method"] == "at most 5% of weights kept"
+    assert 0.0499 < summary["weights_kept_fraction"] <= 0.05
+    thresholds = [layer["threshold"] for layer in summary["layers"]]
+    assert len(set(thresholds)) == 1
+    tuned = tmp_path / "tuned"
+    assert main(["finetune", str(run), "--epochs", "1", "--max-weights-kept", "5", "--out", str(tuned)]) == 0
+    assert json.loads((tuned / "config.json").read_text())["finetune"]["thresholds"] == thresholds
+
+
 # -- compress -----------------------------------------------------------------------------------------------
 
 def test_cli_compress_prints_the_table_and_records_the_rule(compressed_run, capsys):
@@ -282,6 +301,9 @@ def test_cli_report_missing_json(compressed_run, capsys):
     (["compress", "R", "--out", "x.bcz", "--thresholds", "1", "nan"], "'nan'"),
     (["compress", "R", "--out", "x.bcz", "--auto", "bogus"], "'bogus'"),
     (["compress", "R", "--out", "x.bcz", "--max-error-increase", "-1"], "'-1'"),
+    (["compress", "R", "--out", "x.bcz", "--max-weights-kept", "0"], "'0'"),
+    (["finetune", "R", "--out", "F", "--epochs", "1", "--max-weights-kept", "101"], "'101'"),
+    (["compress", "R", "--out", "x.bcz", "--max-weights-kept", "5", "--thresholds", "1"], "--thresholds"),
     (["compress", "R", "--out", "x.bcz", "--auto", "gap", "--thresholds", "1"], "--thresholds"),
     (["evaluate"], "model"),
     (["evaluate", "M.bcz", "--samples", "-2"], "'-2'"),

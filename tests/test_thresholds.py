@@ -21,6 +21,7 @@ from pyro_bc.compression.thresholds import (
     ThresholdInputs,
     ThresholdRule,
     ValidationBudget,
+    WeightsBudget,
     governed_weights,
     rule_from_options,
     rule_from_record,
@@ -82,13 +83,14 @@ def test_prior_default_is_each_layers_prior_default(prior, expected):
     (GapRule(), [-2.0], "auto gap"),
     (ValidationBudget(0.5), [-8.0], "max validation error increase 0.5 points"),
     (PriorDefault(), [-3.0, -3.0, 3.0], "default -3, 3"),
+    (WeightsBudget(10.8), [-2.5, -2.5], "at most 10.8% of weights kept"),
 ])
 def test_method_text_is_what_model_json_has_always_recorded(rule, thresholds, text):
     assert rule.method(thresholds) == text
 
 
 @pytest.mark.parametrize("rule", [GivenThresholds([-3.0, -2.0]), GapRule(lo=-5.0), ValidationBudget(1.5), PriorDefault(),
-                                  KeptStructure("runs/finetuned")])
+                                  KeptStructure("runs/finetuned"), WeightsBudget(10.8)])
 def test_record_is_json_and_round_trips(rule):
     record = json.loads(json.dumps(rule.record()))
     assert record == {"name": rule.name, "settings": rule.settings}
@@ -97,13 +99,13 @@ def test_record_is_json_and_round_trips(rule):
 
 
 def test_every_rule_is_registered_under_its_name():
-    assert set(RULES) == {"given", "gap", "max-error-increase", "prior-default", "kept-structure"}
+    assert set(RULES) == {"given", "gap", "max-error-increase", "max-weights-kept", "prior-default", "kept-structure"}
     assert all(issubclass(cls, ThresholdRule) and cls.name == name for name, cls in RULES.items())
 
 
 def test_bad_records_are_config_errors():
     with pytest.raises(ConfigError, match="unknown threshold rule 'median': choose one of given, gap, "
-                                          "max-error-increase, prior-default, kept-structure$"):
+                                          "max-error-increase, max-weights-kept, prior-default, kept-structure$"):
         rule_from_record({"name": "median", "settings": {}})
     with pytest.raises(ConfigError, match=r"threshold rule gap: bad settings \{'width': 3\} \("):
         rule_from_record({"name": "gap", "settings": {"width": 3}})
@@ -122,6 +124,7 @@ def test_rule_from_options_follows_the_command_lines_precedence():
     assert rule_from_options(thresholds=[-1.0, -2.0]).settings == {"thresholds": [-1.0, -2.0]}
     assert isinstance(rule_from_options(auto="gap"), GapRule)
     assert rule_from_options(max_error_increase=0.25).settings == {"max_error_increase": 0.25}
+    assert rule_from_options(max_weights_kept=10.8).settings == {"max_weights_kept": 10.8}
     assert isinstance(rule_from_options(thresholds=[0.0], auto="gap", max_error_increase=1.0), GivenThresholds)
     with pytest.raises(ConfigError, match="unknown automatic threshold rule 'median': choose gap$"):
         rule_from_options(auto="median")
@@ -227,3 +230,72 @@ def test_governed_weights_divide_by_the_groups_the_top_threshold_prunes(second):
     posts = analyse(net)
     assert posts[0].log_alpha.tolist() == [1.0, second, -20.0]
     assert governed_weights(net, posts) == [6.0]
+
+
+# -- the budget of weights kept -----------------------------------------------------------------------------
+
+def _chain(log_alphas: list[list[float]], outputs: int = 2) -> ThresholdInputs:
+    """Linear layers in a chain whose input groups have the given log alphas (group scale mean 1, so log alpha is
+    the scale's log variance)."""
+    sizes = [len(values) for values in log_alphas] + [outputs]
+    body = []
+    for n_in, n_out in itertools.pairwise(sizes):
+        body += [BayesLinear(n_in, n_out), nn.ReLU()]
+    net = BayesianNet(nn.Sequential(*body[:-1]), input_shape=(sizes[0],))
+    with torch.no_grad():
+        for layer, values in zip(net.layers, log_alphas):
+            layer.prior.z_mu.fill_(1.0)
+            layer.prior.z_logvar.copy_(torch.tensor(values))
+    return ThresholdInputs(net, analyse(net))
+
+
+def _kept_by_hand(log_alphas: list[list[float]], threshold: float, outputs: int = 2) -> tuple[int, list[int]]:
+    """A chain's weights kept at one threshold, counted by hand: each layer keeps its inputs under the threshold
+    times its outputs, which are the next layer's inputs kept (the last layer's: all of them)."""
+    groups = [int((np.array(values, dtype=np.float32) < np.float32(threshold)).sum()) for values in log_alphas]
+    outs = groups[1:] + [outputs]
+    return sum(g * o for g, o in zip(groups, outs)), groups
+
+
+@pytest.mark.parametrize("budget", [48.0, 55.0, 62.0, 75.0, 90.0, 99.0, 100.0])  # the least is 47.6%
+def test_weights_budget_keeps_the_most_groups_within_the_budget(budget):
+    """Against every cut by hand: the rule keeps as many weights as any threshold within the budget, and as many
+    groups as any threshold that keeps that many weights (the highest cut: a group that adds no weight stays)."""
+    rng = np.random.default_rng(7)
+    log_alphas = [rng.normal(-2, 3, n).round(3).tolist() for n in (6, 4, 3)]  # 6*4 + 4*3 + 3*2 = 42 weights
+    values = np.unique(np.concatenate(log_alphas))
+    cuts = [values[0] - 1, *((values[:-1] + values[1:]) / 2), values[-1] + 1]
+    within = [(weights, sum(groups)) for weights, groups in (_kept_by_hand(log_alphas, t) for t in cuts)
+              if 100 * weights / 42 <= budget and min(groups) > 0]
+    (threshold, *others) = WeightsBudget(budget).thresholds(_chain(log_alphas))
+    assert others == [threshold, threshold]
+    weights, groups = _kept_by_hand(log_alphas, threshold)
+    assert (weights, sum(groups)) == max(within)
+    assert 100 * weights / 42 <= budget
+
+
+def test_weights_budget_that_leaves_a_layer_empty_names_the_least_budget():
+    log_alphas = [[-5.0, -4.0, -1.0], [0.0, -6.0], [-3.0]]  # 3*2 + 2*1 + 1*2 = 10 weights
+    # the least cut keeping every layer is just over layer 2's -3, which keeps layer 0's -5 and -4 too: 2*1 + 1*1 + 1*2
+    least = min(100 * w / 10 for w, g in (_kept_by_hand(log_alphas, t, 2) for t in np.arange(-7, 1, 0.5))
+                if min(g) > 0)
+    assert least == 50.0
+    with pytest.raises(ConfigError, match=r"a budget of 45% of weights leaves a layer no weight: the least that keeps "
+                                          r"every layer is 50%; raise --max-weights-kept$"):
+        WeightsBudget(45).thresholds(_chain(log_alphas))
+    assert _kept_by_hand(log_alphas, WeightsBudget(50).thresholds(_chain(log_alphas))[0]) == (5, [2, 1, 1])
+
+
+def test_weights_budget_separates_neighbouring_float32_values():
+    """Two inputs one float32 step apart: the cut between them keeps the smaller alone (the cut is evaluated as the
+    pruning compares, in the log alphas' float32)."""
+    below = float(np.nextafter(np.float32(1.0), np.float32(-np.inf)))
+    inputs = _chain([[1.0, below]], outputs=1)
+    (threshold,) = WeightsBudget(50).thresholds(inputs)
+    assert _kept_by_hand([[1.0, below]], threshold, outputs=1) == (1, [1])
+
+
+@pytest.mark.parametrize("budget", [0.0, -1.0, 100.5, float("nan")])
+def test_weights_budget_is_a_percentage(budget):
+    with pytest.raises(ConfigError, match=r"max_weights_kept is a percentage in \(0, 100\]"):
+        WeightsBudget(budget)

@@ -8,6 +8,8 @@ Each rule is a small object with a :attr:`~ThresholdRule.name`, its :attr:`~Thre
 * :class:`GapRule`           per layer, the middle of the widest gap in the sorted log alpha values (``--auto gap``);
 * :class:`ValidationBudget`  the most compressing thresholds within a validation error budget
   (``--max-error-increase P``);
+* :class:`WeightsBudget`     the least pruned network within a budget of weights kept, one threshold for every layer
+  (``--max-weights-kept P``);
 * :class:`PriorDefault`      each layer's prior's default cut (``layer.prior.default_threshold``);
 * :class:`KeptStructure`     the structure a fine-tuning run was given (the default for such a run).
 
@@ -16,6 +18,7 @@ A new rule is a subclass plus one entry in :data:`RULES`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from abc import abstractmethod
@@ -174,6 +177,50 @@ class ValidationBudget(ThresholdRule):
         return f"max validation error increase {self.max_error_increase} points"
 
 
+class WeightsBudget(ThresholdRule):
+    """The least pruned network that keeps at most ``max_weights_kept`` percent of the weights: one log alpha
+    threshold for every layer, the highest whose pruning stays within the budget.
+
+    Log alpha (a group's noise over its signal) ranks the groups of all layers on one scale, so the kept groups are
+    the network's most certain ones, wherever they sit. The rule looks at no data: a size target, and a cut for runs
+    trained on every example (``--val-size 0``). Weights are counted as ``weights_kept_fraction`` counts them,
+    after the pruning has followed the graph (a neuron gone takes the weights that read it along)."""
+
+    name = "max-weights-kept"
+
+    def __init__(self, max_weights_kept: float):
+        if not 0 < max_weights_kept <= 100:
+            raise ConfigError(f"max_weights_kept is a percentage in (0, 100], not {max_weights_kept!r}")
+        self.max_weights_kept = float(max_weights_kept)
+
+    @property
+    def settings(self) -> dict:
+        return {"max_weights_kept": self.max_weights_kept}
+
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        posts, graph = inputs.posts, inputs.graph or BodyGraph(inputs.net)
+        values = torch.cat([post.log_alpha.detach().flatten().double() for post in posts]).unique()  # sorted
+        # cuts[k] keeps the groups of the k smallest log alpha values: the middles between neighbours, and the ends
+        cuts = torch.cat([values[:1] - 1, (values[:-1] + values[1:]) / 2, values[-1:] + 1]).tolist()
+
+        def pruned(k: int) -> list:
+            return prune_network(inputs.net, posts, [cuts[k]] * len(posts), None, graph)
+
+        def percent_kept(k: int) -> float:
+            layers = pruned(k)
+            return 100 * sum(int(layer.mask.sum()) for layer in layers) / sum(layer.mask.numel() for layer in layers)
+
+        best = bisect.bisect_right(range(len(cuts)), self.max_weights_kept, key=percent_kept) - 1  # cut 0 keeps 0%
+        if any(layer.empty for layer in pruned(best)):
+            least = bisect.bisect_left(range(len(cuts)), True, key=lambda k: not any(lay.empty for lay in pruned(k)))
+            raise ConfigError(f"a budget of {self.max_weights_kept:g}% of weights leaves a layer no weight: the least "
+                              f"that keeps every layer is {percent_kept(least):.4g}%; raise --max-weights-kept")
+        return [cuts[best]] * len(posts)
+
+    def method(self, thresholds: list[float]) -> str:
+        return f"at most {self.max_weights_kept:g}% of weights kept"
+
+
 def governed_weights(net: BayesianNet, posts: list[LayerPosterior], graph: BodyGraph | None = None) -> list[float]:
     """Per layer, the weights its groups govern: its number of groups (weights, for a per-weight prior) times the
     weights that go when its most prunable group goes alone, all else kept. Measured by the pruning itself, so
@@ -252,14 +299,15 @@ class KeptStructure(ThresholdRule):
 
 
 RULES: dict[str, type[ThresholdRule]] = {rule.name: rule for rule in
-                                         (GivenThresholds, GapRule, ValidationBudget, PriorDefault, KeptStructure)}
+                                         (GivenThresholds, GapRule, ValidationBudget, WeightsBudget, PriorDefault,
+                                          KeptStructure)}
 AUTO_RULES: dict[str, type[ThresholdRule]] = {"gap": GapRule}  # ``--auto NAME``
 
 
 def rule_from_options(thresholds: list[float] | None = None, auto: str | None = None,
-                      max_error_increase: float | None = None) -> ThresholdRule:
+                      max_error_increase: float | None = None, max_weights_kept: float | None = None) -> ThresholdRule:
     """The rule the command line's options name: ``--thresholds``, else ``--auto``, else
-    ``--max-error-increase``, else the priors' defaults."""
+    ``--max-error-increase``, else ``--max-weights-kept``, else the priors' defaults."""
     if thresholds is not None:
         return GivenThresholds(thresholds)
     if auto is not None:
@@ -268,6 +316,8 @@ def rule_from_options(thresholds: list[float] | None = None, auto: str | None = 
         return AUTO_RULES[auto]()
     if max_error_increase is not None:
         return ValidationBudget(max_error_increase)
+    if max_weights_kept is not None:
+        return WeightsBudget(max_weights_kept)
     return PriorDefault()
 
 
