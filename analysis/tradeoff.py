@@ -1,11 +1,13 @@
 """Trade-off curves of a run: test error against weights kept and against cr_file, over a sweep of validation budgets.
 
     python analysis/tradeoff.py RUN_DIR [RUN_DIR ...] [--budgets 0 0.1 0.25 ...] [--thresholds -9 -8 ...]
-                                [--out-dir analysis/results] [--recipe NAME]
+                                [--weights-kept 5 10.8 ...] [--out-dir analysis/results] [--recipe NAME]
 
 Each ordinary run is compressed once per budget (``--max-error-increase B``, into a temporary folder), once per
-``--thresholds`` value (that threshold for every layer; values that leave a layer empty are skipped) and once at
-the priors' default thresholds; each point is the compressed file's test error, its weights kept and its cr_file.
+``--thresholds`` value (that threshold for every layer), once per ``--weights-kept`` value (``--max-weights-kept P``)
+and once at the priors' default thresholds; a point the run cannot have (a layer left empty, a validation budget for
+a run trained with ``--val-size 0``) is skipped with a line saying why. Each point is the compressed file's test
+error, its weights kept and its cr_file.
 A fine-tuning run (``pyro-bc finetune``) is one point, compressed with the structure it was given (at its source
 run's thresholds where fine-tuning moved a kept weight's log alpha past a pruned one's, as ``reproduce.sh`` does),
 drawn on its source run's figure when that run is given too (else on its own). The paper's point (Table 1) and the
@@ -26,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pyro_bc.atomic import atomic_write_text
-from pyro_bc.compression.thresholds import GivenThresholds, PriorDefault, ValidationBudget
+from pyro_bc.compression.thresholds import GivenThresholds, PriorDefault, ValidationBudget, WeightsBudget
 from pyro_bc.errors import ConfigError
 from pyro_bc.runs.compressing import compress_run
 from pyro_bc.runs.load import load_run
@@ -52,16 +54,20 @@ def point(run_dir: Path, rule, label: str) -> dict:
     return row
 
 
-def sweep(run_dir: Path, budgets, thresholds, n_layers: int) -> list[dict]:
-    """The run's points: one per validation budget, one per common threshold (where no layer is left empty) and
-    one at the priors' default thresholds; each row's ``sweep`` says which."""
-    rows = [{"sweep": "budget", **point(run_dir, ValidationBudget(b), f"budget {b:g}")} for b in budgets]
-    for t in thresholds:
+def sweep(run_dir: Path, budgets, thresholds, weights_kept, n_layers: int) -> list[dict]:
+    """The run's points: one per validation budget, one per common threshold, one per budget of weights kept and one
+    at the priors' default thresholds, each where the run can have it; each row's ``sweep`` says which."""
+    rules = ([("budget", ValidationBudget(b), f"budget {b:g}") for b in budgets]
+             + [("threshold", GivenThresholds([t] * n_layers), f"threshold {t:g}") for t in thresholds]
+             + [("weights-kept", WeightsBudget(p), f"at most {p:g}% kept") for p in weights_kept]
+             + [("default", PriorDefault(), "prior default")])
+    rows = []
+    for kind, rule, label in rules:
         try:
-            rows.append({"sweep": "threshold", **point(run_dir, GivenThresholds([t] * n_layers), f"threshold {t:g}")})
+            rows.append({"sweep": kind, **point(run_dir, rule, label)})
         except ConfigError as e:
-            print(f"threshold {t:g} skipped: {e}", file=sys.stderr)
-    return rows + [{"sweep": "default", **point(run_dir, PriorDefault(), "prior default")}]
+            print(f"{label} skipped: {e}", file=sys.stderr)
+    return rows
 
 
 def finetuned_point(run: Path) -> dict:
@@ -87,7 +93,7 @@ def plot(curve: list[dict], finetuned: list[dict], key: tuple[str, str], title: 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, x, name in ((axes[0], "weights_kept_percent", "weights kept (%)"), (axes[1], "cr_file", "cr_file")):
         for kind, style, label in (("budget", "o-", "validation budgets"), ("threshold", "^--", "one threshold"),
-                                   ("default", "x", "priors' default")):
+                                   ("weights-kept", "v:", "budgets of weights kept"), ("default", "x", "priors' default")):
             ordered = sorted((r for r in curve if r.get("sweep") == kind), key=lambda r: r[x])
             if ordered:
                 ax.plot([r[x] for r in ordered], [r["error_compressed"] for r in ordered], style, label=label)
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="validation error budgets in points (--max-error-increase)")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="common log alpha thresholds to sweep (each for every layer)")
+    parser.add_argument("--weights-kept", type=float, nargs="*", default=[], metavar="P",
+                        help="budgets of weights kept, in percent, to sweep (--max-weights-kept)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "analysis" / "results")
     parser.add_argument("--recipe", default=None, help="the folder name under --out-dir (one ordinary run only)")
     args = parser.parse_args(argv)
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in sources + alone:
         net, config, _ = load_run(run)
         key = (config.model, config.prior)
-        curve = sweep(run, args.budgets, args.thresholds, len(net.layers)) if run in sources else [
+        curve = sweep(run, args.budgets, args.thresholds, args.weights_kept, len(net.layers)) if run in sources else [
             {"sweep": "finetuned", **finetuned_point(run)}]
         followers = by_source.get(run.resolve(), [])
         finetuned = [finetuned_point(t) for t in followers]

@@ -15,13 +15,14 @@ from pyro_bc.cli import main
 def test_points_are_the_compressions_at_each_budget_and_threshold(run, tmp_path):
     tuned = tmp_path / "ft"
     assert main(["finetune", str(run), "--epochs", "1", "--out", str(tuned), "--thresholds", "-4", "-3.5", "-3.8"]) == 0
-    assert tradeoff.main([str(run), str(tuned), "--budgets", "0.5", "--thresholds", "-3", "--out-dir", str(tmp_path),
-                          "--recipe", "demo"]) == 0
+    assert tradeoff.main([str(run), str(tuned), "--budgets", "0.5", "--thresholds", "-3", "--weights-kept", "20",
+                          "--out-dir", str(tmp_path), "--recipe", "demo"]) == 0
     record = json.loads((tmp_path / "demo" / "tradeoff.json").read_text())
     assert (tmp_path / "demo" / "tradeoff.png").stat().st_size > 0
-    assert [p["label"] for p in record["points"]] == ["budget 0.5", "threshold -3", "prior default"]
+    assert [p["label"] for p in record["points"]] == ["budget 0.5", "threshold -3", "at most 20% kept", "prior default"]
     for label, argv in (("budget 0.5", ["--max-error-increase", "0.5"]),
-                        ("threshold -3", ["--thresholds", "-3", "-3", "-3"])):
+                        ("threshold -3", ["--thresholds", "-3", "-3", "-3"]),
+                        ("at most 20% kept", ["--max-weights-kept", "20"])):
         bcz = tmp_path / f"{label.replace(' ', '_')}.bcz"
         assert main(["compress", str(run), "--out", str(bcz)] + argv) == 0
         direct = json.loads(bcz.with_suffix(".json").read_text())
@@ -32,6 +33,17 @@ def test_points_are_the_compressions_at_each_budget_and_threshold(run, tmp_path)
     (finetuned,) = record["finetuned"]
     assert finetuned["run"] == str(tuned) and finetuned["threshold_method"] == "the structure fine-tuning was given"
     assert record["paper"] == [1.8, 10.8, 58] and record["official"] == [1.73, 11.9]
+
+
+def test_a_run_without_validation_examples_has_no_budget_points(tmp_path, capsys):
+    run = tmp_path / "all"
+    assert main(["train", "--epochs", "1", "--subset", "200", "--batch-size", "100", "--val-size", "0",
+                 "--out", str(run)]) == 0
+    assert tradeoff.main([str(run), "--budgets", "0.5", "--weights-kept", "30", "--out-dir", str(tmp_path)]) == 0
+    assert "budget 0.5 skipped: the max-error-increase rule needs validation examples" in capsys.readouterr().err
+    record = json.loads((tmp_path / "all" / "tradeoff.json").read_text())
+    assert [p["label"] for p in record["points"]] == ["at most 30% kept", "prior default"]
+    assert record["points"][0]["weights_kept_percent"] <= 30
 
 
 def test_a_finetuned_run_whose_structure_moved_is_compressed_at_its_sources_thresholds(tmp_path, monkeypatch):
