@@ -122,8 +122,8 @@ def plot(curve: list[dict], finetuned: list[dict], key: tuple[str, str], title: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (ordinary or fine-tuning runs)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
-                        help="validation error budgets in points (--max-error-increase)")
+    parser.add_argument("--budgets", type=float, nargs="*", default=list(BUDGETS),
+                        help="validation error budgets in points (--max-error-increase; none: --budgets alone)")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="common log alpha thresholds to sweep (each for every layer)")
     parser.add_argument("--weights-kept", type=float, nargs="*", default=[], metavar="P",
