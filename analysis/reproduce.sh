@@ -13,7 +13,8 @@
 #                                                    trains: no validation split, so a fixed cut, lu's log alpha 3 and
 #                                                    gnj's official thresholds; lenet300-{gnj,lu}-all, lenet5-lu-all, -ft)
 #   bash analysis/reproduce.sh lenet300-gnj-sized-ft (as -all-ft, cut at the paper's kept fraction by one threshold for
-#                                                    every layer, --max-weights-kept 10.8; lenet300-ghs-sized-ft: 10.6)
+#                                                    every layer, --max-weights-kept 10.8; lenet300-ghs-sized-ft: 10.6;
+#                                                    lenet5-gnj-sized-ft: lenet5-gnj-ramp so, at 0.9%)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 #   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a
@@ -41,6 +42,7 @@ main() {
     lenet300-lu-all|lenet5-lu-all|lenet300-gnj-all) name=${name%-all}-fast; val_size=0 ;;
     lenet300-gnj-sized) name=lenet300-gnj-fast; val_size=0; size=10.8 ;;  # the paper's kept fractions (Table 1)
     lenet300-ghs-sized) name=lenet300-ghs-fast; val_size=0; size=10.6 ;;
+    lenet5-gnj-sized) name=lenet5-gnj-ramp; val_size=0; size=0.9 ;;   # LeNet-5 from the ramp recipe's start
   esac
   base=${name%-30}; [ "$base" != "$name" ] && epochs=30
   base=${base%-fast}; base=${base%-ramp}

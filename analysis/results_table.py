@@ -40,7 +40,7 @@ for _name in ("lenet5-gnj", "lenet300-gnj", "lenet5-ghs"):
     RECIPES[_name].append(f"{_name}-ramp")  # the fast start, the KL weight rising over the first epochs (reproduce.sh)
 for _name in ("lenet300-gnj", "lenet300-lu", "lenet5-lu"):
     RECIPES[_name].append(f"{_name}-all-ft")  # the fine-tuned fast recipe on every training image (reproduce.sh)
-for _name in ("lenet300-gnj", "lenet300-ghs"):
+for _name in ("lenet300-gnj", "lenet300-ghs", "lenet5-gnj"):
     RECIPES[_name].append(f"{_name}-sized-ft")  # -all-ft cut at the paper's kept fraction (reproduce.sh)
 #: the fast recipes' issue targets of wall time, pretraining included (minutes)
 TIME_TARGETS = {"lenet300-gnj-fast": 7, "lenet5-gnj-fast": 60}
