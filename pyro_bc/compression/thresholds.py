@@ -210,9 +210,12 @@ class WeightsBudget(ThresholdRule):
             layers = pruned(k)
             return 100 * sum(int(layer.mask.sum()) for layer in layers) / sum(layer.mask.numel() for layer in layers)
 
+        def keeps_every_layer(k: int) -> bool:
+            return not any(layer.empty for layer in pruned(k))
+
         best = bisect.bisect_right(range(len(cuts)), self.max_weights_kept, key=percent_kept) - 1  # cut 0 keeps 0%
-        if any(layer.empty for layer in pruned(best)):
-            least = bisect.bisect_left(range(len(cuts)), True, key=lambda k: not any(lay.empty for lay in pruned(k)))
+        if not keeps_every_layer(best):
+            least = bisect.bisect_left(range(len(cuts)), True, key=keeps_every_layer)
             raise ConfigError(f"a budget of {self.max_weights_kept:g}% of weights leaves a layer no weight: the least "
                               f"that keeps every layer is {percent_kept(least):.4g}%; raise --max-weights-kept")
         return [cuts[best]] * len(posts)
