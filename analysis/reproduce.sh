@@ -14,7 +14,7 @@
 #                                                    gnj's official thresholds; lenet300-{gnj,lu}-all, lenet5-lu-all, -ft)
 #   bash analysis/reproduce.sh lenet300-gnj-sized-ft (as -all-ft, cut at the paper's kept fraction by one threshold for
 #                                                    every layer, --max-weights-kept 10.8; lenet300-ghs-sized-ft: 10.6;
-#                                                    lenet5-gnj-sized-ft: lenet5-gnj-ramp so, at 0.9%)
+#                                                    lenet5-gnj-sized-ft: the lenet5-gnj-ramp schedule, 0.9%)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 #   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a

@@ -119,6 +119,13 @@ def plot(curve: list[dict], finetuned: list[dict], key: tuple[str, str], title: 
     plt.close(fig)
 
 
+def _percentage(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage in (0, 100]")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (ordinary or fine-tuning runs)")
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="validation error budgets in points (--max-error-increase; none: --budgets alone)")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="common log alpha thresholds to sweep (each for every layer)")
-    parser.add_argument("--weights-kept", type=float, nargs="*", default=[], metavar="P",
+    parser.add_argument("--weights-kept", type=_percentage, nargs="*", default=[], metavar="P",
                         help="budgets of weights kept, in percent, to sweep (--max-weights-kept)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "analysis" / "results")
     parser.add_argument("--recipe", default=None, help="the folder name under --out-dir (one ordinary run only)")
