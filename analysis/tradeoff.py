@@ -54,12 +54,12 @@ def point(run_dir: Path, rule, label: str) -> dict:
     return row
 
 
-def sweep(run_dir: Path, budgets, thresholds, weights_kept, n_layers: int) -> list[dict]:
+def sweep(run_dir: Path, budgets, thresholds, size_budgets: list[WeightsBudget], n_layers: int) -> list[dict]:
     """The run's points: one per validation budget, one per common threshold, one per budget of weights kept and one
     at the priors' default thresholds, each where the run can have it; each row's ``sweep`` says which."""
     rules = ([("budget", ValidationBudget(b), f"budget {b:g}") for b in budgets]
              + [("threshold", GivenThresholds([t] * n_layers), f"threshold {t:g}") for t in thresholds]
-             + [("weights-kept", WeightsBudget(p), f"at most {p:g}% kept") for p in weights_kept]
+             + [("weights-kept", rule, f"at most {rule.max_weights_kept:g}% kept") for rule in size_budgets]
              + [("default", PriorDefault(), "prior default")])
     rows = []
     for kind, rule, label in rules:
@@ -119,13 +119,6 @@ def plot(curve: list[dict], finetuned: list[dict], key: tuple[str, str], title: 
     plt.close(fig)
 
 
-def _percentage(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage in (0, 100]")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (ordinary or fine-tuning runs)")
@@ -133,11 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="validation error budgets in points (--max-error-increase; none: --budgets alone)")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[],
                         help="common log alpha thresholds to sweep (each for every layer)")
-    parser.add_argument("--weights-kept", type=_percentage, nargs="*", default=[], metavar="P",
+    parser.add_argument("--weights-kept", type=float, nargs="*", default=[], metavar="P",
                         help="budgets of weights kept, in percent, to sweep (--max-weights-kept)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "analysis" / "results")
     parser.add_argument("--recipe", default=None, help="the folder name under --out-dir (one ordinary run only)")
     args = parser.parse_args(argv)
+    try:  # the rule's own check of a budget
+        size_budgets = [WeightsBudget(p) for p in args.weights_kept]
+    except ConfigError as e:
+        parser.error(f"--weights-kept: {e}")
     sources = [r for r in args.runs if not (r / FINETUNE_FILE).is_file()]
     tuned = [r for r in args.runs if (r / FINETUNE_FILE).is_file()]
     if args.recipe and len(sources) != 1:
@@ -150,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in sources + alone:
         net, config, _ = load_run(run)
         key = (config.model, config.prior)
-        curve = sweep(run, args.budgets, args.thresholds, args.weights_kept, len(net.layers)) if run in sources else [
+        curve = sweep(run, args.budgets, args.thresholds, size_budgets, len(net.layers)) if run in sources else [
             {"sweep": "finetuned", **finetuned_point(run)}]
         followers = by_source.get(run.resolve(), [])
         finetuned = [finetuned_point(t) for t in followers]

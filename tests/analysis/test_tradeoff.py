@@ -46,6 +46,14 @@ def test_a_run_without_validation_examples_has_no_budget_points(tmp_path, capsys
     assert record["points"][0]["weights_kept_percent"] <= 30
 
 
+def test_a_budget_of_weights_kept_outside_0_100_is_an_argument_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tradeoff.main([str(tmp_path), "--weights-kept", "10", "0", "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--weights-kept: max_weights_kept is a percentage in (0, 100], not 0.0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_finetuned_run_whose_structure_moved_is_compressed_at_its_sources_thresholds(tmp_path, monkeypatch):
     """Where the masks no longer part kept from pruned log alphas (ConfigError), the point is the compression at the
     thresholds in the source run's MODEL.json, as reproduce.sh compresses a fine-tuned recipe."""
