@@ -1,6 +1,7 @@
 """Fine-tuning after pruning: the masked ELBO against a hand-built pruned network, pruned weights held at exactly
 zero through steps and a resume, and the compression of a fine-tuned run keeping the structure it was given."""
 
+import dataclasses
 import json
 import math
 
@@ -8,14 +9,18 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_data import write_cifar
 from torch import nn
 
 import pyro_bc
+from models import build_network
 from pyro_bc.cli import main
 from pyro_bc.compression.finetuning import LayerMask, PruningMask, load_masks
 from pyro_bc.compression.thresholds import KeptStructure
 from pyro_bc.errors import CheckpointError, ConfigError
+from pyro_bc.train.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.train.loop import NegativeELBO
+from pyro_bc.train.run_dir import TrainConfig
 
 # Molchanov et al. (2017), eq. 14: KL(N(mu, s^2) || LogUniform) ~= K1 - K1 sigmoid(K2 + K3 log a) + softplus(-log a)/2
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -251,3 +256,123 @@ def test_cli_finetune_bad_input_is_one_line_and_writes_nothing(run, tmp_path, ca
     assert "must differ from the source run" in err and len(err.strip().splitlines()) == 1
     assert main(["finetune", str(run), "--epochs", "1", "--out", str(out), "--resume"]) == 1
     assert "no fine-tuning masks" in capsys.readouterr().err
+
+
+class _ResidualBatchNorm(nn.Module):
+    """conv0 + BN (no bias) -> ReLU -> conv1 + BN -> ReLU -> h + BN(conv2(h)) -> BN on its own (after the sum) ->
+    ReLU -> pool -> head: BatchNorm folded into layers with and without a bias, one that follows no layer, a
+    residual sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(2, 6, 3, bias=False), nn.BatchNorm2d(6)
+        self.conv1, self.bn1 = nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.bn3, self.head = nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(torch.relu(self.bn0(self.conv0(x))))))
+        h = torch.relu(self.bn3(h + self.bn2(self.conv2(h))))
+        return self.head(h.mean((2, 3)))
+
+
+def _batchnorm_problem():
+    torch.manual_seed(0)
+    dense = _ResidualBatchNorm()
+    with torch.no_grad():  # running statistics, scales and shifts far from the identity's
+        for bn in (dense.bn0, dense.bn1, dense.bn2, dense.bn3):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    net = pyro_bc.bayesianize(dense, "gnj", input_shape=(2, 6, 6))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(120, 2, 6, 6, generator=g)
+    y = x.mean((2, 3)).argmax(1) % 3
+    with torch.no_grad():  # pruned at -3: conv0's channels 1 and 4 (conv1's inputs, folded into bn1's shift); conv2's
+        net.layers[0].prior.z_logvar[[1, 4]] = 5.0  # channel 2, whose sum the skip keeps; head's input 3
+        net.layers[2].prior.z_logvar[2] = 5.0
+        net.layers[3].prior.z_logvar[3] = 5.0
+    return net, (x, y)
+
+
+def _norm_statistics(net) -> list[torch.Tensor]:
+    return [t.clone() for m in net.modules() if isinstance(m, nn.BatchNorm2d)
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+
+
+def test_fine_tuning_starts_a_batchnorm_network_at_its_pruned_network(tmp_path):
+    """Folded BatchNorm keeps its running statistics in fine-tuning; its shift carries the fold of the layer's pruned
+    inputs, so the posterior-mean network computes what error_pruned measures (BatchNorm folded into the weights)."""
+    net, data = _batchnorm_problem()
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=data, train=data, thresholds=[-3.0] * 4)
+    assert summary["fold_pruned_inputs"] and summary["architecture"] == "4-4-4-3"
+    assert [r["weights_kept"] for r in summary["layers"]] == [72, 16, 12, 9]  # conv1 reads 4 of 6 inputs, conv2 writes 3 of 4 rows
+    start = pyro_bc.pruned_network(net, summary, data)
+    pyro_bc.finetune(net, summary, data, epochs=0, out=tmp_path / "ft", progress=False)
+    with torch.no_grad():
+        reached = net.posterior_mean_network()(data[0])
+        torch.testing.assert_close(reached, start(data[0]), rtol=1e-5, atol=1e-5)
+    carried = net.body.bn1.bias - _batchnorm_problem()[0].body.bn1.bias
+    assert carried.abs().max() > 0.05  # the fold of conv1's pruned inputs, in bn1's shift: the check can fail
+
+
+def test_fine_tuning_a_batchnorm_network_trains_on_frozen_statistics_and_resumes_exactly(tmp_path):
+    net, data = _batchnorm_problem()
+    statistics = _norm_statistics(net)
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=data, train=data, thresholds=[-3.0] * 4)
+    straight = _batchnorm_problem()[0]
+    pyro_bc.finetune(straight, summary, data, data, epochs=3, lr=1e-2, batch_size=32, out=tmp_path / "a",
+                     progress=False)
+    resumed = _batchnorm_problem()[0]
+    pyro_bc.finetune(resumed, summary, data, data, epochs=1, lr=1e-2, batch_size=32, out=tmp_path / "b",
+                     progress=False)
+    pyro_bc.finetune(resumed, None, data, data, epochs=3, out=tmp_path / "b", progress=False, resume=True)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)  # the resume is exact
+    shift = straight.body.bn2.bias.clone()
+    for got, want in zip(_norm_statistics(straight), statistics):
+        assert torch.equal(got, want)  # the running statistics did not move
+    assert not torch.equal(shift, _batchnorm_problem()[0].body.bn2.bias)  # the shifts did train
+    masks, _ = load_masks(tmp_path / "a")
+    for layer, mask in zip(straight.layers, masks):
+        assert torch.all(layer.weight_mu[~mask.weight] == 0)
+    straight.train()
+    assert straight.body.bn0.training  # the hooks are gone: BatchNorm follows train() again
+    after = pyro_bc.compress(straight, tmp_path / "ft.bcz", val=data, train=data,
+                             rule=KeptStructure(str(tmp_path / "a")))
+    assert [r["kept_groups"] for r in after["layers"]] == [r["kept_groups"] for r in summary["layers"]]
+
+
+def test_cli_finetunes_a_resnet_with_batchnorm_on_its_running_statistics(tmp_path, capsys):
+    """ResNet-20 at width 1/4 on a tiny CIFAR folder, a run written by hand (no training) whose stem keeps 3 of 4
+    channels: `pyro-bc finetune` trains it with every BatchNorm's statistics as they were, and `compress` keeps the
+    structure."""
+    write_cifar(tmp_path / "cifar")
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    network = build_network("resnet20", "gnj", input_shape=(3, 8, 8), width=0.25).state_dict()
+    network["body.blocks.0.conv1.prior.z_logvar"][0] = 5.0  # read by blocks.0.conv2 only: pruned
+    for key in network:
+        if key.endswith("running_var"):
+            network[key].uniform_(0.5, 2.0)
+        elif key.endswith("running_mean"):
+            network[key].normal_()
+    config = TrainConfig(model="resnet20", width=0.25, epochs=0, val_size=10, data=str(tmp_path / "cifar"))
+    save_checkpoint(run / "checkpoint.pt", {"config": dataclasses.asdict(config), "epoch": 0, "network": network,
+                                            "optimizer": {}, "rng": {}, "metrics": [], "input_shape": [3, 8, 8]})
+    out = tmp_path / "ft"
+    assert main(["compress", str(run), "--out", str(run / "MODEL.bcz")]) == 0
+    source = json.loads((run / "MODEL.json").read_text())
+    assert main(["finetune", str(run), "--epochs", "2", "--lr", "1e-2", "--out", str(out)]) == 0
+    tuned = load_checkpoint(out / "checkpoint.pt")["network"]
+    statistics = [key for key in network if key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(statistics) == 3 * 21  # the stem, two per block, two projections
+    for key in statistics:
+        assert torch.equal(tuned[key], network[key]), key
+    assert not torch.equal(tuned["body.bn1.weight"], network["body.bn1.weight"])  # the scales trained
+    assert main(["compress", str(out), "--out", str(out / "MODEL.bcz")]) == 0
+    after = json.loads((out / "MODEL.json").read_text())
+    assert [r["kept_groups"] for r in after["layers"]] == [r["kept_groups"] for r in source["layers"]]
+    assert after["architecture"] == source["architecture"] and source["architecture"].startswith("4-3-")

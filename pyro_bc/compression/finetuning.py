@@ -23,11 +23,14 @@ from pathlib import Path
 
 import torch
 from pyro.poutine.messenger import Messenger
+from torch import nn
 from torch.distributions import Normal as TorchNormal
 from torch.distributions import register_kl
+from torch.utils.hooks import RemovableHandle
 
 from pyro_bc.atomic import atomic_write_bytes
-from pyro_bc.compression.posterior import PrunedLayer
+from pyro_bc.compression.graph import BodyGraph, analyse_network
+from pyro_bc.compression.posterior import PrunedLayer, analyse
 from pyro_bc.compression.pruned import summary_pruning
 from pyro_bc.data.datasets import as_split
 from pyro_bc.errors import CheckpointError, ConfigError
@@ -36,7 +39,7 @@ from pyro_bc.nn.network import BayesianNet
 from pyro_bc.train.run_dir import FINETUNE_FILE, prepare_run_dir
 
 __all__ = ["MASKED_LOGVAR", "LayerMask", "MaskedNormalLogVar", "PruningMask", "apply_pruning", "check_masks",
-           "check_supported", "finetune", "finetune_record", "load_masks", "pruning_masks"]
+           "finetune", "finetune_record", "freeze_batchnorm", "load_masks", "pruning_masks"]
 
 #: Log-variance the guide gives a pruned weight: ``exp`` of it is exactly 0 in float32 and float64.
 MASKED_LOGVAR = -1.0e4
@@ -140,29 +143,55 @@ def pruning_masks(layers: list[PrunedLayer]) -> list[LayerMask]:
 
 
 @torch.no_grad()
-def apply_pruning(net: BayesianNet, layers: list[PrunedLayer]) -> None:
+def apply_pruning(net: BayesianNet, layers: list[PrunedLayer], graph: BodyGraph) -> None:
     """Start ``net`` at its pruned network: pruned weight means zero; each kept output's bias the decision's
-    (the fold of pruned inputs included, where ``z`` scales the outputs divided by ``E[z]``), pruned outputs' zero."""
-    for layer, pruned in zip(net.layers, layers):
-        mask = pruned.mask.to(layer.weight_mu.device)
-        layer.weight_mu.masked_fill_(~mask, 0.0)
+    (the fold of pruned inputs included, where ``z`` scales the outputs divided by ``E[z]``), pruned outputs' zero.
+
+    A layer followed by BatchNorm (``graph.batchnorm_names``) keeps its bias means; the BatchNorm's shift takes
+    what its folded bias lacks, so that with the running statistics the pair computes the decision's bias
+    (pruned outputs: zero). Run fine-tuning with :func:`freeze_batchnorm`, which keeps those statistics."""
+    followed = {i: net.body.get_submodule(name) for i, name in graph.batchnorm_names.items()}
+    for i, (layer, pruned) in enumerate(zip(net.layers, layers)):
+        layer.weight_mu.masked_fill_(~pruned.mask.to(layer.weight_mu.device), 0.0)
+        keep_out = pruned.keep_out.to(layer.weight_mu.device)
+        if i in followed:
+            if layer.bias_mu is not None:
+                layer.bias_mu.masked_fill_(~keep_out, 0.0)
+            continue
         if layer.bias_mu is None:
             if bool((pruned.post.bias != 0).any()):
                 warnings.warn(f"{layer.site} has no bias: the fold of its pruned inputs is not carried into "
                               "fine-tuning", stacklevel=2)
             continue
-        keep_out = pruned.keep_out.to(layer.bias_mu.device)
         target = pruned.post.bias.to(layer.bias_mu)
         moments = layer.prior.scale_moments()
         if not layer.op.scales_input and moments is not None:
             target = target / moments[0].detach()
         layer.bias_mu.copy_(torch.where(keep_out, target, torch.zeros((), dtype=target.dtype)))
+    if followed:
+        folded = analyse_network(net, analyse(net), graph)  # the biases as compression folds them now
+        for i, norm in followed.items():
+            target = torch.where(layers[i].keep_out, layers[i].post.bias.double(), 0.0)
+            missing = target - folded[i].bias.double()
+            if norm.bias is None:
+                if bool((missing.abs() > 1e-6).any()):
+                    warnings.warn(f"{graph.batchnorm_names[i]} has no shift: the fold of {net.layers[i].site}'s "
+                                  "pruned inputs is not carried into fine-tuning", stacklevel=2)
+                continue
+            norm.bias.add_(missing.to(norm.bias))
 
 
-def check_supported(graph) -> None:
-    if graph.batchnorm_names:
-        raise ConfigError("finetune: networks with BatchNorm after a Bayesian layer are not supported yet (a pruned "
-                          "channel's BatchNorm output is not zero)")
+def _in_eval_mode(module: nn.Module, args) -> None:
+    module.train(False)
+
+
+def freeze_batchnorm(net: BayesianNet) -> list[RemovableHandle]:
+    """Every BatchNorm of ``net`` normalises by its running statistics and leaves them as they are, in training mode
+    too (a forward pre-hook puts it in eval mode before each call); its scale and shift still train. Fine-tuning
+    then trains the function that compression keeps, which folds BatchNorm with those statistics. Returns the
+    hooks' handles (``handle.remove()`` lets the modules follow ``train()`` again)."""
+    return [module.register_forward_pre_hook(_in_eval_mode) for module in net.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)]
 
 
 def save_masks(path: Path, masks: list[LayerMask], record: dict) -> None:
@@ -231,14 +260,18 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
         if summary is None:
             raise ConfigError("finetune needs the compression summary whose pruning it keeps (MODEL.json)")
         layers, graph = summary_pruning(net, summary, as_split(train, "train").x)
-        check_supported(graph)
         masks, record = pruning_masks(layers), finetune_record(source, summary, epochs)
-        apply_pruning(net, layers)
+        apply_pruning(net, layers, graph)
         if out is not None:
             save_masks(prepare_run_dir(out) / FINETUNE_FILE, masks, record)
     check_masks(net, masks)
-    return fit_with(net, train, val, epochs=epochs, batch_size=batch_size, lr=lr, out=out, resume=resume,
-                    progress=progress, handler=PruningMask(masks), extras={"finetune": {**record, "epochs": epochs}},
-                    **options)
+    frozen = freeze_batchnorm(net)
+    try:
+        return fit_with(net, train, val, epochs=epochs, batch_size=batch_size, lr=lr, out=out, resume=resume,
+                        progress=progress, handler=PruningMask(masks),
+                        extras={"finetune": {**record, "epochs": epochs}}, **options)
+    finally:
+        for handle in frozen:
+            handle.remove()
 
 

@@ -14,8 +14,8 @@ from pyro_bc.compression.finetuning import (
     PruningMask,
     apply_pruning,
     check_masks,
-    check_supported,
     finetune_record,
+    freeze_batchnorm,
     load_masks,
     pruning_masks,
     save_masks,
@@ -79,7 +79,7 @@ def finetune_run(source: str | Path, out: str | Path, *, epochs: int, lr: float 
     (data, split, seed, batch size, clipping) with these epochs, learning rate, schedule and KL warm-up. Returns the
     last epoch's metrics. ``resume=True`` continues ``out`` from its checkpoint and masks (``source`` unused)."""
     out = Path(out)
-    layers, source_state = None, None
+    layers, graph, source_state = None, None, None
     if resume:
         masks, record = load_masks(out)
         config = dataclasses.replace(TrainConfig.from_dict(load_checkpoint(out / CHECKPOINT)["config"]), epochs=epochs,
@@ -95,7 +95,6 @@ def finetune_run(source: str | Path, out: str | Path, *, epochs: int, lr: float 
         data = load_data(source_config.data, val_size=source_config.val_size, seed=source_config.seed,
                          subset=source_config.subset)
         layers, graph = summary_pruning(net, summary, data.train.x)
-        check_supported(graph)
         masks, record = pruning_masks(layers), finetune_record(str(source), summary, epochs)
         config = dataclasses.replace(source_config, epochs=epochs, lr=lr, lr_schedule=lr_schedule,
                                      warmup_epochs=warmup_epochs, eval_every=eval_every, threads=threads,
@@ -106,9 +105,10 @@ def finetune_run(source: str | Path, out: str | Path, *, epochs: int, lr: float 
     def setup(state: dict | None, config: TrainConfig) -> tuple:
         net, train_split, val_split, extras = setup_from_config(state, config)
         check_masks(net, masks)
+        freeze_batchnorm(net)  # for the process's life: this network is the run's own
         if state is None:
             net.load_state_dict(source_state)
-            apply_pruning(net, layers)
+            apply_pruning(net, layers, graph)
             save_masks(out / FINETUNE_FILE, masks, record)  # inside the run directory's lock, once it is set up
         return net, train_split, val_split, {**extras, "finetune": record}
 
