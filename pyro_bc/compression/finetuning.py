@@ -8,6 +8,8 @@ masked distributions (:class:`MaskedNormalLogVar`): a pruned weight has mean 0 a
 nothing to the local reparameterisation's draws, and its KL leaves the ELBO. The pruned entries' parameters get no
 gradient, so Adam leaves them exactly where :func:`apply_pruning` put them (zero means) through any number of steps
 and resumes. The group scales keep their sites and KL terms: a pruned group's scale multiplies only zero weights.
+BatchNorm keeps its running statistics (:func:`freeze_batchnorm`): compression folds it with them, so the network
+fine-tuned is the one compression keeps.
 
 The training loop is :func:`pyro_bc.train.loop.run_training`'s, with the handler; ``RUN_DIR/finetune.pt`` keeps the masks
 and the record (source run, thresholds, kept groups) that ``config.json``, ``MODEL.json`` and the report repeat.
@@ -247,6 +249,7 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
     run directory also holds ``finetune.pt`` (masks and record, ``source`` naming where the network came from);
     ``resume=True`` continues it exactly (``summary`` is then not needed: the masks are the run's); and
     ``pyro_bc.compress(net, ..., rule=KeptStructure(out))`` compresses it with the structure it was given.
+    BatchNorm computes with its running statistics, unchanged (:func:`freeze_batchnorm`), as compression folds it.
     """
     from pyro_bc.train.loop import fit_with  # on use: compress and the report never load the training loop
 
