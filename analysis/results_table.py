@@ -369,7 +369,7 @@ def main() -> None:
     out += time_section()
     if (HERE / "targets_notes.md").is_file():  # written by hand: what was tried where a target is missed
         out += ["", (HERE / "targets_notes.md").read_text().strip()]
-    for notes in ("fold_fix.md", "zoo.md", "finetune_notes.md", "calibration_notes.md"):  # by hand, or by a script
+    for notes in ("fold_fix.md", "zoo.md", "finetune_notes.md", "finetune_zoo.md", "calibration_notes.md"):  # by hand, or a script
         if (HERE / notes).is_file():
             out += ["", (HERE / notes).read_text().strip()]
     out += beyond_lenet_section()
