@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 from abc import abstractmethod
 from typing import ClassVar
@@ -203,6 +204,7 @@ class WeightsBudget(ThresholdRule):
         # cuts[k] keeps the groups of the k smallest log alpha values: the middles between neighbours, and the ends
         cuts = torch.cat([values[:1] - 1, (values[:-1] + values[1:]) / 2, values[-1:] + 1]).tolist()
 
+        @functools.cache  # the bisections and their checks ask for some cuts twice
         def pruned(k: int) -> list:
             return prune_network(inputs.net, posts, [cuts[k]] * len(posts), None, graph)
 
