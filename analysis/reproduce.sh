@@ -14,7 +14,8 @@
 #                                                    gnj's official thresholds; lenet300-{gnj,lu}-all, lenet5-lu-all, -ft)
 #   bash analysis/reproduce.sh lenet300-gnj-sized-ft (as -all-ft, cut at the paper's kept fraction by one threshold for
 #                                                    every layer, --max-weights-kept 10.8; lenet300-ghs-sized-ft: 10.6;
-#                                                    lenet5-gnj-sized-ft: the lenet5-gnj-ramp schedule, 0.9%)
+#                                                    lenet5-{gnj,ghs}-sized-ft: the lenet5-*-ramp schedule, 0.9%, 0.6%;
+#                                                    lenet300-{gnj,ghs}-long-sized-ft: its cosine over 200 epochs)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 #   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a
@@ -37,12 +38,16 @@ main() {
   val_size=5000  # training images held out for validation (pyro-bc's default)
   recipe=$name   # the results folder's name
   size=          # the cut as a size budget, weights kept % (--max-weights-kept), empty: none
+  long=          # 1: the recipe's schedule stretched to the paper's 200 epochs
   case "$name" in *-fast-ft|*-all-ft|*-sized-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
   case "$name" in
     lenet300-lu-all|lenet5-lu-all|lenet300-gnj-all) name=${name%-all}-fast; val_size=0 ;;
     lenet300-gnj-sized) name=lenet300-gnj-fast; val_size=0; size=10.8 ;;  # the paper's kept fractions (Table 1)
     lenet300-ghs-sized) name=lenet300-ghs-fast; val_size=0; size=10.6 ;;
     lenet5-gnj-sized) name=lenet5-gnj-ramp; val_size=0; size=0.9 ;;   # LeNet-5 from the ramp recipe's start
+    lenet5-ghs-sized) name=lenet5-ghs-ramp; val_size=0; size=0.6 ;;
+    lenet300-gnj-long-sized) name=lenet300-gnj-fast; val_size=0; size=10.8; long=1 ;;  # 200 epochs, as the paper's
+    lenet300-ghs-long-sized) name=lenet300-ghs-fast; val_size=0; size=10.6; long=1 ;;
   esac
   base=${name%-30}; [ "$base" != "$name" ] && epochs=30
   base=${base%-fast}; base=${base%-ramp}
@@ -74,6 +79,7 @@ main() {
     *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
   esac
   [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
+  [ -n "$long" ] && { epochs=200; eval_every=20; }
   [ "$val_size$model$prior" = 0lenet300gnj ] && compress=(--thresholds -2.8 -3 -5)  # no validation: the official cut
   [ -n "$size" ] && compress=(--max-weights-kept "$size")
   out=analysis/results/$recipe
