@@ -15,7 +15,9 @@
 #   bash analysis/reproduce.sh lenet300-gnj-sized-ft (as -all-ft, cut at the paper's kept fraction by one threshold for
 #                                                    every layer, --max-weights-kept 10.8; lenet300-ghs-sized-ft: 10.6;
 #                                                    lenet5-{gnj,ghs}-sized-ft: the lenet5-*-ramp schedule, 0.9%, 0.6%;
-#                                                    lenet300-{gnj,ghs}-long-sized-ft: its cosine over 200 epochs)
+#                                                    lenet300-{gnj,ghs}-long-sized-ft: its cosine over 200 epochs;
+#                                                    lenet5-ghs-layers-ft: lenet5-ghs-sized-ft's run and budget, one
+#                                                    threshold per layer, analysis/layer_allocation.py)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 #   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a
@@ -39,13 +41,15 @@ main() {
   recipe=$name   # the results folder's name
   size=          # the cut as a size budget, weights kept % (--max-weights-kept), empty: none
   long=          # 1: the recipe's schedule stretched to the paper's 200 epochs
-  case "$name" in *-fast-ft|*-all-ft|*-sized-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
+  layers=        # 1: the size budget spent per layer, thresholds ranked on training images (analysis/layer_allocation.py)
+  case "$name" in *-fast-ft|*-all-ft|*-sized-ft|*-layers-ft) name=${name%-ft}; finetune=(--lr 3e-4 --lr-schedule cosine --eval-every 5) ;; esac
   case "$name" in
     lenet300-lu-all|lenet5-lu-all|lenet300-gnj-all) name=${name%-all}-fast; val_size=0 ;;
     lenet300-gnj-sized) name=lenet300-gnj-fast; val_size=0; size=10.8 ;;  # the paper's kept fractions (Table 1)
     lenet300-ghs-sized) name=lenet300-ghs-fast; val_size=0; size=10.6 ;;
     lenet5-gnj-sized) name=lenet5-gnj-ramp; val_size=0; size=0.9 ;;   # LeNet-5 from the ramp recipe's start
     lenet5-ghs-sized) name=lenet5-ghs-ramp; val_size=0; size=0.6 ;;
+    lenet5-ghs-layers) name=lenet5-ghs-ramp; val_size=0; size=0.6; layers=1 ;;  # -sized's run, a threshold per layer
     lenet300-gnj-long-sized) name=lenet300-gnj-fast; val_size=0; size=10.8; long=1 ;;  # 200 epochs, as the paper's
     lenet300-ghs-long-sized) name=lenet300-ghs-fast; val_size=0; size=10.6; long=1 ;;
   esac
@@ -97,6 +101,13 @@ main() {
       --warmup-epochs $warmup --eval-every $eval_every --seed "$seed" --threads "$threads" --val-size $val_size \
       "${extra[@]}" --out "$out" "${resume[@]}"
   .venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" "${compress[@]}"
+  if [ -n "$layers" ]; then  # the same budget, each layer's threshold moved to the lowest training error within it
+    [ -f "$out/layer_allocation.json" ] || .venv/bin/python analysis/layer_allocation.py "$out" --max-weights-kept "$size"
+    read -r -a compress < <(.venv/bin/python -c \
+      'import json, sys; print("--thresholds", *json.load(open(sys.argv[1]))["ranked"][0]["thresholds"])' \
+      "$out/layer_allocation.json")
+    .venv/bin/pyro-bc compress "$out" --out "$out/MODEL.bcz" "${compress[@]}"
+  fi
   if [ ${#finetune[@]} != 0 ]; then   # the same pruning, then SVI over the kept weights; compressed at its thresholds
     ft_epochs=20; [ "$model" = lenet5 ] && ft_epochs=5
     ft_resume=(); [ -f "$final/checkpoint.pt" ] && ft_resume=(--resume)
