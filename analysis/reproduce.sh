@@ -16,8 +16,8 @@
 #                                                    every layer, --max-weights-kept 10.8; lenet300-ghs-sized-ft: 10.6;
 #                                                    lenet5-{gnj,ghs}-sized-ft: the lenet5-*-ramp schedule, 0.9%, 0.6%;
 #                                                    lenet300-{gnj,ghs}-long-sized-ft: its cosine over 200 epochs;
-#                                                    lenet5-ghs-layers-ft: lenet5-ghs-sized-ft's run and budget, one
-#                                                    threshold per layer, analysis/layer_allocation.py)
+#                                                    lenet5-{gnj,ghs}-layers-ft: lenet5-*-sized-ft's run and budget,
+#                                                    one threshold per layer, analysis/layer_allocation.py)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
 #                                                    vgg-stability: the VGG at width 0.25, 20 epochs on 10,000 examples)
 #   THREADS=2 bash analysis/reproduce.sh NAME [SEED] (the same run at 2 torch threads, pretraining included: a
@@ -49,7 +49,8 @@ main() {
     lenet300-ghs-sized) name=lenet300-ghs-fast; val_size=0; size=10.6 ;;
     lenet5-gnj-sized) name=lenet5-gnj-ramp; val_size=0; size=0.9 ;;   # LeNet-5 from the ramp recipe's start
     lenet5-ghs-sized) name=lenet5-ghs-ramp; val_size=0; size=0.6 ;;
-    lenet5-ghs-layers) name=lenet5-ghs-ramp; val_size=0; size=0.6; layers=1 ;;  # -sized's run, a threshold per layer
+    lenet5-gnj-layers) name=lenet5-gnj-ramp; val_size=0; size=0.9; layers=1 ;;  # -sized's run, a threshold per layer
+    lenet5-ghs-layers) name=lenet5-ghs-ramp; val_size=0; size=0.6; layers=1 ;;
     lenet300-gnj-long-sized) name=lenet300-gnj-fast; val_size=0; size=10.8; long=1 ;;  # 200 epochs, as the paper's
     lenet300-ghs-long-sized) name=lenet300-ghs-fast; val_size=0; size=10.6; long=1 ;;
   esac

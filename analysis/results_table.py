@@ -44,7 +44,8 @@ for _name in ("lenet300-gnj", "lenet300-ghs", "lenet5-gnj", "lenet5-ghs"):
     RECIPES[_name].append(f"{_name}-sized-ft")  # -all-ft cut at the paper's kept fraction (reproduce.sh)
 for _name in ("lenet300-gnj", "lenet300-ghs"):
     RECIPES[_name].append(f"{_name}-long-sized-ft")  # -sized-ft with its cosine schedule over 200 epochs
-RECIPES["lenet5-ghs"].append("lenet5-ghs-layers-ft")  # -sized-ft's run and budget, one threshold per layer
+for _name in ("lenet5-gnj", "lenet5-ghs"):
+    RECIPES[_name].append(f"{_name}-layers-ft")  # -sized-ft's run and budget, one threshold per layer
 #: the fast recipes' issue targets of wall time, pretraining included (minutes)
 TIME_TARGETS = {"lenet300-gnj-fast": 7, "lenet5-gnj-fast": 60}
 #: networks beyond LeNet on the embedded MNIST (width 0.25, reproduce.sh)
