@@ -27,7 +27,8 @@ import torch
 from pyro_bc.atomic import atomic_write_text
 from pyro_bc.compression.compressed import compressed_module
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_network
-from pyro_bc.compression.posterior import analyse
+from pyro_bc.compression.pipeline import folds_by_default
+from pyro_bc.compression.posterior import analyse, weights_kept_fraction
 from pyro_bc.compression.pruned import FOLD_EXAMPLES, layer_input_means
 from pyro_bc.compression.thresholds import ThresholdInputs, WeightsBudget
 from pyro_bc.data.datasets import load_data
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(config.data, val_size=config.val_size, seed=config.seed)
     graph = BodyGraph(net)
     posts = analyse_network(net, analyse(net), graph)
-    fold = all(layer.prior.folds_pruned_inputs for layer in net.layers)
-    means = layer_input_means(net, data.train.x[:FOLD_EXAMPLES]) if fold else None
+    means = layer_input_means(net, data.train.x[:FOLD_EXAMPLES]) if folds_by_default(net) else None
     common = WeightsBudget(args.max_weights_kept).thresholds(ThresholdInputs(net, posts, graph=graph))[0]
     train = (data.train.x[:args.examples], data.train.y[:args.examples])
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     def row(offsets: tuple[float, ...]) -> dict | None:
         thresholds = [common + d for d in offsets]
         layers = prune_network(net, posts, thresholds, means, graph)
-        kept = 100 * sum(int(la.mask.sum()) for la in layers) / sum(la.mask.numel() for la in layers)
+        kept = 100 * weights_kept_fraction(layers)
         key = tuple(la.mask.flatten().bool().numpy().tobytes() for la in layers)
         if any(la.empty for la in layers) or kept > args.max_weights_kept + args.slack or key in seen:
             return None

@@ -129,7 +129,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     def val_error(module: torch.nn.Module) -> float | None:
         return None if val is None else error_percent(module, *val)
     graph = BodyGraph(net)  # traced once: every pruning and layout below reads it
-    fold = all(layer.prior.folds_pruned_inputs for layer in net.layers) if fold is None else fold
+    fold = folds_by_default(net) if fold is None else fold
     layers, thresholds = _pruned_layers(net, graph, rule, val, train_x[:FOLD_EXAMPLES] if fold else None)
     method = rule.method(thresholds)
 
@@ -195,6 +195,12 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         summary["predictive"] = predictive_summary(net, loaded, test, bayesian, samples=predictive_samples)
     atomic_write_text(out.with_suffix(".json"), summary_json(summary))
     return summary
+
+
+def folds_by_default(net: BayesianNet) -> bool:
+    """Whether compression folds ``net``'s pruned inputs into the biases unless told: where every layer's prior
+    leaves its pruned groups a mean worth keeping (gnj, ghs; not lu)."""
+    return all(layer.prior.folds_pruned_inputs for layer in net.layers)
 
 
 def _pruned_layers(net: BayesianNet, graph: BodyGraph, rule: ThresholdRule,

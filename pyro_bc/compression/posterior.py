@@ -203,6 +203,11 @@ def quantize(mean: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
 
 # -- rates ------------------------------------------------------------------------------------------
 
+def weights_kept_fraction(layers: list[PrunedLayer]) -> float:
+    """The fraction of the layers' weights that their masks keep (``MODEL.json``'s ``weights_kept_fraction``)."""
+    return sum(int(layer.mask.sum()) for layer in layers) / sum(layer.mask.numel() for layer in layers)
+
+
 def compression_rates(layers: list[PrunedLayer], precision: Precision) -> dict:
     """Weights kept, ``cr_prune`` and ``cr_fast`` (and ``cr_fast`` at the official exponent, where finite)."""
     total = sum(layer.mask.numel() for layer in layers)

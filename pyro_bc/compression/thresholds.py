@@ -31,7 +31,7 @@ import torch
 from pyro_bc.compression.compressed import compressed_module
 from pyro_bc.compression.finetuning import load_masks
 from pyro_bc.compression.graph import BodyGraph, prune_network
-from pyro_bc.compression.posterior import LayerPosterior
+from pyro_bc.compression.posterior import LayerPosterior, weights_kept_fraction
 from pyro_bc.compression.rules import RecordedRule
 from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.evaluate import error_percent
@@ -209,8 +209,7 @@ class WeightsBudget(ThresholdRule):
             return prune_network(inputs.net, posts, [cuts[k]] * len(posts), None, graph)
 
         def percent_kept(k: int) -> float:
-            layers = pruned(k)
-            return 100 * sum(int(layer.mask.sum()) for layer in layers) / sum(layer.mask.numel() for layer in layers)
+            return 100 * weights_kept_fraction(pruned(k))
 
         def keeps_every_layer(k: int) -> bool:
             return not any(layer.empty for layer in pruned(k))
