@@ -16,6 +16,7 @@
 #                                                    every layer, --max-weights-kept 10.8; lenet300-ghs-sized-ft: 10.6;
 #                                                    lenet5-{gnj,ghs}-sized-ft: the lenet5-*-ramp schedule, 0.9%, 0.6%;
 #                                                    lenet300-{gnj,ghs}-long-sized-ft: its cosine over 200 epochs;
+#                                                    lenet5-{gnj,ghs}-long-sized-ft: cosine and KL ramp stretched to 200;
 #                                                    lenet5-{gnj,ghs}-layers-ft: lenet5-*-sized-ft's run and budget,
 #                                                    one threshold per layer, analysis/layer_allocation.py)
 #   bash analysis/reproduce.sh resnet20-mnist       (ResNet-20 and the VGG at width 0.25 on MNIST: resnet20-mnist, vgg-mnist;
@@ -53,6 +54,8 @@ main() {
     lenet5-ghs-layers) name=lenet5-ghs-ramp; val_size=0; size=0.6; layers=1 ;;
     lenet300-gnj-long-sized) name=lenet300-gnj-fast; val_size=0; size=10.8; long=1 ;;  # 200 epochs, as the paper's
     lenet300-ghs-long-sized) name=lenet300-ghs-fast; val_size=0; size=10.6; long=1 ;;
+    lenet5-gnj-long-sized) name=lenet5-gnj-ramp; val_size=0; size=0.9; long=1 ;;  # the ramp over 100 of 200 epochs
+    lenet5-ghs-long-sized) name=lenet5-ghs-ramp; val_size=0; size=0.6; long=1 ;;
   esac
   base=${name%-30}; [ "$base" != "$name" ] && epochs=30
   base=${base%-fast}; base=${base%-ramp}
@@ -84,7 +87,7 @@ main() {
     *) echo "reproduce.sh: unknown configuration '$name'" >&2; exit 2 ;;
   esac
   [ "$name" = lenet300-lu ] && compress=(--thresholds 3 3 3)
-  [ -n "$long" ] && { epochs=200; eval_every=20; }
+  [ -n "$long" ] && { warmup=$((warmup * 200 / epochs)); epochs=200; eval_every=20; }  # the KL ramp stretched too
   [ "$val_size$model$prior" = 0lenet300gnj ] && compress=(--thresholds -2.8 -3 -5)  # no validation: the official cut
   [ -n "$size" ] && compress=(--max-weights-kept "$size")
   out=analysis/results/$recipe

@@ -42,8 +42,8 @@ for _name in ("lenet300-gnj", "lenet300-lu", "lenet5-lu"):
     RECIPES[_name].append(f"{_name}-all-ft")  # the fine-tuned fast recipe on every training image (reproduce.sh)
 for _name in ("lenet300-gnj", "lenet300-ghs", "lenet5-gnj", "lenet5-ghs"):
     RECIPES[_name].append(f"{_name}-sized-ft")  # -all-ft cut at the paper's kept fraction (reproduce.sh)
-for _name in ("lenet300-gnj", "lenet300-ghs"):
-    RECIPES[_name].append(f"{_name}-long-sized-ft")  # -sized-ft with its cosine schedule over 200 epochs
+for _name in ("lenet300-gnj", "lenet300-ghs", "lenet5-gnj", "lenet5-ghs"):
+    RECIPES[_name].append(f"{_name}-long-sized-ft")  # -sized-ft with its schedule stretched to 200 epochs
 for _name in ("lenet5-gnj", "lenet5-ghs"):
     RECIPES[_name].append(f"{_name}-layers-ft")  # -sized-ft's run and budget, one threshold per layer
 #: the fast recipes' issue targets of wall time, pretraining included (minutes)
@@ -235,7 +235,8 @@ def seeds_section() -> list[str]:
             "`NAME-sized-ft` is `NAME-all-ft` cut at the paper's kept fraction (`--max-weights-kept`: one log alpha "
             "threshold for every layer, the highest that keeps at most the row's fraction: 10.8% of the weights for "
             "LeNet-300-100 gnj, 10.6% for ghs; for LeNet-5 from `NAME-ramp`'s start and schedule, 0.9% for gnj, 0.6% for "
-            "ghs); `NAME-long-sized-ft` is `NAME-sized-ft` trained 200 epochs instead of 80 (the paper's count); "
+            "ghs); `NAME-long-sized-ft` is `NAME-sized-ft` trained 200 epochs (the paper's count) instead of 80 (LeNet-300-100) "
+            "or 60 (LeNet-5, its KL ramp over 100); "
             "`NAME-layers-ft` is `NAME-sized-ft` with the same budget spent per layer: each layer's threshold moved "
             "around the common one to the lowest error on 20,000 training images within the budget "
             "(`analysis/layer_allocation.py`). "
