@@ -1,9 +1,10 @@
 """The layer-kind table (pyro_bc.nn.kinds): each kind's MACs against hand counts, the file's pairs of a 1-D convolution,
 and a 1-D convolutional network (the kind added through the table) through bayesianize -> fit -> compress -> load ->
-ONNX, against the network masked by hand."""
+ONNX, against the network masked by hand; padding given as a string, against torch's own."""
 
 import json
 
+import masked_reference
 import numpy as np
 import onnxruntime
 import pytest
@@ -13,8 +14,10 @@ from torch import nn
 
 import pyro_bc
 from pyro_bc.bcz.export import INPUT_NAME, export_module
-from pyro_bc.nn.kinds import KIND, LAYER_KINDS, kind_of
-from pyro_bc.nn.layers import BAYES_LAYERS
+from pyro_bc.errors import ConfigError
+from pyro_bc.nn.kinds import KIND, LAYER_KINDS, explicit_padding, kind_of
+from pyro_bc.nn.layers import BAYES_LAYERS, BayesLinear
+from pyro_bc.nn.network import BayesianNet
 
 
 def test_every_kind_has_a_bayesian_layer_a_reparameterisation_and_a_wire_id():
@@ -115,3 +118,60 @@ def test_a_kinds_plain_module_computes_the_functional_layer(name, weight_shape, 
     assert (module.bias is None) is not bias
     torch.testing.assert_close(got, reference(x, w, b if bias else None))
     assert kind.module(weight_shape, bias, device=torch.device("meta"), **options).weight.is_meta
+
+
+@pytest.mark.parametrize("padding, kernel, stride, dilation, want", [
+    ("valid", (3, 3), 1, 1, (0, 0)),
+    ("same", (3, 5), 1, 1, (1, 2)),
+    ("same", (3,), 1, 2, (2,)),
+    ("same", (3, 2), (1, 1), (1, 2), (1, 1)),
+    ("same", (4, 4), 1, 1, "same"),  # a span of 3: one more on the right and bottom, which symmetric padding cannot say
+    ("same", (3, 2), 1, 3, "same"),  # dilation 3 over a kernel of 2: a span of 3
+    ("same", (3, 3), 2, 1, "same"),  # torch refuses "same" with a stride: left for torch to say so
+    ((1, 0), (3, 3), 1, 1, (1, 0)),
+])
+def test_string_padding_becomes_numbers_where_it_pads_evenly(padding, kernel, stride, dilation, want):
+    assert explicit_padding(padding, kernel, stride, dilation) == want
+    if isinstance(padding, str) and not isinstance(want, str):  # the numbers compute what torch's string does
+        conv = F.conv2d if len(kernel) == 2 else F.conv1d
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(2, 3, *(9,) * len(kernel), generator=g), torch.randn(4, 3, *kernel, generator=g)
+        torch.testing.assert_close(conv(x, w, padding=want, dilation=dilation),
+                                   conv(x, w, padding=padding, dilation=dilation))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch's, on the uneven case
+def test_string_padding_trains_on_the_fused_op_and_compresses(tmp_path):
+    """Bayesian and deterministic convolutions with padding "same" and "valid" are stored with numbers and the file
+    computes the pruned network; "same" over an even span trains but is refused by compression, naming the layer."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 6, 3, padding="same", dilation=2), nn.ReLU(),
+                          nn.Conv2d(6, 4, (3, 5), padding="same"), nn.ReLU(), nn.Conv2d(4, 4, 3, padding="valid"),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    net = pyro_bc.bayesianize(dense, "gnj", input_shape=(2, 6, 6))
+    assert [layer.conv_args[1] for layer in net.layers[:3]] == [(2, 2), (1, 2), (0, 0)]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 2, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(net.posterior_mean_network()(x), dense(x))
+    pyro_bc.fit(net, (x, y), epochs=1, batch_size=16, progress=False)
+    thresholds = [masked_reference.unambiguous_threshold(layer.log_alpha().detach()) for layer in net.layers]
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), train=(x, y), thresholds=thresholds)
+    loaded = pyro_bc.load(tmp_path / "m.bcz")
+    with torch.no_grad():
+        want, got = pyro_bc.pruned_network(net, summary, train=(x, y))(x), loaded(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.02
+    assert [m.padding for m in loaded.modules() if isinstance(m, nn.Conv2d)] == [(2, 2), (1, 2), (0, 0)]
+
+    deterministic = BayesianNet(nn.Sequential(nn.Conv2d(2, 3, 3, padding="same"), nn.ReLU(), nn.Flatten(),
+                                              BayesLinear(3 * 6 * 6, 3)), input_shape=(2, 6, 6))
+    summary = pyro_bc.compress(deterministic.eval(), tmp_path / "d.bcz", val=(x, y), thresholds=[0.0])
+    with torch.no_grad():
+        want, got = pyro_bc.pruned_network(deterministic, summary)(x), pyro_bc.load(tmp_path / "d.bcz")(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.02
+
+    uneven = pyro_bc.bayesianize(nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.Flatten(),
+                                               nn.Linear(3 * 6 * 6, 3)), "gnj", input_shape=(2, 6, 6))
+    pyro_bc.fit(uneven, (x, y), epochs=1, batch_size=16, progress=False)
+    with pytest.raises(ConfigError, match="^cannot compress 0: padding 'same' over an even kernel span"):
+        pyro_bc.compress(uneven, tmp_path / "u.bcz", val=(x, y), thresholds=[0.0, 0.0])

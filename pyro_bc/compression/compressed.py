@@ -18,7 +18,7 @@ from pyro_bc.bcz.modules import to_module
 from pyro_bc.compression.graph import NETWORK_INPUT, BodyGraph, Node
 from pyro_bc.compression.posterior import Precision, PrunedLayer, quantize
 from pyro_bc.errors import ConfigError
-from pyro_bc.nn.kinds import KIND, kind_of
+from pyro_bc.nn.kinds import KIND, explicit_padding, kind_of
 from pyro_bc.nn.network import BayesianNet
 
 
@@ -38,6 +38,9 @@ def _layer(i: int, layer: PrunedLayer, precision: Precision | None, inputs: tupl
     codes = codes if depthwise else codes[:, layer.keep_in]
     bias = layer.post.bias[layer.keep_out].float().numpy()
     stride, padding, dilation, groups = layer.post.conv_args or (1, 0, 1, 1)
+    if isinstance(padding, str):
+        raise ConfigError(f"cannot compress {layer.post.name}: padding {padding!r} over an even kernel span pads one "
+                          "side more than the other, which a .bcz convolution cannot store; give it numeric padding")
     stride, padding, dilation = KIND[layer.post.kind].to_pairs(stride, padding, dilation)
     groups = int(layer.keep_out.sum()) if depthwise else groups
     return QuantizedLayer(layer.post.kind, layer.post.name, codes.numpy(), frac, bias, stride, padding, dilation,
@@ -66,10 +69,11 @@ def _deterministic(node: Node, inputs: tuple[int, ...]) -> FloatLayer | NormLaye
                          inputs)
     conv = {}
     if kind.is_conv:
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        padding = explicit_padding(module.padding, module.kernel_size, module.stride, module.dilation)
+        if module.padding_mode != "zeros" or isinstance(padding, str):
             raise ConfigError(f"cannot compress {node.name}: a convolution with padding {module.padding!r} "
                               f"({module.padding_mode}) has no .bcz node; give it numeric zero padding")
-        stride, padding, dilation = kind.to_pairs(module.stride, module.padding, module.dilation)
+        stride, padding, dilation = kind.to_pairs(module.stride, padding, module.dilation)
         conv = {"stride": stride, "padding": padding, "dilation": dilation, "groups": module.groups}
     return FloatLayer(kind.name, node.name, values(module.weight), values(module.bias), inputs=inputs, **conv)
 

@@ -74,6 +74,24 @@ class LayerKind:
                                   stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias, **where)
 
 
+def explicit_padding(padding, kernel_size: tuple[int, ...], stride, dilation) -> int | tuple[int, ...] | str:
+    """A convolution's ``padding`` as numbers where a string names an even padding: ``"valid"`` is 0, ``"same"``
+    (stride 1) pads ``dilation * (kernel - 1) / 2`` on each side. ``"same"`` over an even span pads one side more
+    than the other, which a symmetric padding cannot say, and torch refuses it with a stride: those strings are
+    returned unchanged."""
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return (0,) * len(kernel_size)
+
+    def per_dim(value) -> tuple[int, ...]:
+        return (value,) * len(kernel_size) if isinstance(value, int) else tuple(value)
+    spans = [d * (k - 1) for d, k in zip(per_dim(dilation), kernel_size, strict=True)]
+    if padding != "same" or any(s != 1 for s in per_dim(stride)) or any(span % 2 for span in spans):
+        return padding
+    return tuple(span // 2 for span in spans)
+
+
 LAYER_KINDS: tuple[LayerKind, ...] = (
     LayerKind("linear", nn.Linear, 0),
     LayerKind("conv1d", nn.Conv1d, 1),

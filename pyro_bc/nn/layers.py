@@ -19,7 +19,7 @@ from pyro_bc.errors import ConfigError
 from pyro_bc.infer import reparam
 from pyro_bc.infer.distributions import NormalLogVar, StandardNormal
 from pyro_bc.infer.reparam import LRT_ONLY
-from pyro_bc.nn.kinds import KIND, LayerKind
+from pyro_bc.nn.kinds import KIND, LayerKind, explicit_padding
 from pyro_bc.priors import GroupNormalJeffreys, Prior
 from pyro_bc.priors.base import logvar_init
 
@@ -215,7 +215,8 @@ class _BayesConv(BayesLayer):
         kernel = (kernel_size,) * self.kind.spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
         super().__init__((out_channels, in_channels // groups, *kernel), prior, clip_var, bias)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.conv_args = (stride, padding, dilation, groups)
+        # numbers where they can be: the fused op and the compressed file take numeric padding only
+        self.conv_args = (stride, explicit_padding(padding, kernel, stride, dilation), dilation, groups)
         bound = 1.0 / math.sqrt(in_channels // groups * math.prod(kernel))
         with torch.no_grad():
             self.weight_mu.uniform_(-bound, bound)
