@@ -562,12 +562,7 @@ _TRACED = [
     (nn.Sequential(nn.Dropout(0.5), nn.Identity(), nn.ReLU()), [Op("relu")]),
 ]
 _OUTSIDE = [
-    (lambda h, o: h + h, "the function add"),
-    (lambda h, o: h * h, "the function mul"),
-    (lambda h, o: torch.add(h, h, alpha=2), "the function add"),
-    (lambda h, o: h + 1, "the function add"),
     (lambda h, o: h + o, "the function add"),
-    (lambda h, o: h * 2, "the function mul"),
     (lambda h, o: h * o, "the function mul"),
     (lambda h, o: F.max_pool2d(h, 2, dilation=2), "the function max_pool2d"),
     (lambda h, o: F.avg_pool2d(h, 2, count_include_pad=False), "the function avg_pool2d"),
@@ -593,6 +588,18 @@ _OUTSIDE = [
     (nn.Sequential(_Scaled()), "the function mul"),  # named by its module's whole path, f.0
     (lambda h, o: stochastic_depth(h, 0.2, "row"), "the function stochastic_depth"),  # training by default
     (_Cumsum(), "the function cumsum"),
+]
+_POSITIONWISE = [  # outside the table, but each position computed alone: its channels pass through
+    (lambda h: h + h, "the function add"),
+    (lambda h: h * h, "the function mul"),
+    (lambda h: torch.add(h, h, alpha=2), "the function add"),
+    (lambda h: h + 1, "the function add"),
+    (lambda h: h * 2, "the function mul"),
+    (nn.LeakyReLU(0.2), "the module LeakyReLU"),
+    (nn.ELU(), "the module ELU"),
+    (nn.Mish(), "the module Mish"),
+    (nn.PReLU(), "the module PReLU"),  # one slope for every channel
+    (lambda h: F.softplus(h, beta=2), "the function softplus"),
 ]
 _DRAWS = ("the function dropout", "the function stochastic_depth")  # in training mode: computed, but at random
 
@@ -627,7 +634,7 @@ def _outside_of(net: BayesianNet, graph: BodyGraph, dropped: dict) -> tuple[dict
 
 @pytest.mark.parametrize("case", range(len(_OUTSIDE)))
 def test_an_op_outside_the_registry_keeps_what_it_reads_and_computes_as_traced(case):
-    """A sum or product of a tensor with itself, with a constant or of shapes that are not per-channel; pools with
+    """A sum or product of two tensors of shapes that are not per-channel; pools with
     dilation, ceil mode (average) or without padding counted; means over other dims or with a dtype; concatenation
     along the batch; flattens not from dim 1 to the end; dropout in training mode; the modules of the same, a
     parameter used outside a layer, and a module with no op: each is one node that computes it as traced, named by
@@ -643,6 +650,35 @@ def test_an_op_outside_the_registry_keeps_what_it_reads_and_computes_as_traced(c
     assert layers["a"].keep_out.all() and not layers["a"].mask[1].any()  # channel 1: no weight, still computed
     if what not in _DRAWS:
         _assert_masked(net, layers, module)
+
+
+class _Through(nn.Module):
+    """A 1 x 1 Bayesian convolution from 2 to 4 channels, ``f``, then one from 4 to 3."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.a, self.c, self.f = BayesConv2d(2, 4, 1), BayesConv2d(4, 3, 1), f
+
+    def forward(self, x):
+        return self.c(self.f(self.a(x)))
+
+
+@pytest.mark.parametrize("f, what, through", [*((f, what, True) for f, what in _POSITIONWISE),
+                                              (nn.PReLU(4), "the module PReLU", False),  # a slope per channel
+                                              (nn.Softmax(1), "the module Softmax", False)])
+def test_an_op_outside_the_registry_that_computes_each_position_alone_lets_its_channels_through(f, what, through):
+    """An activation outside the table (its core ATen operators all pointwise, no constant per channel) passes the
+    channels through as ReLU does: channels 1 and 3 of ``a`` go, with ``c``'s weights reading them, and the compressed
+    module still computes the masked network. A per-channel slope or a softmax across channels keeps them all."""
+    torch.manual_seed(0)
+    net = BayesianNet(_Through(f), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    (node,) = [n for n in graph.nodes if n.program is not None]
+    assert (node.what, node.keeps_all) == (what, not through)
+    layers, module = _outside_of(net, graph, {"a": [1, 3]})
+    assert layers["a"].keep_out.tolist() == ([True, False, True, False] if through else [True] * 4)
+    assert layers["c"].keep_in.tolist() == layers["a"].keep_out.tolist()
+    _assert_masked(net, layers, module)
 
 
 class _OwnScale(Then):
@@ -724,15 +760,24 @@ def _raises(message):
     (lambda: Then(lambda h, o: h), "the network's output must be one tensor, the last one computed"),
     (lambda: Then(lambda h, o: (h, o)), "the network's output must be one tensor, the last one computed"),
     (lambda: _Twice(), "layer a is called more than once: shared layers are not supported"),
-    (lambda: _Unused(), "some Bayesian layers are not called in the network's forward"),
     (lambda: Then(nn.Flatten(2)), "f: only flattening from dim 1 is supported"),
     (lambda: Then(_raises("boom\nsecond line")), "cannot trace the network with torch.fx: ValueError: boom"),
-], ids=["not-last", "tuple", "shared", "unused", "flatten-2", "trace"])
+], ids=["not-last", "tuple", "shared", "flatten-2", "trace"])
 def test_bodies_the_graph_cannot_hold_are_refused_in_one_line(body, message):
     torch.manual_seed(0)
     with pytest.raises(ConfigError) as info:
         BodyGraph(BayesianNet(body(), input_shape=(2, 5, 5)))
     assert str(info.value) == message
+
+
+def test_a_bayesian_layer_the_forward_does_not_call_is_left_plain_and_the_graph_holds_the_rest():
+    torch.manual_seed(0)
+    body = _Unused()
+    with pytest.warns(UserWarning, match="stay deterministic: unused$"):
+        net = BayesianNet(body, input_shape=(2, 5, 5))
+    assert net.layer_names == ["a", "b"] and type(body.unused) is nn.Conv2d
+    graph = BodyGraph(net)
+    assert [node.name for node in graph.layer_nodes] == ["a", "b"]
 
 
 def test_a_bayesian_linear_layer_on_images_reads_them_whole_and_an_unknown_input_shape_is_refused():

@@ -131,6 +131,17 @@ def target_name(target: Any) -> str:
     raise BadData(f"{getattr(target, '__name__', target)} is not a core ATen operator")
 
 
+def is_positionwise(program: Program) -> bool:
+    """Whether ``program`` computes each position of its one input alone, whatever the input's size: every call a
+    deterministic core ATen operator tagged pointwise (an activation: ``leaky_relu``, ``elu``, ``where``, ``exp``),
+    every constant a single value (not one per channel, as a ``PReLU(C)``'s slopes)."""
+    def pointwise(target: Any) -> bool:
+        return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags and \
+            torch.Tag.nondeterministic_seeded not in target.tags
+    return program.n_inputs == 1 and all(c.size <= 1 for c in program.constants) and \
+        all(pointwise(resolve_target(node[0])) for node in program.nodes)
+
+
 def check_program(program: Program) -> None:
     """BadData unless every target, reference, constant and the output are valid (before anything is built)."""
     _build_graph(program)

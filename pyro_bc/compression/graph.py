@@ -24,7 +24,9 @@ share a variable:
   op of the user's) is an op outside the registry: one node computing it as traced, with the constants, sizes and
   multi-output calls it reads (:meth:`BodyGraph._opaque`), stored as core ATen operators
   (:mod:`pyro_bc.bcz.program`). It keeps every variable it reads; its outputs' positions have no variables until an
-  op that names them reads them, which makes up kept ones (:meth:`BodyGraph._bind`). It is never a refusal.
+  op that names them reads them, which makes up kept ones (:meth:`BodyGraph._bind`). It is never a refusal. One
+  whose core ATen operators compute each position of its one input alone (LeakyReLU, ELU, Mish, ``x * 2``:
+  :func:`~pyro_bc.bcz.program.is_positionwise`) lets the channels through instead, as a registered activation.
 
 A variable stays while some layer producing it keeps a weight for it and some layer reading it keeps a weight
 reading it (the network's input and output always stay), iterated to a fixed point. Eval-mode BatchNorm right
@@ -46,7 +48,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from pyro_bc.bcz.model import Op
-from pyro_bc.bcz.program import Program, export_program
+from pyro_bc.bcz.program import Program, export_program, is_positionwise
 from pyro_bc.compression.posterior import (
     LayerPosterior,
     PrunedLayer,
@@ -251,14 +253,31 @@ class BodyGraph:
             return env[n]
 
         graph.output(copy(fx_node))
-        for source in sources:  # what it reads is kept whole
-            if self.variables(source) is not None:
-                self._fixed.append(self.variables(source))
         called = fx_node  # an item of a multi-output op is named by that op (an attention, not its getitem)
         while called.target is operator.getitem and called.args[0] in self._deferred:
             called = called.args[0]
-        return self._append(Node(_where(called), tuple(sources), None, program=fx.GraphModule(root, graph).eval(),
-                                 what=_describe(called, self.modules), input_shapes=tuple(shapes), keeps_all=True))
+        node = Node(_where(called), tuple(sources), None, program=fx.GraphModule(root, graph).eval(),
+                    what=_describe(called, self.modules), input_shapes=tuple(shapes), keeps_all=True)
+        if self._positionwise(node, fx_node):  # an activation outside the table: its channels pass through
+            node.variables, node.axis, node.keeps_all = self.variables(sources[0]), self._axis(sources[0]), False
+        else:
+            for source in sources:  # what it reads is kept whole
+                if self.variables(source) is not None:
+                    self._fixed.append(self.variables(source))
+        return self._append(node)
+
+    def _positionwise(self, node: Node, fx_node: fx.Node) -> bool:
+        """Whether an op outside the registry computes each position of its one input alone (LeakyReLU, ELU, Mish,
+        Softplus, ...: :func:`~pyro_bc.bcz.program.is_positionwise` of its core ATen program), into an output of
+        the input's shape: then it computes the same on the kept channels alone."""
+        meta = fx_node.meta.get("tensor_meta")
+        if len(node.input_shapes) != 1 or not isinstance(meta, TensorMetadata) or \
+                tuple(meta.shape) != tuple(node.input_shapes[0][0]):
+            return False
+        try:
+            return is_positionwise(self.exported(node))
+        except ConfigError:  # said where the file is written, as for any op that does not export
+            return False
 
     def exported(self, node: Node) -> Program:
         """An op outside the registry (``node.program``) lowered to core ATen operators, once per node."""
