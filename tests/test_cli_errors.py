@@ -41,6 +41,7 @@ def inputs(run, tmp_path_factory) -> dict[str, Path]:
     (d / "nobuild.py").write_text("x = 1\n")
     (d / "raises.py").write_text("def build():\n    return 1 / 0\n")
     (d / "returns.py").write_text("def build():\n    return 1\n")
+    (d / "three.py").write_text(PLAIN_NET_3x8x8.replace("nn.Linear(4 * 8 * 8, 10)", "nn.Linear(4 * 8 * 8, 3)"))
     torch.manual_seed(0)
     train(TrainConfig(model=str(d / "net.py"), data=str(d / "npz"), epochs=1, val_size=20, subset=200), d / "rgb",
           progress=False)
@@ -52,7 +53,7 @@ def inputs(run, tmp_path_factory) -> dict[str, Path]:
     (d / "corrupt.bcz").write_bytes(b"BCZ2 this is not a compressed network")
     torch.save(torch.zeros(3), d / "tensor.pt")
     return {"run": run, "bcz": run / "MODEL.bcz", "npz": d / "npz", "net": d / "net.py", "nobuild": d / "nobuild.py",
-            "raises": d / "raises.py", "returns": d / "returns.py",
+            "raises": d / "raises.py", "returns": d / "returns.py", "three": d / "three.py",
             "rgb": d / "rgb", "rgb_bcz": d / "rgb" / "MODEL.bcz", "pyrun": d / "pyrun", "py_bcz": d / "py.bcz",
             "corrupt": d / "corrupt.bcz", "tensor": d / "tensor.pt", "mnist": DEFAULT_DATA_DIR, "missing": d / "no-such-thing"}
 
@@ -105,6 +106,8 @@ MISTAKES = [
     (["train", "--val-size", "60000", "--epochs", "1", "--out", "{out}"], 1, "val_size must be"),
     (["train", "--model", "{net}", "--epochs", "1", "--out", "{out}", *SMALL], 1,
      "the embedded MNIST): give data of the network's input shape with --data DIR"),
+    (["train", "--model", "{three}", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1,
+     "class labels run from 0 to 9, but the network has 3 outputs"),
     (["train", "--init-from", "{tensor}", "--epochs", "1", "--out", "{out}", *SMALL], 1, "holds a Tensor, not a state_dict"),
     (["train", "--clip-var", "fc9=0.1", "--epochs", "1", "--out", "{out}", *SMALL], 1, "fc9"),
     (["train", "--init-from", "{missing}.pt", "--epochs", "1", "--out", "{out}", *SMALL], 1, "--init-from"),

@@ -226,3 +226,70 @@ def test_fit_lets_the_variance_buffers_go_when_it_ends():
     loss = NegativeELBO(net)
     loss(x, y, 64).backward()  # a step outside fit hands its buffers back
     assert logvars <= fused._FREE_VARIANCES.keys()
+
+
+class _TwiceCalled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared, self.out = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.shared(torch.relu(self.shared(x.flatten(1))))))
+
+
+class _TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)), x.mean()
+
+
+class _Embedded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(20, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.embed(x).mean(1))
+
+
+@pytest.mark.parametrize("module, message", [
+    (_TwiceCalled, "^layer 'shared' is called 2 times in one forward: .* give each use its own layer$"),
+    (_TupleOut, "^the network returns a tuple: pyro-bc needs one tensor of logits"),
+])
+def test_networks_fit_cannot_train_are_one_line_errors_before_the_first_step(module, message, tmp_path):
+    x, y = _synthetic(32)
+    net = pyro_bc.bayesianize(module())
+    with pytest.raises(ConfigError, match=message):
+        pyro_bc.fit(net, (x, y), epochs=1, out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_integer_inputs_train_but_compression_says_why_it_cannot_take_them(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 20, (48, 5), generator=g), torch.randint(0, 3, (48,), generator=g)
+    net = pyro_bc.bayesianize(_Embedded())
+    pyro_bc.fit(net, (x, y), epochs=1, batch_size=16, progress=False)
+    with pytest.raises(ConfigError, match="^cannot compress a network of torch.int64 inputs .*nn.Embedding"):
+        pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), thresholds=[-3.0])
+    assert not (tmp_path / "m.bcz").exists()
+
+
+def test_numpy_arrays_and_float64_inputs_train_as_float32_tensors_do(tmp_path):
+    x, y = _synthetic(64)
+    states = []
+    for data in ((x, y), (x.double().numpy(), y.numpy())):
+        net = _tiny_net()
+        pyro_bc.fit(net, data, epochs=1, batch_size=16, progress=False)
+        states.append(_state(net))
+    _assert_same(*states)
+
+
+def test_labels_outside_the_outputs_are_one_line_before_the_first_step(tmp_path):
+    x, y = _synthetic(32)
+    for train, val in (((x, y + 1), None), ((x, y), (x, y - 1))):
+        with pytest.raises(ConfigError, match="^class labels run from (1 to 3|-1 to 1), but the network has 3 outputs"):
+            pyro_bc.fit(_tiny_net(), train, val, epochs=1, out=tmp_path / "run", progress=False)
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -284,3 +284,40 @@ def test_the_convolutions_layout_is_the_one_the_forward_runs_on(by_view):
     svi = SVI(net.model, net.guide, pyro.optim.Adam({"lr": 1e-3}), MeanFieldELBO())
     with LocalReparameterization():
         assert math.isfinite(svi.step(x, torch.tensor([0, 1, 0, 1]), 4))
+
+
+class _WithAuxiliaryHead(nn.Module):
+    """As torchvision's GoogLeNet and Inception v3: in training the forward returns ``(logits, auxiliary logits)``,
+    in eval mode the logits alone, and the auxiliary head is not called."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.head, self.aux = BayesLinear(4, 6), BayesLinear(6, 3), BayesLinear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.features(x))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+def test_a_head_only_training_reads_stays_plain_and_the_likelihood_reads_the_first_output():
+    torch.manual_seed(0)
+    net = BayesianNet(_WithAuxiliaryHead(), input_shape=None)
+    aux_mean = net.body.aux.posterior_mean_module()
+    assert net.layer_names == ["features", "head", "aux"]
+    with pytest.warns(UserWarning, match="^1 Bayesian layer.* does not call in eval mode stay deterministic: aux$"):
+        net.input_shape = (4,)  # as training and compression set it from the data
+    assert net.layer_names == ["features", "head"]
+    assert type(net.body.aux) is nn.Linear  # its posterior mean, as bayesianize(input_shape=...) leaves it
+    torch.testing.assert_close(net.body.aux.weight, aux_mean.weight)
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():  # certain weights: the draw is the posterior mean
+        for layer in net.layers:
+            layer.weight_logvar.fill_(-60.0)
+            layer.bias_logvar.fill_(-60.0)
+            layer.prior.z_logvar.fill_(-60.0)
+    net.train()
+    with LocalReparameterization(), torch.no_grad():
+        guide = poutine.trace(net.guide).get_trace()
+        model = poutine.trace(poutine.replay(net.model, trace=guide)).get_trace(x, y, 5)
+    want = F.log_softmax(net.posterior_mean_network()(x), -1)  # the head's logits, not the auxiliary head's
+    torch.testing.assert_close(model.nodes["y"]["fn"].logits, want, atol=1e-4, rtol=0)

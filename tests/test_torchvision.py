@@ -237,3 +237,30 @@ def test_a_parameter_used_outside_a_layer_is_kept_and_named_by_its_module(tmp_pa
     rows = {row["name"]: row for row in summary["deterministic_modules"]}
     assert rows["1"]["module"] == "the function mul" and rows["1"]["parameters"] == 4  # gamma, in the file
     assert summary["layers"][1]["groups_kept"] == 4
+
+
+@pytest.mark.filterwarnings("ignore:The default weight initialization of GoogleNet")
+def test_googlenet_as_torchvision_builds_it_trains_and_compresses_without_its_auxiliary_classifiers(tmp_path):
+    """``googlenet(weights=None)`` has auxiliary classifiers, which its forward returns beside the logits in training
+    and does not call in eval mode: bayesianized without an input shape it trains on the logits, its auxiliary
+    classifiers stay plain (as they would given the shape) and untouched, and the file computes the pruned network."""
+    torch.manual_seed(0)
+    model = tv.models.googlenet(weights=None, num_classes=4)
+    assert model.aux_logits
+    net = pyro_bc.bayesianize(model, "gnj")
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 3, 32, 32, generator=generator), torch.randint(0, 4, (24,), generator=generator)
+    with pytest.warns(UserWarning, match="^6 Bayesian layer.* stay deterministic: aux1.conv.conv, aux1.fc1, aux1.fc2, "
+                                         "aux2.conv.conv, ...$"):
+        pyro_bc.fit(net, (x, y), epochs=1, batch_size=12, progress=False)
+    bayesian = {name for name, m in net.body.named_modules() if isinstance(m, pyro_bc.nn.layers.BayesLayer)}
+    assert bayesian == set(net.layer_names) and not any(name.startswith(("aux1", "aux2")) for name in bayesian)
+    assert len(bayesian) == len([m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]) - 6
+    for head in ("aux1", "aux2"):  # the parameters they started from: no gradient reached them
+        trained = dict(getattr(net.body, head).named_parameters())
+        for name, value in getattr(model, head).named_parameters():
+            torch.testing.assert_close(trained[name], value, rtol=1e-6, atol=0)
+    summary = pyro_bc.compress(net, tmp_path / "g.bcz", val=(x, y), train=(x, y), thresholds=half_thresholds(net))
+    with torch.no_grad():
+        want, got = pyro_bc.pruned_network(net, summary, train=(x, y))(x), pyro_bc.load(tmp_path / "g.bcz")(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.02

@@ -120,8 +120,13 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     the file's metadata."""
     out = checked_out(out)
     _check_predictive_samples(predictive_samples, test)
+    given = [x for x in (val and val[0], train_x, test and test[0]) if x is not None]
+    if any(not x.is_floating_point() for x in given):
+        raise ConfigError(f"cannot compress a network of {next(x.dtype for x in given if not x.is_floating_point())} "
+                          "inputs (token ids into an nn.Embedding, say): the compressed graph takes floating-point "
+                          "inputs; embed the ids outside the network and train it on the vectors")
     if net.input_shape is None:  # a converted network never trained: its input is the data's
-        examples = next((x for x in (val and val[0], train_x, test and test[0]) if x is not None), None)
+        examples = given[0] if given else None
         if examples is None:
             raise ConfigError("the network has never seen an input: give examples (val, train or test) to compress it")
         net.input_shape = tuple(examples.shape[1:])

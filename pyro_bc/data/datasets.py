@@ -311,14 +311,16 @@ def as_split(data, what: str = "data") -> Split:
     """``data`` as one :class:`Split` held in memory: an ``(x, y)`` pair of tensors as it is, a
     ``torch.utils.data.Dataset`` or ``DataLoader`` read once, in the dataset's order (a map-style dataset through
     a DataLoader with the loader's ``collate_fn`` and no shuffling, so that its sampler does not reorder it; an
-    iterable one as the loader yields it). Each item or batch must be an ``(x, y)`` pair; integer labels become int64."""
+    iterable one as the loader yields it); numpy arrays are taken as tensors. Each item or batch must be an ``(x, y)``
+    pair; integer labels become int64, floating-point inputs torch's default dtype (float32), the layers' dtype."""
     from torch.utils.data import DataLoader, IterableDataset
     from torch.utils.data import Dataset as TorchDataset
 
     if isinstance(data, Split):
         x, y = data.x, data.y
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray))
+                                                                    for t in data):
+        x, y = (torch.as_tensor(t) for t in data)
     elif isinstance(data, (DataLoader, TorchDataset)):
         dataset = data.dataset if isinstance(data, DataLoader) else data
         if isinstance(data, DataLoader) and isinstance(dataset, IterableDataset):
@@ -336,10 +338,12 @@ def as_split(data, what: str = "data") -> Split:
             raise ConfigError(f"{what}: no examples")
         x, y = torch.cat(xs), torch.cat(ys)
     else:
-        raise ConfigError(f"{what} must be an (x, y) pair of tensors, a torch Dataset or a DataLoader, "
+        raise ConfigError(f"{what} must be an (x, y) pair of tensors or arrays, a torch Dataset or a DataLoader, "
                           f"got {type(data).__name__}")
     if len(x) != len(y):
         raise ConfigError(f"{what}: {len(x)} inputs but {len(y)} labels")
     if not y.is_floating_point():
         y = y.long()
+    if x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
     return Split(x, y)

@@ -10,7 +10,7 @@ from torch import nn
 from pyro_bc.errors import ConfigError
 from pyro_bc.nn.kinds import LAYER_KINDS, dense_layers, kind_of
 from pyro_bc.nn.layers import BAYES_LAYERS, BayesLayer
-from pyro_bc.nn.network import BayesianNet
+from pyro_bc.nn.network import BayesianNet, called_layers
 from pyro_bc.priors import Prior, make_prior
 
 
@@ -23,31 +23,14 @@ def _start_from(layer: BayesLayer, dense: nn.Module, name: str, delta: float | N
         layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(dense.weight.dtype).tiny))
 
 
-@torch.no_grad()
-def _called_layers(module: nn.Module, input_shape: tuple[int, ...]) -> set[str] | None:
-    """The layers (:data:`~pyro_bc.nn.kinds.LAYER_KINDS`) of ``module`` that its forward calls as modules, on one
-    zero example (a layer whose weight the forward reads itself, as Swin's window attention does, is not among
-    them); None where the forward fails on that shape (then every layer is converted)."""
-    called: set[str] = set()
-    probe = copy.deepcopy(module).eval()
-    handles = [m.register_forward_hook(lambda *_, name=name: called.add(name)) for name, m in dense_layers(probe)]
-    try:
-        probe(torch.zeros(1, *input_shape))
-    except Exception:  # noqa: BLE001  (the network does not run on this shape: training will say so, with its fix)
-        return None
-    finally:
-        for handle in handles:
-            handle.remove()
-    return called
-
-
 def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
                 delta: float | None = None, **prior_options) -> BayesianNet:
     """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear``, ``nn.Conv1d`` and
     ``nn.Conv2d`` replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or
     not; :data:`pyro_bc.nn.layers.BAYES_LAYERS`), except
-    the projections inside ``nn.MultiheadAttention`` and, given ``input_shape``, any layer the forward does not
-    call as a module (it reads the weight itself, as Swin's window attention does): those stay deterministic.
+    the projections inside ``nn.MultiheadAttention`` and any layer the forward in eval mode does not call as a module
+    (it reads the weight itself, as Swin's window attention does; a head only training reads): those stay
+    deterministic, found here given ``input_shape``, else by the network when it learns the shape from the data.
     A linear layer takes inputs of any leading shape (``(batch, features)``, ``(batch, tokens, features)``, ...).
 
     Everything else (BatchNorm, activations, pooling, residual additions in ``forward``) is kept as it is. The
@@ -63,7 +46,12 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         raise ConfigError(f"delta must be a positive number, got {delta}")
     prior = make_prior(prior, **prior_options)
     body = copy.deepcopy(module)
-    called = None if input_shape is None else _called_layers(body, input_shape)
+    if input_shape is None:
+        called = None
+    else:
+        mode = body.training
+        called = called_layers(body.eval(), input_shape)
+        body.train(mode)
     # nn.MultiheadAttention (and any module that reads a layer's weight itself) keeps that layer deterministic
     inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
     targets = [(name, m) for name, m in dense_layers(body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 
 import pyro
 import torch
@@ -18,9 +19,34 @@ from pyro.distributions import Categorical, Normal
 from torch import nn
 
 from pyro_bc.errors import ConfigError
+from pyro_bc.nn.kinds import dense_layers
 from pyro_bc.nn.layers import BayesLayer
 
 LIKELIHOODS = ("categorical", "normal")
+
+
+@torch.no_grad()
+def layer_calls(module: nn.Module, x: torch.Tensor) -> tuple[object, Counter]:
+    """``module(x)``, and how many times the forward called each of ``module``'s layers
+    (:data:`~pyro_bc.nn.kinds.LAYER_KINDS`) as a module, by path."""
+    calls: Counter = Counter()
+    handles = [m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+               for name, m in dense_layers(module)]
+    try:
+        return module(x), calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def called_layers(module: nn.Module, input_shape: tuple[int, ...]) -> set[str] | None:
+    """The layers of ``module`` that its forward calls as modules, in ``module``'s present mode, on one zero example
+    (not a layer whose weight the forward reads itself, as Swin's window attention does, nor a head only training
+    reads); None where the forward fails on that shape."""
+    try:
+        return set(layer_calls(module, torch.zeros(1, *input_shape))[1])
+    except Exception:  # noqa: BLE001  (the network does not run on this shape: training will say so, with its fix)
+        return None
 
 
 class BayesianNet(nn.Module):
@@ -56,7 +82,26 @@ class BayesianNet(nn.Module):
     def input_shape(self, shape) -> None:
         self._input_shape = None if shape is None else tuple(int(d) for d in shape)
         if self._input_shape is not None:
+            self._leave_uncalled_plain()
             self.choose_layout()
+
+    def _leave_uncalled_plain(self) -> None:
+        """Each Bayesian layer that the forward in eval mode does not call back to its plain posterior-mean layer, as
+        :func:`~pyro_bc.nn.convert.bayesianize` given ``input_shape`` leaves it: torchvision's auxiliary classifiers
+        (GoogLeNet, Inception v3), which only training reads and the likelihood does not (:meth:`model`), have no
+        place in the compressed network. Nothing changes where the forward fails on zeros or calls no layer."""
+        called = called_layers(self.posterior_mean_network(), self._input_shape)
+        uncalled = [layer for layer in self.layers if layer.site not in called] if called else []
+        if not uncalled:
+            return
+        names = [layer.site for layer in uncalled]
+        warnings.warn(f"{len(names)} Bayesian layer(s) that the forward does not call in eval mode stay "
+                      f"deterministic: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}", stacklevel=3)
+        for layer in uncalled:
+            parent, _, child = layer.site.rpartition(".")
+            layer.contiguous_output = True  # the torch layer itself, as the user's module had it
+            setattr(self.body.get_submodule(parent) if parent else self.body, child, layer.posterior_mean_module())
+        self.layers = [layer for layer in self.layers if layer not in uncalled]
 
     @torch.no_grad()
     def choose_layout(self) -> None:
@@ -84,6 +129,8 @@ class BayesianNet(nn.Module):
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None, n_data: int | None = None) -> torch.Tensor:
         out = self.body(x)
+        if isinstance(out, tuple):  # GoogLeNet, Inception v3: the auxiliary classifiers' logits follow in training
+            out = out[0]
         with pyro.plate("data", n_data or len(x), subsample=torch.arange(len(x), device=x.device)):
             if self.likelihood == "categorical":
                 pyro.sample("y", Categorical(logits=out), obs=y)

@@ -26,7 +26,7 @@ from pyro_bc.errors import ConfigError
 from pyro_bc.runs.compressing import compress_run
 from pyro_bc.runs.load import load_run
 from pyro_bc.train.checkpoint import load_checkpoint
-from pyro_bc.train.loop import check_shape, run_training, set_clip_var
+from pyro_bc.train.loop import check_forward, run_training, set_clip_var
 from pyro_bc.train.run_dir import CHECKPOINT, FINETUNE_FILE, TrainConfig
 
 
@@ -39,7 +39,7 @@ def setup_from_config(state: dict | None, config: TrainConfig) -> tuple:
                         width=config.width, **config.prior_options)
     set_clip_var(net, config.clip_var)
     try:
-        check_shape(net, data.train.x[:2])
+        check_forward(net, data.train.x[:2], *(split.y for split in (data.train, data.val) if split is not None))
     except ConfigError as e:
         source = config.data or "the embedded MNIST"
         raise ConfigError(f"{e} ({source}): give data of the network's input shape with --data DIR")
