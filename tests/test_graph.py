@@ -577,7 +577,6 @@ _OUTSIDE = [
     (lambda h, o: h.flatten(0), "the tensor method .flatten()"),
     (lambda h, o: F.dropout(h, 0.2), "the function dropout"),
     (lambda h, o: F.dropout(h, 0.2, training=True), "the function dropout"),
-    (lambda h, o: torch.dropout(h, 0.2, False), "the function dropout"),  # a builtin: no signature to bind
     (nn.MaxPool2d(2, dilation=2), "the module MaxPool2d"),
     (nn.AvgPool2d(2, ceil_mode=True), "the module AvgPool2d"),
     (nn.AvgPool2d(2, count_include_pad=False), "the module AvgPool2d"),
@@ -600,6 +599,7 @@ _POSITIONWISE = [  # outside the table, but each position computed alone: its ch
     (nn.Mish(), "the module Mish"),
     (nn.PReLU(), "the module PReLU"),  # one slope for every channel
     (lambda h: F.softplus(h, beta=2), "the function softplus"),
+    (lambda h: torch.dropout(h, 0.2, False), "the function dropout"),  # a builtin (no signature to bind): identity
 ]
 _DRAWS = ("the function dropout", "the function stochastic_depth")  # in training mode: computed, but at random
 
