@@ -25,6 +25,7 @@ from pyro_bc.bcz.program import (
     check_program,
     encode_value,
     export_program,
+    is_positionwise,
     program_module,
     resolve_target,
     target_name,
@@ -75,6 +76,20 @@ def test_a_program_reads_channels_last_inputs(tokens):
     x = torch.randn(3, 8, 2, 2).to(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(program_module(program)(x), module(x.contiguous()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("module, positionwise", [(nn.LeakyReLU(0.2), True), (nn.Mish(), True), (nn.PReLU(), True),
+                                                  (nn.PReLU(4), False), (nn.Softmax(1), False)])
+def test_a_program_computing_each_position_alone_keeps_its_inputs_layout(module, positionwise):
+    """An activation's program (pointwise operators, single-value constants) is computed on a channels-last input as
+    it comes, with the values of the default layout; any other program copies its input to the default layout."""
+    program = export_program(module.eval(), (torch.randn(2, 4, 3, 3),))
+    assert is_positionwise(program) is positionwise
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(0)).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got, want = program_module(program)(x), module(x.contiguous())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert got.is_contiguous(memory_format=torch.channels_last) is positionwise
 
 
 def test_a_program_node_round_trips_through_a_file(tokens, tmp_path: Path):

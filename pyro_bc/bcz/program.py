@@ -152,8 +152,8 @@ def _build_graph(program: Program) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
         raise BadData(f"program: {program.n_inputs} inputs and {len(program.nodes)} nodes (1 to 65536 each)")
     graph = fx.Graph()
     # the inputs in the layout torch.export assumed (a convolution may give channels-last ones)
-    values: list[Any] = [graph.call_method("contiguous", (graph.placeholder(f"input_{i}"),))
-                         for i in range(program.n_inputs)]
+    inputs = [graph.placeholder(f"input_{i}") for i in range(program.n_inputs)]
+    values: list[Any] = [graph.call_method("contiguous", (placeholder,)) for placeholder in inputs]
     constants, sizes = {}, set()
     for i, array in enumerate(program.constants):
         if array.dtype.name not in CONSTANT_DTYPES or array.ndim > MAX_RANK:
@@ -182,6 +182,10 @@ def _build_graph(program: Program) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
             0 <= program.output < len(values)):
         raise BadData(f"program: output {program.output!r} is not a value")
     graph.output(values[program.output])
+    if is_positionwise(program):  # any layout computes the same: no copy into torch's default one
+        for placeholder, contiguous in zip(inputs, values, strict=False):
+            contiguous.replace_all_uses_with(placeholder)
+            graph.erase_node(contiguous)
     return graph, constants
 
 
