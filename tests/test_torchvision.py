@@ -19,6 +19,7 @@ from torch import nn
 
 import pyro_bc
 from pyro_bc.bcz.export import INPUT_NAME, export_module
+from pyro_bc.compression.pipeline import format_table
 
 tv = pytest.importorskip("torchvision")
 sys.path.insert(0, str(Path(__file__).parents[1] / "analysis"))
@@ -218,6 +219,7 @@ def test_an_op_outside_the_registry_keeps_its_channels_and_is_named_by_the_modul
     summary, _, _ = _outside(nn.Sequential(Block(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)), tmp_path)
     rows = {row["name"]: row for row in summary["deterministic_modules"]}
     assert rows["0"]["module"] == "the function cumsum" and rows["0"]["stored_as"].startswith("core-ATen program")
+    assert "deterministic: 0 (the function cumsum, no parameters)" in format_table(summary)
     assert summary["layers"][0]["groups_kept"] == summary["layers"][0]["groups_total"] == 4  # all it reads
 
 

@@ -308,14 +308,17 @@ def format_table(summary: dict) -> str:
                     f"{'-'.join(str(la['mantissa_bits']) for la in summary['layers'])} (variance rule: "
                     f"{'-'.join(str(la['mantissa_bits_variance_rule']) for la in summary['layers'])})")
     if summary.get("deterministic_modules"):
-        rows.append("deterministic: " + ", ".join(f"{row['name']} ({row['module']}, {row['parameters']} values at "
-                                                  f"{row['precision']})" for row in summary["deterministic_modules"]))
+        rows.append("deterministic: " + ", ".join(
+            f"{row['name']} ({row['module']}, " + (f"{row['parameters']} values at {row['precision']})"
+                                                   if row["parameters"] else "no parameters)")
+            for row in summary["deterministic_modules"]))
     rows.append(f"MACs per example: {summary['macs_compressed']:,} of {summary['macs_original']:,} "
                 f"({summary['macs_original'] / summary['macs_compressed']:.1f}x fewer)")
-    rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "
-                f"{summary['error_pruned']:.2f}%, compressed {summary['error_compressed']:.2f}%"
-                + ("" if summary["val_error_compressed"] is None else
-                   f" (validation {summary['val_error_compressed']:.2f}%)"))
+    if summary["error_compressed"] is not None:  # None: compressed without test examples
+        rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "
+                    f"{summary['error_pruned']:.2f}%, compressed {summary['error_compressed']:.2f}%"
+                    + ("" if summary["val_error_compressed"] is None else
+                       f" (validation {summary['val_error_compressed']:.2f}%)"))
     return "\n".join(rows)
 
 
