@@ -182,10 +182,9 @@ def _build_graph(program: Program) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
             0 <= program.output < len(values)):
         raise BadData(f"program: output {program.output!r} is not a value")
     graph.output(values[program.output])
-    if is_positionwise(program):  # any layout computes the same: no copy into torch's default one
-        for placeholder, contiguous in zip(inputs, values, strict=False):
-            contiguous.replace_all_uses_with(placeholder)
-            graph.erase_node(contiguous)
+    if is_positionwise(program):  # its one input in any layout computes the same: no copy into torch's default one
+        values[0].replace_all_uses_with(inputs[0])
+        graph.erase_node(values[0])
     return graph, constants
 
 
