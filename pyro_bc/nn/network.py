@@ -43,8 +43,10 @@ def called_layers(module: nn.Module, input_shape: tuple[int, ...]) -> set[str] |
     """The layers of ``module`` that its forward calls as modules, in ``module``'s present mode, on one zero example
     (not a layer whose weight the forward reads itself, as Swin's window attention does, nor a head only training
     reads); None where the forward fails on that shape."""
+    parameter = next(module.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=None if parameter is None else parameter.device)
     try:
-        return set(layer_calls(module, torch.zeros(1, *input_shape))[1])
+        return set(layer_calls(module, x)[1])
     except Exception:  # noqa: BLE001  (the network does not run on this shape: training will say so, with its fix)
         return None
 
