@@ -293,3 +293,22 @@ def test_labels_outside_the_outputs_are_one_line_before_the_first_step(tmp_path)
         with pytest.raises(ConfigError, match="^class labels run from (1 to 3|-1 to 1), but the network has 3 outputs"):
             pyro_bc.fit(_tiny_net(), train, val, epochs=1, out=tmp_path / "run", progress=False)
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_regression_network_compresses_at_given_thresholds_without_classification_errors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    y = 2 * x[:, 0] + 0.1 * torch.randn(64, generator=g)
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1)))
+    net.likelihood = "normal"
+    pyro_bc.fit(net, (x, y), epochs=1, batch_size=16, progress=False)
+    with pytest.raises(ConfigError, match="^compress measures classification errors, and the network's likelihood is "
+                                          "'normal'"):
+        pyro_bc.compress(net, tmp_path / "r.bcz", val=(x, y), thresholds=[-3.0, -3.0])
+    assert not (tmp_path / "r.bcz").exists()
+    summary = pyro_bc.compress(net, tmp_path / "r.bcz", train=(x, y), thresholds=[-3.0, -3.0])
+    assert summary["val_error_compressed"] is None and summary["error_compressed"] is None
+    with torch.no_grad():  # the file computes the pruned regression network
+        want, got = pyro_bc.pruned_network(net, summary, train=(x, y))(x), pyro_bc.load(tmp_path / "r.bcz")(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.02

@@ -120,6 +120,9 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     the file's metadata."""
     out = checked_out(out)
     _check_predictive_samples(predictive_samples, test)
+    if net.likelihood != "categorical" and (val is not None or test is not None):
+        raise ConfigError(f"compress measures classification errors, and the network's likelihood is "
+                          f"{net.likelihood!r}: compress it with thresholds and no validation or test examples")
     given = [x for x in (val and val[0], train_x, test and test[0]) if x is not None]
     if any(not x.is_floating_point() for x in given):
         raise ConfigError(f"cannot compress a network of {next(x.dtype for x in given if not x.is_floating_point())} "
