@@ -124,15 +124,15 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         raise ConfigError(f"compress measures classification errors, and the network's likelihood is "
                           f"{net.likelihood!r}: compress it with thresholds and no validation or test examples")
     given = [x for x in (val and val[0], train_x, test and test[0]) if x is not None]
-    if any(not x.is_floating_point() for x in given):
-        raise ConfigError(f"cannot compress a network of {next(x.dtype for x in given if not x.is_floating_point())} "
-                          "inputs (token ids into an nn.Embedding, say): the compressed graph takes floating-point "
-                          "inputs; embed the ids outside the network and train it on the vectors")
+    integer = next((x.dtype for x in given if not x.is_floating_point()), None)
+    if integer is not None:
+        raise ConfigError(f"cannot compress a network of {integer} inputs (token ids into an nn.Embedding, say): the "
+                          "compressed graph takes floating-point inputs; embed the ids outside the network and train "
+                          "it on the vectors")
     if net.input_shape is None:  # a converted network never trained: its input is the data's
-        examples = given[0] if given else None
-        if examples is None:
+        if not given:
             raise ConfigError("the network has never seen an input: give examples (val, train or test) to compress it")
-        net.input_shape = tuple(examples.shape[1:])
+        net.input_shape = tuple(given[0].shape[1:])
 
     def val_error(module: torch.nn.Module) -> float | None:
         return None if val is None else error_percent(module, *val)
