@@ -166,3 +166,14 @@ def test_a_linear_layer_on_tokens_draws_one_group_scale_per_example():
     want = net.posterior_mean_network()(x[:1])[0, 0]
     spread = y[:, 0].std(0) / 2000**0.5
     assert ((y[:, 0].mean(0) - want).abs() < 4 * spread).all()
+
+
+def test_bayesianize_given_an_input_shape_leaves_every_submodules_mode_as_it_was():
+    """The probe for the layers the forward calls runs in eval mode on a copy: a BatchNorm the user froze in eval mode
+    inside a network in training mode stays frozen, and the network stays in training mode."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    model.train()
+    model[1].eval()
+    net = pyro_bc.bayesianize(model, input_shape=(2, 6, 6))
+    assert net.body.training and not net.body[1].training
+    assert model.training and not model[1].training  # the user's module untouched

@@ -46,12 +46,8 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         raise ConfigError(f"delta must be a positive number, got {delta}")
     prior = make_prior(prior, **prior_options)
     body = copy.deepcopy(module)
-    if input_shape is None:
-        called = None
-    else:
-        mode = body.training
-        called = called_layers(body.eval(), input_shape)
-        body.train(mode)
+    # probed on a copy in eval mode: body.train(mode) afterwards would overwrite submodules' own modes
+    called = None if input_shape is None else called_layers(copy.deepcopy(body).eval(), input_shape)
     # nn.MultiheadAttention (and any module that reads a layer's weight itself) keeps that layer deterministic
     inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
     targets = [(name, m) for name, m in dense_layers(body)
