@@ -168,6 +168,26 @@ def test_sampled_convolution_scales_output_channels():
     assert np.all(np.abs(y.var(0).numpy() - var) < 4 * var * math.sqrt(2 / len(y)))
 
 
+
+def test_sampled_1d_convolution_keeps_its_stride_and_padding():
+    """A 1-D convolution (stored over a height of one) of one channel into two, kernel 2, stride 2, padding 1, on
+    x = (1.5, -1, 0.5, 2): windows (0, 1.5), (-1, 0.5), (2, 0); y_kp = z'_k (x_p w'_k + b_k), so E[y_kp] = x_p m_k +
+    b_k and Var[y_kp] = (1 + r_k) sum_j x_pj^2 c_kj + r_k E[y_kp]^2, computed window by window here."""
+    codes = np.array([[[2, -1]], [[1, 3]]])
+    layer = QuantizedLayer("conv1d", "conv", codes, 1, np.array([0.5, -0.25], dtype=np.float32), (1, 2), (0, 1),
+                           (1, 1))
+    c, r = np.array([[[0.2, 0.1]], [[0.05, 0.3]]]), np.array([0.1, 0.4])
+    module = SampledLayer(layer, c, r)
+    torch.manual_seed(2)
+    y = module(torch.tensor([[[1.5, -1.0, 0.5, 2.0]]]).expand(40_000, 1, 4)).double()
+    assert y.shape == (40_000, 2, 3)
+    windows = np.array([[0.0, 1.5], [-1.0, 0.5], [2.0, 0.0]])
+    m = codes[:, 0] / 2.0
+    mean = windows @ m.T + layer.bias                                     # [position, channel]
+    var = (1 + r) * (windows**2 @ c[:, 0].T) + r * mean**2
+    assert np.all(np.abs(y.mean(0).numpy().T - mean) < 4 * np.sqrt(var / len(y)))
+    assert np.all(np.abs(y.var(0).numpy().T - var) < 4 * var * math.sqrt(2 / len(y)))
+
 class _FineBits(BitsRule):
     """16 mantissa bits in every layer: the means as good as float32 here, so that only the variances differ."""
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pyro_bc.bcz.model import CompressedModel, LayerVariance, QuantizedLayer, is_chain, sources
 from pyro_bc.bcz.modules import Graph, node_module, to_module
+from pyro_bc.nn.kinds import KIND
 
 LOG_VARIANCE_RANGE = (-100.0, 20.0)  # log-variances are clamped to this range (nats) before quantisation
 
@@ -37,8 +37,9 @@ class SampledLayer(nn.Module):
 
     def __init__(self, layer: QuantizedLayer, weight_var: np.ndarray, scale_var: np.ndarray | None):
         super().__init__()
-        self.kind = layer.kind
-        self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        self.kind = KIND[layer.kind]
+        self.conv_args = (*self.kind.from_pairs(layer.stride, layer.padding, layer.dilation), layer.groups) \
+            if self.kind.is_conv else ()
         self.register_buffer("weight", torch.from_numpy(layer.weight()))
         self.register_buffer("weight_var", torch.from_numpy(weight_var.astype(np.float32)))
         self.register_buffer("bias", None if layer.bias is None else
@@ -47,26 +48,24 @@ class SampledLayer(nn.Module):
                              torch.from_numpy(np.sqrt(scale_var).astype(np.float32)))
 
     def _apply_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.kind == "linear":
-            return F.linear(x, weight, bias)
-        return F.conv2d(x, weight, bias, *self.conv_args)
+        return self.kind.function(x, weight, bias, *self.conv_args)
 
     def _group_noise(self, like: torch.Tensor) -> torch.Tensor:
         """Draws of ``z'``, one per example and group (shared by an example's positions), shaped to scale ``like``'s
         features: its last dimension for a linear layer (inputs of any leading shape), dimension 1 for a
         convolution."""
         z = 1 + self.scale_sd * torch.randn(len(like), len(self.scale_sd), dtype=like.dtype, device=like.device)
-        if self.kind == "linear":
+        if not self.kind.is_conv:
             return z.reshape((len(like),) + (1,) * (like.dim() - 2) + (len(self.scale_sd),))
         return z.reshape(z.shape + (1,) * (like.dim() - 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale_sd is not None and self.kind == "linear":  # linear groups are inputs
+        if self.scale_sd is not None and not self.kind.is_conv:  # linear groups are inputs
             x = x * self._group_noise(x)
         mean = self._apply_op(x, self.weight, self.bias)
         std = self._apply_op(x * x, self.weight_var, None).clamp_min(0).sqrt()
         y = mean + std * torch.randn_like(mean)
-        if self.scale_sd is not None and self.kind == "conv2d":  # convolution groups are output channels
+        if self.scale_sd is not None and self.kind.is_conv:  # convolution groups are output channels
             y = y * self._group_noise(y)
         return y
 

@@ -10,9 +10,11 @@ file (:data:`pyro_bc.bcz.model.WIRE_IDS`). This module imports torch only, so th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyro_bc.nn.layout import Conv2dChannelsLast
@@ -21,11 +23,13 @@ from pyro_bc.nn.layout import Conv2dChannelsLast
 @dataclass(frozen=True)
 class LayerKind:
     """One kind of layer: ``spatial_dims`` 0 for a linear layer (on inputs of any leading shape, features last),
-    else the number of dimensions a convolution slides over (channels in dimension 1)."""
+    else the number of dimensions a convolution slides over (channels in dimension 1); ``function(x, weight, bias,
+    *args)`` computes it (``args``: a convolution's stride, padding, dilation and groups)."""
 
     name: str
     dense: type[nn.Module]
     spatial_dims: int
+    function: Callable[..., torch.Tensor]
 
     @property
     def weight_dims(self) -> int:
@@ -93,9 +97,9 @@ def explicit_padding(padding, kernel_size: tuple[int, ...], stride, dilation) ->
 
 
 LAYER_KINDS: tuple[LayerKind, ...] = (
-    LayerKind("linear", nn.Linear, 0),
-    LayerKind("conv1d", nn.Conv1d, 1),
-    LayerKind("conv2d", nn.Conv2d, 2),
+    LayerKind("linear", nn.Linear, 0, F.linear),
+    LayerKind("conv1d", nn.Conv1d, 1, F.conv1d),
+    LayerKind("conv2d", nn.Conv2d, 2, F.conv2d),
 )
 KIND: dict[str, LayerKind] = {kind.name: kind for kind in LAYER_KINDS}
 
