@@ -26,7 +26,8 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     config = TrainConfig.from_dict(state["config"])
     if config.model == PYTHON_MODEL:
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINT} is a run of pyro_bc.fit from Python (its network is not "
-                              f"in the config): compress the network with pyro_bc.compress(net, ...)")
+                              f"in the config): give the network itself, pyro_bc.compress(net, ...) or "
+                              f"pyro_bc.runs.report.write_report(run_dir, net=net)")
     net = build_network(config.model, config.prior, input_shape=state.get("input_shape"), width=config.width,
                         **config.prior_options)
     net.load_state_dict(state["network"])

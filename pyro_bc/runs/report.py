@@ -27,7 +27,7 @@ from pyro_bc.compression.finetuning import load_masks
 from pyro_bc.compression.graph import analyse_network, prune_network
 from pyro_bc.compression.posterior import LayerPosterior, analyse
 from pyro_bc.compression.thresholds import PriorDefault, ThresholdInputs
-from pyro_bc.data.datasets import load_data
+from pyro_bc.data.datasets import Split, as_split, load_data
 from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.predict import predictive
 from pyro_bc.metrics.scores import classification_metrics
@@ -36,7 +36,8 @@ from pyro_bc.nn.network import BayesianNet
 from pyro_bc.report import plots
 from pyro_bc.report.datatree import save_datatree, to_datatree, var_prefix, with_predictions
 from pyro_bc.runs.load import load_run
-from pyro_bc.train.run_dir import FINETUNE_FILE, METRICS
+from pyro_bc.train.checkpoint import load_checkpoint
+from pyro_bc.train.run_dir import CHECKPOINT, FINETUNE_FILE, METRICS, PYTHON_MODEL, TrainConfig
 
 REPORT, FIGURES, POSTERIOR_NC = "report.md", "figures", "posterior.nc"
 
@@ -152,12 +153,13 @@ def _finetune_line(record: dict, epochs: int, lr: float) -> str:
             + "): the pruned weights held at zero, SVI on the kept ones.")
 
 
-def _predictions_section(net: BayesianNet, config, compressed: str | Path | None, samples: int, figdir: Path,
-                         rel) -> tuple[list[str], tuple]:
-    """The report's predictions: metrics, reliability, entropy (test against noise) and NLL under rotation of the
-    full posterior (``samples`` draws), its posterior mean and, where ``compressed`` keeps variances, the compressed
-    Bayesian (``samples`` draws) and deterministic networks; and the test set, for the DataTree."""
-    test = load_data(config.data, val_size=config.val_size, seed=config.seed).test
+def _predictions_section(net: BayesianNet, test, compressed: str | Path | None, samples: int, figdir: Path,
+                         rel) -> list[str]:
+    """The report's predictions on ``test`` (a split with ``x`` and ``y``): metrics, reliability, entropy (test
+    against noise) and, for images (``N x C x H x W``), NLL under rotation of the full posterior (``samples``
+    draws), its posterior mean and, where ``compressed`` keeps variances, the compressed Bayesian (``samples``
+    draws) and deterministic networks."""
+    images = test.x.dim() == 4
     sources = {"full posterior": (net, samples), "posterior mean": (net, 0)}
     if compressed is not None and Path(compressed).is_file():
         if codec.read_bcz(compressed).variances is not None:
@@ -169,21 +171,25 @@ def _predictions_section(net: BayesianNet, config, compressed: str | Path | None
         probs[name] = predictive(source, test.x, k).cpu()
         entropies[name] = {"test": entropy(probs[name]).numpy(),
                            "noise": entropy(predictive(source, noise, k, seed=1).cpu()).numpy()}
-        curves[name] = rotation_curve(source, test.x, test.y, k)
+        if images:
+            curves[name] = rotation_curve(source, test.x, test.y, k)
         m = classification_metrics(probs[name], test.y)
         noise_auroc = auroc(*(torch.from_numpy(entropies[name][s]) for s in ("test", "noise")))
+        rotation = f"{curves[name]['nll_area']:.3f}" if images else "-"
         rows.append(f"| {name} | {k or '-'} | {m['error']:.2f} | {m['nll']:.4f} | {m['brier']:.4f} | {m['ece']:.4f} "
-                    f"| {curves[name]['nll_area']:.3f} | {noise_auroc:.3f} |")
-    lines = ["## Predictions", "", (f"On the {len(test)} test images; sampled networks average {samples} draws of the "
-             "local reparameterisation (seed 0). Rotation NLL: the mean over 0-180 degrees; noise AUROC: the "
-             "predictive entropy's, against as many uniform-noise images."), "",
+                    f"| {rotation} | {noise_auroc:.3f} |")
+    lines = ["## Predictions", "", (f"On the {len(test)} test examples; sampled networks average {samples} draws of the "
+             "local reparameterisation (seed 0). Rotation NLL (images only): the mean over 0-180 degrees; noise "
+             "AUROC: the predictive entropy's, against as many uniform-noise inputs."), "",
              "| network | draws | error % | NLL | Brier | ECE | rotation NLL | noise AUROC |",
              "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
-    for title, path in (("Reliability", plots.plot_reliability(probs, test.y, figdir / "reliability.png")),
-                        ("Predictive entropy", plots.plot_entropy(entropies, figdir / "entropy.png")),
-                        ("NLL under rotation", plots.plot_rotation(curves, figdir / "rotation.png"))):
+    figures = [("Reliability", plots.plot_reliability(probs, test.y, figdir / "reliability.png")),
+               ("Predictive entropy", plots.plot_entropy(entropies, figdir / "entropy.png"))]
+    if images:
+        figures.append(("NLL under rotation", plots.plot_rotation(curves, figdir / "rotation.png")))
+    for title, path in figures:
         lines += [f"### {title}", "", f"![{title.lower()}]({rel(path)})", ""]
-    return lines, (test.x, test.y)
+    return lines
 
 
 def _figures_section(net: BayesianNet, posts: list[LayerPosterior], thresholds: list[float], kept: list[torch.Tensor],
@@ -218,14 +224,24 @@ def _figures_section(net: BayesianNet, posts: list[LayerPosterior], thresholds: 
 
 
 def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_samples: int = 200,
-                 seed: int = 0, predictive_samples: int | None = None) -> Path:
+                 seed: int = 0, predictive_samples: int | None = None, net: BayesianNet | None = None,
+                 test: Split | None = None) -> Path:
     """Write ``RUN_DIR/report.md`` (with ``figures/`` and ``posterior.nc``); returns its path.
 
     ``predictive_samples``: also a predictions section (:func:`_predictions_section`; the full posterior and the
     compressed Bayesian network with that many draws) and the DataTree's ``predictions`` group (the first 100 test
-    images, ``num_samples`` draws); None, the default: neither (they evaluate the test set many times over)."""
+    images, ``num_samples`` draws); None, the default: neither (they evaluate the test set many times over).
+    A run of :func:`pyro_bc.fit` records neither its network nor its data: give the trained ``net`` and, for the
+    predictions, ``test`` (``(x, y)``, a Dataset or a DataLoader); a run of the command line rebuilds both."""
     run_dir = Path(run_dir)
-    net, config, _ = load_run(run_dir)
+    if net is None:
+        net, config, _ = load_run(run_dir)
+    else:
+        config = TrainConfig.from_dict(load_checkpoint(run_dir / CHECKPOINT)["config"])
+        net.eval()
+    if predictive_samples is not None and test is None and config.model == PYTHON_MODEL:
+        raise ConfigError(f"{run_dir} is a run of pyro_bc.fit, which does not record its data: give the test "
+                          "examples for the predictions (write_report(..., test=(x, y)))")
     summary_path = _summary_path(run_dir, compressed)
     summary = json.loads(summary_path.read_text()) if summary_path else None
     posts = analyse_network(net, analyse(net))  # as compression sees them: BatchNorm folded in
@@ -239,10 +255,11 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     dt = to_datatree(net, num_samples=num_samples, seed=seed)
     predictions = []
     if predictive_samples is not None:
-        predictions, (test_x, test_y) = _predictions_section(
-            net, config, compressed if compressed is not None else run_dir / "MODEL.bcz", predictive_samples, figdir,
-            rel)
-        dt = with_predictions(dt, net, test_x, test_y, num_samples=num_samples, seed=seed)
+        test = load_data(config.data, val_size=config.val_size, seed=config.seed).test if test is None else \
+            as_split(test, "test")
+        predictions = _predictions_section(net, test, compressed if compressed is not None else run_dir / "MODEL.bcz",
+                                           predictive_samples, figdir, rel)
+        dt = with_predictions(dt, net, test.x, test.y, num_samples=num_samples, seed=seed)
     nc_note = f"The posterior draws are in [`{POSTERIOR_NC}`]({POSTERIOR_NC}) (an ArviZ DataTree, NetCDF-4)."
     try:
         save_datatree(dt, run_dir / POSTERIOR_NC)
