@@ -91,6 +91,8 @@ def test_moped_variances_and_bad_options():
         pyro_bc.bayesianize(nn.Sequential(nn.ReLU()))
     with pytest.raises(ConfigError, match="padding_mode 'reflect'"):
         pyro_bc.bayesianize(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")))
+    with pytest.raises(ConfigError, match="^the module is already a BayesianNet: bayesianize takes the plain network"):
+        pyro_bc.bayesianize(net)
 
 
 def test_a_converted_network_trains_with_pyro_svi_and_keeps_batchnorm_statistics_in_training():

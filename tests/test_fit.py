@@ -295,6 +295,53 @@ def test_labels_outside_the_outputs_are_one_line_before_the_first_step(tmp_path)
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("labels, message", [
+    (lambda y: nn.functional.one_hot(y, 3), (r"^class labels must be one index per example, shape \(N,\); got shape "
+                                            r"\(32, 3\): one-hot labels\? give y.argmax\(1\)$")),
+    (lambda y: y.float() + 0.5, r"^class labels must be whole numbers .* such as \d\.5$"),
+])
+def test_labels_that_are_not_class_indices_are_one_line_in_fit_and_compress(labels, message, tmp_path):
+    x, y = _synthetic(32)
+    with pytest.raises(ConfigError, match=message):
+        pyro_bc.fit(_tiny_net(), (x, labels(y)), epochs=1, progress=False)
+    for split in ("val", "test"):
+        with pytest.raises(ConfigError, match=message):
+            pyro_bc.compress(_tiny_net(), tmp_path / "m.bcz", thresholds=[-3.0, -3.0], **{split: (x, labels(y))})
+    assert not (tmp_path / "m.bcz").exists()
+    pyro_bc.fit(_tiny_net(), (x, y.float()), epochs=1, progress=False)  # whole numbers as floats are labels
+
+
+def test_compress_names_the_split_whose_examples_do_not_fit(tmp_path):
+    x, y = _synthetic(32)
+    net = _tiny_net()
+    pyro_bc.fit(net, (x, y), epochs=1, progress=False)
+    other = _synthetic(32, shape=(1, 5, 5))
+    for split in ("val", "test", "train"):
+        with pytest.raises(ConfigError, match=rf"^{split} examples have shape \(1, 5, 5\), the network expects "
+                                               r"\(1, 4, 4\)$"):
+            pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0, -3.0], **{split: other})
+
+
+def test_a_list_of_pairs_trains_as_its_tensors_do_and_other_items_are_refused():
+    x, y = _synthetic(64)
+    states = []
+    for data in ((x, y), list(zip(x, y))):
+        net = _tiny_net()
+        pyro_bc.fit(net, data, epochs=1, batch_size=16, progress=False)
+        states.append(_state(net))
+    _assert_same(*states)
+    with pytest.raises(ConfigError, match="^train: each item or batch must be an \\(x, y\\) pair, got dict with keys "
+                                          "image, label$"):
+        pyro_bc.fit(_tiny_net(), [{"image": a, "label": b} for a, b in zip(x, y)], epochs=1, progress=False)
+
+
+def test_non_finite_inputs_are_one_line_naming_the_first_example():
+    x, y = _synthetic(32)
+    x[5, 0, 1, 2], x[9, 0, 0, 0] = float("nan"), float("inf")
+    with pytest.raises(ConfigError, match="^train: 2 examples hold NaN or infinite inputs, the first is example 5$"):
+        pyro_bc.fit(_tiny_net(), (x, y), epochs=1, progress=False)
+
+
 def test_a_regression_network_compresses_at_given_thresholds_without_classification_errors(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 5, generator=g)

@@ -115,6 +115,16 @@ def test_bad_options_raise_one_line(options, message):
         predictive(_mlp("gnj"), torch.zeros(2, 6), **options)
 
 
+def test_numpy_inputs_predict_as_tensors_and_a_missing_batch_dimension_is_one_line():
+    net, x = _mlp("gnj"), torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(predictive(net, x.double().numpy(), samples=3), predictive(net, x, samples=3))
+    with pytest.raises(ConfigError, match=r"^examples have shape \(\), the network expects \(6,\) \(one example\? "
+                                          r"give x\[None\]\)$"):
+        predictive(net, x[0])
+    with pytest.raises(ConfigError, match=r"^examples have shape \(5,\), the network expects \(6,\)$"):
+        predictive(net, x[:, :5])
+
+
 def test_bad_source_raises_one_line(tmp_path):
     with pytest.raises(ConfigError, match="neither a run directory nor a .bcz file"):
         pyro_bc.predictive(tmp_path / "missing", torch.zeros(2, 6))

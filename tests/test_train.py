@@ -5,6 +5,7 @@ import math
 import warnings
 from collections import OrderedDict
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -117,10 +118,18 @@ def test_resume_with_other_prior(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
 
 
-@pytest.mark.parametrize("bad", [{"epochs": -1}, {"lr": float("nan")}, {"lr": 0.0}, {"batch_size": 0}])
-def test_bad_numbers(tmp_path, bad):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("bad, message", [
+    ({"epochs": -1}, "^epochs must be a whole number >= 0, got -1$"),
+    ({"epochs": 2.5}, "^epochs must be a whole number >= 0, got 2.5$"),
+    ({"lr": float("nan")}, "^the learning rate must be a positive number, got nan$"),
+    ({"lr": 0.0}, "^the learning rate must be a positive number, got 0.0$"),
+    ({"batch_size": 0}, "^batch_size must be a whole number >= 1, got 0$"),
+    ({"eval_every": True}, "^eval_every must be a whole number >= 1, got True$"),
+])
+def test_bad_numbers_name_the_option(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
         train(_cfg(**bad), out=tmp_path, progress=False)
+    _cfg(epochs=np.int64(2), batch_size=np.int64(8)).validate()  # numpy's whole numbers are whole numbers
 
 
 POISON = """

@@ -37,7 +37,7 @@ from pyro_bc.data.datasets import Split, as_split
 from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.evaluate import error_percent
 from pyro_bc.metrics.predict import predictive_summary
-from pyro_bc.nn.network import BayesianNet
+from pyro_bc.nn.network import BayesianNet, check_forward
 from pyro_bc.train.run_dir import PYTHON_MODEL
 
 
@@ -129,10 +129,13 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         raise ConfigError(f"cannot compress a network of {integer} inputs (token ids into an nn.Embedding, say): the "
                           "compressed graph takes floating-point inputs; embed the ids outside the network and train "
                           "it on the vectors")
-    if net.input_shape is None:  # a converted network never trained: its input is the data's
-        if not given:
-            raise ConfigError("the network has never seen an input: give examples (val, train or test) to compress it")
-        net.input_shape = tuple(given[0].shape[1:])
+    if net.input_shape is None and not given:  # a converted network never trained: its input is the data's
+        raise ConfigError("the network has never seen an input: give examples (val, train or test) to compress it")
+    for what, split in (("val", val), ("test", test)):
+        if split is not None:
+            check_forward(net, split[0][:2], split[1], what=what)
+    if train_x is not None:
+        check_forward(net, train_x[:2], what="train")
 
     def val_error(module: torch.nn.Module) -> float | None:
         return None if val is None else error_percent(module, *val)

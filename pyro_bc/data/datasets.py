@@ -321,7 +321,7 @@ def as_split(data, what: str = "data") -> Split:
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray))
                                                                     for t in data):
         x, y = (torch.as_tensor(t) for t in data)
-    elif isinstance(data, (DataLoader, TorchDataset)):
+    elif isinstance(data, (DataLoader, TorchDataset, list, tuple)):  # a list of (x, y) pairs is a map-style dataset
         dataset = data.dataset if isinstance(data, DataLoader) else data
         if isinstance(data, DataLoader) and isinstance(dataset, IterableDataset):
             batches = data
@@ -331,19 +331,24 @@ def as_split(data, what: str = "data") -> Split:
         xs, ys = [], []
         for batch in batches:
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ConfigError(f"{what}: each batch must be an (x, y) pair, got {type(batch).__name__}")
+                raise ConfigError(f"{what}: each item or batch must be an (x, y) pair, got {type(batch).__name__}"
+                                  + (f" with keys {', '.join(map(str, batch))}" if isinstance(batch, dict) else ""))
             xs.append(torch.as_tensor(batch[0]))
             ys.append(torch.as_tensor(batch[1]))
         if not xs:
             raise ConfigError(f"{what}: no examples")
         x, y = torch.cat(xs), torch.cat(ys)
     else:
-        raise ConfigError(f"{what} must be an (x, y) pair of tensors or arrays, a torch Dataset or a DataLoader, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(f"{what} must be an (x, y) pair of tensors or arrays, a torch Dataset, a DataLoader or a "
+                          f"list of (x, y) pairs, got {type(data).__name__}")
     if len(x) != len(y):
         raise ConfigError(f"{what}: {len(x)} inputs but {len(y)} labels")
     if not y.is_floating_point():
         y = y.long()
     if x.is_floating_point():
         x = x.to(torch.get_default_dtype())
+        finite = torch.isfinite(x.reshape(len(x), -1)).all(1)
+        if not finite.all():
+            raise ConfigError(f"{what}: {int((~finite).sum())} examples hold NaN or infinite inputs, the first is "
+                              f"example {int((~finite).nonzero()[0])}")
     return Split(x, y)

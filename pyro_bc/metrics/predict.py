@@ -50,6 +50,12 @@ def predictive(net: torch.nn.Module, x: torch.Tensor, samples: int = 30, batch_s
                           "a run directory or a .bcz path)")
     if isinstance(net, BayesianNet) and net.likelihood != "categorical":
         raise ConfigError(f"the predictive is of class probabilities: the network's likelihood is {net.likelihood!r}")
+    x = torch.as_tensor(x)
+    x = x.to(torch.get_default_dtype()) if x.is_floating_point() else x
+    shape = getattr(net, "input_shape", None)
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        single = " (one example? give x[None])" if tuple(x.shape) == tuple(shape) else ""
+        raise ConfigError(f"examples have shape {tuple(x.shape[1:])}, the network expects {tuple(shape)}{single}")
     parameter = next(net.parameters(), None)
     device = parameter.device if parameter is not None else x.device
     was_training = net.training

@@ -42,6 +42,9 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         ``rhs``) with ``prior_options`` (``tau0``, ``slab_scale``).
     :param input_shape: one example's shape, e.g. ``(3, 32, 32)``; ``None`` lets training take it from the data.
     """
+    if isinstance(module, BayesianNet):
+        raise ConfigError("the module is already a BayesianNet: bayesianize takes the plain network (its "
+                          "posterior_mean_network() is one)")
     if delta is not None and not delta > 0:
         raise ConfigError(f"delta must be a positive number, got {delta}")
     prior = make_prior(prior, **prior_options)

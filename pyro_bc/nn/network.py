@@ -18,7 +18,7 @@ import torch
 from pyro.distributions import Categorical, Normal
 from torch import nn
 
-from pyro_bc.errors import ConfigError
+from pyro_bc.errors import ConfigError, first_line
 from pyro_bc.nn.kinds import dense_layers
 from pyro_bc.nn.layers import BayesLayer
 
@@ -190,3 +190,40 @@ class BayesianNet(nn.Module):
                           "matched in order", stacklevel=2)
         for key, layer in zip(keys, self.layers):
             layer.init_from(state[key], state.get(key[: -len("weight")] + "bias"), key)
+
+
+def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what: str = "data") -> None:
+    """One line for what would otherwise fail inside the first step or a compression, or silently: examples (``x``,
+    of the split ``what``) of another shape than the network's, a forward that fails on them, one that returns no
+    tensor (in eval mode), a Bayesian layer called twice, class labels (``labels``: each split's) that are not one
+    whole number per example within the network's outputs. Sets a converted network's input shape from ``x``."""
+    if net.input_shape is None:  # a converted network: its input is the data's
+        net.input_shape = tuple(x.shape[1:])
+    if tuple(x.shape[1:]) != net.input_shape:
+        raise ConfigError(f"{what} examples have shape {tuple(x.shape[1:])}, the network expects {net.input_shape}")
+    try:
+        out, calls = layer_calls(net.posterior_mean_network(), x[:2])
+    except RuntimeError as e:
+        raise ConfigError(f"{what} does not fit the network: {first_line(e)}")
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"the network returns a {type(out).__name__}: pyro-bc needs one tensor of logits (or, "
+                          "for regression, predictions)")
+    for y in labels if net.likelihood == "categorical" else ():
+        _check_labels(y, out.shape[-1])
+    site = max(net.layer_names, key=lambda name: calls[name])
+    if calls[site] > 1:
+        raise ConfigError(f"layer {site!r} is called {calls[site]} times in one forward: a Bayesian layer is one Pyro "
+                          "sample site, drawn once per forward, so a layer reused within a forward cannot be trained; "
+                          "give each use its own layer")
+
+
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    if y.dim() != 1:
+        hint = ": one-hot labels? give y.argmax(1)" if y.dim() == 2 and y.shape[1] == classes else ""
+        raise ConfigError(f"class labels must be one index per example, shape (N,); got shape {tuple(y.shape)}{hint}")
+    if y.is_floating_point() and not torch.equal(y, y.round()):
+        raise ConfigError("class labels must be whole numbers (class indices); got fractional values such as "
+                          f"{y[y != y.round()][0].item():g}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ConfigError(f"class labels run from {int(y.min())} to {int(y.max())}, but the network has {classes} "
+                          f"outputs: labels must be 0 to {classes - 1}")

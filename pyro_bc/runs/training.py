@@ -23,10 +23,11 @@ from pyro_bc.compression.finetuning import (
 from pyro_bc.compression.pruned import summary_pruning
 from pyro_bc.data.datasets import load_data
 from pyro_bc.errors import ConfigError
+from pyro_bc.nn.network import check_forward
 from pyro_bc.runs.compressing import compress_run
 from pyro_bc.runs.load import load_run
 from pyro_bc.train.checkpoint import load_checkpoint
-from pyro_bc.train.loop import check_forward, run_training, set_clip_var
+from pyro_bc.train.loop import run_training, set_clip_var
 from pyro_bc.train.run_dir import CHECKPOINT, FINETUNE_FILE, TrainConfig
 
 

@@ -36,7 +36,7 @@ from pyro_bc.infer import fused
 from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.estimators import DEFAULT, Estimation, EstimatorChoice
 from pyro_bc.metrics.evaluate import error_percent, groups_below
-from pyro_bc.nn.network import BayesianNet, layer_calls
+from pyro_bc.nn.network import BayesianNet, check_forward
 from pyro_bc.train import distributed
 from pyro_bc.train.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.train.run_dir import (
@@ -50,33 +50,6 @@ from pyro_bc.train.run_dir import (
     removed_if_refused,
 )
 from pyro_bc.train.schedule import epoch_lr
-
-
-def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor) -> None:
-    """One line for what would otherwise fail inside the first step, or silently: examples of another shape than the
-    network's, a forward that fails on them, one that returns no tensor (in eval mode), a Bayesian layer called twice,
-    class labels (``labels``: each split's) outside the network's outputs."""
-    if net.input_shape is None:  # a converted network: its input is the data's
-        net.input_shape = tuple(x.shape[1:])
-    if tuple(x.shape[1:]) != net.input_shape:
-        raise ConfigError(f"data examples have shape {tuple(x.shape[1:])}, the network expects {net.input_shape}")
-    try:
-        out, calls = layer_calls(net.posterior_mean_network(), x[:2])
-    except RuntimeError as e:
-        raise ConfigError(f"data does not fit the network: {first_line(e)}")
-    if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"the network returns a {type(out).__name__}: pyro-bc needs one tensor of logits (or, "
-                          "for regression, predictions)")
-    classes = out.shape[-1]
-    for y in labels if net.likelihood == "categorical" else ():
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-            raise ConfigError(f"class labels run from {int(y.min())} to {int(y.max())}, but the network has {classes} "
-                              f"outputs: labels must be 0 to {classes - 1}")
-    site = max(net.layer_names, key=lambda name: calls[name])
-    if calls[site] > 1:
-        raise ConfigError(f"layer {site!r} is called {calls[site]} times in one forward: a Bayesian layer is one Pyro "
-                          "sample site, drawn once per forward, so a layer reused within a forward cannot be trained; "
-                          "give each use its own layer")
 
 
 def set_clip_var(net: BayesianNet, clip_var: dict[str, float | None]) -> None:

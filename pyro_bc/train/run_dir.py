@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,10 +54,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first option out of range (layer names are checked by training)."""
-        if self.epochs < 0 or self.batch_size < 1 or not (self.lr > 0 and math.isfinite(self.lr)) \
-                or self.eval_every < 1:
-            raise ConfigError("epochs must be >= 0, batch size and eval_every >= 1 and the learning rate a positive "
-                              "number")
+        for name, value, low in (("epochs", self.epochs, 0), ("batch_size", self.batch_size, 1),
+                                 ("eval_every", self.eval_every, 1)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"the learning rate must be a positive number, got {self.lr}")
         if not (self.variance_lr_factor > 0 and math.isfinite(self.variance_lr_factor)):
             raise ConfigError(f"variance_lr_factor must be a positive number, got {self.variance_lr_factor}")
         if self.lr_schedule not in SCHEDULES:
