@@ -179,3 +179,21 @@ def test_bayesianize_given_an_input_shape_leaves_every_submodules_mode_as_it_was
     net = pyro_bc.bayesianize(model, input_shape=(2, 6, 6))
     assert net.body.training and not net.body[1].training
     assert model.training and not model[1].training  # the user's module untouched
+
+
+def test_lazy_layers_are_shaped_by_the_input_shape_or_refused_in_one_line():
+    def lazy():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(ConfigError, match=r"^Sequential has lazy parameters not yet shaped \(0.weight\): give "
+                                          r"bayesianize input_shape=\(...\), or run one batch through the model first$"):
+        pyro_bc.bayesianize(lazy())
+    model = lazy()
+    net = pyro_bc.bayesianize(model, input_shape=(1, 6, 6))
+    assert [tuple(layer.weight_mu.shape) for layer in net.layers] == [(4, 1, 3, 3), (3, 64)]
+    # the dry run, in eval mode, left BatchNorm's statistics and every module's mode as they were
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(model[1].running_mean, torch.zeros(4))
+    torch.testing.assert_close(model[1].running_var, torch.ones(4))
+    x = torch.randn(5, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(net.posterior_mean_network().eval()(x), model.eval()(x))

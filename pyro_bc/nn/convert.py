@@ -23,6 +23,17 @@ def _start_from(layer: BayesLayer, dense: nn.Module, name: str, delta: float | N
         layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(dense.weight.dtype).tiny))
 
 
+def _shape_lazy_layers(body: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Lazy layers (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) take their shapes from one forward of zeros, in eval
+    mode so that BatchNorm's statistics stay as they are; each module's own mode is restored afterwards."""
+    modes = [(m, m.training) for m in body.modules()]
+    body.eval()
+    with torch.no_grad():
+        body(torch.zeros(2, *input_shape))
+    for m, mode in modes:
+        m.training = mode
+
+
 def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
                 delta: float | None = None, **prior_options) -> BayesianNet:
     """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear``, ``nn.Conv1d`` and
@@ -36,7 +47,8 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     Everything else (BatchNorm, activations, pooling, residual additions in ``forward``) is kept as it is. The
     dense weights and biases become the posterior means, so ``net.posterior_mean_network()`` computes what
     ``module`` computes. ``delta`` sets the initial weight variances from the weights (MOPED:
-    ``log-variance = log(delta * w^2)``). ``module`` itself is not changed.
+    ``log-variance = log(delta * w^2)``). ``module`` itself is not changed, except that its lazy layers
+    (``nn.LazyLinear``, ...), if any, are shaped by one forward of zeros of ``input_shape``, as PyTorch's dry run.
 
     :param prior: the sparsity prior, a :class:`~pyro_bc.priors.Prior` or a name (``gnj``, ``ghs``, ``lu``,
         ``rhs``) with ``prior_options`` (``tau0``, ``slab_scale``).
@@ -48,6 +60,12 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     if delta is not None and not delta > 0:
         raise ConfigError(f"delta must be a positive number, got {delta}")
     prior = make_prior(prior, **prior_options)
+    lazy = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if nn.parameter.is_lazy(t)]
+    if lazy and input_shape is None:
+        raise ConfigError(f"{type(module).__name__} has lazy parameters not yet shaped ({lazy[0]}): give bayesianize "
+                          "input_shape=(...), or run one batch through the model first")
+    if lazy:
+        _shape_lazy_layers(module, input_shape)
     body = copy.deepcopy(module)
     # probed on a copy in eval mode: body.train(mode) afterwards would overwrite submodules' own modes
     called = None if input_shape is None else called_layers(copy.deepcopy(body).eval(), input_shape)
