@@ -293,6 +293,10 @@ def test_labels_outside_the_outputs_are_one_line_before_the_first_step(tmp_path)
         with pytest.raises(ConfigError, match="^class labels run from (1 to 3|-1 to 1), but the network has 3 outputs"):
             pyro_bc.fit(_tiny_net(), train, val, epochs=1, out=tmp_path / "run", progress=False)
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    binary = pyro_bc.bayesianize(nn.Sequential(nn.Flatten(), nn.Linear(16, 1)))
+    with pytest.raises(ConfigError, match=r"^class labels run from 0 to 1, but the network has 1 outputs: labels must "
+                                          r"be 0 to 0 \(a binary classifier's one logit\? give it two outputs"):
+        pyro_bc.fit(binary, (x, (y > 0).long()), epochs=1, progress=False)
 
 
 @pytest.mark.parametrize("labels, message", [

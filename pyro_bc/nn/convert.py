@@ -49,11 +49,13 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     ``module`` computes. ``delta`` sets the initial weight variances from the weights (MOPED:
     ``log-variance = log(delta * w^2)``). ``module`` itself is not changed, except that its lazy layers
     (``nn.LazyLinear``, ...), if any, are shaped by one forward of zeros of ``input_shape``, as PyTorch's dry run.
+    A ``torch.compile``'d module is converted as the module it wraps.
 
     :param prior: the sparsity prior, a :class:`~pyro_bc.priors.Prior` or a name (``gnj``, ``ghs``, ``lu``,
         ``rhs``) with ``prior_options`` (``tau0``, ``slab_scale``).
     :param input_shape: one example's shape, e.g. ``(3, 32, 32)``; ``None`` lets training take it from the data.
     """
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: the module it compiles
     if isinstance(module, BayesianNet):
         raise ConfigError("the module is already a BayesianNet: bayesianize takes the plain network (its "
                           "posterior_mean_network() is one)")

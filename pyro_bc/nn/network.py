@@ -225,5 +225,6 @@ def _check_labels(y: torch.Tensor, classes: int) -> None:
         raise ConfigError("class labels must be whole numbers (class indices); got fractional values such as "
                           f"{y[y != y.round()][0].item():g}")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        hint = " (a binary classifier's one logit? give it two outputs, one per class)" if classes == 1 else ""
         raise ConfigError(f"class labels run from {int(y.min())} to {int(y.max())}, but the network has {classes} "
-                          f"outputs: labels must be 0 to {classes - 1}")
+                          f"outputs: labels must be 0 to {classes - 1}{hint}")
