@@ -3,10 +3,12 @@ that builds them, or a user's network file, by name."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import math
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -32,6 +34,26 @@ def build_network(model: str, prior: Prior | str = "gnj", input_shape: tuple[int
     takes one; None: the network's own.
     """
     prior = make_prior(prior, **prior_options)
+    with _beside(model):
+        return _build(model, prior, input_shape, width)
+
+
+@contextlib.contextmanager
+def _beside(model: str):
+    """A model file's folder first on ``sys.path`` while it is imported and built, as Python runs a script, so that
+    it imports the modules beside it."""
+    if not model.endswith(".py"):
+        yield
+        return
+    folder = str(Path(model).resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
+def _build(model: str, prior: Prior, input_shape: tuple[int, ...] | None, width: float | None) -> BayesianNet:
     if model in MODULES:
         module = importlib.import_module(f"models.{MODULES[model]}")
     elif model.endswith(".py"):

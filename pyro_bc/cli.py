@@ -162,12 +162,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_and_prior(args: argparse.Namespace) -> tuple[str, str]:
-    """``--model`` and ``--prior`` as given; else a resumed run's (from its checkpoint), else the defaults."""
-    if args.resume and (args.model is None or args.prior is None):
+    """``--model`` and ``--prior`` as given (a model file by its absolute path, so that the run's other commands find
+    it from any folder); else a resumed run's (from its checkpoint), else the defaults."""
+    model = str(Path(args.model).resolve()) if args.model and Path(args.model).is_file() else args.model
+    if args.resume and (model is None or args.prior is None):
         saved = load_checkpoint(Path(args.out) / CHECKPOINT)["config"]
         if saved["model"] != PYTHON_MODEL:  # a run of pyro_bc.fit is refused by train, naming the way to resume it
-            return args.model or saved["model"], args.prior or saved["prior"]
-    return args.model or "lenet300", args.prior or "gnj"
+            return model or saved["model"], args.prior or saved["prior"]
+    return model or "lenet300", args.prior or "gnj"
 
 
 def _prior_options(args: argparse.Namespace) -> dict[str, float]:
@@ -182,7 +184,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     model, prior = _model_and_prior(args)
     return TrainConfig(model=model, prior=prior, width=args.width, epochs=args.epochs,
                        batch_size=args.batch_size,
-                       lr=args.lr, variance_lr_factor=args.variance_lr_factor, seed=args.seed, data=args.data,
+                       lr=args.lr, variance_lr_factor=args.variance_lr_factor, seed=args.seed,
+                       data=args.data and str(Path(args.data).resolve()),  # absolute: found from any folder
                        subset=args.subset, val_size=args.val_size,
                        warmup_epochs=args.warmup_epochs, eval_every=args.eval_every,
                        prior_options=_prior_options(args),

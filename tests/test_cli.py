@@ -29,7 +29,7 @@ from pyro_bc.data.datasets import load_mnist
 from pyro_bc.errors import ConfigError
 from pyro_bc.runs.load import load_run
 from pyro_bc.runs.training import train
-from pyro_bc.train.checkpoint import load_checkpoint
+from pyro_bc.train.checkpoint import load_checkpoint, save_checkpoint
 from pyro_bc.train.run_dir import CHECKPOINT, LOCK, METRICS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -489,3 +489,33 @@ def test_live_lock_refuses_a_second_training(tmp_path, capsys):
     assert f"pid {os.getpid()}" in err and "already running" in err, err
     assert (run / LOCK).read_text() == str(os.getpid())  # the other training's lock is left alone
     assert not (run / CHECKPOINT).exists() and not (run / METRICS).exists()
+
+
+def test_a_model_file_imports_its_neighbours_and_its_run_is_found_from_any_folder(tmp_path, monkeypatch):
+    """As Python runs a script: the model file's folder is on sys.path while it is imported and built. The run records
+    the file and the data folder by absolute paths, so compress and a resume work from another folder; a run that
+    recorded the file relative (before) resumes when given the same file by another path."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "heads.py").write_text("from torch import nn\n\ndef head(k):\n    return nn.Linear(16, k)\n")
+    (project / "net.py").write_text("from torch import nn\nfrom heads import head\n\n"
+                                    "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), "
+                                    "nn.ReLU(), head(10))\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", "project/net.py", "--epochs", "1", "--out", "run", *SMALL]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"] == str(project / "net.py") and config["data"] is None  # None: the embedded MNIST
+    monkeypatch.chdir(project)
+    assert main(["compress", str(tmp_path / "run"), "--out", str(tmp_path / "M.bcz")]) == 0
+    assert main(["train", "--out", "../run", "--resume", "--epochs", "2"]) == 0
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    state["config"]["model"] = "project/net.py"  # recorded as given, relative to tmp_path, by an older version
+    save_checkpoint(tmp_path / "run" / CHECKPOINT, state)
+    assert main(["train", "--model", "net.py", "--out", "../run", "--resume", "--epochs", "3"]) == 1  # elsewhere
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--model", str(project / "net.py"), "--out", "run", "--resume", "--epochs", "3"]) == 0
+    monkeypatch.delitem(sys.modules, "heads")
+    from pyro_bc.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--data", "some/folder", "--out", "run"])
+    assert _train_config(args).data == str(tmp_path / "some" / "folder")

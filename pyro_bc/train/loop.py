@@ -162,6 +162,12 @@ def run_training(config: TrainConfig, out: str | Path | None, resume: bool, prog
                               group, extras, handler)
 
 
+def _same_model(a: str, b: str) -> bool:
+    """The same model name, or the same model file by two paths (a run before model files were recorded
+    absolute holds the path as given)."""
+    return a == b or (a.endswith(".py") and Path(a).resolve() == Path(b).resolve())
+
+
 def _resumed_config(config: TrainConfig, state: dict | None, run_dir: Path | None) -> TrainConfig:
     """The config of a resumed run: the checkpoint's, with this call's epochs, threads, device and eval_every."""
     if state is None:
@@ -174,7 +180,7 @@ def _resumed_config(config: TrainConfig, state: dict | None, run_dir: Path | Non
     if config.model == PYTHON_MODEL and saved["model"] != PYTHON_MODEL:
         raise CheckpointError(f"{path} is a {saved['model']}/{saved['prior']} run of the command line, not of "
                               f"pyro_bc.fit: resume it with pyro-bc train --resume")
-    if (saved["model"], saved["prior"]) != (config.model, config.prior):
+    if not _same_model(saved["model"], config.model) or saved["prior"] != config.prior:
         raise CheckpointError(f"{path} is a {saved['model']}/{saved['prior']} run, "
                               f"not {config.model}/{config.prior}")
     return dataclasses.replace(TrainConfig.from_dict(saved), epochs=config.epochs, threads=config.threads,
