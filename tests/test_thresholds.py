@@ -1,6 +1,7 @@
 """Threshold rules: each rule's thresholds on hand-built posteriors, its name and settings, and the mapping
 from the command line's options and from MODEL.json's record back to a rule."""
 
+import dataclasses
 import itertools
 import json
 
@@ -58,6 +59,18 @@ def test_gap_rule_boundaries_count_at_equality():
     assert gap([-10.0, -6.0]) == [-6.0]
     assert gap([2.0, 5.0]) == [2.0]
     assert gap([-5.0, -3.0 - 2**-20]) == [-3.0]  # just under 2 nats: the fallback
+
+
+def test_gap_rule_moves_with_a_prior_that_cuts_elsewhere_by_default():
+    """lu cuts at log alpha 3 by default, 6 nats above the group priors: its window is [0, 8], its fallback 3."""
+    def lu_post(values):
+        return dataclasses.replace(post(values), default_threshold=3.0)
+    rule = GapRule()
+    # the widest gap, (0.5, 9.5), has its middle 5 inside lu's [0, 8]; on the group scale it is clipped to 2
+    assert rule.thresholds(ThresholdInputs(None, [lu_post([-9.0, -5.5, 0.5, 9.5])])) == [5.0]
+    assert rule.thresholds(ThresholdInputs(None, [post([-9.0, -5.5, 0.5, 9.5])])) == [2.0]
+    assert rule.thresholds(ThresholdInputs(None, [lu_post([0.0, 1.0, 2.0, 3.0])])) == [3.0]  # no gap: lu's cut
+    assert rule.thresholds(ThresholdInputs(None, [lu_post([5.0, 20.0])])) == [8.0]  # clipped to lu's hi
 
 
 def test_gap_rule_settings_change_the_rule():

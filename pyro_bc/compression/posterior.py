@@ -29,6 +29,7 @@ class LayerPosterior:
     group_axis: int
     conv_args: tuple = ()
     per_weight: bool = False  # log alpha per weight (the prior says so: ``lu``) rather than per group
+    default_threshold: float = -3.0  # the prior's default cut (``Prior.default_threshold``)
 
     def __post_init__(self):
         expected = tuple(self.mean.shape) if self.per_weight else (self.mean.shape[self.group_axis],)
@@ -51,7 +52,8 @@ def analyse(net: BayesianNet) -> list[LayerPosterior]:
         conv = layer.kind.is_conv
         out.append(LayerPosterior(layer.site, layer.kind.name, layer.log_alpha().detach().cpu(),
                                   mean.detach().cpu(), var.detach().cpu(), layer.bias_mean().detach().cpu(),
-                                  layer.group_axis, layer.conv_args if conv else (), layer.prior.per_weight))
+                                  layer.group_axis, layer.conv_args if conv else (), layer.prior.per_weight,
+                                  float(layer.prior.default_threshold)))
     return out
 
 

@@ -85,6 +85,8 @@ class GivenThresholds(ThresholdRule):
 class GapRule(ThresholdRule):
     """Per layer, the middle of the widest gap between sorted log alpha values that overlaps [lo, hi],
     clipped to [lo, hi]; ``fallback`` where no gap of at least ``min_gap`` nats is found (docs/METHOD.md 11).
+    ``lo``, ``hi`` and ``fallback`` are on the group priors' scale, whose default cut is -3; for a layer whose prior
+    cuts elsewhere by default (``lu``: 3, per weight) they move by the difference.
 
     Between 20 or 50 values spread over a continuum, gaps of one nat occur by chance, while the two modes of a
     layer that has separated lie several nats apart: hence the 2-nat minimum (the measurements behind it are in
@@ -100,19 +102,22 @@ class GapRule(ThresholdRule):
     def settings(self) -> dict:
         return {"lo": self.lo, "hi": self.hi, "min_gap": self.min_gap, "fallback": self.fallback}
 
-    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
-        return [self.layer_threshold(post.log_alpha) for post in inputs.posts]
+    GROUP_CUT: ClassVar[float] = -3.0  # the default cut of the group priors, the scale of lo, hi and fallback
 
-    def layer_threshold(self, log_alpha: torch.Tensor) -> float:
-        """The threshold of one layer from its log alpha values."""
+    def thresholds(self, inputs: ThresholdInputs) -> list[float]:
+        return [self.layer_threshold(post.log_alpha, post.default_threshold - self.GROUP_CUT) for post in inputs.posts]
+
+    def layer_threshold(self, log_alpha: torch.Tensor, shift: float = 0.0) -> float:
+        """The threshold of one layer from its log alpha values, ``lo``, ``hi`` and ``fallback`` moved by ``shift``."""
+        lo, hi = self.lo + shift, self.hi + shift
         values = np.sort(log_alpha.flatten().double().numpy())
         left, right = values[:-1], values[1:]
         widths = right - left
-        ok = (right >= self.lo) & (left <= self.hi) & (widths >= self.min_gap)
+        ok = (right >= lo) & (left <= hi) & (widths >= self.min_gap)
         if not ok.any():
-            return self.fallback
+            return self.fallback + shift
         best = np.flatnonzero(ok)[np.argmax(widths[ok])]
-        return float(np.clip((left[best] + right[best]) / 2, self.lo, self.hi))
+        return float(np.clip((left[best] + right[best]) / 2, lo, hi))
 
     def method(self, thresholds: list[float]) -> str:
         return "auto gap"
