@@ -44,6 +44,7 @@ import argparse
 import copy
 import functools
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -238,7 +239,10 @@ def versions() -> dict[str, str]:
     """The versions this run used."""
     found = {"python": platform.python_version(), "torch": torch.__version__, "pyro-ppl": pyro.__version__}
     for package in ("torchvision", *PEERS):
-        found[package] = importlib.metadata.version(package)
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
     return found
 
 
@@ -263,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option.replace('_', '-')} must be at least {least}")
     if not args.vgg_width > 0:
         parser.error(f"--vgg-width must be positive, got {args.vgg_width}")
+    missing = [module for prefix, module in (("bt_", "bayesian_torch"), ("tyxe_", "tyxe"))
+               if any(m.startswith(prefix) for m in args.methods) and importlib.util.find_spec(module) is None]
+    if missing:
+        parser.error(f"{' and '.join(missing)} not installed: .venv/bin/pip install --no-deps bayesian-torch==0.5.0 "
+                     "tyxe==0.0.2 (the extra bench), or time the others only: --methods dense pyro_bc")
     if args.allocator == "kept" and not keep_freed_memory():
         parser.error("--allocator kept needs glibc, and no malloc settings in the environment")
     torch.set_num_threads(1)
