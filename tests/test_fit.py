@@ -346,6 +346,23 @@ def test_non_finite_inputs_are_one_line_naming_the_first_example():
         pyro_bc.fit(_tiny_net(), (x, y), epochs=1, progress=False)
 
 
+def test_a_regression_network_of_two_outputs_trains_and_records_its_rmse():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 5, generator=g)
+    y = torch.stack([2 * x[:, 0], x[:, 1] - x[:, 2]], 1)
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2)))
+    net.likelihood = "normal"
+    with pytest.raises(ConfigError, match=r"^regression targets of shape \(3,\) per example, but the network "
+                                          r"predicts \(2,\)$"):
+        pyro_bc.fit(net, (x, torch.zeros(96, 3)), epochs=1, progress=False)
+    (record,) = pyro_bc.fit(net, (x[:64], y[:64]), (x[64:], y[64:]), epochs=1, batch_size=16, progress=False)
+    with torch.no_grad():
+        residual = net.posterior_mean_network()(x[64:]) - y[64:]
+    assert record["val_rmse"] == pytest.approx(residual.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert "train_rmse" in record and "val_error" not in record
+
+
 def test_a_regression_network_compresses_at_given_thresholds_without_classification_errors(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 5, generator=g)

@@ -253,6 +253,21 @@ def test_normal_likelihood_observes_regression_targets():
     assert site["value"] is y and torch.all(site["fn"].scale == 0.5) and site["fn"].loc.shape == (4,)
 
 
+def test_normal_likelihood_of_several_outputs_sums_their_log_densities():
+    """Two predictions per example: the site is one event of two independent normals per example, its log density
+    the sum of the closed-form N(y; f(x), s^2) terms; a target of shape (N, 1) for one output is the same as (N,)."""
+    torch.manual_seed(0)
+    net = BayesianNet(nn.Sequential(BayesLinear(3, 2)), input_shape=(3,), likelihood="normal", noise_scale=0.5)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    trace = poutine.trace(net.model).get_trace(x, y, 4)
+    out, site = trace.nodes["_RETURN"]["value"], trace.nodes["y"]
+    by_hand = (-0.5 * ((y - out) / 0.5) ** 2 - math.log(0.5) - 0.5 * math.log(2 * math.pi)).sum(1)
+    torch.testing.assert_close(site["fn"].log_prob(site["value"]), by_hand)
+    single = BayesianNet(nn.Sequential(BayesLinear(3, 1)), input_shape=(3,), likelihood="normal")
+    column = poutine.trace(single.model).get_trace(x, y[:, :1], 4).nodes["y"]
+    assert column["value"].shape == (4,) and column["fn"].event_shape == ()
+
+
 class _Viewed(nn.Module):
     """A convolution then ``x.view(len(x), -1)``: torch's default layout is contiguous, so this forward only runs
     where the convolution's output is."""

@@ -228,7 +228,7 @@ def test_report_of_a_python_fit_run_takes_the_network_and_test_examples(tmp_path
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(160, 12, generator=g), torch.randint(0, 3, (160,), generator=g)
     net = pyro_bc.bayesianize(torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)))
-    pyro_bc.fit(net, (x[:128], y[:128]), epochs=1, batch_size=32, out=tmp_path, progress=False)
+    (record,) = pyro_bc.fit(net, (x[:128], y[:128]), epochs=1, batch_size=32, out=tmp_path, progress=False)
     with pytest.raises(ConfigError, match="does not record its data") as info:
         write_report(tmp_path, net=net, num_samples=5, predictive_samples=1)
     assert "\n" not in str(info.value)
@@ -237,6 +237,8 @@ def test_report_of_a_python_fit_run_takes_the_network_and_test_examples(tmp_path
         expected = 100 * (net.posterior_mean_network()(x[128:]).argmax(1) != y[128:]).float().mean().item()
     row = next(line.split(" | ") for line in text.splitlines() if line.startswith("| posterior mean |"))
     assert row[2] == f"{expected:.2f}" and row[6] == "-"
+    assert f"ELBO per example {record['elbo']:.4f}, train error {record['train_error']:.2f}%, validation error –." \
+        in text
     assert (tmp_path / "figures" / "reliability.png").is_file() and not (tmp_path / "figures" / "rotation.png").exists()
     assert load_datatree(tmp_path / "posterior.nc")["predictions"]["class_probs"].shape == (1, 5, 32, 3)
     done = subprocess.run([sys.executable, "-m", "pyro_bc.cli", "report", str(tmp_path)], capture_output=True, check=False,

@@ -20,6 +20,14 @@ def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bat
     return 100.0 * wrong / max(len(x), 1)
 
 
+@torch.no_grad()
+def rmse(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
+    """Root mean squared error of a regression ``module``'s predictions on ``(x, y)``, over every target value."""
+    squared = sum(float(((module(x[i:i + batch_size]).reshape(y[i:i + batch_size].shape) - y[i:i + batch_size]) ** 2)
+                        .sum()) for i in range(0, len(x), batch_size))
+    return (squared / max(y.numel(), 1)) ** 0.5
+
+
 def groups_below(net: BayesianNet, threshold: float = KEPT_LOG_ALPHA) -> dict[str, int]:
     """Number of groups (weights, for ``lu``) per layer with log alpha below ``threshold``."""
     with torch.no_grad():

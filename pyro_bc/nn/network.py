@@ -136,8 +136,10 @@ class BayesianNet(nn.Module):
         with pyro.plate("data", n_data or len(x), subsample=torch.arange(len(x), device=x.device)):
             if self.likelihood == "categorical":
                 pyro.sample("y", Categorical(logits=out), obs=y)
-            else:
-                pyro.sample("y", Normal(out.squeeze(-1), self.noise_scale), obs=y)
+            else:  # one prediction or several per example, each independent given the weights
+                loc = out.squeeze(-1) if out.shape[-1] == 1 else out
+                pyro.sample("y", Normal(loc, self.noise_scale).to_event(loc.dim() - 1),
+                            obs=y if y is None or y.shape == loc.shape else y.reshape(loc.shape))
         return out
 
     def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, n_data: int | None = None) -> None:
@@ -208,8 +210,12 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
     if not isinstance(out, torch.Tensor):
         raise ConfigError(f"the network returns a {type(out).__name__}: pyro-bc needs one tensor of logits (or, "
                           "for regression, predictions)")
-    for y in labels if net.likelihood == "categorical" else ():
-        _check_labels(y, out.shape[-1])
+    for y in labels:
+        if net.likelihood == "categorical":
+            _check_labels(y, out.shape[-1])
+        elif y[:2].numel() != out.numel():
+            raise ConfigError(f"regression targets of shape {tuple(y.shape[1:])} per example, but the network predicts "
+                              f"{tuple(out.shape[1:])}")
     site = max(net.layer_names, key=lambda name: calls[name])
     if calls[site] > 1:
         raise ConfigError(f"layer {site!r} is called {calls[site]} times in one forward: a Bayesian layer is one Pyro "

@@ -35,7 +35,7 @@ from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged, first
 from pyro_bc.infer import fused
 from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.estimators import DEFAULT, Estimation, EstimatorChoice
-from pyro_bc.metrics.evaluate import error_percent, groups_below
+from pyro_bc.metrics.evaluate import error_percent, groups_below, rmse
 from pyro_bc.nn.network import BayesianNet, check_forward
 from pyro_bc.train import distributed
 from pyro_bc.train.checkpoint import load_checkpoint, save_checkpoint
@@ -211,8 +211,12 @@ def _restored(net: BayesianNet, optimizer: torch.optim.Optimizer, state: dict, c
 def _epoch_line(record: dict) -> str:
     """The progress line of an epoch's record: ELBO per example, errors where evaluated, groups kept, seconds."""
     kept = "-".join(str(v) for v in record["groups_kept"].values())
-    errors = (f"train err {record['train_error']:.2f}%  " if "train_error" in record else "") + (
-        f"val err {record['val_error']:.2f}%  " if "val_error" in record else "")
+    errors = ""
+    for split in ("train", "val"):
+        if f"{split}_error" in record:
+            errors += f"{split} err {record[f'{split}_error']:.2f}%  "
+        if f"{split}_rmse" in record:
+            errors += f"{split} rmse {record[f'{split}_rmse']:.4g}  "
     return f"epoch {record['epoch']}: elbo/N {record['elbo']:.4f}  {errors}log alpha<-3: {kept}  ({record['seconds']:.1f}s)"
 
 
@@ -236,9 +240,10 @@ def _evaluation(net: BayesianNet, epoch: int, config: TrainConfig, train: tuple,
     if (epoch + 1) % config.eval_every and epoch + 1 != config.epochs:
         return {}
     mean_net = net.posterior_mean_network()
-    errors = {"train_error": error_percent(mean_net, *train)}
+    measure, name = (error_percent, "error") if net.likelihood == "categorical" else (rmse, "rmse")
+    errors = {f"train_{name}": measure(mean_net, *train)}
     if val[0] is not None:
-        errors["val_error"] = error_percent(mean_net, *val)
+        errors[f"val_{name}"] = measure(mean_net, *val)
     return errors
 
 
