@@ -351,8 +351,7 @@ def test_a_regression_network_of_two_outputs_trains_and_records_its_rmse():
     x = torch.randn(96, 5, generator=g)
     y = torch.stack([2 * x[:, 0], x[:, 1] - x[:, 2]], 1)
     torch.manual_seed(0)
-    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2)))
-    net.likelihood = "normal"
+    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2)), likelihood="normal")
     with pytest.raises(ConfigError, match=r"^regression targets of shape \(3,\) per example, but the network "
                                           r"predicts \(2,\)$"):
         pyro_bc.fit(net, (x, torch.zeros(96, 3)), epochs=1, progress=False)
@@ -368,8 +367,8 @@ def test_a_regression_network_compresses_at_given_thresholds_without_classificat
     x = torch.randn(64, 5, generator=g)
     y = 2 * x[:, 0] + 0.1 * torch.randn(64, generator=g)
     torch.manual_seed(0)
-    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1)))
-    net.likelihood = "normal"
+    net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1)), likelihood="normal",
+                              noise_scale=0.1)
     pyro_bc.fit(net, (x, y), epochs=1, batch_size=16, progress=False)
     with pytest.raises(ConfigError, match="^compress measures classification errors, and the network's likelihood is "
                                           "'normal'"):

@@ -35,7 +35,8 @@ def _shape_lazy_layers(body: nn.Module, input_shape: tuple[int, ...]) -> None:
 
 
 def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
-                delta: float | None = None, **prior_options) -> BayesianNet:
+                delta: float | None = None, likelihood: str = "categorical", noise_scale: float = 1.0,
+                **prior_options) -> BayesianNet:
     """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear``, ``nn.Conv1d`` and
     ``nn.Conv2d`` replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or
     not; :data:`pyro_bc.nn.layers.BAYES_LAYERS`), except
@@ -54,6 +55,8 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     :param prior: the sparsity prior, a :class:`~pyro_bc.priors.Prior` or a name (``gnj``, ``ghs``, ``lu``,
         ``rhs``) with ``prior_options`` (``tau0``, ``slab_scale``).
     :param input_shape: one example's shape, e.g. ``(3, 32, 32)``; ``None`` lets training take it from the data.
+    :param likelihood: ``"categorical"`` (the outputs are logits) or ``"normal"`` (regression: the outputs are the
+        means of the targets, with standard deviation ``noise_scale``), as :class:`BayesianNet` takes them.
     """
     module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: the module it compiles
     if isinstance(module, BayesianNet):
@@ -86,4 +89,4 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         _start_from(layer, dense, name, delta)
         parent_name, _, child = name.rpartition(".")
         setattr(body.get_submodule(parent_name) if parent_name else body, child, layer)
-    return BayesianNet(body, input_shape=input_shape)
+    return BayesianNet(body, input_shape=input_shape, likelihood=likelihood, noise_scale=noise_scale)
