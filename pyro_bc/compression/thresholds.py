@@ -27,6 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pyro_bc.compression.compressed import compressed_module
 from pyro_bc.compression.finetuning import load_masks
@@ -157,7 +158,8 @@ class ValidationBudget(ThresholdRule):
             raise ConfigError(f"even the least pruned network exceeds the error budget of {self.max_error_increase} "
                               "points: raise --max-error-increase")
         governed = governed_weights(net, posts, inputs.graph)
-        for i in sorted(range(len(posts)), key=lambda k: -governed[k]):
+        order = sorted(range(len(posts)), key=lambda k: -governed[k])  # a bar on a terminal: a search per layer
+        for i in tqdm(order, desc="error budget, layers searched", leave=False, disable=None):
             lo, hi = 0, len(grid) - 1  # grid[hi] is known to be within budget
             while lo < hi:
                 mid = (lo + hi) // 2
