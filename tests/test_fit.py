@@ -2,6 +2,7 @@
 compression (one loop, one compression), with the same results."""
 
 import json
+import warnings
 
 import masked_reference
 import pytest
@@ -344,6 +345,16 @@ def test_non_finite_inputs_are_one_line_naming_the_first_example():
     x[5, 0, 1, 2], x[9, 0, 0, 0] = float("nan"), float("inf")
     with pytest.raises(ConfigError, match="^train: 2 examples hold NaN or infinite inputs, the first is example 5$"):
         pyro_bc.fit(_tiny_net(), (x, y), epochs=1, progress=False)
+
+
+def test_a_final_softmax_is_warned_about_and_a_log_softmax_is_not():
+    x, y = _synthetic(32)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with pytest.warns(UserWarning, match="^the network's outputs are probabilities .* remove it"):
+        pyro_bc.fit(pyro_bc.bayesianize(nn.Sequential(head, nn.Softmax(-1))), (x, y), epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyro_bc.fit(pyro_bc.bayesianize(nn.Sequential(head, nn.LogSoftmax(-1))), (x, y), epochs=1, progress=False)
 
 
 def test_a_regression_network_of_two_outputs_trains_and_records_its_rmse():

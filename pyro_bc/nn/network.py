@@ -210,6 +210,10 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
     if not isinstance(out, torch.Tensor):
         raise ConfigError(f"the network returns a {type(out).__name__}: pyro-bc needs one tensor of logits (or, "
                           "for regression, predictions)")
+    if net.likelihood == "categorical" and out.shape[-1] > 1 and bool((out >= 0).all()) and \
+            torch.allclose(out.sum(-1), torch.ones(())):
+        warnings.warn("the network's outputs are probabilities (each row sums to 1): the categorical likelihood takes "
+                      "logits, so a final Softmax squashes them twice; remove it (a LogSoftmax is fine)", stacklevel=3)
     for y in labels:
         if net.likelihood == "categorical":
             _check_labels(y, out.shape[-1])
