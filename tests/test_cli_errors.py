@@ -104,6 +104,8 @@ MISTAKES = [
     (["train", "--data", "{missing}", "--epochs", "1", "--out", "{out}"], 1, "no-such-thing"),
     (["train", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1, "shape (3, 8, 8)"),
     (["train", "--val-size", "60000", "--epochs", "1", "--out", "{out}"], 1, "val_size must be"),
+    (["train", "--data", "{npz}", "--epochs", "1", "--out", "{out}"], 1,
+     "got 5000 (the default; a tenth of the examples would be --val-size "),
     (["train", "--model", "{net}", "--epochs", "1", "--out", "{out}", *SMALL], 1,
      "the embedded MNIST): give data of the network's input shape with --data DIR"),
     (["train", "--model", "{three}", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1,
