@@ -37,6 +37,8 @@ def inputs(run, tmp_path_factory) -> dict[str, Path]:
     assert main(["compress", str(run), "--out", str(run / "MODEL.bcz")]) == 0
     write_npz(d / "npz" / "train.npz", 5100, seed=0)  # more than the default validation split
     write_npz(d / "npz" / "test.npz", 20, seed=1)
+    write_npz(d / "small" / "train.npz", 300, seed=2)  # fewer than the default validation split
+    write_npz(d / "small" / "test.npz", 20, seed=3)
     (d / "net.py").write_text(PLAIN_NET_3x8x8)
     (d / "nobuild.py").write_text("x = 1\n")
     (d / "raises.py").write_text("def build():\n    return 1 / 0\n")
@@ -52,7 +54,7 @@ def inputs(run, tmp_path_factory) -> dict[str, Path]:
     pyro_bc.compress(net, d / "py.bcz", val=(x, y))
     (d / "corrupt.bcz").write_bytes(b"BCZ2 this is not a compressed network")
     torch.save(torch.zeros(3), d / "tensor.pt")
-    return {"run": run, "bcz": run / "MODEL.bcz", "npz": d / "npz", "net": d / "net.py", "nobuild": d / "nobuild.py",
+    return {"run": run, "bcz": run / "MODEL.bcz", "npz": d / "npz", "small": d / "small", "net": d / "net.py", "nobuild": d / "nobuild.py",
             "raises": d / "raises.py", "returns": d / "returns.py", "three": d / "three.py",
             "rgb": d / "rgb", "rgb_bcz": d / "rgb" / "MODEL.bcz", "pyrun": d / "pyrun", "py_bcz": d / "py.bcz",
             "corrupt": d / "corrupt.bcz", "tensor": d / "tensor.pt", "mnist": DEFAULT_DATA_DIR, "missing": d / "no-such-thing"}
@@ -104,8 +106,9 @@ MISTAKES = [
     (["train", "--data", "{missing}", "--epochs", "1", "--out", "{out}"], 1, "no-such-thing"),
     (["train", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1, "shape (3, 8, 8)"),
     (["train", "--val-size", "60000", "--epochs", "1", "--out", "{out}"], 1, "val_size must be"),
-    (["train", "--data", "{npz}", "--epochs", "1", "--out", "{out}"], 1,
-     "got 5000 (the default; a tenth of the examples would be --val-size "),
+    (["train", "--model", "{net}", "--data", "{small}", "--epochs", "1", "--out", "{out}"], 1,
+     ("val_size must be an integer in 0..299 (training examples: 300), got 5000 (the default; a tenth of the examples "
+     "would be --val-size 30)")),
     (["train", "--model", "{net}", "--epochs", "1", "--out", "{out}", *SMALL], 1,
      "the embedded MNIST): give data of the network's input shape with --data DIR"),
     (["train", "--model", "{three}", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1,
