@@ -340,6 +340,30 @@ def test_a_list_of_pairs_trains_as_its_tensors_do_and_other_items_are_refused():
         pyro_bc.fit(_tiny_net(), [{"image": a, "label": b} for a, b in zip(x, y)], epochs=1, progress=False)
 
 
+class _Items(torch.utils.data.Dataset):
+    """Eight items made by ``item(i)``."""
+
+    def __init__(self, item):
+        self.item = item
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return self.item(i)
+
+
+@pytest.mark.parametrize("item, cause", [
+    (lambda i: (object(), i % 3), "found <class 'object'>"),  # a PIL image without ToTensor, say
+    (lambda i: (torch.zeros(1, 4, 4), ["cat", "dog"][i % 2]), "too many dimensions 'str'"),
+    (lambda i: (torch.zeros(1, 4 + i % 2, 4), i % 3), "stack expects each tensor to be equal size"),
+])
+def test_items_that_do_not_batch_into_tensors_are_one_line(item, cause):
+    with pytest.raises(ConfigError, match="^train: its items do not batch into tensors") as info:
+        pyro_bc.fit(_tiny_net(), _Items(item), epochs=1, progress=False)
+    assert cause in str(info.value) and "\n" not in str(info.value)
+
+
 def test_non_finite_inputs_are_one_line_naming_the_first_example():
     x, y = _synthetic(32)
     x[5, 0, 1, 2], x[9, 0, 0, 0] = float("nan"), float("inf")

@@ -24,7 +24,7 @@ from pyro_bc.data.idx import read_idx, write_idx
 from pyro_bc.data.mnist import DEFAULT_DATA_DIR, MNIST_FILES, read_mnist
 from pyro_bc.data.npz import NPZ_FILES, read_npz_pair
 from pyro_bc.defaults import VAL_SIZE
-from pyro_bc.errors import ConfigError, DataError
+from pyro_bc.errors import ConfigError, DataError, first_line
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -331,12 +331,16 @@ def as_split(data, what: str = "data") -> Split:
             collate = data.collate_fn if isinstance(data, DataLoader) else None
             batches = DataLoader(dataset, batch_size=_MATERIALISE_BATCH, shuffle=False, collate_fn=collate)
         xs, ys = [], []
-        for batch in batches:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ConfigError(f"{what}: each item or batch must be an (x, y) pair, got {type(batch).__name__}"
-                                  + (f" with keys {', '.join(map(str, batch))}" if isinstance(batch, dict) else ""))
-            xs.append(torch.as_tensor(batch[0]))
-            ys.append(torch.as_tensor(batch[1]))
+        try:
+            for batch in batches:
+                if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                    raise ConfigError(f"{what}: each item or batch must be an (x, y) pair, got {type(batch).__name__}"
+                                      + (f" with keys {', '.join(map(str, batch))}" if isinstance(batch, dict) else ""))
+                xs.append(torch.as_tensor(batch[0]))
+                ys.append(torch.as_tensor(batch[1]))
+        except (TypeError, ValueError, RuntimeError) as e:  # collating, or a tensor of what is not numbers
+            raise ConfigError(f"{what}: its items do not batch into tensors ({first_line(e)}): give (x, y) pairs of "
+                              "equal-shaped tensors (images through ToTensor) and class indices") from None
         if not xs:
             raise ConfigError(f"{what}: no examples")
         x, y = torch.cat(xs), torch.cat(ys)
