@@ -414,3 +414,17 @@ def test_a_regression_network_compresses_at_given_thresholds_without_classificat
     with torch.no_grad():  # the file computes the pruned regression network
         want, got = pyro_bc.pruned_network(net, summary, train=(x, y))(x), pyro_bc.load(tmp_path / "r.bcz")(x)
     assert ((got - want).norm() / want.norm()).item() < 0.02
+
+
+def test_compress_takes_a_budget_of_weights_kept_as_the_command_line_does(tmp_path):
+    from pyro_bc.compression.thresholds import WeightsBudget
+
+    x, y = _synthetic(64)
+    net = _tiny_net()
+    pyro_bc.fit(net, (x, y), epochs=2, batch_size=16, lr=1e-2, progress=False)
+    by_name = pyro_bc.compress(net, tmp_path / "a.bcz", max_weights_kept=40.0)
+    by_rule = pyro_bc.compress(net, tmp_path / "b.bcz", rule=WeightsBudget(40.0))
+    assert by_name["architecture"] == by_rule["architecture"] and by_name["weights_kept_fraction"] <= 0.40
+    assert (tmp_path / "a.bcz").read_bytes() == (tmp_path / "b.bcz").read_bytes()
+    with pytest.raises(ConfigError, match="^give either a threshold rule or thresholds"):
+        pyro_bc.compress(net, tmp_path / "c.bcz", max_weights_kept=40.0, rule=WeightsBudget(40.0))

@@ -43,7 +43,7 @@ from pyro_bc.train.run_dir import PYTHON_MODEL
 
 def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.Tensor, torch.Tensor] | None = None,
              thresholds: list[float] | None = None, auto: str | None = None, max_error_increase: float | None = None,
-             *, train: tuple[torch.Tensor, torch.Tensor] | None = None,
+             *, max_weights_kept: float | None = None, train: tuple[torch.Tensor, torch.Tensor] | None = None,
              test: tuple[torch.Tensor, torch.Tensor] | None = None, fold: bool | None = None,
              rule: ThresholdRule | None = None, bits_budget: float | None = None, bits_rule: BitsRule | None = None,
              metadata: dict | None = None, predictive_samples: int | None = None, keep_variance: bool = False) -> dict:
@@ -52,17 +52,19 @@ def compress(net: BayesianNet, out: str | Path = "MODEL.bcz", val: tuple[torch.T
 
     ``val = (x, y)``: the validation examples, for the error-budget rules, ``val_error_compressed`` and the choice of
     the deterministic modules' precision; without them (a network trained on all its data) the thresholds must be
-    given or found without errors (``thresholds``, ``auto``), the bits are the variance rule's,
+    given or found without errors (``thresholds``, ``auto``, ``max_weights_kept``), the bits are the variance rule's,
     ``val_error_compressed`` is None and deterministic modules stay at float32.
     ``test = (x, y)``: optional; without it ``error_posterior_mean``, ``error_pruned`` and ``error_compressed`` are
     None. ``train = (x, y)``: optional training examples, whose first :data:`FOLD_EXAMPLES` give the means with
     which pruned inputs are folded into the biases (``fold``: as :func:`compress_run`'s, but without ``train``
-    nothing is folded and ``fold_pruned_inputs`` is false). Thresholds and bits as in :func:`compress_run`.
+    nothing is folded and ``fold_pruned_inputs`` is false). Thresholds and bits as in :func:`compress_run`;
+    ``max_weights_kept`` P: the least pruned network keeping at most P% of the weights (``--max-weights-kept``).
     ``metadata``: keys recorded in the file and the summary over the defaults ``{"model": "python", "prior":
     <the layers' prior>}`` (a ``.bcz`` keeps ``model``, ``prior``, ``thresholds``, ``val_size`` and ``seed``).
     ``predictive_samples`` (needs ``test``) and ``keep_variance``: as :func:`compress_run`'s.
     """
-    rule, bits_rule = resolve_rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
+    rule, bits_rule = resolve_rules((thresholds, auto, max_error_increase, max_weights_kept), rule, bits_budget,
+                                    bits_rule)
     val_split = None if val is None else as_split(val, "val")
     test_split = None if test is None else as_split(test, "test")
     if train is None:
@@ -86,10 +88,13 @@ def _on_cpu(split: Split | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None if split is None else (split.x.cpu(), split.y.cpu())
 
 
-def resolve_rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule) -> tuple[ThresholdRule, BitsRule]:
-    if rule is not None and (thresholds, auto, max_error_increase) != (None, None, None):
-        raise ConfigError("give either a threshold rule or thresholds / auto / max_error_increase, not both")
-    rule = rule or rule_from_options(thresholds, auto, max_error_increase)
+def resolve_rules(options: tuple, rule, bits_budget, bits_rule) -> tuple[ThresholdRule, BitsRule]:
+    """The threshold and bits rules of ``compress``'s arguments: ``options`` are ``thresholds``, ``auto``,
+    ``max_error_increase`` and ``max_weights_kept`` (:func:`rule_from_options`), or ``rule`` itself."""
+    if rule is not None and any(option is not None for option in options):
+        raise ConfigError("give either a threshold rule or thresholds / auto / max_error_increase / max_weights_kept, "
+                          "not both")
+    rule = rule or rule_from_options(*options)
     if bits_rule is not None and bits_budget is not None:
         raise ConfigError("give either a bits rule or bits_budget, not both")
     return rule, bits_rule or bits_rule_from_options(bits_budget)

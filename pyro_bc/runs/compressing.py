@@ -57,7 +57,7 @@ def compress_run(run_dir: str | Path, out: str | Path, thresholds: list[float] |
     finetuned = (Path(run_dir) / FINETUNE_FILE).is_file()
     if finetuned and rule is None and (thresholds, auto, max_error_increase) == (None, None, None):
         rule = KeptStructure(str(run_dir))  # a fine-tuned run keeps its structure unless thresholds are asked for
-    rule, bits_rule = resolve_rules(thresholds, auto, max_error_increase, rule, bits_budget, bits_rule)
+    rule, bits_rule = resolve_rules((thresholds, auto, max_error_increase, None), rule, bits_budget, bits_rule)
     checked_out(out)
     net, config, state = load_run(run_dir)
     dataset = load_data(data or config.data, val_size=config.val_size, seed=config.seed)
