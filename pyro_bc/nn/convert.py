@@ -27,9 +27,10 @@ def _shape_lazy_layers(body: nn.Module, input_shape: tuple[int, ...]) -> None:
     """Lazy layers (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) take their shapes from one forward of zeros, in eval
     mode so that BatchNorm's statistics stay as they are; each module's own mode is restored afterwards."""
     modes = [(m, m.training) for m in body.modules()]
+    device = next((p.device for p in body.parameters()), None)  # lazy parameters have one too
     body.eval()
     with torch.no_grad():
-        body(torch.zeros(2, *input_shape))
+        body(torch.zeros(2, *input_shape, device=device))
     for m, mode in modes:
         m.training = mode
 
