@@ -108,7 +108,7 @@ MISTAKES = [
     (["train", "--val-size", "60000", "--epochs", "1", "--out", "{out}"], 1, "val_size must be"),
     (["train", "--model", "{net}", "--data", "{small}", "--epochs", "1", "--out", "{out}"], 1,
      ("val_size must be an integer in 0..299 (training examples: 300), got 5000 (the default; a tenth of the examples "
-     "would be --val-size 30)")),
+     "would be 30)")),
     (["train", "--model", "{net}", "--epochs", "1", "--out", "{out}", *SMALL], 1,
      "the embedded MNIST): give data of the network's input shape with --data DIR"),
     (["train", "--model", "{three}", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1,

@@ -1190,3 +1190,18 @@ def test_v2_writer_refuses_what_the_format_cannot_hold(monkeypatch: pytest.Monke
         with pytest.raises(BadData) as info:
             bcz_v2.encode(model)
         assert str(info.value) == message
+
+
+def test_folders_and_other_files_are_refused_in_one_line_before_a_whole_read(tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match=r": a folder, not a \.bcz file$"):
+        codec.read_bcz(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04")
+    with pytest.raises(FormatError, match=r": a folder, not a \.bcz file \(a run directory: compress it into a \.bcz "
+                                          r"first\)$"):
+        codec.read_bcz(tmp_path)
+    with pytest.raises(FormatError, match=r"checkpoint.pt: bad magic b'PK\\x03\\x04' \(expected b'BCZ1'\)"):
+        codec.read_bcz(tmp_path / "checkpoint.pt")
+    other = tmp_path / "zeros.bin"
+    other.write_bytes(bytes(1 << 20))
+    with pytest.raises(FormatError, match=r"zeros.bin: bad magic b'\\x00\\x00\\x00\\x00'"):
+        codec.read_bcz(other)

@@ -68,13 +68,17 @@ def encode(model: CompressedModel) -> bytes:
     return bcz_v2.encode(model) if model.variances is None else bcz_v3.encode(model)
 
 
+def _check_magic(magic: bytes) -> None:
+    if magic != MAGIC:
+        raise BadData(f"bad magic {magic!r} (expected {MAGIC!r}): not a .bcz file")
+
+
 def decode(data: bytes) -> CompressedModel:
     """Parse complete ``.bcz`` bytes of any supported version (BadData on any problem)."""
     if len(data) < bcz_v2.MIN_SIZE:
         raise BadData(f"file too short ({len(data)} bytes; a .bcz file has at least {bcz_v2.MIN_SIZE})")
     magic, version = _MAGIC_VERSION.unpack_from(data)
-    if magic != MAGIC:
-        raise BadData(f"bad magic {magic!r} (expected {MAGIC!r}): not a .bcz file")
+    _check_magic(magic)
     if version not in READERS:
         raise BadData(f"unsupported .bcz version {version} (this reader supports {sorted(READERS)})")
     return READERS[version](data)
@@ -96,9 +100,19 @@ def write_bcz(path: str | os.PathLike[str], model: CompressedModel) -> int:
 def read_bcz(path: str | os.PathLike[str]) -> CompressedModel:
     """Read and fully validate a ``.bcz`` file."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        run = os.path.isfile(os.path.join(path, "checkpoint.pt"))
+        raise FormatError(f"{path}: a folder, not a .bcz file" + (" (a run directory: compress it into a .bcz first)"
+                                                                  if run else ""))
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            data = handle.read(len(MAGIC))
+            if len(data) == len(MAGIC):  # another kind of file is refused before it is read whole
+                try:
+                    _check_magic(data)
+                except BadData as exc:
+                    raise FormatError(f"{path}: {exc}") from None
+            data += handle.read()
     except OSError as exc:
         raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:

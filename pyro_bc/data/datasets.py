@@ -203,7 +203,7 @@ def _assemble(raw: RawData, fmt: str, val_size: int, seed: int, subset: int | No
     if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not 0 <= val_size < n_train:
         raise ConfigError(
             f"val_size must be an integer in 0..{n_train - 1} (training examples: {n_train}), got {val_size}"
-            + (f" (the default; a tenth of the examples would be --val-size {n_train // 10})"
+            + (f" (the default; a tenth of the examples would be {n_train // 10})"
                if val_size == VAL_SIZE else "")
         )
     n_fit = n_train - int(val_size)
