@@ -241,6 +241,7 @@ def test_report_of_a_python_fit_run_takes_the_network_and_test_examples(tmp_path
         in text
     assert (tmp_path / "figures" / "reliability.png").is_file() and not (tmp_path / "figures" / "rotation.png").exists()
     assert load_datatree(tmp_path / "posterior.nc")["predictions"]["class_probs"].shape == (1, 5, 32, 3)
+    assert net.training  # the report works on a copy in eval mode
     done = subprocess.run([sys.executable, "-m", "pyro_bc.cli", "report", str(tmp_path)], capture_output=True, check=False,
                           text=True)
     assert done.returncode == 1 and "write_report(run_dir, net=net)" in done.stderr

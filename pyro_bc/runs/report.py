@@ -16,6 +16,7 @@ threshold would keep, pruned as compression prunes (across the graph for network
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -236,9 +237,9 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     run_dir = Path(run_dir)
     if net is None:
         net, config, _ = load_run(run_dir)
-    else:
+    else:  # a copy in eval mode: the caller's network keeps its mode
         config = TrainConfig.from_dict(load_checkpoint(run_dir / CHECKPOINT)["config"])
-        net.eval()
+        net = copy.deepcopy(net).eval()
     if predictive_samples is not None and test is None and config.model == PYTHON_MODEL:
         raise ConfigError(f"{run_dir} is a run of pyro_bc.fit, which does not record its data: give the test "
                           "examples for the predictions (write_report(..., test=(x, y)))")
