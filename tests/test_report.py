@@ -232,7 +232,9 @@ def test_report_of_a_python_fit_run_takes_the_network_and_test_examples(tmp_path
     with pytest.raises(ConfigError, match="does not record its data") as info:
         write_report(tmp_path, net=net, num_samples=5, predictive_samples=1)
     assert "\n" not in str(info.value)
+    pyro_bc.compress(net, tmp_path / "MODEL.bcz", thresholds=[-3.0, -3.0])  # no test examples: no test errors
     text = write_report(tmp_path, net=net, num_samples=5, predictive_samples=2, test=(x[128:], y[128:])).read_text()
+    assert "| test error, compressed | – |" in text and "| compressed deterministic |" in text
     with torch.no_grad():
         expected = 100 * (net.posterior_mean_network()(x[128:]).argmax(1) != y[128:]).float().mean().item()
     row = next(line.split(" | ") for line in text.splitlines() if line.startswith("| posterior mean |"))

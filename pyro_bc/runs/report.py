@@ -120,9 +120,9 @@ def _compression_section(summary: dict, source: str) -> list[str]:
               f"| cr_file | {summary['cr_file']:.1f} |",
               f"| file bytes | {summary['file_bytes']} of {summary['original_bytes']} |",
               f"| MACs per example (kept/original) | {_macs(summary)} |",
-              f"| test error, posterior mean | {summary['error_posterior_mean']:.2f}% |",
-              f"| test error, pruned | {summary['error_pruned']:.2f}% |",
-              f"| test error, compressed | {summary['error_compressed']:.2f}% |",
+              f"| test error, posterior mean | {_percent(summary['error_posterior_mean'])} |",
+              f"| test error, pruned | {_percent(summary['error_pruned'])} |",
+              f"| test error, compressed | {_percent(summary['error_compressed'])} |",
               f"| validation error, compressed | {_percent(summary['val_error_compressed'])} |"]
     if summary.get("threshold_method"):
         lines.append(f"| thresholds | {summary['threshold_method']} |")
