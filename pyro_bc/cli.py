@@ -164,7 +164,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _model_and_prior(args: argparse.Namespace) -> tuple[str, str]:
     """``--model`` and ``--prior`` as given (a model file by its absolute path, so that the run's other commands find
     it from any folder); else a resumed run's (from its checkpoint), else the defaults."""
-    model = str(Path(args.model).resolve()) if args.model and Path(args.model).is_file() else args.model
+    model = str(Path(args.model).resolve()) if args.model and args.model.endswith(".py") and Path(args.model).is_file() \
+        else args.model
     if args.resume and (model is None or args.prior is None):
         saved = load_checkpoint(Path(args.out) / CHECKPOINT)["config"]
         if saved["model"] != PYTHON_MODEL:  # a run of pyro_bc.fit is refused by train, naming the way to resume it

@@ -515,6 +515,9 @@ def test_a_model_file_imports_its_neighbours_and_its_run_is_found_from_any_folde
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--model", str(project / "net.py"), "--out", "run", "--resume", "--epochs", "3"]) == 0
     monkeypatch.delitem(sys.modules, "heads")
+    (tmp_path / "lenet300").write_text("")  # a file named as a built-in network does not shadow it
+    assert main(["train", "--model", "lenet300", "--epochs", "0", "--subset", "100", "--out", "plain"]) == 0
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["model"] == "lenet300"
     from pyro_bc.cli import _train_config, build_parser
 
     args = build_parser().parse_args(["train", "--data", "some/folder", "--out", "run"])
