@@ -106,6 +106,8 @@ MISTAKES = [
     (["train", "--data", "{missing}", "--epochs", "1", "--out", "{out}"], 1, "no-such-thing"),
     (["train", "--data", "{npz}", "--epochs", "1", "--out", "{out}", "--val-size", "20"], 1, "shape (3, 8, 8)"),
     (["train", "--val-size", "60000", "--epochs", "1", "--out", "{out}"], 1, "val_size must be"),
+    (["train", "--epochs", "1", "--out", "{run}", *SMALL], 1, ("already holds a run: give a new output directory, or "
+                                                             "resume it (--resume")),
     (["train", "--model", "{net}", "--data", "{small}", "--epochs", "1", "--out", "{out}"], 1,
      ("val_size must be an integer in 0..299 (training examples: 300), got 5000 (the default; a tenth of the examples "
      "would be 30)")),

@@ -132,7 +132,7 @@ def test_pruned_weights_stay_exactly_zero_through_steps_and_a_resume_which_is_ex
     straight = _tiny_problem()[0]
     pyro_bc.finetune(straight, summary, data, data, epochs=4, lr=1e-2, out=tmp_path / "a", progress=False)
     resumed = _tiny_problem()[0]
-    pyro_bc.finetune(resumed, summary, data, data, epochs=0, lr=1e-2, out=tmp_path / "b", progress=False)
+    pyro_bc.finetune(resumed, summary, data, data, epochs=0, lr=1e-2, out=tmp_path / "b0", progress=False)
     with torch.no_grad():  # fine-tuning starts at the pruned network (the fold in the biases)
         torch.testing.assert_close(resumed.posterior_mean_network()(data[0]), start(data[0]))
     start_mu = {layer.site: layer.weight_mu.clone() for layer in resumed.layers}

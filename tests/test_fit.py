@@ -104,6 +104,19 @@ def test_fit_writes_the_run_directory_and_resumes_exactly(tmp_path, capsys):
         pyro_bc.fit(_tiny_net(), (x, y), epochs=1, model="lenet5")
 
 
+def test_a_run_directory_is_never_trained_over_without_resume(tmp_path):
+    x, y = _synthetic(64)
+    net = _tiny_net()
+    pyro_bc.fit(net, (x, y), epochs=1, out=tmp_path / "run", progress=False)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    with pytest.raises(ConfigError, match="already holds a run: give a new output directory, or resume it"):
+        pyro_bc.fit(_tiny_net(), (x, y), epochs=1, out=tmp_path / "run", progress=False)
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0, -3.0])
+    with pytest.raises(ConfigError, match="already holds a run: give a new output directory, or resume it"):
+        pyro_bc.finetune(net, summary, (x, y), epochs=1, out=tmp_path / "run", progress=False)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before
+
+
 def test_fit_refuses_to_resume_a_command_line_run(run):
     net, _, _ = load_run(run)
     with pytest.raises(CheckpointError, match="pyro-bc train --resume"):

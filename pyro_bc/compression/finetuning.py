@@ -38,7 +38,7 @@ from pyro_bc.data.datasets import as_split
 from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.infer.distributions import LogUniform, NormalLogVar, kl_normal_log_uniform, kl_normal_logvar_normal
 from pyro_bc.nn.network import BayesianNet
-from pyro_bc.train.run_dir import FINETUNE_FILE, prepare_run_dir
+from pyro_bc.train.run_dir import CHECKPOINT, FINETUNE_FILE, prepare_run_dir
 
 __all__ = ["MASKED_LOGVAR", "LayerMask", "MaskedNormalLogVar", "PruningMask", "apply_pruning", "check_masks",
            "finetune", "finetune_record", "freeze_batchnorm", "load_masks", "pruning_masks"]
@@ -262,6 +262,8 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
     else:
         if summary is None:
             raise ConfigError("finetune needs the compression summary whose pruning it keeps (MODEL.json)")
+        if out is not None and ((Path(out) / CHECKPOINT).exists() or (Path(out) / FINETUNE_FILE).exists()):
+            raise ConfigError(f"{out} already holds a run: give a new output directory, or resume it (resume=True)")
         layers, graph = summary_pruning(net, summary, as_split(train, "train").x)
         masks, record = pruning_masks(layers), finetune_record(source, summary, epochs)
         apply_pruning(net, layers, graph)

@@ -155,6 +155,9 @@ def run_training(config: TrainConfig, out: str | Path | None, resume: bool, prog
             with pyro.validation_enabled(False):
                 if resume and run_dir is None:
                     raise ConfigError("resume needs the run directory (out) to resume from")
+                if not resume and run_dir is not None and (run_dir / CHECKPOINT).exists():  # hours of training
+                    raise ConfigError(f"{run_dir} already holds a run: give a new output directory, or resume it "
+                                      "(--resume; resume=True in Python)")
                 state = load_checkpoint(run_dir / CHECKPOINT) if resume else None
                 config = _resumed_config(config, state, run_dir)
                 net, train_split, val_split, extras = setup(state, config)
