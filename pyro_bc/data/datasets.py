@@ -313,16 +313,19 @@ def as_split(data, what: str = "data") -> Split:
     """``data`` as one :class:`Split` held in memory: an ``(x, y)`` pair of tensors as it is, a
     ``torch.utils.data.Dataset`` or ``DataLoader`` read once, in the dataset's order (a map-style dataset through
     a DataLoader with the loader's ``collate_fn`` and no shuffling, so that its sampler does not reorder it; an
-    iterable one as the loader yields it); numpy arrays are taken as tensors. Each item or batch must be an ``(x, y)``
+    iterable one as the loader yields it); numpy arrays are taken as tensors, and so is a list of labels. Each item or batch must be an ``(x, y)``
     pair; integer labels become int64, floating-point inputs torch's default dtype (float32), the layers' dtype."""
     from torch.utils.data import DataLoader, IterableDataset
     from torch.utils.data import Dataset as TorchDataset
 
     if isinstance(data, Split):
         x, y = data.x, data.y
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray))
-                                                                    for t in data):
-        x, y = (torch.as_tensor(t) for t in data)
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, np.ndarray)) \
+            and isinstance(data[1], (torch.Tensor, np.ndarray, list, tuple)):  # labels may be a list of numbers
+        try:
+            x, y = (torch.as_tensor(t) for t in data)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"{what}: its labels do not make a tensor ({first_line(e)}): give class indices") from None
     elif isinstance(data, (DataLoader, TorchDataset, list, tuple)):  # a list of (x, y) pairs is a map-style dataset
         dataset = data.dataset if isinstance(data, DataLoader) else data
         if isinstance(data, DataLoader) and isinstance(dataset, IterableDataset):
