@@ -128,19 +128,17 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     if net.likelihood != "categorical" and (val is not None or test is not None):
         raise ConfigError(f"compress measures classification errors, and the network's likelihood is "
                           f"{net.likelihood!r}: compress it with thresholds and no validation or test examples")
-    given = [x for x in (val and val[0], train_x, test and test[0]) if x is not None]
-    integer = next((x.dtype for x in given if not x.is_floating_point()), None)
+    given = {what: split for what, split in (("val", val), ("train", train_x is not None and (train_x, None)),
+                                              ("test", test)) if split}  # (inputs, labels or None) by split
+    integer = next((x.dtype for x, _ in given.values() if not x.is_floating_point()), None)
     if integer is not None:
         raise ConfigError(f"cannot compress a network of {integer} inputs (token ids into an nn.Embedding, say): the "
                           "compressed graph takes floating-point inputs; embed the ids outside the network and train "
                           "it on the vectors")
     if net.input_shape is None and not given:  # a converted network never trained: its input is the data's
         raise ConfigError("the network has never seen an input: give examples (val, train or test) to compress it")
-    for what, split in (("val", val), ("test", test)):
-        if split is not None:
-            check_forward(net, split[0][:2], split[1], what=what)
-    if train_x is not None:
-        check_forward(net, train_x[:2], what="train")
+    for what, (x, y) in given.items():
+        check_forward(net, x[:2], *(() if y is None else (y,)), what=what)
 
     def val_error(module: torch.nn.Module) -> float | None:
         return None if val is None else error_percent(module, *val)
