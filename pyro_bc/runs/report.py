@@ -276,11 +276,12 @@ def write_report(run_dir: str | Path, compressed: str | Path | None = None, num_
     if (run_dir / FINETUNE_FILE).is_file():
         lines += [_finetune_line(load_masks(run_dir)[1], len(metrics), config.lr), ""]
     if last:
-        measured = (f"train RMSE {last['train_rmse']:.4g}" + (f", validation RMSE {last['val_rmse']:.4g}"
-                                                               if "val_rmse" in last else "")
-                    if "train_rmse" in last else  # a regression network
-                    f"train error {_percent(last.get('train_error'))}, "
-                    f"validation error {_percent(last.get('val_error'))}")
+        if "train_rmse" in last:  # a regression network
+            measured = f"train RMSE {last['train_rmse']:.4g}" + (
+                f", validation RMSE {last['val_rmse']:.4g}" if "val_rmse" in last else "")
+        else:
+            measured = (f"train error {_percent(last.get('train_error'))}, "
+                        f"validation error {_percent(last.get('val_error'))}")
         lines += [f"Last epoch: ELBO per example {last['elbo']:.4f}, {measured}.", ""]
     if summary:
         lines += _compression_section(summary, summary_path.name)
