@@ -4,6 +4,7 @@ lying sizes) that must each give one FormatError line naming the path."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,6 +35,8 @@ from pyro_bc.bcz.codec import (
     NormLayer,
     Op,
     QuantizedLayer,
+    decode,
+    encode,
     load,
     read_bcz,
     write_bcz,
@@ -78,7 +81,7 @@ def lenet(seed: int = 0) -> CompressedModel:
 def assert_same(a: CompressedModel, b: CompressedModel) -> None:
     """Models equal item by item, codes and biases bit for bit."""
     assert a.input_shape == b.input_shape and kept_metadata(a.metadata) == b.metadata
-    assert len(a.items) == len(b.items)
+    assert a.input_dtype == b.input_dtype and len(a.items) == len(b.items)
     for x, y in zip(a.items, b.items):
         assert type(x) is type(y) and x.inputs == y.inputs
         if isinstance(x, Op):
@@ -433,6 +436,10 @@ def test_crafted_v2_files(tmp_path: Path) -> None:
     assert read_bcz(path).items[0].weight_codes.tolist() == [[1, 2, 3], [4, 5, 6]]
     path.write_bytes(frame_v2(linear_v2(), PACKED_BLOCK, deflate=True))
     assert read_bcz(path).items[0].weight_codes.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert read_bcz(path).input_dtype is None  # a header that ends with its nodes: floating-point inputs
+    for wire_id, name in ((1, "int64"), (2, "int32"), (5, "uint8")):  # the fixed bytes of docs/FORMAT.md
+        path.write_bytes(frame_v2(linear_v2() + bytes([wire_id]), PACKED_BLOCK))
+        assert read_bcz(path).input_dtype == name
     cases = [
         (frame_v2(linear_v2(shape=(2**14, 2**14 + 1)), PACKED_BLOCK), "larger than this reader accepts"),
         (frame_v2(linear_v2(shape=(2**29, 1)), PACKED_BLOCK), "shape"),
@@ -450,7 +457,9 @@ def test_crafted_v2_files(tmp_path: Path) -> None:
         (frame_v2(linear_v2(meta=b"[1]"), PACKED_BLOCK), "metadata"),
         (frame_v2(linear_v2(meta=b"{bad"), PACKED_BLOCK), "JSON"),
         (frame_v2(linear_v2()[:-1] + b"\x80\x00", PACKED_BLOCK), "minimal"),
-        (frame_v2(linear_v2() + b"\0", PACKED_BLOCK), "unexpected bytes"),
+        (frame_v2(linear_v2() + b"\0", PACKED_BLOCK), "input dtype 0 is none of"),  # 0 is never written
+        (frame_v2(linear_v2() + b"\6", PACKED_BLOCK), "input dtype 6 is none of"),
+        (frame_v2(linear_v2() + b"\1\0", PACKED_BLOCK), "unexpected bytes"),
         (frame_v2(linear_v2(), PACKED_BLOCK, deflate=True, size=3), "more than"),
         (frame_v2(linear_v2(), PACKED_BLOCK, deflate=True, size=200), "truncated"),
         (frame_v2(linear_v2(), PACKED_BLOCK, size=2**30), "header length"),
@@ -488,6 +497,18 @@ def test_crafted_v2_files(tmp_path: Path) -> None:
     ]
     for data, fragment in cases:
         expect_format_error(path, data, fragment)
+
+
+def test_an_input_dtype_is_one_byte_after_the_nodes_and_floats_keep_the_header_they_had() -> None:
+    model = residual()
+    for name, wire_id in (("int64", 1), ("int16", 3)):
+        ids = dataclasses.replace(model, input_dtype=name)
+        assert bcz_v2._header(ids)[0] == bcz_v2._header(model)[0] + bytes([wire_id])
+        assert_same(ids, decode(encode(ids)))
+        with_variances = dataclasses.replace(lenet(1), input_dtype=name, variances=Variances(
+            4, [LayerVariance(np.zeros(item.weight_codes.size, np.int64))
+                for item in lenet(1).items if isinstance(item, QuantizedLayer)]))
+        assert decode(encode(with_variances)).input_dtype == name  # version 3 carries it too
 
 
 def test_graphs_round_trip_and_run_their_nodes(tmp_path: Path) -> None:
@@ -677,6 +698,8 @@ def test_write_rejects_bad_models(tmp_path: Path) -> None:
         write_bcz(path, CompressedModel([Op("add", inputs=(-1,))], (3,)))
     with pytest.raises(FormatError, match="padding"):
         write_bcz(path, CompressedModel([Op("maxpool2d", {"kernel_size": 2, "padding": 2})], (1, 4, 4)))
+    with pytest.raises(FormatError, match="input_dtype 'float64'"):  # floats are recorded by recording nothing
+        write_bcz(path, CompressedModel([Op("relu")], (3,), input_dtype="float64"))
     assert not os.listdir(tmp_path)
 
 
@@ -924,7 +947,8 @@ V2_REFUSED = [  # (file, the whole message): each bound of docs/FORMAT.md one pa
      "header: the layers hold more than 268435456 codes, larger than this reader accepts"),
     (v2_file(v2_header(v2_node("linear", v2_layer((2**14, 2**14))))),  # 2**28 codes are accepted
      "layer blocks need 4 payload bytes but the file holds 0"),
-    (v2_file(v2_header() + b"\0"), "header: 1 unexpected bytes at the end"),
+    (v2_file(v2_header() + b"\0"), "header: input dtype 0 is none of [1, 2, 3, 4, 5]"),
+    (v2_file(v2_header() + b"\1\0"), "header: 1 unexpected bytes at the end"),
     (v2_file(v2_header(v2_node("linear", v2_layer(name=b"a" * 256)))), N0 + "name length=256 outside [0, 255]"),
     (v2_file(v2_header(v2_node("linear", uvarint(5) + b"ab"))), N0 + "name needs 5 bytes but only 2 are left"),
     (v2_file(v2_header(v2_node("linear", v2_layer(name=b"\xff")))), N0 + "name is not UTF-8"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import pyro_bc
 from pyro_bc.bcz import codec
 from pyro_bc.bcz.export import BATCH_DIM, FORMATS, INPUT_NAME, FixedAdaptiveAvgPool2d, export_module
 from pyro_bc.cli import main
@@ -157,3 +158,33 @@ def test_fixed_adaptive_pooling_is_adaptive_pooling_and_exports_to_onnx(in_size,
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], module(x).numpy(), atol=1e-5)
+
+
+class _TextCNN(nn.Module):
+    """Token ids -> embedding -> a 1-D convolution over positions -> max over positions -> logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv, self.fc = nn.Embedding(30, 6), nn.Conv1d(6, 5, 3, padding=1), nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.conv(self.embed(ids).transpose(1, 2))).amax(2))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_network_of_token_ids_exports_with_integer_inputs(fmt, tmp_path):
+    """The file records int64 inputs; ``pyro-bc export`` traces with them, and the exported program (onnxruntime's,
+    or torch.export's re-loaded) computes what the loaded module computes on ids it never saw."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(_TextCNN(), input_shape=(7,), input_dtype=torch.int64)
+    pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0, -3.0])
+    assert main(["export", str(tmp_path / "m.bcz"), "--format", fmt, "--out", str(tmp_path / f"m.{fmt}")]) == 0
+    ids = torch.randint(0, 30, (9, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = codec.load(tmp_path / "m.bcz")(ids)
+        if fmt == "onnx":
+            session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(None, {INPUT_NAME: ids.numpy()})[0])
+        else:
+            got = torch.export.load(tmp_path / "m.pt2").module()(ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_bc
+from pyro_bc.bcz.codec import QuantizedLayer, read_bcz
 from pyro_bc.cli import main
 from pyro_bc.compression.graph import analyse_network, prune_network
 from pyro_bc.compression.posterior import analyse
@@ -281,14 +282,37 @@ def test_networks_fit_cannot_train_are_one_line_errors_before_the_first_step(mod
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_integer_inputs_train_but_compression_says_why_it_cannot_take_them(tmp_path):
+def test_a_network_of_token_ids_trains_compresses_and_its_file_computes_it_by_hand(tmp_path):
+    """Token ids into an nn.Embedding: fit takes them, compress prunes the linear layer's inputs (the embedding's
+    features) and writes a file of int64 inputs whose module computes what the hand-written lookup computes: the mean
+    of the tokens' rows of the embedding table, at the kept features, times the file's decoded weights."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 20, (48, 5), generator=g), torch.randint(0, 3, (48,), generator=g)
     net = pyro_bc.bayesianize(_Embedded())
     pyro_bc.fit(net, (x, y), epochs=1, batch_size=16, progress=False)
-    with pytest.raises(ConfigError, match="^cannot compress a network of torch.int64 inputs .*nn.Embedding"):
-        pyro_bc.compress(net, tmp_path / "m.bcz", val=(x, y), thresholds=[-3.0])
-    assert not (tmp_path / "m.bcz").exists()
+    assert net.input_dtype == torch.int64
+    with torch.no_grad():
+        net.layers[0].prior.z_logvar.fill_(-30.0)
+        net.layers[0].prior.z_logvar[[1, 4, 6]] = 5.0  # log alpha far above -3: those inputs go
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0])
+    model = read_bcz(tmp_path / "m.bcz")
+    assert model.input_dtype == "int64" and summary["layers"][0]["kept_groups"] == [0, 2, 3, 5, 7]
+    (fc,) = [item for item in model.items if isinstance(item, QuantizedLayer)]
+    weight = torch.tensor(fc.weight_codes, dtype=torch.float64) * 2.0 ** -fc.frac_bits
+    table = net.body.embed.weight.detach().double()  # kept at float32 without validation examples
+    hand = table[x].mean(1)[:, [0, 2, 3, 5, 7]] @ weight.T + torch.tensor(fc.bias, dtype=torch.float64)
+    assert torch.allclose(pyro_bc.load(tmp_path / "m.bcz")(x).double(), hand, atol=1e-5)
+    with pytest.raises(ConfigError, match="^test examples are floating-point, but the network takes torch.int64 ids$"):
+        pyro_bc.compress(net, tmp_path / "n.bcz", thresholds=[-3.0], test=(x.float(), y))
+
+
+def test_inputs_neither_floats_nor_ids_are_one_line_errors():
+    net = pyro_bc.bayesianize(_Embedded())
+    with pytest.raises(ConfigError, match=r"^data examples are torch.bool: give floating-point inputs, or integer ids"):
+        pyro_bc.fit(net, (torch.ones(8, 5, dtype=torch.bool), torch.zeros(8, dtype=torch.long)), epochs=1,
+                    progress=False)
+    with pytest.raises(ConfigError, match=r"^input_dtype must be an integer type \(int64, .*\) for ids, or None"):
+        pyro_bc.bayesianize(_Embedded(), input_shape=(5,), input_dtype=torch.float64)
 
 
 def test_numpy_arrays_and_float64_inputs_train_as_float32_tensors_do(tmp_path):

@@ -139,7 +139,7 @@ def round_biases(model: CompressedModel, rounding: str) -> CompressedModel:
             item = QuantizedLayer(item.kind, item.name, item.weight_codes, item.frac_bits, bias, item.stride,
                                   item.padding, item.dilation, item.groups, item.inputs)
         items.append(item)
-    return CompressedModel(items, model.input_shape, model.metadata, model.variances)
+    return dataclasses.replace(model, items=items)
 
 
 def _half(values: np.ndarray | None) -> np.ndarray | None:
@@ -165,7 +165,7 @@ def half_deterministic(model: CompressedModel) -> CompressedModel:
     the nearest float16 values, which the writer then stores at float16 (a tensor with a value beyond float16's
     range stays as it is, at float32). Quantized layers are unchanged."""
     items = [_half_node(item) if isinstance(item, DETERMINISTIC) else item for item in model.items]
-    return CompressedModel(items, model.input_shape, model.metadata, model.variances)
+    return dataclasses.replace(model, items=items)
 
 
 def recode(old: str | os.PathLike[str], new: str | os.PathLike[str], bias: str = "float32") -> int:

@@ -17,6 +17,7 @@ from torch.onnx import symbolic_helper
 from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.bcz import codec
 from pyro_bc.errors import ConfigError, first_line
+from pyro_bc.nn.network import INTEGER_INPUTS
 
 FORMATS = ("onnx", "pt2")
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "input", "output", "batch"
@@ -111,24 +112,27 @@ def _pt2_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def export_bytes(module: nn.Module, input_shape: Sequence[int], fmt: str) -> bytes:
-    """``module`` (any ``nn.Module`` taking one ``(batch, *input_shape)`` tensor, put in eval mode) as the bytes
-    of an ``onnx`` or ``pt2`` file; ConfigError, on one line, if the exporter fails."""
+def export_bytes(module: nn.Module, input_shape: Sequence[int], fmt: str,
+                 input_dtype: torch.dtype | None = None) -> bytes:
+    """``module`` (any ``nn.Module`` taking one ``(batch, *input_shape)`` tensor, of ``input_dtype`` where its inputs
+    are integer ids, put in eval mode) as the bytes of an ``onnx`` or ``pt2`` file; ConfigError, on one line, if the
+    exporter fails."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")
-    example = torch.zeros(EXAMPLE_BATCH, *input_shape)
+    example = torch.zeros(EXAMPLE_BATCH, *input_shape, dtype=input_dtype or torch.get_default_dtype())
     try:
         return (_onnx_bytes if fmt == "onnx" else _pt2_bytes)(module.eval(), example)
     except Exception as exc:  # the exporters raise many types; one line naming the cause
         raise ConfigError(f"cannot export to {fmt}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
-def export_module(module: nn.Module, input_shape: Sequence[int], out: str | os.PathLike[str], fmt: str) -> int:
+def export_module(module: nn.Module, input_shape: Sequence[int], out: str | os.PathLike[str], fmt: str,
+                  input_dtype: torch.dtype | None = None) -> int:
     """Write :func:`export_bytes` of ``module`` to ``out``, atomically; returns the bytes written."""
     out = Path(out)
     if not out.parent.is_dir():
         raise ConfigError(f"output folder {out.parent} does not exist")
-    data = export_bytes(module, input_shape, fmt)
+    data = export_bytes(module, input_shape, fmt, input_dtype)
     try:
         atomic_write_bytes(out, data)
     except OSError as exc:
@@ -138,4 +142,6 @@ def export_module(module: nn.Module, input_shape: Sequence[int], out: str | os.P
 
 def export_bcz(path: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str) -> int:
     """Export the network of the ``.bcz`` file ``path`` (as :func:`pyro_bc.bcz.codec.load` rebuilds it) to ``out``."""
-    return export_module(codec.load(path), codec.read_bcz(path).input_shape, out, fmt)
+    model = codec.read_bcz(path)
+    dtype = None if model.input_dtype is None else INTEGER_INPUTS[model.input_dtype]
+    return export_module(codec.load(path), model.input_shape, out, fmt, dtype)

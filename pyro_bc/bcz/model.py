@@ -30,6 +30,9 @@ FRAC_BITS_RANGE = (-64, 64)
 MAX_PARAM = 1 << 16  # cap on strides, kernel sizes, groups, ... and on each input_shape entry
 MAX_NORM_RANK = 8  # dimensions a layer_norm normalises over
 NETWORK_INPUT = -1  # the source index that names the network input
+# The integer input types (token ids into an embedding) and their bytes in a version-2 header, fixed for good as
+# WIRE_IDS are; a network of floating-point inputs records none (0 is never written).
+INPUT_DTYPE_IDS = {"int64": 1, "int32": 2, "int16": 3, "int8": 4, "uint8": 5}
 
 Pair = tuple[int, int]
 
@@ -253,6 +256,7 @@ class CompressedModel:
     input_shape: tuple[int, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
     variances: Variances | None = None  # the posterior variances (a version-3 file); None: a deterministic network
+    input_dtype: str | None = None  # a key of INPUT_DTYPE_IDS where the inputs are integer ids; None: floats
 
 
 def sources(model: CompressedModel) -> list[tuple[int, ...]]:

@@ -20,6 +20,7 @@ from pyro_bc.bcz.binary import BadData, Reader, inflate, svarint, uvarint, uvari
 from pyro_bc.bcz.code_storage import STORAGES, decode_codes, encode_codes
 from pyro_bc.bcz.model import (
     FRAC_BITS_RANGE,
+    INPUT_DTYPE_IDS,
     LAYER_KINDS,
     MAGIC,
     MAX_NORM_RANK,
@@ -46,6 +47,7 @@ from pyro_bc.bcz.program import MAX_PROGRAM_NODES, MAX_RANK, Program, check_prog
 
 VERSION = 2
 KIND_OF_WIRE_ID = {wire_id: kind for kind, wire_id in WIRE_IDS.items()}
+DTYPE_OF_INPUT_ID = {wire_id: name for name, wire_id in INPUT_DTYPE_IDS.items()}
 BIAS_STORAGES = ("none", "float32", "float16", "fixed")
 NONE, FLOAT32, FLOAT16, FIXED = range(4)
 WEIGHT_STORAGES = (*STORAGES, "float32", "float16")  # the code storages, then a FloatLayer's weights as floats
@@ -250,6 +252,10 @@ def _header(model: CompressedModel) -> tuple[bytes, bytes]:
             blocks.append(block)
         else:
             head.append(_op(item))
+    if model.input_dtype is not None:  # integer ids; a float network's header ends with its nodes, as it always has
+        if model.input_dtype not in INPUT_DTYPE_IDS:
+            raise BadData(f"input_dtype {model.input_dtype!r}: one of {', '.join(INPUT_DTYPE_IDS)}, or None for floats")
+        head.append(bytes([INPUT_DTYPE_IDS[model.input_dtype]]))
     return b"".join(head), b"".join(blocks)
 
 
@@ -407,8 +413,16 @@ def _build_program(spec: dict[str, Any], payload: Reader) -> ProgramNode:
     return ProgramNode(spec["name"], Program(spec["arity"], constants, spec["nodes"], spec["output"]))
 
 
-def _parse_header(r: Reader) -> tuple[tuple[int, ...], dict[str, Any], list[Any], list[tuple[int, ...]]]:
-    """Input shape, metadata, node specs (Op or layer dict) and node inputs; every size bounded."""
+def _read_input_dtype(r: Reader) -> str:
+    wire_id = r.byte("input dtype")
+    if wire_id not in DTYPE_OF_INPUT_ID:
+        raise BadData(f"header: input dtype {wire_id} is none of {sorted(DTYPE_OF_INPUT_ID)}")
+    return DTYPE_OF_INPUT_ID[wire_id]
+
+
+def _parse_header(r: Reader) -> tuple[tuple[int, ...], dict[str, Any], list[Any], list[tuple[int, ...]], str | None]:
+    """Input shape, metadata, node specs (Op or layer dict), node inputs and the input dtype (None: floats); every
+    size bounded."""
     input_shape = tuple(r.uvarint("input_shape", 1, MAX_PARAM) for _ in range(r.uvarint("input rank", 1, 8)))
     raw_meta = bytes(r.take(r.uvarint("metadata length", 0, r.left), "metadata"))
     try:
@@ -433,8 +447,9 @@ def _parse_header(r: Reader) -> tuple[tuple[int, ...], dict[str, Any], list[Any]
         else:
             spec = _read_op(r, kind, where)
         specs.append(spec)
+    input_dtype = _read_input_dtype(r) if r.left else None
     r.done()
-    return input_shape, metadata, specs, inputs
+    return input_shape, metadata, specs, inputs, input_dtype
 
 
 def _floats(data: memoryview, storage: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -498,11 +513,11 @@ def decode(data: bytes) -> CompressedModel:
     if zlib.crc32(memoryview(data)[: -_CRC.size]) != crc:
         raise BadData("checksum mismatch: file is corrupt")
     header = inflate(stored, size, -15, "header") if codec else bytes(stored)
-    input_shape, metadata, specs, inputs = _parse_header(Reader(header, what="header"))
+    input_shape, metadata, specs, inputs, input_dtype = _parse_header(Reader(header, what="header"))
     lengths = sum(s["weights_length"] + s["bias_length"] for s in specs if isinstance(s, dict))
     if lengths != r.left:
         raise BadData(f"layer blocks need {lengths} payload bytes but the file holds {r.left}")
     items = [spec if isinstance(spec, Op) else _build_layer(spec, r) for spec in specs]
     for index, (item, wanted) in enumerate(zip(items, inputs)):
         item.inputs = None if wanted == (index - 1,) else wanted
-    return CompressedModel(items, input_shape, metadata)
+    return CompressedModel(items, input_shape, metadata, input_dtype=input_dtype)

@@ -19,7 +19,7 @@ from pyro_bc.compression.graph import NETWORK_INPUT, BodyGraph, Node
 from pyro_bc.compression.posterior import Precision, PrunedLayer, quantize
 from pyro_bc.errors import ConfigError
 from pyro_bc.nn.kinds import KIND, explicit_padding, kind_of
-from pyro_bc.nn.network import BayesianNet
+from pyro_bc.nn.network import BayesianNet, input_dtype_name
 
 
 def _select(available: torch.Tensor, keep_in: torch.Tensor, inputs: tuple[int, ...] | None = None) -> Op | None:
@@ -118,7 +118,7 @@ def compressed_model(net: BayesianNet, layers: list[PrunedLayer], precision: Pre
     ``precision=None``, kept at float32 precision (codes on a 2^-40 grid) for the pruned-only error.
     ``graph``: ``net``'s, where the caller has built it."""
     items = _items(graph or BodyGraph(net), layers, precision)
-    return CompressedModel(items, net.input_shape, metadata or {})
+    return CompressedModel(items, net.input_shape, metadata or {}, input_dtype=input_dtype_name(net.input_dtype))
 
 
 def compressed_module(net: BayesianNet, layers: list[PrunedLayer], precision: Precision | None,

@@ -172,8 +172,7 @@ class BodyGraph:
             # what the output does not read goes (an unused item of a tuple), but every Bayesian layer stays
             layers = {layer.site for layer in net.layers}
             module.graph.eliminate_dead_code(lambda n: n.is_impure() or n.op == "call_module" and n.target in layers)
-            device = net.layers[0].weight_mu.device
-            _ShapeProp(module).propagate(torch.zeros(1, *net.input_shape, device=device))
+            _ShapeProp(module).propagate(net.example_input(1))
         except Exception as e:  # noqa: BLE001  (whatever a user's forward does, the cause is reported)
             raise ConfigError(f"cannot trace the network with torch.fx: {type(e).__name__}: "
                               f"{first_line(e)}")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pyro_bc.nn.kinds import dense_layers, kind_of
+from pyro_bc.nn.network import example_input
 
 
 def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
@@ -25,9 +26,10 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def count_macs(network: nn.Module, input_shape: Sequence[int], layers: Sequence[nn.Module] | None = None) -> list[int]:
+def count_macs(network: nn.Module, input_shape: Sequence[int], layers: Sequence[nn.Module] | None = None,
+               input_dtype: torch.dtype | None = None) -> list[int]:
     """MACs per example of each ``nn.Linear`` / ``nn.Conv2d`` of ``network`` (or of those in ``layers``), in the
-    order they run."""
+    order they run, on inputs of ``input_dtype`` (None: floating point; an integer type for token ids)."""
     counts: list[int] = []
 
     def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -36,7 +38,7 @@ def count_macs(network: nn.Module, input_shape: Sequence[int], layers: Sequence[
     layers = [m for _, m in dense_layers(network)] if layers is None else layers
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        network(torch.zeros(1, *input_shape))
+        network(example_input(network, tuple(input_shape), input_dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -45,12 +47,12 @@ def count_macs(network: nn.Module, input_shape: Sequence[int], layers: Sequence[
 
 def add_macs(summary: dict, original: nn.Module, compressed: nn.Module, input_shape: Sequence[int],
              compressed_layers: Sequence[nn.Module] | None = None,
-             original_layers: Sequence[nn.Module] | None = None) -> dict:
+             original_layers: Sequence[nn.Module] | None = None, input_dtype: torch.dtype | None = None) -> dict:
     """Put ``macs_original`` and ``macs_compressed`` into each entry of ``summary["layers"]`` and their totals
     at the top level (in place); returns ``summary``. The networks' layers (``compressed_layers``,
     ``original_layers``: those that are Bayesian layers, where a network has others) match the entries in order."""
-    columns = {"macs_original": count_macs(original, input_shape, original_layers),
-               "macs_compressed": count_macs(compressed, input_shape, compressed_layers)}
+    columns = {"macs_original": count_macs(original, input_shape, original_layers, input_dtype),
+               "macs_compressed": count_macs(compressed, input_shape, compressed_layers, input_dtype)}
     for key, counts in columns.items():
         if len(counts) != len(summary["layers"]):
             raise ValueError(f"{key}: {len(counts)} linear/conv layers ran, but the summary has "

@@ -130,11 +130,6 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
                           f"{net.likelihood!r}: compress it with thresholds and no validation or test examples")
     given = {what: split for what, split in (("val", val), ("train", train_x is not None and (train_x, None)),
                                               ("test", test)) if split}  # (inputs, labels or None) by split
-    integer = next((x.dtype for x, _ in given.values() if not x.is_floating_point()), None)
-    if integer is not None:
-        raise ConfigError(f"cannot compress a network of {integer} inputs (token ids into an nn.Embedding, say): the "
-                          "compressed graph takes floating-point inputs; embed the ids outside the network and train "
-                          "it on the vectors")
     if net.input_shape is None and not given:  # a converted network never trained: its input is the data's
         raise ConfigError("the network has never seen an input: give examples (val, train or test) to compress it")
     for what, (x, y) in given.items():
@@ -200,7 +195,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "prior": info["prior"],
     }
     add_macs(summary, mean_network, loaded, net.input_shape, _layer_modules(loaded, model, net),
-             [mean_network.get_submodule(name) for name in net.layer_names])
+             [mean_network.get_submodule(name) for name in net.layer_names], net.input_dtype)
     if keep_variance:
         summary["file_bytes_without_variance"] = len(codec.encode(dataclasses.replace(model, variances=None)))
         summary["cr_file_without_variance"] = original_bytes / summary["file_bytes_without_variance"]

@@ -10,7 +10,7 @@ from torch import nn
 from pyro_bc.errors import ConfigError
 from pyro_bc.nn.kinds import LAYER_KINDS, dense_layers, kind_of
 from pyro_bc.nn.layers import BAYES_LAYERS, BayesLayer
-from pyro_bc.nn.network import BayesianNet, called_layers
+from pyro_bc.nn.network import BayesianNet, called_layers, checked_input_dtype, example_input
 from pyro_bc.priors import Prior, make_prior
 
 
@@ -23,21 +23,20 @@ def _start_from(layer: BayesLayer, dense: nn.Module, name: str, delta: float | N
         layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(dense.weight.dtype).tiny))
 
 
-def _shape_lazy_layers(body: nn.Module, input_shape: tuple[int, ...]) -> None:
+def _shape_lazy_layers(body: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.dtype | None) -> None:
     """Lazy layers (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) take their shapes from one forward of zeros, in eval
     mode so that BatchNorm's statistics stay as they are; each module's own mode is restored afterwards."""
     modes = [(m, m.training) for m in body.modules()]
-    device = next((p.device for p in body.parameters()), None)  # lazy parameters have one too
     body.eval()
-    with torch.no_grad():
-        body(torch.zeros(2, *input_shape, device=device))
+    with torch.no_grad():  # lazy parameters have a device too
+        body(example_input(body, input_shape, input_dtype, batch=2))
     for m, mode in modes:
         m.training = mode
 
 
 def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: tuple[int, ...] | None = None,
                 delta: float | None = None, likelihood: str = "categorical", noise_scale: float = 1.0,
-                **prior_options) -> BayesianNet:
+                input_dtype: torch.dtype | None = None, **prior_options) -> BayesianNet:
     """A :class:`BayesianNet` whose body is a copy of ``module`` with every ``nn.Linear``, ``nn.Conv1d`` and
     ``nn.Conv2d`` replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or
     not; :data:`pyro_bc.nn.layers.BAYES_LAYERS`), except
@@ -58,6 +57,8 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     :param input_shape: one example's shape, e.g. ``(3, 32, 32)``; ``None`` lets training take it from the data.
     :param likelihood: ``"categorical"`` (the outputs are logits) or ``"normal"`` (regression: the outputs are the
         means of the targets, with standard deviation ``noise_scale``), as :class:`BayesianNet` takes them.
+    :param input_dtype: ``torch.int64`` (or another integer type) where the inputs are token ids into an
+        ``nn.Embedding`` and ``input_shape`` is given; ``None``: floating-point inputs, or the data's type.
     """
     module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: the module it compiles
     if isinstance(module, BayesianNet):
@@ -65,16 +66,17 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
                           "posterior_mean_network() is one)")
     if delta is not None and not delta > 0:
         raise ConfigError(f"delta must be a positive number, got {delta}")
-    prior = make_prior(prior, **prior_options)
+    prior, input_dtype = make_prior(prior, **prior_options), checked_input_dtype(input_dtype)
     lazy = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if nn.parameter.is_lazy(t)]
     if lazy and input_shape is None:
         raise ConfigError(f"{type(module).__name__} has lazy parameters not yet shaped ({lazy[0]}): give bayesianize "
                           "input_shape=(...), or run one batch through the model first")
     if lazy:
-        _shape_lazy_layers(module, input_shape)
+        _shape_lazy_layers(module, input_shape, input_dtype)
     body = copy.deepcopy(module)
     # probed on a copy in eval mode: body.train(mode) afterwards would overwrite submodules' own modes
-    called = None if input_shape is None else called_layers(copy.deepcopy(body).eval(), input_shape)
+    called = None if input_shape is None else called_layers(copy.deepcopy(body).eval(), input_shape,
+                                                               input_dtype)
     # nn.MultiheadAttention (and any module that reads a layer's weight itself) keeps that layer deterministic
     inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
     targets = [(name, m) for name, m in dense_layers(body)
@@ -90,4 +92,5 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         _start_from(layer, dense, name, delta)
         parent_name, _, child = name.rpartition(".")
         setattr(body.get_submodule(parent_name) if parent_name else body, child, layer)
-    return BayesianNet(body, input_shape=input_shape, likelihood=likelihood, noise_scale=noise_scale)
+    return BayesianNet(body, input_shape=input_shape, likelihood=likelihood, noise_scale=noise_scale,
+                       input_dtype=input_dtype)

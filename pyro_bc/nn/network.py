@@ -23,6 +23,19 @@ from pyro_bc.nn.kinds import dense_layers
 from pyro_bc.nn.layers import BayesLayer
 
 LIKELIHOODS = ("categorical", "normal")
+#: The integer input types a network may take (token ids into an ``nn.Embedding``), by the name checkpoints and
+#: ``.bcz`` files record; a network of floating-point inputs records none.
+INTEGER_INPUTS = {str(t).removeprefix("torch."): t for t in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                               torch.uint8)}
+
+
+def example_input(module: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.dtype | None = None,
+                  batch: int = 1) -> torch.Tensor:
+    """``batch`` examples of zeros, of ``input_shape`` and ``input_dtype`` (None: floating point), on ``module``'s
+    device: what dry runs of a network feed it (token id 0 is in every embedding's table)."""
+    parameter = next(module.parameters(), None)
+    return torch.zeros(batch, *input_shape, dtype=input_dtype or torch.get_default_dtype(),
+                       device=None if parameter is None else parameter.device)
 
 
 @torch.no_grad()
@@ -39,14 +52,27 @@ def layer_calls(module: nn.Module, x: torch.Tensor) -> tuple[object, Counter]:
             handle.remove()
 
 
-def called_layers(module: nn.Module, input_shape: tuple[int, ...]) -> set[str] | None:
+def input_dtype_name(dtype: torch.dtype | None) -> str | None:
+    """The name checkpoints and ``.bcz`` files record for an input type: a key of :data:`INTEGER_INPUTS`, None for
+    floating-point inputs."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def checked_input_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` if it is None (floating-point inputs) or one of :data:`INTEGER_INPUTS`, else a one-line error."""
+    if dtype is not None and dtype not in INTEGER_INPUTS.values():
+        raise ConfigError(f"input_dtype must be an integer type ({', '.join(INTEGER_INPUTS)}) for ids, or None for "
+                          f"floating-point inputs; got {dtype}")
+    return dtype
+
+
+def called_layers(module: nn.Module, input_shape: tuple[int, ...],
+                  input_dtype: torch.dtype | None = None) -> set[str] | None:
     """The layers of ``module`` that its forward calls as modules, in ``module``'s present mode, on one zero example
     (not a layer whose weight the forward reads itself, as Swin's window attention does, nor a head only training
     reads); None where the forward fails on that shape."""
-    parameter = next(module.parameters(), None)
-    x = torch.zeros(1, *input_shape, device=None if parameter is None else parameter.device)
     try:
-        return set(layer_calls(module, x)[1])
+        return set(layer_calls(module, example_input(module, input_shape, input_dtype))[1])
     except Exception:  # noqa: BLE001  (the network does not run on this shape: training will say so, with its fix)
         return None
 
@@ -56,10 +82,12 @@ class BayesianNet(nn.Module):
         of them and parameter-free modules.
     :param input_shape: shape of one input example, e.g. ``(1, 28, 28)``; ``None``: set by training from the data.
     :param likelihood: ``"categorical"`` (logits) or ``"normal"`` (regression, fixed ``noise_scale``).
+    :param input_dtype: an integer type (:data:`INTEGER_INPUTS`) where the inputs are ids (tokens into an
+        ``nn.Embedding``); ``None``: floating-point inputs, or set by training from the data.
     """
 
     def __init__(self, body: nn.Module, input_shape: tuple[int, ...] | None, likelihood: str = "categorical",
-                 noise_scale: float = 1.0):
+                 noise_scale: float = 1.0, input_dtype: torch.dtype | None = None):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ConfigError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
@@ -72,6 +100,7 @@ class BayesianNet(nn.Module):
         self.layers: list[BayesLayer] = [m for m in body.modules() if isinstance(m, BayesLayer)]
         if not self.layers:
             raise ConfigError("the network's body holds no pyro_bc Bayesian layer")
+        self.input_dtype = checked_input_dtype(input_dtype)  # before the shape, whose setter runs the network on examples
         self.input_shape = input_shape
 
     @property
@@ -92,7 +121,7 @@ class BayesianNet(nn.Module):
         :func:`~pyro_bc.nn.convert.bayesianize` given ``input_shape`` leaves it: torchvision's auxiliary classifiers
         (GoogLeNet, Inception v3), which only training reads and the likelihood does not (:meth:`model`), have no
         place in the compressed network. Nothing changes where the forward fails on zeros or calls no layer."""
-        called = called_layers(self.posterior_mean_network(), self._input_shape)
+        called = called_layers(self.posterior_mean_network(), self._input_shape, self.input_dtype)
         uncalled = [layer for layer in self.layers if layer.site not in called] if called else []
         if not uncalled:
             return
@@ -113,7 +142,7 @@ class BayesianNet(nn.Module):
         network on zeros; a forward that fails either way is left to fail where it runs."""
         if not any(layer.kind.spatial_dims == 2 for layer in self.layers):
             return
-        x = torch.zeros(2, *self._input_shape, device=self.layers[0].weight_mu.device)
+        x = self.example_input(2)
         for contiguous in (False, True):
             for layer in self.layers:
                 layer.contiguous_output = contiguous
@@ -124,6 +153,10 @@ class BayesianNet(nn.Module):
                 continue
         for layer in self.layers:
             layer.contiguous_output = False
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """``batch`` zero examples of the network's input shape and type, on its device."""
+        return example_input(self.body, self._input_shape, self.input_dtype, batch)
 
     @property
     def layer_names(self) -> list[str]:
@@ -198,7 +231,15 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
     """One line for what would otherwise fail inside the first step or a compression, or silently: examples (``x``,
     of the split ``what``) of another shape than the network's, a forward that fails on them, one that returns no
     tensor (in eval mode), a Bayesian layer called twice, class labels (``labels``: each split's) that are not one
-    whole number per example within the network's outputs. Sets a converted network's input shape from ``x``."""
+    whole number per example within the network's outputs. Sets a converted network's input shape from ``x``, and
+    its input type where ``x`` holds integer ids."""
+    if not x.is_floating_point() and x.dtype not in INTEGER_INPUTS.values():
+        raise ConfigError(f"{what} examples are {x.dtype}: give floating-point inputs, or integer ids "
+                          f"({', '.join(INTEGER_INPUTS)})")
+    if net.input_dtype is None and not x.is_floating_point():  # token ids: recorded for dry runs and the file
+        net.input_dtype = x.dtype
+    elif net.input_dtype is not None and x.is_floating_point():
+        raise ConfigError(f"{what} examples are floating-point, but the network takes {net.input_dtype} ids")
     if net.input_shape is None:  # a converted network: its input is the data's
         net.input_shape = tuple(x.shape[1:])
     if tuple(x.shape[1:]) != net.input_shape:
