@@ -735,6 +735,68 @@ def test_reshapes_that_select_whole_channels_are_gathers_and_others_are_ops_outs
         _assert_masked(net, layers, module)
 
 
+def _by_rank(h, o):
+    """Branches on what the input's shape fixes, as PyTorch's transformer layers do."""
+    if h.dim() != 4 or len(h.shape) != 4 or h.is_nested:
+        return h * 0
+    return torch.cat([torch.relu(h), o], 1)
+
+
+def test_a_forward_may_branch_on_sizes_and_the_graph_keeps_the_branch_taken():
+    torch.manual_seed(0)
+    net = BayesianNet(Then(_by_rank), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    assert [n.op.kind for n in graph.nodes if n.layer is None] == ["relu", "cat"]
+    layers, module = _outside_of(net, graph, {"a": [1]})
+    _assert_masked(net, layers, module)
+
+
+@pytest.mark.parametrize("f", [lambda h, o: h if h.sum() > 0 else o, lambda h, o: h if h.max().item() > 0 else o],
+                         ids=["tensor", "item"])
+def test_a_branch_on_a_tensors_values_is_refused(f):
+    """The traced example fixes sizes, not values: a branch on values (or a number read from them) stays refused."""
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match="^cannot trace the network with torch.fx: TraceError: symbolically traced "
+                                          "variables cannot be used as inputs to control flow$"):
+        BodyGraph(BayesianNet(Then(f), input_shape=(2, 5, 5)))
+
+
+class _Encoder(nn.Module):
+    """PyTorch's own transformer encoder between two linear layers, on (batch, tokens, features)."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.inp, self.encoder, self.head = nn.Linear(5, 8), nn.TransformerEncoder(layer, 2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.inp(x)).mean(1))
+
+
+def test_pytorchs_transformer_encoder_is_traced_into_and_its_hidden_units_are_pruned(tmp_path):
+    """nn.TransformerEncoder (a module of torch.nn, which the tracer otherwise keeps whole, and whose forward branches
+    on its input's rank) holds Bayesian layers: the graph reaches them, prunes the feed-forward hidden units whose
+    log alpha is high, and the file computes the masked network; draws of the Bayesian network in eval mode call
+    the layers (PyTorch's fused inference path would read their ``weight``, which a Bayesian layer has none of)."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(_Encoder(), input_shape=(6, 5))
+    assert net.layer_names == ["inp", "encoder.layers.0.linear1", "encoder.layers.0.linear2",
+                               "encoder.layers.1.linear1", "encoder.layers.1.linear2", "head"]
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:  # linear layers' groups are their inputs: linear2's are linear1's hidden units
+        _set(layer, [0, 5, 7] if layer.site.endswith("linear2") else (), g)
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0] * 6)
+    assert [row["groups_kept"] for row in summary["layers"]] == [5, 8, 9, 8, 9, 8]
+    posts = analyse_network(net, analyse(net))
+    masked = _masked(net, prune_network(net, posts, [-3.0] * 6, None))
+    x = torch.randn(4, 6, 5, generator=g)
+    with torch.no_grad():
+        want = masked(x)
+        torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(x), want, rtol=0.02, atol=0.02)
+    draws = pyro_bc.predictive(net.eval(), x, samples=3)
+    assert draws.shape == (4, 3) and torch.allclose(draws.sum(1), torch.ones(4))
+
+
 class _Twice(nn.Module):
     def __init__(self):
         super().__init__()

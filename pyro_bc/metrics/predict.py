@@ -18,13 +18,13 @@ from pyro import poutine
 from pyro_bc.errors import ConfigError
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.metrics.scores import classification_metrics
-from pyro_bc.nn.network import BayesianNet
+from pyro_bc.nn.network import BayesianNet, layers_called_as_modules
 
 
 def draw_logits(net: BayesianNet, x: torch.Tensor) -> torch.Tensor:
     """One posterior draw of the body's outputs for the examples ``x`` (local reparameterisation, per-example
     noise). The guide runs in a scoped, empty param store, so the caller's store is left as it was."""
-    with pyro.get_param_store().scope(), LocalReparameterization():
+    with pyro.get_param_store().scope(), LocalReparameterization(), layers_called_as_modules():
         guide_trace = poutine.trace(net.guide).get_trace()
         return poutine.replay(net.body, trace=guide_trace)(x)
 

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 
 import pyro
 import torch
@@ -36,6 +38,19 @@ def example_input(module: nn.Module, input_shape: tuple[int, ...], input_dtype: 
     parameter = next(module.parameters(), None)
     return torch.zeros(batch, *input_shape, dtype=input_dtype or torch.get_default_dtype(),
                        device=None if parameter is None else parameter.device)
+
+
+@contextlib.contextmanager
+def layers_called_as_modules() -> Iterator[None]:
+    """PyTorch's transformer layers (``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention``) kept off their fused
+    inference path, which in eval mode reads each linear layer's ``weight`` itself: a Bayesian layer has none and
+    draws its own, so they call their layers as modules, as in training."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @torch.no_grad()
@@ -163,7 +178,8 @@ class BayesianNet(nn.Module):
         return [layer.site for layer in self.layers]
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None, n_data: int | None = None) -> torch.Tensor:
-        out = self.body(x)
+        with layers_called_as_modules():
+            out = self.body(x)
         if isinstance(out, tuple):  # GoogLeNet, Inception v3: the auxiliary classifiers' logits follow in training
             out = out[0]
         with pyro.plate("data", n_data or len(x), subsample=torch.arange(len(x), device=x.device)):
