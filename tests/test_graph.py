@@ -797,6 +797,46 @@ def test_pytorchs_transformer_encoder_is_traced_into_and_its_hidden_units_are_pr
     assert draws.shape == (4, 3) and torch.allclose(draws.sum(1), torch.ones(4))
 
 
+class _PaddedEncoder(nn.Module):
+    """Token ids (0 the padding) embedded, then nn.TransformerEncoder masking the padding, then a mean over the tokens
+    that are not padding (PyTorch's fused path for eval mode gives zeros at padding, its other path does not)."""
+
+    def __init__(self, batch_first=True):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=batch_first)
+        self.embed, self.encoder, self.head = nn.Embedding(11, 8, padding_idx=0), nn.TransformerEncoder(layer, 1), \
+            nn.Linear(8, 3)
+        self.batch_first = batch_first
+
+    def forward(self, ids):
+        h = self.embed(ids) if self.batch_first else self.embed(ids).transpose(0, 1)
+        h = self.encoder(h, src_key_padding_mask=ids == 0)
+        kept = (ids != 0).unsqueeze(-1) if self.batch_first else (ids != 0).t().unsqueeze(-1)
+        return self.head((h * kept).sum(1 if self.batch_first else 0) / kept.sum(1 if self.batch_first else 0))
+
+
+def test_a_token_transformer_masking_its_padding_compresses_to_the_masked_network(tmp_path):
+    """The padding mask is a second input of the attention's program, filled in place by PyTorch's mask conversion
+    (the program computes on copies); the file computes the masked network on ids with padding. With the sequence
+    first, the attention's inputs do not start with the batch: one line says so."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(_PaddedEncoder(), input_shape=(6,), input_dtype=torch.int64)
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:
+        _set(layer, [1, 2] if layer.site.endswith("linear2") else (), g)
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0] * 3)
+    assert [row["groups_kept"] for row in summary["layers"]] == [8, 10, 8]
+    ids = torch.randint(1, 11, (5, 6), generator=g)
+    ids[:, 4:] = 0
+    masked = _masked(net, prune_network(net, analyse_network(net, analyse(net)), [-3.0] * 3, None))
+    with torch.no_grad():
+        torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(ids), masked(ids), rtol=0.02, atol=0.02)
+    seq_first = pyro_bc.bayesianize(_PaddedEncoder(batch_first=False), input_shape=(6,), input_dtype=torch.int64)
+    with pytest.raises(ConfigError, match=r"^cannot compress encoder\.layers\.0\.self_attn: .*; it reads a tensor of "
+                                          r"shape \(6, 1, 8\) for one example, whose first dimension is not the batch"):
+        pyro_bc.compress(seq_first, tmp_path / "s.bcz", thresholds=[-3.0] * 3)
+
+
 class _Twice(nn.Module):
     def __init__(self):
         super().__init__()

@@ -51,6 +51,25 @@ def test_stride_padding_dilation_groups_and_positions():
     assert count_macs(net, (4, 9, 9)) == [6 * 2 * 9 * 25, 3 * 6 * 9 * 1, 3 * 4, 2 * 5 * 2]
 
 
+class _PaddedTokens(nn.Module):
+    """Token ids, 0 the padding: embedded, then nn.TransformerEncoder with the padding as its key mask."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.embed, self.encoder, self.head = nn.Embedding(10, 8, padding_idx=0), nn.TransformerEncoder(layer, 1), \
+            nn.Linear(40, 3)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids), src_key_padding_mask=ids == 0).flatten(1))
+
+
+def test_a_padded_token_transformer_is_counted_on_ids():
+    """Counted on zero ids, all padding: PyTorch's fused path for eval mode would pack them as nested tensors of no
+    tokens and fail; the count calls the layers instead: per token 8 * 12 and 12 * 8, then 40 * 3 for the head."""
+    assert count_macs(_PaddedTokens().eval(), (5,), input_dtype=torch.int64) == [5 * 8 * 12, 5 * 12 * 8, 40 * 3]
+
+
 def test_add_macs_needs_one_entry_per_layer():
     dense = build_network("lenet300", "gnj").posterior_mean_network()
     summary = add_macs({"layers": [{}, {}, {}]}, dense, dense, (1, 28, 28))

@@ -341,3 +341,23 @@ def test_torchs_own_decompositions_reach_the_core_set_and_assertions_are_left_ou
         want = module(x)
         torch.testing.assert_close(loaded(x), want)
     np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], want.numpy(), rtol=1e-6, atol=1e-6)
+
+
+class _FillsItsInput(nn.Module):
+    """An in-place op on an input (as ``F._canonical_mask`` fills a padding mask made from token ids)."""
+
+    def forward(self, scores, pad):
+        return torch.softmax(scores.masked_fill_(pad, float("-inf")), -1)
+
+
+def test_an_op_changing_its_input_in_place_exports_as_one_output_and_leaves_its_caller_alone():
+    """torch.export returns a mutated input as a further output; the program computes on copies instead: one output,
+    the masked softmax computed out of place, and the inputs given to the loaded program unchanged."""
+    g = torch.Generator().manual_seed(0)
+    scores, pad = torch.randn(3, 6, generator=g), torch.rand(3, 6, generator=g) > 0.5
+    pad[:, 0] = False  # one position left in each row
+    program = export_program(_FillsItsInput(), (scores.clone(), pad))
+    given = scores.clone()
+    got = program_module(program)(given, pad)
+    torch.testing.assert_close(got, torch.softmax(scores.masked_fill(pad, float("-inf")), -1))
+    assert torch.equal(given, scores)

@@ -208,13 +208,21 @@ def program_module(program: Program) -> nn.Module:
     return fx.GraphModule(root, graph, class_name="Program").eval()
 
 
-def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Program:
-    """``module`` (deterministic, in eval mode) lowered by ``torch.export`` to core ATen operators, with dim 0 of
-    every input (the batch) symbolic; ``examples``: inputs of the right shapes with a batch of at least 2. What
-    depends on no input (an attention mask built from sizes, a bias gathered from its table) is computed here and
-    stored as a constant, where that is not larger than the tensors it is computed from (at most 2^16 values where it
-    reads none)."""
-    dims = tuple({0: torch.export.Dim.AUTO} for _ in examples)
+class _OnCopies(nn.Module):
+    """``module`` run on copies of its inputs, so that an in-place op of its own (``masked_fill_`` on a mask it was
+    given) changes none of them."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.module(*(x.clone() for x in inputs))
+
+
+def _lowered(module: nn.Module, examples: tuple[torch.Tensor, ...], dims: Any) -> torch.export.ExportedProgram:
+    """``module`` exported with the dynamic shapes ``dims`` (a free batch dimension) and decomposed to core ATen
+    operators."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notices, one per export
         exported = torch.export.export(module, examples, dynamic_shapes=dims, strict=False).run_decompositions()
@@ -225,6 +233,20 @@ def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Pro
             if not outside:
                 break
             exported = exported.run_decompositions({**torch.export.default_decompositions(), **outside})
+    return exported
+
+
+def export_program(module: nn.Module, examples: tuple[torch.Tensor, ...]) -> Program:
+    """``module`` (deterministic, in eval mode) lowered by ``torch.export`` to core ATen operators, with dim 0 of
+    every input (the batch) symbolic; ``examples``: inputs of the right shapes with a batch of at least 2. What
+    depends on no input (an attention mask built from sizes, a bias gathered from its table) is computed here and
+    stored as a constant, where that is not larger than the tensors it is computed from (at most 2^16 values where it
+    reads none)."""
+    dims = tuple({0: torch.export.Dim.AUTO} for _ in examples)
+    exported = _lowered(module, examples, dims)
+    if any(spec.kind == torch.export.graph_signature.OutputKind.USER_INPUT_MUTATION
+           for spec in exported.graph_signature.output_specs):  # an in-place op on an input: the input would be an output
+        exported = _lowered(_OnCopies(module), examples, {"inputs": dims})
     specs = {spec.arg.name: spec for spec in exported.graph_signature.input_specs}
     state = {**exported.state_dict, **exported.constants}
     inputs = [n for n in exported.graph.nodes if n.op == "placeholder"

@@ -384,8 +384,12 @@ class BodyGraph:
             try:
                 node.exported = export_program(node.program, examples)
             except Exception as e:  # noqa: BLE001  (whatever torch.export meets in a user's code is reported)
+                later = next((shape for shape, _ in node.input_shapes if not shape or shape[0] != 1), None)
+                hint = "" if later is None else (f"; it reads a tensor of shape {tuple(later)} for one example, whose "
+                                                 "first dimension is not the batch: pyro-bc needs the batch first "
+                                                 "(batch_first=True for PyTorch's transformer layers)")
                 raise ConfigError(f"cannot compress {node.name}: {node.what} does not export to core ATen "
-                                  f"operators with a free batch size ({type(e).__name__}: {first_line(e)})")
+                                  f"operators with a free batch size ({type(e).__name__}: {first_line(e)}){hint}")
         return node.exported
 
     def _bind(self, source: int, axis: int = 1) -> torch.Tensor:

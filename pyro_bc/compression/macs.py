@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pyro_bc.nn.kinds import dense_layers, kind_of
-from pyro_bc.nn.network import example_input
+from pyro_bc.nn.network import example_input, layers_called_as_modules
 
 
 def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
@@ -38,7 +38,8 @@ def count_macs(network: nn.Module, input_shape: Sequence[int], layers: Sequence[
     layers = [m for _, m in dense_layers(network)] if layers is None else layers
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        network(example_input(network, tuple(input_shape), input_dtype))
+        with layers_called_as_modules():  # each layer's hook runs (PyTorch's fused transformer path calls none)
+            network(example_input(network, tuple(input_shape), input_dtype))
     finally:
         for handle in handles:
             handle.remove()
