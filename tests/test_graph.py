@@ -751,6 +751,27 @@ def test_a_forward_may_branch_on_sizes_and_the_graph_keeps_the_branch_taken():
     _assert_masked(net, layers, module)
 
 
+class _SlicesABuffer(nn.Module):
+    """A buffer sliced by a size of the traced tensor (as a causal mask is cut to the sequence's length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = BayesConv2d(2, 4, 1)
+        self.register_buffer("scale", torch.arange(1.0, 9.0).reshape(1, 8, 1, 1))
+
+    def forward(self, x):
+        h = self.a(x)
+        return torch.relu(h * self.scale[:, :h.shape[1]])
+
+
+def test_a_buffer_sliced_by_a_size_is_traced_and_computed_as_the_network_does():
+    torch.manual_seed(0)
+    net = BayesianNet(_SlicesABuffer(), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    layers, module = _outside_of(net, graph, {"a": [2]})
+    _assert_masked(net, layers, module)
+
+
 @pytest.mark.parametrize("f", [lambda h, o: h if h.sum() > 0 else o, lambda h, o: h if h.max().item() > 0 else o],
                          ids=["tensor", "item"])
 def test_a_branch_on_a_tensors_values_is_refused(f):
@@ -835,6 +856,53 @@ def test_a_token_transformer_masking_its_padding_compresses_to_the_masked_networ
     with pytest.raises(ConfigError, match=r"^cannot compress encoder\.layers\.0\.self_attn: .*; it reads a tensor of "
                                           r"shape \(6, 1, 8\) for one example, whose first dimension is not the batch"):
         pyro_bc.compress(seq_first, tmp_path / "s.bcz", thresholds=[-3.0] * 3)
+
+
+class _CausalSelfAttention(nn.Module):
+    """A transformer written from scratch (as nanoGPT's): one projection split into queries, keys and values, heads by
+    a reshape, a causal mask buffer cut to the sequence's length."""
+
+    def __init__(self, width=8, heads=2, tokens=6):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.register_buffer("causal", torch.tril(torch.ones(tokens, tokens)).view(1, 1, tokens, tokens))
+
+    def forward(self, x):
+        b, t, c = x.size()
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(x).split(c, dim=2))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+        scores = scores.masked_fill(self.causal[:, :, :t, :t] == 0, float("-inf"))
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).contiguous().view(b, t, c))
+
+
+class _TinyGPT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(13, 8), nn.Embedding(6, 8)
+        self.norm1, self.attention, self.norm2 = nn.LayerNorm(8), _CausalSelfAttention(), nn.LayerNorm(8)
+        self.mlp, self.head = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
+        x = x + self.attention(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x[:, -1, :])
+
+
+def test_a_transformer_written_from_scratch_compresses_to_the_masked_network(tmp_path):
+    """Its MLP's hidden units are pruned; the heads' reshape keeps the attention's projections whole."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(_TinyGPT(), input_shape=(6,), input_dtype=torch.int64)
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:
+        _set(layer, [3, 9, 10] if layer.site == "mlp.2" else (), g)
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0] * 5)
+    assert [row["name"] for row in summary["layers"]] == ["attention.qkv", "attention.out", "mlp.0", "mlp.2", "head"]
+    assert [row["groups_kept"] for row in summary["layers"]] == [8, 8, 8, 13, 8]
+    ids = torch.randint(0, 13, (5, 6), generator=g)
+    masked = _masked(net, prune_network(net, analyse_network(net, analyse(net)), [-3.0] * 5, None))
+    with torch.no_grad():
+        torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(ids), masked(ids), rtol=0.02, atol=0.02)
 
 
 class _Twice(nn.Module):

@@ -134,6 +134,7 @@ class _Tracer(fx.Tracer):
     def __init__(self, example: torch.Tensor, layers: list[str]):
         super().__init__()
         self.example, self.layers, self._eager = example, layers, False
+        self.proxy_buffer_attributes = True  # a buffer sliced by a size (a causal mask) is traced, as parameters are
 
     def call_module(self, m, forward, args, kwargs):
         return forward(*args, **kwargs) if self._eager else super().call_module(m, forward, args, kwargs)
