@@ -361,3 +361,29 @@ def test_an_op_changing_its_input_in_place_exports_as_one_output_and_leaves_its_
     got = program_module(program)(given, pad)
     torch.testing.assert_close(got, torch.softmax(scores.masked_fill(pad, float("-inf")), -1))
     assert torch.equal(given, scores)
+
+
+class _Recurrent(nn.Module):
+    """A GRU over (batch, steps, features): its initial state is made from the input's batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.gru(x)[0][:, -1]
+
+
+def test_a_state_made_from_the_batch_size_follows_the_batch_in_a_traced_export():
+    """An RNN's zero state, lowered to ``aten.full`` of a size read from the input, is built by ``torch.full``: ONNX's
+    exporter then records the size as computed and onnxruntime runs the program at another batch size."""
+    torch.manual_seed(0)
+    module = _Recurrent().eval()
+    program = export_program(module, (torch.randn(2, 6, 3),))
+    assert any(node[0] == "aten.full.default" for node in program.nodes)
+    loaded = to_module(CompressedModel([ProgramNode("gru", program)], (6, 3)))
+    session = onnxruntime.InferenceSession(export_bytes(loaded, (6, 3), "onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = module(x).numpy()
+    np.testing.assert_allclose(session.run(None, {INPUT_NAME: x.numpy()})[0], want, rtol=1e-4, atol=1e-5)

@@ -32,6 +32,11 @@ SIZE_OPERATORS = {name: getattr(operator, name) for name in ("add", "sub", "mul"
 # dtypes a constant or an argument may name
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32",
                                                   "int16", "int8", "uint8", "bool")}
+# Core ATen factories whose shape a program may compute from an input's sizes (an RNN's initial state, one per
+# example), by the torch function of the same signature: an exporter that traces (ONNX's) records the sizes it is
+# given as computed only through these; the operator itself would fix the batch it was traced at.
+SIZED_FACTORIES = {torch.ops.aten.full.default: torch.full, torch.ops.aten.empty.memory_format: torch.empty,
+                   torch.ops.aten.arange.default: torch.arange, torch.ops.aten.arange.start_step: torch.arange}
 CONSTANT_DTYPES = ("float32", "int64", "bool")  # what a program's constant tensors hold (floats stored as float32)
 LAYOUTS = {"strided": torch.strided}
 MEMORY_FORMATS = {name: getattr(torch, name) for name in ("contiguous_format", "preserve_format", "channels_last")}
@@ -174,6 +179,8 @@ def _build_graph(program: Program) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
         elif target in SIZE_OPERATORS.values() and any(a in sizes for a in args):
             values.append(graph.call_function(target, args, kwargs))
             sizes.add(values[-1])
+        elif _reads(args, sizes) and target in SIZED_FACTORIES:  # as torch's functions, which tracers follow too
+            values.append(graph.call_function(SIZED_FACTORIES[target], args, kwargs))
         elif _reads(args, sizes) and hasattr(torch.Tensor, target._opname) and target._overloadname == "default":
             values.append(graph.call_method(target._opname, args, kwargs))
         else:
