@@ -205,3 +205,12 @@ def test_a_compiled_module_is_converted_as_the_module_it_wraps():
     assert net.layer_names == ["0", "2"]
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(net.posterior_mean_network()(x), model(x))
+
+
+@pytest.mark.parametrize("make", [torch.jit.script, lambda m: torch.jit.trace(m, torch.zeros(2, 6))],
+                         ids=["script", "trace"])
+def test_a_torchscript_module_is_one_line_naming_what_to_give_instead(make):
+    """Its layers are TorchScript's, not nn.Linear (it was refused as holding none)."""
+    with pytest.raises(ConfigError, match=r"^the module is TorchScript \((RecursiveScriptModule|TopLevelTracedModule), "
+                                          r"from torch.jit.script or trace\): give bayesianize the Python module"):
+        pyro_bc.bayesianize(make(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))))

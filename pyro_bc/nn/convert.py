@@ -61,6 +61,9 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         ``nn.Embedding`` and ``input_shape`` is given; ``None``: floating-point inputs, or the data's type.
     """
     module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: the module it compiles
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ConfigError(f"the module is TorchScript ({type(module).__name__}, from torch.jit.script or trace): give "
+                          "bayesianize the Python module it was made from")
     if isinstance(module, BayesianNet):
         raise ConfigError("the module is already a BayesianNet: bayesianize takes the plain network (its "
                           "posterior_mean_network() is one)")
