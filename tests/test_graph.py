@@ -905,6 +905,21 @@ def test_a_transformer_written_from_scratch_compresses_to_the_masked_network(tmp
         torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(ids), masked(ids), rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_plain_convolution_padding_other_than_with_zeros_is_computed_as_traced(mode):
+    """A .bcz layer node pads with zeros; such a convolution is an op outside the registry (a program), which keeps
+    the channels it reads, and the file computes the masked network (it was refused)."""
+    torch.manual_seed(0)
+    body = nn.Sequential(BayesConv2d(2, 4, 1), nn.Conv2d(4, 3, 3, padding=1, padding_mode=mode), nn.ReLU(),
+                         BayesConv2d(3, 2, 1))
+    net = BayesianNet(body, input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    assert next((n.name, n.program is not None) for n in graph.nodes if n.layer is None) == ("1", True)
+    layers, module = _outside_of(net, graph, {"0": [1]})
+    assert layers["0"].keep_out.all() and not layers["0"].mask[1].any()  # read by the program: kept, zero
+    _assert_masked(net, layers, module)
+
+
 class _Twice(nn.Module):
     def __init__(self):
         super().__init__()

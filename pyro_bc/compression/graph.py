@@ -59,7 +59,7 @@ from pyro_bc.compression.posterior import (
     fold_pruned_inputs,
 )
 from pyro_bc.errors import ConfigError, first_line
-from pyro_bc.nn.kinds import kind_of
+from pyro_bc.nn.kinds import kind_of, padding_stored
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.nn.ops import ELEMENTWISE_KINDS, elementwise_of_function, elementwise_of_method, elementwise_of_module
 
@@ -543,6 +543,8 @@ class BodyGraph:
                 return self._add_layer(fx_node, module, sources[0])
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 return self._fold_target(fx_node, module, sources[0], position)
+            if kind_of(module) is not None and not padding_stored(module):  # reflect, circular: computed as traced
+                return self._opaque(fx_node, position)
             if kind_of(module) is not None or isinstance(module, nn.LayerNorm):
                 return self._add_deterministic(fx_node, module, sources[0])
             if isinstance(module, _PASS_THROUGH):

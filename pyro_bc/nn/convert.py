@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -84,6 +85,11 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
     targets = [(name, m) for name, m in dense_layers(body)
                if not name.startswith(inside or ("\0",)) and (called is None or name in called)]
+    padded = [name for name, m in targets if getattr(m, "padding_mode", "zeros") != "zeros"]
+    if padded:  # the local reparameterisation's convolutions pad with zeros; the file keeps these whole, as traced
+        warnings.warn(f"{len(padded)} convolution(s) padding other than with zeros (reflect, replicate, circular) stay "
+                      f"deterministic: {', '.join(padded[:4])}{', ...' if len(padded) > 4 else ''}", stacklevel=2)
+        targets = [(name, m) for name, m in targets if name not in padded]
     if not targets:
         names = [f"nn.{kind.dense.__name__}" for kind in LAYER_KINDS]
         raise ConfigError(f"{type(module).__name__} holds no {', '.join(names[:-1])} or {names[-1]} to make Bayesian")

@@ -78,6 +78,16 @@ class LayerKind:
                                   stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias, **where)
 
 
+def padding_stored(module: nn.Module) -> bool:
+    """Whether a layer's padding is numbers of zeros, as a ``.bcz`` layer node stores it: not a linear layer's
+    question; a convolution's ``padding_mode`` other than ``"zeros"`` (reflect, replicate, circular) or a ``"same"``
+    that pads one side more is not."""
+    if not kind_of(module).is_conv:
+        return True
+    padding = explicit_padding(module.padding, module.kernel_size, module.stride, module.dilation)
+    return module.padding_mode == "zeros" and not isinstance(padding, str)
+
+
 def explicit_padding(padding, kernel_size: tuple[int, ...], stride, dilation) -> int | tuple[int, ...] | str:
     """A convolution's ``padding`` as numbers where a string names an even padding: ``"valid"`` is 0, ``"same"``
     (stride 1) pads ``dilation * (kernel - 1) / 2`` on each side. ``"same"`` over an even span pads one side more
