@@ -1,0 +1,120 @@
+"""The tracer of :class:`~pyro_bc.compression.graph.BodyGraph`: ``torch.fx`` symbolic tracing that also runs each op on
+an example, so that a forward may branch on what the input's shape fixes."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import fx, nn
+
+from pyro_bc.nn.kinds import kind_of
+
+
+class ShapeTracer(fx.Tracer):
+    """Stops at linear, convolution and BatchNorm modules (subclasses included), at LayerNorm modules (subclasses
+    that keep its forward) and at PyTorch's own modules, except those holding a Bayesian layer (``layers``: their
+    paths), which it traces into (an ``nn.TransformerEncoder`` whose layers' linear layers are Bayesian).
+
+    Each op also runs on ``example`` as it is traced, so that a forward may branch on what an example of the
+    network's input shape fixes: a size, a rank, a flag (``if x.dim() != 3``, ``len(x.shape)``, ``x.is_nested``, as
+    PyTorch's transformer layers do); the graph keeps the branch taken. A branch on a tensor's values (or on a number
+    read from them by ``.item()``) stays refused: data-dependent control flow."""
+
+    def __init__(self, example: torch.Tensor, layers: list[str]):
+        super().__init__()
+        self.example, self.layers, self._eager = example, layers, False
+        self.proxy_buffer_attributes = True  # a buffer sliced by a size (a causal mask) is traced, as parameters are
+
+    def call_module(self, m, forward, args, kwargs):
+        return forward(*args, **kwargs) if self._eager else super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self._eager else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return kind_of(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm) or \
+            isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward or \
+            super().is_leaf_module(m, module_qualified_name) and \
+            not any(layer.startswith(f"{module_qualified_name}.") for layer in self.layers)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        graph = super().trace(root, concrete_args)
+        for node in graph.nodes:  # the example's values are not kept with the graph
+            node.meta.pop(_EXAMPLE, None)
+            node.meta.pop(_READS_VALUES, None)
+        return graph
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SizedProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.node.meta[_READS_VALUES] = kind == "call_method" and target in ("item", "tolist") or \
+            any(n.meta.get(_READS_VALUES, False) for n in proxy.node.all_input_nodes)
+        proxy.node.meta[_EXAMPLE] = self._run(proxy.node)
+        return proxy
+
+    @torch.no_grad()
+    def _run(self, node: fx.Node):
+        """What ``node`` computes on the example (:data:`_UNKNOWN` where it cannot be run)."""
+        if any(n.meta.get(_EXAMPLE, _UNKNOWN) is _UNKNOWN for n in node.all_input_nodes):
+            return _UNKNOWN
+        kind, target = node.op, node.target
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta[_EXAMPLE])
+        self._eager = True  # modules called while the op runs are run, not traced
+        try:
+            if kind == "placeholder":
+                return self.example
+            if kind == "get_attr":
+                return functools.reduce(getattr, target.split("."), self.root)
+            if kind == "call_module":
+                return self.root.get_submodule(target)(*args, **kwargs)
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+        except Exception:  # noqa: BLE001  (an op that cannot run alone: its value stays unknown)
+            return _UNKNOWN
+        finally:
+            self._eager = False
+        return _UNKNOWN
+
+    def _fixed(self, obj: fx.Proxy):
+        """The example's value of ``obj`` where it is fixed by the input's shape (a number, a flag, sizes), else
+        :data:`_UNKNOWN`."""
+        meta = obj.node.meta
+        value = meta.get(_EXAMPLE, _UNKNOWN)
+        if meta.get(_READS_VALUES, True) or isinstance(value, torch.Tensor) or not isinstance(
+                value, (bool, int, float, tuple, list, torch.Size, torch.dtype, torch.device)):
+            return _UNKNOWN
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self._fixed(obj)
+        return super().to_bool(obj) if value is _UNKNOWN else bool(value)
+
+    def iter(self, obj: fx.Proxy):
+        value = self._fixed(obj)
+        return super().iter(obj) if value is _UNKNOWN else iter([obj[i] for i in range(len(value))])
+
+
+class _SizedProxy(fx.Proxy):
+    """A proxy whose ``len`` is known where the traced example fixes it (``len(x.size())``, ``len(x.shape)``)."""
+
+    def __len__(self) -> int:
+        value = self.tracer._fixed(self)
+        if value is _UNKNOWN:
+            return super().__len__()
+        return len(value)
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _SizedAttribute(self, k)
+
+
+class _SizedAttribute(fx.proxy.Attribute, _SizedProxy):
+    """An attribute of a traced value (``x.shape``), sized as :class:`_SizedProxy`."""
+
+
+_EXAMPLE, _READS_VALUES = "pyro_bc_example", "pyro_bc_reads_values"  # node meta keys while tracing
+_UNKNOWN = object()
