@@ -216,12 +216,14 @@ def test_a_torchscript_module_is_one_line_naming_what_to_give_instead(make):
         pyro_bc.bayesianize(make(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))))
 
 
-def test_a_convolution_padding_other_than_with_zeros_stays_deterministic_with_a_warning():
-    """The local reparameterisation's convolutions pad with zeros: such a layer keeps its own padding, deterministic
-    (the network was refused), and the rest is made Bayesian."""
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(4, 2, 1))
-    with pytest.warns(UserWarning, match=r"^1 convolution\(s\) padding other than with zeros .* deterministic: 0$"):
+@pytest.mark.parametrize("first", [nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"),
+                                   nn.Conv2d(1, 4, 2, padding="same")], ids=["reflect", "same-even"])
+def test_a_convolution_padding_other_than_evenly_with_zeros_stays_deterministic_with_a_warning(first):
+    """A compressed layer pads evenly with zeros: such a layer keeps its own padding, deterministic (the network was
+    refused, or refused at compression after training), and the rest is made Bayesian."""
+    model = nn.Sequential(first, nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.warns(UserWarning, match=r"^1 convolution\(s\) padding other than evenly with zeros .* deterministic: 0$"):
         net = pyro_bc.bayesianize(model)
-    assert net.layer_names == ["2"] and type(net.body[0]) is nn.Conv2d and net.body[0].padding_mode == "reflect"
+    assert net.layer_names == ["2"] and type(net.body[0]) is nn.Conv2d
     x = torch.randn(3, 1, 5, 5, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(net.posterior_mean_network()(x), model(x))

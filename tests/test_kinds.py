@@ -143,7 +143,8 @@ def test_string_padding_becomes_numbers_where_it_pads_evenly(padding, kernel, st
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch's, on the uneven case
 def test_string_padding_trains_on_the_fused_op_and_compresses(tmp_path):
     """Bayesian and deterministic convolutions with padding "same" and "valid" are stored with numbers and the file
-    computes the pruned network; "same" over an even span trains but is refused by compression, naming the layer."""
+    computes the pruned network; "same" over an even span stays deterministic (computed as traced), and a Bayesian
+    layer made with it by hand is refused by compression, naming the layer."""
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Conv2d(2, 6, 3, padding="same", dilation=2), nn.ReLU(),
                           nn.Conv2d(6, 4, (3, 5), padding="same"), nn.ReLU(), nn.Conv2d(4, 4, 3, padding="valid"),
@@ -170,8 +171,15 @@ def test_string_padding_trains_on_the_fused_op_and_compresses(tmp_path):
         want, got = pyro_bc.pruned_network(deterministic, summary)(x), pyro_bc.load(tmp_path / "d.bcz")(x)
     assert ((got - want).norm() / want.norm()).item() < 0.02
 
-    uneven = pyro_bc.bayesianize(nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.Flatten(),
-                                               nn.Linear(3 * 6 * 6, 3)), "gnj", input_shape=(2, 6, 6))
+    with pytest.warns(UserWarning, match="stay deterministic: 0$"):  # one side padded more: kept as traced
+        uneven = pyro_bc.bayesianize(nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.Flatten(),
+                                                   nn.Linear(3 * 6 * 6, 3)), "gnj", input_shape=(2, 6, 6))
     pyro_bc.fit(uneven, (x, y), epochs=1, batch_size=16, progress=False)
+    summary = pyro_bc.compress(uneven, tmp_path / "u.bcz", val=(x, y), thresholds=[0.0])
+    with torch.no_grad():
+        want, got = pyro_bc.pruned_network(uneven, summary)(x), pyro_bc.load(tmp_path / "u.bcz")(x)
+    assert ((got - want).norm() / want.norm()).item() < 0.02
+    made_by_hand = BayesianNet(nn.Sequential(BAYES_LAYERS["conv2d"](2, 3, 2, padding="same"), nn.Flatten(),
+                                             BayesLinear(3 * 6 * 6, 3)), input_shape=(2, 6, 6))
     with pytest.raises(ConfigError, match="^cannot compress 0: padding 'same' over an even kernel span"):
-        pyro_bc.compress(uneven, tmp_path / "u.bcz", val=(x, y), thresholds=[0.0, 0.0])
+        pyro_bc.compress(made_by_hand, tmp_path / "h.bcz", val=(x, y), thresholds=[0.0, 0.0])

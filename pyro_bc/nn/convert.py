@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pyro_bc.errors import ConfigError
-from pyro_bc.nn.kinds import LAYER_KINDS, dense_layers, kind_of
+from pyro_bc.nn.kinds import LAYER_KINDS, dense_layers, kind_of, padding_stored
 from pyro_bc.nn.layers import BAYES_LAYERS, BayesLayer
 from pyro_bc.nn.network import BayesianNet, called_layers, checked_input_dtype, example_input
 from pyro_bc.priors import Prior, make_prior
@@ -85,10 +85,11 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
     targets = [(name, m) for name, m in dense_layers(body)
                if not name.startswith(inside or ("\0",)) and (called is None or name in called)]
-    padded = [name for name, m in targets if getattr(m, "padding_mode", "zeros") != "zeros"]
-    if padded:  # the local reparameterisation's convolutions pad with zeros; the file keeps these whole, as traced
-        warnings.warn(f"{len(padded)} convolution(s) padding other than with zeros (reflect, replicate, circular) stay "
-                      f"deterministic: {', '.join(padded[:4])}{', ...' if len(padded) > 4 else ''}", stacklevel=2)
+    padded = [name for name, m in targets if not padding_stored(m)]
+    if padded:  # a compressed layer pads evenly with zeros; the file computes these whole, as traced
+        warnings.warn(f"{len(padded)} convolution(s) padding other than evenly with zeros (padding_mode reflect, "
+                      f"replicate or circular; 'same' over an even kernel) stay deterministic: "
+                      f"{', '.join(padded[:4])}{', ...' if len(padded) > 4 else ''}", stacklevel=2)
         targets = [(name, m) for name, m in targets if name not in padded]
     if not targets:
         names = [f"nn.{kind.dense.__name__}" for kind in LAYER_KINDS]
