@@ -85,15 +85,18 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     inside = tuple(f"{name}." for name, m in body.named_modules() if isinstance(m, nn.MultiheadAttention))
     targets = [(name, m) for name, m in dense_layers(body)
                if not name.startswith(inside or ("\0",)) and (called is None or name in called)]
+    if not targets:
+        names = [f"nn.{kind.dense.__name__}" for kind in LAYER_KINDS]
+        raise ConfigError(f"{type(module).__name__} holds no {', '.join(names[:-1])} or {names[-1]} to make Bayesian")
     padded = [name for name, m in targets if not padding_stored(m)]
+    if len(padded) == len(targets):
+        raise ConfigError(f"{type(module).__name__}'s only layers pad other than evenly with zeros, which a compressed "
+                          f"layer cannot: nothing to make Bayesian ({', '.join(padded[:4])})")
     if padded:  # a compressed layer pads evenly with zeros; the file computes these whole, as traced
         warnings.warn(f"{len(padded)} convolution(s) padding other than evenly with zeros (padding_mode reflect, "
                       f"replicate or circular; 'same' over an even kernel) stay deterministic: "
                       f"{', '.join(padded[:4])}{', ...' if len(padded) > 4 else ''}", stacklevel=2)
         targets = [(name, m) for name, m in targets if name not in padded]
-    if not targets:
-        names = [f"nn.{kind.dense.__name__}" for kind in LAYER_KINDS]
-        raise ConfigError(f"{type(module).__name__} holds no {', '.join(names[:-1])} or {names[-1]} to make Bayesian")
     for name, dense in targets:
         try:
             layer = BAYES_LAYERS[kind_of(dense).name].like(dense, prior)
