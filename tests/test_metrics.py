@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pyro_bc.errors import ConfigError
+from pyro_bc.metrics.evaluate import error_percent
 from pyro_bc.metrics.scores import ECE_BINS, brier, classification_metrics, ece, error, nll
 
 # Four examples of three classes; every top-class probability lies inside a bin of width 1/15 (no edge).
@@ -93,3 +94,33 @@ def test_bad_input_raises_one_line(probs, labels, message):
 def test_no_examples():
     empty = torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)
     assert classification_metrics(*empty) == {"error": 0.0, "nll": 0.0, "brier": 0.0, "ece": 0.0}
+
+
+class _PadSensitive(torch.nn.Module):
+    """nn.TransformerEncoder masking padding, then a mean over every position (padding included): PyTorch's fused
+    inference path gives zeros at padded positions, its training path values."""
+
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
+        self.embed, self.encoder = torch.nn.Embedding(9, 8), torch.nn.TransformerEncoder(layer, 1)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids), src_key_padding_mask=ids == 0).mean(1))
+
+
+def test_error_percent_computes_as_training_does_at_padded_positions():
+    """The error of the network in eval mode equals its error computed in training mode (no dropout: the same
+    function, by PyTorch's other path), where the fused path's logits differ."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(1, 9, (300, 6), generator=g), torch.randint(0, 3, (300,), generator=g)
+    ids[:, 3:] = 0
+    module = _PadSensitive().eval()
+    with torch.no_grad():
+        fused = module(ids)
+        trained = module.train()(ids)
+    assert not torch.allclose(fused, trained, atol=1e-3)  # the two paths differ here
+    by_hand = 100.0 * float((trained.argmax(-1) != y).float().mean())
+    assert error_percent(module.eval(), ids, y) == pytest.approx(by_hand)
