@@ -13,7 +13,9 @@ def test_seed_verdict_gives_misses_in_points_and_standard_deviations():
     assert results_table.seed_verdict("lenet5-gnj", [1.1, 1.2, 1.3], [0.8, 0.9, 1.0]) == "missed: error +0.20 pt (2.0 sd)"
     # kept 1.0 ± 0.2 against 0.6 for ghs: 2 sd
     assert results_table.seed_verdict("lenet5-ghs", [0.9, 1.0, 0.8], [0.8, 1.0, 1.2]) == "missed: kept +0.40 pt (2.0 sd)"
-    assert results_table.seed_verdict("lenet5-lu", [0.9, 1.0, 1.1], [5.0, 5.0, 5.0]) == "met"  # lu: error only
+    assert results_table.seed_verdict("lenet5-lu", [0.9, 1.0, 1.1, 0.9, 1.1], [5.0] * 5) == "met"  # lu: error only
+    assert results_table.seed_verdict("lenet5-lu", [0.9, 1.0, 1.1], [5.0] * 3) == \
+        "met by 3 seed(s) so far (5 needed)"  # a row is met over at least five seeds
     assert results_table.seed_verdict("lenet5-gnj", [1.5], [0.5]) == "missed: error +0.50 pt"  # one seed: no sd
 
 
