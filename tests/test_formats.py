@@ -320,7 +320,8 @@ def test_bad_npz_files_name_the_file(tmp_path):
     with pytest.raises(DataError, match=rf"^{path}: no array 'y' \(holds x, labels\)"):
         read_npz(path)
     np.savez(path, x=np.zeros((2, 3, 4, 4), np.float32), y=np.zeros(2, np.int64))
-    with pytest.raises(DataError, match=rf"^{path}: 'x' must hold uint8"):
+    with pytest.raises(DataError, match=rf"^{path}: 'x' must hold uint8 pixels, got float32 \(a data folder holds "
+                                        r"images; train features or token ids from Python: pyro_bc.fit\(net, \(x, y\)\)\)$"):
         read_npz(path)
     np.savez(path, x=np.zeros((2, 3, 4, 4), np.uint8), y=np.zeros(3, np.int64))
     with pytest.raises(DataError, match=rf"^{path}: 'y': count mismatch"):

@@ -54,7 +54,8 @@ def _read_member(zf: zipfile.ZipFile, key: str, path: Path) -> np.ndarray:
 
 def _channels_first(x: np.ndarray, path: Path) -> np.ndarray:
     if x.dtype != np.uint8:
-        raise DataError(f"{path}: 'x' must hold uint8 pixels, got {x.dtype}")
+        raise DataError(f"{path}: 'x' must hold uint8 pixels, got {x.dtype} (a data folder holds images; train "
+                        "features or token ids from Python: pyro_bc.fit(net, (x, y)))")
     if x.ndim == 3:
         return x[:, None]
     if x.ndim != 4:
