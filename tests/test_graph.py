@@ -858,6 +858,36 @@ def test_a_token_transformer_masking_its_padding_compresses_to_the_masked_networ
         pyro_bc.compress(seq_first, tmp_path / "s.bcz", thresholds=[-3.0] * 3)
 
 
+class _CausalEncoder(nn.Module):
+    """nn.TransformerEncoder given a causal mask made in the forward by PyTorch's own helper."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True, norm_first=True)
+        self.embed, self.head = nn.Embedding(11, 8), nn.Linear(8, 3)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, ids):
+        causal = nn.Transformer.generate_square_subsequent_mask(ids.size(1), device=ids.device)
+        return self.head(self.encoder(self.embed(ids), mask=causal, is_causal=True)[:, -1])
+
+
+def test_a_causal_mask_given_to_pytorchs_encoder_is_traced_and_the_file_computes_the_masked_network(tmp_path):
+    """PyTorch's mask checks ask the mask its dtype through a function that takes only real tensors (it stopped the
+    trace); the mask, made from the sequence's length, is computed once into the attention's program."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(_CausalEncoder(), input_shape=(6,), input_dtype=torch.int64)
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:
+        _set(layer, [2, 5] if layer.site.endswith("linear2") else (), g)
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0] * 3)
+    assert [row["groups_kept"] for row in summary["layers"]] == [8, 8, 10]  # head, linear1, linear2: made in that order
+    ids = torch.randint(0, 11, (5, 6), generator=g)
+    masked = _masked(net, prune_network(net, analyse_network(net, analyse(net)), [-3.0] * 3, None))
+    with torch.no_grad():
+        torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(ids), masked(ids), rtol=0.02, atol=0.02)
+
+
 class _CausalSelfAttention(nn.Module):
     """A transformer written from scratch (as nanoGPT's): one projection split into queries, keys and values, heads by
     a reshape, a causal mask buffer cut to the sequence's length."""

@@ -4,8 +4,10 @@ an example, so that a forward may branch on what the input's shape fixes."""
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from pyro_bc.nn.kinds import kind_of
@@ -39,7 +41,8 @@ class ShapeTracer(fx.Tracer):
             not any(layer.startswith(f"{module_qualified_name}.") for layer in self.layers)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        graph = super().trace(root, concrete_args)
+        with mock.patch.object(F, "_none_or_dtype", _none_or_dtype):
+            graph = super().trace(root, concrete_args)
         for node in graph.nodes:  # the example's values are not kept with the graph
             node.meta.pop(_EXAMPLE, None)
             node.meta.pop(_READS_VALUES, None)
@@ -114,6 +117,12 @@ class _SizedProxy(fx.Proxy):
 
 class _SizedAttribute(fx.proxy.Attribute, _SizedProxy):
     """An attribute of a traced value (``x.shape``), sized as :class:`_SizedProxy`."""
+
+
+def _none_or_dtype(value) -> torch.dtype | None:
+    """``F._none_or_dtype`` for a traced tensor too: PyTorch's transformer layers ask a mask given to them its dtype,
+    and the original accepts only a ``torch.Tensor``."""
+    return None if value is None else value.dtype
 
 
 _EXAMPLE, _READS_VALUES = "pyro_bc_example", "pyro_bc_reads_values"  # node meta keys while tracing
