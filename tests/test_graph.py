@@ -794,6 +794,21 @@ class _Encoder(nn.Module):
         return self.head(self.encoder(self.inp(x)).mean(1))
 
 
+def _file_against_masked(net: BayesianNet, dropped: dict, x: torch.Tensor, path) -> dict:
+    """``net`` with the groups ``dropped`` (by layer site) given a high log alpha, compressed at threshold -3 into
+    ``path``; asserts that the file computes the masked network on ``x`` (to the rounding of its weights) and returns
+    the compression's summary."""
+    g = torch.Generator().manual_seed(3)
+    for layer in net.layers:
+        _set(layer, dropped.get(layer.site, ()), g)
+    thresholds = [-3.0] * len(net.layers)
+    summary = pyro_bc.compress(net, path, thresholds=thresholds)
+    masked = _masked(net, prune_network(net, analyse_network(net, analyse(net)), thresholds, None))
+    with torch.no_grad():
+        torch.testing.assert_close(codec.load(path)(x), masked(x), rtol=0.02, atol=0.02)
+    return summary
+
+
 def test_pytorchs_transformer_encoder_is_traced_into_and_its_hidden_units_are_pruned(tmp_path):
     """nn.TransformerEncoder (a module of torch.nn, which the tracer otherwise keeps whole, and whose forward branches
     on its input's rank) holds Bayesian layers: the graph reaches them, prunes the feed-forward hidden units whose
@@ -803,17 +818,11 @@ def test_pytorchs_transformer_encoder_is_traced_into_and_its_hidden_units_are_pr
     net = pyro_bc.bayesianize(_Encoder(), input_shape=(6, 5))
     assert net.layer_names == ["inp", "encoder.layers.0.linear1", "encoder.layers.0.linear2",
                                "encoder.layers.1.linear1", "encoder.layers.1.linear2", "head"]
-    g = torch.Generator().manual_seed(3)
-    for layer in net.layers:  # linear layers' groups are their inputs: linear2's are linear1's hidden units
-        _set(layer, [0, 5, 7] if layer.site.endswith("linear2") else (), g)
-    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0] * 6)
+    x = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(4))
+    # linear layers' groups are their inputs: linear2's are linear1's hidden units
+    summary = _file_against_masked(net, {f"encoder.layers.{i}.linear2": [0, 5, 7] for i in (0, 1)}, x,
+                                   tmp_path / "m.bcz")
     assert [row["groups_kept"] for row in summary["layers"]] == [5, 8, 9, 8, 9, 8]
-    posts = analyse_network(net, analyse(net))
-    masked = _masked(net, prune_network(net, posts, [-3.0] * 6, None))
-    x = torch.randn(4, 6, 5, generator=g)
-    with torch.no_grad():
-        want = masked(x)
-        torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(x), want, rtol=0.02, atol=0.02)
     draws = pyro_bc.predictive(net.eval(), x, samples=3)
     assert draws.shape == (4, 3) and torch.allclose(draws.sum(1), torch.ones(4))
 
@@ -842,16 +851,10 @@ def test_a_token_transformer_masking_its_padding_compresses_to_the_masked_networ
     first, the attention's inputs do not start with the batch: one line says so."""
     torch.manual_seed(0)
     net = pyro_bc.bayesianize(_PaddedEncoder(), input_shape=(6,), input_dtype=torch.int64)
-    g = torch.Generator().manual_seed(3)
-    for layer in net.layers:
-        _set(layer, [1, 2] if layer.site.endswith("linear2") else (), g)
-    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0] * 3)
-    assert [row["groups_kept"] for row in summary["layers"]] == [8, 10, 8]
-    ids = torch.randint(1, 11, (5, 6), generator=g)
+    ids = torch.randint(1, 11, (5, 6), generator=torch.Generator().manual_seed(4))
     ids[:, 4:] = 0
-    masked = _masked(net, prune_network(net, analyse_network(net, analyse(net)), [-3.0] * 3, None))
-    with torch.no_grad():
-        torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(ids), masked(ids), rtol=0.02, atol=0.02)
+    summary = _file_against_masked(net, {"encoder.layers.0.linear2": [1, 2]}, ids, tmp_path / "m.bcz")
+    assert [row["groups_kept"] for row in summary["layers"]] == [8, 10, 8]
     seq_first = pyro_bc.bayesianize(_PaddedEncoder(batch_first=False), input_shape=(6,), input_dtype=torch.int64)
     with pytest.raises(ConfigError, match=r"^cannot compress encoder\.layers\.0\.self_attn: .*; it reads a tensor of "
                                           r"shape \(6, 1, 8\) for one example, whose first dimension is not the batch"):
@@ -877,15 +880,9 @@ def test_a_causal_mask_given_to_pytorchs_encoder_is_traced_and_the_file_computes
     trace); the mask, made from the sequence's length, is computed once into the attention's program."""
     torch.manual_seed(0)
     net = pyro_bc.bayesianize(_CausalEncoder(), input_shape=(6,), input_dtype=torch.int64)
-    g = torch.Generator().manual_seed(3)
-    for layer in net.layers:
-        _set(layer, [2, 5] if layer.site.endswith("linear2") else (), g)
-    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0] * 3)
+    ids = torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(4))
+    summary = _file_against_masked(net, {"encoder.layers.0.linear2": [2, 5]}, ids, tmp_path / "m.bcz")
     assert [row["groups_kept"] for row in summary["layers"]] == [8, 8, 10]  # head, linear1, linear2: made in that order
-    ids = torch.randint(0, 11, (5, 6), generator=g)
-    masked = _masked(net, prune_network(net, analyse_network(net, analyse(net)), [-3.0] * 3, None))
-    with torch.no_grad():
-        torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(ids), masked(ids), rtol=0.02, atol=0.02)
 
 
 class _CausalSelfAttention(nn.Module):
@@ -923,16 +920,10 @@ def test_a_transformer_written_from_scratch_compresses_to_the_masked_network(tmp
     """Its MLP's hidden units are pruned; the heads' reshape keeps the attention's projections whole."""
     torch.manual_seed(0)
     net = pyro_bc.bayesianize(_TinyGPT(), input_shape=(6,), input_dtype=torch.int64)
-    g = torch.Generator().manual_seed(3)
-    for layer in net.layers:
-        _set(layer, [3, 9, 10] if layer.site == "mlp.2" else (), g)
-    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0] * 5)
+    ids = torch.randint(0, 13, (5, 6), generator=torch.Generator().manual_seed(4))
+    summary = _file_against_masked(net, {"mlp.2": [3, 9, 10]}, ids, tmp_path / "m.bcz")
     assert [row["name"] for row in summary["layers"]] == ["attention.qkv", "attention.out", "mlp.0", "mlp.2", "head"]
     assert [row["groups_kept"] for row in summary["layers"]] == [8, 8, 8, 13, 8]
-    ids = torch.randint(0, 13, (5, 6), generator=g)
-    masked = _masked(net, prune_network(net, analyse_network(net, analyse(net)), [-3.0] * 5, None))
-    with torch.no_grad():
-        torch.testing.assert_close(codec.load(tmp_path / "m.bcz")(ids), masked(ids), rtol=0.02, atol=0.02)
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
