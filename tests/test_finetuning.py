@@ -167,14 +167,34 @@ def test_compressing_a_fine_tuned_network_keeps_its_structure(tmp_path):
     assert [r["kept_groups"] for r in again["layers"]] == [r["kept_groups"] for r in summary["layers"]]
 
 
-def test_kept_structure_refuses_when_a_kept_group_crossed_a_pruned_one(tmp_path):
+def test_kept_structure_holds_when_fine_tuning_moved_a_kept_group_above_the_pruned_ones(tmp_path):
     net, data = _tiny_problem()
     summary = pyro_bc.compress(net, tmp_path / "m.bcz", val=data, train=data, thresholds=[-3.0, -3.0])
     pyro_bc.finetune(net, summary, data, epochs=0, out=tmp_path / "ft", progress=False)
+    first = net.layers[0]
     with torch.no_grad():
-        net.layers[0].prior.z_logvar[0] = 20.0  # kept group 0 now above every pruned one
-    with pytest.raises(ConfigError, match="moved a kept group"):
-        pyro_bc.compress(net, tmp_path / "x.bcz", val=data, train=data, rule=KeptStructure(str(tmp_path / "ft")))
+        first.prior.z_logvar[0] = 20.0  # kept input 0 now above every pruned one (log alpha 5 - log z^2)
+        first.prior.z_logvar[3] = -30.0  # and pruned input 3 far below every kept one
+    la = first.log_alpha()
+    assert la[0] > la[[5, 7, 9]].max() and la[3] < la[[0, 1, 2, 4]].min()
+    after = pyro_bc.compress(net, tmp_path / "x.bcz", val=data, train=data, rule=KeptStructure(str(tmp_path / "ft")))
+    assert [r["kept_groups"] for r in after["layers"]] == [r["kept_groups"] for r in summary["layers"]]
+    # the file computes the network the masks leave: the fine-tuned means, the pruned inputs and units zero
+    masks = load_masks(tmp_path / "ft")[0]
+    x = data[0]
+    with torch.no_grad():
+        first_mean, second_mean = (layer.weight_moments()[0] * m.weight for layer, m in zip(net.layers, masks))
+        z0, z1 = (layer.prior.z_mu for layer in net.layers)
+        h = F.relu((x.flatten(1) * z0) @ first_mean.t() + first.bias_mu * masks[0].bias)
+        expected = (h * z1) @ second_mean.t() + net.layers[1].bias_mu
+        torch.testing.assert_close(pyro_bc.load(tmp_path / "x.bcz")(x), expected, atol=2e-2, rtol=2e-2)
+    # a given threshold keeps nothing that the masks hold at zero, however low its log alpha
+    given = pyro_bc.compress(net, tmp_path / "g.bcz", val=data, train=data, thresholds=[25.0, -3.0])
+    assert given["layers"][0]["kept_groups"] == summary["layers"][0]["kept_groups"]
+    # without the masks on the network, no threshold reproduces the structure: one clear error
+    net.pruning_masks = None
+    with pytest.raises(ConfigError, match="moved a kept group.*does not hold the pruned ones at zero"):
+        pyro_bc.compress(net, tmp_path / "y.bcz", val=data, train=data, rule=KeptStructure(str(tmp_path / "ft")))
 
 
 def test_cli_finetune_then_compress_keeps_the_structure_and_records_the_source(run, tmp_path, capsys):

@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from pyro_bc.atomic import atomic_write_bytes
 from pyro_bc.compression.graph import BodyGraph, analyse_network
-from pyro_bc.compression.posterior import PrunedLayer, analyse
+from pyro_bc.compression.posterior import PrunedLayer, analyse, kept_by_threshold
 from pyro_bc.compression.pruned import summary_pruning
 from pyro_bc.data.datasets import as_split
 from pyro_bc.errors import CheckpointError, ConfigError
@@ -141,7 +141,7 @@ class PruningMask(Messenger):
 def pruning_masks(layers: list[PrunedLayer]) -> list[LayerMask]:
     """The masks of a compression decision (:func:`pyro_bc.compression.pruned.summary_pruning`'s layers)."""
     return [LayerMask(layer.post.name, layer.mask.clone(), layer.keep_out.clone(),
-                      (layer.post.log_alpha < layer.threshold).clone()) for layer in layers]
+                      kept_by_threshold(layer.post, layer.threshold).clone()) for layer in layers]
 
 
 @torch.no_grad()
@@ -248,7 +248,8 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
     The network is changed in place: it starts at the pruned network (:func:`apply_pruning`). With ``out``, the
     run directory also holds ``finetune.pt`` (masks and record, ``source`` naming where the network came from);
     ``resume=True`` continues it exactly (``summary`` is then not needed: the masks are the run's); and
-    ``pyro_bc.compress(net, ..., rule=KeptStructure(out))`` compresses it with the structure it was given.
+    ``pyro_bc.compress(net, ..., rule=KeptStructure(out))`` compresses it with the structure it was given. The masks
+    stay with the network (``net.pruning_masks``): any later compression prunes what they prune.
     BatchNorm computes with its running statistics, unchanged (:func:`freeze_batchnorm`), as compression folds it.
     """
     from pyro_bc.train.loop import fit_with  # on use: compress and the report never load the training loop
@@ -270,6 +271,7 @@ def finetune(net: BayesianNet, summary: dict | None, train, val=None, *, epochs:
         if out is not None:
             save_masks(prepare_run_dir(out) / FINETUNE_FILE, masks, record)
     check_masks(net, masks)
+    net.pruning_masks = masks  # compression prunes what they prune, whatever log alpha fine-tuning leaves them
     frozen = freeze_batchnorm(net)
     try:
         return fit_with(net, train, val, epochs=epochs, batch_size=batch_size, lr=lr, out=out, resume=resume,

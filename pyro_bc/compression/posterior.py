@@ -30,6 +30,7 @@ class LayerPosterior:
     conv_args: tuple = ()
     per_weight: bool = False  # log alpha per weight (the prior says so: ``lu``) rather than per group
     default_threshold: float = -3.0  # the prior's default cut (``Prior.default_threshold``)
+    held_at_zero: torch.Tensor | None = None  # bool, as log alpha: what fine-tuning holds at zero, pruned at any cut
 
     def __post_init__(self):
         expected = tuple(self.mean.shape) if self.per_weight else (self.mean.shape[self.group_axis],)
@@ -47,14 +48,21 @@ class LayerPosterior:
 def analyse(net: BayesianNet) -> list[LayerPosterior]:
     """Read every Bayesian layer's guide: log alpha, ``E[w]``, ``Var[w]`` and the bias."""
     out = []
-    for layer in net.layers:
+    masks = net.pruning_masks or [None] * len(net.layers)
+    for layer, mask in zip(net.layers, masks):
         mean, var = layer.weight_moments()
         conv = layer.kind.is_conv
         out.append(LayerPosterior(layer.site, layer.kind.name, layer.log_alpha().detach().cpu(),
                                   mean.detach().cpu(), var.detach().cpu(), layer.bias_mean().detach().cpu(),
                                   layer.group_axis, layer.conv_args if conv else (), layer.prior.per_weight,
-                                  float(layer.prior.default_threshold)))
+                                  float(layer.prior.default_threshold), None if mask is None else ~mask.own.cpu()))
     return out
+
+
+def kept_by_threshold(post: LayerPosterior, threshold: float) -> torch.Tensor:
+    """Bool, as log alpha: the groups (weights, for ``lu``) that ``threshold`` keeps, less those held at zero."""
+    keep = post.log_alpha < threshold
+    return keep if post.held_at_zero is None else keep & ~post.held_at_zero
 
 
 @dataclasses.dataclass
@@ -84,7 +92,7 @@ class PrunedLayer:
 
 
 def _own_mask(post: LayerPosterior, threshold: float) -> torch.Tensor:
-    keep = post.log_alpha < threshold
+    keep = kept_by_threshold(post, threshold)
     if post.per_weight:
         return keep
     shape = [1] * post.mean.dim()

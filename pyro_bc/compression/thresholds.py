@@ -271,9 +271,12 @@ class PriorDefault(ThresholdRule):
 
 class KeptStructure(ThresholdRule):
     """The structure a fine-tuning run (``pyro-bc finetune``) was given: per layer, the middle between the largest
-    log alpha of the groups (weights, for ``lu``) its own threshold kept and the smallest of those it pruned, so
-    that the pruning of ``RUN_DIR/finetune.pt`` is reproduced exactly and nothing new is pruned. ConfigError where
-    fine-tuning moved a kept group's log alpha to or above a pruned one's (then give thresholds)."""
+    log alpha of the groups (weights, for ``lu``) its own threshold kept and the smallest of those it pruned above
+    it, so that the pruning of ``RUN_DIR/finetune.pt`` is reproduced exactly and nothing new is pruned.
+
+    Fine-tuning's KL may move a kept group's log alpha above a pruned one's; the pruned one is still pruned where
+    the network holds it at zero (``net.pruning_masks``, which fine-tuning and loading its run set). A network
+    without them gets a ConfigError there (then give thresholds)."""
 
     name = "kept-structure"
 
@@ -294,15 +297,20 @@ class KeptStructure(ThresholdRule):
             if log_alpha.shape != own.shape:
                 raise ConfigError(f"{post.name}: the fine-tuning masks do not fit the network's log alpha")
             kept, pruned = log_alpha[own], log_alpha[~own]
+            if len(kept) and len(pruned) and pruned.min() <= kept.max():
+                held = post.held_at_zero is not None and torch.equal(post.held_at_zero.flatten(), ~own)
+                if not held:
+                    raise ConfigError(f"{post.name}: fine-tuning moved a kept group's log alpha "
+                                      f"({float(kept.max()):.3g}) to or above a pruned one's "
+                                      f"({float(pruned.min()):.3g}), and the network does not hold the pruned "
+                                      "ones at zero (net.pruning_masks): give --thresholds")
+                pruned = pruned[pruned > kept.max()]  # the others are held at zero, below the threshold or not
             if not len(pruned):
                 out.append(float(kept.max()) + 1.0)
             elif not len(kept):
                 out.append(float(pruned.min()) - 1.0)
-            elif kept.max() < pruned.min():
-                out.append(float((kept.max() + pruned.min()) / 2))
             else:
-                raise ConfigError(f"{post.name}: fine-tuning moved a kept group's log alpha ({float(kept.max()):.3g}) "
-                                  f"to or above a pruned one's ({float(pruned.min()):.3g}): give --thresholds")
+                out.append(float((kept.max() + pruned.min()) / 2))
         return out
 
     def method(self, thresholds: list[float]) -> str:

@@ -117,6 +117,10 @@ class BayesianNet(nn.Module):
             raise ConfigError("the network's body holds no pyro_bc Bayesian layer")
         self.input_dtype = checked_input_dtype(input_dtype)  # before the shape, whose setter runs the network on examples
         self.input_shape = input_shape
+        #: Set by fine-tuning (``pyro_bc.finetune``, or loading a run of it): one
+        #: :class:`~pyro_bc.compression.finetuning.LayerMask` per layer, whose pruned groups are held at zero, so that
+        #: compression prunes them at any threshold. ``None``: every group is decided by its log alpha.
+        self.pruning_masks: list | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:

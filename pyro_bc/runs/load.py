@@ -10,12 +10,13 @@ import torch
 
 from models import build_network
 from pyro_bc.bcz import codec
+from pyro_bc.compression.finetuning import check_masks, load_masks
 from pyro_bc.errors import CheckpointError, ConfigError
 from pyro_bc.metrics import predict
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import known_options
 from pyro_bc.train.checkpoint import load_checkpoint
-from pyro_bc.train.run_dir import CHECKPOINT, PYTHON_MODEL, TrainConfig
+from pyro_bc.train.run_dir import CHECKPOINT, FINETUNE_FILE, PYTHON_MODEL, TrainConfig
 
 Source = BayesianNet | torch.nn.Module | str | os.PathLike[str]
 
@@ -33,6 +34,9 @@ def load_run(run_dir: str | Path) -> tuple[BayesianNet, TrainConfig, dict]:
     net.load_state_dict(state["network"])
     if net.input_shape is None:  # a converted plain network: its input shape is the data's
         net.input_shape = tuple(state["input_shape"])
+    if (Path(run_dir) / FINETUNE_FILE).is_file():  # a run of pyro-bc finetune: its pruned groups are held at zero
+        net.pruning_masks = load_masks(run_dir)[0]
+        check_masks(net, net.pruning_masks)
     return net.eval(), config, state
 
 
