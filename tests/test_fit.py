@@ -339,8 +339,9 @@ def test_labels_outside_the_outputs_are_one_line_before_the_first_step(tmp_path)
 
 
 @pytest.mark.parametrize("labels, message", [
-    (lambda y: nn.functional.one_hot(y, 3), (r"^class labels must be one index per example, shape \(N,\); got shape "
-                                            r"\(32, 3\): one-hot labels\? give y.argmax\(1\)$")),
+    (lambda y: nn.functional.one_hot(y, 3), (r"^class labels must be one index per example, shape \(N,\) for logits "
+                                            r"of shape \(N, 3\); got shape \(32, 3\): one-hot labels\? give "
+                                            r"y.argmax\(1\)$")),
     (lambda y: y.float() + 0.5, r"^class labels must be whole numbers .* such as \d\.5$"),
 ])
 def test_labels_that_are_not_class_indices_are_one_line_in_fit_and_compress(labels, message, tmp_path):
@@ -352,6 +353,28 @@ def test_labels_that_are_not_class_indices_are_one_line_in_fit_and_compress(labe
             pyro_bc.compress(_tiny_net(), tmp_path / "m.bcz", thresholds=[-3.0, -3.0], **{split: (x, labels(y))})
     assert not (tmp_path / "m.bcz").exists()
     pyro_bc.fit(_tiny_net(), (x, y.float()), epochs=1, progress=False)  # whole numbers as floats are labels
+
+
+def test_a_segmenter_giving_its_classes_on_axis_1_is_one_line_naming_the_fix():
+    segmenter = pyro_bc.bayesianize(nn.Sequential(nn.Conv2d(1, 3, 1)), input_shape=(1, 4, 4))
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8, 4, 4))
+    with pytest.raises(ConfigError, match=r"^class labels of shape \(8, 4, 4\) label the positions of logits of shape "
+                                          r"\(N, 3, 4, 4\) whose classes are on axis 1, .*end the forward with "
+                                          r"\.movedim\(1, -1\)$"):
+        pyro_bc.fit(segmenter, (x, y), epochs=1, progress=False)
+    with pytest.raises(ConfigError, match=r"^class labels must be one index per position, shape \(N, 4, 4\) for "
+                                          r"logits of shape \(N, 4, 4, 3\); got shape \(8, 4\)$"):
+        pyro_bc.fit(pyro_bc.bayesianize(_ChannelsLastHead(), input_shape=(1, 4, 4)), (x, y[:, 0]), epochs=1,
+                    progress=False)
+
+
+class _ChannelsLastHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x).movedim(1, -1)
 
 
 def test_compress_names_the_split_whose_examples_do_not_fit(tmp_path):

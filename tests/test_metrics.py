@@ -1,6 +1,7 @@
 """Metrics of class probabilities (pyro_bc.metrics.scores) against cases worked by hand."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -80,15 +81,28 @@ def test_calibrated_draws_have_small_ece():
 
 @pytest.mark.parametrize("probs, labels, message", [
     (torch.ones(3), torch.zeros(3, dtype=torch.long), "must be [examples, classes]"),
-    (torch.ones(3, 2), torch.zeros(2, dtype=torch.long), "do not match 3 rows"),
+    (torch.ones(3, 2), torch.zeros(2, dtype=torch.long), "of shape (2,) do not match probabilities of shape (3, 2)"),
+    (torch.ones(3, 4, 2), torch.zeros(3, dtype=torch.long), "of shape (3,) do not match probabilities of shape (3, 4, 2)"),
     (torch.ones(3, 2), torch.zeros(3), "integer class indices"),
     (torch.ones(3, 2), torch.tensor([0, 1, 2]), "must lie in 0..1"),
 ])
 def test_bad_input_raises_one_line(probs, labels, message):
     for metric in (error, nll, brier, ece):
-        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
             metric(probs, labels)
         assert "\n" not in str(info.value)
+
+
+def test_a_label_per_position_scores_every_position():
+    """The hand-worked case's four rows as two examples of two positions each (a tagger's tokens, a segmenter's
+    pixels): every metric is the same mean over the four labelled positions."""
+    probs, labels = PROBS.reshape(2, 2, 3), LABELS.reshape(2, 2)
+    assert error(probs, labels) == pytest.approx(25.0)
+    assert nll(probs, labels) == pytest.approx(-(math.log(0.7) + math.log(0.3) + math.log(0.78) + math.log(0.45)) / 4)
+    assert brier(probs, labels) == pytest.approx(1.4476 / 4)
+    assert ece(probs, labels) == pytest.approx(1.57 / 4)
+    logits = PROBS.log().reshape(2, 2, 3)  # error_percent's argmax over the last axis, in percent of the positions
+    assert error_percent(torch.nn.Identity(), logits, labels) == pytest.approx(25.0)
 
 
 def test_no_examples():

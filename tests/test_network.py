@@ -268,6 +268,21 @@ def test_normal_likelihood_of_several_outputs_sums_their_log_densities():
     assert column["value"].shape == (4,) and column["fn"].event_shape == ()
 
 
+def test_categorical_likelihood_of_a_label_per_position_sums_the_positions_log_probabilities():
+    """A tagger's logits (N, T, C), a label per position: one event per example, its log probability the sum over
+    the positions of log softmax (F.cross_entropy, by hand), scaled by n_data / N; without labels the model draws
+    one label per position."""
+    torch.manual_seed(0)
+    net = BayesianNet(nn.Sequential(BayesLinear(3, 4)), input_shape=(5, 3))
+    x, y = torch.randn(2, 5, 3), torch.randint(0, 4, (2, 5))
+    trace = poutine.trace(net.model).get_trace(x, y, 8)
+    out, site = trace.nodes["_RETURN"]["value"], trace.nodes["y"]
+    by_hand = -F.cross_entropy(out.reshape(-1, 4), y.reshape(-1), reduction="none").reshape(2, 5).sum(1)
+    torch.testing.assert_close(site["fn"].log_prob(y), by_hand)
+    assert site["scale"] == pytest.approx(4.0)
+    assert poutine.trace(net.model).get_trace(x).nodes["y"]["value"].shape == (2, 5)
+
+
 class _Viewed(nn.Module):
     """A convolution then ``x.view(len(x), -1)``: torch's default layout is contiguous, so this forward only runs
     where the convolution's output is."""

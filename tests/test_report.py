@@ -247,3 +247,35 @@ def test_report_of_a_python_fit_run_takes_the_network_and_test_examples(tmp_path
     done = subprocess.run([sys.executable, "-m", "pyro_bc.cli", "report", str(tmp_path)], capture_output=True, check=False,
                           text=True)
     assert done.returncode == 1 and "write_report(run_dir, net=net)" in done.stderr
+
+
+class _Segmenter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 3, 1))
+
+    def forward(self, x):
+        return self.body(x).movedim(1, -1)
+
+
+def test_report_of_a_network_labelling_each_pixel_scores_the_pixels(tmp_path):
+    """A segmenter (a class per pixel): the predictions table's posterior-mean error is over the test pixels, counted
+    here from its logits; images, but no rotation (it would move the pixels' labels); the ArviZ predictions keep the
+    pixels as dimensions."""
+    import pyro_bc
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 2, 6, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    net = pyro_bc.bayesianize(_Segmenter(), input_shape=(2, 6, 6))
+    pyro_bc.fit(net, (x[:64], y[:64]), epochs=2, batch_size=16, lr=1e-2, out=tmp_path, progress=False)
+    pyro_bc.compress(net, tmp_path / "MODEL.bcz", thresholds=[-3.0, -3.0])
+    text = write_report(tmp_path, net=net, num_samples=3, predictive_samples=2, test=(x[64:], y[64:])).read_text()
+    with torch.no_grad():
+        expected = 100 * (net.posterior_mean_network()(x[64:]).argmax(-1) != y[64:]).float().mean().item()
+    row = next(line.split(" | ") for line in text.splitlines() if line.startswith("| posterior mean |"))
+    assert row[2] == f"{expected:.2f}" and row[6] == "-"
+    assert (tmp_path / "figures" / "reliability.png").is_file() and not (tmp_path / "figures" / "rotation.png").exists()
+    probs = load_datatree(tmp_path / "posterior.nc")["predictions"]["class_probs"]
+    assert probs.shape == (1, 3, 16, 6, 6, 3) and probs.dims[2:4] == ("example", "position_0")

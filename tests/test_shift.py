@@ -69,6 +69,13 @@ def test_noise_images_are_seeded_and_in_range():
     assert torch.equal(noise, noise_images(like)) and not torch.equal(noise, noise_images(like, seed=1))
 
 
+def test_noise_of_token_ids_is_seeded_ids_within_the_inputs_range():
+    like = torch.tensor([[3, 9, 4], [5, 3, 7]])
+    noise = noise_images(like.repeat(200, 1))
+    assert noise.dtype == torch.int64 and set(noise.unique().tolist()) == set(range(3, 10))
+    assert torch.equal(noise, noise_images(like.repeat(200, 1)))
+
+
 class _Constant(nn.Module):
     """Logits log(0.7), log(0.2), log(0.1) whatever the input."""
 

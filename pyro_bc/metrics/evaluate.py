@@ -11,7 +11,8 @@ from pyro_bc.nn.network import BayesianNet, layers_called_as_modules
 @torch.no_grad()
 @layers_called_as_modules()
 def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
-    """Classification error of ``module`` on ``(x, y)``, in percent, computed as training computes: PyTorch's
+    """Classification error of ``module`` on ``(x, y)``, in percent (of the positions, where ``y`` labels each position of
+    an example, a token or a pixel: the logits' classes on their last axis), computed as training computes: PyTorch's
     transformer layers off their fused inference path, which at padded positions gives zeros where training (and a
     compressed file) gives values.
 
@@ -20,7 +21,7 @@ def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bat
     """
     wrong = sum(int((module(x[i:i + batch_size]).argmax(-1) != y[i:i + batch_size]).sum())
                 for i in range(0, len(x), batch_size))
-    return 100.0 * wrong / max(len(x), 1)
+    return 100.0 * wrong / max(y.numel(), 1)
 
 
 @torch.no_grad()

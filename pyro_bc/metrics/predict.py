@@ -32,7 +32,8 @@ def draw_logits(net: BayesianNet, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predictive(net: torch.nn.Module, x: torch.Tensor, samples: int = 30, batch_size: int = 1000,
                seed: int = 0) -> torch.Tensor:
-    """Class probabilities ``[N, classes]`` of the examples ``x``, averaged over ``samples`` posterior draws.
+    """Class probabilities ``[N, classes]`` of the examples ``x`` (``[N, positions..., classes]`` for a network that
+    classifies each position), averaged over ``samples`` posterior draws.
 
     ``net``: a :class:`~pyro_bc.nn.network.BayesianNet`, or any module whose forward draws once per call (e.g.
     ``pyro_bc.load(path, bayesian=True)``); a plain module gives its own probabilities for every ``samples``

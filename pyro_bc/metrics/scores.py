@@ -2,7 +2,8 @@
 calibration error. They take probabilities (not a network), so the same code scores a point network, a
 posterior predictive averaged over draws, or probabilities computed elsewhere.
 
-Every metric is a mean over the examples:
+Every metric is a mean over the examples (over every labelled position, where a network classifies each token or
+pixel):
 
 * ``error``: percent of examples whose most probable class is not the label (ties: the lowest class index);
 * ``nll``: ``-log p(label)`` in nats, with ``p`` clamped below at :data:`MIN_PROB` (so a probability that
@@ -23,12 +24,22 @@ MIN_PROB = torch.finfo(torch.float32).tiny  # about 1.2e-38: -log gives at most 
 METRICS = ("error", "nll", "brier", "ece")
 
 
-def _checked(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``probs`` as float64 ``[N, K]`` and ``labels`` as int64 ``[N]``; ConfigError naming the problem."""
-    if probs.dim() != 2:
+def as_rows(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs`` ``[N, K]`` and ``labels`` ``[N]`` as they are; probabilities ``[examples, positions..., classes]``
+    with labels ``[examples, positions...]`` (a network classifying each token or pixel) as one row per position.
+    ConfigError where the labels do not match the rows."""
+    if probs.dim() < 2:
         raise ConfigError(f"class probabilities must be [examples, classes], got shape {tuple(probs.shape)}")
-    if labels.dim() != 1 or len(labels) != len(probs):
-        raise ConfigError(f"labels of shape {tuple(labels.shape)} do not match {len(probs)} rows of probabilities")
+    if tuple(labels.shape) != tuple(probs.shape[:-1]):
+        raise ConfigError(f"labels of shape {tuple(labels.shape)} do not match probabilities of shape "
+                          f"{tuple(probs.shape)} (one label per row of classes)")
+    return probs.reshape(-1, probs.shape[-1]), labels.reshape(-1)
+
+
+def _checked(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs`` as float64 ``[rows, K]`` and ``labels`` as int64 ``[rows]`` (:func:`as_rows`); ConfigError naming the
+    problem."""
+    probs, labels = as_rows(probs, labels)
     if labels.is_floating_point() or labels.is_complex():
         raise ConfigError("labels must be integer class indices")
     labels = labels.long()

@@ -76,8 +76,10 @@ def fit_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def noise_images(like: torch.Tensor, seed: int = NOISE_SEED) -> torch.Tensor:
     """As many images as ``like`` holds, of its shape, each pixel uniform between ``like``'s smallest and largest
-    values (seeded)."""
+    values (seeded); for integer inputs (token ids), each id uniform among those from the smallest to the largest."""
     g = torch.Generator().manual_seed(seed)
+    if not like.is_floating_point():
+        return torch.randint(int(like.min()), int(like.max()) + 1, like.shape, generator=g, dtype=like.dtype)
     low, high = float(like.min()), float(like.max())
     return low + (high - low) * torch.rand(like.shape, generator=g, dtype=like.dtype)
 

@@ -187,8 +187,8 @@ class BayesianNet(nn.Module):
         if isinstance(out, tuple):  # GoogLeNet, Inception v3: the auxiliary classifiers' logits follow in training
             out = out[0]
         with pyro.plate("data", n_data or len(x), subsample=torch.arange(len(x), device=x.device)):
-            if self.likelihood == "categorical":
-                pyro.sample("y", Categorical(logits=out), obs=y)
+            if self.likelihood == "categorical":  # classes on the last axis; one label per example or per position
+                pyro.sample("y", Categorical(logits=out).to_event(out.dim() - 2), obs=y)
             else:  # one prediction or several per example, each independent given the weights
                 loc = out.squeeze(-1) if out.shape[-1] == 1 else out
                 pyro.sample("y", Normal(loc, self.noise_scale).to_event(loc.dim() - 1),
@@ -277,7 +277,7 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
                       "logits, so a final Softmax squashes them twice; remove it (a LogSoftmax is fine)", stacklevel=3)
     for y in labels:
         if net.likelihood == "categorical":
-            _check_labels(y, out.shape[-1])
+            _check_labels(y, tuple(out.shape))
         elif y[:2].numel() != out.numel():
             raise ConfigError(f"regression targets of shape {tuple(y.shape[1:])} per example, but the network predicts "
                               f"{tuple(out.shape[1:])}")
@@ -288,14 +288,24 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
                           "give each use its own layer")
 
 
-def _check_labels(y: torch.Tensor, classes: int) -> None:
-    if y.dim() != 1:
-        hint = ": one-hot labels? give y.argmax(1)" if y.dim() == 2 and y.shape[1] == classes else ""
-        raise ConfigError(f"class labels must be one index per example, shape (N,); got shape {tuple(y.shape)}{hint}")
+def _check_labels(y: torch.Tensor, logits_shape: tuple[int, ...]) -> None:
+    """Labels fit logits of ``logits_shape`` (two examples' worth): one class index per example, or per position
+    where the network classifies each position (a token, a pixel), with the classes on the logits' last axis."""
+    classes, per_example = logits_shape[-1], logits_shape[1:-1]
+    logits = f"logits of shape (N, {', '.join(map(str, logits_shape[1:]))})"
+    if tuple(y.shape[1:]) != per_example:
+        if len(logits_shape) > 2 and tuple(y.shape[1:]) == logits_shape[2:]:
+            raise ConfigError(f"class labels of shape {tuple(y.shape)} label the positions of {logits} whose classes "
+                              "are on axis 1, as F.cross_entropy takes them; pyro-bc reads the classes on the last "
+                              "axis, as Pyro's Categorical: end the forward with .movedim(1, -1)")
+        expected = f"(N, {', '.join(map(str, per_example))})" if per_example else "(N,)"
+        hint = ": one-hot labels? give y.argmax(1)" if y.dim() == 2 and y.shape[1] == classes and not per_example else ""
+        raise ConfigError(f"class labels must be one index per {'position' if per_example else 'example'}, shape "
+                          f"{expected} for {logits}; got shape {tuple(y.shape)}{hint}")
     if y.is_floating_point() and not torch.equal(y, y.round()):
         raise ConfigError("class labels must be whole numbers (class indices); got fractional values such as "
                           f"{y[y != y.round()][0].item():g}")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
         hint = " (a binary classifier's one logit? give it two outputs, one per class)" if classes == 1 else ""
         raise ConfigError(f"class labels run from {int(y.min())} to {int(y.max())}, but the network has {classes} "
                           f"outputs: labels must be 0 to {classes - 1}{hint}")

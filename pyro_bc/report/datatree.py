@@ -140,15 +140,18 @@ PREDICTION_EXAMPLES = 100  # the first examples of the test set whose prediction
 def predictions_datatree(source, x: torch.Tensor, y: torch.Tensor, num_samples: int = 100, seed: int = 0,
                          n_examples: int = PREDICTION_EXAMPLES) -> xr.DataTree:
     """``num_samples`` draws of the class probabilities of the first ``n_examples`` examples of ``x`` as the
-    ``predictions`` and ``predictions_constant_data`` groups (``source``: a network, as :func:`pyro_bc.metrics.predict.predictive` takes)."""
+    ``predictions`` and ``predictions_constant_data`` groups (``source``: a network, as :func:`pyro_bc.metrics.predict.predictive` takes).
+    A network labelling each position (token, pixel) adds dimensions ``position_0``, ``position_1``, ... to both."""
     x, y = x[:n_examples], y[:n_examples]
     draws = torch.stack([predictive(source, x, samples=1, seed=seed + i).cpu() for i in range(num_samples)])
-    n, classes = draws.shape[1:]
+    n, positions, classes = draws.shape[1], draws.shape[2:-1], draws.shape[-1]
+    labelled = ["example", *(f"position_{i}" for i in range(len(positions)))]  # a label per token or pixel
     return az.from_dict({"predictions": {"class_probs": draws.numpy()[None]},
                          "predictions_constant_data": {"label": y.numpy(), "example_index": np.arange(n)}},
-                        pred_dims={"class_probs": ["example", "class"], "label": ["example"],
+                        pred_dims={"class_probs": [*labelled, "class"], "label": labelled,
                                    "example_index": ["example"]},
-                        pred_coords={"example": np.arange(n), "class": np.arange(classes)})
+                        pred_coords={"example": np.arange(n), "class": np.arange(classes),
+                                     **{name: np.arange(size) for name, size in zip(labelled[1:], positions)}})
 
 
 def with_predictions(dt: xr.DataTree, source, x: torch.Tensor, y: torch.Tensor, num_samples: int = 100,

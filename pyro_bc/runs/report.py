@@ -31,7 +31,7 @@ from pyro_bc.compression.thresholds import PriorDefault, ThresholdInputs
 from pyro_bc.data.datasets import Split, as_split, load_data
 from pyro_bc.errors import ConfigError
 from pyro_bc.metrics.predict import predictive
-from pyro_bc.metrics.scores import classification_metrics
+from pyro_bc.metrics.scores import as_rows, classification_metrics
 from pyro_bc.metrics.shift import auroc, entropy, noise_images, rotation_curve
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.report import plots
@@ -160,7 +160,7 @@ def _predictions_section(net: BayesianNet, test, compressed: str | Path | None, 
     against noise) and, for images (``N x C x H x W``), NLL under rotation of the full posterior (``samples``
     draws), its posterior mean and, where ``compressed`` keeps variances, the compressed Bayesian (``samples``
     draws) and deterministic networks."""
-    images = test.x.dim() == 4
+    images = test.x.dim() == 4 and test.y.dim() == 1  # rotating an image moves the labels of its pixels
     sources = {"full posterior": (net, samples), "posterior mean": (net, 0)}
     if compressed is not None and Path(compressed).is_file():
         if codec.read_bcz(compressed).variances is not None:
@@ -168,13 +168,14 @@ def _predictions_section(net: BayesianNet, test, compressed: str | Path | None, 
         sources["compressed deterministic"] = (codec.load(compressed), 0)
     noise = noise_images(test.x)
     probs, entropies, curves, rows = {}, {}, {}, []
-    for name, (source, k) in sources.items():
-        probs[name] = predictive(source, test.x, k).cpu()
+    for name, (source, k) in sources.items():  # a network labelling each position: a row per position
+        probs[name], labels = as_rows(predictive(source, test.x, k).cpu(), test.y.cpu())
+        noise_probs = predictive(source, noise, k, seed=1).cpu()
         entropies[name] = {"test": entropy(probs[name]).numpy(),
-                           "noise": entropy(predictive(source, noise, k, seed=1).cpu()).numpy()}
+                           "noise": entropy(noise_probs.reshape(-1, noise_probs.shape[-1])).numpy()}
         if images:
             curves[name] = rotation_curve(source, test.x, test.y, k)
-        m = classification_metrics(probs[name], test.y)
+        m = classification_metrics(probs[name], labels)
         noise_auroc = auroc(*(torch.from_numpy(entropies[name][s]) for s in ("test", "noise")))
         rotation = f"{curves[name]['nll_area']:.3f}" if images else "-"
         rows.append(f"| {name} | {k or '-'} | {m['error']:.2f} | {m['nll']:.4f} | {m['brier']:.4f} | {m['ece']:.4f} "
@@ -184,7 +185,7 @@ def _predictions_section(net: BayesianNet, test, compressed: str | Path | None, 
              "AUROC: the predictive entropy's, against as many uniform-noise inputs."), "",
              "| network | draws | error % | NLL | Brier | ECE | rotation NLL | noise AUROC |",
              "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
-    figures = [("Reliability", plots.plot_reliability(probs, test.y, figdir / "reliability.png")),
+    figures = [("Reliability", plots.plot_reliability(probs, labels, figdir / "reliability.png")),
                ("Predictive entropy", plots.plot_entropy(entropies, figdir / "entropy.png"))]
     if images:
         figures.append(("NLL under rotation", plots.plot_rotation(curves, figdir / "rotation.png")))
