@@ -12,3 +12,6 @@ LOG_ALPHA_EPS = 1e-8
 KEPT_LOG_ALPHA = -3.0
 #: Initial log-variance of every variational scale and weight (the official code's -9).
 INIT_LOGVAR = -9.0
+#: A class label that labels nothing (a padding token, a void pixel): the likelihood, errors and scores leave it out.
+#: PyTorch's (``F.cross_entropy``'s ``ignore_index``).
+IGNORED_LABEL = -100

@@ -404,13 +404,14 @@ class _Segmenter(nn.Module):
 
 @pytest.mark.parametrize("case", ["tagger", "segmenter"])
 def test_a_network_labelling_every_position_trains_and_compresses_scored_over_the_positions(case, tmp_path):
-    """A label per token or per pixel: the errors and scores ``compress`` records are means over every position,
-    computed here by hand from the file's own logits."""
+    """A label per token or per pixel: the errors and scores ``compress`` records are means over every labelled
+    position (padding labelled -100 left out), computed here by hand from the file's own logits."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    if case == "tagger":
+    if case == "tagger":  # every third sequence ends in two padding tokens, labelled -100 (nothing)
         x = torch.randint(0, 12, (192, 8), generator=g)
         y = (x + 1) % 12
+        y[::3, 6:] = -100
         net = pyro_bc.bayesianize(_Tagger(), "gnj", input_shape=(8,), input_dtype=torch.int64)
     else:
         x = torch.randn(96, 3, 8, 8, generator=g)
@@ -421,8 +422,9 @@ def test_a_network_labelling_every_position_trains_and_compresses_scored_over_th
     with torch.no_grad():
         logits = pyro_bc.load(tmp_path / "m.bcz")(x)
     assert logits.shape == (*y.shape, logits.shape[-1])
-    by_hand = 100.0 * (logits.argmax(-1) != y).double().mean().item()
+    labelled = y != -100
+    by_hand = 100.0 * (logits.argmax(-1) != y)[labelled].double().mean().item()
     assert summary["error_compressed"] == pytest.approx(by_hand, abs=1e-9)
     assert summary["error_compressed"] < 50.0  # it learned: guessing errs on 92% (tagger), 75% (segmenter)
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1)).item()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1)).item()  # -100 ignored
     assert summary["predictive"]["compressed_deterministic"]["nll"] == pytest.approx(nll, rel=1e-4)

@@ -103,6 +103,11 @@ def test_a_label_per_position_scores_every_position():
     assert ece(probs, labels) == pytest.approx(1.57 / 4)
     logits = PROBS.log().reshape(2, 2, 3)  # error_percent's argmax over the last axis, in percent of the positions
     assert error_percent(torch.nn.Identity(), logits, labels) == pytest.approx(25.0)
+    # a fifth position labelled -100 (PyTorch's ignore_index: padding) counts in none of them
+    padded_probs = torch.cat([PROBS, torch.tensor([[0.1, 0.1, 0.8]])])
+    padded = torch.cat([LABELS, torch.tensor([-100])])
+    assert classification_metrics(padded_probs, padded) == pytest.approx(classification_metrics(PROBS, LABELS))
+    assert error_percent(torch.nn.Identity(), padded_probs.log(), padded) == pytest.approx(25.0)
 
 
 def test_no_examples():

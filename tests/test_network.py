@@ -281,6 +281,12 @@ def test_categorical_likelihood_of_a_label_per_position_sums_the_positions_log_p
     torch.testing.assert_close(site["fn"].log_prob(y), by_hand)
     assert site["scale"] == pytest.approx(4.0)
     assert poutine.trace(net.model).get_trace(x).nodes["y"]["value"].shape == (2, 5)
+    # a label -100 (PyTorch's ignore_index: padding) labels nothing: its position leaves the sum
+    y[0, 3:] = -100
+    trace = poutine.trace(net.model).get_trace(x, y, 8)
+    out, site = trace.nodes["_RETURN"]["value"], trace.nodes["y"]
+    by_hand = -F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1)  # zero at ignored positions
+    torch.testing.assert_close(site["fn"].log_prob(site["value"]), by_hand)
 
 
 class _Viewed(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from pyro_bc.defaults import IGNORED_LABEL
 from pyro_bc.errors import ConfigError
 
 ECE_BINS = 15
@@ -26,14 +27,16 @@ METRICS = ("error", "nll", "brier", "ece")
 
 def as_rows(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``probs`` ``[N, K]`` and ``labels`` ``[N]`` as they are; probabilities ``[examples, positions..., classes]``
-    with labels ``[examples, positions...]`` (a network classifying each token or pixel) as one row per position.
-    ConfigError where the labels do not match the rows."""
+    with labels ``[examples, positions...]`` (a network classifying each token or pixel) as one row per position;
+    rows labelled :data:`~pyro_bc.defaults.IGNORED_LABEL` left out. ConfigError where the labels do not match."""
     if probs.dim() < 2:
         raise ConfigError(f"class probabilities must be [examples, classes], got shape {tuple(probs.shape)}")
     if tuple(labels.shape) != tuple(probs.shape[:-1]):
         raise ConfigError(f"labels of shape {tuple(labels.shape)} do not match probabilities of shape "
                           f"{tuple(probs.shape)} (one label per row of classes)")
-    return probs.reshape(-1, probs.shape[-1]), labels.reshape(-1)
+    probs, labels = probs.reshape(-1, probs.shape[-1]), labels.reshape(-1)
+    labelled = labels != IGNORED_LABEL  # a padding token, a void pixel
+    return (probs, labels) if bool(labelled.all()) else (probs[labelled], labels[labelled])
 
 
 def _checked(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

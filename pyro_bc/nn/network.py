@@ -20,6 +20,7 @@ import torch
 from pyro.distributions import Categorical, Normal
 from torch import nn
 
+from pyro_bc.defaults import IGNORED_LABEL
 from pyro_bc.errors import ConfigError, first_line
 from pyro_bc.nn.kinds import dense_layers
 from pyro_bc.nn.layers import BayesLayer
@@ -188,7 +189,11 @@ class BayesianNet(nn.Module):
             out = out[0]
         with pyro.plate("data", n_data or len(x), subsample=torch.arange(len(x), device=x.device)):
             if self.likelihood == "categorical":  # classes on the last axis; one label per example or per position
-                pyro.sample("y", Categorical(logits=out).to_event(out.dim() - 2), obs=y)
+                fn = Categorical(logits=out)
+                if y is not None and bool((y == IGNORED_LABEL).any()):  # positions labelled "nothing" leave the sum
+                    labelled = y != IGNORED_LABEL
+                    fn, y = fn.mask(labelled), torch.where(labelled, y, torch.zeros((), dtype=y.dtype))
+                pyro.sample("y", fn.to_event(out.dim() - 2), obs=y)
             else:  # one prediction or several per example, each independent given the weights
                 loc = out.squeeze(-1) if out.shape[-1] == 1 else out
                 pyro.sample("y", Normal(loc, self.noise_scale).to_event(loc.dim() - 1),
@@ -305,6 +310,7 @@ def _check_labels(y: torch.Tensor, logits_shape: tuple[int, ...]) -> None:
     if y.is_floating_point() and not torch.equal(y, y.round()):
         raise ConfigError("class labels must be whole numbers (class indices); got fractional values such as "
                           f"{y[y != y.round()][0].item():g}")
+    y = y[y != IGNORED_LABEL]
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
         hint = " (a binary classifier's one logit? give it two outputs, one per class)" if classes == 1 else ""
         raise ConfigError(f"class labels run from {int(y.min())} to {int(y.max())}, but the network has {classes} "
