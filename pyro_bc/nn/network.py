@@ -274,8 +274,11 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
     except RuntimeError as e:
         raise ConfigError(f"{what} does not fit the network: {first_line(e)}")
     if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"the network returns a {type(out).__name__}: pyro-bc needs one tensor of logits (or, "
-                          "for regression, predictions)")
+        keys = f" of {', '.join(map(repr, out))}" if isinstance(out, dict) else ""
+        hint = ("; wrap it in a module whose forward returns the logits, e.g. model(x)['out'] (torchvision's segmentation "
+                "models), with the classes last: .movedim(1, -1)") if isinstance(out, dict) else ""
+        raise ConfigError(f"the network returns a {type(out).__name__}{keys}: pyro-bc needs one tensor of logits (or, "
+                          f"for regression, predictions){hint}")
     if net.likelihood == "categorical" and out.shape[-1] > 1 and bool((out >= 0).all()) and \
             torch.allclose(out.sum(-1), torch.ones(())):
         warnings.warn("the network's outputs are probabilities (each row sums to 1): the categorical likelihood takes "
