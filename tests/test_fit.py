@@ -284,8 +284,8 @@ class _Embedded(nn.Module):
 @pytest.mark.parametrize("module, message", [
     (_TwiceCalled, "^layer 'shared' is called 2 times in one forward: .* give each use its own layer$"),
     (_TupleOut, "^the network returns a tuple: pyro-bc needs one tensor of logits"),
-    (_DictOut, r"^the network returns a dict of 'out', 'aux': pyro-bc needs one tensor of logits .*; wrap it in a "
-               r"module whose forward returns the logits, e.g. model\(x\)\['out'\]"),
+    (_DictOut, (r"^the network returns a dict of 'out', 'aux': pyro-bc needs one tensor of logits .*; wrap it in a "
+                r"module whose forward returns the logits, e.g. model\(x\)\['out'\]")),
 ])
 def test_networks_fit_cannot_train_are_one_line_errors_before_the_first_step(module, message, tmp_path):
     x, y = _synthetic(32)
