@@ -681,6 +681,34 @@ def test_an_op_outside_the_registry_that_computes_each_position_alone_lets_its_c
     _assert_masked(net, layers, module)
 
 
+class _EndsOutside(nn.Module):
+    """Two Bayesian convolutions, then an op outside the registry that computes the network's output and mixes its
+    positions (a cumulative sum over the rows): its own output names no channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = BayesConv2d(2, 4, 1), BayesConv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x))).cumsum(2)
+
+
+def test_a_network_whose_output_an_op_outside_the_registry_computes_still_prunes_the_layers_before_it(tmp_path):
+    """It pruned nothing: the output's channels, which such an op leaves unnamed, were taken as every channel of the
+    network. Channels 1 and 3 of ``a`` go; ``c``'s outputs, which the op reads, all stay; the file computes the masked
+    network."""
+    torch.manual_seed(0)
+    net = BayesianNet(_EndsOutside(), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    assert graph.nodes[-1].program is not None and graph.nodes[-1].variables is None
+    layers, module = _outside_of(net, graph, {"a": [1, 3]})
+    assert layers["a"].keep_out.tolist() == [True, False, True, False] and layers["c"].keep_out.all()
+    _assert_masked(net, layers, module)
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(5))
+    summary = _file_against_masked(net, {"a": [1, 3]}, x, tmp_path / "m.bcz")
+    assert [row["groups_kept"] for row in summary["layers"]] == [2, 3]
+
+
 class _OwnScale(Then):
     """The body's own parameter used in its forward."""
 

@@ -266,3 +266,37 @@ def test_googlenet_as_torchvision_builds_it_trains_and_compresses_without_its_au
     with torch.no_grad():
         want, got = pyro_bc.pruned_network(net, summary, train=(x, y))(x), pyro_bc.load(tmp_path / "g.bcz")(x)
     assert ((got - want).norm() / want.norm()).item() < 0.02
+
+
+class _SegmentationLogits(nn.Module):
+    """torchvision's segmentation models return ``{"out": (N, C, H, W), ...}``: the logits, classes last."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)["out"].movedim(1, -1)
+
+
+def test_a_torchvision_segmenter_labelling_every_pixel_trains_and_its_file_computes_the_pruned_network(tmp_path):
+    """LR-ASPP on MobileNetV3 (a class per pixel), wrapped to give its logits classes last: it trains on per-pixel
+    labels, and the file computes the pruned network; the recorded error is the pixels' (counted here)."""
+    torch.manual_seed(0)
+    model = tv.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
+    net = pyro_bc.bayesianize(_SegmentationLogits(model), "gnj", input_shape=(3, 64, 64))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 64, 64, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    pyro_bc.fit(net, (x, y), epochs=1, batch_size=8, progress=False)
+    with torch.no_grad():  # one epoch leaves every group alike: group variances set by hand, as for the classifiers
+        for layer in net.layers:
+            layer.prior.z_logvar.copy_(torch.randn(layer.prior.z_logvar.shape, generator=generator) * 2 - 4)
+    summary = pyro_bc.compress(net, tmp_path / "s.bcz", val=(x, y), train=(x, y), test=(x, y),
+                               thresholds=half_thresholds(net))
+    with torch.no_grad():
+        want, got = pyro_bc.pruned_network(net, summary, train=(x, y))(x), pyro_bc.load(tmp_path / "s.bcz")(x)
+    assert got.shape == (16, 64, 64, 3)
+    assert ((got - want).norm() / want.norm()).item() < 0.02
+    assert summary["error_compressed"] == pytest.approx(100 * (got.argmax(-1) != y).float().mean().item())
+    assert sum(row["groups_kept"] for row in summary["layers"]) < sum(row["groups_total"] for row in summary["layers"])

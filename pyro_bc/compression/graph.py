@@ -625,7 +625,11 @@ class BodyGraph:
         own = [torch.ones_like(p.mean, dtype=torch.bool) if self.layer_nodes[i].grouped else _own_mask(p, t)
                for i, (p, t) in enumerate(zip(posts, thresholds))]
         fixed = torch.zeros(self.n_variables, dtype=torch.bool)
-        fixed[self.input_variables] = fixed[self.nodes[-1].variables] = True  # the network's input and output
+        fixed[self.input_variables] = True  # the network's input, its output and any other tensor that nothing reads
+        read = {source for node in self.nodes for source in node.inputs}
+        for i, node in enumerate(self.nodes):  # (one computed by an op outside the registry names no channels)
+            if i not in read and node.variables is not None:
+                fixed[node.variables] = True
         for i in range(len(posts)):  # a grouped convolution keeps every channel it reads and writes
             if self.layer_nodes[i].grouped:
                 for variables in self.layer_variables(i):
@@ -719,9 +723,10 @@ class _ShapeProp(ShapeProp):
         return result
 
 
-_SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "chunk", "split", "contiguous", "unsqueeze", "squeeze"}
-_SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.chunk, torch.split, torch.squeeze,
-                    torch.unsqueeze}
+_SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "movedim", "moveaxis", "chunk", "split", "contiguous",
+                  "unsqueeze", "squeeze"}
+_SHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.movedim, torch.moveaxis, torch.chunk,
+                    torch.split, torch.squeeze, torch.unsqueeze}
 
 
 
