@@ -192,7 +192,7 @@ class BayesianNet(nn.Module):
                 fn = Categorical(logits=out)
                 if y is not None and bool((y == IGNORED_LABEL).any()):  # positions labelled "nothing" leave the sum
                     labelled = y != IGNORED_LABEL
-                    fn, y = fn.mask(labelled), torch.where(labelled, y, torch.zeros((), dtype=y.dtype))
+                    fn, y = fn.mask(labelled), torch.where(labelled, y, y.new_zeros(()))
                 pyro.sample("y", fn.to_event(out.dim() - 2), obs=y)
             else:  # one prediction or several per example, each independent given the weights
                 loc = out.squeeze(-1) if out.shape[-1] == 1 else out
