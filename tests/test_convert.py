@@ -228,3 +228,32 @@ def test_a_convolution_padding_other_than_evenly_with_zeros_stays_deterministic_
     assert net.layer_names == ["2"] and type(net.body[0]) is nn.Conv2d
     x = torch.randn(3, 1, 5, 5, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(net.posterior_mean_network()(x), model(x))
+
+
+class _Decoder(nn.Module):
+    """A downsampling convolution, a transposed one back up (a U-Net's decoder), a 3-D convolution over the result
+    taken as one channel of depth 4, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.volume, self.head = nn.Conv3d(1, 2, 3, padding=1), nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = self.up(torch.relu(self.down(x)))[:, None]
+        return self.head(self.volume(h).mean((2, 3, 4)))
+
+
+def test_layers_of_kinds_without_a_bayesian_layer_stay_deterministic_and_are_named_in_a_warning(tmp_path):
+    model = _Decoder().eval()
+    with pytest.warns(UserWarning, match=r"^2 layer\(s\) of a kind pyro-bc has no Bayesian layer for stay "
+                                         r"deterministic: up \(ConvTranspose2d\), volume \(Conv3d\)$"):
+        net = pyro_bc.bayesianize(model, input_shape=(2, 8, 8))
+    assert net.layer_names == ["down", "head"] and type(net.body.up) is nn.ConvTranspose2d
+    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(net.posterior_mean_network()(x), model(x))
+    summary = pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[-3.0, -3.0])  # the file computes them whole
+    assert {row["module"] for row in summary["deterministic_modules"]} >= {"the module ConvTranspose2d",
+                                                                          "the module Conv3d"}
+    with torch.no_grad():
+        torch.testing.assert_close(pyro_bc.load(tmp_path / "m.bcz")(x), model(x), rtol=2e-2, atol=2e-2)
