@@ -357,8 +357,11 @@ def fit(net: BayesianNet, train, val=None, *, epochs: int, batch_size: int = 128
     (``checkpoint.pt``, ``metrics.jsonl``, ``config.json``, the lock; the config's ``model`` is ``"python"``) and
     ``resume=True`` continues from its checkpoint exactly (the checkpoint's options, this call's ``epochs``,
     ``threads``, ``device`` and ``eval_every``). The network is trained in training mode and left in the mode it
-    had; its parameters are those of the last epoch.
+    had; its parameters are those of the last epoch. A fine-tuned network's masks (``net.pruning_masks``) are dropped:
+    ``fit`` trains every weight, so compression decides every group again by its log alpha.
     """
+    if isinstance(net, BayesianNet):
+        net.pruning_masks = None
     return fit_with(net, train, val, epochs=epochs, batch_size=batch_size, lr=lr, out=out, resume=resume,
                     progress=progress, **options)
 
