@@ -347,8 +347,28 @@ def test_labels_outside_the_outputs_are_one_line_before_the_first_step(tmp_path)
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
     binary = pyro_bc.bayesianize(nn.Sequential(nn.Flatten(), nn.Linear(16, 1)))
     with pytest.raises(ConfigError, match=r"^class labels run from 0 to 1, but the network has 1 outputs: labels must "
-                                          r"be 0 to 0 \(a binary classifier's one logit\? give it two outputs"):
+                                          r"be 0 to 0 \(a binary classifier's one logit\? bayesianize it with "
+                                          r"likelihood='bernoulli', or give it two outputs"):
         pyro_bc.fit(binary, (x, (y > 0).long()), epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("outputs", [1, 3], ids=["binary", "multi-label"])
+def test_a_bernoulli_network_trains_on_binary_labels_and_records_the_labels_error(outputs):
+    """One logit per binary label (a binary classifier's one output, or a multi-label classifier's): the records'
+    errors are the posterior mean's share of wrong labels, a positive logit predicting 1, counted here by hand."""
+    x, y = _synthetic(96)
+    labels = (y > 0).long() if outputs == 1 else torch.nn.functional.one_hot(y, 3).float()
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, outputs)),
+                              likelihood="bernoulli")
+    records = pyro_bc.fit(net, (x, labels), (x[:40], labels[:40]), epochs=3, batch_size=16, lr=1e-2, progress=False)
+    with torch.no_grad():
+        wrong = (net.posterior_mean_network()(x).reshape(labels.shape) > 0) != (labels > 0)
+    assert records[-1]["train_error"] == pytest.approx(100 * wrong.float().mean().item())
+    assert records[-1]["val_error"] == pytest.approx(100 * wrong[:40].float().mean().item())
+    assert records[-1]["train_error"] < 25.0  # it learned
+    with pytest.raises(ConfigError, match=r"^binary labels must be 0 or 1; got values such as 2$"):
+        pyro_bc.fit(net, (x, labels * 2), epochs=1, progress=False)
 
 
 @pytest.mark.parametrize("labels, message", [

@@ -289,6 +289,24 @@ def test_categorical_likelihood_of_a_label_per_position_sums_the_positions_log_p
     torch.testing.assert_close(site["fn"].log_prob(site["value"]), by_hand)
 
 
+def test_bernoulli_likelihood_sums_each_labels_log_probability():
+    """Logits of three binary labels per example: one event per example, its log probability the sum of
+    ``y log sigmoid(l) + (1 - y) log(1 - sigmoid(l))`` (F.binary_cross_entropy_with_logits, by hand); one logit per
+    example takes labels of shape (N,)."""
+    torch.manual_seed(0)
+    net = BayesianNet(nn.Sequential(BayesLinear(4, 3)), input_shape=(4,), likelihood="bernoulli")
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5, 3))
+    trace = poutine.trace(net.model).get_trace(x, y, 5)
+    out, site = trace.nodes["_RETURN"]["value"], trace.nodes["y"]
+    by_hand = -F.binary_cross_entropy_with_logits(out, y.float(), reduction="none").sum(1)
+    torch.testing.assert_close(site["fn"].log_prob(site["value"]), by_hand)
+    single = BayesianNet(nn.Sequential(BayesLinear(4, 1)), input_shape=(4,), likelihood="bernoulli")
+    trace = poutine.trace(single.model).get_trace(x, y[:, 0], 5)
+    out, site = trace.nodes["_RETURN"]["value"], trace.nodes["y"]
+    torch.testing.assert_close(site["fn"].log_prob(site["value"]),
+                               -F.binary_cross_entropy_with_logits(out[:, 0], y[:, 0].float(), reduction="none"))
+
+
 class _Viewed(nn.Module):
     """A convolution then ``x.view(len(x), -1)``: torch's default layout is contiguous, so this forward only runs
     where the convolution's output is."""

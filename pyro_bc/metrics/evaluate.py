@@ -28,6 +28,16 @@ def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bat
 
 @torch.no_grad()
 @layers_called_as_modules()
+def binary_error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
+    """Percent of the binary labels (0 or 1, one per output: a binary or multi-label classifier's) that ``module``'s
+    logits get wrong, a positive logit predicting 1."""
+    wrong = sum(int(((module(x[i:i + batch_size]).reshape(y[i:i + batch_size].shape) > 0) != (y[i:i + batch_size] > 0))
+                    .sum()) for i in range(0, len(x), batch_size))
+    return 100.0 * wrong / max(y.numel(), 1)
+
+
+@torch.no_grad()
+@layers_called_as_modules()
 def rmse(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
     """Root mean squared error of a regression ``module``'s predictions on ``(x, y)``, over every target value."""
     squared = sum(float(((module(x[i:i + batch_size]).reshape(y[i:i + batch_size].shape) - y[i:i + batch_size]) ** 2)

@@ -56,8 +56,9 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     :param prior: the sparsity prior, a :class:`~pyro_bc.priors.Prior` or a name (``gnj``, ``ghs``, ``lu``,
         ``rhs``) with ``prior_options`` (``tau0``, ``slab_scale``).
     :param input_shape: one example's shape, e.g. ``(3, 32, 32)``; ``None`` lets training take it from the data.
-    :param likelihood: ``"categorical"`` (the outputs are logits) or ``"normal"`` (regression: the outputs are the
-        means of the targets, with standard deviation ``noise_scale``), as :class:`BayesianNet` takes them.
+    :param likelihood: ``"categorical"`` (the outputs are logits of classes), ``"bernoulli"`` (a logit per binary
+        label: 0 or 1 targets, one per output) or ``"normal"`` (regression: the outputs are the means of the targets,
+        with standard deviation ``noise_scale``), as :class:`BayesianNet` takes them.
     :param input_dtype: ``torch.int64`` (or another integer type) where the inputs are token ids into an
         ``nn.Embedding`` and ``input_shape`` is given; ``None``: floating-point inputs, or the data's type.
     """

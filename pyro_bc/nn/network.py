@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pyro
 import torch
-from pyro.distributions import Categorical, Normal
+from pyro.distributions import Bernoulli, Categorical, Normal
 from torch import nn
 
 from pyro_bc.defaults import IGNORED_LABEL
@@ -25,7 +25,7 @@ from pyro_bc.errors import ConfigError, first_line
 from pyro_bc.nn.kinds import dense_layers
 from pyro_bc.nn.layers import BayesLayer
 
-LIKELIHOODS = ("categorical", "normal")
+LIKELIHOODS = ("categorical", "bernoulli", "normal")
 #: The integer input types a network may take (token ids into an ``nn.Embedding``), by the name checkpoints and
 #: ``.bcz`` files record; a network of floating-point inputs records none.
 INTEGER_INPUTS = {str(t).removeprefix("torch."): t for t in (torch.int64, torch.int32, torch.int16, torch.int8,
@@ -97,7 +97,9 @@ class BayesianNet(nn.Module):
     """:param body: any module holding :class:`~pyro_bc.nn.layers.BayesLayer` s; ``compress`` takes an ``nn.Sequential``
         of them and parameter-free modules.
     :param input_shape: shape of one input example, e.g. ``(1, 28, 28)``; ``None``: set by training from the data.
-    :param likelihood: ``"categorical"`` (logits) or ``"normal"`` (regression, fixed ``noise_scale``).
+    :param likelihood: ``"categorical"`` (logits of classes), ``"bernoulli"`` (a logit per binary label: a binary
+        classifier's one output, or one per label of a multi-label classifier) or ``"normal"`` (regression, fixed
+        ``noise_scale``).
     :param input_dtype: an integer type (:data:`INTEGER_INPUTS`) where the inputs are ids (tokens into an
         ``nn.Embedding``); ``None``: floating-point inputs, or set by training from the data.
     """
@@ -196,8 +198,12 @@ class BayesianNet(nn.Module):
                 pyro.sample("y", fn.to_event(out.dim() - 2), obs=y)
             else:  # one prediction or several per example, each independent given the weights
                 loc = out.squeeze(-1) if out.shape[-1] == 1 else out
-                pyro.sample("y", Normal(loc, self.noise_scale).to_event(loc.dim() - 1),
-                            obs=y if y is None or y.shape == loc.shape else y.reshape(loc.shape))
+                obs = y if y is None or y.shape == loc.shape else y.reshape(loc.shape)
+                if self.likelihood == "bernoulli":  # the outputs are logits, the targets 0 or 1
+                    pyro.sample("y", Bernoulli(logits=loc).to_event(loc.dim() - 1),
+                                obs=None if obs is None else obs.to(loc.dtype))
+                else:
+                    pyro.sample("y", Normal(loc, self.noise_scale).to_event(loc.dim() - 1), obs=obs)
         return out
 
     def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, n_data: int | None = None) -> None:
@@ -286,9 +292,13 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
     for y in labels:
         if net.likelihood == "categorical":
             _check_labels(y, tuple(out.shape))
-        elif y[:2].numel() != out.numel():
-            raise ConfigError(f"regression targets of shape {tuple(y.shape[1:])} per example, but the network predicts "
+            continue
+        what = "binary labels" if net.likelihood == "bernoulli" else "regression targets"
+        if y[:2].numel() != out.numel():
+            raise ConfigError(f"{what} of shape {tuple(y.shape[1:])} per example, but the network predicts "
                               f"{tuple(out.shape[1:])}")
+        if net.likelihood == "bernoulli" and not bool(((y == 0) | (y == 1)).all()):
+            raise ConfigError(f"binary labels must be 0 or 1; got values such as {y[(y != 0) & (y != 1)][0].item():g}")
     site = max(net.layer_names, key=lambda name: calls[name])
     if calls[site] > 1:
         raise ConfigError(f"layer {site!r} is called {calls[site]} times in one forward: a Bayesian layer is one Pyro "
@@ -315,6 +325,7 @@ def _check_labels(y: torch.Tensor, logits_shape: tuple[int, ...]) -> None:
                           f"{y[y != y.round()][0].item():g}")
     y = y[y != IGNORED_LABEL]
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        hint = " (a binary classifier's one logit? give it two outputs, one per class)" if classes == 1 else ""
+        hint = (" (a binary classifier's one logit? bayesianize it with likelihood='bernoulli', or give it two "
+                "outputs, one per class)") if classes == 1 else ""
         raise ConfigError(f"class labels run from {int(y.min())} to {int(y.max())}, but the network has {classes} "
                           f"outputs: labels must be 0 to {classes - 1}{hint}")
