@@ -257,3 +257,25 @@ def test_layers_of_kinds_without_a_bayesian_layer_stay_deterministic_and_are_nam
                                                                           "the module Conv3d"}
     with torch.no_grad():
         torch.testing.assert_close(pyro_bc.load(tmp_path / "m.bcz")(x), model(x), rtol=2e-2, atol=2e-2)
+
+
+class _TiedLM(nn.Module):
+    """A language model whose output layer shares its weight with the token embedding (GPT-2's tying)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.fc, self.head = nn.Embedding(12, 6), nn.Linear(6, 6), nn.Linear(6, 12, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.wte(ids))))
+
+
+def test_a_layer_tied_to_another_parameter_is_untied_with_a_warning():
+    model = _TiedLM().eval()
+    with pytest.warns(UserWarning, match=r"^1 tied layer weight\(s\) are untied, each Bayesian layer having a posterior "
+                                         r"of its own: head.weight \(tied to wte.weight\)$"):
+        net = pyro_bc.bayesianize(model, input_shape=(5,), input_dtype=torch.int64)
+    assert net.layer_names == ["fc", "head"]
+    ids = torch.randint(0, 12, (3, 5), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(net.posterior_mean_network()(ids), model(ids))  # the same function, untied

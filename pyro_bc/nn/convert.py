@@ -24,6 +24,19 @@ def _start_from(layer: BayesLayer, dense: nn.Module, name: str, delta: float | N
         layer.weight_logvar.copy_(torch.log(delta * layer.weight_mu**2 + torch.finfo(dense.weight.dtype).tiny))
 
 
+def _warn_tied(body: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """Warn where a layer made Bayesian shares its weight with another parameter (a language model's output layer
+    tied to its embedding): the Bayesian layer gets a posterior of its own, so the two are no longer tied."""
+    names: dict[int, list[str]] = {}
+    for name, param in body.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    tied = [f"{name}.weight (tied to {', '.join(n for n in names[id(m.weight)] if n != f'{name}.weight')})"
+            for name, m in targets if len(names.get(id(m.weight), ())) > 1]
+    if tied:
+        warnings.warn(f"{len(tied)} tied layer weight(s) are untied, each Bayesian layer having a posterior of its own: "
+                      f"{', '.join(tied[:4])}{', ...' if len(tied) > 4 else ''}", stacklevel=3)
+
+
 def _shape_lazy_layers(body: nn.Module, input_shape: tuple[int, ...], input_dtype: torch.dtype | None) -> None:
     """Lazy layers (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) take their shapes from one forward of zeros, in eval
     mode so that BatchNorm's statistics stay as they are; each module's own mode is restored afterwards."""
@@ -103,6 +116,7 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
                       f"replicate or circular; 'same' over an even kernel) stay deterministic: "
                       f"{', '.join(padded[:4])}{', ...' if len(padded) > 4 else ''}", stacklevel=2)
         targets = [(name, m) for name, m in targets if name not in padded]
+    _warn_tied(body, targets)
     for name, dense in targets:
         try:
             layer = BAYES_LAYERS[kind_of(dense).name].like(dense, prior)
