@@ -17,15 +17,13 @@ from collections.abc import Iterator
 
 import pyro
 import torch
-from pyro.distributions import Bernoulli, Categorical, Normal
 from torch import nn
 
-from pyro_bc.defaults import IGNORED_LABEL
 from pyro_bc.errors import ConfigError, first_line
 from pyro_bc.nn.kinds import dense_layers
 from pyro_bc.nn.layers import BayesLayer
+from pyro_bc.nn.likelihoods import make_likelihood
 
-LIKELIHOODS = ("categorical", "bernoulli", "normal")
 #: The integer input types a network may take (token ids into an ``nn.Embedding``), by the name checkpoints and
 #: ``.bcz`` files record; a network of floating-point inputs records none.
 INTEGER_INPUTS = {str(t).removeprefix("torch."): t for t in (torch.int64, torch.int32, torch.int16, torch.int8,
@@ -99,7 +97,7 @@ class BayesianNet(nn.Module):
     :param input_shape: shape of one input example, e.g. ``(1, 28, 28)``; ``None``: set by training from the data.
     :param likelihood: ``"categorical"`` (logits of classes), ``"bernoulli"`` (a logit per binary label: a binary
         classifier's one output, or one per label of a multi-label classifier) or ``"normal"`` (regression, fixed
-        ``noise_scale``).
+        ``noise_scale``): :mod:`pyro_bc.nn.likelihoods`.
     :param input_dtype: an integer type (:data:`INTEGER_INPUTS`) where the inputs are ids (tokens into an
         ``nn.Embedding``); ``None``: floating-point inputs, or set by training from the data.
     """
@@ -107,11 +105,9 @@ class BayesianNet(nn.Module):
     def __init__(self, body: nn.Module, input_shape: tuple[int, ...] | None, likelihood: str = "categorical",
                  noise_scale: float = 1.0, input_dtype: torch.dtype | None = None):
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ConfigError(f"unknown likelihood {likelihood!r}: choose one of {', '.join(LIKELIHOODS)}")
         self.body = body
         self.pyro_name = "bc"  # the parameters' prefix in Pyro's param store
-        self.likelihood, self.noise_scale = likelihood, noise_scale
+        self.observation = make_likelihood(likelihood, noise_scale)  # how the targets are observed
         for name, module in body.named_modules():
             if isinstance(module, BayesLayer):
                 module.site = name
@@ -124,6 +120,11 @@ class BayesianNet(nn.Module):
         #: :class:`~pyro_bc.compression.finetuning.LayerMask` per layer, whose pruned groups are held at zero, so that
         #: compression prunes them at any threshold. ``None``: every group is decided by its log alpha.
         self.pruning_masks: list | None = None
+
+    @property
+    def likelihood(self) -> str:
+        """The likelihood's name (:data:`pyro_bc.nn.likelihoods.LIKELIHOODS`)."""
+        return self.observation.name
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
@@ -190,20 +191,7 @@ class BayesianNet(nn.Module):
         if isinstance(out, tuple):  # GoogLeNet, Inception v3: the auxiliary classifiers' logits follow in training
             out = out[0]
         with pyro.plate("data", n_data or len(x), subsample=torch.arange(len(x), device=x.device)):
-            if self.likelihood == "categorical":  # classes on the last axis; one label per example or per position
-                fn = Categorical(logits=out)
-                if y is not None and bool((y == IGNORED_LABEL).any()):  # positions labelled "nothing" leave the sum
-                    labelled = y != IGNORED_LABEL
-                    fn, y = fn.mask(labelled), torch.where(labelled, y, y.new_zeros(()))
-                pyro.sample("y", fn.to_event(out.dim() - 2), obs=y)
-            else:  # one prediction or several per example, each independent given the weights
-                loc = out.squeeze(-1) if out.shape[-1] == 1 else out
-                obs = y if y is None or y.shape == loc.shape else y.reshape(loc.shape)
-                if self.likelihood == "bernoulli":  # the outputs are logits, the targets 0 or 1
-                    pyro.sample("y", Bernoulli(logits=loc).to_event(loc.dim() - 1),
-                                obs=None if obs is None else obs.to(loc.dtype))
-                else:
-                    pyro.sample("y", Normal(loc, self.noise_scale).to_event(loc.dim() - 1), obs=obs)
+            self.observation.observe(out, y)
         return out
 
     def guide(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None, n_data: int | None = None) -> None:
@@ -290,42 +278,9 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
         warnings.warn("the network's outputs are probabilities (each row sums to 1): the categorical likelihood takes "
                       "logits, so a final Softmax squashes them twice; remove it (a LogSoftmax is fine)", stacklevel=3)
     for y in labels:
-        if net.likelihood == "categorical":
-            _check_labels(y, tuple(out.shape))
-            continue
-        what = "binary labels" if net.likelihood == "bernoulli" else "regression targets"
-        if y[:2].numel() != out.numel():
-            raise ConfigError(f"{what} of shape {tuple(y.shape[1:])} per example, but the network predicts "
-                              f"{tuple(out.shape[1:])}")
-        if net.likelihood == "bernoulli" and not bool(((y == 0) | (y == 1)).all()):
-            raise ConfigError(f"binary labels must be 0 or 1; got values such as {y[(y != 0) & (y != 1)][0].item():g}")
+        net.observation.check_targets(y, tuple(out.shape))
     site = max(net.layer_names, key=lambda name: calls[name])
     if calls[site] > 1:
         raise ConfigError(f"layer {site!r} is called {calls[site]} times in one forward: a Bayesian layer is one Pyro "
                           "sample site, drawn once per forward, so a layer reused within a forward cannot be trained; "
                           "give each use its own layer")
-
-
-def _check_labels(y: torch.Tensor, logits_shape: tuple[int, ...]) -> None:
-    """Labels fit logits of ``logits_shape`` (two examples' worth): one class index per example, or per position
-    where the network classifies each position (a token, a pixel), with the classes on the logits' last axis."""
-    classes, per_example = logits_shape[-1], logits_shape[1:-1]
-    logits = f"logits of shape (N, {', '.join(map(str, logits_shape[1:]))})"
-    if tuple(y.shape[1:]) != per_example:
-        if len(logits_shape) > 2 and tuple(y.shape[1:]) == logits_shape[2:]:
-            raise ConfigError(f"class labels of shape {tuple(y.shape)} label the positions of {logits} whose classes "
-                              "are on axis 1, as F.cross_entropy takes them; pyro-bc reads the classes on the last "
-                              "axis, as Pyro's Categorical: end the forward with .movedim(1, -1)")
-        expected = f"(N, {', '.join(map(str, per_example))})" if per_example else "(N,)"
-        hint = ": one-hot labels? give y.argmax(1)" if y.dim() == 2 and y.shape[1] == classes and not per_example else ""
-        raise ConfigError(f"class labels must be one index per {'position' if per_example else 'example'}, shape "
-                          f"{expected} for {logits}; got shape {tuple(y.shape)}{hint}")
-    if y.is_floating_point() and not torch.equal(y, y.round()):
-        raise ConfigError("class labels must be whole numbers (class indices); got fractional values such as "
-                          f"{y[y != y.round()][0].item():g}")
-    y = y[y != IGNORED_LABEL]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        hint = (" (a binary classifier's one logit? bayesianize it with likelihood='bernoulli', or give it two "
-                "outputs, one per class)") if classes == 1 else ""
-        raise ConfigError(f"class labels run from {int(y.min())} to {int(y.max())}, but the network has {classes} "
-                          f"outputs: labels must be 0 to {classes - 1}{hint}")
