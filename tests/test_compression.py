@@ -30,7 +30,8 @@ from pyro_bc.runs.load import load_run
 LAYER_KEYS = {"name", "groups_total", "groups_kept", "weights_total", "weights_kept", "bits", "exponent_bits",
               "mantissa_bits", "threshold"}
 TOP_KEYS = {"layers", "architecture", "weights_kept_fraction", "cr_prune", "cr_fast", "cr_file", "file_bytes",
-            "original_bytes", "error_posterior_mean", "error_pruned", "error_compressed", "val_error_compressed"}
+            "original_bytes", "error_posterior_mean", "error_pruned", "error_compressed", "val_error_compressed",
+            "error_measure"}
 LENET300_PARAMS = 266200 + 410
 
 

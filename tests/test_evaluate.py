@@ -1,4 +1,5 @@
-"""Evaluation helpers (pyro_bc.metrics.evaluate): classification error and groups below a log alpha cut."""
+"""Evaluation helpers (pyro_bc.metrics.evaluate): the error each likelihood measures and groups below a log alpha
+cut."""
 
 import math
 from collections import OrderedDict
@@ -9,8 +10,9 @@ import torch
 from torch import nn
 
 from pyro_bc.defaults import KEPT_LOG_ALPHA
-from pyro_bc.metrics.evaluate import error_percent, groups_below
+from pyro_bc.metrics.evaluate import error, error_percent, groups_below
 from pyro_bc.nn.layers import BayesConv2d, BayesLinear
+from pyro_bc.nn.likelihoods import BernoulliLikelihood, NormalLikelihood
 from pyro_bc.nn.network import BayesianNet
 from pyro_bc.priors import make_prior
 
@@ -40,6 +42,17 @@ def test_error_percent_counts_wrong_argmaxes(batch_size):
 
 def test_error_percent_of_no_examples_is_zero():
     assert error_percent(_selector(), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 0.0
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 1000])
+def test_error_of_binary_labels_and_of_regression_targets_over_batches(batch_size):
+    """Hand-worked: logits -2, 0.5, 3 against labels 0, 0, 1 get one of three wrong (a positive logit predicts 1);
+    predictions 1, 2, 3 against targets 1, 0, 7 have RMSE sqrt((0 + 4 + 16) / 3), whatever the batches."""
+    outputs = torch.tensor([[-2.0], [0.5], [3.0]])
+    assert error(nn.Identity(), outputs, torch.tensor([0, 0, 1]), BernoulliLikelihood(),
+                 batch_size) == pytest.approx(100 / 3)
+    assert error(nn.Identity(), torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([1.0, 0.0, 7.0]),
+                 NormalLikelihood(), batch_size) == pytest.approx(math.sqrt(20 / 3))
 
 
 def _net(prior: str) -> BayesianNet:

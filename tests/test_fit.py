@@ -15,6 +15,7 @@ import pyro_bc
 from pyro_bc.bcz.codec import QuantizedLayer, read_bcz
 from pyro_bc.cli import main
 from pyro_bc.compression.graph import analyse_network, prune_network
+from pyro_bc.compression.pipeline import format_table
 from pyro_bc.compression.posterior import analyse
 from pyro_bc.data.datasets import load_data
 from pyro_bc.errors import CheckpointError, ConfigError
@@ -353,9 +354,10 @@ def test_labels_outside_the_outputs_are_one_line_before_the_first_step(tmp_path)
 
 
 @pytest.mark.parametrize("outputs", [1, 3], ids=["binary", "multi-label"])
-def test_a_bernoulli_network_trains_on_binary_labels_and_records_the_labels_error(outputs):
+def test_a_bernoulli_network_trains_on_binary_labels_and_records_the_labels_error(outputs, tmp_path):
     """One logit per binary label (a binary classifier's one output, or a multi-label classifier's): the records'
-    errors are the posterior mean's share of wrong labels, a positive logit predicting 1, counted here by hand."""
+    errors are the posterior mean's share of wrong labels, a positive logit predicting 1, counted here by hand; so are
+    its compression's."""
     x, y = _synthetic(96)
     labels = (y > 0).long() if outputs == 1 else torch.nn.functional.one_hot(y, 3).float()
     torch.manual_seed(0)
@@ -369,6 +371,12 @@ def test_a_bernoulli_network_trains_on_binary_labels_and_records_the_labels_erro
     assert records[-1]["train_error"] < 25.0  # it learned
     with pytest.raises(ConfigError, match=r"^binary labels must be 0 or 1; got values such as 2$"):
         pyro_bc.fit(net, (x, labels * 2), epochs=1, progress=False)
+    summary = pyro_bc.compress(net, tmp_path / "b.bcz", (x[:40], labels[:40]), auto="gap", test=(x, labels))
+    with torch.no_grad():  # the file's errors, as the records', are shares of wrong labels
+        wrong = (pyro_bc.load(tmp_path / "b.bcz")(x).reshape(labels.shape) > 0) != (labels > 0)
+    assert summary["error_measure"] == "error"
+    assert summary["error_compressed"] == pytest.approx(100 * wrong.float().mean().item())
+    assert summary["val_error_compressed"] == pytest.approx(100 * wrong[:40].float().mean().item())
 
 
 @pytest.mark.parametrize("labels, message", [
@@ -491,22 +499,39 @@ def test_a_regression_network_of_two_outputs_trains_and_records_its_rmse():
     assert "train_rmse" in record and "val_error" not in record
 
 
-def test_a_regression_network_compresses_at_given_thresholds_without_classification_errors(tmp_path):
+def test_a_regression_network_compresses_with_its_errors_as_root_mean_squared_errors(tmp_path):
+    """A regression network's compression measures what its training records: RMSE, for the test errors and the
+    validation budget (in RMSE units), each computed here from the networks' predictions."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 5, generator=g)
-    y = 2 * x[:, 0] + 0.1 * torch.randn(64, generator=g)
+    x = torch.randn(96, 5, generator=g)
+    y = 2 * x[:, 0] + 0.1 * torch.randn(96, generator=g)
     torch.manual_seed(0)
     net = pyro_bc.bayesianize(nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1)), likelihood="normal",
                               noise_scale=0.1)
-    pyro_bc.fit(net, (x, y), epochs=1, batch_size=16, progress=False)
-    with pytest.raises(ConfigError, match="^compress measures classification errors, and the network's likelihood is "
-                                          "'normal'"):
-        pyro_bc.compress(net, tmp_path / "r.bcz", val=(x, y), thresholds=[-3.0, -3.0])
-    assert not (tmp_path / "r.bcz").exists()
-    summary = pyro_bc.compress(net, tmp_path / "r.bcz", train=(x, y), thresholds=[-3.0, -3.0])
-    assert summary["val_error_compressed"] is None and summary["error_compressed"] is None
+    pyro_bc.fit(net, (x[:64], y[:64]), epochs=20, batch_size=16, lr=1e-2, progress=False)
+    val, test = (x[64:80], y[64:80]), (x[80:], y[80:])
+
+    def rmse(module: nn.Module, split: tuple) -> float:
+        with torch.no_grad():
+            return (module(split[0]).squeeze(-1) - split[1]).pow(2).mean().sqrt().item()
+    summary = pyro_bc.compress(net, tmp_path / "r.bcz", val, max_error_increase=0.05, train=(x[:64], y[:64]),
+                               test=test)
+    loaded = pyro_bc.load(tmp_path / "r.bcz")
+    assert summary["error_measure"] == "rmse"
+    assert summary["error_posterior_mean"] == pytest.approx(rmse(net.posterior_mean_network(), test), rel=1e-5)
+    assert summary["error_pruned"] == pytest.approx(rmse(pyro_bc.pruned_network(net, summary, train=(x[:64], y[:64])),
+                                                         test), rel=1e-5)
+    assert summary["error_compressed"] == pytest.approx(rmse(loaded, test), rel=1e-5)
+    assert summary["val_error_compressed"] == pytest.approx(rmse(loaded, val), rel=1e-5)
+    assert rmse(net.posterior_mean_network(), test) < 0.5  # it learned (the targets' spread is about 2)
+    assert "test rmse: posterior mean" in format_table(summary)
+    # the budget held before rounding: the pruned network within 0.05 of the posterior mean on validation
+    assert rmse(pyro_bc.pruned_network(net, summary, train=(x[:64], y[:64])), val) <= \
+        rmse(net.posterior_mean_network(), val) + 0.05 + 1e-6
+    without = pyro_bc.compress(net, tmp_path / "t.bcz", train=(x, y), thresholds=[-3.0, -3.0])
+    assert without["val_error_compressed"] is None and without["error_compressed"] is None
     with torch.no_grad():  # the file computes the pruned regression network
-        want, got = pyro_bc.pruned_network(net, summary, train=(x, y))(x), pyro_bc.load(tmp_path / "r.bcz")(x)
+        want, got = pyro_bc.pruned_network(net, without, train=(x, y))(x), pyro_bc.load(tmp_path / "t.bcz")(x)
     assert ((got - want).norm() / want.norm()).item() < 0.02
 
 

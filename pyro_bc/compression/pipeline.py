@@ -35,7 +35,7 @@ from pyro_bc.compression.thresholds import ThresholdInputs, ThresholdRule, rule_
 from pyro_bc.compression.variances import compressed_variances
 from pyro_bc.data.datasets import Split, as_split
 from pyro_bc.errors import ConfigError
-from pyro_bc.metrics.evaluate import error_percent
+from pyro_bc.metrics.evaluate import error
 from pyro_bc.metrics.predict import predictive_summary
 from pyro_bc.nn.network import BayesianNet, check_forward
 from pyro_bc.train.run_dir import PYTHON_MODEL
@@ -125,9 +125,6 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     the file's metadata."""
     out = checked_out(out)
     _check_predictive_samples(predictive_samples, test)
-    if net.likelihood != "categorical" and (val is not None or test is not None):
-        raise ConfigError(f"compress measures classification errors, and the network's likelihood is "
-                          f"{net.likelihood!r}: compress it with thresholds and no validation or test examples")
     given = {what: split for what, split in (("val", val), ("train", train_x is not None and (train_x, None)),
                                               ("test", test)) if split}  # (inputs, labels or None) by split
     if net.input_shape is None and not given:  # a converted network never trained: its input is the data's
@@ -136,7 +133,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         check_forward(net, x[:2], *(() if y is None else (y,)), what=what)
 
     def val_error(module: torch.nn.Module) -> float | None:
-        return None if val is None else error_percent(module, *val)
+        return None if val is None else error(module, *val, net.observation)
     graph = BodyGraph(net)  # traced once: every pruning and layout below reads it
     fold = folds_by_default(net) if fold is None else fold
     layers, thresholds = _pruned_layers(net, graph, rule, val, train_x[:FOLD_EXAMPLES] if fold else None)
@@ -167,7 +164,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
     mean_network = net.posterior_mean_network()
 
     def test_error(module: torch.nn.Module) -> float | None:
-        return None if test is None else error_percent(module, *test)
+        return None if test is None else error(module, *test, net.observation)
 
     summary = {
         "layers": _layer_rows(layers, precision, variance, fold),
@@ -182,6 +179,7 @@ def compress_network(net: BayesianNet, out: str | Path, val: tuple[torch.Tensor,
         "error_pruned": test_error(pruned_only),
         "error_compressed": test_error(loaded),
         "val_error_compressed": val_error(loaded),
+        "error_measure": net.observation.error_name,
         "exponent_bits_official": precision.exponent_bits_official if math.isfinite(
             precision.exponent_bits_official) else None,
         "cr_fast_official_exponent": rates["cr_fast_official_exponent"],
@@ -319,10 +317,14 @@ def format_table(summary: dict) -> str:
     rows.append(f"MACs per example: {summary['macs_compressed']:,} of {summary['macs_original']:,} "
                 f"({summary['macs_original'] / summary['macs_compressed']:.1f}x fewer)")
     if summary["error_compressed"] is not None:  # None: compressed without test examples
-        rows.append(f"test error: posterior mean {summary['error_posterior_mean']:.2f}%, pruned "
-                    f"{summary['error_pruned']:.2f}%, compressed {summary['error_compressed']:.2f}%"
+        measure = summary.get("error_measure", "error")
+
+        def shown(value: float) -> str:
+            return f"{value:.2f}%" if measure == "error" else f"{value:.4g}"
+        rows.append(f"test {measure}: posterior mean {shown(summary['error_posterior_mean'])}, pruned "
+                    f"{shown(summary['error_pruned'])}, compressed {shown(summary['error_compressed'])}"
                     + ("" if summary["val_error_compressed"] is None else
-                       f" (validation {summary['val_error_compressed']:.2f}%)"))
+                       f" (validation {shown(summary['val_error_compressed'])})"))
     return "\n".join(rows)
 
 

@@ -35,7 +35,7 @@ from pyro_bc.compression.graph import BodyGraph, prune_network
 from pyro_bc.compression.posterior import LayerPosterior, weights_kept_fraction
 from pyro_bc.compression.rules import RecordedRule
 from pyro_bc.errors import ConfigError
-from pyro_bc.metrics.evaluate import error_percent
+from pyro_bc.metrics.evaluate import error
 from pyro_bc.nn.network import BayesianNet
 
 
@@ -152,7 +152,8 @@ class ValidationBudget(ThresholdRule):
             raise ConfigError(f"the {self.name} rule needs validation examples and there are none (a run trained "
                               "with --val-size 0, or compress without val): give thresholds or the gap rule")
         net, posts, grid = inputs.net, inputs.posts, self.GRID
-        limit = error_percent(net.posterior_mean_network(), inputs.val_x, inputs.val_y) + self.max_error_increase
+        limit = error(net.posterior_mean_network(), inputs.val_x, inputs.val_y, net.observation) + \
+            self.max_error_increase
         thresholds = [float(grid[-1])] * len(posts)
         if self._error(inputs, thresholds) > limit:
             raise ConfigError(f"even the least pruned network exceeds the error budget of {self.max_error_increase} "
@@ -179,7 +180,8 @@ class ValidationBudget(ThresholdRule):
         layers = prune_network(inputs.net, inputs.posts, thresholds, inputs.input_means, inputs.graph)
         if any(layer.empty for layer in layers):
             return math.inf
-        return error_percent(compressed_module(inputs.net, layers, None, inputs.graph), inputs.val_x, inputs.val_y)
+        return error(compressed_module(inputs.net, layers, None, inputs.graph), inputs.val_x, inputs.val_y,
+                     inputs.net.observation)
 
     def method(self, thresholds: list[float]) -> str:
         return f"max validation error increase {self.max_error_increase} points"

@@ -1,48 +1,40 @@
-"""Evaluation of a network on data: classification error, groups kept."""
+"""Evaluation of a network on data: its error as its likelihood measures it, groups kept."""
 
 from __future__ import annotations
 
 import torch
 
-from pyro_bc.defaults import IGNORED_LABEL, KEPT_LOG_ALPHA
+from pyro_bc.defaults import KEPT_LOG_ALPHA
+from pyro_bc.nn.likelihoods import CategoricalLikelihood, Likelihood
 from pyro_bc.nn.network import BayesianNet, layers_called_as_modules
 
 
 @torch.no_grad()
 @layers_called_as_modules()
-def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
-    """Classification error of ``module`` on ``(x, y)``, in percent of the labels (one per example, or per position
-    where ``y`` labels each token or pixel, the logits' classes on their last axis; a label
-    :data:`~pyro_bc.defaults.IGNORED_LABEL` does not count), computed as training computes: PyTorch's transformer
-    layers off their fused inference path, which at padded positions gives zeros where training (and a compressed
-    file) gives values.
+def error(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, likelihood: Likelihood | None = None,
+          batch_size: int = 250) -> float:
+    """The error of ``module`` on ``(x, y)`` as ``likelihood`` measures it (:meth:`Likelihood.error_terms
+    <pyro_bc.nn.likelihoods.Likelihood.error_terms>`; None: categorical): for classes, percent of the labels wrong
+    (one per example, or per position where ``y`` labels each token or pixel, the logits' classes on their last axis;
+    a label :data:`~pyro_bc.defaults.IGNORED_LABEL` does not count); for binary labels, percent of them wrong; for
+    regression, the root mean squared error. Computed as training computes: PyTorch's transformer layers off their
+    fused inference path, which at padded positions gives zeros where training (and a compressed file) gives values.
 
     Batches of 250: a LeNet-5 evaluates 1.5 times faster than in batches of 1000, whose activations glibc's
     malloc maps and page-faults afresh on every call (measured, analysis/BENCHMARKS.md).
     """
-    labelled = y != IGNORED_LABEL
-    wrong = sum(int(((module(x[i:i + batch_size]).argmax(-1) != y[i:i + batch_size]) & labelled[i:i + batch_size]).sum())
-                for i in range(0, len(x), batch_size))
-    return 100.0 * wrong / max(int(labelled.sum()), 1)
+    likelihood = likelihood or CategoricalLikelihood()
+    total, count = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        batch_total, batch_count = likelihood.error_terms(module(x[i:i + batch_size]), y[i:i + batch_size])
+        total, count = total + batch_total, count + batch_count
+    return likelihood.error(total, count)
 
 
-@torch.no_grad()
-@layers_called_as_modules()
-def binary_error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
-    """Percent of the binary labels (0 or 1, one per output: a binary or multi-label classifier's) that ``module``'s
-    logits get wrong, a positive logit predicting 1."""
-    wrong = sum(int(((module(x[i:i + batch_size]).reshape(y[i:i + batch_size].shape) > 0) != (y[i:i + batch_size] > 0))
-                    .sum()) for i in range(0, len(x), batch_size))
-    return 100.0 * wrong / max(y.numel(), 1)
-
-
-@torch.no_grad()
-@layers_called_as_modules()
-def rmse(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
-    """Root mean squared error of a regression ``module``'s predictions on ``(x, y)``, over every target value."""
-    squared = sum(float(((module(x[i:i + batch_size]).reshape(y[i:i + batch_size].shape) - y[i:i + batch_size]) ** 2)
-                        .sum()) for i in range(0, len(x), batch_size))
-    return (squared / max(y.numel(), 1)) ** 0.5
+def error_percent(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float:
+    """Classification error of ``module`` on ``(x, y)``, in percent of the labels: :func:`error` of the categorical
+    likelihood."""
+    return error(module, x, y, CategoricalLikelihood(), batch_size)
 
 
 def groups_below(net: BayesianNet, threshold: float = KEPT_LOG_ALPHA) -> dict[str, int]:

@@ -18,6 +18,7 @@ from pyro import poutine
 from pyro_bc.errors import ConfigError
 from pyro_bc.infer.reparam import LocalReparameterization
 from pyro_bc.metrics.scores import classification_metrics
+from pyro_bc.nn.likelihoods import CategoricalLikelihood
 from pyro_bc.nn.network import BayesianNet, layers_called_as_modules
 
 
@@ -49,7 +50,7 @@ def predictive(net: torch.nn.Module, x: torch.Tensor, samples: int = 30, batch_s
     if not isinstance(net, torch.nn.Module):
         raise ConfigError(f"predictive needs a torch module, got {type(net).__name__} (pyro_bc.predictive also takes "
                           "a run directory or a .bcz path)")
-    if isinstance(net, BayesianNet) and net.likelihood != "categorical":
+    if isinstance(net, BayesianNet) and not isinstance(net.observation, CategoricalLikelihood):
         raise ConfigError(f"the predictive is of class probabilities: the network's likelihood is {net.likelihood!r}")
     x = torch.as_tensor(x)
     x = x.to(torch.get_default_dtype()) if x.is_floating_point() else x

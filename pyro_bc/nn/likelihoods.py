@@ -1,6 +1,7 @@
 """How a :class:`~pyro_bc.nn.network.BayesianNet` observes its targets: one class per likelihood, in :data:`LIKELIHOODS`
 by name. Each observes the targets ``y`` given the network's outputs (the ``"y"`` sample site, inside the data plate)
-and checks, before training, that targets fit outputs of a given shape (one line naming the problem).
+and checks, before training, that targets fit outputs of a given shape (one line naming the problem); it also says
+how wrong outputs are (:meth:`Likelihood.error_terms`), which training records and compression budgets.
 
 * ``categorical``: the outputs are logits, the classes on the last axis; a class index per example, or per position
   where the network classifies each token or pixel; :data:`~pyro_bc.defaults.IGNORED_LABEL` labels nothing;
@@ -28,6 +29,8 @@ class Likelihood(ABC):
     """The distribution of the targets given the network's outputs."""
 
     name: ClassVar[str]
+    #: What :meth:`error` measures, the records' keys (``train_error``, ``val_rmse``).
+    error_name: ClassVar[str] = "error"
 
     @abstractmethod
     def observe(self, out: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -36,6 +39,14 @@ class Likelihood(ABC):
     @abstractmethod
     def check_targets(self, y: torch.Tensor, out_shape: tuple[int, ...]) -> None:
         """ConfigError unless ``y`` (a split's targets) fits outputs of ``out_shape`` (two examples' worth)."""
+
+    @abstractmethod
+    def error_terms(self, out: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """The summed error of outputs ``out`` against targets ``y``, and how many targets it counts."""
+
+    def error(self, total: float, count: int) -> float:
+        """The error over a data set from its batches' summed :meth:`error_terms`: percent of the targets wrong."""
+        return 100.0 * total / max(count, 1)
 
 
 class CategoricalLikelihood(Likelihood):
@@ -71,6 +82,10 @@ class CategoricalLikelihood(Likelihood):
             raise ConfigError(f"class labels run from {int(y.min())} to {int(y.max())}, but the network has {classes} "
                               f"outputs: labels must be 0 to {classes - 1}{hint}")
 
+    def error_terms(self, out: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        labelled = y != IGNORED_LABEL  # the arg max of the logits, wrong where it is not the label
+        return int(((out.argmax(-1) != y) & labelled).sum()), int(labelled.sum())
+
 
 def _per_output(out: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One value per output: a single output's trailing axis dropped, the targets in the outputs' shape."""
@@ -97,9 +112,13 @@ class BernoulliLikelihood(Likelihood):
         if not bool(((y == 0) | (y == 1)).all()):
             raise ConfigError(f"binary labels must be 0 or 1; got values such as {y[(y != 0) & (y != 1)][0].item():g}")
 
+    def error_terms(self, out: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        return int(((out.reshape(y.shape) > 0) != (y > 0)).sum()), y.numel()  # a positive logit predicts 1
+
 
 class NormalLikelihood(Likelihood):
     name = "normal"
+    error_name = "rmse"
 
     def __init__(self, noise_scale: float = 1.0):
         self.noise_scale = noise_scale
@@ -110,6 +129,13 @@ class NormalLikelihood(Likelihood):
 
     def check_targets(self, y: torch.Tensor, out_shape: tuple[int, ...]) -> None:
         _check_count(y, out_shape, "regression targets")
+
+    def error_terms(self, out: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        return float(((out.reshape(y.shape) - y) ** 2).sum()), y.numel()
+
+    def error(self, total: float, count: int) -> float:
+        """The root mean squared error over every target value."""
+        return (total / max(count, 1)) ** 0.5
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {cls.name: cls for cls in

@@ -22,7 +22,7 @@ from torch import nn
 from pyro_bc.errors import ConfigError, first_line
 from pyro_bc.nn.kinds import dense_layers
 from pyro_bc.nn.layers import BayesLayer
-from pyro_bc.nn.likelihoods import make_likelihood
+from pyro_bc.nn.likelihoods import CategoricalLikelihood, make_likelihood
 
 #: The integer input types a network may take (token ids into an ``nn.Embedding``), by the name checkpoints and
 #: ``.bcz`` files record; a network of floating-point inputs records none.
@@ -273,7 +273,7 @@ def check_forward(net: BayesianNet, x: torch.Tensor, *labels: torch.Tensor, what
                 "models), with the classes last: .movedim(1, -1)") if isinstance(out, dict) else ""
         raise ConfigError(f"the network returns a {type(out).__name__}{keys}: pyro-bc needs one tensor of logits (or, "
                           f"for regression, predictions){hint}")
-    if net.likelihood == "categorical" and out.shape[-1] > 1 and bool((out >= 0).all()) and \
+    if isinstance(net.observation, CategoricalLikelihood) and out.shape[-1] > 1 and bool((out >= 0).all()) and \
             torch.allclose(out.sum(-1), torch.ones(())):
         warnings.warn("the network's outputs are probabilities (each row sums to 1): the categorical likelihood takes "
                       "logits, so a final Softmax squashes them twice; remove it (a LogSoftmax is fine)", stacklevel=3)

@@ -35,7 +35,7 @@ from pyro_bc.errors import CheckpointError, ConfigError, TrainingDiverged, first
 from pyro_bc.infer import fused
 from pyro_bc.infer.elbo import MeanFieldELBO
 from pyro_bc.infer.estimators import DEFAULT, Estimation, EstimatorChoice
-from pyro_bc.metrics.evaluate import binary_error_percent, error_percent, groups_below, rmse
+from pyro_bc.metrics.evaluate import error, groups_below
 from pyro_bc.nn.network import BayesianNet, check_forward
 from pyro_bc.train import distributed
 from pyro_bc.train.checkpoint import load_checkpoint, save_checkpoint
@@ -243,11 +243,10 @@ def _evaluation(net: BayesianNet, epoch: int, config: TrainConfig, train: tuple,
     if (epoch + 1) % config.eval_every and epoch + 1 != config.epochs:
         return {}
     mean_net = net.posterior_mean_network()
-    measure, name = {"categorical": (error_percent, "error"), "bernoulli": (binary_error_percent, "error")}.get(
-        net.likelihood, (rmse, "rmse"))
-    errors = {f"train_{name}": measure(mean_net, *train)}
+    likelihood = net.observation
+    errors = {f"train_{likelihood.error_name}": error(mean_net, *train, likelihood)}
     if val[0] is not None:
-        errors[f"val_{name}"] = measure(mean_net, *val)
+        errors[f"val_{likelihood.error_name}"] = error(mean_net, *val, likelihood)
     return errors
 
 
