@@ -133,8 +133,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"gradient estimator of every layer ({', '.join(ESTIMATORS)}; default {DEFAULT_ESTIMATOR}), or "
                         "per layer kind, e.g. conv2d=flipout,linear=lrt; with --resume, the run's")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
-    p.add_argument("--data", default=None, help="folder with MNIST IDX files, CIFAR-10 python batches or "
-                                                "train.npz and test.npz (default: the embedded MNIST)")
+    p.add_argument("--data", default=None, help="folder with MNIST IDX files, CIFAR-10 python batches, "
+                                                "train.npz and test.npz, or images in train/<class>/ and test/<class>/ "
+                                                "(default: the embedded MNIST)")
     p.add_argument("--subset", type=_positive_int, default=None, help="train on the first N training examples")
     p.add_argument("--val-size", type=_nonnegative_int, default=VAL_SIZE)
     p.add_argument("--warmup-epochs", "--kl-warmup-epochs", dest="warmup_epochs", type=_nonnegative_int, default=0,

@@ -1,9 +1,10 @@
 """Loading a data folder: its format detected, checksums verified, a seeded validation split, normalisation,
 minibatches.
 
-Three formats are read (:data:`FORMATS`; each reader in its own module, each error one line naming the file):
+Four formats are read (:data:`FORMATS`; each reader in its own module, each error one line naming the file):
 ``mnist-idx`` (the four IDX files, :mod:`pyro_bc.data.mnist`), ``cifar10-python`` (CIFAR-10's pickled batches, read
-without running code, :mod:`pyro_bc.data.cifar`) and ``npz`` (``train.npz`` and ``test.npz``, :mod:`pyro_bc.data.npz`).
+without running code, :mod:`pyro_bc.data.cifar`), ``npz`` (``train.npz`` and ``test.npz``, :mod:`pyro_bc.data.npz`)
+and ``image-folder`` (``train/<class>/<image>`` and ``test/<class>/<image>``, :mod:`pyro_bc.data.image_folder`).
 No torchvision; the embedded MNIST (:data:`DEFAULT_DATA_DIR`) is the default.
 """
 
@@ -21,6 +22,7 @@ import torch
 from pyro_bc.data.cifar import CIFAR_FILES, read_cifar10
 from pyro_bc.data.datafile import CHUNK, RawData
 from pyro_bc.data.idx import read_idx, write_idx
+from pyro_bc.data.image_folder import IMAGE_FOLDERS, read_image_folders
 from pyro_bc.data.mnist import DEFAULT_DATA_DIR, MNIST_FILES, read_mnist
 from pyro_bc.data.npz import NPZ_FILES, read_npz_pair
 from pyro_bc.defaults import VAL_SIZE
@@ -47,6 +49,7 @@ _READERS: dict[str, tuple[Callable[[Path], RawData], tuple[str, ...]]] = {
     "mnist-idx": (read_mnist, tuple(n + ext for n in MNIST_FILES.values() for ext in ("", ".gz"))),
     "cifar10-python": (read_cifar10, CIFAR_FILES),
     "npz": (read_npz_pair, NPZ_FILES),
+    "image-folder": (read_image_folders, IMAGE_FOLDERS),
 }
 FORMATS = tuple(_READERS)
 #: MNIST's normalisation, the official code's: ``2 * (x / 255 - 0.5)``.
@@ -108,7 +111,8 @@ def detect_format(data_dir: str | os.PathLike) -> str:
         raise DataError(f"{data_dir}: holds files of several data formats ({', '.join(found)}); keep one per folder")
     if not found:
         raise DataError(f"{data_dir}: no data found: expected the four MNIST IDX files (train-images-idx3-ubyte, ...), "
-                        f"CIFAR-10's python batches ({', '.join(CIFAR_FILES)}) or {' and '.join(NPZ_FILES)}")
+                        f"CIFAR-10's python batches ({', '.join(CIFAR_FILES)}), {' and '.join(NPZ_FILES)}, or image files in "
+                        "train/<class>/ and test/<class>/ folders")
     return found[0]
 
 
