@@ -779,6 +779,32 @@ def test_a_forward_may_branch_on_sizes_and_the_graph_keeps_the_branch_taken():
     _assert_masked(net, layers, module)
 
 
+class _OptionalArguments(nn.Module):
+    """A forward with arguments after the input, at defaults that training and compression use."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = BayesConv2d(2, 4, 1), BayesConv2d(4, 3, 1)
+
+    def forward(self, x, mask=None, scale: float = 2.0, *, return_features: bool = False):
+        h = torch.relu(self.a(x))
+        if mask is not None:
+            h = h * mask
+        out = self.c(h) * scale
+        return (out, h) if return_features else out
+
+
+def test_a_forward_with_arguments_after_the_input_is_traced_at_their_defaults(tmp_path):
+    """It was refused (``KeyError: 'tensor_meta'``: the second argument was taken for a second input). The graph has
+    one input; channels 1 and 3 of ``a`` go; the file computes the masked network called with the input alone."""
+    torch.manual_seed(0)
+    net = BayesianNet(_OptionalArguments(), input_shape=(2, 5, 5))
+    assert len(BodyGraph(net).input_variables) == 2  # one input, of two channels
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(5))
+    summary = _file_against_masked(net, {"a": [1, 3]}, x, tmp_path / "m.bcz")
+    assert [row["groups_kept"] for row in summary["layers"]] == [2, 3]
+
+
 class _SlicesABuffer(nn.Module):
     """A buffer sliced by a size of the traced tensor (as a causal mask is cut to the sequence's length)."""
 

@@ -4,6 +4,7 @@ an example, so that a forward may branch on what the input's shape fixes."""
 from __future__ import annotations
 
 import functools
+import inspect
 from unittest import mock
 
 import torch
@@ -11,6 +12,25 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from pyro_bc.nn.kinds import kind_of
+
+
+def _defaults_after_first(forward) -> dict:
+    """The arguments of ``forward`` after its first that have defaults, at them."""
+    parameters = list(inspect.signature(forward).parameters.values())[1:]
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty and
+            p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def _drop_specialised_arguments(graph: fx.Graph) -> None:
+    """Removes the placeholders after the first (arguments traced at their defaults) and the checks that ``fx``
+    adds on them (``_assert_is_none``, ``torch._assert``), which read nothing else, so that the graph has one input."""
+    dead = set([n for n in graph.nodes if n.op == "placeholder"][1:])
+    for node in graph.nodes:  # in order: a check is dead once everything it reads is
+        if node.op != "output" and node.all_input_nodes and all(n in dead for n in node.all_input_nodes):
+            dead.add(node)
+    for node in reversed(list(graph.nodes)):
+        if node in dead:
+            graph.erase_node(node)
 
 
 class ShapeTracer(fx.Tracer):
@@ -41,8 +61,12 @@ class ShapeTracer(fx.Tracer):
             not any(layer.startswith(f"{module_qualified_name}.") for layer in self.layers)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
+        """The graph of ``root``'s forward on its first argument, the others at their defaults (``mask=None``,
+        ``return_features=False``: the network trains and compresses called with one input)."""
+        defaults = _defaults_after_first(root.forward) if concrete_args is None else concrete_args
         with mock.patch.object(F, "_none_or_dtype", _none_or_dtype):
-            graph = super().trace(root, concrete_args)
+            graph = super().trace(root, defaults)
+        _drop_specialised_arguments(graph)
         for node in graph.nodes:  # the example's values are not kept with the graph
             node.meta.pop(_EXAMPLE, None)
             node.meta.pop(_READS_VALUES, None)
