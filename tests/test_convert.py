@@ -271,6 +271,25 @@ class _TiedLM(nn.Module):
         return self.head(torch.relu(self.fc(self.wte(ids))))
 
 
+def test_a_parametrized_weight_starts_the_bayesian_layer_and_the_parametrization_is_named():
+    """weight_norm and spectral_norm compute a layer's weight from other parameters; the Bayesian layer's means are
+    that weight (as computed when converted): the posterior mean's weight is it; with a warning naming the layers and parametrizations."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(6, 5)), nn.ReLU(),
+                          parametrizations.spectral_norm(nn.Linear(5, 3)))
+    model.eval()  # spectral_norm's power iteration does not move in eval mode
+    with torch.no_grad():
+        weights = [model[0].weight.clone(), model[2].weight.clone()]
+    with pytest.warns(UserWarning, match=r"^2 layer\(s\) whose weight a parametrization computes start from that weight "
+                                         r"and lose the parametrization .*: 0 \(_WeightNorm\), 2 \(_SpectralNorm\)$"):
+        net = pyro_bc.bayesianize(model)
+    mean = net.posterior_mean_network()
+    for name, weight in zip(net.layer_names, weights):
+        torch.testing.assert_close(mean.get_submodule(name).weight, weight)
+
+
 def test_a_layer_tied_to_another_parameter_is_untied_with_a_warning():
     model = _TiedLM().eval()
     with pytest.warns(UserWarning, match=r"^1 tied layer weight\(s\) are untied, each Bayesian layer having a posterior "

@@ -117,6 +117,12 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
                       f"{', '.join(padded[:4])}{', ...' if len(padded) > 4 else ''}", stacklevel=2)
         targets = [(name, m) for name, m in targets if name not in padded]
     _warn_tied(body, targets)
+    parametrized = [f"{name} ({', '.join(type(p).__name__ for p in m.parametrizations.weight)})"
+                    for name, m in targets if torch.nn.utils.parametrize.is_parametrized(m, "weight")]
+    if parametrized:  # weight_norm, spectral_norm: the posterior is over the weight they compute
+        warnings.warn(f"{len(parametrized)} layer(s) whose weight a parametrization computes start from that weight and "
+                      f"lose the parametrization (the posterior is over the weight itself): "
+                      f"{', '.join(parametrized[:4])}{', ...' if len(parametrized) > 4 else ''}", stacklevel=2)
     for name, dense in targets:
         try:
             layer = BAYES_LAYERS[kind_of(dense).name].like(dense, prior)
