@@ -200,9 +200,12 @@ def test_lazy_layers_are_shaped_by_the_input_shape_or_refused_in_one_line():
     torch.testing.assert_close(net.posterior_mean_network().eval()(x), model.eval()(x))
 
 
-def test_a_compiled_module_is_converted_as_the_module_it_wraps():
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compiled", "DataParallel"])
+def test_a_wrapped_module_is_converted_as_the_module_it_wraps(wrap):
+    """torch.compile's wrapper (it compiles nothing until called) and nn.DataParallel's (whose forward fx cannot
+    trace: it was refused at compression)."""
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    net = pyro_bc.bayesianize(torch.compile(model))  # compiles nothing until called
+    net = pyro_bc.bayesianize(wrap(model))
     assert net.layer_names == ["0", "2"]
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(net.posterior_mean_network()(x), model(x))

@@ -64,7 +64,8 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     ``module`` computes. ``delta`` sets the initial weight variances from the weights (MOPED:
     ``log-variance = log(delta * w^2)``). ``module`` itself is not changed, except that its lazy layers
     (``nn.LazyLinear``, ...), if any, are shaped by one forward of zeros of ``input_shape``, as PyTorch's dry run.
-    A ``torch.compile``'d module is converted as the module it wraps.
+    A ``torch.compile``'d module, or one wrapped in ``nn.DataParallel`` or ``DistributedDataParallel``, is converted
+    as the module it wraps.
 
     :param prior: the sparsity prior, a :class:`~pyro_bc.priors.Prior` or a name (``gnj``, ``ghs``, ``lu``,
         ``rhs``) with ``prior_options`` (``tau0``, ``slab_scale``).
@@ -76,6 +77,8 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         ``nn.Embedding`` and ``input_shape`` is given; ``None``: floating-point inputs, or the data's type.
     """
     module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: the module it compiles
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        module = module.module  # the replicated network; pyro-bc's own data parallelism wraps its loss (fit's)
     if isinstance(module, torch.jit.ScriptModule):
         raise ConfigError(f"the module is TorchScript ({type(module).__name__}, from torch.jit.script or trace): give "
                           "bayesianize the Python module it was made from")
