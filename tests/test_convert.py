@@ -3,6 +3,7 @@
 import pyro
 import pytest
 import torch
+import torch.nn.functional as F
 from pyro.infer import SVI, TraceMeanField_ELBO
 from torch import nn
 
@@ -247,10 +248,36 @@ class _Decoder(nn.Module):
         return self.head(self.volume(h).mean((2, 3, 4)))
 
 
+class _StandardisedConv2d(nn.Conv2d):
+    """A convolution whose forward standardises its weight first (as timm's StdConv2d): not what its weight computes
+    through F.conv2d."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True) + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_a_layer_subclass_with_a_forward_of_its_own_stays_deterministic_and_computes_as_it_does(tmp_path):
+    """It was made Bayesian from its raw weight, dropping the standardisation: the network computed something else."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_StandardisedConv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.Flatten(),
+                          nn.Linear(12, 3)).eval()
+    with pytest.warns(UserWarning, match=r"^1 layer\(s\) .* stay deterministic: 0 \(_StandardisedConv2d\)$"):
+        net = pyro_bc.bayesianize(model, input_shape=(2, 6, 6))
+    assert net.layer_names == ["2", "4"]
+    x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(net.posterior_mean_network()(x), model(x))
+        pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[10.0, 10.0])  # nothing pruned: the model itself
+        torch.testing.assert_close(pyro_bc.load(tmp_path / "m.bcz")(x), model(x), rtol=2e-2, atol=2e-2)
+
+
 def test_layers_of_kinds_without_a_bayesian_layer_stay_deterministic_and_are_named_in_a_warning(tmp_path):
     model = _Decoder().eval()
-    with pytest.warns(UserWarning, match=r"^2 layer\(s\) of a kind pyro-bc has no Bayesian layer for stay "
-                                         r"deterministic: up \(ConvTranspose2d\), volume \(Conv3d\)$"):
+    with pytest.warns(UserWarning, match=r"^2 layer\(s\) of a kind pyro-bc has no Bayesian layer for, or whose class "
+                                         r"computes a forward of its own, stay deterministic: up \(ConvTranspose2d\), "
+                                         r"volume \(Conv3d\)$"):
         net = pyro_bc.bayesianize(model, input_shape=(2, 8, 8))
     assert net.layer_names == ["down", "head"] and type(net.body.up) is nn.ConvTranspose2d
     x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))

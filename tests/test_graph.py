@@ -779,6 +779,55 @@ def test_a_forward_may_branch_on_sizes_and_the_graph_keeps_the_branch_taken():
     _assert_masked(net, layers, module)
 
 
+class _BatchNormThenReLU(nn.BatchNorm2d):
+    """BatchNorm with an activation in its own forward (as timm's BatchNormAct2d), its normalisation by F.batch_norm."""
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                       self.training, self.momentum, self.eps))
+
+
+class _NormActs(nn.Module):
+    """A layer followed by a BatchNorm with its own activation (folded), and one after a concatenation (a per-channel
+    scale and shift)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = BayesConv2d(2, 4, 1, bias=False), BayesConv2d(2, 3, 1)
+        self.bn_a, self.bn_cat = _BatchNormThenReLU(4), _BatchNormThenReLU(7)
+        self.c = BayesConv2d(7, 3, 1)
+
+    def forward(self, x):
+        return self.c(self.bn_cat(torch.cat([self.bn_a(self.a(x)), self.b(x)], 1)))
+
+
+def test_a_batchnorm_with_its_own_activation_folds_and_keeps_the_activation(tmp_path):
+    """It was folded as a plain BatchNorm and its activation dropped: the file computed another function (timm's
+    EfficientNet, 1e6 times off). Now its F.batch_norm folds into ``a`` and the ReLU stays; after the concatenation it
+    is a per-channel scale and shift, then the ReLU; the file computes the masked network, and, with nothing pruned,
+    the network itself."""
+    torch.manual_seed(0)
+    net = BayesianNet(_NormActs(), input_shape=(2, 5, 5))
+    _randomise_batchnorm(net, torch.Generator().manual_seed(2))
+    with torch.no_grad():  # bn_cat's ReLU passes what bn_a's ReLU clips: without the latter the outputs differ
+        net.body.bn_cat.bias.fill_(3.0)
+    graph = BodyGraph(net)
+    assert graph.batchnorm_names == {0: "bn_a"}
+    assert [n.op.kind if n.op else ("affine" if n.affine else n.name) for n in graph.nodes if n.layer is None] == [
+        "relu", "cat", "affine", "relu"]
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(5))
+    summary = _file_against_masked(net, {"a": [1], "b": [0]}, x, tmp_path / "m.bcz")
+    with torch.no_grad():  # the pruned network keeps bn_a's activation, its normalisation made the identity
+        torch.testing.assert_close(pyro_bc.pruned_network(net, summary)(x), codec.load(tmp_path / "m.bcz")(x),
+                                   rtol=0.02, atol=0.02)
+    for layer in net.layers:
+        _set(layer, (), torch.Generator().manual_seed(4))
+    pyro_bc.compress(net, tmp_path / "all.bcz", thresholds=[-3.0] * 3)
+    with torch.no_grad():
+        torch.testing.assert_close(codec.load(tmp_path / "all.bcz")(x), net.posterior_mean_network().eval()(x),
+                                   rtol=0.02, atol=0.02)
+
+
 class _OptionalArguments(nn.Module):
     """A forward with arguments after the input, at defaults that training and compression use."""
 

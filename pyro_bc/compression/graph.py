@@ -186,6 +186,11 @@ class BodyGraph:
                 continue
             elif self._is_shape_op(fx_node, position):
                 self._pending[fx_node] = self._shape_op(fx_node, position)
+            elif (called := self._batchnorm_called(fx_node)) is not None:  # F.batch_norm in a module's forward
+                self._resolve(fx_node, position)
+                position[fx_node] = self._fold_target(fx_node, called[1], position[fx_node.args[0]], position,
+                                                      name=called[0])
+                self._shapes.setdefault(position[fx_node], _shape(fx_node))
             elif not self._defer(fx_node, position):
                 if any(a in self._deferred for a in fx_node.all_input_nodes):
                     position[fx_node] = self._opaque(fx_node, position)
@@ -568,10 +573,38 @@ class BodyGraph:
         outputs = self._variables.new(_shape(fx_node)[axis])
         return self._append(Node(str(fx_node.target), (source,), outputs, module=module, keeps_all=True, axis=axis))
 
-    def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int, position: dict[fx.Node, int]) -> int:
+    def _batchnorm_called(self, fx_node: fx.Node) -> tuple[str, nn.Module] | None:
+        """``F.batch_norm`` in eval mode on a module's running statistics and affine parameters, as the forward of a
+        BatchNorm subclass computes it (timm's ``BatchNormAct2d``, traced into: :func:`is_batchnorm`): that module's
+        path and a BatchNorm holding those tensors, which folds as the module would; else None."""
+        if fx_node.op != "call_function" or fx_node.target is not F.batch_norm or \
+                not isinstance(fx_node.args[0] if fx_node.args else None, fx.Node):
+            return None
+        signature = inspect.signature(F.batch_norm)
+        try:
+            bound = signature.bind(*fx_node.args, **fx_node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        tensors = [bound.arguments[k] for k in ("running_mean", "running_var", "weight", "bias")]
+        if bound.arguments["training"] is not False or tensors[0] is None or tensors[1] is None or \
+                any(t is not None and not (isinstance(t, fx.Node) and t.op == "get_attr") for t in tensors):
+            return None
+        mean, var, weight, bias = (None if t is None else functools.reduce(getattr, t.target.split("."), self._traced)
+                                   for t in tensors)
+        norm = nn.BatchNorm1d(len(mean), eps=float(bound.arguments["eps"]), affine=False).eval()
+        norm.running_mean, norm.running_var = mean.detach().clone(), var.detach().clone()
+        for key, value in (("weight", weight), ("bias", bias)):
+            if value is not None:
+                setattr(norm, key, nn.Parameter(value.detach().clone(), requires_grad=False))
+        return tensors[0].target.rpartition(".")[0], norm
+
+    def _fold_target(self, fx_node: fx.Node, module: nn.Module, source: int, position: dict[fx.Node, int],
+                     name: str | None = None) -> int:
         """BatchNorm right after a layer that feeds nothing else is folded into it: returns the layer's node.
         Elsewhere (after a concatenation, pre-activation) it stays, as a per-channel scale and shift node over
-        images, or as an op outside the registry."""
+        images, or as an op outside the registry. ``name``: the BatchNorm's path (default: the module called)."""
+        name = str(fx_node.target) if name is None else name
         if module.running_mean is None:
             raise ConfigError(f"cannot compress {fx_node.target}: BatchNorm must track running statistics")
         producer = fx_node.all_input_nodes[0]
@@ -586,9 +619,9 @@ class BodyGraph:
                 shift = -module.running_mean.double().cpu() * scale
                 if module.bias is not None:
                     shift = shift + module.bias.double().cpu()
-            return self._append(Node(str(fx_node.target), (source,), self._bind(source), affine=(scale, shift)))
+            return self._append(Node(name, (source,), self._bind(source), affine=(scale, shift)))
         self.batchnorm[layer] = module
-        self.batchnorm_names[layer] = str(fx_node.target)
+        self.batchnorm_names[layer] = name
         return source
 
     def _check_output(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> None:

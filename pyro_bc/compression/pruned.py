@@ -13,6 +13,7 @@ from torch import nn
 
 from pyro_bc.compression.graph import BodyGraph, analyse_network, prune_network
 from pyro_bc.compression.posterior import PrunedLayer, analyse
+from pyro_bc.compression.tracer import is_batchnorm
 from pyro_bc.errors import ConfigError
 from pyro_bc.nn.network import BayesianNet
 
@@ -51,11 +52,19 @@ def layer_input_means(net: BayesianNet, x: torch.Tensor, batch_size: int = 1000)
 def masked_network(net: BayesianNet, layers: list[PrunedLayer], graph: BodyGraph | None = None) -> nn.Module:
     """``net``'s posterior-mean network with each Bayesian layer holding ``layers``' kept ``E[w]`` (the rest
     zero) and bias (BatchNorm and any fold included, pruned outputs zero); the folded BatchNorm modules become
-    identities."""
+    identities (a subclass with a forward of its own keeps it, normalising by the identity)."""
     mean = net.posterior_mean_network()
     for name in (graph or BodyGraph(net)).batchnorm_names.values():
         parent, _, child = name.rpartition(".")
-        setattr(mean.get_submodule(parent) if parent else mean, child, nn.Identity())
+        norm = mean.get_submodule(name)
+        if is_batchnorm(norm):
+            setattr(mean.get_submodule(parent) if parent else mean, child, nn.Identity())
+        else:  # a subclass with a forward of its own (an activation after it): its normalisation made the identity
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)
+            for tensor, value in ((norm.weight, 1.0), (norm.bias, 0.0)):
+                if tensor is not None:
+                    tensor.fill_(value)
     for bayes, layer in zip(net.layers, layers):
         module = mean.get_submodule(bayes.site)
         weight = torch.where(layer.mask, layer.post.mean, torch.zeros((), dtype=layer.post.mean.dtype))

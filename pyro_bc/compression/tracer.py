@@ -33,9 +33,15 @@ def _drop_specialised_arguments(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def is_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is PyTorch's BatchNorm (any subclass keeping its forward): one with a forward of its own (an
+    activation after it, as timm's ``BatchNormAct2d``) is traced into, its ``F.batch_norm`` a BatchNorm op there."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and \
+        type(module).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
 class ShapeTracer(fx.Tracer):
-    """Stops at linear, convolution and BatchNorm modules (subclasses included), at LayerNorm modules (subclasses
-    that keep its forward) and at PyTorch's own modules, except those holding a Bayesian layer (``layers``: their
+    """Stops at linear, convolution, BatchNorm and LayerNorm modules (subclasses that keep their forward) and at PyTorch's own modules, except those holding a Bayesian layer (``layers``: their
     paths), which it traces into (an ``nn.TransformerEncoder`` whose layers' linear layers are Bayesian).
 
     Each op also runs on ``example`` as it is traced, so that a forward may branch on what an example of the
@@ -55,7 +61,7 @@ class ShapeTracer(fx.Tracer):
         return attr_val if self._eager else super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return kind_of(m) is not None or isinstance(m, nn.modules.batchnorm._BatchNorm) or \
+        return kind_of(m) is not None or is_batchnorm(m) or \
             isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward or \
             super().is_leaf_module(m, module_qualified_name) and \
             not any(layer.startswith(f"{module_qualified_name}.") for layer in self.layers)

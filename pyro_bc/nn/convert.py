@@ -106,10 +106,11 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
         names = [f"nn.{kind.dense.__name__}" for kind in LAYER_KINDS]
         raise ConfigError(f"{type(module).__name__} holds no {', '.join(names[:-1])} or {names[-1]} to make Bayesian")
     other = [f"{name} ({type(m).__name__})" for name, m in body.named_modules()
-             if isinstance(m, (nn.modules.conv._ConvNd, nn.Bilinear)) and kind_of(m) is None]
-    if other:  # a transposed or 3-D convolution: no Bayesian layer of its kind; the file computes it whole
-        warnings.warn(f"{len(other)} layer(s) of a kind pyro-bc has no Bayesian layer for stay deterministic: "
-                      f"{', '.join(other[:4])}{', ...' if len(other) > 4 else ''}", stacklevel=2)
+             if isinstance(m, (nn.modules.conv._ConvNd, nn.Bilinear, nn.Linear)) and kind_of(m) is None]
+    if other:  # a transposed or 3-D convolution, a subclass computing its own forward: the file computes it whole
+        warnings.warn(f"{len(other)} layer(s) of a kind pyro-bc has no Bayesian layer for, or whose class computes a "
+                      f"forward of its own, stay deterministic: {', '.join(other[:4])}"
+                      f"{', ...' if len(other) > 4 else ''}", stacklevel=2)
     padded = [name for name, m in targets if not padding_stored(m)]
     if len(padded) == len(targets):
         raise ConfigError(f"{type(module).__name__}'s only layers pad other than evenly with zeros, which a compressed "

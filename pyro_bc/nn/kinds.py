@@ -114,9 +114,18 @@ LAYER_KINDS: tuple[LayerKind, ...] = (
 KIND: dict[str, LayerKind] = {kind.name: kind for kind in LAYER_KINDS}
 
 
+#: Subclasses of a kind's torch layer whose own forward computes the same values (the layout aside).
+SAME_VALUES: tuple[type[nn.Module], ...] = (Conv2dChannelsLast,)
+
+
 def kind_of(module: nn.Module) -> LayerKind | None:
-    """The kind of a plain torch layer (subclasses included), or None for any other module."""
-    return next((kind for kind in LAYER_KINDS if isinstance(module, kind.dense)), None)
+    """The kind of a plain torch layer, or None for any other module. A subclass is of its base's kind where it
+    keeps the base's forward: one with a forward of its own (a weight standardised, padding computed per input, as
+    timm's ``StdConv2d`` and ``Conv2dSame``) computes something else from its weight, so it is another module."""
+    kind = next((kind for kind in LAYER_KINDS if isinstance(module, kind.dense)), None)
+    if kind is None or type(module).forward is kind.dense.forward or isinstance(module, SAME_VALUES):
+        return kind
+    return None
 
 
 def dense_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
