@@ -273,6 +273,35 @@ def test_a_layer_subclass_with_a_forward_of_its_own_stays_deterministic_and_comp
         torch.testing.assert_close(pyro_bc.load(tmp_path / "m.bcz")(x), model(x), rtol=2e-2, atol=2e-2)
 
 
+class _ReadsItsLayersDevice(nn.Module):
+    """A forward that reads a layer's weight for its device and dtype, and calls the layer (timm's EdgeNeXt)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        offset = torch.ones(6, device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+        return self.head(torch.relu(self.proj(x) + offset))
+
+
+def test_a_forward_reading_its_layers_device_and_dtype_trains_and_compresses(tmp_path):
+    """It failed at the first step (a Bayesian layer had no ``weight``); the layers' ``weight`` and ``bias`` are now
+    their means."""
+    torch.manual_seed(0)
+    model = _ReadsItsLayersDevice().eval()
+    net = pyro_bc.bayesianize(model)
+    assert net.layer_names == ["proj", "head"] and net.body.proj.weight is net.body.proj.weight_mu
+    assert net.body.head.bias is net.body.head.bias_mu
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    pyro_bc.fit(net, (x, y), epochs=1, progress=False)
+    pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[10.0, 10.0])  # nothing pruned
+    with torch.no_grad():
+        torch.testing.assert_close(pyro_bc.load(tmp_path / "m.bcz")(x), net.posterior_mean_network()(x),
+                                   rtol=2e-2, atol=2e-2)
+
+
 def test_layers_of_kinds_without_a_bayesian_layer_stay_deterministic_and_are_named_in_a_warning(tmp_path):
     model = _Decoder().eval()
     with pytest.warns(UserWarning, match=r"^2 layer\(s\) of a kind pyro-bc has no Bayesian layer for, or whose class "

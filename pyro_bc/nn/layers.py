@@ -65,6 +65,18 @@ class BayesLayer(nn.Module):
     def n_groups(self) -> int:
         return self.weight_mu.shape[self.group_axis]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The means of ``w~`` (``weight_mu``), for a forward that reads its layer's device, dtype or shape
+        (``self.proj.weight.device``, as timm's EdgeNeXt does); what the layer computes is a draw, its posterior mean
+        :meth:`posterior_mean_module`."""
+        return self.weight_mu
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias means (``bias_mu``; None without a bias), as :attr:`weight`."""
+        return self.bias_mu
+
     def op_args(self) -> tuple:
         """The op's arguments after ``(x, weight, bias)`` (stride, padding, ... for convolutions)."""
         return ()
