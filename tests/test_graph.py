@@ -959,8 +959,8 @@ def test_a_token_transformer_masking_its_padding_compresses_to_the_masked_networ
     summary = _file_against_masked(net, {"encoder.layers.0.linear2": [1, 2]}, ids, tmp_path / "m.bcz")
     assert [row["groups_kept"] for row in summary["layers"]] == [8, 10, 8]
     seq_first = pyro_bc.bayesianize(_PaddedEncoder(batch_first=False), input_shape=(6,), input_dtype=torch.int64)
-    with pytest.raises(ConfigError, match=r"^cannot compress encoder\.layers\.0\.self_attn: .*; it reads a tensor of "
-                                          r"shape \(6, 1, 8\) for one example, whose first dimension is not the batch"):
+    with pytest.raises(ConfigError, match=r"^cannot compress encoder\.layers\.0\.linear1: the layer reads a tensor whose "
+                                          r"first dimension is not the batch \(a sequence first, .*batch_first=True"):
         pyro_bc.compress(seq_first, tmp_path / "s.bcz", thresholds=[-3.0] * 3)
 
 
@@ -1029,6 +1029,45 @@ def test_a_transformer_written_from_scratch_compresses_to_the_masked_network(tmp
     assert [row["groups_kept"] for row in summary["layers"]] == [8, 8, 8, 13, 8]
 
 
+class _StackedHeadsAttention(nn.Module):
+    """Queries, keys and values stacked in front of the batch, then unbound (as timm's Attention, and so its ViTs):
+    ``qkv(x).reshape(b, t, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)``."""
+
+    def __init__(self, width=8, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c))
+
+
+class _TinyViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patches, self.norm1, self.attention = nn.Conv2d(1, 8, 2, stride=2), nn.LayerNorm(8), _StackedHeadsAttention()
+        self.norm2, self.mlp = nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.patches(x).flatten(2).transpose(1, 2)
+        x = x + self.attention(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+def test_attention_that_stacks_queries_keys_and_values_in_front_of_the_batch_compresses_to_the_masked_network(
+        tmp_path):
+    """It was refused (an op's input had the batch second, which cannot be exported with a free batch size): such a
+    tensor is computed inside the ops that read it, each of which has the batch first."""
+    torch.manual_seed(0)
+    net = pyro_bc.bayesianize(_TinyViT(), input_shape=(1, 6, 6))
+    x = torch.randn(5, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    summary = _file_against_masked(net, {"mlp.2": [3, 9, 10]}, x, tmp_path / "m.bcz")
+    assert [row["groups_kept"] for row in summary["layers"]] == [8, 8, 8, 8, 13, 8]
+
+
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_a_plain_convolution_padding_other_than_with_zeros_is_computed_as_traced(mode):
     """A .bcz layer node pads with zeros; such a convolution is an op outside the registry (a program), which keeps
@@ -1059,6 +1098,18 @@ class _Unused(Then):
         self.unused = BayesConv2d(2, 2, 1)
 
 
+class _PatchesInTheBatch(nn.Module):
+    """The batch merged with positions before a layer (as a MobileViT's patches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = BayesConv2d(2, 4, 1), BayesLinear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(h.permute(0, 2, 3, 1).reshape(-1, 4)).reshape(x.shape[0], -1)
+
+
 def _raises(message):
     def f(h, o):
         raise ValueError(message)
@@ -1071,7 +1122,11 @@ def _raises(message):
     (lambda: _Twice(), "layer a is called more than once: shared layers are not supported"),
     (lambda: Then(nn.Flatten(2)), "f: only flattening from dim 1 is supported"),
     (lambda: Then(_raises("boom\nsecond line")), "cannot trace the network with torch.fx: ValueError: boom"),
-], ids=["not-last", "tuple", "shared", "flatten-2", "trace"])
+    (lambda: _PatchesInTheBatch(), ("cannot compress c: the layer reads a tensor whose first dimension is not the "
+                                    "batch (a sequence first, or the batch merged with positions, as a MobileViT's "
+                                    "patches are): pyro-bc needs the batch first in what a layer reads "
+                                    "(batch_first=True for PyTorch's transformer layers)")),
+], ids=["not-last", "tuple", "shared", "flatten-2", "trace", "patches-in-batch"])
 def test_bodies_the_graph_cannot_hold_are_refused_in_one_line(body, message):
     torch.manual_seed(0)
     with pytest.raises(ConfigError) as info:

@@ -164,6 +164,7 @@ class BodyGraph:
             layers = {layer.site for layer in net.layers}
             module.graph.eliminate_dead_code(lambda n: n.is_impure() or n.op == "call_module" and n.target in layers)
             _ShapeProp(module).propagate(net.example_input(1))
+            _BatchFirst(module).run(net.example_input(2))
         except Exception as e:  # noqa: BLE001  (whatever a user's forward does, the cause is reported)
             raise ConfigError(f"cannot trace the network with torch.fx: {type(e).__name__}: "
                               f"{first_line(e)}")
@@ -191,6 +192,12 @@ class BodyGraph:
                 position[fx_node] = self._fold_target(fx_node, called[1], position[fx_node.args[0]], position,
                                                       name=called[0])
                 self._shapes.setdefault(position[fx_node], _shape(fx_node))
+            elif fx_node.op == "call_module" and fx_node.target in self.layer_index and \
+                    not fx_node.meta[_BATCH_FIRST]:
+                raise ConfigError(f"cannot compress {fx_node.target}: the layer reads a tensor whose first dimension "
+                                  "is not the batch (a sequence first, or the batch merged with positions, as a "
+                                  "MobileViT's patches are): pyro-bc needs the batch first in what a layer reads "
+                                  "(batch_first=True for PyTorch's transformer layers)")
             elif not self._defer(fx_node, position):
                 if any(a in self._deferred for a in fx_node.all_input_nodes):
                     position[fx_node] = self._opaque(fx_node, position)
@@ -209,10 +216,14 @@ class BodyGraph:
 
     def _defer(self, fx_node: fx.Node, position: dict[fx.Node, int]) -> bool:
         """Whether ``fx_node`` is left to the op that reads it: a tensor that depends on no input (a parameter
-        read outside a layer, and what is computed from it alone) or a tuple (the outputs of a multi-output op)."""
+        read outside a layer, and what is computed from it alone), a tuple (the outputs of a multi-output op) or a
+        tensor whose first dimension is not the batch (an attention's queries, keys and values stacked in front of
+        it, as timm's ``qkv.permute(2, 0, 3, 1, 4)``): what a node reads has the batch first (the network's output
+        need not)."""
         live = any(a in position or a in self._pending or a in self._live for a in fx_node.all_input_nodes
                    if "concrete" not in a.meta)
-        if isinstance(fx_node.meta.get("tensor_meta"), TensorMetadata) and live:
+        batch_first = fx_node.meta[_BATCH_FIRST] or any(user.op == "output" for user in fx_node.users)
+        if isinstance(fx_node.meta.get("tensor_meta"), TensorMetadata) and live and batch_first:
             return False
         self._deferred.add(fx_node)
         if live:
@@ -753,6 +764,21 @@ class _ShapeProp(ShapeProp):
         if n.op != "placeholder" and not isinstance(result, torch.Tensor) and not (
                 isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result)):
             n.meta["concrete"] = result
+        return result
+
+
+_BATCH_FIRST = "pyro_bc_batch_first"  # node meta: whether a tensor's first dimension is the batch
+
+
+class _BatchFirst(fx.Interpreter):
+    """Run at a batch of two after :class:`_ShapeProp` ran at one: marks each tensor node whose first dimension
+    is the batch (its size 1, then 2) as ``meta[_BATCH_FIRST]``."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        one = n.meta.get("tensor_meta")
+        n.meta[_BATCH_FIRST] = isinstance(result, torch.Tensor) and isinstance(one, TensorMetadata) and \
+            result.dim() > 0 and len(one.shape) > 0 and one.shape[0] == 1 and result.shape[0] == 2
         return result
 
 
