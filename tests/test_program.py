@@ -124,6 +124,18 @@ def test_integer_and_bool_constants_round_trip():
     assert torch.equal(program_module(node.program)(x), x[:, [2, 0]])
 
 
+def test_an_empty_constant_round_trips():
+    """A constant with a dimension of 0 (an empty tensor, as a language model's cache logic makes) was written, then
+    refused by the reader: every compression of such a network failed (GPT-2 of Hugging Face transformers)."""
+    empty = np.zeros((0, 3), dtype=np.float32)
+    nodes = [["aten.cat.default", [[{"v": 0}, {"v": 1}]], {}]]
+    program = Program(1, [empty], nodes, 2)
+    (node,) = codec.decode(codec.encode(CompressedModel([ProgramNode("cat", program)], (3,)))).items
+    assert node.program.constants[0].shape == (0, 3)
+    x = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(program_module(node.program)(x), x)
+
+
 @pytest.mark.parametrize("name", ["os.system", "builtins.eval", "aten.__class__.x", "torch.ops.aten.add.Tensor",
                                   "operator.attrgetter", "aten.add", "aten.add.Nope", "aten.nonexistent_op.default",
                                   "aten.add.Tensor.extra", "aten.linear.default", 3, None])

@@ -390,7 +390,7 @@ def _read_program(r: Reader, arity: int, where: str) -> dict[str, Any]:
     storages, shapes = [], []
     for i in range(r.uvarint(f"{where}constant count", 0, MAX_PROGRAM_NODES)):
         storages.append(list(CONSTANT_STORAGES)[r.byte(f"{where}constant {i} storage", len(CONSTANT_STORAGES) - 1)])
-        shapes.append(tuple(r.uvarint(f"{where}constant {i} shape", 1, MAX_DIM)
+        shapes.append(tuple(r.uvarint(f"{where}constant {i} shape", 0, MAX_DIM)  # 0: an empty tensor
                             for _ in range(r.uvarint(f"{where}constant {i} rank", 0, MAX_RANK))))
     placeholders = [np.zeros(0, dtype=CONSTANT_STORAGES[s][1]) for s in storages]
     try:  # targets and references, with empty stand-ins for the constants
