@@ -828,6 +828,29 @@ def test_a_batchnorm_with_its_own_activation_folds_and_keeps_the_activation(tmp_
                                    rtol=0.02, atol=0.02)
 
 
+class _ModulesMadeInTheForward(nn.Module):
+    """Modules constructed in the forward and called at once (Hugging Face's DistilBERT: ``nn.ReLU()(x)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = BayesConv2d(2, 4, 1), BayesConv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.c(nn.MaxPool2d(1)(nn.ReLU()(self.a(x))))
+
+
+def test_a_module_made_in_the_forward_is_traced_into():
+    """It was refused (``NameError: module is not installed as a submodule``): its ops are the graph's, and channel
+    1 of ``a`` prunes through them."""
+    torch.manual_seed(0)
+    net = BayesianNet(_ModulesMadeInTheForward(), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    assert [n.op.kind for n in graph.nodes if n.layer is None] == ["relu", "maxpool2d"]
+    layers, module = _outside_of(net, graph, {"a": [1]})
+    assert layers["a"].keep_out.tolist() == [True, False, True, True]
+    _assert_masked(net, layers, module)
+
+
 class _OptionalArguments(nn.Module):
     """A forward with arguments after the input, at defaults that training and compression use."""
 

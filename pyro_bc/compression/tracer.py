@@ -55,7 +55,16 @@ class ShapeTracer(fx.Tracer):
         self.proxy_buffer_attributes = True  # a buffer sliced by a size (a causal mask) is traced, as parameters are
 
     def call_module(self, m, forward, args, kwargs):
-        return forward(*args, **kwargs) if self._eager else super().call_module(m, forward, args, kwargs)
+        if self._eager or not self._installed(m):  # a module made in the forward (nn.ReLU()(x)): its ops are traced
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def _installed(self, m: nn.Module) -> bool:
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return False
+        return True
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         return attr_val if self._eager else super().getattr(attr, attr_val, parameter_proxy_cache)
