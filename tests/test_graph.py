@@ -851,6 +851,30 @@ def test_a_module_made_in_the_forward_is_traced_into():
     _assert_masked(net, layers, module)
 
 
+class _ReadsDeviceAndDtype(nn.Module):
+    """A forward that reads its tensors' device and dtype as values (timm's EfficientViT: autocast off by device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = BayesConv2d(2, 4, 1), BayesConv2d(4, 3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = h.to(x.dtype)
+        return self.c(h)
+
+
+def test_a_tensors_device_and_dtype_are_the_examples_while_traced():
+    """It was refused (autocast got a traced attribute, not the string ``"cpu"``); channel 1 of ``a`` prunes."""
+    torch.manual_seed(0)
+    net = BayesianNet(_ReadsDeviceAndDtype(), input_shape=(2, 5, 5))
+    graph = BodyGraph(net)
+    layers, module = _outside_of(net, graph, {"a": [1]})
+    assert layers["a"].keep_out.tolist() == [True, False, True, True]
+    _assert_masked(net, layers, module)
+
+
 class _OptionalArguments(nn.Module):
     """A forward with arguments after the input, at defaults that training and compression use."""
 

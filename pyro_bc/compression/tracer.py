@@ -142,7 +142,8 @@ class ShapeTracer(fx.Tracer):
 
 
 class _SizedProxy(fx.Proxy):
-    """A proxy whose ``len`` is known where the traced example fixes it (``len(x.size())``, ``len(x.shape)``)."""
+    """A proxy whose ``len`` is known where the traced example fixes it (``len(x.size())``, ``len(x.shape)``), and
+    whose ``device`` and ``dtype`` are the example's."""
 
     def __len__(self) -> int:
         value = self.tracer._fixed(self)
@@ -150,7 +151,11 @@ class _SizedProxy(fx.Proxy):
             return super().__len__()
         return len(value)
 
-    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+    def __getattr__(self, k: str):
+        if k in ("device", "dtype"):  # fixed by the example, and read as values: autocast(x.device.type, ...)
+            example = self.node.meta.get(_EXAMPLE, _UNKNOWN)
+            if isinstance(example, torch.Tensor):
+                return getattr(example, k)
         return _SizedAttribute(self, k)
 
 
