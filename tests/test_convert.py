@@ -302,6 +302,41 @@ def test_a_forward_reading_its_layers_device_and_dtype_trains_and_compresses(tmp
                                    rtol=2e-2, atol=2e-2)
 
 
+class _PositionalProjection(nn.Module):
+    """A layer applied to a grid the forward makes from sizes alone (as EdgeNeXt's positional encoding), the same
+    for every example, added to the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.position, self.head = nn.Conv2d(2, 4, 1), nn.Conv2d(2, 4, 1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij"))
+        return self.head((torch.relu(self.a(x)) + self.position(grid.expand(b, -1, -1, -1))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("given_shape", [True, False], ids=["bayesianize-input-shape", "learned-from-data"])
+def test_a_layer_on_what_the_forward_makes_from_constants_stays_deterministic(given_shape, tmp_path):
+    """It was made Bayesian, and compression refused the network (some Bayesian layers are not called): its input
+    depends on no example, so it stays the plain layer; the file computes the network."""
+    torch.manual_seed(0)
+    model = _PositionalProjection().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 2, 5, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+    if given_shape:
+        net = pyro_bc.bayesianize(model, input_shape=(2, 5, 5))
+    else:
+        net = pyro_bc.bayesianize(model)
+        with pytest.warns(UserWarning, match=r"^1 Bayesian layer\(s\) that the forward does not call .*: position$"):
+            pyro_bc.fit(net, (x, y), epochs=1, progress=False)
+    assert net.layer_names == ["a", "head"] and type(net.body.position) is nn.Conv2d
+    pyro_bc.compress(net, tmp_path / "m.bcz", thresholds=[10.0, 10.0])
+    with torch.no_grad():
+        torch.testing.assert_close(pyro_bc.load(tmp_path / "m.bcz")(x), net.posterior_mean_network()(x),
+                                   rtol=2e-2, atol=2e-2)
+
+
 def test_layers_of_kinds_without_a_bayesian_layer_stay_deterministic_and_are_named_in_a_warning(tmp_path):
     model = _Decoder().eval()
     with pytest.warns(UserWarning, match=r"^2 layer\(s\) of a kind pyro-bc has no Bayesian layer for, or whose class "

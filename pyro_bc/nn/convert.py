@@ -55,7 +55,8 @@ def bayesianize(module: nn.Module, prior: Prior | str = "gnj", *, input_shape: t
     ``nn.Conv2d`` replaced by the pyro-bc layer of the same arguments (stride, padding, dilation, groups, bias or
     not; :data:`pyro_bc.nn.layers.BAYES_LAYERS`), except
     the projections inside ``nn.MultiheadAttention`` and any layer the forward in eval mode does not call as a module
-    (it reads the weight itself, as Swin's window attention does; a head only training reads): those stay
+    (it reads the weight itself, as Swin's window attention does; a head only training reads) or calls on what
+    the forward makes from constants alone (EdgeNeXt's positional encoding): those stay
     deterministic, found here given ``input_shape``, else by the network when it learns the shape from the data.
     A linear layer takes inputs of any leading shape (``(batch, features)``, ``(batch, tokens, features)``, ...).
 

@@ -82,13 +82,41 @@ def checked_input_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
 
 def called_layers(module: nn.Module, input_shape: tuple[int, ...],
                   input_dtype: torch.dtype | None = None) -> set[str] | None:
-    """The layers of ``module`` that its forward calls as modules, in ``module``'s present mode, on one zero example
-    (not a layer whose weight the forward reads itself, as Swin's window attention does, nor a head only training
-    reads); None where the forward fails on that shape."""
+    """The layers of ``module`` that its forward calls as modules on what depends on its input, in ``module``'s
+    present mode: run on two different examples (one each), a layer some call of which reads different inputs. Not
+    a layer whose weight the forward reads itself (Swin's window attention), nor a head only training reads, nor a
+    layer applied to what the forward makes from constants alone (EdgeNeXt's positional encoding, the same for every
+    example). None where the forward fails on that shape."""
+    generator = torch.Generator().manual_seed(0)
+    inputs: dict[str, list[torch.Tensor]] = {}
+    on_data: set[str] = set()
+
+    def record(name: str, args: tuple, first_run: bool) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        seen = inputs.setdefault(name, [])
+        if first_run:
+            seen.append(None if x is None else x.detach().clone())
+        elif x is not None:
+            earlier = seen.pop(0) if seen else None
+            if earlier is None or earlier.shape != x.shape or not torch.equal(earlier, x):
+                on_data.add(name)
+
     try:
-        return set(layer_calls(module, example_input(module, input_shape, input_dtype))[1])
+        for first_run in (True, False):
+            x = example_input(module, input_shape, input_dtype)
+            x = x.fill_(int(not first_run)) if input_dtype is not None else \
+                torch.randn(x.shape, generator=generator).to(x)
+            handles = [m.register_forward_pre_hook(lambda _m, args, name=name, first=first_run: record(name, args, first))
+                       for name, m in dense_layers(module)]
+            try:
+                with torch.no_grad():
+                    module(x)
+            finally:
+                for handle in handles:
+                    handle.remove()
     except Exception:  # noqa: BLE001  (the network does not run on this shape: training will say so, with its fix)
         return None
+    return on_data
 
 
 class BayesianNet(nn.Module):
@@ -140,17 +168,19 @@ class BayesianNet(nn.Module):
             self.choose_layout()
 
     def _leave_uncalled_plain(self) -> None:
-        """Each Bayesian layer that the forward in eval mode does not call back to its plain posterior-mean layer, as
-        :func:`~pyro_bc.nn.convert.bayesianize` given ``input_shape`` leaves it: torchvision's auxiliary classifiers
-        (GoogLeNet, Inception v3), which only training reads and the likelihood does not (:meth:`model`), have no
-        place in the compressed network. Nothing changes where the forward fails on zeros or calls no layer."""
+        """Each Bayesian layer that the forward in eval mode does not call on what depends on its input
+        (:func:`called_layers`) back to its plain posterior-mean layer, as :func:`~pyro_bc.nn.convert.bayesianize`
+        given ``input_shape`` leaves it: torchvision's auxiliary classifiers (GoogLeNet, Inception v3), which only
+        training reads and the likelihood does not (:meth:`model`), have no place in the compressed network. Nothing
+        changes where the forward fails or calls no layer."""
         called = called_layers(self.posterior_mean_network(), self._input_shape, self.input_dtype)
         uncalled = [layer for layer in self.layers if layer.site not in called] if called else []
         if not uncalled:
             return
         names = [layer.site for layer in uncalled]
-        warnings.warn(f"{len(names)} Bayesian layer(s) that the forward does not call in eval mode stay "
-                      f"deterministic: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}", stacklevel=3)
+        warnings.warn(f"{len(names)} Bayesian layer(s) that the forward does not call in eval mode (or calls on "
+                      f"constants alone) stay deterministic: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}",
+                      stacklevel=3)
         for layer in uncalled:
             parent, _, child = layer.site.rpartition(".")
             layer.contiguous_output = True  # the torch layer itself, as the user's module had it
