@@ -839,18 +839,6 @@ class _ModulesMadeInTheForward(nn.Module):
         return self.c(nn.MaxPool2d(1)(nn.ReLU()(self.a(x))))
 
 
-def test_a_module_made_in_the_forward_is_traced_into():
-    """It was refused (``NameError: module is not installed as a submodule``): its ops are the graph's, and channel
-    1 of ``a`` prunes through them."""
-    torch.manual_seed(0)
-    net = BayesianNet(_ModulesMadeInTheForward(), input_shape=(2, 5, 5))
-    graph = BodyGraph(net)
-    assert [n.op.kind for n in graph.nodes if n.layer is None] == ["relu", "maxpool2d"]
-    layers, module = _outside_of(net, graph, {"a": [1]})
-    assert layers["a"].keep_out.tolist() == [True, False, True, True]
-    _assert_masked(net, layers, module)
-
-
 class _ReadsDeviceAndDtype(nn.Module):
     """A forward that reads its tensors' device and dtype as values (timm's EfficientViT: autocast off by device)."""
 
@@ -865,11 +853,15 @@ class _ReadsDeviceAndDtype(nn.Module):
         return self.c(h)
 
 
-def test_a_tensors_device_and_dtype_are_the_examples_while_traced():
-    """It was refused (autocast got a traced attribute, not the string ``"cpu"``); channel 1 of ``a`` prunes."""
+@pytest.mark.parametrize("body", [_ModulesMadeInTheForward, _ReadsDeviceAndDtype], ids=["made-in-forward", "device"])
+def test_forwards_that_plain_fx_cannot_trace_prune_as_traced(body):
+    """Both were refused: a module made in the forward (``NameError: module is not installed as a submodule``; it is
+    traced into) and autocast given a traced attribute, not the string ``"cpu"`` (a tensor's device and dtype are its
+    example's). Channel 1 of ``a`` prunes through what follows."""
     torch.manual_seed(0)
-    net = BayesianNet(_ReadsDeviceAndDtype(), input_shape=(2, 5, 5))
+    net = BayesianNet(body(), input_shape=(2, 5, 5))
     graph = BodyGraph(net)
+    assert graph.nodes[1].op.kind == "relu"
     layers, module = _outside_of(net, graph, {"a": [1]})
     assert layers["a"].keep_out.tolist() == [True, False, True, True]
     _assert_masked(net, layers, module)
