@@ -41,8 +41,10 @@ def is_batchnorm(module: nn.Module) -> bool:
 
 
 class ShapeTracer(fx.Tracer):
-    """Stops at linear, convolution, BatchNorm and LayerNorm modules (subclasses that keep their forward) and at PyTorch's own modules, except those holding a Bayesian layer (``layers``: their
-    paths), which it traces into (an ``nn.TransformerEncoder`` whose layers' linear layers are Bayesian).
+    """Stops at linear, convolution, BatchNorm and LayerNorm modules (subclasses that keep their forward) and at
+    PyTorch's own modules, except those holding a Bayesian layer (``layers``: their paths), which it traces into (an
+    ``nn.TransformerEncoder`` whose layers' linear layers are Bayesian). A module made in the forward and called at
+    once (``nn.ReLU()(x)``) is traced into.
 
     Each op also runs on ``example`` as it is traced, so that a forward may branch on what an example of the
     network's input shape fixes: a size, a rank, a flag (``if x.dim() != 3``, ``len(x.shape)``, ``x.is_nested``, as
