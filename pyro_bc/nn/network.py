@@ -83,34 +83,38 @@ def checked_input_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
 def called_layers(module: nn.Module, input_shape: tuple[int, ...],
                   input_dtype: torch.dtype | None = None) -> set[str] | None:
     """The layers of ``module`` that its forward calls as modules on what depends on its input, in ``module``'s
-    present mode: run on two different examples (one each), a layer some call of which reads different inputs. Not
-    a layer whose weight the forward reads itself (Swin's window attention), nor a head only training reads, nor a
-    layer applied to what the forward makes from constants alone (EdgeNeXt's positional encoding, the same for every
-    example). None where the forward fails on that shape."""
+    present mode. Not a layer whose weight the forward reads itself (Swin's window attention), nor a head only
+    training reads, nor a layer applied to what the forward makes from constants alone (EdgeNeXt's positional
+    encoding): run on two different examples, such a layer reads the same values both times and nothing autograd
+    traces back to the input (the parameters frozen on a copy; for token ids, traced back to the embedding tables).
+    None where the forward fails on that shape."""
+    module = copy.deepcopy(module).requires_grad_(False)
+    ids = input_dtype is not None
+    for m in module.modules():  # ids have no gradient: what an embedding looks up depends on them
+        if ids and isinstance(m, nn.Embedding):
+            m.weight.requires_grad_(True)
     generator = torch.Generator().manual_seed(0)
-    inputs: dict[str, list[torch.Tensor]] = {}
+    first: dict[str, list[torch.Tensor | None]] = {}
     on_data: set[str] = set()
 
-    def record(name: str, args: tuple, first_run: bool) -> None:
+    def record(name: str, args: tuple, run: int) -> None:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        seen = inputs.setdefault(name, [])
-        if first_run:
-            seen.append(None if x is None else x.detach().clone())
-        elif x is not None:
-            earlier = seen.pop(0) if seen else None
-            if earlier is None or earlier.shape != x.shape or not torch.equal(earlier, x):
-                on_data.add(name)
+        if run == 0:
+            first.setdefault(name, []).append(None if x is None else x.detach().clone())
+            return
+        earlier = first.get(name, []).pop(0) if first.get(name) else None
+        if x is not None and (x.requires_grad or earlier is None or earlier.shape != x.shape or
+                              not torch.equal(earlier, x.detach())):
+            on_data.add(name)
 
     try:
-        for first_run in (True, False):
+        for run in (0, 1):
             x = example_input(module, input_shape, input_dtype)
-            x = x.fill_(int(not first_run)) if input_dtype is not None else \
-                torch.randn(x.shape, generator=generator).to(x)
-            handles = [m.register_forward_pre_hook(lambda _m, args, name=name, first=first_run: record(name, args, first))
+            x = x.fill_(run) if ids else torch.randn(x.shape, generator=generator).to(x).requires_grad_(True)
+            handles = [m.register_forward_pre_hook(lambda _m, args, name=name, run=run: record(name, args, run))
                        for name, m in dense_layers(module)]
             try:
-                with torch.no_grad():
-                    module(x)
+                module(x)
             finally:
                 for handle in handles:
                     handle.remove()
