@@ -141,11 +141,12 @@ from pyro_bc.nn.layers import BayesLinear
 
 
 class Poison(nn.Module):
-    # returns NaN on the 3rd forward pass with gradients on, i.e. epoch 2, step 1 (2 steps an epoch)
+    # returns NaN on the 3rd training forward pass with gradients on, i.e. epoch 2, step 1 (2 steps an epoch); the
+    # network's dry runs (eval mode) do not count
     calls = 0
 
     def forward(self, x):
-        if torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled():
             Poison.calls += 1
             if Poison.calls == 3:
                 return x * float("nan")
