@@ -86,10 +86,11 @@ def called_layers(module: nn.Module, input_shape: tuple[int, ...],
     present mode. Not a layer whose weight the forward reads itself (Swin's window attention), nor a head only
     training reads, nor a layer applied to what the forward makes from constants alone (EdgeNeXt's positional
     encoding): run on two different examples, such a layer reads the same values both times and nothing autograd
-    traces back to the input (the parameters frozen on a copy; for token ids, traced back to the embedding tables).
+    traces back to the input (the parameters frozen meanwhile; for token ids, traced back to the embedding tables).
     None where the forward fails on that shape."""
-    module = copy.deepcopy(module).requires_grad_(False)
     ids = input_dtype is not None
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.requires_grad_(False)
     for m in module.modules():  # ids have no gradient: what an embedding looks up depends on them
         if ids and isinstance(m, nn.Embedding):
             m.weight.requires_grad_(True)
@@ -120,6 +121,9 @@ def called_layers(module: nn.Module, input_shape: tuple[int, ...],
                     handle.remove()
     except Exception:  # noqa: BLE001  (the network does not run on this shape: training will say so, with its fix)
         return None
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
     return on_data
 
 
