@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pyro_bc import load
@@ -142,3 +144,25 @@ def test_the_command_line_trains_and_compresses_lenet5_on_a_folder_of_png_files(
         wrong = (load(run / "MODEL.bcz")(ds.test.x).argmax(-1) != ds.test.y).float().mean().item()
     assert summary["error_compressed"] == pytest.approx(100 * wrong)
     assert ds.test.y.tolist() == [0] * 20 + [1] * 20 and summary["error_compressed"] < 50
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 200), flips=st.lists(st.tuples(st.integers(0, 199), st.integers(1, 255)), max_size=6))
+def test_fuzzed_image_files_are_read_or_refused_in_one_line(tmp_path, cut, flips):
+    """A PNG truncated and with bytes flipped: its pixels are read, or one DataError names it; nothing else escapes."""
+    folder = tmp_path / f"f{cut}-{len(flips)}-{abs(hash(tuple(flips))) % 10**6}"
+    _write(folder / "train", {"a": 1})
+    _write(folder / "test", {"a": 1}, seed=1)
+    path = folder / "train" / "a" / "000.png"
+    data = bytearray(path.read_bytes())
+    for at, value in flips:
+        if at < len(data):
+            data[at] ^= value
+    path.write_bytes(bytes(data[:len(data) - cut]))
+    try:
+        raw = read_image_folders(folder)
+    except DataError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+    else:
+        assert raw.train_x.shape[0] == 1 and raw.train_x.dtype == np.uint8  # a flipped header may change its mode
